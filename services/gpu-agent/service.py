@@ -1,0 +1,323 @@
+"""The GPU agent: one per host. It
+
+* publishes ``gpu.load.<agent>.<gpu>`` every second for each GPU (memory and the paper's busy
+  fraction over a sliding window),
+* launches and stops model workers (``agent.<id>.launch`` / ``agent.<id>.stop``) as child processes
+  restricted to their GPUs, and reports a worker that exits (``worker.exited``),
+* runs profiling jobs (``agent.<id>.profile``) through the same launch path, in profile mode.
+
+Memory: the agent reserves each worker's estimated per-GPU bytes until the worker exits; free memory
+is the total minus the larger of what the hardware reports used and what is reserved. Simulated GPUs
+have no hardware reading, so reservations are their whole story.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from iserve import bus, errors, subjects
+from iserve.messages import (
+    GpuLoad,
+    LaunchReply,
+    LaunchWorker,
+    ProfileJob,
+    ProfileResult,
+    StopReply,
+    StopWorker,
+    WorkerExited,
+    WorkerHeartbeat,
+    decoder,
+    encode,
+)
+
+from .config import AgentConfig
+from .gpus import GpuReading, Gpus
+from .load import BusyWindow, busy_from_heartbeats
+
+log = structlog.get_logger()
+
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class WorkerProc:
+    worker_id: str
+    deployment_id: str
+    gpu_indices: list[int]
+    reserved: dict[int, int]  # gpu index -> bytes
+    proc: asyncio.subprocess.Process
+    log_path: Path
+    mode: str  # "serve" or "profile"
+    expected_exit: bool = False
+    busy_seconds: float = 0.0
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_code: int | None = None
+
+
+def log_tail(path: Path, lines: int = 5, max_chars: int = 600) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    tail = " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+    return tail[-max_chars:]
+
+
+class AgentService:
+    def __init__(self, cfg: AgentConfig, nc: NATS, gpus: Gpus):
+        self.cfg = cfg
+        self.nc = nc
+        self.gpus = gpus
+        self.workers: dict[str, WorkerProc] = {}
+        self.windows: dict[int, BusyWindow] = {}
+        self._prev_busy: dict[int, dict[str, float]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._subs: list = []
+        self.readings: list[GpuReading] = []
+        (cfg.work_dir / "workers").mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.readings = await asyncio.to_thread(self.gpus.read)
+        self.windows = {r.index: BusyWindow(self.cfg.load_window_s) for r in self.readings}
+        aid = self.cfg.agent_id
+        self._subs += [
+            await bus.serve(self.nc, subjects.agent_launch(aid), LaunchWorker, self.handle_launch),
+            await bus.serve(self.nc, subjects.agent_stop(aid), StopWorker, self.handle_stop),
+            await bus.serve(self.nc, subjects.agent_profile(aid), ProfileJob, self.handle_profile),
+            await self.nc.subscribe(subjects.WORKER_HEARTBEAT + ".>", cb=self._on_heartbeat),
+        ]
+        self._spawn(self._publish_loop())
+        log.info(
+            "gpu agent started",
+            agent_id=aid,
+            gpus=len(self.readings),
+            gpu_type=self.readings[0].gpu_type if self.readings else "",
+            simulated=self.gpus.simulated,
+        )
+
+    async def close(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())), return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.gpus.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    # ------------------------------------------------------------------ load reports
+
+    def reserved_bytes(self, index: int) -> int:
+        return sum(w.reserved.get(index, 0) for w in self.workers.values())
+
+    def free_bytes(self, r: GpuReading) -> int:
+        used = max(r.used_bytes, self.reserved_bytes(r.index))
+        return max(r.total_bytes - used, 0)
+
+    async def _publish_loop(self) -> None:
+        interval = self.cfg.interval_s
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            dt = now - last
+            last = now
+            try:
+                self.readings = await asyncio.to_thread(self.gpus.read)
+            except Exception as e:
+                log.warning("gpu read failed", error=str(e))
+                continue
+            for r in self.readings:
+                on_gpu = {w.worker_id: w.busy_seconds for w in self.workers.values() if r.index in w.gpu_indices}
+                busy = busy_from_heartbeats(self._prev_busy.get(r.index, {}), on_gpu, dt)
+                self._prev_busy[r.index] = on_gpu
+                # NVML utilization is the share of its sample period with a kernel running.
+                busy = max(busy, dt * r.util_percent / 100.0)
+                window = self.windows.setdefault(r.index, BusyWindow(self.cfg.load_window_s))
+                window.add(now, dt, busy)
+                msg = GpuLoad(
+                    agent_id=self.cfg.agent_id,
+                    gpu_index=r.index,
+                    gpu_type=r.gpu_type,
+                    total_bytes=r.total_bytes,
+                    used_bytes=r.total_bytes - self.free_bytes(r),
+                    free_bytes=self.free_bytes(r),
+                    busy_fraction=window.fraction(now),
+                    window_s=self.cfg.load_window_s,
+                    util_percent=r.util_percent if not self.gpus.simulated else 100.0 * busy / max(dt, 1e-9),
+                    simulated=self.gpus.simulated,
+                    workers=sorted(w.worker_id for w in self.workers.values() if r.index in w.gpu_indices),
+                    ts=time.time(),
+                )
+                try:
+                    await self.nc.publish(subjects.gpu_load(self.cfg.agent_id, r.index), encode(msg))
+                except Exception as e:
+                    log.warning("publish gpu.load failed", error=str(e))
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = decoder(WorkerHeartbeat).decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        w = self.workers.get(hb.worker_id)
+        if w is not None:
+            w.busy_seconds = max(w.busy_seconds, hb.busy_seconds)
+
+    # ------------------------------------------------------------------ workers
+
+    def _check_gpus(self, indices: list[int], need: dict[int, int], what: str) -> None:
+        by_index = {r.index: r for r in self.readings}
+        for i in indices:
+            if i not in by_index:
+                raise errors.BadRequest(f"{what} names GPU {i}, but agent {self.cfg.agent_id} has GPUs 0..{len(by_index) - 1}.")
+        if len(set(indices)) != len(indices):
+            raise errors.BadRequest(f"{what} names a GPU twice ({indices}); each pipeline stage needs its own GPU.")
+        for i, b in need.items():
+            free = self.free_bytes(by_index[i])
+            if b > free:
+                raise errors.Infeasible(
+                    f"{what} needs {b / 2**30:.2f} GiB on GPU {i} but only {free / 2**30:.2f} GiB is free; re-plan the deployment."
+                )
+
+    async def _spawn_worker(self, worker_id: str, deployment_id: str, mode: str, gpu_indices: list[int], reserved: dict[int, int], args: list[str]) -> WorkerProc:
+        log_path = self.cfg.work_dir / "workers" / f"{worker_id}.log"
+        devices = ",".join(self.gpus.device_for(i, pos) for pos, i in enumerate(gpu_indices))
+        env = dict(os.environ)
+        env.update(self.gpus.visible_devices_env(gpu_indices))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        cmd = [
+            sys.executable,
+            "-m",
+            "iserve.gpu_agent.worker",
+            mode,
+            *args,
+            "--agent-id",
+            self.cfg.agent_id,
+            "--nats-url",
+            self.cfg.nats_url,
+            "--devices",
+            devices,
+        ]
+        logf = open(log_path, "ab")
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=env)
+        finally:
+            logf.close()
+        w = WorkerProc(worker_id, deployment_id, gpu_indices, reserved, proc, log_path, mode)
+        self.workers[worker_id] = w
+        self._spawn(self._watch(w))
+        log.info("worker started", worker_id=worker_id, mode=mode, pid=proc.pid, gpus=gpu_indices, devices=devices)
+        return w
+
+    async def _watch(self, w: WorkerProc) -> None:
+        code = await w.proc.wait()
+        w.exit_code = code
+        self.workers.pop(w.worker_id, None)
+        w.exited.set()
+        if w.mode != "serve":
+            return
+        reason = "stopped on request" if w.expected_exit else (log_tail(w.log_path) or f"exit code {code}")
+        log.log(20 if w.expected_exit else 40, "worker exited", worker_id=w.worker_id, exit_code=code, expected=w.expected_exit, reason=reason)
+        event = WorkerExited(
+            worker_id=w.worker_id,
+            deployment_id=w.deployment_id,
+            agent_id=self.cfg.agent_id,
+            exit_code=code,
+            expected=w.expected_exit,
+            reason=reason,
+        )
+        try:
+            await self.nc.publish(subjects.WORKER_EXITED, encode(event))
+        except Exception as e:
+            log.warning("publish worker.exited failed", error=str(e))
+
+    async def _stop_worker(self, w: WorkerProc) -> None:
+        w.expected_exit = True
+        if w.proc.returncode is None:
+            try:
+                w.proc.terminate()
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(w.exited.wait(), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                try:
+                    w.proc.kill()
+                except ProcessLookupError:
+                    pass
+                await w.exited.wait()
+
+    async def handle_launch(self, req: LaunchWorker, _msg: Msg) -> LaunchReply:
+        with structlog.contextvars.bound_contextvars(worker_id=req.worker_id, deployment_id=req.deployment_id):
+            existing = self.workers.get(req.worker_id)
+            if existing is not None:  # a retried launch: idempotent
+                return LaunchReply(worker_id=req.worker_id, pid=existing.proc.pid, agent_id=self.cfg.agent_id)
+            if not req.stages:
+                raise errors.BadRequest("launch has no stages; give at least one stage with its GPU and layers.")
+            indices = [s.gpu_index for s in req.stages]
+            need: dict[int, int] = {}
+            for s in req.stages:
+                need[s.gpu_index] = need.get(s.gpu_index, 0) + s.memory_bytes
+            self._check_gpus(indices, need, f"worker {req.worker_id}")
+            spec_path = self.cfg.work_dir / "workers" / f"{req.worker_id}.launch.json"
+            spec_path.write_bytes(encode(req))
+            w = await self._spawn_worker(req.worker_id, req.deployment_id, "serve", indices, need, ["--spec", str(spec_path)])
+            return LaunchReply(worker_id=req.worker_id, pid=w.proc.pid, agent_id=self.cfg.agent_id)
+
+    async def handle_stop(self, req: StopWorker, _msg: Msg) -> StopReply:
+        w = self.workers.get(req.worker_id)
+        if w is None:
+            return StopReply(worker_id=req.worker_id, stopped=False)
+        await self._stop_worker(w)
+        return StopReply(worker_id=req.worker_id, stopped=True)
+
+    async def handle_profile(self, job: ProfileJob, _msg: Msg) -> ProfileResult:
+        """Run a profile-mode worker on one GPU and return what it measured."""
+        with structlog.contextvars.bound_contextvars(job_id=job.job_id, model=job.model):
+            self._check_gpus([job.gpu_index], {}, f"profile job {job.job_id}")
+            wid = f"profile-{job.job_id}"
+            job_path = self.cfg.work_dir / "workers" / f"{wid}.job.json"
+            result_path = self.cfg.work_dir / "workers" / f"{wid}.result.json"
+            result_path.unlink(missing_ok=True)
+            job_path.write_bytes(encode(job))
+            t0 = time.monotonic()
+            w = await self._spawn_worker(
+                wid, "", "profile", [job.gpu_index], {}, ["--job", str(job_path), "--result", str(result_path)]
+            )
+            timeout = min(job.timeout_s, self.cfg.profile_timeout_s)
+            try:
+                await asyncio.wait_for(w.exited.wait(), timeout)
+            except asyncio.TimeoutError:
+                await self._stop_worker(w)
+                raise errors.Timeout(f"profiling {job.model} on GPU {job.gpu_index} took longer than {timeout:.0f} s and was stopped.") from None
+            if w.exit_code != 0 or not result_path.is_file():
+                raise errors.WorkerDied(
+                    f"the profiling worker for {job.model} exited with code {w.exit_code}: {log_tail(w.log_path) or 'no output'}"
+                )
+            result = decoder(ProfileResult).decode(result_path.read_bytes())
+            wall = time.monotonic() - t0
+            # The GPU was held for the whole life of the profiling process, start-up included.
+            result.wall_seconds = wall
+            result.gpu_seconds = wall
+            log.info("profile job done", seconds=round(wall, 2))
+            return result

@@ -1,0 +1,128 @@
+"""FCFS queues, one per deployment (paper section 6, "Scheduling"). Pure: no I/O, no clock; the
+caller passes times in. The scheduler service and the trace simulator both use this.
+
+* A request joins the model's replica with the least outstanding work (queued + running), ties
+  broken by deployment id, and never moves after that.
+* Each replica runs one request at a time (no batching, as the paper), in arrival order.
+* A request still queued past its deadline is dropped with a timeout; a cancelled one is removed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+P = TypeVar("P")
+
+
+@dataclass
+class Queued(Generic[P]):
+    request_id: str
+    model: str
+    arrived: float
+    deadline: float
+    payload: P
+
+
+@dataclass
+class Replica(Generic[P]):
+    deployment_id: str
+    model: str
+    queue: deque[Queued[P]] = field(default_factory=deque)
+    running: Queued[P] | None = None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.queue) + (1 if self.running is not None else 0)
+
+
+class FcfsQueues(Generic[P]):
+    def __init__(self) -> None:
+        self.replicas: dict[str, Replica[P]] = {}
+        self._where: dict[str, str] = {}  # request id -> deployment id
+
+    # replicas come and go as deployments become ready or stop
+    def add_replica(self, deployment_id: str, model: str) -> None:
+        self.replicas.setdefault(deployment_id, Replica(deployment_id, model))
+
+    def remove_replica(self, deployment_id: str) -> list[Queued[P]]:
+        """Forget a replica; returns the requests it still held (queued and running) for the caller
+        to fail or re-queue."""
+        r = self.replicas.pop(deployment_id, None)
+        if r is None:
+            return []
+        orphans = list(r.queue) + ([r.running] if r.running else [])
+        for q in orphans:
+            self._where.pop(q.request_id, None)
+        return orphans
+
+    def replicas_of(self, model: str) -> list[Replica[P]]:
+        return [r for r in self.replicas.values() if r.model == model]
+
+    def choose(self, model: str, deployment_id: str = "") -> Replica[P] | None:
+        if deployment_id:
+            r = self.replicas.get(deployment_id)
+            return r if r is not None and r.model == model else None
+        cands = self.replicas_of(model)
+        if not cands:
+            return None
+        return min(cands, key=lambda r: (r.outstanding, r.deployment_id))
+
+    def enqueue(self, item: Queued[P], deployment_id: str = "") -> Replica[P] | None:
+        """Put ``item`` at the back of the chosen replica's queue; None if the model has none."""
+        r = self.choose(item.model, deployment_id)
+        if r is None:
+            return None
+        r.queue.append(item)
+        self._where[item.request_id] = r.deployment_id
+        return r
+
+    def start_next(self, deployment_id: str) -> Queued[P] | None:
+        """The replica is free: take the oldest queued request and mark it running."""
+        r = self.replicas.get(deployment_id)
+        if r is None or r.running is not None or not r.queue:
+            return None
+        r.running = r.queue.popleft()
+        return r.running
+
+    def finish(self, deployment_id: str, request_id: str) -> None:
+        r = self.replicas.get(deployment_id)
+        if r is not None and r.running is not None and r.running.request_id == request_id:
+            r.running = None
+        self._where.pop(request_id, None)
+
+    def cancel(self, request_id: str) -> tuple[str, Queued[P] | None, bool]:
+        """Remove a request. Returns (deployment id, the item, whether it was running)."""
+        dep = self._where.get(request_id)
+        if dep is None:
+            return "", None, False
+        r = self.replicas.get(dep)
+        if r is None:
+            return dep, None, False
+        if r.running is not None and r.running.request_id == request_id:
+            return dep, r.running, True
+        for q in r.queue:
+            if q.request_id == request_id:
+                r.queue.remove(q)
+                self._where.pop(request_id, None)
+                return dep, q, False
+        return dep, None, False
+
+    def expire(self, now: float) -> list[Queued[P]]:
+        """Drop queued (not running) requests whose deadline passed."""
+        out = []
+        for r in self.replicas.values():
+            keep = deque()
+            for q in r.queue:
+                if q.deadline <= now:
+                    out.append(q)
+                    self._where.pop(q.request_id, None)
+                else:
+                    keep.append(q)
+            r.queue = keep
+        return out
+
+    def depth(self, deployment_id: str) -> int:
+        r = self.replicas.get(deployment_id)
+        return len(r.queue) if r else 0

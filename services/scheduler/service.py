@@ -1,0 +1,339 @@
+"""The scheduler: accepts streamed inference requests (``infer``), queues them FCFS per deployment
+(``queues.FcfsQueues``), runs one at a time on each deployment's worker and relays the worker's
+token stream to the client's inbox.
+
+Protocol seen by a client: request ``infer`` with an ``InferRequest`` whose ``stream_to`` is an inbox
+the client already listens on; the immediate reply is ``Accepted`` (or an ``ErrorReply``); then the
+inbox receives ``TokenChunk``s and one ``Completion`` or ``ErrorReply``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from iserve import bus, errors, subjects
+from iserve.messages import (
+    Accepted,
+    CancelRequest,
+    Completion,
+    DeploymentChanged,
+    DeploymentList,
+    DeploymentRecord,
+    ErrorReply,
+    GenerateRequest,
+    GetSchedulerStats,
+    InferRequest,
+    ListDeployments,
+    ModelRecord,
+    QueueStats,
+    SchedulerStats,
+    StreamMessage,
+    decoder,
+    encode,
+)
+
+from .config import SchedulerConfig
+from .queues import FcfsQueues, Queued
+
+log = structlog.get_logger()
+
+
+@dataclass
+class ReplicaStats:
+    completed: int = 0
+    failed: int = 0
+    ttft_ms: list[float] = field(default_factory=list)
+    tpot_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+
+    def record(self, c: Completion, e2e_ms: float, keep: int = 1000) -> None:
+        self.completed += 1
+        for lst, v in ((self.ttft_ms, c.ttft_ms), (self.tpot_ms, c.tpot_ms), (self.e2e_ms, e2e_ms)):
+            lst.append(v)
+            if len(lst) > keep:
+                del lst[: len(lst) - keep]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(int(q * (len(s) - 1) + 0.5), len(s) - 1)]
+
+
+class SchedulerService:
+    def __init__(self, cfg: SchedulerConfig, nc: NATS):
+        self.cfg = cfg
+        self.nc = nc
+        self.queues: FcfsQueues[InferRequest] = FcfsQueues()
+        self.deployments: dict[str, DeploymentRecord] = {}
+        self.stats: dict[str, ReplicaStats] = {}
+        self.wakeups: dict[str, asyncio.Event] = {}
+        self.runners: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._subs: list = []
+        self.models_kv: bus.TypedKV[ModelRecord] | None = None
+
+    async def start(self) -> None:
+        self.models_kv = await bus.TypedKV.open(self.nc, subjects.BUCKET_MODELS, ModelRecord)
+        self._subs += [
+            await bus.serve(self.nc, subjects.INFER, InferRequest, self.handle_infer, queue="scheduler"),
+            await bus.serve(self.nc, subjects.INFER_CANCEL, CancelRequest, self.handle_cancel),
+            await bus.serve(self.nc, subjects.SCHEDULER_STATS, GetSchedulerStats, self.handle_stats),
+            await self.nc.subscribe(subjects.DEPLOYMENT_CHANGED, cb=self._on_deployment_changed),
+        ]
+        await self.refresh_deployments()
+        self._spawn(self._refresh_loop())
+        self._spawn(self._expire_loop())
+        log.info("scheduler started", deployments=len(self.deployments))
+
+    async def close(self) -> None:
+        for s in self._subs:
+            try:
+                await s.unsubscribe()
+            except Exception:
+                pass
+        for t in list(self._tasks) + list(self.runners.values()):
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self.runners.values(), return_exceptions=True)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    # ------------------------------------------------------------------ deployments
+
+    def _apply(self, d: DeploymentRecord) -> None:
+        if d.status == "ready":
+            self.deployments[d.deployment_id] = d
+            self.queues.add_replica(d.deployment_id, d.model)
+            self.stats.setdefault(d.deployment_id, ReplicaStats())
+            ev = self.wakeups.setdefault(d.deployment_id, asyncio.Event())
+            if d.deployment_id not in self.runners:
+                self.runners[d.deployment_id] = asyncio.create_task(self._runner(d.deployment_id, ev))
+            ev.set()
+        else:
+            self._drop(d.deployment_id, f"deployment {d.deployment_id} is {d.status}" + (f": {d.reason}" if d.reason else ""))
+
+    def _drop(self, deployment_id: str, why: str) -> None:
+        self.deployments.pop(deployment_id, None)
+        runner = self.runners.pop(deployment_id, None)
+        if runner is not None:
+            runner.cancel()
+        self.wakeups.pop(deployment_id, None)
+        for q in self.queues.remove_replica(deployment_id):
+            # re-queue on another replica of the model if there is one, else fail it
+            other = self.queues.enqueue(q)
+            if other is not None:
+                self.wakeups[other.deployment_id].set()
+            else:
+                self._spawn(self._send_error(q.payload, errors.Unavailable(f"{why}; no other replica of {q.model} is ready.")))
+
+    async def refresh_deployments(self) -> None:
+        try:
+            lst = await bus.request(self.nc, subjects.DEPLOYMENT_LIST, ListDeployments(), DeploymentList, timeout=5.0)
+        except errors.IServeError as e:
+            log.debug("deployment list unavailable", error=str(e))
+            return
+        seen = set()
+        for d in lst.deployments:
+            seen.add(d.deployment_id)
+            if d.status == "ready" and d.deployment_id not in self.deployments:
+                self._apply(d)
+            elif d.status != "ready" and d.deployment_id in self.deployments:
+                self._apply(d)
+        for gone in set(self.deployments) - seen:
+            self._drop(gone, f"deployment {gone} was removed")
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.refresh_s)
+            await self.refresh_deployments()
+
+    async def _on_deployment_changed(self, msg: Msg) -> None:
+        try:
+            ev = decoder(DeploymentChanged).decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        self._apply(ev.deployment)
+
+    # ------------------------------------------------------------------ requests
+
+    async def handle_infer(self, req: InferRequest, _msg: Msg) -> Accepted:
+        if not req.stream_to:
+            raise errors.BadRequest("InferRequest.stream_to is empty; subscribe to an inbox and put its subject there.", request_id=req.request_id)
+        if not req.request_id:
+            raise errors.BadRequest("InferRequest.request_id is empty; give each request a unique id.")
+        if req.max_tokens < 1:
+            raise errors.BadRequest(f"max_tokens must be at least 1, not {req.max_tokens}.", request_id=req.request_id)
+        if req.timeout_s <= 0:
+            raise errors.BadRequest("timeout_s must be positive.", request_id=req.request_id)
+        now = time.monotonic()
+        item = Queued(req.request_id, req.model, now, now + req.timeout_s, req)
+        replica = self.queues.enqueue(item, req.deployment_id)
+        if replica is None:
+            await self._explain_no_replica(req)
+        self.wakeups[replica.deployment_id].set()
+        return Accepted(request_id=req.request_id, deployment_id=replica.deployment_id, queue_depth=len(replica.queue))
+
+    async def _explain_no_replica(self, req: InferRequest) -> None:
+        if req.deployment_id:
+            raise errors.NotFound(f"deployment {req.deployment_id} of {req.model} is not ready; list deployments with `iserve status`.", request_id=req.request_id)
+        record = await self.models_kv.get(req.model) if self.models_kv else None
+        if record is None:
+            raise errors.NotFound(f"model {req.model!r} is not registered; register it with `iserve register PATH`.", request_id=req.request_id)
+        raise errors.NotReady(
+            f"model {req.model!r} has no ready deployment; deploy it with `iserve deploy {req.model}` (or wait for a launch in progress).",
+            request_id=req.request_id,
+        )
+
+    async def handle_cancel(self, req: CancelRequest, _msg: Msg) -> None:
+        dep, item, running = self.queues.cancel(req.request_id)
+        if item is None:
+            return
+        if running:
+            d = self.deployments.get(dep)
+            if d is not None:
+                await self.nc.publish(subjects.worker_cancel(d.worker_id), encode(req))
+        else:
+            await self._send_error(item.payload, errors.Cancelled("the request was cancelled before it started."))
+
+    async def handle_stats(self, _req: GetSchedulerStats, _msg: Msg) -> SchedulerStats:
+        out = []
+        for dep_id, d in sorted(self.deployments.items()):
+            s = self.stats.get(dep_id, ReplicaStats())
+            r = self.queues.replicas.get(dep_id)
+            out.append(
+                QueueStats(
+                    deployment_id=dep_id,
+                    model=d.model,
+                    worker_id=d.worker_id,
+                    queue_depth=len(r.queue) if r else 0,
+                    in_flight=1 if r and r.running else 0,
+                    completed=s.completed,
+                    failed=s.failed,
+                    ttft_ms_p50=statistics.median(s.ttft_ms) if s.ttft_ms else 0.0,
+                    tpot_ms_p50=statistics.median(s.tpot_ms) if s.tpot_ms else 0.0,
+                    e2e_ms_p50=statistics.median(s.e2e_ms) if s.e2e_ms else 0.0,
+                    e2e_ms_p99=pct(s.e2e_ms, 0.99),
+                )
+            )
+        return SchedulerStats(queues=out)
+
+    async def _send_error(self, req: InferRequest, err: errors.IServeError) -> None:
+        err.request_id = req.request_id
+        try:
+            await self.nc.publish(req.stream_to, encode(err.to_reply()))
+        except Exception:
+            pass
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for q in self.queues.expire(time.monotonic()):
+                await self._send_error(q.payload, errors.Timeout(f"the request waited longer than its timeout of {q.payload.timeout_s:.0f} s in the queue."))
+
+    # ------------------------------------------------------------------ running requests
+
+    async def _runner(self, deployment_id: str, wake: asyncio.Event) -> None:
+        """Runs the deployment's queue, one request at a time, oldest first."""
+        while True:
+            item = self.queues.start_next(deployment_id)
+            if item is None:
+                wake.clear()
+                await wake.wait()
+                continue
+            try:
+                await self._run_one(deployment_id, item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("request relay failed", request_id=item.request_id)
+            finally:
+                self.queues.finish(deployment_id, item.request_id)
+
+    async def _run_one(self, deployment_id: str, item: Queued[InferRequest]) -> None:
+        req = item.payload
+        d = self.deployments.get(deployment_id)
+        stats = self.stats.setdefault(deployment_id, ReplicaStats())
+        with structlog.contextvars.bound_contextvars(request_id=req.request_id, deployment_id=deployment_id):
+            if d is None:
+                await self._send_error(req, errors.Unavailable(f"deployment {deployment_id} went away."))
+                return
+            queue_ms = (time.monotonic() - item.arrived) * 1000.0
+            remaining = item.deadline - time.monotonic()
+            if remaining <= 0:
+                stats.failed += 1
+                await self._send_error(req, errors.Timeout("the request ran out of time in the queue."))
+                return
+            inbox = self.nc.new_inbox()
+            sub = await self.nc.subscribe(inbox)
+            try:
+                try:
+                    await bus.request(
+                        self.nc,
+                        subjects.worker_generate(d.worker_id),
+                        GenerateRequest(request=req, stream_to=inbox, queue_ms=queue_ms),
+                        Accepted,
+                        timeout=min(self.cfg.worker_accept_timeout_s, remaining),
+                    )
+                except errors.IServeError as e:
+                    stats.failed += 1
+                    if isinstance(e, errors.Unavailable):
+                        e = errors.WorkerDied(f"the worker of deployment {deployment_id} does not answer; it may have exited.")
+                    await self._send_error(req, e)
+                    return
+                await self._relay(sub, req, deployment_id, d.worker_id, item, stats)
+            finally:
+                await sub.unsubscribe()
+
+    async def _relay(self, sub, req: InferRequest, deployment_id: str, worker_id: str, item: Queued[InferRequest], stats: ReplicaStats) -> None:
+        dec = decoder(StreamMessage)
+        while True:
+            remaining = item.deadline - time.monotonic()
+            if remaining <= 0:
+                await self.nc.publish(subjects.worker_cancel(worker_id), encode(CancelRequest(request_id=req.request_id)))
+                stats.failed += 1
+                await self._send_error(req, errors.Timeout(f"the request exceeded its timeout of {req.timeout_s:.0f} s."))
+                return
+            try:
+                msg = await sub.next_msg(timeout=min(remaining, self.cfg.stream_idle_timeout_s))
+            except nats.errors.TimeoutError:
+                if item.deadline - time.monotonic() <= 0:
+                    continue
+                stats.failed += 1
+                await self._send_error(req, errors.WorkerDied(f"the worker of deployment {deployment_id} stopped streaming for {self.cfg.stream_idle_timeout_s:.0f} s."))
+                return
+            await self.nc.publish(req.stream_to, msg.data)
+            try:
+                kind = dec.decode(msg.data)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue
+            if isinstance(kind, Completion):
+                e2e = (time.monotonic() - item.arrived) * 1000.0
+                stats.record(kind, e2e)
+                log.info(
+                    "request completed",
+                    model=req.model,
+                    queue_ms=round(kind.queue_ms, 2),
+                    ttft_ms=round(kind.ttft_ms, 2),
+                    tpot_ms=round(kind.tpot_ms, 3),
+                    e2e_ms=round(e2e, 2),
+                    tokens=kind.completion_tokens,
+                    finish=kind.finish_reason,
+                )
+                return
+            if isinstance(kind, ErrorReply):
+                stats.failed += 1
+                return

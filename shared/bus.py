@@ -1,0 +1,265 @@
+"""NATS plumbing shared by every service: connect, typed request-reply, streamed replies, typed
+JetStream key-value buckets.
+
+Handlers registered with ``serve`` never die on bad input: a message that fails to decode gets an
+``ErrorReply(code="bad_request")``, an ``IServeError`` becomes its own reply, and any other exception
+is logged and answered with ``code="internal"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
+
+from . import errors
+from .messages import Completion, ErrorReply, Message, StreamMessage, TokenChunk, decoder, encode
+
+log = structlog.get_logger()
+
+Req = TypeVar("Req", bound=Message)
+Rep = TypeVar("Rep", bound=Message)
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
+    """Connect with unlimited reconnects (a restarted nats-server is picked up again)."""
+
+    async def on_error(e: Exception) -> None:
+        log.warning("nats error", error=str(e))
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected")
+
+    try:
+        return await nats.connect(
+            url,
+            name=name,
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+    except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as e:
+        raise errors.Unavailable(f"cannot reach NATS at {url} ({e}); start one with `iserve up` or pass --nats-url.") from None
+
+
+def bad_request_reply(kind: type, subject: str, err: Exception) -> ErrorReply:
+    return ErrorReply(
+        code=errors.BadRequest.code,
+        message=f"malformed {kind.__name__ if isinstance(kind, type) else 'message'} on {subject}: {err}; send a message that matches iserve.messages.",
+    )
+
+
+async def reply_to(nc: NATS, msg: Msg, reply: msgspec.Struct) -> None:
+    if msg.reply:
+        await nc.publish(msg.reply, encode(reply))
+
+
+def serve(
+    nc: NATS,
+    subject: str,
+    kind: type[Req],
+    handler: Callable[[Req, Msg], Awaitable[msgspec.Struct | None]],
+    *,
+    queue: str = "",
+    concurrent: bool = True,
+) -> Awaitable[Any]:
+    """Subscribe ``handler`` to ``subject``. Each message is decoded as ``kind``; the handler's return
+    value (if any) is the reply. With ``concurrent`` each message runs in its own task."""
+    dec = decoder(kind)
+    tasks: set[asyncio.Task] = set()
+
+    async def handle(msg: Msg) -> None:
+        try:
+            req = dec.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            log.warning("bad request", subject=msg.subject, error=str(e))
+            await reply_to(nc, msg, bad_request_reply(kind, msg.subject, e))
+            return
+        try:
+            reply = await handler(req, msg)
+        except errors.IServeError as e:
+            log.info("request refused", subject=msg.subject, code=e.code, error=e.message)
+            reply = e.to_reply()
+        except Exception as e:  # a bug: keep serving, tell the caller
+            log.exception("handler failed", subject=msg.subject)
+            reply = ErrorReply(code=errors.InternalError.code, message=f"internal error handling {msg.subject}: {type(e).__name__}: {e}")
+        if reply is not None:
+            try:
+                await reply_to(nc, msg, reply)
+            except Exception:
+                log.exception("reply failed", subject=msg.subject)
+
+    async def cb(msg: Msg) -> None:
+        if concurrent:
+            t = asyncio.create_task(handle(msg))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        else:
+            await handle(msg)
+
+    return nc.subscribe(subject, queue=queue, cb=cb)
+
+
+async def request(nc: NATS, subject: str, msg: msgspec.Struct, kind: type[Rep], *, timeout: float = 10.0) -> Rep:
+    """Send ``msg`` and decode the reply as ``kind``; an ``ErrorReply`` raises its ``IServeError``."""
+    try:
+        resp = await nc.request(subject, encode(msg), timeout=timeout)
+    except nats.errors.NoRespondersError:
+        raise errors.Unavailable(f"nobody serves {subject}; is the service running (`iserve status`)?") from None
+    except nats.errors.TimeoutError:
+        raise errors.Timeout(f"no reply on {subject} within {timeout:.0f} s; the service may be overloaded or stuck.") from None
+    try:
+        reply = decoder(kind | ErrorReply).decode(resp.data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise errors.InternalError(f"unexpected reply on {subject}: {e}") from None
+    if isinstance(reply, ErrorReply):
+        raise errors.from_reply(reply)
+    return reply
+
+
+class Stream:
+    """The receiving end of a streamed reply: an inbox subscription yielding ``TokenChunk`` messages
+    and ending with a ``Completion`` (returned by ``iterate``'s caller via ``.completion``)."""
+
+    def __init__(self, nc: NATS, *, idle_timeout: float):
+        self.nc = nc
+        self.inbox = nc.new_inbox()
+        self.idle_timeout = idle_timeout
+        self.completion: Completion | None = None
+        self._sub = None
+
+    async def open(self) -> "Stream":
+        self._sub = await self.nc.subscribe(self.inbox)
+        return self
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+            self._sub = None
+
+    async def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        dec = decoder(StreamMessage)
+        assert self._sub is not None, "call open() first"
+        while True:
+            try:
+                msg = await self._sub.next_msg(timeout=self.idle_timeout)
+            except nats.errors.TimeoutError:
+                raise errors.Timeout(f"the stream went silent for {self.idle_timeout:.0f} s; the worker may be stuck.") from None
+            try:
+                item = dec.decode(msg.data)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                raise errors.InternalError(f"malformed stream message: {e}") from None
+            if isinstance(item, ErrorReply):
+                raise errors.from_reply(item)
+            if isinstance(item, Completion):
+                self.completion = item
+                return
+            yield item
+
+
+# ---------------------------------------------------------------------------------------------------
+# JetStream key-value
+
+
+_KEY_BAD = re.compile(r"[^-/_=.a-zA-Z0-9]")
+
+
+def kv_key(*parts: str) -> str:
+    """A valid KV key from free text (GPU names have spaces): other characters become '_'."""
+    return ".".join(_KEY_BAD.sub("_", p) for p in parts)
+
+
+async def bucket(nc: NATS, name: str, *, history: int = 5) -> KeyValue:
+    js = nc.jetstream()
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(bucket=name, history=history)
+    except nats.js.errors.BadRequestError:
+        # another service created it between our two calls
+        return await js.key_value(name)
+
+
+class TypedKV(Generic[T]):
+    """A JetStream KV bucket whose values are one msgspec Struct type (JSON)."""
+
+    def __init__(self, kv: KeyValue, kind: type[T]):
+        self.kv = kv
+        self.kind = kind
+        self._dec = msgspec.json.Decoder(kind)
+
+    @classmethod
+    async def open(cls, nc: NATS, name: str, kind: type[T]) -> "TypedKV[T]":
+        return cls(await bucket(nc, name), kind)
+
+    async def get(self, key: str) -> T | None:
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return self._dec.decode(entry.value)
+
+    async def get_with_revision(self, key: str) -> tuple[T | None, int]:
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        if entry.value is None:
+            return None, entry.revision or 0
+        return self._dec.decode(entry.value), entry.revision or 0
+
+    async def put(self, key: str, value: T) -> int:
+        return await self.kv.put(key, msgspec.json.encode(value))
+
+    async def create(self, key: str, value: T) -> bool:
+        """Write only if the key does not exist; False if it does (atomic)."""
+        try:
+            await self.kv.create(key, msgspec.json.encode(value))
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self.kv.delete(key)
+        except nats.js.errors.KeyNotFoundError:
+            pass
+
+    async def keys(self) -> list[str]:
+        try:
+            return list(await self.kv.keys())
+        except nats.js.errors.NoKeysError:
+            return []
+
+    async def values(self) -> list[T]:
+        out = []
+        for k in await self.keys():
+            v = await self.get(k)
+            if v is not None:
+                out.append(v)
+        return out

@@ -1,0 +1,412 @@
+"""The ``iserve`` command: one sub-command per persona's action.
+
+    iserve up                       start NATS (embedded) and every service; Ctrl-C stops them
+    iserve demo                     the whole flow in one command
+    iserve make-model DIR           a random-weight checkpoint (no hub downloads here)
+    iserve register PATH            register a checkpoint; it is profiled in the background
+    iserve deploy MODEL --intent …  deploy with an intent; prints the choice and why
+    iserve generate MODEL PROMPT    stream a completion
+    iserve status                   GPUs, models, deployments, queues
+    iserve profile show MODEL       a model's configuration map
+    iserve undeploy DEPLOYMENT
+    iserve gpu-agent|fingerprint|deployer|scheduler   run one service in the foreground
+
+Every flag that names the NATS server also reads ``ISERVE_NATS_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import errors
+from .messages import ConfigEstimate, Intent
+
+console = Console()
+err_console = Console(stderr=True)
+
+GIB = 2**30
+SERVICES = {
+    "gpu-agent": "iserve.gpu_agent.__main__",
+    "fingerprint": "iserve.fingerprint.__main__",
+    "deployer": "iserve.deployer.__main__",
+    "scheduler": "iserve.scheduler.__main__",
+}
+
+
+def default_url() -> str:
+    return os.environ.get("ISERVE_NATS_URL", "nats://127.0.0.1:4222")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ISERVE_DATA_DIR", str(Path.home() / ".iserve")))
+
+
+def run_async(coro) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+
+
+async def _client(url: str):
+    from .client import Client
+
+    return await Client.connect(url)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tables
+
+
+def fmt_gib(b: int | float) -> str:
+    return f"{b / GIB:.2f}"
+
+
+def intent_from_args(a: argparse.Namespace) -> Intent:
+    return Intent(
+        kind=a.intent,
+        cost_model=a.cost_model,
+        slo_ms=a.slo_ms,
+        budget=a.budget,
+        prompt_tokens=a.prompt_tokens,
+        output_tokens=a.output_tokens,
+    )
+
+
+ESTIMATE_COLUMNS = ["config", "gpus", "ttft_ms", "tpot_ms", "latency_ms", "total_gib", "per_gpu_gib"]
+
+
+def estimate_row(e: ConfigEstimate, prompt: int, output: int) -> dict[str, float | str]:
+    c = e.config
+    per_stage_layers = -(-e.num_layers // c.pp)
+    per_gpu = e.stage_bytes(per_stage_layers, first=True, last=c.pp == 1)
+    return {
+        "config": c.key(),
+        "gpus": c.gpus,
+        "ttft_ms": e.ttft_ms(prompt),
+        "tpot_ms": e.tpot_ms,
+        "latency_ms": e.latency_ms(prompt, output),
+        "total_gib": e.total_bytes / GIB,
+        "per_gpu_gib": per_gpu / GIB,
+    }
+
+
+def estimates_table(estimates: list[ConfigEstimate], *, prompt: int, output: int, sort: str = "latency_ms", limit: int = 0, title: str = "") -> Table:
+    rows = [estimate_row(e, prompt, output) for e in estimates]
+    rows.sort(key=lambda r: (r[sort], r["config"]))
+    if limit:
+        rows = rows[:limit]
+    t = Table(title=title)
+    for col in ESTIMATE_COLUMNS:
+        t.add_column(col, justify="left" if col == "config" else "right")
+    for r in rows:
+        t.add_row(*[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in ESTIMATE_COLUMNS])
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from .stack import Stack, StackOptions
+
+    opts = StackOptions(
+        data_dir=Path(a.data_dir),
+        nats_url=a.nats_url,
+        nats_port=a.nats_port,
+        simulate_gpus=a.simulate_gpus,
+        gpu_type=a.gpu_type,
+        placement=a.placement,
+        log_level=a.log_level,
+    )
+    stack = Stack(opts).start()
+    console.print(f"[bold]iserve up[/]: NATS at {stack.url} (export ISERVE_NATS_URL={stack.url}); data in {opts.data_dir}. Ctrl-C stops everything.")
+    try:
+        stack.wait()
+    finally:
+        stack.stop()
+    if stack.failed:
+        err_console.print(f"iserve: {stack.failed}")
+        return 1
+    return 0
+
+
+def cmd_make_model(a: argparse.Namespace) -> int:
+    from .modelmaker import make_checkpoint
+
+    path = make_checkpoint(a.out_dir, a.preset, num_layers=a.layers, seed=a.seed, dtype=a.dtype, shards=a.shards)
+    console.print(f"wrote {a.preset} checkpoint ({'all' if a.layers is None else a.layers} layers, random weights) to {path}")
+    return 0
+
+
+async def _register(a: argparse.Namespace) -> int:
+    async with await _client(a.nats_url) as c:
+        info = await c.register(str(Path(a.path).resolve()), a.name)
+        r = info.record
+        verb = "registered" if info.created else "already registered"
+        console.print(
+            f"{verb} [bold]{r.name}[/]: {r.arch.model_type}, {r.arch.num_layers} layers, hidden {r.arch.hidden_size}, "
+            f"{r.arch.num_attention_heads}/{r.arch.num_kv_heads} heads, {r.weights.checkpoint_bytes / GIB:.2f} GiB; status {r.status}"
+        )
+        if a.wait:
+            console.print("profiling its fingerprints…")
+            done = await c.wait_profiled(r.name, timeout=a.timeout)
+            cmap = await c.profile(r.name, done.gpu_type)
+            console.print(
+                f"profiled on {cmap.gpu_type} ({cmap.device}): {len(cmap.estimates)} configurations estimated, "
+                f"{len(cmap.excluded)} excluded, {cmap.cost.gpu_seconds:.1f} GPU-seconds"
+            )
+    return 0
+
+
+async def _deploy(a: argparse.Namespace) -> int:
+    async with await _client(a.nats_url) as c:
+        rep = await c.deploy(a.model, intent_from_args(a), placement=a.placement)
+        d = rep.deployment
+        console.print(f"deployment [bold]{d.deployment_id}[/]: {d.config.key()} on {d.gpu_type}")
+        console.print(f"  why: {rep.why}")
+        for g in d.gpus:
+            console.print(f"  {g.agent_id} GPU {g.gpu_index}: layers {g.first_layer}-{g.first_layer + g.num_layers - 1} ({g.num_layers}), {fmt_gib(g.memory_bytes)} GiB")
+        console.print(
+            f"  estimated latency {rep.latency_ms:.1f} ms for {d.intent.prompt_tokens}+{d.intent.output_tokens} tokens, "
+            f"memory {fmt_gib(d.estimate.total_bytes)} GiB, cost {rep.cost:.4g} ({d.intent.cost_model}); decided in {rep.decision_ms:.2f} ms"
+        )
+        for rj in rep.rejected[:5]:
+            console.print(f"  [dim]not {rj.config}: {rj.reason}[/]")
+        if a.wait:
+            await c.wait_ready(d.deployment_id, timeout=a.timeout)
+            console.print(f"  [green]ready[/]")
+    return 0
+
+
+async def _undeploy(a: argparse.Namespace) -> int:
+    async with await _client(a.nats_url) as c:
+        rep = await c.undeploy(a.deployment_id)
+        console.print(f"{rep.deployment_id}: {rep.status}")
+    return 0
+
+
+async def _generate(a: argparse.Namespace) -> int:
+    from .client import CompletionStream
+
+    async with await _client(a.nats_url) as c:
+        s = CompletionStream()
+        async for chunk in c.generate(
+            a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed, ignore_eos=a.ignore_eos, stream=s
+        ):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        done = s.completion
+        if done is not None:
+            err_console.print(
+                f"[dim]{done.completion_tokens} tokens ({done.finish_reason}); queue {done.queue_ms:.1f} ms, TTFT {done.ttft_ms:.1f} ms, "
+                f"TPOT {done.tpot_ms:.2f} ms, end-to-end {done.e2e_ms:.1f} ms on {done.deployment_id}[/]"
+            )
+    return 0
+
+
+async def _status(a: argparse.Namespace) -> int:
+    async with await _client(a.nats_url) as c:
+        loads = await c.gpu_loads(1.5)
+        t = Table(title="GPUs")
+        for col in ("agent", "gpu", "type", "total GiB", "free GiB", "load (window)", "util %", "workers"):
+            t.add_column(col)
+        for g in loads:
+            t.add_row(
+                g.agent_id, str(g.gpu_index), g.gpu_type + (" (sim)" if g.simulated else ""), fmt_gib(g.total_bytes), fmt_gib(g.free_bytes),
+                f"{g.busy_fraction:.2f} ({g.window_s:.0f}s)", f"{g.util_percent:.0f}", ", ".join(g.workers),
+            )
+        console.print(t)
+        try:
+            models = (await c.models()).models
+        except errors.IServeError as e:
+            models = []
+            err_console.print(f"models: {e}")
+        t = Table(title="Models")
+        for col in ("name", "type", "layers", "GiB", "status", "profiled on"):
+            t.add_column(col)
+        for m in models:
+            t.add_row(m.name, m.arch.model_type, str(m.arch.num_layers), fmt_gib(m.weights.checkpoint_bytes), m.status + (f": {m.status_reason}" if m.status_reason else ""), ", ".join(m.profiled_gpu_types))
+        console.print(t)
+        try:
+            deps = (await c.deployments()).deployments
+        except errors.IServeError as e:
+            deps = []
+            err_console.print(f"deployments: {e}")
+        try:
+            queues = {q.deployment_id: q for q in (await c.scheduler_stats()).queues}
+        except errors.IServeError:
+            queues = {}
+        t = Table(title="Deployments")
+        for col in ("id", "model", "config", "gpus (layers)", "status", "queue", "done", "TTFT p50 ms", "e2e p50 ms"):
+            t.add_column(col)
+        for d in deps:
+            q = queues.get(d.deployment_id)
+            t.add_row(
+                d.deployment_id, d.model, d.config.key(), " ".join(f"{g.agent_id}/{g.gpu_index}({g.num_layers})" for g in d.gpus),
+                d.status + (f": {d.reason}" if d.reason else ""),
+                str(q.queue_depth + q.in_flight) if q else "-", str(q.completed) if q else "-",
+                f"{q.ttft_ms_p50:.1f}" if q else "-", f"{q.e2e_ms_p50:.1f}" if q else "-",
+            )
+        console.print(t)
+    return 0
+
+
+async def _profile_show(a: argparse.Namespace) -> int:
+    async with await _client(a.nats_url) as c:
+        cmap = await c.profile(a.model, a.gpu_type)
+        title = (
+            f"{cmap.model} on {cmap.gpu_type} (measured on {cmap.device}; context {cmap.context_tokens}; "
+            f"latency for {a.prompt_tokens}+{a.output_tokens} tokens)"
+        )
+        console.print(estimates_table(cmap.estimates, prompt=a.prompt_tokens, output=a.output_tokens, sort=a.sort, limit=a.limit, title=title))
+        if cmap.excluded and a.show_excluded:
+            t = Table(title="Excluded configurations")
+            t.add_column("config")
+            t.add_column("reason")
+            for x in cmap.excluded:
+                t.add_row(x.config.key(), x.reason)
+            console.print(t)
+        elif cmap.excluded:
+            console.print(f"[dim]{len(cmap.excluded)} configurations excluded (--show-excluded lists them with reasons)[/]")
+        cost = cmap.cost
+        console.print(f"profiling cost: {cost.gpu_seconds:.1f} GPU-seconds, peak {fmt_gib(cost.peak_bytes)} GiB; fingerprints are {', '.join(f'{x:.2%}' for x in cost.fingerprint_fraction)} of the model")
+    return 0
+
+
+def cmd_service(a: argparse.Namespace, rest: list[str]) -> int:
+    import importlib
+
+    mod = importlib.import_module(SERVICES[a.command])
+    mod.main(rest)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# parser
+
+
+def add_nats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats-url", default=default_url(), help="NATS server [env ISERVE_NATS_URL]")
+
+
+def add_intent(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--intent", default="min-cost", choices=["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo", "cost-budget"], help="what to optimize (default min-cost)")
+    p.add_argument("--cost-model", default="mem-x-latency", choices=["mem-x-latency", "memory", "gpu-hours"], help="how cost is counted (paper section 4.1)")
+    p.add_argument("--slo-ms", type=float, default=None, help="latency SLO for --intent latency-slo")
+    p.add_argument("--budget", type=float, default=None, help="cost budget for --intent cost-budget, in --cost-model units")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length latency is estimated for")
+    p.add_argument("--output-tokens", type=int, default=128, help="output length latency is estimated for")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iserve", description="Intent-based LLM serving over NATS.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("up", help="start NATS and every service; Ctrl-C stops them")
+    s.add_argument("--nats-url", default=os.environ.get("ISERVE_NATS_URL", ""), help="use this NATS server instead of an embedded one")
+    s.add_argument("--nats-port", type=int, default=int(os.environ.get("ISERVE_NATS_PORT", "4222")), help="port of the embedded NATS server")
+    s.add_argument("--data-dir", default=str(default_data_dir()), help="JetStream data, fingerprints, logs [env ISERVE_DATA_DIR]")
+    s.add_argument("--simulate-gpus", default=os.environ.get("ISERVE_SIMULATE_GPUS", ""), help="e.g. 8x48GB: simulated GPUs whose workers compute on the CPU")
+    s.add_argument("--gpu-type", default=os.environ.get("ISERVE_GPU_TYPE", ""), help="type name of the simulated GPUs")
+    s.add_argument("--placement", default="hybrid", choices=["hybrid", "least-loaded", "packing"])
+    s.add_argument("--log-level", default=os.environ.get("ISERVE_LOG_LEVEL", "info"))
+
+    s = sub.add_parser("demo", help="start the stack, make/register/profile/deploy a model, stream a completion, stop")
+    from .demo import add_arguments as add_demo
+
+    add_demo(s)
+
+    s = sub.add_parser("make-model", help="write a random-weight checkpoint of a known architecture")
+    s.add_argument("out_dir")
+    s.add_argument("--preset", default="tiny-llama")
+    s.add_argument("--layers", type=int, default=None, help="override the number of hidden layers")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    s.add_argument("--shards", type=int, default=1)
+
+    s = sub.add_parser("register", help="register a checkpoint folder (config.json + safetensors)")
+    s.add_argument("path")
+    s.add_argument("--name", default="", help="model name (default: the folder name)")
+    s.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait for profiling to finish")
+    s.add_argument("--timeout", type=float, default=1800.0)
+    add_nats(s)
+
+    s = sub.add_parser("deploy", help="deploy a profiled model with an intent")
+    s.add_argument("model")
+    add_intent(s)
+    s.add_argument("--placement", default="", choices=["", "hybrid", "least-loaded", "packing"], help="placement policy (default: the deployer's)")
+    s.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait until the worker is ready")
+    s.add_argument("--timeout", type=float, default=600.0)
+    add_nats(s)
+
+    s = sub.add_parser("undeploy", help="stop a deployment and free its GPUs")
+    s.add_argument("deployment_id")
+    add_nats(s)
+
+    s = sub.add_parser("generate", help="stream a completion from a deployed model")
+    s.add_argument("model")
+    s.add_argument("prompt")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
+    add_nats(s)
+
+    s = sub.add_parser("status", help="GPUs, models, deployments and queues")
+    add_nats(s)
+
+    s = sub.add_parser("profile", help="configuration maps")
+    psub = s.add_subparsers(dest="profile_command", required=True)
+    ps = psub.add_parser("show", help="print a model's configuration map as a table")
+    ps.add_argument("model")
+    ps.add_argument("--gpu-type", default="")
+    ps.add_argument("--sort", default="latency_ms", choices=ESTIMATE_COLUMNS)
+    ps.add_argument("--limit", type=int, default=0, help="show only the first N rows")
+    ps.add_argument("--prompt-tokens", type=int, default=512)
+    ps.add_argument("--output-tokens", type=int, default=128)
+    ps.add_argument("--show-excluded", action="store_true")
+    add_nats(ps)
+
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service in the foreground (its own flags follow)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SERVICES:  # pass the service's own flags through untouched
+        mod = __import__(SERVICES[argv[0]], fromlist=["main"])
+        mod.main(argv[1:])
+        return
+    a = build_parser().parse_args(argv)
+    handlers = {
+        "up": lambda: cmd_up(a),
+        "demo": lambda: __import__("iserve.demo", fromlist=["run"]).run(a),
+        "make-model": lambda: cmd_make_model(a),
+        "register": lambda: run_async(_register(a)),
+        "deploy": lambda: run_async(_deploy(a)),
+        "undeploy": lambda: run_async(_undeploy(a)),
+        "generate": lambda: run_async(_generate(a)),
+        "status": lambda: run_async(_status(a)),
+        "profile": lambda: run_async(_profile_show(a)),
+    }
+    try:
+        code = handlers[a.command]()
+    except errors.IServeError as e:
+        err_console.print(f"[red]error[/] {e}")
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code or 0)

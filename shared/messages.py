@@ -1,0 +1,581 @@
+"""The wire contract: every message iServe sends over NATS or stores in JetStream.
+
+Rules (see docs/architecture.md):
+
+* Every top-level message is a tagged ``msgspec.Struct`` (field ``type``), encoded as JSON, and is
+  validated on decode: a wrong type or a missing required field raises ``msgspec.ValidationError``,
+  which the bus adapters turn into an ``ErrorReply`` with code ``bad_request``.
+* Append-only: a new field always has a default, fields are never renamed or retyped, and unknown
+  fields are ignored on decode, so an older service reads a newer message and the other way round.
+* Nested value types (``Configuration``, ``StageSpec``, ...) are untagged structs.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+# ---------------------------------------------------------------------------------------------------
+# base types
+
+
+def _tag(name: str) -> str:
+    # "DeployRequest" -> "deploy_request"
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i:
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+class Message(msgspec.Struct, kw_only=True, tag_field="type", tag=_tag):
+    """Base of every top-level message; ``type`` carries the class's tag."""
+
+
+def now() -> float:
+    return time.time()
+
+
+class ErrorReply(Message):
+    """A failed request. ``code`` is machine-readable (see ``iserve.errors``); ``message`` is one
+    sentence that says what went wrong and what to do about it."""
+
+    code: str
+    message: str
+    request_id: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# models
+
+
+class ArchSpec(msgspec.Struct, kw_only=True):
+    """What iServe needs to know of a decoder-only architecture, read from ``config.json``."""
+
+    family: str  # "llama" (llama, mistral, qwen2), "falcon", "gptj", "gpt_neox", "mixtral"
+    model_type: str  # config.json's model_type, as written
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position: int
+    tie_embeddings: bool = False
+    torch_dtype: str = "float16"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    num_experts: int = 0
+    experts_per_token: int = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+
+class WeightBreakdown(msgspec.Struct, kw_only=True):
+    """Element counts of the checkpoint's tensors, exact from the safetensors headers.
+
+    ``layer_*`` are per hidden layer (all layers are identical in shape). "linear" elements are the
+    2-D projection matrices that weight quantization and pruning act on; "other" are norms and biases.
+    """
+
+    embed_params: int
+    head_params: int  # 0 when the LM head is tied to the embedding
+    final_norm_params: int
+    layer_linear_params: int
+    layer_other_params: int
+    checkpoint_bytes: int  # bytes of tensor data on disk
+    dtype_bytes: int = 2  # bytes per element as stored
+
+
+class ModelRecord(msgspec.Struct, kw_only=True):
+    name: str
+    path: str
+    arch: ArchSpec
+    weights: WeightBreakdown
+    digest: str  # sha256 of config.json and every safetensors header: identity of the checkpoint
+    has_tokenizer: bool = False
+    status: Literal["registered", "profiling", "profiled", "failed"] = "registered"
+    status_reason: str = ""
+    profiled_gpu_types: list[str] = []
+    registered_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class RegisterModel(Message):
+    path: str
+    name: str = ""  # defaults to the directory name
+
+
+class ModelInfo(Message):
+    record: ModelRecord
+    created: bool = True  # False when the same checkpoint was already registered (idempotent)
+
+
+class ModelRegistered(Message):
+    record: ModelRecord
+
+
+class GetModel(Message):
+    name: str
+
+
+class ListModels(Message):
+    pass
+
+
+class ModelList(Message):
+    models: list[ModelRecord] = []
+
+
+# ---------------------------------------------------------------------------------------------------
+# configurations and their estimates
+
+
+WeightQuant = Literal["fp16", "int8", "int4"]
+KvQuant = Literal["fp16", "int8"]
+Pruning = Literal["none", "2:4", "structured"]
+
+
+class Configuration(msgspec.Struct, frozen=True, kw_only=True):
+    """One deployment configuration (paper section 3): parallelism, quantization and pruning."""
+
+    tp: int = 1
+    pp: int = 1
+    weight_quant: WeightQuant = "fp16"
+    kv_quant: KvQuant = "fp16"
+    pruning: Pruning = "none"
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp
+
+    def key(self) -> str:
+        return f"tp{self.tp}-pp{self.pp}-w{self.weight_quant}-kv{self.kv_quant}-p{self.pruning.replace(':', '')}"
+
+
+class ConfigEstimate(msgspec.Struct, kw_only=True):
+    """Estimated latency and memory of one configuration (paper L2 and M2).
+
+    Latency: ``TTFT(p) = ttft_base_ms + ttft_per_token_ms * p + ttft_per_token2_ms * p**2`` for a
+    prompt of ``p`` tokens, and ``latency = TTFT + output_tokens * tpot_ms`` (paper equation 1).
+
+    Memory per GPU of a pipeline stage holding ``n`` layers:
+    ``gpu_overhead_bytes + n * layer_bytes + (first stage: first_stage_bytes) + (last: last_stage_bytes)``,
+    where ``layer_bytes`` is one layer's share on one tensor-parallel rank (weights, KV cache for
+    ``context_tokens``, activations). Total memory is the sum over all ``tp * pp`` GPUs.
+    """
+
+    config: Configuration
+    ttft_base_ms: float
+    ttft_per_token_ms: float
+    ttft_per_token2_ms: float = 0.0
+    tpot_ms: float
+    layer_bytes: int
+    first_stage_bytes: int
+    last_stage_bytes: int
+    gpu_overhead_bytes: int
+    total_bytes: int
+    num_layers: int
+    method: str = "fingerprint"  # how it was obtained: "fingerprint" (L2/M2) or "measured"
+
+    def ttft_ms(self, prompt_tokens: int) -> float:
+        p = float(prompt_tokens)
+        return self.ttft_base_ms + self.ttft_per_token_ms * p + self.ttft_per_token2_ms * p * p
+
+    def latency_ms(self, prompt_tokens: int, output_tokens: int) -> float:
+        # The first output token comes with the prefill; each further one costs one decode step.
+        return self.ttft_ms(prompt_tokens) + max(output_tokens - 1, 0) * self.tpot_ms
+
+    def stage_bytes(self, num_layers: int, *, first: bool, last: bool) -> int:
+        b = self.gpu_overhead_bytes + num_layers * self.layer_bytes
+        if first:
+            b += self.first_stage_bytes
+        if last:
+            b += self.last_stage_bytes
+        return b
+
+
+class ExcludedConfig(msgspec.Struct, kw_only=True):
+    config: Configuration
+    reason: str
+
+
+class ProfilingCost(msgspec.Struct, kw_only=True):
+    gpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    peak_bytes: int = 0
+    fingerprint_bytes: list[int] = []  # checkpoint bytes of the 1- and 2-layer fingerprints
+    fingerprint_fraction: list[float] = []  # ... as a fraction of the full checkpoint
+
+
+class ConfigurationMap(Message):
+    """Every configuration of a model on one GPU type, estimated from its fingerprints."""
+
+    model: str
+    gpu_type: str
+    gpu_memory_bytes: int
+    max_gpus: int
+    context_tokens: int
+    estimates: list[ConfigEstimate] = []
+    excluded: list[ExcludedConfig] = []
+    cost: ProfilingCost = msgspec.field(default_factory=ProfilingCost)
+    device: str = ""  # where the fingerprints ran, e.g. "cuda:NVIDIA H100 80GB HBM3" or "cpu"
+    created_at: float = 0.0
+
+
+class ProfileDone(Message):
+    model: str
+    gpu_type: str
+    status: Literal["ok", "failed"]
+    reason: str = ""
+    configurations: int = 0
+    excluded: int = 0
+
+
+class GetProfile(Message):
+    model: str
+    gpu_type: str = ""  # empty: the first profile stored for the model
+
+
+# ---------------------------------------------------------------------------------------------------
+# profiling jobs (fingerprint service -> gpu agent -> worker in profile mode)
+
+
+class ProfileVariant(msgspec.Struct, frozen=True, kw_only=True):
+    weight_quant: WeightQuant = "fp16"
+    kv_quant: KvQuant = "fp16"
+    pruning: Pruning = "none"
+    tp: int = 1
+
+
+class ProfileJob(Message):
+    job_id: str
+    model: str
+    fingerprint_paths: list[str]  # checkpoints with 1 and 2 hidden layers
+    gpu_index: int
+    variants: list[ProfileVariant] = msgspec.field(default_factory=lambda: [ProfileVariant()])
+    prompt_lengths: list[int] = msgspec.field(default_factory=lambda: [32, 128])
+    output_lengths: list[int] = msgspec.field(default_factory=lambda: [8, 24])
+    repeats: int = 3
+    warmup: int = 1
+    context_tokens: int = 512
+    timeout_s: float = 600.0
+
+
+class PromptTiming(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    ttft_ms: float
+
+
+class FingerprintMeasurement(msgspec.Struct, kw_only=True):
+    num_layers: int
+    variant: ProfileVariant
+    ttft: list[PromptTiming]
+    tpot_ms: float
+    decode_steps: int
+    peak_bytes: int  # peak of the torch allocator (CUDA) or accounted bytes (CPU)
+    nvml_peak_bytes: int = 0  # peak process memory seen by NVML (CUDA only)
+    weight_bytes: int = 0
+    kv_cache_bytes: int = 0
+    timer: str = "perf_counter"  # "cuda_events" on a GPU
+
+
+class ProfileResult(Message):
+    job_id: str
+    device: str
+    gpu_type: str
+    measurements: list[FingerprintMeasurement] = []
+    gpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    peak_bytes: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# gpu agents and workers
+
+
+class GpuLoad(Message):
+    """One GPU's state, published every second by its agent (subject gpu.load.<agent>.<index>)."""
+
+    agent_id: str
+    gpu_index: int
+    gpu_type: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    busy_fraction: float  # fraction of the last ``window_s`` seconds the GPU was busy (paper's load)
+    window_s: float
+    util_percent: float = 0.0  # instantaneous utilization (NVML), or busy fraction of the last second
+    simulated: bool = False
+    workers: list[str] = []
+    ts: float = 0.0
+
+
+class StageSpec(msgspec.Struct, kw_only=True):
+    """One pipeline stage: a contiguous block of layers on one GPU."""
+
+    gpu_index: int
+    first_layer: int
+    num_layers: int
+    memory_bytes: int = 0  # estimated bytes this stage holds on its GPU
+
+
+class LaunchWorker(Message):
+    worker_id: str
+    deployment_id: str
+    model: str
+    model_path: str
+    config: Configuration
+    stages: list[StageSpec]
+    context_tokens: int = 2048
+    seed: int = 0
+
+
+class LaunchReply(Message):
+    worker_id: str
+    pid: int
+    agent_id: str
+
+
+class StopWorker(Message):
+    worker_id: str
+
+
+class StopReply(Message):
+    worker_id: str
+    stopped: bool
+
+
+class WorkerReady(Message):
+    worker_id: str
+    deployment_id: str
+    agent_id: str
+    model: str
+    context_tokens: int
+    device: str
+    memory_bytes: list[int] = []  # measured per stage after loading
+    load_seconds: float = 0.0
+
+
+class WorkerExited(Message):
+    worker_id: str
+    deployment_id: str
+    agent_id: str
+    exit_code: int
+    expected: bool  # True when it was told to stop
+    reason: str = ""
+
+
+class WorkerHeartbeat(Message):
+    worker_id: str
+    deployment_id: str
+    state: Literal["loading", "idle", "busy"]
+    busy_seconds: float  # monotonic total of seconds spent computing
+    requests_done: int = 0
+    ts: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# deployment
+
+
+IntentKind = Literal["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo", "cost-budget"]
+CostModel = Literal["mem-x-latency", "memory", "gpu-hours"]
+
+
+class Intent(msgspec.Struct, kw_only=True):
+    """What the application developer wants (paper section 4.1). Latency is computed for a request of
+    ``prompt_tokens`` in and ``output_tokens`` out."""
+
+    kind: IntentKind = "min-cost"
+    cost_model: CostModel = "mem-x-latency"
+    slo_ms: float | None = None  # for latency-slo
+    budget: float | None = None  # for cost-budget, in the units of ``cost_model``
+    prompt_tokens: int = 512
+    output_tokens: int = 128
+
+
+class DeployRequest(Message):
+    model: str
+    intent: Intent = msgspec.field(default_factory=Intent)
+    placement: str = ""  # "", "hybrid", "least-loaded", "packing": empty means the deployer's setting
+    deployment_id: str = ""  # optional, makes retries idempotent
+    context_tokens: int = 0  # 0: the profile's context length
+    gpu_type: str = ""  # empty: any GPU type the model was profiled for
+
+
+class GpuAssignment(msgspec.Struct, kw_only=True):
+    agent_id: str
+    gpu_index: int
+    first_layer: int
+    num_layers: int
+    memory_bytes: int
+
+
+class Rejection(msgspec.Struct, kw_only=True):
+    config: str
+    reason: str
+
+
+class DeploymentRecord(msgspec.Struct, kw_only=True):
+    deployment_id: str
+    model: str
+    model_path: str
+    gpu_type: str
+    config: Configuration
+    estimate: ConfigEstimate
+    intent: Intent
+    placement_policy: str
+    gpus: list[GpuAssignment]
+    agent_id: str
+    worker_id: str
+    context_tokens: int
+    status: Literal["launching", "ready", "failed", "stopped"] = "launching"
+    reason: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class DeployReply(Message):
+    deployment: DeploymentRecord
+    why: str  # one sentence: why this configuration
+    rejected: list[Rejection] = []  # better-ranked configurations that did not fit, and why
+    latency_ms: float = 0.0
+    cost: float = 0.0
+    decision_ms: float = 0.0
+
+
+class UndeployRequest(Message):
+    deployment_id: str
+
+
+class UndeployReply(Message):
+    deployment_id: str
+    status: str
+
+
+class ListDeployments(Message):
+    model: str = ""
+
+
+class DeploymentList(Message):
+    deployments: list[DeploymentRecord] = []
+
+
+class DeploymentChanged(Message):
+    deployment: DeploymentRecord
+
+
+# ---------------------------------------------------------------------------------------------------
+# inference
+
+
+class InferRequest(Message):
+    request_id: str
+    model: str
+    prompt: str
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (trace replay)
+    prompt_tokens: int = 0  # >0: pad or truncate the tokenized prompt to this many tokens
+    timeout_s: float = 300.0
+    deployment_id: str = ""  # empty: any deployment of the model
+    stream_to: str = ""  # inbox that receives TokenChunk* then Completion | ErrorReply
+
+
+class Accepted(Message):
+    """Immediate reply to a streamed request: it was queued; tokens go to ``stream_to``."""
+
+    request_id: str
+    deployment_id: str = ""
+    queue_depth: int = 0
+
+
+class GenerateRequest(Message):
+    """Scheduler -> worker: one request to run now; the stream goes to ``stream_to``."""
+
+    request: InferRequest
+    stream_to: str
+    queue_ms: float = 0.0
+
+
+class TokenChunk(Message):
+    request_id: str
+    index: int
+    token_id: int
+    text: str
+
+
+class Completion(Message):
+    """The last message of a stream. ``step_ms`` holds every decode step's time."""
+
+    request_id: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    completion_tokens: int
+    text: str
+    ttft_ms: float
+    tpot_ms: float
+    e2e_ms: float
+    queue_ms: float = 0.0
+    step_ms: list[float] = []
+    worker_id: str = ""
+    deployment_id: str = ""
+
+
+class CancelRequest(Message):
+    request_id: str
+
+
+class GetSchedulerStats(Message):
+    pass
+
+
+class QueueStats(msgspec.Struct, kw_only=True):
+    deployment_id: str
+    model: str
+    worker_id: str
+    queue_depth: int
+    in_flight: int
+    completed: int
+    failed: int
+    ttft_ms_p50: float = 0.0
+    tpot_ms_p50: float = 0.0
+    e2e_ms_p50: float = 0.0
+    e2e_ms_p99: float = 0.0
+
+
+class SchedulerStats(Message):
+    queues: list[QueueStats] = []
+
+
+StreamMessage = TokenChunk | Completion | ErrorReply
+
+# ---------------------------------------------------------------------------------------------------
+# encoding
+
+_encoder = msgspec.json.Encoder()
+T = TypeVar("T")
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+@functools.cache
+def decoder(kind: Any) -> msgspec.json.Decoder:
+    """A cached, typed decoder; ``kind`` may be a Struct type or a union of tagged Structs."""
+    return msgspec.json.Decoder(kind)
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    return decoder(kind).decode(data)

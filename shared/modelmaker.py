@@ -1,0 +1,419 @@
+"""Random-weight checkpoints of real model shapes, for demos, tests and profiling without downloads.
+
+``make_checkpoint`` writes a folder that looks exactly like a Hugging Face checkpoint: ``config.json``
+(with ``torch_dtype``) plus ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards and
+``model.safetensors.index.json`` when ``shards > 1``. The tensor names and shapes come from
+``iserve.checkpoint.expected_tensors``, so the files always validate with ``scan_checkpoint``.
+
+Values: norm weights are 1.0, every other tensor is drawn from ``normal(0, std)``. Each tensor gets
+its own ``torch.Generator`` seeded from ``seed`` and the tensor's name, so a tensor's values do not
+depend on the number of layers or shards: layer 0 of a 1-layer fingerprint of a preset equals layer 0
+of the full model made with the same seed.
+
+Memory: the safetensors header is computed up front from the shapes, then each tensor is generated,
+written and dropped, so only one tensor is in memory at a time (a 13B checkpoint needs ~1.3 GB of RAM
+at most, for its largest tensor in float32 before conversion).
+
+Command line (later ``iserve make-model``)::
+
+    python -m iserve.modelmaker OUT_DIR --preset llama-2-7b --layers 2 --shards 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import arch_from_config, expected_tensors, layer_prefix
+
+_LLAMA_COMMON: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "mlp_bias": False,
+    "pretraining_tp": 1,
+    "use_cache": True,
+    "tie_word_embeddings": False,
+    "rope_scaling": None,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A byte-level toy model: 3 special ids (pad, bos, eos) + 256 bytes. Small enough for unit tests.
+    "tiny-llama": {
+        **_LLAMA_COMMON,
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 259,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": "float16",
+    },
+    # A Mixtral-layout toy model (4 experts, top-2) with the same byte-level vocabulary.
+    "tiny-mixtral": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "vocab_size": 259,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "router_aux_loss_coef": 0.02,
+        "output_router_logits": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": "float16",
+    },
+    "llama-2-7b": {
+        **_LLAMA_COMMON,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float16",
+    },
+    "llama-2-13b": {
+        **_LLAMA_COMMON,
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 40,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float16",
+    },
+    # Llama 3 8B shapes with the Llama 3.1 long-context RoPE ("llama3" rope_scaling, 128K positions).
+    "llama-3-8b": {
+        **_LLAMA_COMMON,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "torch_dtype": "bfloat16",
+    },
+    # Mistral 7B v0.1 (sliding-window attention over 4096 positions).
+    "mistral-7b": {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    },
+    # Qwen2 7B: biases on q/k/v (implied by model_type qwen2), 152K vocabulary.
+    "qwen2-7b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "max_position_embeddings": 131072,
+        "max_window_layers": 28,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "sliding_window": 131072,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+        "torch_dtype": "bfloat16",
+    },
+    "mixtral-8x7b": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "vocab_size": 32000,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "router_aux_loss_coef": 0.02,
+        "output_router_logits": False,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    },
+}
+
+# torch_dtype name -> (torch dtype, safetensors dtype tag, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
+    "float16": (torch.float16, "F16", 2),
+    "bfloat16": (torch.bfloat16, "BF16", 2),
+    "float32": (torch.float32, "F32", 4),
+}
+
+
+def preset_config(preset: str, *, num_layers: int | None = None, overrides: dict[str, Any] | None = None, dtype: str = "float16") -> dict[str, Any]:
+    """The ``config.json`` dict ``make_checkpoint`` writes for these arguments."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}.")
+    cfg = copy.deepcopy(PRESETS[preset])
+    cfg.update(copy.deepcopy(overrides or {}))
+    if num_layers is not None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, not {num_layers}.")
+        cfg["num_hidden_layers"] = int(num_layers)
+    cfg["torch_dtype"] = dtype
+    return cfg
+
+
+def tensor_order(names: dict[str, tuple[int, ...]], num_layers: int) -> list[str]:
+    """Hugging Face's order: embedding, layer 0 .. n-1 (each layer's tensors sorted), final norm, head."""
+    head = [n for n in ("model.embed_tokens.weight",) if n in names]
+    layers = []
+    for i in range(num_layers):
+        p = layer_prefix(i)
+        layers += sorted(n for n in names if n.startswith(p))
+    tail = [n for n in ("model.norm.weight", "lm_head.weight") if n in names]
+    order = head + layers + tail
+    assert len(order) == len(names), "tensor_order lost tensors: expected_tensors has names of an unknown kind"
+    return order
+
+
+def _split_into_shards(order: list[str], nbytes: dict[str, int], shards: int) -> list[list[str]]:
+    """Consecutive groups of tensors of roughly equal byte size; every group holds at least one."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, not {shards}.")
+    if shards > len(order):
+        raise ValueError(f"cannot split {len(order)} tensors into {shards} shards; use at most {len(order)}.")
+    total = sum(nbytes.values())
+    groups: list[list[str]] = [[]]
+    done = 0
+    for i, name in enumerate(order):
+        not_started = shards - len(groups)
+        # Start the next shard once this one has its share of the bytes, or when every tensor left
+        # is needed to give each remaining shard one tensor.
+        if groups[-1] and not_started and (done >= total * len(groups) / shards or len(order) - i <= not_started):
+            groups.append([])
+        groups[-1].append(name)
+        done += nbytes[name]
+    return groups
+
+
+# Large tensors are drawn in chunks of this many elements, each from its own generator, on a thread
+# pool (torch releases the GIL while it fills a tensor), so generation uses every core.
+_CHUNK = 1 << 22
+
+
+def _seed_of(*parts: object) -> int:
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: float,
+                 pool: ThreadPoolExecutor) -> torch.Tensor:
+    """Norm weights are ones; everything else normal(0, std), reproducible from (seed, name)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    t = torch.empty(shape, dtype=dtype)
+    flat = t.view(-1)
+
+    def fill(i: int) -> None:
+        g = torch.Generator().manual_seed(_seed_of(seed, name, i))
+        flat[i * _CHUNK:(i + 1) * _CHUNK].normal_(0.0, std, generator=g)  # drawn in the target dtype
+
+    list(pool.map(fill, range(math.ceil(flat.numel() / _CHUNK))))
+    return t
+
+
+def _write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]], st_dtype: str, elem_bytes: int,
+                 make: Any) -> int:
+    """Write one safetensors file tensor by tensor; returns the bytes of tensor data written."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for n in names:
+        size = math.prod(shapes[n]) * elem_bytes
+        header[n] = {"dtype": st_dtype, "shape": list(shapes[n]), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for n in names:
+            t = make(n).contiguous()
+            f.write(memoryview(t.view(torch.uint8).numpy()))
+            del t
+    tmp.replace(path)
+    return offset
+
+
+def make_checkpoint(
+    out_dir: str | Path,
+    preset: str = "tiny-llama",
+    *,
+    num_layers: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+    dtype: str = "float16",
+    shards: int = 1,
+    std: float = 0.02,
+) -> Path:
+    """Write a random-weight checkpoint of ``preset`` into ``out_dir`` and return its path.
+
+    ``num_layers`` replaces the preset's ``num_hidden_layers`` (fingerprints use 1 and 2);
+    ``overrides`` replaces any other config.json fields (applied before ``num_layers``). Existing
+    ``model*.safetensors`` files and the index in ``out_dir`` are replaced, other files are kept.
+    """
+    cfg = preset_config(preset, num_layers=num_layers, overrides=overrides, dtype=dtype)
+    arch = arch_from_config(cfg)
+    shapes = expected_tensors(arch)
+    torch_dtype, st_dtype, elem_bytes = DTYPES[dtype]
+    order = tensor_order(shapes, arch.num_layers)
+    nbytes = {n: math.prod(shapes[n]) * elem_bytes for n in order}
+    groups = _split_into_shards(order, nbytes, shards)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        if stale.is_file():
+            stale.unlink()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+
+        def make(name: str) -> torch.Tensor:
+            return _make_tensor(name, shapes[name], seed, torch_dtype, std, pool)
+
+        if shards == 1:
+            _write_shard(out / "model.safetensors", groups[0], shapes, st_dtype, elem_bytes, make)
+        else:
+            weight_map: dict[str, str] = {}
+            total = 0
+            for i, group in enumerate(groups):
+                fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+                total += _write_shard(out / fname, group, shapes, st_dtype, elem_bytes, make)
+                weight_map.update({n: fname for n in group})
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``iserve make-model``: write a random-weight checkpoint; prints where and how big."""
+    ap = argparse.ArgumentParser(prog="iserve make-model", description="Write a random-weight checkpoint of a real model shape.")
+    ap.add_argument("out_dir", metavar="OUT_DIR", help="folder to write config.json and the safetensors files into")
+    ap.add_argument("--preset", default="tiny-llama", choices=sorted(PRESETS), help="model shape (default: tiny-llama)")
+    ap.add_argument("--layers", type=int, default=None, help="number of hidden layers (default: the preset's)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
+    ap.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="stored dtype (default: float16)")
+    ap.add_argument("--shards", type=int, default=1, help="number of safetensors files (default: 1)")
+    ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the weights (default: 0.02)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
+                    help="override a config.json field, e.g. --set num_local_experts=2 (repeatable)")
+    args = ap.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            ap.error(f"--set takes KEY=VALUE, not {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    t0 = time.perf_counter()
+    try:
+        path = make_checkpoint(args.out_dir, args.preset, num_layers=args.layers, overrides=overrides, seed=args.seed,
+                               dtype=args.dtype, shards=args.shards, std=args.std)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    print(f"wrote {args.preset} ({args.layers or PRESETS[args.preset]['num_hidden_layers']} layers, {args.dtype}, "
+          f"{args.shards} shard(s), {size / 2**20:.1f} MiB) to {path} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""How every service process runs: uvloop, SIGINT/SIGTERM set a stop event, resources in an
+``AsyncExitStack`` so that they close in reverse order whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or not supported
+            pass
+
+
+def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)`` on uvloop (when installed) until it returns."""
+
+    async def _wrapped() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await main(stop)
+
+    try:
+        import uvloop
+
+        uvloop.run(_wrapped())
+    except ImportError:  # pragma: no cover - uvloop is a dependency; kept for odd platforms
+        asyncio.run(_wrapped())
+
+
+def service_main(
+    name: str,
+    parse: Callable[[list[str] | None], object],
+    build: Callable[[object, object], Awaitable[object]],
+    argv: list[str] | None = None,
+) -> None:
+    """The whole life of a service process: parse flags (env twins included), configure logging,
+    connect to NATS, ``build(cfg, nc)`` the service, ``start()`` it, wait for SIGINT/SIGTERM, then
+    ``close()`` it and drain the connection, in that order."""
+    import sys
+    from contextlib import AsyncExitStack
+
+    from . import bus, logs
+
+    cfg = parse(argv)
+
+    async def amain(stop: asyncio.Event) -> None:
+        log = logs.configure(name, level=getattr(cfg, "log_level", None), json=getattr(cfg, "log_json", None))
+        async with AsyncExitStack() as stack:
+            nc = await bus.connect(cfg.nats_url, name)  # type: ignore[attr-defined]
+            stack.push_async_callback(nc.drain)
+            service = await build(cfg, nc)
+            stack.push_async_callback(service.close)  # type: ignore[attr-defined]
+            await service.start()  # type: ignore[attr-defined]
+            await stop.wait()
+            log.info(f"{name} stopping")
+
+    try:
+        run(amain)
+    except Exception as e:  # configuration or connection problems: one clear line, exit 1
+        print(f"{name}: {e}", file=sys.stderr)
+        sys.exit(1)

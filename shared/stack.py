@@ -1,0 +1,151 @@
+"""``iserve up``: an embedded nats-server (unless a URL is given) and every service as its own
+process, supervised: a service that dies is restarted with back-off (and the stack stops if one keeps
+dying), Ctrl-C stops them all, services first, then NATS.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .natsserver import EmbeddedNats
+
+MAX_RESTARTS = 5  # within RESTART_WINDOW_S, then the stack gives up
+RESTART_WINDOW_S = 60.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
+    log_path: Path | None = None
+
+
+@dataclass
+class StackOptions:
+    data_dir: Path
+    nats_url: str = ""  # empty: start an embedded server
+    nats_port: int = 0
+    simulate_gpus: str = ""  # empty: NVML GPUs (a simulated 24 GB GPU when there is no driver)
+    gpu_type: str = ""
+    agent_id: str = "agent-0"
+    placement: str = "hybrid"
+    log_to_files: bool = False
+    log_level: str = "info"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    fingerprint_args: list[str] = field(default_factory=list)
+
+
+class Stack:
+    def __init__(self, opts: StackOptions):
+        self.opts = opts
+        self.nats: EmbeddedNats | None = None
+        self.url = opts.nats_url
+        self.children: list[Child] = []
+        self.failed: str = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ start / stop
+
+    def start(self) -> "Stack":
+        d = self.opts.data_dir
+        d.mkdir(parents=True, exist_ok=True)
+        if not self.url:
+            self.nats = EmbeddedNats(d / "nats", port=self.opts.nats_port).start()
+            self.url = self.nats.url
+        py = [sys.executable, "-m"]
+        agent = py + ["iserve.gpu_agent", "--agent-id", self.opts.agent_id, "--work-dir", str(d / "agent")]
+        if self.opts.simulate_gpus:
+            agent += ["--simulate-gpus", self.opts.simulate_gpus]
+        if self.opts.gpu_type:
+            agent += ["--gpu-type", self.opts.gpu_type]
+        self.children = [
+            Child("gpu-agent", agent),
+            Child("fingerprint", py + ["iserve.fingerprint", "--fingerprint-dir", str(d / "fingerprints"), *self.opts.fingerprint_args]),
+            Child("deployer", py + ["iserve.deployer", "--placement", self.opts.placement]),
+            Child("scheduler", py + ["iserve.scheduler"]),
+        ]
+        for c in self.children:
+            self._launch(c)
+        self._thread = threading.Thread(target=self._supervise, name="iserve-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.opts.extra_env)
+        env["ISERVE_NATS_URL"] = self.url
+        env["ISERVE_LOG_LEVEL"] = self.opts.log_level
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _launch(self, c: Child) -> None:
+        if self.opts.log_to_files:
+            logs = self.opts.data_dir / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            c.log_path = logs / f"{c.name}.log"
+            out = open(c.log_path, "ab")
+        else:
+            out = None
+        try:
+            c.proc = subprocess.Popen(c.argv, env=self._env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        finally:
+            if out is not None:
+                out.close()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.5):
+            for c in self.children:
+                if c.proc is None or c.proc.poll() is None:
+                    continue
+                code = c.proc.returncode
+                now = time.monotonic()
+                c.restarts = [t for t in c.restarts if now - t < RESTART_WINDOW_S] + [now]
+                if len(c.restarts) > MAX_RESTARTS:
+                    where = f"; see {c.log_path}" if c.log_path else ""
+                    self.failed = f"{c.name} exited {len(c.restarts)} times within {RESTART_WINDOW_S:.0f} s (last code {code}){where}"
+                    self._stop.set()
+                    return
+                print(f"iserve: {c.name} exited with code {code}; restarting", file=sys.stderr)
+                time.sleep(min(2 ** (len(c.restarts) - 1) * 0.25, 5.0))
+                if not self._stop.is_set():
+                    self._launch(c)
+
+    def wait(self) -> None:
+        """Block until Ctrl-C or until a service keeps dying."""
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        procs = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for p in procs:
+            p.terminate()
+        deadline = time.monotonic() + 15
+        for p in procs:
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.nats is not None:
+            self.nats.stop()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,47 @@
+"""Shared fixtures: a real nats-server with JetStream on a free port, tiny real checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from iserve.natsserver import EmbeddedNats
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    with EmbeddedNats(tmp_path / "nats") as srv:
+        yield srv
+
+
+@pytest.fixture
+async def nc(nats_server):
+    from iserve import bus
+
+    conn = await bus.connect(nats_server.url, "test")
+    yield conn
+    await conn.drain()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 4-layer tiny Llama (GQA) with random weights, in 2 shards with an index."""
+    from iserve.modelmaker import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "tiny", "tiny-llama", num_layers=4, seed=0, shards=2)

@@ -1,0 +1,61 @@
+"""No Docker engine runs here, so check statically that the compose file only names things that exist:
+every service command is an `iserve` sub-command whose flags parse, every Dockerfile COPY source
+exists, the GPU agent reserves NVIDIA devices, and NATS runs with JetStream on a volume."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "deploy" / "compose" / "compose.yaml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_console_script_is_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["iserve"] == "iserve.cli:main"
+    importlib.import_module("iserve.cli").build_parser()
+
+
+def test_every_service_command_exists_and_parses(compose, monkeypatch):
+    from iserve.cli import SERVICES, build_parser
+
+    for name, svc in compose["services"].items():
+        if name == "nats":
+            continue
+        cmd = svc["command"]
+        if cmd[0] in SERVICES:
+            mod = importlib.import_module(SERVICES[cmd[0]].removesuffix(".__main__") + ".config")
+            mod.parse(cmd[1:])  # raises SystemExit on an unknown flag
+        else:
+            build_parser().parse_args(cmd)
+        env = {**svc.get("environment", {})}
+        assert env.get("ISERVE_NATS_URL") == "nats://nats:4222", name
+
+
+def test_gpu_agent_reserves_gpus_and_nats_has_jetstream(compose):
+    devices = compose["services"]["gpu-agent"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    nats = compose["services"]["nats"]
+    assert "-js" in nats["command"] and any(v.endswith(":/data") for v in nats["volumes"])
+
+
+def test_dockerfiles_copy_existing_paths(compose):
+    files = {svc["build"]["dockerfile"] for svc in compose["services"].values() if "build" in svc}
+    assert files
+    for f in files:
+        text = (ROOT / f).read_text()
+        assert re.search(r'ENTRYPOINT \["iserve"\]', text), f
+        for src in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", text, re.M):
+            for s in src.split():
+                assert (ROOT / s).exists(), f"{f} copies {s}, which does not exist"

@@ -1,0 +1,173 @@
+"""Unit tests of the small pure pieces: busy window, FCFS queues, prompt fitting, flags, messages."""
+
+from __future__ import annotations
+
+import argparse
+
+import msgspec
+import pytest
+
+from iserve import errors, messages as m
+from iserve.gpu_agent.load import BusyWindow, busy_from_heartbeats, parse_simulated
+from iserve.gpu_agent.worker import fit_prompt
+from iserve.scheduler.queues import FcfsQueues, Queued
+from iserve.settings import flag
+
+
+# --- busy window (paper: load = busy seconds / window) ------------------------------------------
+
+
+def test_busy_window_fraction_and_expiry():
+    w = BusyWindow(window_s=10)
+    for t in range(1, 11):
+        w.add(float(t), 1.0, 0.5 if t <= 5 else 0.0)
+    assert w.fraction(10.0) == pytest.approx(0.25)
+    # after the busy half slides out of the window the GPU is idle
+    for t in range(11, 16):
+        w.add(float(t), 1.0, 0.0)
+    assert w.fraction(15.0) == pytest.approx(0.0)
+
+
+def test_busy_window_short_history_and_clamping():
+    w = BusyWindow(window_s=120)
+    w.add(1.0, 1.0, 5.0)  # more busy time than the interval is clamped
+    assert w.fraction(1.0) == 1.0
+    with pytest.raises(ValueError):
+        BusyWindow(0)
+
+
+def test_busy_from_heartbeats_takes_largest_delta():
+    assert busy_from_heartbeats({"a": 1.0, "b": 2.0}, {"a": 1.6, "b": 2.2}, 1.0) == pytest.approx(0.6)
+    assert busy_from_heartbeats({}, {"new": 9.0}, 1.0) == 0.0  # no previous reading: no delta yet
+    assert busy_from_heartbeats({"a": 0.0}, {"a": 3.0}, 1.0) == 1.0
+
+
+def test_parse_simulated():
+    assert parse_simulated("2x48GB") == [48 * 2**30] * 2
+    assert parse_simulated("1x80GB,2x24g") == [80 * 2**30, 24 * 2**30, 24 * 2**30]
+    for bad in ("", "x48GB", "2x", "0x10GB", "eight"):
+        with pytest.raises(ValueError):
+            parse_simulated(bad)
+
+
+# --- FCFS ------------------------------------------------------------------------------------------
+
+
+def q(rid: str, t: float = 0.0, model: str = "m", deadline: float = 100.0) -> Queued[str]:
+    return Queued(rid, model, t, deadline, rid)
+
+
+def test_fcfs_order_and_one_at_a_time():
+    f: FcfsQueues[str] = FcfsQueues()
+    f.add_replica("d1", "m")
+    for i in range(3):
+        f.enqueue(q(f"r{i}", i))
+    first = f.start_next("d1")
+    assert first.request_id == "r0"
+    assert f.start_next("d1") is None  # busy: no second request starts
+    f.finish("d1", "r0")
+    assert f.start_next("d1").request_id == "r1"
+
+
+def test_fcfs_balances_replicas_by_outstanding_work():
+    f: FcfsQueues[str] = FcfsQueues()
+    f.add_replica("a", "m")
+    f.add_replica("b", "m")
+    f.add_replica("c", "other")
+    placed = [f.enqueue(q(f"r{i}")).deployment_id for i in range(4)]
+    assert placed == ["a", "b", "a", "b"]
+    assert f.enqueue(q("x", model="missing")) is None
+    assert f.enqueue(q("pin"), deployment_id="b").deployment_id == "b"
+    assert f.enqueue(q("wrong"), deployment_id="c") is None  # c serves another model
+
+
+def test_fcfs_cancel_expire_and_remove():
+    f: FcfsQueues[str] = FcfsQueues()
+    f.add_replica("d", "m")
+    f.enqueue(q("run"))
+    f.enqueue(q("wait", deadline=5.0))
+    f.enqueue(q("late", deadline=1.0))
+    f.start_next("d")
+    assert f.cancel("run") == ("d", f.replicas["d"].running, True)
+    dep, item, running = f.cancel("wait")
+    assert (dep, item.request_id, running) == ("d", "wait", False)
+    assert [x.request_id for x in f.expire(2.0)] == ["late"]
+    assert f.cancel("nope") == ("", None, False)
+    orphans = f.remove_replica("d")
+    assert [x.request_id for x in orphans] == ["run"]
+
+
+# --- prompt fitting (trace replay asks for exactly ContextTokens) ---------------------------------
+
+
+def test_fit_prompt_pads_and_truncates():
+    assert fit_prompt([1, 5, 6], 7, keep_first=True) == [1, 5, 6, 5, 6, 5, 6]
+    assert fit_prompt([1, 5, 6, 7], 2, keep_first=True) == [1, 5]
+    assert fit_prompt([1], 3, keep_first=True) == [1, 1, 1]
+    assert fit_prompt([4, 5], 0, keep_first=False) == [4, 5]
+
+
+# --- flags with environment twins ------------------------------------------------------------------
+
+
+def test_flag_reads_env_twin(monkeypatch):
+    monkeypatch.setenv("ISERVE_THETA", "0.25")
+    monkeypatch.setenv("ISERVE_DRY_RUN", "yes")
+    p = argparse.ArgumentParser()
+    flag(p, "--theta", default=0.5, type=float)
+    flag(p, "--dry-run", default=False, type=bool)
+    a = p.parse_args([])
+    assert a.theta == 0.25 and a.dry_run is True
+    assert p.parse_args(["--theta", "0.9"]).theta == 0.9  # the flag wins over the environment
+    assert "ISERVE_THETA" in p.format_help()
+
+
+def test_flag_bad_env_value_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("ISERVE_THETA", "lots")
+    p = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        flag(p, "--theta", default=0.5, type=float)
+    assert "ISERVE_THETA" in capsys.readouterr().err
+
+
+# --- wire messages ---------------------------------------------------------------------------------
+
+
+def test_messages_round_trip_and_validate():
+    req = m.DeployRequest(model="x", intent=m.Intent(kind="latency-slo", slo_ms=2000))
+    assert m.decode(m.encode(req), m.DeployRequest) == req
+    with pytest.raises(msgspec.ValidationError):
+        m.decode(b'{"type":"deploy_request","model":"x","intent":{"kind":"fastest"}}', m.DeployRequest)
+    with pytest.raises(msgspec.ValidationError):
+        m.decode(b'{"type":"deploy_request"}', m.DeployRequest)
+
+
+def test_messages_are_append_only_compatible():
+    # a newer sender's extra field is ignored; an older sender's missing optional field defaults
+    newer = b'{"type":"infer_request","request_id":"r","model":"m","prompt":"p","brand_new":1}'
+    r = m.decode(newer, m.InferRequest)
+    assert r.max_tokens == 64 and r.stream_to == ""
+
+
+def test_stream_union_and_error_conversion():
+    dec = m.decoder(m.StreamMessage)
+    chunk = dec.decode(m.encode(m.TokenChunk(request_id="r", index=0, token_id=5, text="a")))
+    assert isinstance(chunk, m.TokenChunk)
+    e = dec.decode(m.encode(errors.PromptTooLong("too long", request_id="r").to_reply()))
+    err = errors.from_reply(e)
+    assert isinstance(err, errors.PromptTooLong) and err.code == "prompt_too_long" and err.request_id == "r"
+    unknown = errors.from_reply(m.ErrorReply(code="brand_new_code", message="x"))
+    assert unknown.code == "brand_new_code"
+
+
+def test_configuration_key_and_estimate_math():
+    c = m.Configuration(tp=2, pp=4, weight_quant="int4", kv_quant="int8", pruning="2:4")
+    assert c.key() == "tp2-pp4-wint4-kvint8-p24" and c.gpus == 8
+    e = m.ConfigEstimate(
+        config=c, ttft_base_ms=10, ttft_per_token_ms=0.1, tpot_ms=5, layer_bytes=100, first_stage_bytes=1000,
+        last_stage_bytes=2000, gpu_overhead_bytes=50, total_bytes=0, num_layers=32,
+    )
+    assert e.ttft_ms(100) == pytest.approx(20)
+    assert e.latency_ms(100, 11) == pytest.approx(20 + 10 * 5)
+    assert e.stage_bytes(8, first=True, last=False) == 50 + 800 + 1000
+    assert e.stage_bytes(8, first=True, last=True) == 50 + 800 + 3000
