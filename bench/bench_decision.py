@@ -11,7 +11,9 @@ Clusters come from a seeded RNG:
 * fragmented: free memory 2 to 60 GiB and load 0 to 1 on each GPU;
 * nearly-full: 0.5 to 9 GiB free, loads 0.5 to 1: almost every configuration misses, the walk is long;
 * full: 0.2 to 1.5 GiB free: nothing fits, so ``plan`` raises ``Infeasible`` after explaining the
-  closest miss (the error path is timed too).
+  closest miss (the error path is timed too);
+* worst-case: the nearly-full cluster with the few configurations that fit made 20x slower, so they
+  rank last: the walk rejects (and explains) every other configuration before it finds one.
 
 Run: ``python bench/bench_decision.py [--reps 300] [--seed 7]``.
 """
@@ -21,10 +23,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+
+import msgspec
 import statistics
 import time
 
-from iserve.deployer.planner import GIB, GpuState, plan
+from iserve.deployer.planner import GIB, ClusterView, GpuState, plan
 from iserve.errors import Infeasible
 from iserve.messages import ConfigEstimate, Configuration, Intent
 
@@ -75,7 +79,7 @@ def make_cluster(scenario: str, rng: random.Random, hosts: int = 8, per_host: in
                 free, load = int(79.5 * GIB), 0.0
             elif scenario == "fragmented":
                 free, load = int(rng.uniform(2, 60) * GIB), rng.random()
-            elif scenario == "nearly-full":
+            elif scenario in ("nearly-full", "worst-case"):
                 free, load = int(rng.uniform(0.5, 9) * GIB), rng.uniform(0.5, 1.0)
             elif scenario == "full":
                 free, load = int(rng.uniform(0.2, 1.5) * GIB), rng.uniform(0.5, 1.0)
@@ -118,8 +122,12 @@ def main() -> None:
         "latency-slo": Intent(kind="latency-slo", slo_ms=3000.0, cost_model="gpu-hours"),
     }
     rows = []
-    for scenario in ("empty", "fragmented", "nearly-full", "full"):
+    for scenario in ("empty", "fragmented", "nearly-full", "full", "worst-case"):
         gpus = make_cluster(scenario, random.Random(args.seed))
+        if scenario == "worst-case":
+            view = ClusterView(gpus)
+            estimates = [msgspec.structs.replace(e, tpot_ms=e.tpot_ms * 20) if view.fits(e) else e
+                         for e in make_estimates(1000)]
         for name, intent in intents.items():
             times, outcome = time_plan(estimates, intent, gpus, args.reps)
             times.sort()

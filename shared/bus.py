@@ -35,17 +35,21 @@ T = TypeVar("T", bound=msgspec.Struct)
 async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
     """Connect with unlimited reconnects (a restarted nats-server is picked up again)."""
 
+    holder: list[NATS] = []
+
     async def on_error(e: Exception) -> None:
         log.warning("nats error", error=str(e))
 
     async def on_disconnect() -> None:
-        log.warning("nats disconnected")
+        closing = bool(holder) and (holder[0].is_draining or holder[0].is_closed)
+        if not closing:  # a drain at shutdown disconnects too; that is not news
+            log.warning("nats disconnected")
 
     async def on_reconnect() -> None:
         log.info("nats reconnected")
 
     try:
-        return await nats.connect(
+        nc = await nats.connect(
             url,
             name=name,
             connect_timeout=connect_timeout,
@@ -56,6 +60,8 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
         )
+        holder.append(nc)
+        return nc
     except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as e:
         raise errors.Unavailable(f"cannot reach NATS at {url} ({e}); start one with `iserve up` or pass --nats-url.") from None
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import errors
@@ -107,7 +108,10 @@ def estimates_table(estimates: list[ConfigEstimate], *, prompt: int, output: int
         rows = rows[:limit]
     t = Table(title=title)
     for col in ESTIMATE_COLUMNS:
-        t.add_column(col, justify="left" if col == "config" else "right")
+        if col == "config":
+            t.add_column(col, no_wrap=True, min_width=28)
+        else:
+            t.add_column(col.replace("_gib", " GiB").replace("_ms", " ms").replace("_", " "), justify="right")
     for r in rows:
         t.add_row(*[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in ESTIMATE_COLUMNS])
     return t
@@ -174,7 +178,7 @@ async def _deploy(a: argparse.Namespace) -> int:
         rep = await c.deploy(a.model, intent_from_args(a), placement=a.placement)
         d = rep.deployment
         console.print(f"deployment [bold]{d.deployment_id}[/]: {d.config.key()} on {d.gpu_type}")
-        console.print(f"  why: {rep.why}")
+        console.print(f"  why: {escape(rep.why)}")
         for g in d.gpus:
             console.print(f"  {g.agent_id} GPU {g.gpu_index}: layers {g.first_layer}-{g.first_layer + g.num_layers - 1} ({g.num_layers}), {fmt_gib(g.memory_bytes)} GiB")
         console.print(
@@ -182,7 +186,7 @@ async def _deploy(a: argparse.Namespace) -> int:
             f"memory {fmt_gib(d.estimate.total_bytes)} GiB, cost {rep.cost:.4g} ({d.intent.cost_model}); decided in {rep.decision_ms:.2f} ms"
         )
         for rj in rep.rejected[:5]:
-            console.print(f"  [dim]not {rj.config}: {rj.reason}[/]")
+            console.print(f"  [dim]not {rj.config}: {escape(rj.reason)}[/]")
         if a.wait:
             await c.wait_ready(d.deployment_id, timeout=a.timeout)
             console.print(f"  [green]ready[/]")
@@ -237,7 +241,7 @@ async def _status(a: argparse.Namespace) -> int:
         for col in ("name", "type", "layers", "GiB", "status", "profiled on"):
             t.add_column(col)
         for m in models:
-            t.add_row(m.name, m.arch.model_type, str(m.arch.num_layers), fmt_gib(m.weights.checkpoint_bytes), m.status + (f": {m.status_reason}" if m.status_reason else ""), ", ".join(m.profiled_gpu_types))
+            t.add_row(m.name, m.arch.model_type, str(m.arch.num_layers), fmt_gib(m.weights.checkpoint_bytes), escape(m.status + (f": {m.status_reason}" if m.status_reason else "")), ", ".join(m.profiled_gpu_types))
         console.print(t)
         try:
             deps = (await c.deployments()).deployments
@@ -255,7 +259,7 @@ async def _status(a: argparse.Namespace) -> int:
             q = queues.get(d.deployment_id)
             t.add_row(
                 d.deployment_id, d.model, d.config.key(), " ".join(f"{g.agent_id}/{g.gpu_index}({g.num_layers})" for g in d.gpus),
-                d.status + (f": {d.reason}" if d.reason else ""),
+                escape(d.status + (f": {d.reason}" if d.reason else "")),
                 str(q.queue_depth + q.in_flight) if q else "-", str(q.completed) if q else "-",
                 f"{q.ttft_ms_p50:.1f}" if q else "-", f"{q.e2e_ms_p50:.1f}" if q else "-",
             )
@@ -276,7 +280,7 @@ async def _profile_show(a: argparse.Namespace) -> int:
             t.add_column("config")
             t.add_column("reason")
             for x in cmap.excluded:
-                t.add_row(x.config.key(), x.reason)
+                t.add_row(x.config.key(), escape(x.reason))
             console.print(t)
         elif cmap.excluded:
             console.print(f"[dim]{len(cmap.excluded)} configurations excluded (--show-excluded lists them with reasons)[/]")
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = handlers[a.command]()
     except errors.IServeError as e:
-        err_console.print(f"[red]error[/] {e}")
+        err_console.print(f"[red]error[/] {escape(str(e))}")
         code = 2
     except KeyboardInterrupt:
         code = 130

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from .messages import Intent
 
@@ -93,7 +94,7 @@ async def flow(url: str, model_dir: Path, a: argparse.Namespace) -> None:
         rep = await c.deploy(r.name, Intent(kind=a.intent))
         d = rep.deployment
         console.print(f"chose [bold]{d.config.key()}[/] on {', '.join(f'{g.agent_id}/GPU{g.gpu_index} ({g.num_layers} layers)' for g in d.gpus)}")
-        console.print(f"why: {rep.why}")
+        console.print(f"why: {escape(rep.why)}")
         await c.wait_ready(d.deployment_id, timeout=a.timeout)
         console.print(f"worker {d.worker_id} is ready")
 
@@ -147,7 +148,7 @@ def run(a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         code = 130
     except Exception as e:
-        console.print(f"[red]demo failed:[/] {e} (service logs: {data_dir / 'logs'})")
+        console.print(f"[red]demo failed:[/] {escape(str(e))} (service logs: {data_dir / 'logs'})")
         code = 1
     finally:
         stack.stop()

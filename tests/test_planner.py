@@ -20,6 +20,7 @@ from iserve.deployer.planner import (
     place,
     plan,
     rank,
+    score,
     split_layers,
     stage_capacity,
 )
@@ -357,6 +358,15 @@ def test_plan_slo_reports_filtered_and_cost():
     assert d.estimate is cheap and d.cost == pytest.approx(8.0)
     assert [r.config for r in d.filtered] == [slow.config.key()]
     assert "1 exceeds the SLO" in d.why
+
+
+def test_score_orders_decisions_like_rank():
+    gpus = host("a", [80, 80, 80, 80])
+    for kind in ("min-latency", "min-cost", "min-memory", "min-gpu-hours"):
+        intent = Intent(kind=kind, prompt_tokens=100, output_tokens=128)
+        ranked, _ = rank(ALL, intent)
+        scores = [score(plan([e], intent, gpus), intent) for e in ranked]
+        assert scores == sorted(scores)
 
 
 def test_plan_infeasible_names_the_closest_miss():

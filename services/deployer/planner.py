@@ -157,23 +157,34 @@ def _rank(estimates: Sequence[ConfigEstimate], intent: Intent) -> tuple[list[_Ra
         items.append(_Ranked(est, est.config.key(), lat, _cost(est, lat, cm)))
     kind = intent.kind
     filtered: list[_Ranked] = []
-    if kind == "min-latency":
-        items.sort(key=lambda r: (r.latency_ms, r.cost, r.key))
-    elif kind == "min-cost":
-        items.sort(key=lambda r: (r.cost, r.latency_ms, r.key))
-    elif kind == "min-memory":
-        items.sort(key=lambda r: (r.est.total_bytes, r.latency_ms, r.key))
-    elif kind == "min-gpu-hours":
-        items.sort(key=lambda r: (_gpu_hours(r.est, r.latency_ms), r.latency_ms, r.key))
-    elif kind == "latency-slo":
+    if kind == "latency-slo":
         slo = intent.slo_ms
         filtered = sorted((r for r in items if not r.latency_ms <= slo), key=lambda r: (r.latency_ms, r.key))
-        items = sorted((r for r in items if r.latency_ms <= slo), key=lambda r: (r.cost, r.latency_ms, r.key))
-    else:  # cost-budget
+        items = [r for r in items if r.latency_ms <= slo]
+    elif kind == "cost-budget":
         budget = intent.budget
         filtered = sorted((r for r in items if not r.cost <= budget), key=lambda r: (r.cost, r.key))
-        items = sorted((r for r in items if r.cost <= budget), key=lambda r: (r.latency_ms, r.cost, r.key))
+        items = [r for r in items if r.cost <= budget]
+    items.sort(key=lambda r: _order_key(kind, r.est, r.latency_ms, r.cost, r.key))
     return items, filtered
+
+
+def _order_key(kind: str, est: ConfigEstimate, lat_ms: float, cost_: float, key: str) -> tuple:
+    """The sort key of step I: smaller is better for the intent ``kind``."""
+    if kind == "min-latency" or kind == "cost-budget":
+        return (lat_ms, cost_, key)
+    if kind == "min-memory":
+        return (est.total_bytes, lat_ms, key)
+    if kind == "min-gpu-hours":
+        return (_gpu_hours(est, lat_ms), lat_ms, key)
+    return (cost_, lat_ms, key)  # min-cost, latency-slo
+
+
+def score(decision: Decision, intent: Intent) -> tuple:
+    """How well a decision meets the intent, comparable across decisions (smaller is better), with
+    the same order as :func:`rank`; e.g. to pick between the plans for two GPU types."""
+    return _order_key(intent.kind, decision.estimate, decision.latency_ms, decision.cost,
+                      decision.estimate.config.key())
 
 
 def _filter_reason(r: _Ranked, intent: Intent) -> str:

@@ -208,6 +208,16 @@ class WorkerServer:
         )
 
 
+async def exit_with_parent(stop: asyncio.Event) -> None:
+    """A worker outlives nothing: when its agent dies (even by SIGKILL), it stops too."""
+    parent = os.getppid()
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent:
+            log.warning("agent process is gone; stopping")
+            stop.set()
+
+
 async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
     from iserve.gpu_agent.engine import Engine
 
@@ -231,6 +241,7 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
             await bus.serve(nc, subjects.worker_cancel(spec.worker_id), CancelRequest, server.handle_cancel),
         ]
         hb_task = asyncio.create_task(server.heartbeat_loop())
+        watchdog = asyncio.create_task(exit_with_parent(stop))
         ready = WorkerReady(
             worker_id=spec.worker_id,
             deployment_id=spec.deployment_id,
@@ -245,6 +256,7 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
         log.info("worker ready", load_s=round(load_s, 2), devices=devices, stages=[(s.first_layer, s.num_layers) for s in spec.stages])
         await stop.wait()
         hb_task.cancel()
+        watchdog.cancel()
         for s in subs:
             await s.unsubscribe()
     finally:

@@ -1,0 +1,106 @@
+"""End to end through the real processes: the `iserve` command, an embedded nats-server, every
+service as its own process, simulated GPUs, torch workers on the CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from iserve.natsserver import free_port
+
+pytestmark = pytest.mark.e2e
+
+ISERVE = [sys.executable, "-c", "from iserve.cli import main; main()"]
+
+
+def iserve(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*ISERVE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            pids.append(int(p.name))
+    return pids
+
+
+def test_demo_runs_the_whole_flow(tmp_path):
+    r = iserve("demo", "--data-dir", str(tmp_path / "demo"), "--max-tokens", "12", "--simulate-gpus", "2x16GB")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    for words in ("registered demo-llama", "configurations estimated", "chose tp1-", "why:", "12 tokens streamed"):
+        assert words in out, out
+    assert not processes_mentioning(str(tmp_path / "demo")), "the demo left processes behind"
+
+
+def test_up_cli_and_clean_shutdown(tmp_path):
+    data = tmp_path / "stack"
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    env = {"ISERVE_NATS_URL": url}
+    up = subprocess.Popen(
+        [*ISERVE, "up", "--data-dir", str(data), "--nats-port", str(port), "--simulate-gpus", "2x16GB", "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "ISERVE_NATS_URL": ""},
+    )
+    try:
+        model = tmp_path / "m"
+        assert iserve("make-model", str(model), "--layers", "6").returncode == 0
+        deadline = time.monotonic() + 60
+        while True:  # services start in parallel; registering waits for the fingerprint service
+            r = iserve("register", str(model), env=env)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "profiled on sim-16GB" in r.stdout
+        r = iserve("profile", "show", "m", "--limit", "3", env=env)
+        assert r.returncode == 0 and "tp1-pp1" in r.stdout, r.stdout + r.stderr
+        r = iserve("deploy", "m", "--intent", "min-memory", env=env)
+        assert r.returncode == 0 and "ready" in r.stdout, r.stdout + r.stderr
+        r = iserve("generate", "m", "hi", "--max-tokens", "5", "--ignore-eos", env=env)
+        assert r.returncode == 0 and "5 tokens" in r.stderr, r.stdout + r.stderr
+        r = iserve("status", env=env)
+        assert r.returncode == 0 and "ready" in r.stdout and "profiled" in r.stdout, r.stdout + r.stderr
+        r = iserve("deploy", "nope", env=env)
+        assert r.returncode == 2 and "not_found" in r.stderr
+    finally:
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, out
+    time.sleep(0.5)
+    assert not processes_mentioning(str(data)), "iserve up left processes behind"
+
+    # JetStream kept the registered model and its profile across a full restart
+    up2 = subprocess.Popen(
+        [*ISERVE, "up", "--data-dir", str(data), "--nats-port", str(port), "--simulate-gpus", "2x16GB", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "ISERVE_NATS_URL": ""},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            r = iserve("profile", "show", "m", "--limit", "1", env=env)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert r.returncode == 0 and "tp1-pp1" in r.stdout, r.stdout + r.stderr
+    finally:
+        up2.send_signal(signal.SIGINT)
+        up2.wait(timeout=60)
