@@ -172,6 +172,8 @@ class Stream:
                 msg = await self._sub.next_msg(timeout=self.idle_timeout)
             except nats.errors.TimeoutError:
                 raise errors.Timeout(f"the stream went silent for {self.idle_timeout:.0f} s; the worker may be stuck.") from None
+            if not msg.data:  # the scheduler's "are you still there" probe
+                continue
             try:
                 item = dec.decode(msg.data)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:

@@ -552,6 +552,7 @@ class QueueStats(msgspec.Struct, kw_only=True):
     tpot_ms_p50: float = 0.0
     e2e_ms_p50: float = 0.0
     e2e_ms_p99: float = 0.0
+    cancelled: int = 0
 
 
 class SchedulerStats(Message):

@@ -34,10 +34,11 @@ from iserve.scheduler.service import SchedulerService
 class Cluster:
     """The services, each on its own NATS connection, in this event loop."""
 
-    def __init__(self, url: str, tmp: Path, gpus: str = "2x24GB"):
+    def __init__(self, url: str, tmp: Path, gpus: str = "2x24GB", context_tokens: int = 256):
         self.url = url
         self.tmp = tmp
         self.gpus = gpus
+        self.context_tokens = context_tokens
         self.conns = []
         self.services: dict[str, object] = {}
 
@@ -56,14 +57,14 @@ class Cluster:
             svc = AgentService(cfg, await self._conn("agent"), SimulatedGpus(parse_simulated(self.gpus), "sim-gpu"))
         elif name == "fingerprint":
             cfg = FingerprintConfig(
-                work_dir=self.tmp / "fp", context_tokens=256, prompt_lengths=[16, 64], output_lengths=[4, 12],
+                work_dir=self.tmp / "fp", context_tokens=self.context_tokens, prompt_lengths=[16, 64], output_lengths=[4, 12],
                 repeats=2, warmup=1, gpu_wait_s=20, **common,
             )
             svc = FingerprintService(cfg, await self._conn("fingerprint"), CAPABILITIES)
         elif name == "deployer":
             svc = DeployerService(DeployerConfig(reconcile_s=0.5, gpu_stale_s=2.0, **common), await self._conn("deployer"))
         else:
-            svc = SchedulerService(SchedulerConfig(refresh_s=0.5, **common), await self._conn("scheduler"))
+            svc = SchedulerService(SchedulerConfig(refresh_s=0.5, client_check_s=0.2, **common), await self._conn("scheduler"))
         await svc.start()
         self.services[name] = svc
         return svc
@@ -183,18 +184,53 @@ async def test_deployments_survive_a_deployer_restart(cluster, client, tiny_mode
     assert done.completion_tokens == 3
 
 
-async def test_dead_worker_is_reported(cluster, client, tiny_model, tmp_path):
+async def wait_status(client: Client, status: str, *, worker_not: str = "", tries: int = 120):
+    for _ in range(tries):
+        deps = (await client.deployments()).deployments
+        if deps and deps[0].status == status and deps[0].worker_id != worker_not:
+            return deps[0]
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"no deployment became {status}: {deps}")
+
+
+async def test_dead_worker_is_reported_and_replaced(cluster, client, tiny_model, tmp_path):
     name, rep = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
     agent: AgentService = cluster.services["agent"]
-    agent.workers[rep.deployment.worker_id].proc.kill()
-    for _ in range(40):
-        d = (await client.deployments()).deployments[0]
-        if d.status == "failed":
-            break
-        await asyncio.sleep(0.25)
-    assert d.status == "failed" and "exited" in d.reason
+    old = rep.deployment.worker_id
+    agent.workers[old].proc.kill()
+    d = await wait_status(client, "ready", worker_not=old)
+    assert d.deployment_id == rep.deployment.deployment_id  # same deployment, a new worker
+    _, done = await collect(client, name, "back", max_tokens=2, ignore_eos=True)
+    assert done.completion_tokens == 2
+
+
+async def test_dead_worker_without_replacement_is_marked_failed(cluster, client, tiny_model, tmp_path):
+    cluster.services["deployer"].cfg.replace_failed = False
+    name, rep = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
+    cluster.services["agent"].workers[rep.deployment.worker_id].proc.kill()
+    d = await wait_status(client, "failed")
+    assert "exited" in d.reason
     with pytest.raises(errors.NotReady):
         await collect(client, name, "anyone?", max_tokens=2)
+
+
+async def test_request_of_a_vanished_client_is_cancelled(nats_server, client, nc, tiny_model, tmp_path):
+    from iserve.messages import Accepted, InferRequest
+
+    async with Cluster(nats_server.url, tmp_path, context_tokens=2048):
+        name, _ = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        req = InferRequest(request_id="gone", model=name, prompt="x", max_tokens=2000, ignore_eos=True, stream_to=inbox)
+        await bus.request(nc, subjects.INFER, req, Accepted)
+        await sub.next_msg(timeout=30)  # the first token arrived ...
+        await sub.unsubscribe()  # ... and the client vanished without a word
+        for _ in range(100):
+            q = (await client.scheduler_stats()).queues[0]
+            if q.completed:
+                break
+            await asyncio.sleep(0.1)
+        assert q.cancelled == 1  # stopped long before 2000 tokens
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ class DeployerConfig:
     gpu_stale_s: float = 5.0
     launch_timeout_s: float = 30.0
     reconcile_s: float = 5.0
+    replace_failed: bool = True
+    max_replacements: int = 3
 
 
 def parse(argv: list[str] | None = None) -> DeployerConfig:
@@ -28,6 +30,8 @@ def parse(argv: list[str] | None = None) -> DeployerConfig:
     flag(p, "--gpu-stale-s", default=5.0, type=float, help="ignore GPUs whose last gpu.load is older than this")
     flag(p, "--launch-timeout-s", default=30.0, type=float, help="how long an agent may take to start a worker process")
     flag(p, "--reconcile-s", default=5.0, type=float, help="seconds between checks that deployed workers still run")
+    flag(p, "--replace-failed", default=True, type=bool, help="re-place a deployment whose worker died")
+    flag(p, "--max-replacements", default=3, type=int, help="re-placements of one deployment allowed within 10 minutes")
     a = p.parse_args(argv)
     if not 0.0 <= a.theta <= 1.0:
         p.error("--theta must be between 0 and 1")
@@ -40,4 +44,6 @@ def parse(argv: list[str] | None = None) -> DeployerConfig:
         gpu_stale_s=a.gpu_stale_s,
         launch_timeout_s=a.launch_timeout_s,
         reconcile_s=a.reconcile_s,
+        replace_failed=a.replace_failed,
+        max_replacements=a.max_replacements,
     )

@@ -66,6 +66,7 @@ class DeployerService:
         self.lock = asyncio.Lock()
         self._subs: list = []
         self._tasks: set[asyncio.Task] = set()
+        self._replacements: dict[str, list[float]] = {}
 
     async def start(self) -> None:
         self.models = await bus.TypedKV.open(self.nc, subjects.BUCKET_MODELS, ModelRecord)
@@ -146,6 +147,8 @@ class DeployerService:
             existing = await self.deployments.get(req.deployment_id)
             if existing is not None and existing.status in ("launching", "ready"):
                 return DeployReply(deployment=existing, why="already deployed (idempotent retry)")
+            if existing is not None and existing.model != req.model:
+                raise errors.Conflict(f"deployment id {req.deployment_id!r} belongs to model {existing.model!r}; choose another id.")
         policy = req.placement or self.cfg.placement
         if policy not in planner.POLICIES:
             raise errors.BadRequest(f"unknown placement policy {policy!r}; use one of {', '.join(planner.POLICIES)}.")
@@ -186,7 +189,7 @@ class DeployerService:
             raise errors.Infeasible("; ".join(misses))
         decision, cmap = best
         dep_id = req.deployment_id or f"{req.model}-{uuid.uuid4().hex[:8]}"
-        worker_id = f"w-{dep_id}"
+        worker_id = f"w-{dep_id}-{uuid.uuid4().hex[:4]}"  # a re-placed deployment gets a new worker
         agent_id = decision.assignments[0].agent_id
         ts = now()
         dep = DeploymentRecord(
@@ -284,7 +287,36 @@ class DeployerService:
         self.pending.pop(ev.worker_id, None)
         if ev.expected or not ev.deployment_id:
             return
-        await self._set_status(ev.deployment_id, "failed", f"worker exited with code {ev.exit_code}: {ev.reason}", only_from=("launching", "ready"))
+        dep = await self.deployments.get(ev.deployment_id)
+        if dep is None or dep.worker_id != ev.worker_id:
+            return  # an older worker of a deployment that was re-placed already
+        reason = f"worker exited with code {ev.exit_code}: {ev.reason}"
+        await self._set_status(ev.deployment_id, "failed", reason, only_from=("launching", "ready"))
+        if self.cfg.replace_failed:
+            t = asyncio.create_task(self._replace(ev.deployment_id, reason))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _replace(self, deployment_id: str, why: str) -> None:
+        """Re-place a deployment whose worker died: same model, intent and id, decided afresh on the
+        GPUs free now. After ``max_replacements`` tries in ten minutes it stays failed."""
+        now_m = time.monotonic()
+        tries = [t for t in self._replacements.get(deployment_id, []) if now_m - t < 600] + [now_m]
+        self._replacements[deployment_id] = tries
+        if len(tries) > self.cfg.max_replacements:
+            await self._set_status(deployment_id, "failed", f"{why}; not re-placed: {len(tries) - 1} re-placements in 10 minutes already")
+            return
+        dep = await self.deployments.get(deployment_id)
+        if dep is None or dep.status != "failed":
+            return
+        req = DeployRequest(model=dep.model, intent=dep.intent, placement=dep.placement_policy, deployment_id=deployment_id)
+        try:
+            async with self.lock:
+                rep = await self._deploy(req)
+        except errors.IServeError as e:
+            await self._set_status(deployment_id, "failed", f"{why}; could not re-place: {e.message}")
+            return
+        log.info("deployment re-placed", deployment_id=deployment_id, config=rep.deployment.config.key(), after=why)
 
     async def _reconcile_loop(self) -> None:
         """Deployments whose worker no agent reports (the deployer or an agent restarted, a worker

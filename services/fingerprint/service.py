@@ -282,6 +282,12 @@ class FingerprintService:
             context_tokens=self.cfg.context_tokens,
             timeout_s=self.cfg.profile_timeout_s,
         )
+        # the model cannot attend further than its position embeddings reach
+        job.context_tokens = min(self.cfg.context_tokens, rec.arch.max_position)
+        if max(job.prompt_lengths) + max(job.output_lengths) > job.context_tokens:
+            raise errors.UnsupportedModel(
+                f"{rec.name}'s context of {job.context_tokens} tokens is shorter than the profiling prompt+output lengths; lower --prompt-lengths."
+            )
         t0 = time.monotonic()
         result: ProfileResult | None = None
         attempts: list[str] = []
@@ -313,7 +319,7 @@ class FingerprintService:
             capabilities=self.capabilities,
             gpu_memory_bytes=gpu_bytes,
             max_gpus=max_gpus,
-            context_tokens=self.cfg.context_tokens,
+            context_tokens=job.context_tokens,
             configs=configs,
             cost=cost,
             device=f"{result.device}:{result.gpu_type}",

@@ -64,6 +64,16 @@ class WorkerProc:
     exit_code: int | None = None
 
 
+def exit_reason(w: "WorkerProc") -> str:
+    """Why a worker exited: the line it wrote to its error file, else the end of its log."""
+    err = w.log_path.with_suffix(".error")
+    try:
+        text = err.read_text(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or log_tail(w.log_path) or f"exit code {w.exit_code}"
+
+
 def log_tail(path: Path, lines: int = 5, max_chars: int = 600) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -217,7 +227,10 @@ class AgentService:
             self.cfg.nats_url,
             "--devices",
             devices,
+            "--error-file",
+            str(log_path.with_suffix(".error")),
         ]
+        log_path.with_suffix(".error").unlink(missing_ok=True)
         logf = open(log_path, "ab")
         try:
             proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=env)
@@ -236,7 +249,7 @@ class AgentService:
         w.exited.set()
         if w.mode != "serve":
             return
-        reason = "stopped on request" if w.expected_exit else (log_tail(w.log_path) or f"exit code {code}")
+        reason = "stopped on request" if w.expected_exit else exit_reason(w)
         log.log(20 if w.expected_exit else 40, "worker exited", worker_id=w.worker_id, exit_code=code, expected=w.expected_exit, reason=reason)
         event = WorkerExited(
             worker_id=w.worker_id,
@@ -312,7 +325,7 @@ class AgentService:
                 raise errors.Timeout(f"profiling {job.model} on GPU {job.gpu_index} took longer than {timeout:.0f} s and was stopped.") from None
             if w.exit_code != 0 or not result_path.is_file():
                 raise errors.WorkerDied(
-                    f"the profiling worker for {job.model} exited with code {w.exit_code}: {log_tail(w.log_path) or 'no output'}"
+                    f"the profiling worker for {job.model} exited with code {w.exit_code}: {exit_reason(w)}"
                 )
             result = decoder(ProfileResult).decode(result_path.read_bytes())
             wall = time.monotonic() - t0

@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--spec", help="LaunchWorker JSON (serve mode)")
     p.add_argument("--job", help="ProfileJob JSON (profile mode)")
     p.add_argument("--result", help="where to write the ProfileResult (profile mode)")
+    p.add_argument("--error-file", help="where to write one line saying why the worker failed")
     args = p.parse_args(argv)
     logs.configure("worker", level=args.log_level, json=True if args.log_json is None else args.log_json)
     try:
@@ -318,9 +319,12 @@ def main(argv: list[str] | None = None) -> None:
             profile_main(args)
         else:
             runtime.run(lambda stop: serve_main(args, stop))
-    except errors.IServeError as e:
-        log.error("worker failed", code=e.code, error=e.message)
-        print(f"worker failed: {e}", file=sys.stderr)
+    except Exception as e:
+        code = e.code if isinstance(e, errors.IServeError) else "internal"
+        text = e.message if isinstance(e, errors.IServeError) else f"{type(e).__name__}: {e}"
+        log.error("worker failed", code=code, error=text, exc_info=not isinstance(e, errors.IServeError))
+        if args.error_file:
+            Path(args.error_file).write_text(f"[{code}] {text}")
         sys.exit(2)
 
 

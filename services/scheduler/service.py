@@ -51,12 +51,15 @@ log = structlog.get_logger()
 class ReplicaStats:
     completed: int = 0
     failed: int = 0
+    cancelled: int = 0
     ttft_ms: list[float] = field(default_factory=list)
     tpot_ms: list[float] = field(default_factory=list)
     e2e_ms: list[float] = field(default_factory=list)
 
     def record(self, c: Completion, e2e_ms: float, keep: int = 1000) -> None:
         self.completed += 1
+        if c.finish_reason == "cancelled":
+            self.cancelled += 1
         for lst, v in ((self.ttft_ms, c.ttft_ms), (self.tpot_ms, c.tpot_ms), (self.e2e_ms, e2e_ms)):
             lst.append(v)
             if len(lst) > keep:
@@ -227,6 +230,7 @@ class SchedulerService:
                     tpot_ms_p50=statistics.median(s.tpot_ms) if s.tpot_ms else 0.0,
                     e2e_ms_p50=statistics.median(s.e2e_ms) if s.e2e_ms else 0.0,
                     e2e_ms_p99=pct(s.e2e_ms, 0.99),
+                    cancelled=s.cancelled,
                 )
             )
         return SchedulerStats(queues=out)
@@ -298,7 +302,33 @@ class SchedulerService:
             finally:
                 await sub.unsubscribe()
 
+    async def client_gone(self, inbox: str) -> bool:
+        """True when nobody listens on the client's inbox any more (NATS answers "no responders");
+        a live client simply does not answer the empty probe, which its stream skips."""
+        try:
+            await self.nc.request(inbox, b"", timeout=self.cfg.client_probe_timeout_s)
+        except nats.errors.NoRespondersError:
+            return True
+        except nats.errors.TimeoutError:
+            return False
+        return False
+
+    async def _watch_client(self, req: InferRequest, worker_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.client_check_s)
+            if await self.client_gone(req.stream_to):
+                log.info("client went away; cancelling", request_id=req.request_id)
+                await self.nc.publish(subjects.worker_cancel(worker_id), encode(CancelRequest(request_id=req.request_id)))
+                return
+
     async def _relay(self, sub, req: InferRequest, deployment_id: str, worker_id: str, item: Queued[InferRequest], stats: ReplicaStats) -> None:
+        watcher = asyncio.create_task(self._watch_client(req, worker_id))
+        try:
+            await self._relay_stream(sub, req, deployment_id, worker_id, item, stats)
+        finally:
+            watcher.cancel()
+
+    async def _relay_stream(self, sub, req: InferRequest, deployment_id: str, worker_id: str, item: Queued[InferRequest], stats: ReplicaStats) -> None:
         dec = decoder(StreamMessage)
         while True:
             remaining = item.deadline - time.monotonic()

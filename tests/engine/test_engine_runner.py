@@ -240,3 +240,19 @@ def test_measure_fingerprint_cuda(tmp_path):
     assert m.timer == "cuda_events" and m.tpot_ms > 0 and all(t.ttft_ms > 0 for t in m.ttft)
     assert m.peak_bytes >= m.weight_bytes + m.kv_cache_bytes
     assert gpu_type_of("cuda:0") == torch.cuda.get_device_name(0)
+
+
+def test_masked_decode_over_the_whole_cache_is_the_same(engine6):
+    """The capture-friendly decode (fixed kv_len = context, mask from the position tensor) equals the
+    eager one, even with stale rows from an earlier, longer request in the cache."""
+    engine6.generate(list(range(3, 60)), max_tokens=2)
+    ids = engine6.tokenizer.encode(PROMPT)
+    engine6.prefill(ids[:5])
+    stage = engine6.stages[0]
+    token = torch.tensor([ids[5]])
+    with torch.inference_mode():  # the engine's tensors are inference tensors
+        stage.pos.fill_(5)
+        eager = stage.decode(token, kv_len=6, masked=False)
+        captured = stage.decode(token, kv_len=engine6.context_tokens, masked=True)
+    assert stage.needs_mask(5, 6) is False and stage.needs_mask(5, 96) is True
+    torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-5)

@@ -8,8 +8,10 @@ Families (``ArchSpec.family``):
 * ``mixtral``: the same attention, with a sparse mixture-of-experts MLP: a router picks the top-k
   experts per token (softmax, then the k weights renormalized to sum to 1), each a SwiGLU MLP.
 
-Weights follow the Hugging Face layout and math (``rotate_half`` RoPE, norms in float32), so a real
-checkpoint gives the same logits as ``transformers``.
+Weights follow the Hugging Face layout and math (``rotate_half`` RoPE, RMSNorm statistics in float32),
+so a real checkpoint gives the same logits as ``transformers`` (up to rounding in half precision).
+For fewer kernel launches per token, q/k/v and gate/up projections are fused into one matrix each, q
+and k are rotated together, and the residual additions ride on ``addmm``.
 
 A ``Stage`` holds a contiguous block of layers ``[first, first + n)`` on one torch device, plus the
 token embedding when it is the first stage and the final norm and LM head when it is the last. It
@@ -22,10 +24,10 @@ Two passes, batch size 1:
 * ``Stage.prefill``: the whole prompt at once (positions ``0..T-1``), causal
   ``scaled_dot_product_attention``; writes the prompt's keys and values into the cache.
 * ``Stage.decode``: one token at the position held in the stage's ``pos`` buffer; writes its key and
-  value with ``index_copy_`` and attends over cache rows ``[0, kv_len)`` under a mask computed from
-  ``pos``. All tensors it touches are preallocated and the position is a device tensor, so for a fixed
-  ``kv_len`` the dense decode step is a pure function of the (token, position) buffers, ready for CUDA
-  graph capture. (The Mixtral router reads its expert choice back to the host in decode, which graph
+  value with ``index_copy_`` and attends over cache rows ``[0, kv_len)``, optionally under a mask
+  computed on the device from ``pos``. All tensors it touches are preallocated and the position is a
+  device tensor, so with the mask on and a fixed ``kv_len`` the dense decode step is a pure function
+  of the (token, position) buffers, ready for CUDA graph capture. (The Mixtral router reads its expert choice back to the host in decode, which graph
   capture would have to replace by a gather over stacked expert weights.)
 """
 
@@ -77,26 +79,30 @@ def rope_inv_freq(arch: ArchSpec) -> torch.Tensor:
 
 
 def rope_tables(arch: ArchSpec, positions: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos`` and ``sin`` tables ``[positions, head_dim]`` in the ``rotate_half`` layout."""
+    """``cos`` and signed ``sin`` tables ``[positions, head_dim]`` for ``apply_rope``.
+
+    Hugging Face's ``rotate_half`` form is ``x * cos + cat(-x2, x1) * sin`` with ``x = (x1, x2)``; the
+    sign is folded into the table (``sin`` is ``(-s, s)``) so that applying it is one ``cat`` and
+    two arithmetic kernels.
+    """
     inv_freq = rope_inv_freq(arch)
     t = torch.arange(positions, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+    return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [T, heads, head_dim]`` by ``cos``/``sin [T, 1, head_dim]``."""
+    """Rotate ``x [T, heads, head_dim]`` by the tables of ``rope_tables``, sliced to ``[T, 1, head_dim]``."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, as Hugging Face does, then scaled in the model dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """RMSNorm over the last dimension (one fused op; statistics in float32 for half inputs)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def sliding_window_of(config: dict[str, Any]) -> int | None:
@@ -129,9 +135,13 @@ class DenseMLP:
     def tensors(self) -> list[torch.Tensor]:
         return [self.w_gate_up, self.w_down]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate(x)) * up(x)``, the input of the down projection."""
         gate, up = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w_down)
+        return F.silu(gate) * up
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.hidden(x), self.w_down)
 
 
 class MoEMLP:
@@ -206,17 +216,23 @@ class DecoderLayer:
         return own + self.mlp.tensors()
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project and rotate: q ``[T, heads, d]``, k and v ``[T, kv_heads, d]``."""
+        """Project and rotate: q ``[T, heads, d]``, k and v ``[T, kv_heads, d]``.
+
+        q and k are adjacent in the fused projection, so one RoPE application rotates both.
+        """
         T = x.shape[0]
-        h = rms_norm(x, self.ln_attn, self.eps)
-        q, k, v = F.linear(h, self.w_qkv, self.b_qkv).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = apply_rope(q.view(T, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(T, self.kv_heads, self.head_dim), cos, sin)
-        return q, k, v.view(T, self.kv_heads, self.head_dim)
+        qkv = F.linear(rms_norm(x, self.ln_attn, self.eps), self.w_qkv, self.b_qkv)
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, self.heads + self.kv_heads, self.head_dim), cos, sin)
+        v = qkv[:, self.q_size + self.kv_size:].view(T, self.kv_heads, self.head_dim)
+        return qk[:, : self.heads], qk[:, self.heads:], v
 
     def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        x = x + F.linear(attn, self.w_o)
-        return x + self.mlp(rms_norm(x, self.ln_mlp, self.eps))
+        """Output projection and MLP, each added to the residual stream (``addmm`` fuses the add)."""
+        x = torch.addmm(x, attn, self.w_o.t())
+        h = rms_norm(x, self.ln_mlp, self.eps)
+        if isinstance(self.mlp, DenseMLP):
+            return torch.addmm(x, self.mlp.hidden(h), self.mlp.w_down.t())
+        return x + self.mlp(h)
 
     def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -241,8 +257,9 @@ class DecoderLayer:
         return self._finish(x, out[0].transpose(0, 1).reshape(T, self.q_size))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-               pos: torch.Tensor, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
-        """``x [1, hidden]`` at position ``pos`` (device tensor ``[1]``); attends over cache rows ``[0, kv_len)``.
+               pos: torch.Tensor, kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """``x [1, hidden]`` at position ``pos`` (device tensor ``[1]``); attends over cache rows ``[0, kv_len)``
+        under ``mask`` (boolean, broadcast over heads; None: all ``kv_len`` rows).
 
         GQA without copying the cache: the ``groups`` query heads that share a kv head are laid out
         as that head's query rows, ``q [1, kv_heads, groups, d]`` against ``k [1, kv_heads, kv_len, d]``.
@@ -347,6 +364,7 @@ class Stage:
             return x
         return F.linear(rms_norm(x, self.norm, self.arch.rms_norm_eps), self.lm_head).float()
 
+    @torch.inference_mode()
     def prefill(self, x: torch.Tensor, *, all_positions: bool = False) -> torch.Tensor:
         """Run positions ``0..T-1``: ``x`` is token ids ``[T]`` (first stage) or hidden ``[T, hidden]``.
 
@@ -367,20 +385,30 @@ class Stage:
             h = h[-1:]
         return self._output(h)
 
-    def decode(self, x: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def needs_mask(self, pos: int, kv_len: int) -> bool:
+        """Whether attention over cache rows ``[0, kv_len)`` at position ``pos`` must mask rows out."""
+        return kv_len > pos + 1 or (self.window is not None and pos + 1 > self.window)
+
+    @torch.inference_mode()
+    def decode(self, x: torch.Tensor, kv_len: int, masked: bool = True) -> torch.Tensor:
         """One token at position ``self.pos``: ``x`` is the token id ``[1]`` or hidden ``[1, hidden]``.
 
-        ``kv_len`` (> position) is how many cache rows attention reads; rows past the position are
-        masked out, so any ``kv_len`` up to ``context_tokens`` gives the same result.
+        ``kv_len`` (> position) is how many cache rows attention reads. With ``masked``, rows past the
+        position (and outside a sliding window) are masked out on the device, so any ``kv_len`` up to
+        ``context_tokens`` gives the same result (what a captured graph needs); the eager caller
+        passes ``kv_len = position + 1`` and ``masked = needs_mask(...)``, skipping the mask when all
+        rows count.
         """
         h = self._input(x)
         cos = self.cos.index_select(0, self.pos).unsqueeze(1)
         sin = self.sin.index_select(0, self.pos).unsqueeze(1)
-        keys = self.positions[:kv_len]
-        valid = keys <= self.pos
-        if self.window is not None:
-            valid &= keys > self.pos - self.window
-        mask = valid.view(1, 1, 1, kv_len)
+        mask = None
+        if masked:
+            keys = self.positions[:kv_len]
+            valid = keys <= self.pos
+            if self.window is not None:
+                valid &= keys > self.pos - self.window
+            mask = valid.view(1, 1, 1, kv_len)
         for layer, cache in zip(self.layers, self.cache):
             h = layer.decode(h, cos, sin, cache, self.pos, kv_len, mask)
         return self._output(h)

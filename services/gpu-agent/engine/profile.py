@@ -5,9 +5,11 @@ L2/M2): the difference between the 2-layer and the 1-layer fingerprint is one la
 is the embedding/head and fixed overhead. ``measure_fingerprint`` loads one fingerprint checkpoint as
 a single pipeline stage and measures:
 
+* Warm-up: every prompt length ``warmup`` times, and on a GPU for at least ``MIN_GPU_WARMUP_S``.
 * TTFT per prompt length: median over ``repeats`` runs of a prefill plus the first token.
 * TPOT: median of every decode step over ``repeats`` runs of each output length (prompt of the
-  smallest length, ``ignore_eos``, so each run makes exactly that many tokens).
+  smallest length, ``ignore_eos``, so each run makes exactly that many tokens). Runs go round-robin
+  over the lengths.
 * Peak memory: on CUDA the torch allocator's peak since loading finished (weights, KV cache and
   activations) and, when NVML works, the process's device memory as NVML sees it (allocator cache
   and CUDA context included); on CPU the accounted bytes, see ``activation_bytes_estimate``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +31,8 @@ from iserve.errors import BadRequest, CheckpointError, UnsupportedModel
 from iserve.messages import ArchSpec, FingerprintMeasurement, ProfileVariant, PromptTiming
 
 from .runner import Engine
+
+MIN_GPU_WARMUP_S = 1.0  # least warm-up time on a GPU (clocks ramp up under load)
 
 
 def gpu_type_of(device: str) -> str:
@@ -169,18 +174,24 @@ def measure_fingerprint(
             nvml_peak = max(nvml_peak, probe.sample())
             return res
 
-        for _ in range(warmup):
+        # Warm up every prompt length ``warmup`` times; on a GPU keep going until it has been busy for
+        # a while, so that its clocks have ramped up before anything is timed.
+        t0 = time.perf_counter()
+        rounds = 0
+        while rounds < warmup or (warmup and dev.type == "cuda" and time.perf_counter() - t0 < MIN_GPU_WARMUP_S):
             for p in prompt_lengths:
-                run(p, 2)
+                run(p, 3)
+            rounds += 1
 
-        ttft = [
-            PromptTiming(prompt_tokens=p, ttft_ms=statistics.median(run(p, 1).ttft_ms for _ in range(repeats)))
-            for p in prompt_lengths
-        ]
+        # Round-robin over the lengths, so that any drift during the measurement affects all alike.
+        ttft_samples: dict[int, list[float]] = {p: [] for p in prompt_lengths}
         steps: list[float] = []
-        for o in output_lengths:
-            for _ in range(repeats):
+        for _ in range(repeats):
+            for p in prompt_lengths:
+                ttft_samples[p].append(run(p, 1).ttft_ms)
+            for o in output_lengths:
                 steps += run(min(prompt_lengths), o).step_ms
+        ttft = [PromptTiming(prompt_tokens=p, ttft_ms=statistics.median(ttft_samples[p])) for p in prompt_lengths]
 
         if dev.type == "cuda":
             peak = int(torch.cuda.max_memory_allocated(dev))

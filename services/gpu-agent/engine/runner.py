@@ -15,13 +15,15 @@ token id is read back to the host every step anyway, so both measure what a clie
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from iserve.checkpoint import Checkpoint, scan_checkpoint
 from iserve.errors import BadRequest, PromptTooLong, UnsupportedModel
@@ -31,6 +33,18 @@ from .model import Stage
 from .tokenizer import Tokenizer, load_tokenizer
 
 _CUDA_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Attention kernels the engine lets scaled_dot_product_attention pick. cuDNN's is left out: it builds
+# a new execution plan for every new key length (about a millisecond per layer and decode step, on
+# an H200 with torch 2.11) and was seen to give run-to-run differences.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@contextlib.contextmanager
+def _compute() -> Iterator[None]:
+    """Inference mode with the engine's attention kernels; entered once per public call."""
+    with torch.inference_mode(), sdpa_kernel(_SDPA_BACKENDS):
+        yield
 _DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -273,7 +287,6 @@ class Engine:
         if lo < 0 or hi >= vocab:
             raise BadRequest(f"token id {lo if lo < 0 else hi} is outside the model's vocabulary of {vocab} ids.")
 
-    @torch.inference_mode()
     def prefill(self, ids: Sequence[int], *, all_positions: bool = False) -> torch.Tensor:
         """Run the prompt through every stage, filling the KV caches from position 0.
 
@@ -283,6 +296,10 @@ class Engine:
         self._check_ids(ids)
         if len(ids) > self._context_tokens:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens but the context holds {self._context_tokens}; shorten it.")
+        with _compute():
+            return self._prefill(ids, all_positions)
+
+    def _prefill(self, ids: Sequence[int], all_positions: bool = False) -> torch.Tensor:
         x = torch.tensor(list(ids), dtype=torch.long, device=self.stages[0].device)
         for stage in self.stages:
             x = stage.prefill(x, all_positions=all_positions)
@@ -294,18 +311,18 @@ class Engine:
             stage.pos.fill_(pos)
         x = self._token
         for stage in self.stages:
-            x = stage.decode(x, kv_len=pos + 1)
+            x = stage.decode(x, kv_len=pos + 1, masked=stage.needs_mask(pos, pos + 1))
         return x[0]
 
-    @torch.inference_mode()
     def decode(self, token: int, pos: int) -> torch.Tensor:
         """Feed ``token`` at position ``pos`` (positions ``0..pos-1`` must be in the cache from an
         earlier prefill/decode); returns float32 logits ``[vocab]`` for the next position."""
         self._check_ids([token])
         if not 0 <= pos < self._context_tokens:
             raise BadRequest(f"position {pos} is outside the context of {self._context_tokens} tokens.")
-        self._token.fill_(token)
-        return self._decode(pos)
+        with _compute():
+            self._token.fill_(token)
+            return self._decode(pos)
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -319,7 +336,8 @@ class Engine:
         probs = torch.softmax(logits / temperature, dim=-1)
         if top_p >= 1.0:
             return torch.multinomial(probs, 1, generator=generator)
-        sorted_probs, order = torch.sort(probs, descending=True)
+        # A stable sort: ties (common in half-precision logits) must keep one order for seeds to repeat.
+        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
         # Drop a token when the tokens before it already reach top_p; the first token always stays.
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
@@ -340,7 +358,6 @@ class Engine:
                 "or deploy with a larger context_tokens."
             )
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt_ids: Sequence[int],
@@ -364,6 +381,12 @@ class Engine:
         """
         ids = list(prompt_ids)
         self._check_request(ids, max_tokens, temperature, top_p)
+        with _compute():
+            return self._generate(ids, max_tokens, temperature, top_p, seed, ignore_eos, on_token, should_stop)
+
+    def _generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
+                  ignore_eos: bool, on_token: Callable[[int], None] | None,
+                  should_stop: Callable[[], bool] | None) -> GenerationResult:
         generator = None
         if temperature > 0.0:
             generator = self._generator
@@ -377,7 +400,7 @@ class Engine:
 
         timer = self._timer
         timer.start()
-        logits = self.prefill(ids)
+        logits = self._prefill(ids)
         token = self._sample(logits, temperature, top_p, generator)
         token_id = int(token.item())
         result.ttft_ms = timer.stop()
