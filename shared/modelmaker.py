@@ -10,9 +10,10 @@ its own ``torch.Generator`` seeded from ``seed`` and the tensor's name, so a ten
 depend on the number of layers or shards: layer 0 of a 1-layer fingerprint of a preset equals layer 0
 of the full model made with the same seed.
 
-Memory: the safetensors header is computed up front from the shapes, then each tensor is generated,
-written and dropped, so only one tensor is in memory at a time (a 13B checkpoint needs ~1.3 GB of RAM
-at most, for its largest tensor in float32 before conversion).
+Memory and speed: the safetensors header is computed up front from the shapes, then each tensor is
+generated directly in the stored dtype, written and dropped, so only one tensor is in memory at a time
+(at most the largest one: 1 GB for Llama 3's embedding). Large tensors are drawn in chunks on a thread
+pool, one generator per chunk; a 7B checkpoint takes under a minute on 16 cores.
 
 Command line (later ``iserve make-model``)::
 

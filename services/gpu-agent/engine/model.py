@@ -188,16 +188,16 @@ class DecoderLayer:
     """One transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
     q, k and v projections are fused into one matrix ``w_qkv`` (and bias) so that each attention
-    costs two matrix multiplications.
+    costs two matrix multiplications. Masks (causal, sliding window) are built by the ``Stage`` once
+    for all its layers.
     """
 
-    def __init__(self, arch: ArchSpec, t: dict[str, torch.Tensor], window: int | None):
+    def __init__(self, arch: ArchSpec, t: dict[str, torch.Tensor]):
         self.eps = arch.rms_norm_eps
         self.heads = arch.num_attention_heads
         self.kv_heads = arch.num_kv_heads
         self.head_dim = arch.head_dim
         self.groups = self.heads // self.kv_heads
-        self.window = window
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
         self.ln_attn = t["input_layernorm.weight"]
@@ -310,7 +310,7 @@ class Stage:
         for i in range(first_layer, first_layer + num_layers):
             # One layer at a time, so that fusing (torch.cat) never holds more than one layer twice.
             p = layer_prefix(i)
-            self.layers.append(DecoderLayer(arch, load([p + n for n in names], strip=p), self.window))
+            self.layers.append(DecoderLayer(arch, load([p + n for n in names], strip=p)))
         self.norm = self.lm_head = None
         if self.is_last:
             self.norm = load(["model.norm.weight"])["model.norm.weight"]
