@@ -175,6 +175,7 @@ class WorkerServer:
                 await self.nc.publish(req.stream_to, encode(TokenChunk(request_id=r.request_id, index=index, token_id=tid, text=text)))
                 index += 1
             result = await job
+            pieces.append(decoder_.flush())  # a dangling partial character, if any
         finally:
             self.busy_seconds += time.monotonic() - (self.busy_since or time.monotonic())
             self.busy_since = None
@@ -208,6 +209,13 @@ class WorkerServer:
         )
 
 
+def warm_up(engine) -> None:
+    """One short generation before announcing ready, so that the first real request does not pay
+    for CUDA kernel loading and library initialization (measured: ~200 ms of TTFT on an H100)."""
+    ids = engine.tokenizer.encode("warm up", add_bos=True)
+    engine.generate(ids, max_tokens=min(4, engine.context_tokens - len(ids)), ignore_eos=True)
+
+
 async def exit_with_parent(stop: asyncio.Event) -> None:
     """A worker outlives nothing: when its agent dies (even by SIGKILL), it stops too."""
     parent = os.getppid()
@@ -234,6 +242,7 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
         await nc.publish(subjects.worker_heartbeat(spec.worker_id), encode(hb))
         stages = [(devices[i], s.first_layer, s.num_layers) for i, s in enumerate(spec.stages)]
         engine = await asyncio.to_thread(Engine.load, spec.model_path, stages, spec.context_tokens, spec.seed)
+        await asyncio.to_thread(warm_up, engine)
         load_s = time.monotonic() - t0
         server = WorkerServer(nc, spec, engine, args.agent_id, ",".join(devices))
         subs = [
