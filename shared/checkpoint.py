@@ -7,6 +7,24 @@ A checkpoint is valid when: ``config.json`` parses and names a supported decoder
 with consistent sizes; every shard's header parses, its tensors' byte ranges match their dtype and
 shape and lie inside the file (a truncated file fails here); and every tensor the architecture needs
 is present with the right shape.
+
+Families (``ArchSpec.family``) and where their tensors live:
+
+=========  ==========================================  ====================================================
+family     model_type in config.json                   tensors (per layer ``i``)
+=========  ==========================================  ====================================================
+llama      llama, mistral, qwen2                       ``model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, RMSNorm
+mixtral    mixtral                                     as llama, MLP = ``block_sparse_moe.gate`` + ``experts.{e}.w{1,2,3}``
+falcon     falcon (RefinedWeb, RefinedWebModel)        ``transformer.h.{i}.self_attention.query_key_value`` (fused, grouped), ``dense``,
+                                                       ``mlp.dense_h_to_4h``/``dense_4h_to_h``, LayerNorm, parallel attention
+gptj       gptj                                        ``transformer.h.{i}.attn.{q,k,v,out}_proj``, ``mlp.fc_in``/``fc_out`` (biased),
+                                                       one LayerNorm ``ln_1``, parallel residual, partial interleaved RoPE
+gpt_neox   gpt_neox (Pythia, GPT-NeoX-20B)             ``gpt_neox.layers.{i}.attention.query_key_value`` (fused per head), ``dense``,
+                                                       ``mlp.dense_h_to_4h``/``dense_4h_to_h``, two LayerNorms, partial RoPE
+=========  ==========================================  ====================================================
+
+Only decoder-only models are accepted: an encoder-decoder config (T5, BART, ...) is refused with a
+sentence saying so, and so is an architecture whose layers we cannot describe (e.g. Falcon with ALiBi).
 """
 
 from __future__ import annotations
@@ -44,7 +62,43 @@ MODEL_TYPES = {
     "mistral": "llama",
     "qwen2": "llama",
     "mixtral": "mixtral",
+    "falcon": "falcon",
+    "RefinedWeb": "falcon",
+    "RefinedWebModel": "falcon",
+    "gptj": "gptj",
+    "gpt_neox": "gpt_neox",
 }
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """Where a family keeps the tensors outside its hidden layers, and its layers' name prefix."""
+
+    layer_prefix: str  # formatted with the layer index ``i``
+    embed: str
+    final_norm: tuple[str, ...]  # weight (and bias for LayerNorm)
+    head: str
+    head_bias: str = ""
+
+
+_LLAMA_LAYOUT = FamilyLayout("model.layers.{i}.", "model.embed_tokens.weight", ("model.norm.weight",), "lm_head.weight")
+LAYOUTS: dict[str, FamilyLayout] = {
+    "llama": _LLAMA_LAYOUT,
+    "mixtral": _LLAMA_LAYOUT,
+    "falcon": FamilyLayout(
+        "transformer.h.{i}.", "transformer.word_embeddings.weight", ("transformer.ln_f.weight", "transformer.ln_f.bias"), "lm_head.weight"
+    ),
+    "gptj": FamilyLayout(
+        "transformer.h.{i}.", "transformer.wte.weight", ("transformer.ln_f.weight", "transformer.ln_f.bias"), "lm_head.weight", "lm_head.bias"
+    ),
+    "gpt_neox": FamilyLayout(
+        "gpt_neox.layers.{i}.", "gpt_neox.embed_in.weight", ("gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"),
+        "embed_out.weight",
+    ),
+}
+
+# config.json keys that hold the number of hidden layers, by family (the first one present is used)
+LAYER_KEYS = {"gptj": ("n_layer", "num_hidden_layers"), "falcon": ("num_hidden_layers", "n_layer")}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -110,110 +164,326 @@ def _need_int(cfg: dict[str, Any], key: str, *alts: str) -> int:
     raise CheckpointError(f"config.json lacks {key!r}; it is needed to know the model's shape.")
 
 
+def _opt_int(cfg: dict[str, Any], *keys: str) -> int | None:
+    for k in keys:
+        v = cfg.get(k)
+        if v is not None:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise CheckpointError(f"config.json field {k!r} must be a positive integer, not {v!r}.")
+            return v
+    return None
+
+
+def _activation(name: Any, model_type: str) -> str:
+    """Normalize config.json's activation name: "silu", "gelu" (exact) or "gelu_tanh"."""
+    table = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+             "gelu_pytorch_tanh": "gelu_tanh"}
+    if name not in table:
+        raise UnsupportedModel(f"activation {name!r} of model_type {model_type!r} is not supported; supported: {', '.join(sorted(table))}.")
+    return table[name]
+
+
+def _eos(cfg: dict[str, Any], default: int | None) -> int | None:
+    eos = cfg.get("eos_token_id", default)
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return eos
+
+
+def _family_fields(cfg: dict[str, Any], family: str, model_type: str) -> dict[str, Any]:
+    """The ArchSpec fields that differ by family, read from config.json."""
+    if family in ("llama", "mixtral"):
+        hidden = _need_int(cfg, "hidden_size")
+        heads = _need_int(cfg, "num_attention_heads")
+        return dict(
+            num_layers=_need_int(cfg, "num_hidden_layers"),
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            intermediate_size=_need_int(cfg, "intermediate_size"),
+            max_position=int(cfg.get("max_position_embeddings") or 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            activation=_activation(cfg.get("hidden_act", "silu"), model_type),
+            bos_token_id=cfg.get("bos_token_id", 1),
+            eos_token_id=_eos(cfg, 2),
+        )
+    if family == "falcon":
+        if cfg.get("alibi"):
+            raise UnsupportedModel("Falcon checkpoints with ALiBi position biases (alibi: true) are not supported; iServe runs rotary Falcon models.")
+        if cfg.get("apply_residual_connection_post_layernorm"):
+            raise UnsupportedModel("Falcon with apply_residual_connection_post_layernorm=true is not supported.")
+        hidden = _need_int(cfg, "hidden_size")
+        heads = _need_int(cfg, "num_attention_heads", "n_head")
+        new_arch = bool(cfg.get("new_decoder_architecture", False))
+        if new_arch:
+            kv = _opt_int(cfg, "num_kv_heads", "n_head_kv") or heads
+        elif cfg.get("multi_query", True):
+            kv = 1
+        else:
+            kv = heads
+        norms = int(cfg.get("num_ln_in_parallel_attn") or 2) if new_arch else (1 if cfg.get("parallel_attn", True) else 2)
+        bias = bool(cfg.get("bias", False))
+        return dict(
+            num_layers=_need_int(cfg, "num_hidden_layers", "n_layer"),
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_kv_heads=kv,
+            intermediate_size=_opt_int(cfg, "ffn_hidden_size") or 4 * hidden,
+            max_position=int(cfg.get("max_position_embeddings") or 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            attention_bias=bias,
+            norm_type="layer",
+            activation=_activation(cfg.get("activation", "gelu"), model_type),
+            gated_mlp=False,
+            parallel_residual=new_arch or bool(cfg.get("parallel_attn", True)),
+            layer_norms=norms,
+            qkv_layout="grouped" if (new_arch or kv == 1) else "per_head",
+            attention_out_bias=bias,
+            mlp_bias=bias,
+            bos_token_id=cfg.get("bos_token_id", 11),
+            eos_token_id=_eos(cfg, 11),
+        )
+    if family == "gptj":
+        hidden = _need_int(cfg, "n_embd", "hidden_size")
+        heads = _need_int(cfg, "n_head", "num_attention_heads")
+        head_dim = hidden // heads
+        return dict(
+            num_layers=_need_int(cfg, "n_layer", "num_hidden_layers"),
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_kv_heads=heads,
+            intermediate_size=_opt_int(cfg, "n_inner") or 4 * hidden,
+            max_position=int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            rope_theta=10000.0,
+            norm_type="layer",
+            activation=_activation(cfg.get("activation_function", "gelu_new"), model_type),
+            gated_mlp=False,
+            parallel_residual=True,
+            layer_norms=1,
+            rotary_dim=int(cfg.get("rotary_dim") or head_dim),
+            rotary_interleaved=True,
+            mlp_bias=True,
+            lm_head_bias=True,
+            bos_token_id=cfg.get("bos_token_id", 50256),
+            eos_token_id=_eos(cfg, 50256),
+        )
+    # gpt_neox
+    hidden = _need_int(cfg, "hidden_size")
+    heads = _need_int(cfg, "num_attention_heads")
+    head_dim = hidden // heads
+    pct = float(cfg.get("rotary_pct", 1.0))
+    if not 0.0 < pct <= 1.0:
+        raise CheckpointError(f"config.json field 'rotary_pct' must be in (0, 1], not {pct!r}.")
+    bias = bool(cfg.get("attention_bias", True))
+    return dict(
+        num_layers=_need_int(cfg, "num_hidden_layers"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_kv_heads=heads,
+        intermediate_size=_need_int(cfg, "intermediate_size"),
+        max_position=int(cfg.get("max_position_embeddings") or 2048),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rms_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+        rope_theta=float(cfg.get("rotary_emb_base") or cfg.get("rope_theta") or 10000.0),
+        attention_bias=bias,
+        norm_type="layer",
+        activation=_activation(cfg.get("hidden_act", "gelu"), model_type),
+        gated_mlp=False,
+        parallel_residual=bool(cfg.get("use_parallel_residual", True)),
+        layer_norms=2,
+        qkv_layout="per_head",
+        rotary_dim=int(head_dim * pct),
+        attention_out_bias=bias,
+        mlp_bias=True,
+        bos_token_id=cfg.get("bos_token_id", 0),
+        eos_token_id=_eos(cfg, 0),
+    )
+
+
 def arch_from_config(cfg: dict[str, Any]) -> ArchSpec:
+    """The :class:`ArchSpec` of a config.json. Raises ``UnsupportedModel`` for an architecture that is
+    not a decoder-only LLM of a known family, ``CheckpointError`` for inconsistent sizes."""
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     if model_type not in MODEL_TYPES:
-        if any(isinstance(a, str) and ("Encoder" in a or "Seq2Seq" in a or "ConditionalGeneration" in a) for a in archs):
+        if any(isinstance(a, str) and ("Encoder" in a or "Seq2Seq" in a or "ConditionalGeneration" in a) for a in archs) or cfg.get(
+            "is_encoder_decoder"
+        ):
             raise UnsupportedModel(
-                f"model_type {model_type!r} ({', '.join(archs)}) is not a decoder-only LLM; iServe serves decoder-only models."
+                f"model_type {model_type!r} ({', '.join(map(str, archs))}) is not a decoder-only LLM; iServe serves decoder-only models."
             )
         raise UnsupportedModel(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(MODEL_TYPES))}."
         )
     family = MODEL_TYPES[model_type]
-    hidden = _need_int(cfg, "hidden_size")
-    heads = _need_int(cfg, "num_attention_heads")
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    if not isinstance(kv_heads, int) or kv_heads <= 0:
+    f = _family_fields(cfg, family, model_type)
+    hidden, heads, kv_heads = f["hidden_size"], f["num_attention_heads"], f["num_kv_heads"]
+    if not isinstance(kv_heads, int) or isinstance(kv_heads, bool) or kv_heads <= 0:
         raise CheckpointError(f"config.json field 'num_key_value_heads' must be a positive integer, not {kv_heads!r}.")
-    head_dim = cfg.get("head_dim") or (hidden // heads)
-    if hidden % heads and not cfg.get("head_dim"):
+    explicit_head_dim = cfg.get("head_dim") if family in ("llama", "mixtral") else None
+    head_dim = explicit_head_dim or (hidden // heads)
+    if hidden % heads and not explicit_head_dim:
         raise CheckpointError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}; fix config.json.")
     if heads % kv_heads:
         raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}; fix config.json.")
+    rotary_dim = f.get("rotary_dim", 0)
+    if rotary_dim == head_dim:
+        f["rotary_dim"] = 0
+    elif rotary_dim and (rotary_dim > head_dim or rotary_dim % 2):
+        raise CheckpointError(f"rotary dimension {rotary_dim} must be even and at most the head dimension {head_dim}; fix config.json.")
     num_experts = int(cfg.get("num_local_experts") or 0) if family == "mixtral" else 0
-    eos = cfg.get("eos_token_id", 2)
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
+    if family == "mixtral" and num_experts < 1:
+        raise CheckpointError("a Mixtral config.json needs num_local_experts >= 1.")
+    experts_per_token = int(cfg.get("num_experts_per_tok") or 0) if num_experts else 0
+    if num_experts and not 1 <= experts_per_token <= num_experts:
+        raise CheckpointError(f"num_experts_per_tok {experts_per_token} must be between 1 and num_local_experts {num_experts}; fix config.json.")
     return ArchSpec(
         family=family,
         model_type=model_type,
-        num_layers=_need_int(cfg, "num_hidden_layers"),
-        hidden_size=hidden,
-        intermediate_size=_need_int(cfg, "intermediate_size"),
-        num_attention_heads=heads,
-        num_kv_heads=kv_heads,
         head_dim=int(head_dim),
         vocab_size=_need_int(cfg, "vocab_size"),
-        max_position=int(cfg.get("max_position_embeddings") or 2048),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16"),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
         rope_scaling=cfg.get("rope_scaling"),
-        attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
         num_experts=num_experts,
-        experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if num_experts else 0,
-        bos_token_id=cfg.get("bos_token_id", 1),
-        eos_token_id=eos,
+        experts_per_token=experts_per_token,
+        **f,
     )
+
+
+def config_with_layers(cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """A copy of ``cfg`` with its number of hidden layers set to ``num_layers`` (under the key its
+    family uses: ``n_layer`` for GPT-J, ``num_hidden_layers`` otherwise)."""
+    out = dict(cfg)
+    family = MODEL_TYPES.get(out.get("model_type"), "llama")
+    keys = [k for k in LAYER_KEYS.get(family, ("num_hidden_layers",)) if k in out] or [LAYER_KEYS.get(family, ("num_hidden_layers",))[0]]
+    for k in keys:
+        out[k] = int(num_layers)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
 # tensor layout per family
 
 
-def layer_prefix(i: int) -> str:
-    return f"model.layers.{i}."
+def layout_of(arch: ArchSpec) -> FamilyLayout:
+    try:
+        return LAYOUTS[arch.family]
+    except KeyError:
+        raise UnsupportedModel(f"architecture family {arch.family!r} has no known tensor layout.") from None
+
+
+def layer_prefix(i: int, arch: ArchSpec | None = None) -> str:
+    """The name prefix of hidden layer ``i``'s tensors (Llama's ``model.layers.{i}.`` without ``arch``)."""
+    return (layout_of(arch) if arch is not None else _LLAMA_LAYOUT).layer_prefix.format(i=i)
+
+
+def embed_name(arch: ArchSpec) -> str:
+    return layout_of(arch).embed
+
+
+def final_norm_names(arch: ArchSpec) -> list[str]:
+    names = list(layout_of(arch).final_norm)
+    return names if arch.norm_type == "layer" else names[:1]
+
+
+def head_names(arch: ArchSpec) -> list[str]:
+    """The LM head's own tensors (weight, and bias where the family has one); empty when tied."""
+    lay = layout_of(arch)
+    out = [] if arch.tie_embeddings else [lay.head]
+    if arch.lm_head_bias and lay.head_bias:
+        out.append(lay.head_bias)
+    return out
+
+
+def _norm_shapes(names: list[str], arch: ArchSpec) -> dict[str, tuple[int, ...]]:
+    h = arch.hidden_size
+    out: dict[str, tuple[int, ...]] = {}
+    for n in names:
+        out[n + ".weight"] = (h,)
+        if arch.norm_type == "layer":
+            out[n + ".bias"] = (h,)
+    return out
+
+
+def _linear(out: dict[str, tuple[int, ...]], name: str, rows: int, cols: int, bias: bool) -> None:
+    out[name + ".weight"] = (rows, cols)
+    if bias:
+        out[name + ".bias"] = (rows,)
 
 
 def layer_tensor_shapes(arch: ArchSpec) -> dict[str, tuple[int, ...]]:
-    """Tensors of one hidden layer, by name relative to ``model.layers.<i>.``."""
-    h, kv, d = arch.hidden_size, arch.num_kv_heads, arch.head_dim
+    """Tensors of one hidden layer, by name relative to its prefix (:func:`layer_prefix`)."""
+    h, kv, d, f = arch.hidden_size, arch.num_kv_heads, arch.head_dim, arch.intermediate_size
     q_out = arch.num_attention_heads * d
-    shapes: dict[str, tuple[int, ...]] = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q_out, h),
-        "self_attn.k_proj.weight": (kv * d, h),
-        "self_attn.v_proj.weight": (kv * d, h),
-        "self_attn.o_proj.weight": (h, q_out),
-    }
-    if arch.attention_bias:
-        shapes["self_attn.q_proj.bias"] = (q_out,)
-        shapes["self_attn.k_proj.bias"] = (kv * d,)
-        shapes["self_attn.v_proj.bias"] = (kv * d,)
-    if arch.family == "mixtral":
-        f = arch.intermediate_size
-        shapes["block_sparse_moe.gate.weight"] = (arch.num_experts, h)
-        for e in range(arch.num_experts):
-            shapes[f"block_sparse_moe.experts.{e}.w1.weight"] = (f, h)
-            shapes[f"block_sparse_moe.experts.{e}.w2.weight"] = (h, f)
-            shapes[f"block_sparse_moe.experts.{e}.w3.weight"] = (f, h)
+    fused_qkv = q_out + 2 * kv * d
+    shapes: dict[str, tuple[int, ...]] = {}
+    if arch.family in ("llama", "mixtral"):
+        shapes.update(_norm_shapes(["input_layernorm", "post_attention_layernorm"], arch))
+        _linear(shapes, "self_attn.q_proj", q_out, h, arch.attention_bias)
+        _linear(shapes, "self_attn.k_proj", kv * d, h, arch.attention_bias)
+        _linear(shapes, "self_attn.v_proj", kv * d, h, arch.attention_bias)
+        _linear(shapes, "self_attn.o_proj", h, q_out, False)
+        if arch.family == "mixtral":
+            shapes["block_sparse_moe.gate.weight"] = (arch.num_experts, h)
+            for e in range(arch.num_experts):
+                shapes[f"block_sparse_moe.experts.{e}.w1.weight"] = (f, h)
+                shapes[f"block_sparse_moe.experts.{e}.w2.weight"] = (h, f)
+                shapes[f"block_sparse_moe.experts.{e}.w3.weight"] = (f, h)
+        else:
+            shapes["mlp.gate_proj.weight"] = (f, h)
+            shapes["mlp.up_proj.weight"] = (f, h)
+            shapes["mlp.down_proj.weight"] = (h, f)
+    elif arch.family == "falcon":
+        if arch.layer_norms == 2 and arch.parallel_residual:
+            shapes.update(_norm_shapes(["ln_attn", "ln_mlp"], arch))
+        elif arch.layer_norms == 2:
+            shapes.update(_norm_shapes(["input_layernorm", "post_attention_layernorm"], arch))
+        else:
+            shapes.update(_norm_shapes(["input_layernorm"], arch))
+        _linear(shapes, "self_attention.query_key_value", fused_qkv, h, arch.attention_bias)
+        _linear(shapes, "self_attention.dense", h, q_out, arch.attention_out_bias)
+        _linear(shapes, "mlp.dense_h_to_4h", f, h, arch.mlp_bias)
+        _linear(shapes, "mlp.dense_4h_to_h", h, f, arch.mlp_bias)
+    elif arch.family == "gptj":
+        shapes.update(_norm_shapes(["ln_1"], arch))
+        _linear(shapes, "attn.q_proj", q_out, h, False)
+        _linear(shapes, "attn.k_proj", q_out, h, False)
+        _linear(shapes, "attn.v_proj", q_out, h, False)
+        _linear(shapes, "attn.out_proj", h, q_out, False)
+        _linear(shapes, "mlp.fc_in", f, h, arch.mlp_bias)
+        _linear(shapes, "mlp.fc_out", h, f, arch.mlp_bias)
+    elif arch.family == "gpt_neox":
+        shapes.update(_norm_shapes(["input_layernorm", "post_attention_layernorm"], arch))
+        _linear(shapes, "attention.query_key_value", fused_qkv, h, arch.attention_bias)
+        _linear(shapes, "attention.dense", h, q_out, arch.attention_out_bias)
+        _linear(shapes, "mlp.dense_h_to_4h", f, h, arch.mlp_bias)
+        _linear(shapes, "mlp.dense_4h_to_h", h, f, arch.mlp_bias)
     else:
-        f = arch.intermediate_size
-        shapes["mlp.gate_proj.weight"] = (f, h)
-        shapes["mlp.up_proj.weight"] = (f, h)
-        shapes["mlp.down_proj.weight"] = (h, f)
+        raise UnsupportedModel(f"architecture family {arch.family!r} has no known tensor layout.")
     return shapes
 
 
 def other_tensor_shapes(arch: ArchSpec) -> dict[str, tuple[int, ...]]:
-    """Tensors outside the hidden layers: embedding, final norm, LM head."""
-    shapes = {
-        "model.embed_tokens.weight": (arch.vocab_size, arch.hidden_size),
-        "model.norm.weight": (arch.hidden_size,),
-    }
-    if not arch.tie_embeddings:
-        shapes["lm_head.weight"] = (arch.vocab_size, arch.hidden_size)
+    """Tensors outside the hidden layers, in checkpoint order: embedding, final norm, LM head."""
+    shapes = {embed_name(arch): (arch.vocab_size, arch.hidden_size)}
+    for n in final_norm_names(arch):
+        shapes[n] = (arch.hidden_size,)
+    for n in head_names(arch):
+        shapes[n] = (arch.vocab_size, arch.hidden_size) if n.endswith("weight") else (arch.vocab_size,)
     return shapes
 
 
 def expected_tensors(arch: ArchSpec) -> dict[str, tuple[int, ...]]:
     out = dict(other_tensor_shapes(arch))
     for i in range(arch.num_layers):
-        p = layer_prefix(i)
+        p = layer_prefix(i, arch)
         out.update({p + k: v for k, v in layer_tensor_shapes(arch).items()})
     return out
 
@@ -340,9 +610,9 @@ def weight_breakdown(ck: Checkpoint) -> WeightBreakdown:
     others = other_tensor_shapes(arch)
     first = next(iter(ck.tensors.values()))
     return WeightBreakdown(
-        embed_params=math.prod(others["model.embed_tokens.weight"]),
-        head_params=math.prod(others["lm_head.weight"]) if "lm_head.weight" in others else 0,
-        final_norm_params=math.prod(others["model.norm.weight"]),
+        embed_params=math.prod(others[embed_name(arch)]),
+        head_params=sum(math.prod(others[n]) for n in head_names(arch)),
+        final_norm_params=sum(math.prod(others[n]) for n in final_norm_names(arch)),
         layer_linear_params=lin,
         layer_other_params=other,
         checkpoint_bytes=ck.data_bytes,

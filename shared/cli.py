@@ -9,6 +9,8 @@
     iserve status                   GPUs, models, deployments, queues
     iserve profile show MODEL       a model's configuration map
     iserve undeploy DEPLOYMENT
+    iserve validate MODEL           measure the full model, compare with the estimates
+    iserve loadgen / simulate / report   trace replay (live or simulated) and its report
     iserve gpu-agent|fingerprint|deployer|scheduler   run one service in the foreground
 
 Every flag that names the NATS server also reads ``ISERVE_NATS_URL``.
@@ -39,6 +41,14 @@ SERVICES = {
     "deployer": "iserve.deployer.__main__",
     "scheduler": "iserve.scheduler.__main__",
 }
+# sub-commands that own their flags: ``iserve NAME ...`` calls ``MODULE.main(argv)``
+TOOLS = {
+    "validate": ("iserve.fingerprint.validate", "measure the full model and compare with the estimates"),
+    "loadgen": ("iserve.loadgen.__main__", "replay an Azure trace against the live system"),
+    "simulate": ("iserve.loadgen.simulator", "replay a trace in the cluster simulator"),
+    "report": ("iserve.loadgen.report", "turn runs into tables and plots (also: report sweep)"),
+}
+PASSTHROUGH = {**SERVICES, **{k: v[0] for k, v in TOOLS.items()}}
 
 
 def default_url() -> str:
@@ -289,14 +299,6 @@ async def _profile_show(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_service(a: argparse.Namespace, rest: list[str]) -> int:
-    import importlib
-
-    mod = importlib.import_module(SERVICES[a.command])
-    mod.main(rest)
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------
 # parser
 
@@ -385,15 +387,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service in the foreground (its own flags follow)", add_help=False)
+    for name, (_, text) in TOOLS.items():
+        sub.add_parser(name, help=f"{text} (its own flags follow; --help lists them)", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SERVICES:  # pass the service's own flags through untouched
-        mod = __import__(SERVICES[argv[0]], fromlist=["main"])
-        mod.main(argv[1:])
-        return
+    if argv and argv[0] in PASSTHROUGH:  # pass the tool's own flags through untouched
+        mod = __import__(PASSTHROUGH[argv[0]], fromlist=["main"])
+        try:
+            code = mod.main(argv[1:])
+        except errors.IServeError as e:
+            err_console.print(f"[red]error[/] {escape(str(e))}")
+            code = 2
+        sys.exit(code or 0)
     a = build_parser().parse_args(argv)
     handlers = {
         "up": lambda: cmd_up(a),

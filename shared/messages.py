@@ -76,6 +76,18 @@ class ArchSpec(msgspec.Struct, kw_only=True):
     experts_per_token: int = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    # Appended for Falcon, GPT-J and GPT-NeoX; the defaults describe the Llama family.
+    norm_type: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm with bias); its epsilon is rms_norm_eps
+    activation: str = "silu"  # MLP activation: "silu", "gelu" (exact) or "gelu_tanh"
+    gated_mlp: bool = True  # act(gate(x)) * up(x) (Llama) rather than act(up(x)) with biases (GPT-style)
+    parallel_residual: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) in one step (GPT-J, NeoX, Falcon)
+    layer_norms: int = 2  # normalization layers per hidden layer (1: attention and MLP share one)
+    qkv_layout: str = "separate"  # "separate" q/k/v tensors, or one fused tensor: "grouped" (Falcon), "per_head" (NeoX)
+    rotary_dim: int = 0  # leading dimensions of each head that RoPE rotates; 0: the whole head
+    rotary_interleaved: bool = False  # GPT-J's pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
 
 
 class WeightBreakdown(msgspec.Struct, kw_only=True):
@@ -183,15 +195,51 @@ class ConfigEstimate(msgspec.Struct, kw_only=True):
     gpu_overhead_bytes: int
     total_bytes: int
     num_layers: int
-    method: str = "fingerprint"  # how it was obtained: "fingerprint" (L2/M2) or "measured"
+    method: str = "fingerprint"  # how it was obtained: "fingerprint" (L2/M2), "fingerprint+comm" or "measured"
+    # Appended (see docs/fingerprint.md). A step's cost grows with the tokens attention reads: the
+    # decode step that feeds position ``pos`` costs ``tpot_ms + tpot_per_position_ms * pos`` on the
+    # device. The host can be the bound instead (an engine that launches kernels one by one): then
+    # the step costs ``tpot_host_ms[0] + tpot_host_ms[1] * pos`` and TTFT the polynomial
+    # ``ttft_host_ms`` in the prompt length; each pass costs the larger of its two bounds. Empty
+    # lists mean no host bound (older maps).
+    tpot_per_position_ms: float = 0.0
+    ttft_host_ms: list[float] = []
+    tpot_host_ms: list[float] = []
 
     def ttft_ms(self, prompt_tokens: int) -> float:
         p = float(prompt_tokens)
-        return self.ttft_base_ms + self.ttft_per_token_ms * p + self.ttft_per_token2_ms * p * p
+        device = self.ttft_base_ms + self.ttft_per_token_ms * p + self.ttft_per_token2_ms * p * p
+        if not self.ttft_host_ms:
+            return device
+        host = sum(c * p**k for k, c in enumerate(self.ttft_host_ms))
+        return max(device, host)
+
+    def step_ms(self, position: int) -> float:
+        """The decode step that feeds the token at ``position`` (0-based)."""
+        pos = float(position)
+        device = self.tpot_ms + self.tpot_per_position_ms * pos
+        if len(self.tpot_host_ms) != 2:
+            return device
+        return max(device, self.tpot_host_ms[0] + self.tpot_host_ms[1] * pos)
+
+    def tpot_for(self, prompt_tokens: int, output_tokens: int) -> float:
+        """Mean time per output token after the first, for ``prompt_tokens`` in and ``output_tokens``
+        out: the mean of the decode steps at positions ``prompt_tokens .. prompt_tokens + output_tokens - 2``
+        (exact for the larger of two lines, in O(1))."""
+        n = output_tokens - 1
+        if n <= 0:
+            return self.step_ms(prompt_tokens)
+        lo, hi = float(prompt_tokens), float(prompt_tokens + n - 1)
+        a1, b1 = self.tpot_ms, self.tpot_per_position_ms
+        if len(self.tpot_host_ms) != 2:
+            return a1 + b1 * (lo + hi) / 2.0
+        a2, b2 = self.tpot_host_ms
+        return _mean_of_max_of_lines(a1, b1, a2, b2, int(lo), int(hi))
 
     def latency_ms(self, prompt_tokens: int, output_tokens: int) -> float:
         # The first output token comes with the prefill; each further one costs one decode step.
-        return self.ttft_ms(prompt_tokens) + max(output_tokens - 1, 0) * self.tpot_ms
+        n = max(output_tokens - 1, 0)
+        return self.ttft_ms(prompt_tokens) + (n * self.tpot_for(prompt_tokens, output_tokens) if n else 0.0)
 
     def stage_bytes(self, num_layers: int, *, first: bool, last: bool) -> int:
         b = self.gpu_overhead_bytes + num_layers * self.layer_bytes
@@ -200,6 +248,25 @@ class ConfigEstimate(msgspec.Struct, kw_only=True):
         if last:
             b += self.last_stage_bytes
         return b
+
+
+def _mean_of_max_of_lines(a1: float, b1: float, a2: float, b2: float, lo: int, hi: int) -> float:
+    """Mean over the integers ``x`` in ``[lo, hi]`` of ``max(a1 + b1 x, a2 + b2 x)``, in O(1)."""
+
+    def seg_sum(a: float, b: float, x0: int, x1: int) -> float:  # sum of a + b x over x0..x1
+        if x1 < x0:
+            return 0.0
+        k = x1 - x0 + 1
+        return k * a + b * (x0 + x1) * k / 2.0
+
+    count = hi - lo + 1
+    if b1 == b2:
+        return (a1 if a1 >= a2 else a2) + b1 * (lo + hi) / 2.0
+    cross = (a2 - a1) / (b1 - b2)  # line 1 is above line 2 for x > cross when b1 > b2
+    split = min(max(int(cross // 1), lo - 1), hi)  # last integer at or below the crossing, clamped
+    upper_left, upper_right = ((a2, b2), (a1, b1)) if b1 > b2 else ((a1, b1), (a2, b2))
+    total = seg_sum(*upper_left, lo, split) + seg_sum(*upper_right, split + 1, hi)
+    return total / count
 
 
 class ExcludedConfig(msgspec.Struct, kw_only=True):
@@ -213,6 +280,9 @@ class ProfilingCost(msgspec.Struct, kw_only=True):
     peak_bytes: int = 0
     fingerprint_bytes: list[int] = []  # checkpoint bytes of the 1- and 2-layer fingerprints
     fingerprint_fraction: list[float] = []  # ... as a fraction of the full checkpoint
+    nvml_peak_bytes: int = 0  # the largest process memory NVML saw while profiling (0: not available)
+    measured_variants: int = 0  # variants measured on fingerprints
+    comm_model: str = ""  # the model of TP variants not measured, e.g. "collective = 12.0 us + 2(t-1)/t * bytes / 300 GB/s (default)"
 
 
 class ConfigurationMap(Message):
@@ -267,11 +337,22 @@ class ProfileJob(Message):
     warmup: int = 1
     context_tokens: int = 512
     timeout_s: float = 600.0
+    # Appended: more GPUs of the agent for tensor-parallel variants (gpu_index first); empty: one GPU.
+    gpu_indices: list[int] = []
+    device_timing: bool = True  # also time the device alone (see docs/fingerprint.md)
+    gpu_warmup_s: float = 1.0  # keep the GPU busy this long before the first timed run
 
 
 class PromptTiming(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     ttft_ms: float
+
+
+class DecodeTiming(msgspec.Struct, kw_only=True, array_like=True):
+    """The decode step that feeds the token at ``position``: median milliseconds over repeats."""
+
+    position: int
+    step_ms: float
 
 
 class FingerprintMeasurement(msgspec.Struct, kw_only=True):
@@ -284,7 +365,18 @@ class FingerprintMeasurement(msgspec.Struct, kw_only=True):
     nvml_peak_bytes: int = 0  # peak process memory seen by NVML (CUDA only)
     weight_bytes: int = 0
     kv_cache_bytes: int = 0
-    timer: str = "perf_counter"  # "cuda_events" on a GPU
+    timer: str = "perf_counter"  # "perf_counter+cuda_events" with device timing
+    # Appended (docs/fingerprint.md, "Measurement"). ``ttft`` and ``tpot_ms`` are host wall times,
+    # what a request pays; the ``*_device`` fields are the device's own time for the same work,
+    # measured with the host's launches queued ahead (empty on a CPU).
+    ttft_device: list[PromptTiming] = []
+    decode: list[DecodeTiming] = []  # median wall time of the step feeding each position
+    decode_device: list[DecodeTiming] = []
+    tpot_device_ms: float = 0.0
+    context_tokens: int = 0  # the KV cache's length in tokens, so per-token KV bytes are exact
+    reserved_peak_bytes: int = 0  # the torch allocator's reserved peak (CUDA)
+    gpu_seconds: float = 0.0  # wall time this measurement held its device(s), load included, times the devices
+    tp: int = 1  # tensor-parallel ranks the measurement ran on (peak is the largest rank's)
 
 
 class ProfileResult(Message):
@@ -295,6 +387,12 @@ class ProfileResult(Message):
     gpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     peak_bytes: int = 0
+    # Appended: why variants of the job were not measured (variant key -> reason), and the measured
+    # all-reduce cost of the job's GPUs when it had several.
+    skipped: dict[str, str] = {}
+    allreduce_latency_us: float = 0.0
+    allreduce_bus_gbps: float = 0.0
+    nvml_peak_bytes: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------

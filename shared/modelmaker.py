@@ -8,12 +8,17 @@
 Values: norm weights are 1.0, every other tensor is drawn from ``normal(0, std)``. Each tensor gets
 its own ``torch.Generator`` seeded from ``seed`` and the tensor's name, so a tensor's values do not
 depend on the number of layers or shards: layer 0 of a 1-layer fingerprint of a preset equals layer 0
-of the full model made with the same seed.
+of the full model made with the same seed (on the same kind of ``device``).
 
 Memory and speed: the safetensors header is computed up front from the shapes, then each tensor is
 generated directly in the stored dtype, written and dropped, so only one tensor is in memory at a time
-(at most the largest one: 1 GB for Llama 3's embedding). Large tensors are drawn in chunks on a thread
-pool, one generator per chunk; a 7B checkpoint takes under a minute on 16 cores.
+(at most the largest one: 1 GB for Llama 3's embedding). On the CPU large tensors are drawn in chunks
+on a thread pool, one generator per chunk (a 7B checkpoint takes under a minute on 16 cores); with
+``device="cuda"`` each tensor is drawn on the GPU and copied back, and writing is the only cost
+(seconds for a 7B checkpoint; the benchmark uses this).
+
+Presets: Llama 2 7B/13B, Llama 3 8B, Mistral 7B, Qwen2 7B, Mixtral 8x7B, Falcon 7B (multi-query),
+GPT-J 6B, GPT-NeoX 20B and Pythia 6.9B shapes, and tiny test models of each family.
 
 Command line (later ``iserve make-model``)::
 
@@ -35,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import arch_from_config, expected_tensors, layer_prefix
+from .checkpoint import arch_from_config, config_with_layers, embed_name, expected_tensors, final_norm_names, head_names, layer_prefix
 
 _LLAMA_COMMON: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -224,6 +229,83 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+_FALCON_7B: dict[str, Any] = {
+    "architectures": ["FalconForCausalLM"],
+    "model_type": "falcon",
+    "alibi": False,
+    "apply_residual_connection_post_layernorm": False,
+    "attention_dropout": 0.0,
+    "bias": False,
+    "hidden_dropout": 0.0,
+    "hidden_size": 4544,
+    "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-5,
+    "multi_query": True,
+    "new_decoder_architecture": False,
+    "num_attention_heads": 71,
+    "num_hidden_layers": 32,
+    "parallel_attn": True,
+    "vocab_size": 65024,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 11,
+    "eos_token_id": 11,
+    "torch_dtype": "bfloat16",
+}
+_GPTJ_6B: dict[str, Any] = {
+    "architectures": ["GPTJForCausalLM"],
+    "model_type": "gptj",
+    "activation_function": "gelu_new",
+    "n_embd": 4096,
+    "n_head": 16,
+    "n_inner": None,
+    "n_layer": 28,
+    "n_positions": 2048,
+    "rotary_dim": 64,
+    "layer_norm_epsilon": 1e-5,
+    "tie_word_embeddings": False,
+    "vocab_size": 50400,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+    "torch_dtype": "float16",
+}
+_NEOX_20B: dict[str, Any] = {
+    "architectures": ["GPTNeoXForCausalLM"],
+    "model_type": "gpt_neox",
+    "hidden_act": "gelu",
+    "hidden_size": 6144,
+    "intermediate_size": 24576,
+    "layer_norm_eps": 1e-5,
+    "max_position_embeddings": 2048,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 44,
+    "rotary_emb_base": 10000,
+    "rotary_pct": 0.25,
+    "tie_word_embeddings": False,
+    "use_parallel_residual": True,
+    "attention_bias": True,
+    "vocab_size": 50432,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "torch_dtype": "float16",
+}
+
+PRESETS.update({
+    "falcon-7b": _FALCON_7B,
+    "gpt-j-6b": _GPTJ_6B,
+    "gpt-neox-20b": _NEOX_20B,
+    "pythia-6.9b": {**_NEOX_20B, "hidden_size": 4096, "intermediate_size": 16384, "num_attention_heads": 32,
+                    "num_hidden_layers": 32},
+    # Tiny models of the other families, with the byte-level vocabulary (tests).
+    "tiny-falcon": {**_FALCON_7B, "hidden_size": 128, "num_attention_heads": 4, "num_kv_heads": 2, "new_decoder_architecture": True,
+                    "num_hidden_layers": 4, "vocab_size": 259, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"},
+    "tiny-gptj": {**_GPTJ_6B, "n_embd": 128, "n_head": 4, "n_layer": 4, "rotary_dim": 16, "vocab_size": 259, "bos_token_id": 1,
+                  "eos_token_id": 2},
+    "tiny-neox": {**_NEOX_20B, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 4,
+                  "vocab_size": 259, "bos_token_id": 1, "eos_token_id": 2},
+})
+
 # torch_dtype name -> (torch dtype, safetensors dtype tag, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
     "float16": (torch.float16, "F16", 2),
@@ -243,22 +325,35 @@ def preset_config(preset: str, *, num_layers: int | None = None, overrides: dict
     if num_layers is not None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, not {num_layers}.")
-        cfg["num_hidden_layers"] = int(num_layers)
+        cfg = config_with_layers(cfg, int(num_layers))
     cfg["torch_dtype"] = dtype
     return cfg
 
 
-def tensor_order(names: dict[str, tuple[int, ...]], num_layers: int) -> list[str]:
-    """Hugging Face's order: embedding, layer 0 .. n-1 (each layer's tensors sorted), final norm, head."""
-    head = [n for n in ("model.embed_tokens.weight",) if n in names]
+def tensor_order(names: dict[str, tuple[int, ...]], num_layers: int, arch: Any = None) -> list[str]:
+    """Hugging Face's order: embedding, layer 0 .. n-1 (each layer's tensors sorted), final norm, head
+    (names of ``arch``'s family; Llama's without it)."""
+    if arch is None:
+        head = [n for n in ("model.embed_tokens.weight",) if n in names]
+        tail = [n for n in ("model.norm.weight", "lm_head.weight") if n in names]
+    else:
+        head = [embed_name(arch)]
+        tail = final_norm_names(arch) + head_names(arch)
     layers = []
     for i in range(num_layers):
-        p = layer_prefix(i)
+        p = layer_prefix(i, arch)
         layers += sorted(n for n in names if n.startswith(p))
-    tail = [n for n in ("model.norm.weight", "lm_head.weight") if n in names]
     order = head + layers + tail
     assert len(order) == len(names), "tensor_order lost tensors: expected_tensors has names of an unknown kind"
     return order
+
+
+def _is_norm_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """A normalization layer's scale (RMSNorm/LayerNorm weight): made 1.0."""
+    if len(shape) != 1 or not name.endswith(".weight"):
+        return False
+    leaf = name.rsplit(".", 2)[-2]
+    return "norm" in leaf or leaf.startswith("ln_") or leaf == "ln_f"
 
 
 def _split_into_shards(order: list[str], nbytes: dict[str, int], shards: int) -> list[list[str]]:
@@ -292,10 +387,14 @@ def _seed_of(*parts: object) -> int:
 
 
 def _make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: float,
-                 pool: ThreadPoolExecutor) -> torch.Tensor:
-    """Norm weights are ones; everything else normal(0, std), reproducible from (seed, name)."""
-    if name.endswith("norm.weight"):
+                 pool: ThreadPoolExecutor, device: str = "cpu") -> torch.Tensor:
+    """Norm weights are ones; everything else normal(0, std), reproducible from (seed, name). With a
+    CUDA ``device`` the values are drawn there (one generator per tensor) and copied back."""
+    if _is_norm_weight(name, shape):
         return torch.ones(shape, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        g = torch.Generator(device=device).manual_seed(_seed_of(seed, name))
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=g).cpu()
     t = torch.empty(shape, dtype=dtype)
     flat = t.view(-1)
 
@@ -340,18 +439,20 @@ def make_checkpoint(
     dtype: str = "float16",
     shards: int = 1,
     std: float = 0.02,
+    device: str = "cpu",
 ) -> Path:
     """Write a random-weight checkpoint of ``preset`` into ``out_dir`` and return its path.
 
-    ``num_layers`` replaces the preset's ``num_hidden_layers`` (fingerprints use 1 and 2);
-    ``overrides`` replaces any other config.json fields (applied before ``num_layers``). Existing
-    ``model*.safetensors`` files and the index in ``out_dir`` are replaced, other files are kept.
+    ``num_layers`` replaces the preset's layer count (fingerprints use 1 and 2); ``overrides``
+    replaces any other config.json fields (applied before ``num_layers``); ``device`` ("cpu" or
+    "cuda[:i]") is where the values are drawn. Existing ``model*.safetensors`` files and the index in
+    ``out_dir`` are replaced, other files are kept.
     """
     cfg = preset_config(preset, num_layers=num_layers, overrides=overrides, dtype=dtype)
     arch = arch_from_config(cfg)
     shapes = expected_tensors(arch)
     torch_dtype, st_dtype, elem_bytes = DTYPES[dtype]
-    order = tensor_order(shapes, arch.num_layers)
+    order = tensor_order(shapes, arch.num_layers, arch)
     nbytes = {n: math.prod(shapes[n]) * elem_bytes for n in order}
     groups = _split_into_shards(order, nbytes, shards)
 
@@ -365,7 +466,7 @@ def make_checkpoint(
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
 
         def make(name: str) -> torch.Tensor:
-            return _make_tensor(name, shapes[name], seed, torch_dtype, std, pool)
+            return _make_tensor(name, shapes[name], seed, torch_dtype, std, pool, device)
 
         if shards == 1:
             _write_shard(out / "model.safetensors", groups[0], shapes, st_dtype, elem_bytes, make)
@@ -391,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="stored dtype (default: float16)")
     ap.add_argument("--shards", type=int, default=1, help="number of safetensors files (default: 1)")
     ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the weights (default: 0.02)")
+    ap.add_argument("--device", default="cpu", help="where to draw the values: cpu or cuda[:i] (default: cpu; cuda is much faster)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                     help="override a config.json field, e.g. --set num_local_experts=2 (repeatable)")
     args = ap.parse_args(argv)
@@ -406,12 +508,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         path = make_checkpoint(args.out_dir, args.preset, num_layers=args.layers, overrides=overrides, seed=args.seed,
-                               dtype=args.dtype, shards=args.shards, std=args.std)
+                               dtype=args.dtype, shards=args.shards, std=args.std, device=args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    print(f"wrote {args.preset} ({args.layers or PRESETS[args.preset]['num_hidden_layers']} layers, {args.dtype}, "
+    layers = args.layers or arch_from_config(PRESETS[args.preset]).num_layers
+    print(f"wrote {args.preset} ({layers} layers, {args.dtype}, "
           f"{args.shards} shard(s), {size / 2**20:.1f} MiB) to {path} in {time.perf_counter() - t0:.1f} s")
     return 0
 

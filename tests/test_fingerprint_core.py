@@ -247,8 +247,11 @@ def test_quantized_and_pruned_weight_bytes():
     assert est.linear_weight_bytes(r, c, "int8") == r * c + r * 2
     assert est.linear_weight_bytes(r, c, "int4") == r * c // 2 + r * math.ceil(c / 128) * 4
     assert est.linear_weight_bytes(r, c, "fp16", "2:4") == r * c + r * c // 8
-    assert est.linear_weight_bytes(r, c, "int8", "2:4") == r * c // 2 + r * c // 8 + r * 2
-    assert est.linear_weight_bytes(r, c, "int4", "2:4") == r * c // 4 + r * c // 8 + r * math.ceil(c / 128) * 4
+    # the engine quantizes the pruned dense matrix (no quantized 2:4 kernel): zeros are stored
+    assert est.linear_weight_bytes(r, c, "int8", "2:4") == est.linear_weight_bytes(r, c, "int8")
+    assert est.linear_weight_bytes(r, c, "int4", "2:4") == est.linear_weight_bytes(r, c, "int4")
+    # int4 rows are padded to whole groups of 128 columns (Falcon-7B's 4544 = 35.5 groups)
+    assert est.linear_weight_bytes(4672, 4544, "int4") == 4672 * 36 * 64 + 4672 * 36 * 4
 
     arch = _arch(32, 32, hidden=4096, ffn=11008, vocab=32000)  # Llama-2-7B shapes
     w = _weights(arch)
@@ -278,7 +281,8 @@ def test_kv_cache_scales_with_context_and_int8_halves_it():
     kv = est.kv_cache_bytes_per_layer(arch, Configuration(), 4096)
     assert kv == 2 * 8 * 128 * 4096 * 2
     assert est.kv_cache_bytes_per_layer(arch, Configuration(), 8192) == 2 * kv
-    assert est.kv_cache_bytes_per_layer(arch, Configuration(kv_quant="int8"), 4096) * 2 == kv
+    # int8: one byte per element plus a 16-bit scale per head and position (the engine's KVCache)
+    assert est.kv_cache_bytes_per_layer(arch, Configuration(kv_quant="int8"), 4096) == 2 * 8 * 4096 * (128 + 2)
     assert est.kv_cache_bytes_per_layer(arch, Configuration(tp=2), 4096) * 2 == kv
     assert est.kv_cache_bytes_per_layer(arch, Configuration(pruning="structured"), 4096) == kv * 6 // 8
 
@@ -363,9 +367,9 @@ def test_estimates_follow_variant_quantization_context_and_tp():
 
     # each config uses its own variant's timings
     assert kv8.tpot_ms == pytest.approx(2 * base.tpot_ms) and tp2.tpot_ms == pytest.approx(4 * base.tpot_ms)
-    # int8 KV halves the KV cache and nothing else
+    # int8 KV halves the KV cache (plus its 16-bit scales) and nothing else
     kv_fp16 = 2 * 8 * 128 * 4096 * 2
-    assert base.layer_bytes - kv8.layer_bytes == kv_fp16 // 2
+    assert base.layer_bytes - kv8.layer_bytes == kv_fp16 - 2 * 8 * 4096 * (128 + 2)
     # int4 weights: exact formula, everything outside the layers unchanged
     lw4 = est.layer_weights(arch, w, "int4", "none")
     assert w4.layer_bytes == lw4.linear_bytes + lw4.other_bytes + kv_fp16 + ACT_LAYER

@@ -23,6 +23,10 @@ from iserve.fingerprint.config import FingerprintConfig
 from iserve.fingerprint.service import FingerprintService
 from iserve.gpu_agent.config import AgentConfig
 from iserve.gpu_agent.engine import CAPABILITIES
+
+# The service tests profile on the CPU: measuring all of the engine's variants there takes about a
+# minute per model, so they profile the fp16 variants only (the variants are covered in tests/engine).
+TEST_CAPABILITIES = {**CAPABILITIES, "tp": [1], "weight_quant": ["fp16"], "kv_quant": ["fp16"], "pruning": ["none"]}
 from iserve.gpu_agent.gpus import SimulatedGpus
 from iserve.gpu_agent.load import parse_simulated
 from iserve.gpu_agent.service import AgentService
@@ -60,7 +64,7 @@ class Cluster:
                 work_dir=self.tmp / "fp", context_tokens=self.context_tokens, prompt_lengths=[16, 64], output_lengths=[4, 12],
                 repeats=2, warmup=1, gpu_wait_s=20, **common,
             )
-            svc = FingerprintService(cfg, await self._conn("fingerprint"), CAPABILITIES)
+            svc = FingerprintService(cfg, await self._conn("fingerprint"), TEST_CAPABILITIES)
         elif name == "deployer":
             svc = DeployerService(DeployerConfig(reconcile_s=0.5, gpu_stale_s=2.0, **common), await self._conn("deployer"))
         else:

@@ -26,13 +26,16 @@ class FingerprintConfig:
     log_json: bool | None
     work_dir: Path = Path.home() / ".iserve" / "fingerprints"
     context_tokens: int = 2048
-    prompt_lengths: list[int] = field(default_factory=lambda: [128, 512])
+    prompt_lengths: list[int] = field(default_factory=lambda: [128, 512, 1024])
     output_lengths: list[int] = field(default_factory=lambda: [16, 64])
     repeats: int = 3
-    warmup: int = 2
+    warmup: int = 1
+    device_timing: bool = True
+    gpu_warmup_s: float = 1.0
     gpu_stale_s: float = 5.0
     gpu_wait_s: float = 60.0
     profile_timeout_s: float = 900.0
+    profile_reply_margin_s: float = 30.0
 
 
 def parse(argv: list[str] | None = None) -> FingerprintConfig:
@@ -40,13 +43,19 @@ def parse(argv: list[str] | None = None) -> FingerprintConfig:
     common_flags(p)
     flag(p, "--fingerprint-dir", default=str(Path.home() / ".iserve" / "fingerprints"), help="where fingerprint checkpoints are written")
     flag(p, "--context-tokens", default=2048, type=int, help="context length the configuration maps (KV cache) are estimated for")
-    flag(p, "--prompt-lengths", default=[128, 512], type=int_list, help="prompt lengths TTFT is measured at (comma-separated)")
+    flag(p, "--prompt-lengths", default=[128, 512, 1024], type=int_list,
+         help="prompt lengths TTFT is measured at (comma-separated; 3 or more fit TTFT's quadratic term)")
     flag(p, "--output-lengths", default=[16, 64], type=int_list, help="output lengths TPOT is measured over (comma-separated)")
     flag(p, "--repeats", default=3, type=int, help="timed repeats per measurement (the median is kept)")
-    flag(p, "--warmup", default=2, type=int, help="untimed warm-up runs")
+    flag(p, "--warmup", default=1, type=int, help="untimed warm-up rounds of every run")
+    flag(p, "--device-timing", default=True, type=bool,
+         help="also time the device alone on CUDA (needed when the engine is launch-bound; see docs/fingerprint.md)")
+    flag(p, "--gpu-warmup-s", default=1.0, type=float, help="seconds to keep the GPU busy before the first timed run")
     flag(p, "--gpu-stale-s", default=5.0, type=float, help="ignore GPUs whose last gpu.load is older than this")
     flag(p, "--gpu-wait-s", default=60.0, type=float, help="how long to wait for a GPU agent before failing a profile")
     flag(p, "--profile-timeout-s", default=900.0, type=float, help="a profiling run longer than this is stopped")
+    flag(p, "--profile-reply-margin-s", default=30.0, type=float,
+         help="how much longer than --profile-timeout-s to wait for the agent's answer before trying another GPU")
     a = p.parse_args(argv)
     if max(a.prompt_lengths) + max(a.output_lengths) > a.context_tokens:
         p.error("the longest prompt plus the longest output must fit in --context-tokens")
@@ -60,7 +69,10 @@ def parse(argv: list[str] | None = None) -> FingerprintConfig:
         output_lengths=a.output_lengths,
         repeats=a.repeats,
         warmup=a.warmup,
+        device_timing=a.device_timing,
+        gpu_warmup_s=a.gpu_warmup_s,
         gpu_stale_s=a.gpu_stale_s,
         gpu_wait_s=a.gpu_wait_s,
         profile_timeout_s=a.profile_timeout_s,
+        profile_reply_margin_s=a.profile_reply_margin_s,
     )

@@ -3,14 +3,16 @@
 A fingerprint (paper section 5.1) is a real checkpoint of the same architecture with ``num_layers``
 hidden layers, made of the model's REAL tensors: the embedding, the final norm, the LM head and the
 model's first ``num_layers`` hidden layers, byte for byte (exactly the tensors
-``iserve.checkpoint.expected_tensors`` names for that depth; stray extras of the source, such as old
-``rotary_emb.inv_freq`` buffers, are left out). Only those tensors are read (through
+``iserve.checkpoint.expected_tensors`` names for that depth, in the family's own layout: Llama,
+Mistral, Qwen2, Mixtral, Falcon, GPT-J, GPT-NeoX; stray extras of the source, such as old
+``rotary_emb.inv_freq`` or ``attn.masked_bias`` buffers, are left out). Only those tensors are read (through
 ``iserve.checkpoint.load_tensors``, one tensor at a time, so memory stays at the largest tensor), never
 the whole model.
 
 Layout of a fingerprint folder::
 
-    config.json          the model's config.json with num_hidden_layers changed, nothing else
+    config.json          the model's config.json with its layer count changed (num_hidden_layers, or
+                         n_layer for GPT-J), nothing else
     model.safetensors    the tensors above, same names, dtypes and bytes as in the source shards
     tokenizer files      copied when the model has them (tokenizer.json, tokenizer.model, ...)
     fingerprint.json     provenance: source path and digest, num_layers, tensor bytes
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import iserve.checkpoint as checkpoint
-from iserve.checkpoint import DTYPE_BYTES, Checkpoint, layer_prefix, layer_tensor_shapes, other_tensor_shapes
+from iserve.checkpoint import DTYPE_BYTES, Checkpoint, config_with_layers, embed_name, layer_prefix, layer_tensor_shapes, other_tensor_shapes
 from iserve.errors import CheckpointError, UnsupportedModel
 
 FINGERPRINT_LAYERS = (1, 2)
@@ -71,9 +73,9 @@ def fingerprint_tensor_names(ck: Checkpoint, num_layers: int) -> list[str]:
     0..n-1, final norm, LM head."""
     arch = ck.arch
     others = list(other_tensor_shapes(arch))
-    embed = [n for n in others if n == "model.embed_tokens.weight"]
-    tail = [n for n in others if n != "model.embed_tokens.weight"]
-    layers = [layer_prefix(i) + k for i in range(num_layers) for k in sorted(layer_tensor_shapes(arch))]
+    embed = [n for n in others if n == embed_name(arch)]
+    tail = [n for n in others if n != embed_name(arch)]
+    layers = [layer_prefix(i, arch) + k for i in range(num_layers) for k in sorted(layer_tensor_shapes(arch))]
     return embed + layers + tail
 
 
@@ -181,8 +183,7 @@ def write_fingerprint(ck: Checkpoint, out_dir: str | os.PathLike, num_layers: in
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
-        cfg = dict(ck.config)
-        cfg["num_hidden_layers"] = num_layers
+        cfg = config_with_layers(ck.config, num_layers)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         data_bytes = _write_tensors(ck, names, tmp / TENSOR_FILE)
         src = Path(ck.path)

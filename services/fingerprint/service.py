@@ -11,7 +11,11 @@ Profiling (one task per model, resumed after a restart)
     2-layer fingerprints from the real tensors (``generator``), run them on the least-loaded GPU of
     that type with enough free memory through the agent's profile path (retried once on another GPU),
     fit every configuration (``estimator``), store the ``ConfigurationMap`` in ``iserve_profiles`` and
-    announce ``profile.done``.
+    announce ``profile.done``. Tensor-parallel variants are measured on as many GPUs of that agent as
+    have room (``ProfileJob.gpu_indices``); those above that are estimated from their TP=1 twin and
+    the communication model (measured by the profiler when it had several GPUs, else the GPU type's
+    default). On simulated GPUs TP configurations are excluded, with that reason. Any failure marks the model failed with the reason and publishes ``profile.done``
+    (status "failed"); a map is stored only when complete.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ from .config import FingerprintConfig
 log = structlog.get_logger()
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SIMULATED_TP = ("tensor parallelism is not profiled on simulated GPUs (their workers compute on the CPU, "
+                "where TP timings say nothing about GPUs)")
 
 
 @dataclass
@@ -260,10 +266,10 @@ class FingerprintService:
         max_gpus = max(per_host.values())
         gpu_bytes = max(g.total_bytes for g in same_type)
         configs = estimator.enumerate_configurations(rec.arch, max_gpus)
-        supported, _ = estimator.split_supported(configs, self.capabilities, arch=rec.arch)
-        variants = estimator.measurement_variants(supported)
-        if not variants:
-            raise errors.UnsupportedModel(f"the engine can run none of {rec.name}'s configurations on {gpu_type}.")
+        supported, excluded = estimator.split_supported(configs, self.capabilities, arch=rec.arch)
+        if not supported:
+            why = excluded[0].reason if excluded else "no configuration"
+            raise errors.UnsupportedModel(f"the engine can run none of {rec.name}'s configurations on {gpu_type}: {why}.")
         # A fingerprint needs its weights, a KV cache and working memory; ask for twice its size.
         need = 2 * max(i.bytes for i in infos) + 256 * 2**20
         cands = self._candidates(gpu_type, need)
@@ -274,13 +280,15 @@ class FingerprintService:
             model=rec.name,
             fingerprint_paths=[i.path for i in infos],
             gpu_index=cands[0].gpu_index,
-            variants=variants,
+            variants=[],
             prompt_lengths=self.cfg.prompt_lengths,
             output_lengths=self.cfg.output_lengths,
             repeats=self.cfg.repeats,
             warmup=self.cfg.warmup,
             context_tokens=self.cfg.context_tokens,
             timeout_s=self.cfg.profile_timeout_s,
+            device_timing=self.cfg.device_timing,
+            gpu_warmup_s=self.cfg.gpu_warmup_s,
         )
         # the model cannot attend further than its position embeddings reach
         job.context_tokens = min(self.cfg.context_tokens, rec.arch.max_position)
@@ -293,15 +301,21 @@ class FingerprintService:
         attempts: list[str] = []
         for gpu in cands[:2]:  # one retry, on another GPU
             job.gpu_index = gpu.gpu_index
-            log.info("profiling", gpu_type=gpu_type, agent=gpu.agent_id, gpu=gpu.gpu_index, variants=len(variants))
+            job.gpu_indices = self._tp_gpus(gpu, cands)
+            job.variants = estimator.measurement_variants(supported, max_tp=len(job.gpu_indices))
+            log.info("profiling", gpu_type=gpu_type, agent=gpu.agent_id, gpu=gpu.gpu_index, gpus=job.gpu_indices, variants=len(job.variants))
             try:
-                result = await bus.request(self.nc, subjects.agent_profile(gpu.agent_id), job, ProfileResult, timeout=job.timeout_s + 30)
+                result = await bus.request(self.nc, subjects.agent_profile(gpu.agent_id), job, ProfileResult,
+                                           timeout=job.timeout_s + self.cfg.profile_reply_margin_s)
                 break
             except errors.IServeError as e:
                 attempts.append(f"{gpu.agent_id}/GPU {gpu.gpu_index}: {e.message}")
                 log.warning("profiling attempt failed", agent=gpu.agent_id, gpu=gpu.gpu_index, error=e.message)
         if result is None:
             raise errors.WorkerDied("profiling failed on every GPU tried: " + "; ".join(attempts))
+        if not result.measurements:
+            why = "; ".join(f"{k}: {v}" for k, v in sorted(result.skipped.items())) or "nothing was measured"
+            raise errors.UnsupportedModel(f"the profiler could measure no variant of {rec.name} on {gpu_type}: {why}")
         sizes, fractions = generator.fingerprint_cost_fields(infos)
         cost = ProfilingCost(
             gpu_seconds=result.gpu_seconds,
@@ -309,7 +323,20 @@ class FingerprintService:
             peak_bytes=result.peak_bytes,
             fingerprint_bytes=sizes,
             fingerprint_fraction=fractions,
+            nvml_peak_bytes=result.nvml_peak_bytes,
+            measured_variants=len({m.variant for m in result.measurements}),
         )
+        skipped = dict(result.skipped)
+        if gpu.simulated:
+            # CPU timings say nothing about GPU tensor parallelism, measured or modeled.
+            comm = None
+            for v in estimator.measurement_variants(supported):
+                if v.tp > 1:
+                    skipped.setdefault(estimator.variant_key(v), SIMULATED_TP)
+        elif result.allreduce_bus_gbps > 0:
+            comm = estimator.CommModel(result.allreduce_latency_us, result.allreduce_bus_gbps, source="measured")
+        else:
+            comm = estimator.default_comm(gpu_type)
         return estimator.build_configuration_map(
             model=rec.name,
             gpu_type=gpu_type,
@@ -324,4 +351,19 @@ class FingerprintService:
             cost=cost,
             device=f"{result.device}:{result.gpu_type}",
             created_at=now(),
+            comm=comm,
+            skipped=skipped,
         )
+
+    def _tp_gpus(self, first: GpuLoad, cands: list[GpuLoad]) -> list[int]:
+        """``first`` and the other GPUs of its agent that have room for a fingerprint, up to the
+        largest power of two: tensor-parallel variants up to that degree are measured on them.
+        Simulated GPUs compute on the CPU, where TP timings mean nothing: their TP is modeled."""
+        if first.simulated:
+            return [first.gpu_index]
+        same = [g.gpu_index for g in cands if g.agent_id == first.agent_id and g.gpu_index != first.gpu_index]
+        out = [first.gpu_index] + same
+        n = 1
+        while n * 2 <= len(out):
+            n *= 2
+        return out[:n]

@@ -3,7 +3,10 @@
 * publishes ``gpu.load.<agent>.<gpu>`` every second for each GPU (memory and the paper's busy
   fraction over a sliding window),
 * launches and stops model workers (``agent.<id>.launch`` / ``agent.<id>.stop``) as child processes
-  restricted to their GPUs, and reports a worker that exits (``worker.exited``),
+  restricted to their GPUs, and reports a worker that exits (``worker.exited``). A worker with
+  tensor parallelism ``tp > 1`` is ``tp`` processes, one per rank (``stages[s * tp + r]`` is stage
+  ``s`` of rank ``r``), sharing one worker id; rank 0 is the one on NATS. When any rank exits, the
+  others are stopped and the worker is reported once,
 * runs profiling jobs (``agent.<id>.profile``) through the same launch path, in profile mode.
 
 Memory: the agent reserves each worker's estimated per-GPU bytes until the worker exits; free memory
@@ -14,7 +17,9 @@ have no hardware reading, so reservations are their whole story.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,16 +67,42 @@ class WorkerProc:
     busy_seconds: float = 0.0
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int | None = None
+    followers: list[asyncio.subprocess.Process] = field(default_factory=list)  # TP ranks 1..tp-1
+    follower_logs: list[Path] = field(default_factory=list)
+
+    @property
+    def procs(self) -> list[asyncio.subprocess.Process]:
+        return [self.proc, *self.followers]
 
 
 def exit_reason(w: "WorkerProc") -> str:
-    """Why a worker exited: the line it wrote to its error file, else the end of its log."""
-    err = w.log_path.with_suffix(".error")
-    try:
-        text = err.read_text(errors="replace").strip()
-    except OSError:
-        text = ""
-    return text or log_tail(w.log_path) or f"exit code {w.exit_code}"
+    """Why a worker exited: the line a rank wrote to its error file (rank 0 first), else the end of
+    rank 0's log."""
+    for path in (w.log_path, *w.follower_logs):
+        try:
+            text = path.with_suffix(".error").read_text(errors="replace").strip()
+        except OSError:
+            text = ""
+        if text:
+            return text if path == w.log_path else f"tensor-parallel rank {w.follower_logs.index(path) + 1}: {text}"
+    return log_tail(w.log_path) or f"exit code {w.exit_code}"
+
+
+def trtllm_serves(config) -> bool:
+    """Whether the worker for ``config`` will run TensorRT-LLM (which starts its own ranks). Torch is
+    imported into the agent only where ``tensorrt_llm`` is installed at all."""
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return False
+    from .engine.trtllm import use_trtllm
+
+    return use_trtllm(config)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a tensor-parallel worker's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def log_tail(path: Path, lines: int = 5, max_chars: int = 600) -> str:
@@ -209,41 +240,71 @@ class AgentService:
                     f"{what} needs {b / 2**30:.2f} GiB on GPU {i} but only {free / 2**30:.2f} GiB is free; re-plan the deployment."
                 )
 
-    async def _spawn_worker(self, worker_id: str, deployment_id: str, mode: str, gpu_indices: list[int], reserved: dict[int, int], args: list[str]) -> WorkerProc:
+    async def _spawn_worker(self, worker_id: str, deployment_id: str, mode: str, gpu_indices: list[int], reserved: dict[int, int],
+                            args: list[str], ranks: list[tuple[list[int], list[str]]] | None = None) -> WorkerProc:
+        """Start a worker's process(es), all seeing ``gpu_indices``. ``ranks``: per process, the GPUs of
+        its stages and its extra arguments (default: one process with every GPU, in order)."""
         log_path = self.cfg.work_dir / "workers" / f"{worker_id}.log"
-        devices = ",".join(self.gpus.device_for(i, pos) for pos, i in enumerate(gpu_indices))
         env = dict(os.environ)
         env.update(self.gpus.visible_devices_env(gpu_indices))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        cmd = [
-            sys.executable,
-            "-m",
-            "iserve.gpu_agent.worker",
-            mode,
-            *args,
-            "--agent-id",
-            self.cfg.agent_id,
-            "--nats-url",
-            self.cfg.nats_url,
-            "--devices",
-            devices,
-            "--error-file",
-            str(log_path.with_suffix(".error")),
-        ]
-        log_path.with_suffix(".error").unlink(missing_ok=True)
-        logf = open(log_path, "ab")
-        try:
-            proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=env)
-        finally:
-            logf.close()
-        w = WorkerProc(worker_id, deployment_id, gpu_indices, reserved, proc, log_path, mode)
+        procs = []
+        logs = []
+        for r, (rank_gpus, rank_args) in enumerate(ranks or [(gpu_indices, [])]):
+            path = log_path if r == 0 else log_path.with_name(f"{worker_id}.rank{r}.log")
+            devices = ",".join(self.gpus.device_for(i, gpu_indices.index(i)) for i in rank_gpus)
+            cmd = [
+                sys.executable,
+                "-m",
+                "iserve.gpu_agent.worker",
+                mode,
+                *args,
+                *rank_args,
+                "--agent-id",
+                self.cfg.agent_id,
+                "--nats-url",
+                self.cfg.nats_url,
+                "--devices",
+                devices,
+                "--error-file",
+                str(path.with_suffix(".error")),
+            ]
+            path.with_suffix(".error").unlink(missing_ok=True)
+            logf = open(path, "ab")
+            try:
+                procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=env))
+            finally:
+                logf.close()
+            logs.append(path)
+            log.info("worker started", worker_id=worker_id, mode=mode, pid=procs[-1].pid, gpus=rank_gpus, devices=devices,
+                     rank=r)
+        w = WorkerProc(worker_id, deployment_id, gpu_indices, reserved, procs[0], log_path, mode,
+                       followers=procs[1:], follower_logs=logs[1:])
         self.workers[worker_id] = w
         self._spawn(self._watch(w))
-        log.info("worker started", worker_id=worker_id, mode=mode, pid=proc.pid, gpus=gpu_indices, devices=devices)
         return w
 
     async def _watch(self, w: WorkerProc) -> None:
-        code = await w.proc.wait()
+        waits = {asyncio.ensure_future(p.wait()): p for p in w.procs}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        first = next(iter(done))
+        code = first.result()
+        if pending:  # a tensor-parallel rank exited: the others cannot go on without it
+            for p in w.procs:
+                if p.returncode is None:
+                    try:
+                        p.terminate()
+                    except ProcessLookupError:
+                        pass
+            try:
+                await asyncio.wait_for(asyncio.gather(*pending), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                for p in w.procs:
+                    if p.returncode is None:
+                        p.kill()
+                await asyncio.gather(*pending)
+        if waits[first] is not w.proc and w.proc.returncode not in (None, 0) and code == 0:
+            code = w.proc.returncode
         w.exit_code = code
         self.workers.pop(w.worker_id, None)
         w.exited.set()
@@ -265,20 +326,22 @@ class AgentService:
             log.warning("publish worker.exited failed", error=str(e))
 
     async def _stop_worker(self, w: WorkerProc) -> None:
+        """Stop rank 0 (which releases the other ranks); kill whatever is left after the grace time."""
         w.expected_exit = True
         if w.proc.returncode is None:
             try:
                 w.proc.terminate()
             except ProcessLookupError:
                 pass
-            try:
-                await asyncio.wait_for(w.exited.wait(), STOP_GRACE_S)
-            except asyncio.TimeoutError:
+        try:
+            await asyncio.wait_for(w.exited.wait(), STOP_GRACE_S)
+        except asyncio.TimeoutError:
+            for p in w.procs:
                 try:
-                    w.proc.kill()
+                    p.kill()
                 except ProcessLookupError:
                     pass
-                await w.exited.wait()
+            await w.exited.wait()
 
     async def handle_launch(self, req: LaunchWorker, _msg: Msg) -> LaunchReply:
         with structlog.contextvars.bound_contextvars(worker_id=req.worker_id, deployment_id=req.deployment_id):
@@ -287,6 +350,12 @@ class AgentService:
                 return LaunchReply(worker_id=req.worker_id, pid=existing.proc.pid, agent_id=self.cfg.agent_id)
             if not req.stages:
                 raise errors.BadRequest("launch has no stages; give at least one stage with its GPU and layers.")
+            tp = req.config.tp
+            if tp < 1 or len(req.stages) % tp:
+                raise errors.BadRequest(
+                    f"launch has {len(req.stages)} stage entries for tensor parallelism {tp}; give tp entries per "
+                    "pipeline stage (stage s of rank r is stages[s * tp + r])."
+                )
             indices = [s.gpu_index for s in req.stages]
             need: dict[int, int] = {}
             for s in req.stages:
@@ -294,7 +363,12 @@ class AgentService:
             self._check_gpus(indices, need, f"worker {req.worker_id}")
             spec_path = self.cfg.work_dir / "workers" / f"{req.worker_id}.launch.json"
             spec_path.write_bytes(encode(req))
-            w = await self._spawn_worker(req.worker_id, req.deployment_id, "serve", indices, need, ["--spec", str(spec_path)])
+            ranks = None
+            if tp > 1 and not trtllm_serves(req.config):
+                port = str(free_port())
+                ranks = [([st.gpu_index for st in req.stages[r::tp]], ["--tp-rank", str(r), "--tp-size", str(tp), "--dist-port", port])
+                         for r in range(tp)]
+            w = await self._spawn_worker(req.worker_id, req.deployment_id, "serve", indices, need, ["--spec", str(spec_path)], ranks)
             return LaunchReply(worker_id=req.worker_id, pid=w.proc.pid, agent_id=self.cfg.agent_id)
 
     async def handle_stop(self, req: StopWorker, _msg: Msg) -> StopReply:
@@ -305,9 +379,11 @@ class AgentService:
         return StopReply(worker_id=req.worker_id, stopped=True)
 
     async def handle_profile(self, job: ProfileJob, _msg: Msg) -> ProfileResult:
-        """Run a profile-mode worker on one GPU and return what it measured."""
+        """Run a profile-mode worker on the job's GPU (and the extra GPUs of its tensor-parallel
+        variants, ``gpu_indices``) and return what it measured."""
         with structlog.contextvars.bound_contextvars(job_id=job.job_id, model=job.model):
-            self._check_gpus([job.gpu_index], {}, f"profile job {job.job_id}")
+            gpus = [job.gpu_index] + [i for i in job.gpu_indices if i != job.gpu_index]
+            self._check_gpus(gpus, {}, f"profile job {job.job_id}")
             wid = f"profile-{job.job_id}"
             job_path = self.cfg.work_dir / "workers" / f"{wid}.job.json"
             result_path = self.cfg.work_dir / "workers" / f"{wid}.result.json"
@@ -315,7 +391,7 @@ class AgentService:
             job_path.write_bytes(encode(job))
             t0 = time.monotonic()
             w = await self._spawn_worker(
-                wid, "", "profile", [job.gpu_index], {}, ["--job", str(job_path), "--result", str(result_path)]
+                wid, "", "profile", gpus, {}, ["--job", str(job_path), "--result", str(result_path)]
             )
             timeout = min(job.timeout_s, self.cfg.profile_timeout_s)
             try:
@@ -329,8 +405,10 @@ class AgentService:
                 )
             result = decoder(ProfileResult).decode(result_path.read_bytes())
             wall = time.monotonic() - t0
-            # The GPU was held for the whole life of the profiling process, start-up included.
+            # The first GPU was held for the whole life of the profiling process, start-up included; the
+            # worker's own count adds the time TP variants held the other GPUs.
+            extra = max(result.gpu_seconds - result.wall_seconds, 0.0)
             result.wall_seconds = wall
-            result.gpu_seconds = wall
+            result.gpu_seconds = wall + extra
             log.info("profile job done", seconds=round(wall, 2))
             return result

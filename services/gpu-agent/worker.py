@@ -5,6 +5,13 @@
     ``GenerateRequest``s one at a time (in arrival order) and stream tokens to each request's inbox.
     A heartbeat every second carries the busy seconds the agent turns into GPU load.
 
+    Tensor parallelism (``config.tp > 1``): the agent starts ``tp`` processes with the same spec,
+    ``--tp-rank r --tp-size tp --dist-port P`` and each rank's devices (stage ``s`` of rank ``r`` is
+    ``spec.stages[s * tp + r]``). They join one ``torch.distributed`` group (NCCL on CUDA, gloo on
+    the CPU) at ``127.0.0.1:P``. Rank 0 is the worker the rest of iServe sees: it connects to NATS,
+    announces ready, heartbeats and takes requests, and the engine broadcasts each request to the
+    other ranks, which only load their shards and run ``Engine.follow()`` until rank 0 closes.
+
 ``profile --job JOB.json --result OUT.json``
     Measure each fingerprint checkpoint of a ``ProfileJob`` and write a ``ProfileResult``.
 
@@ -15,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -32,8 +38,6 @@ from iserve.messages import (
     ErrorReply,
     GenerateRequest,
     LaunchWorker,
-    ProfileJob,
-    ProfileResult,
     TokenChunk,
     WorkerHeartbeat,
     WorkerReady,
@@ -226,22 +230,83 @@ async def exit_with_parent(stop: asyncio.Event) -> None:
             stop.set()
 
 
-async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    from iserve.gpu_agent.engine import Engine
+def rank_stages(spec: LaunchWorker, devices: list[str], tp_rank: int, tp_size: int) -> list[tuple[str, int, int]]:
+    """This rank's pipeline stages ``(device, first_layer, num_layers)``: ``spec.stages[s * tp + r]``."""
+    if tp_size < 1 or len(spec.stages) % tp_size:
+        raise errors.BadRequest(f"{len(spec.stages)} stage entries cannot be split over tensor-parallel degree {tp_size}.")
+    mine = spec.stages[tp_rank::tp_size]
+    if len(devices) != len(mine):
+        raise errors.BadRequest(f"{len(mine)} stages for rank {tp_rank} but {len(devices)} devices were given.")
+    for s in range(len(mine)):
+        group = spec.stages[s * tp_size:(s + 1) * tp_size]
+        if any((g.first_layer, g.num_layers) != (group[0].first_layer, group[0].num_layers) for g in group):
+            raise errors.BadRequest(f"the tensor-parallel ranks of stage {s} do not hold the same layers.")
+    return [(devices[i], st.first_layer, st.num_layers) for i, st in enumerate(mine)]
 
+
+def load_engine(spec: LaunchWorker, args: argparse.Namespace):
+    """Load the model: on TensorRT-LLM when it is selected (``engine.trtllm.use_trtllm``; it runs its
+    own ranks), else this rank's share on the torch engine, joining the tensor-parallel group first
+    when ``tp > 1``."""
+    from iserve.gpu_agent.engine import Engine
+    from iserve.gpu_agent.engine.trtllm import TrtLlmEngine, use_trtllm
+
+    if use_trtllm(spec.config):
+        return TrtLlmEngine.load(spec.model_path, spec.config, spec.context_tokens)
+    devices = args.devices.split(",")
+    stages = rank_stages(spec, devices, args.tp_rank, args.tp_size)
+    if args.tp_size > 1:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        cuda = devices[0].startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(devices[0])
+        else:  # the ranks share this host's cores; oversubscribed, gloo's collectives stall for milliseconds
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_size))
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{args.dist_port}",
+                                rank=args.tp_rank, world_size=args.tp_size, timeout=datetime.timedelta(seconds=600))
+    c = spec.config
+    return Engine.load(spec.model_path, stages, spec.context_tokens, spec.seed, weight_quant=c.weight_quant,
+                       kv_quant=c.kv_quant, pruning=c.pruning, tp_rank=args.tp_rank, tp_size=args.tp_size)
+
+
+def follower_main(args: argparse.Namespace) -> None:
+    """Ranks 1..tp-1 of a tensor-parallel worker: load the shard, then follow rank 0 until it closes."""
+    import threading
+
+    spec = decoder(LaunchWorker).decode(Path(args.spec).read_bytes())
+    structlog.contextvars.bind_contextvars(worker_id=spec.worker_id, deployment_id=spec.deployment_id, tp_rank=args.tp_rank)
+    parent = os.getppid()
+
+    def watchdog() -> None:  # blocked in a collective, the main thread cannot notice its agent dying
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("agent process is gone; stopping")
+        os._exit(1)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    engine = load_engine(spec, args)
+    log.info("tensor-parallel rank loaded", devices=args.devices)
+    runs = engine.follow()
+    log.info("tensor-parallel rank released by rank 0", generations=runs)
+
+
+async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
     spec = decoder(LaunchWorker).decode(Path(args.spec).read_bytes())
     structlog.contextvars.bind_contextvars(worker_id=spec.worker_id, deployment_id=spec.deployment_id)
     devices = args.devices.split(",")
-    if len(devices) != len(spec.stages):
-        raise errors.BadRequest(f"{len(spec.stages)} stages but {len(devices)} devices were given.")
+    rank_stages(spec, devices, args.tp_rank, args.tp_size)  # bad specs fail before connecting
     nc = await bus.connect(args.nats_url, f"worker-{spec.worker_id}")
+    engine = None
     try:
         server = None
         t0 = time.monotonic()
         hb = WorkerHeartbeat(worker_id=spec.worker_id, deployment_id=spec.deployment_id, state="loading", busy_seconds=0.0, ts=time.time())
         await nc.publish(subjects.worker_heartbeat(spec.worker_id), encode(hb))
-        stages = [(devices[i], s.first_layer, s.num_layers) for i, s in enumerate(spec.stages)]
-        engine = await asyncio.to_thread(Engine.load, spec.model_path, stages, spec.context_tokens, spec.seed)
+        engine = await asyncio.to_thread(load_engine, spec, args)
         await asyncio.to_thread(warm_up, engine)
         load_s = time.monotonic() - t0
         server = WorkerServer(nc, spec, engine, args.agent_id, ",".join(devices))
@@ -262,7 +327,8 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
             load_seconds=load_s,
         )
         await nc.publish(subjects.WORKER_READY, encode(ready))
-        log.info("worker ready", load_s=round(load_s, 2), devices=devices, stages=[(s.first_layer, s.num_layers) for s in spec.stages])
+        log.info("worker ready", load_s=round(load_s, 2), devices=devices, stages=[(s.first_layer, s.num_layers) for s in spec.stages],
+                 tp=args.tp_size, kernels=engine.kernels(), cuda_graphs=engine.graphs_captured)
         await stop.wait()
         hb_task.cancel()
         watchdog.cancel()
@@ -270,45 +336,17 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
             await s.unsubscribe()
     finally:
         await nc.drain()
+        if engine is not None and args.tp_size > 1:
+            async with (server.lock if server is not None else asyncio.Lock()):  # not in the middle of a request
+                await asyncio.to_thread(engine.close)  # releases the other ranks
 
 
 def profile_main(args: argparse.Namespace) -> None:
-    from iserve.gpu_agent.engine import gpu_type_of, measure_fingerprint
+    """Measure every fingerprint of the job as every variant (``profile.run_profile_job_file``: each
+    variant is loaded for real through ``Engine.load``; TP variants use the first ``tp`` devices)."""
+    from iserve.gpu_agent.engine.profile import run_profile_job_file
 
-    job = decoder(ProfileJob).decode(Path(args.job).read_bytes())
-    device = args.devices.split(",")[0]
-    t0 = time.monotonic()
-    measurements = []
-    for variant in job.variants:
-        for path in job.fingerprint_paths:
-            layers = json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"]
-            m = measure_fingerprint(
-                path,
-                device,
-                num_layers=layers,
-                prompt_lengths=job.prompt_lengths,
-                output_lengths=job.output_lengths,
-                repeats=job.repeats,
-                warmup=job.warmup,
-                context_tokens=job.context_tokens,
-            )
-            m.variant = variant
-            measurements.append(m)
-            log.info("fingerprint measured", layers=layers, tpot_ms=round(m.tpot_ms, 3), peak_mib=round(m.peak_bytes / 2**20, 1))
-    wall = time.monotonic() - t0
-    result = ProfileResult(
-        job_id=job.job_id,
-        device=device,
-        gpu_type=gpu_type_of(device),
-        measurements=measurements,
-        gpu_seconds=wall,
-        wall_seconds=wall,
-        peak_bytes=max((m.peak_bytes for m in measurements), default=0),
-    )
-    out = Path(args.result)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(encode(result))
-    os.replace(tmp, out)
+    run_profile_job_file(args.job, args.result, args.devices.split(","), log=lambda text: log.info(text))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,7 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("mode", choices=["serve", "profile"])
     common_flags(p)
     flag(p, "--agent-id", default="", help="the agent that started this worker")
-    flag(p, "--devices", default="cpu", help="torch device of each stage, comma-separated")
+    flag(p, "--devices", default="cpu", help="torch device of each stage (of this rank), comma-separated")
+    p.add_argument("--tp-rank", type=int, default=0, help="this process's tensor-parallel rank (serve mode)")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel degree (serve mode)")
+    p.add_argument("--dist-port", type=int, default=0, help="127.0.0.1 port of the tensor-parallel rendezvous")
     p.add_argument("--spec", help="LaunchWorker JSON (serve mode)")
     p.add_argument("--job", help="ProfileJob JSON (profile mode)")
     p.add_argument("--result", help="where to write the ProfileResult (profile mode)")
@@ -326,6 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.mode == "profile":
             profile_main(args)
+        elif args.tp_rank > 0:
+            follower_main(args)
         else:
             runtime.run(lambda stop: serve_main(args, stop))
     except Exception as e:

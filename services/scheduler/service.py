@@ -186,6 +186,10 @@ class SchedulerService:
         item = Queued(req.request_id, req.model, now, now + req.timeout_s, req)
         replica = self.queues.enqueue(item, req.deployment_id)
         if replica is None:
+            # a deployment may have turned ready a moment ago (event still in flight): look again
+            await self.refresh_deployments()
+            replica = self.queues.enqueue(item, req.deployment_id)
+        if replica is None:
             await self._explain_no_replica(req)
         self.wakeups[replica.deployment_id].set()
         return Accepted(request_id=req.request_id, deployment_id=replica.deployment_id, queue_depth=len(replica.queue))

@@ -2,22 +2,27 @@
 
 Public API:
 
-* ``Engine.load(model_dir, stages, context_tokens, seed=0)`` -> ``Engine``; ``Engine.generate(...)``
-  -> ``GenerationResult`` (see ``runner.py``).
+* ``Engine.load(model_dir, stages, context_tokens, seed=0, *, dtype=None, weight_quant="fp16",
+  kv_quant="fp16", pruning="none", cuda_graphs=True, tp_rank=0, tp_size=1)`` -> ``Engine``;
+  ``Engine.generate(...)`` -> ``GenerationResult`` (see ``runner.py``; layers and variants in
+  ``model.py``, weight formats in ``quant.py``, CUDA decode kernels in ``kernels.py``).
+* ``trtllm.TrtLlmEngine``: the same worker interface on TensorRT-LLM, used where it is installed
+  (``trtllm.use_trtllm``).
 * ``load_tokenizer(model_dir, arch)`` -> ``Tokenizer`` (see ``tokenizer.py``).
 * ``measure_fingerprint(...)`` -> ``FingerprintMeasurement`` and ``gpu_type_of(device)`` (``profile.py``).
-* ``CAPABILITIES``: what this engine can run today. It is the single source of truth that the GPU
-  agent reports and that ``Engine.load`` / ``measure_fingerprint`` check against.
+* ``CAPABILITIES``: what this engine can run today (every value below runs on CPU and CUDA; see
+  docs/engine.md). It is the single source of truth that the GPU agent reports and that
+  ``Engine.load`` / ``measure_fingerprint`` check against.
 """
 
 from __future__ import annotations
 
 # Defined before the submodules are imported: runner.py and profile.py read it from here.
 CAPABILITIES: dict[str, list] = {
-    "tp": [1],
-    "weight_quant": ["fp16"],
-    "kv_quant": ["fp16"],
-    "pruning": ["none"],
+    "tp": [1, 2, 4, 8],
+    "weight_quant": ["fp16", "int8", "int4"],
+    "kv_quant": ["fp16", "int8"],
+    "pruning": ["none", "2:4", "structured"],
     "families": ["llama", "mixtral"],
 }
 

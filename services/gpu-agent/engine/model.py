@@ -1,4 +1,4 @@
-"""The decoder itself: Llama-family and Mixtral layers, split into pipeline stages.
+"""The decoder itself: Llama-family and Mixtral layers, split into pipeline stages and tensor-parallel ranks.
 
 Families (``ArchSpec.family``):
 
@@ -11,24 +11,47 @@ Families (``ArchSpec.family``):
 Weights follow the Hugging Face layout and math (``rotate_half`` RoPE, RMSNorm statistics in float32),
 so a real checkpoint gives the same logits as ``transformers`` (up to rounding in half precision).
 For fewer kernel launches per token, q/k/v and gate/up projections are fused into one matrix each, q
-and k are rotated together, and the residual additions ride on ``addmm``.
+and k are rotated together, and the residual additions ride on the output projections.
 
 A ``Stage`` holds a contiguous block of layers ``[first, first + n)`` on one torch device, plus the
 token embedding when it is the first stage and the final norm and LM head when it is the last. It
 reads only its own tensors from the safetensors shards, straight onto its device, and owns a static
-KV cache for ``context_tokens`` positions: one tensor ``[n, 2, kv_heads, context, head_dim]``. The
-engine (``runner.py``) chains the stages, moving the hidden state from one device to the next.
+``KVCache`` for ``context_tokens`` positions. The engine (``runner.py``) chains the stages, moving the
+hidden state from one device to the next, and captures each stage's decode step in CUDA graphs.
+
+Variants, applied while loading (each layer is loaded, transformed, then its 16-bit copy dropped):
+
+* Structured pruning (``pruning="structured"``, ``prune_structured``): 25% of the FFN channels
+  (``f // 4``, per expert for Mixtral) and 25% of the attention heads by whole KV groups
+  (``kv // 4`` KV heads with their query heads; with fewer than 4 KV heads, ``g // 4`` of the ``g``
+  query heads of every group instead) are removed, the ones with the smallest weight norm
+  (squared L2 norm of every row/column that belongs to the channel or head). The rule is the
+  fingerprint estimator's ``pruned_arch``, so estimated and served shapes agree.
+* Tensor parallelism (``TensorParallel``, Megatron style): q/k/v and gate/up are column-parallel
+  (each rank holds ``heads / tp`` query heads, ``kv_heads / tp`` KV heads and ``f / tp`` FFN
+  channels), the attention output and down projections are row-parallel, followed by one all-reduce
+  per block half (rank 0 adds the residual before it). The embedding is vocab-parallel (each rank
+  holds ``ceil(vocab / tp)`` rows, zero-padded; lookups outside a rank's rows give zeros and one
+  all-reduce sums them) and so is the LM head (each rank computes its slice of the logits, one
+  all-gather joins them). Norms are replicated. Mixtral's router is replicated, its experts split
+  like the dense MLP.
+* Weight formats (``quant.make_linear``): fp16, int8, int4, 2:4 sparse, for every projection of
+  every layer; embeddings, norms and the LM head stay 16-bit.
+* KV cache (``KVCache``): 16-bit, or int8 with one scale per (layer, k/v, head, position):
+  ``q = round(x / s)``, ``s = max|x| / 127`` over the head dimension. Decode dequantizes the rows
+  it attends over; prefill attends over its own 16-bit keys and values and stores them quantized.
 
 Two passes, batch size 1:
 
 * ``Stage.prefill``: the whole prompt at once (positions ``0..T-1``), causal
-  ``scaled_dot_product_attention``; writes the prompt's keys and values into the cache.
+  ``scaled_dot_product_attention`` (flash attention on CUDA); writes the prompt's keys and values
+  into the cache.
 * ``Stage.decode``: one token at the position held in the stage's ``pos`` buffer; writes its key and
-  value with ``index_copy_`` and attends over cache rows ``[0, kv_len)``, optionally under a mask
-  computed on the device from ``pos``. All tensors it touches are preallocated and the position is a
-  device tensor, so with the mask on and a fixed ``kv_len`` the dense decode step is a pure function
-  of the (token, position) buffers, ready for CUDA graph capture. (The Mixtral router reads its expert choice back to the host in decode, which graph
-  capture would have to replace by a gather over stacked expert weights.)
+  value with ``index_copy_`` and attends over cache rows ``[0, kv_len)``, under a mask computed on the
+  device from ``pos``. All tensors it touches are preallocated and the position is a device tensor,
+  so for a fixed ``kv_len`` the dense decode step is a pure function of the (token, position)
+  buffers: ``runner.py`` captures it in one CUDA graph per ``kv_len`` bucket. (Mixtral's decode
+  reads its expert choice back to the host, so Mixtral stages run eagerly.)
 """
 
 from __future__ import annotations
@@ -40,8 +63,11 @@ import torch
 import torch.nn.functional as F
 
 from iserve.checkpoint import Checkpoint, layer_prefix, layer_tensor_shapes, load_tensors
-from iserve.errors import UnsupportedModel
+from iserve.errors import BadRequest, UnsupportedModel
 from iserve.messages import ArchSpec
+
+from . import kernels
+from .quant import Linear, int8_row_scales, make_linear
 
 # ---------------------------------------------------------------------------------------------------
 # rotary position embeddings
@@ -122,47 +148,243 @@ def sliding_window_of(config: dict[str, Any]) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# tensor parallelism
+
+
+class TensorParallel:
+    """One stage's tensor-parallel group: this process is rank ``rank`` of ``size``.
+
+    ``group`` is a ``torch.distributed`` process group (NCCL on CUDA, gloo on CPU) whose ranks are
+    the ``size`` processes of the deployment; with ``size == 1`` nothing is communicated.
+    """
+
+    def __init__(self, rank: int = 0, size: int = 1, group: Any = None):
+        self.rank = rank
+        self.size = size
+        self.group = group
+        self.collectives = size > 1
+
+    def split(self, n: int, what: str) -> tuple[int, int]:
+        """This rank's ``(start, count)`` of ``n`` items split evenly; ``n`` must divide by the size."""
+        if n % self.size:
+            raise BadRequest(f"tensor parallelism of degree {self.size} needs {what} ({n}) to be divisible by {self.size}.")
+        count = n // self.size
+        return self.rank * count, count
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks, in place."""
+        if self.collectives:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def all_gather_columns(self, t: torch.Tensor) -> torch.Tensor:
+        """``[T, n]`` on each rank -> ``[T, size * n]``, rank r's columns at ``[r * n, (r + 1) * n)``."""
+        if not self.collectives:
+            return t
+        import torch.distributed as dist
+
+        T, n = t.shape
+        out = torch.empty(self.size * T, n, dtype=t.dtype, device=t.device)
+        # torch 2.13 renamed all_gather_into_tensor (the name torch 2.11 has) to all_gather_single.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, t.contiguous(), group=self.group)
+        return out.view(self.size, T, n).permute(1, 0, 2).reshape(T, self.size * n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# structured pruning
+
+
+def pruned_counts(arch: ArchSpec, pruning: str) -> tuple[int, int, int]:
+    """``(query heads, KV heads, FFN channels)`` of a layer after ``pruning`` (the estimator's rule)."""
+    kv, heads, f = arch.num_kv_heads, arch.num_attention_heads, arch.intermediate_size
+    if pruning != "structured":
+        return heads, kv, f
+    group = heads // kv
+    if kv >= 4:
+        kept_kv, kept_group = kv - kv // 4, group
+    else:
+        kept_kv, kept_group = kv, group - group // 4
+    return kept_kv * kept_group, kept_kv, f - f // 4
+
+
+def _keep_largest(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices (ascending) of the ``keep`` largest scores; ties go to the earlier index."""
+    order = torch.sort(scores.double(), descending=True, stable=True).indices[:keep]
+    return torch.sort(order).values
+
+
+def _sq(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.float().pow(2).sum(dim=dim)
+
+
+def prune_structured(arch: ArchSpec, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the weakest 25% of one layer's FFN channels and attention heads (see the module docstring).
+
+    ``t`` holds the layer's tensors by Hugging Face name (relative to the layer); returns new ones.
+    """
+    d, kv, heads = arch.head_dim, arch.num_kv_heads, arch.num_attention_heads
+    group = heads // kv
+    out = dict(t)
+    # -- attention: score every query head and every KV head
+    q = t["self_attn.q_proj.weight"].view(heads, d, -1)
+    k = t["self_attn.k_proj.weight"].view(kv, d, -1)
+    v = t["self_attn.v_proj.weight"].view(kv, d, -1)
+    o = t["self_attn.o_proj.weight"]  # [hidden, heads * d]
+    q_score = _sq(q, (1, 2)) + _sq(o.view(o.shape[0], heads, d), (0, 2))  # [heads]
+    kv_score = _sq(k, (1, 2)) + _sq(v, (1, 2))
+    kept_heads, kept_kv, kept_f = pruned_counts(arch, "structured")
+    if kv >= 4:
+        kv_idx = _keep_largest(kv_score + q_score.view(kv, group).sum(dim=1), kept_kv)
+        q_idx = (kv_idx[:, None] * group + torch.arange(group, device=kv_idx.device)[None, :]).reshape(-1)
+    else:
+        kv_idx = torch.arange(kv, device=q.device)
+        keep = kept_heads // kv
+        q_idx = torch.cat([j * group + _keep_largest(q_score[j * group:(j + 1) * group], keep) for j in range(kv)])
+    q_rows = (q_idx[:, None] * d + torch.arange(d, device=q_idx.device)[None, :]).reshape(-1)
+    kv_rows = (kv_idx[:, None] * d + torch.arange(d, device=kv_idx.device)[None, :]).reshape(-1)
+    out["self_attn.q_proj.weight"] = t["self_attn.q_proj.weight"][q_rows]
+    out["self_attn.k_proj.weight"] = t["self_attn.k_proj.weight"][kv_rows]
+    out["self_attn.v_proj.weight"] = t["self_attn.v_proj.weight"][kv_rows]
+    out["self_attn.o_proj.weight"] = o[:, q_rows]
+    if arch.attention_bias:
+        out["self_attn.q_proj.bias"] = t["self_attn.q_proj.bias"][q_rows]
+        out["self_attn.k_proj.bias"] = t["self_attn.k_proj.bias"][kv_rows]
+        out["self_attn.v_proj.bias"] = t["self_attn.v_proj.bias"][kv_rows]
+    # -- FFN channels: gate row, up row and down column of each channel
+    if arch.family == "mixtral":
+        mlps = [(f"block_sparse_moe.experts.{e}.w1.weight", f"block_sparse_moe.experts.{e}.w3.weight",
+                 f"block_sparse_moe.experts.{e}.w2.weight") for e in range(arch.num_experts)]
+    else:
+        mlps = [("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
+    for gate, up, down in mlps:
+        score = _sq(t[gate], 1) + _sq(t[up], 1) + _sq(t[down], 0)
+        idx = _keep_largest(score, kept_f)
+        out[gate], out[up], out[down] = t[gate][idx], t[up][idx], t[down][:, idx]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys and values of ``layers`` layers for ``context`` positions: ``data [layers, 2, kv_heads,
+    context, head_dim]`` in the computation dtype, or int8 with ``scale [layers, 2, kv_heads, context]``."""
+
+    def __init__(self, layers: int, kv_heads: int, context: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, quant: str):
+        self.quant = quant
+        self.dtype = dtype
+        store = torch.int8 if quant == "int8" else dtype
+        self.data = torch.zeros(layers, 2, kv_heads, context, head_dim, dtype=store, device=device)
+        self.scale = torch.ones(layers, 2, kv_heads, context, dtype=dtype, device=device) if quant == "int8" else None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.data.numel() * self.data.element_size()
+        return n + (self.scale.numel() * self.scale.element_size() if self.scale is not None else 0)
+
+    @staticmethod
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [..., d]`` -> int8 values and one scale per vector ``[...]``."""
+        s = (x.abs().amax(dim=-1).float() / 127.0).clamp(min=1e-8)
+        return torch.round(x.float() / s.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), s
+
+    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Rows ``0..T-1`` from ``k, v [kv_heads, T, d]``."""
+        T = k.shape[1]
+        if self.scale is None:
+            self.data[layer, 0, :, :T].copy_(k)
+            self.data[layer, 1, :, :T].copy_(v)
+            return
+        for i, x in enumerate((k, v)):
+            q, s = self._quantize(x)
+            self.data[layer, i, :, :T].copy_(q)
+            self.scale[layer, i, :, :T].copy_(s)
+
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The row at device position ``pos [1]`` from ``k, v [kv_heads, 1, d]``."""
+        if self.scale is None:
+            self.data[layer, 0].index_copy_(1, pos, k)
+            self.data[layer, 1].index_copy_(1, pos, v)
+            return
+        for i, x in enumerate((k, v)):
+            q, s = self._quantize(x)
+            self.data[layer, i].index_copy_(1, pos, q)
+            self.scale[layer, i].index_copy_(1, pos, s.to(self.dtype))
+
+    def planes(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Keys, values ``[kv_heads, context, d]`` and (int8) their scales ``[kv_heads, context]`` of ``layer``."""
+        if self.scale is None:
+            return self.data[layer, 0], self.data[layer, 1], None, None
+        return self.data[layer, 0], self.data[layer, 1], self.scale[layer, 0], self.scale[layer, 1]
+
+    def read(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of rows ``[0, kv_len)``, ``[kv_heads, kv_len, d]`` in the computation dtype."""
+        if self.scale is None:
+            return self.data[layer, 0, :, :kv_len], self.data[layer, 1, :, :kv_len]
+        kv = self.data[layer, :, :, :kv_len].to(self.dtype) * self.scale[layer, :, :, :kv_len].unsqueeze(-1)
+        return kv[0], kv[1]
+
+
+# ---------------------------------------------------------------------------------------------------
 # layers
+
+
+class LayerFormat:
+    """How a layer's projections are stored: weight quantization, 2:4 sparsity, dtype."""
+
+    def __init__(self, weight_quant: str, sparse_24: bool, dtype: torch.dtype):
+        self.weight_quant = weight_quant
+        self.sparse_24 = sparse_24
+        self.dtype = dtype
+
+    def linear(self, w: torch.Tensor) -> Linear:
+        return make_linear(w, self.weight_quant, self.sparse_24, self.dtype)
+
+    def row_parallel(self, w: torch.Tensor, cols: slice, tp: TensorParallel) -> Linear:
+        """This rank's columns ``cols`` of ``w``; int8 keeps the whole rows' scales, so that the stored
+        values do not depend on the TP degree (int4 groups and 2:4 groups do not cross shard
+        boundaries that are multiples of 128 and 4)."""
+        scale = int8_row_scales(w, self.sparse_24) if self.weight_quant == "int8" and tp.size > 1 else None
+        return make_linear(w[:, cols], self.weight_quant, self.sparse_24, self.dtype, scale)
 
 
 class DenseMLP:
     """SwiGLU: ``down(silu(gate(x)) * up(x))``, with gate and up fused into one matrix."""
 
-    def __init__(self, t: dict[str, torch.Tensor]):
-        self.w_gate_up = torch.cat((t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"]))
-        self.w_down = t["mlp.down_proj.weight"]
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, cols: slice, fmt: LayerFormat,
+                 tp: TensorParallel):
+        """``gate``, ``up`` and ``down`` are whole; this rank keeps FFN channels ``cols``."""
+        self.gate_up = fmt.linear(torch.cat((gate[cols], up[cols])))
+        self.down = fmt.row_parallel(down, cols, tp)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.w_gate_up, self.w_down]
+    def linears(self) -> list[Linear]:
+        return [self.gate_up, self.down]
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate(x)) * up(x)``, the input of the down projection."""
-        gate, up = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
         return F.silu(gate) * up
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.hidden(x), self.w_down)
+        return self.down(self.hidden(x))
 
 
 class MoEMLP:
     """Mixtral's sparse MLP: each token goes to its top-k experts, outputs weighted by the router."""
 
-    def __init__(self, arch: ArchSpec, t: dict[str, torch.Tensor]):
+    def __init__(self, arch: ArchSpec, router: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 cols: slice, fmt: LayerFormat, tp: TensorParallel):
         self.top_k = arch.experts_per_token
-        self.w_router = t["block_sparse_moe.gate.weight"]
-        self.experts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for e in range(arch.num_experts):
-            p = f"block_sparse_moe.experts.{e}."
-            w13 = torch.cat((t[p + "w1.weight"], t[p + "w3.weight"]))  # w1 = gate, w3 = up
-            self.experts.append((w13, t[p + "w2.weight"]))
+        self.w_router = router
+        self.experts = [DenseMLP(w1, w3, w2, cols, fmt, tp) for w1, w3, w2 in experts]  # w1 = gate, w3 = up
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.w_router] + [w for pair in self.experts for w in pair]
-
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        w13, w2 = self.experts[e]
-        gate, up = F.linear(x, w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w2)
+    def linears(self) -> list[Linear]:
+        return [lin for e in self.experts for lin in e.linears()]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(F.linear(x, self.w_router).float(), dim=-1)
@@ -172,7 +394,7 @@ class MoEMLP:
             # Decode: one token, k experts; reading the k ids back is cheaper than any masking.
             out = None
             for j, e in enumerate(chosen[0].tolist()):
-                y = self._expert(e, x) * weights[0, j]
+                y = self.experts[e](x) * weights[0, j]
                 out = y if out is None else out + y
             return out
         out = torch.zeros_like(x)
@@ -180,40 +402,59 @@ class MoEMLP:
             rows, slot = torch.where(chosen == e)
             if rows.numel() == 0:
                 continue
-            out.index_add_(0, rows, self._expert(e, x[rows]) * weights[rows, slot].unsqueeze(-1))
+            out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot].unsqueeze(-1))
         return out
 
 
 class DecoderLayer:
-    """One transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+    """One transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``, on one TP rank.
 
-    q, k and v projections are fused into one matrix ``w_qkv`` (and bias) so that each attention
-    costs two matrix multiplications. Masks (causal, sliding window) are built by the ``Stage`` once
-    for all its layers.
+    q, k and v projections are fused into one matrix (and bias) so that each attention costs two
+    matrix products. ``t`` holds the layer's (pruned) tensors by Hugging Face name; this rank keeps
+    its slice of them. Masks (causal, sliding window) are built by the ``Stage`` once for all layers.
     """
 
-    def __init__(self, arch: ArchSpec, t: dict[str, torch.Tensor]):
+    def __init__(self, arch: ArchSpec, t: dict[str, torch.Tensor], fmt: LayerFormat, tp: TensorParallel):
         self.eps = arch.rms_norm_eps
-        self.heads = arch.num_attention_heads
-        self.kv_heads = arch.num_kv_heads
-        self.head_dim = arch.head_dim
+        self.tp = tp
+        d = arch.head_dim
+        heads = t["self_attn.q_proj.weight"].shape[0] // d
+        kv_heads = t["self_attn.k_proj.weight"].shape[0] // d
+        q0, self.heads = tp.split(heads, "the number of attention heads")
+        k0, self.kv_heads = tp.split(kv_heads, "the number of KV heads")
+        self.head_dim = d
         self.groups = self.heads // self.kv_heads
-        self.q_size = self.heads * self.head_dim
-        self.kv_size = self.kv_heads * self.head_dim
+        self.q_size = self.heads * d
+        self.kv_size = self.kv_heads * d
+        qs, ks = slice(q0 * d, (q0 + self.heads) * d), slice(k0 * d, (k0 + self.kv_heads) * d)
         self.ln_attn = t["input_layernorm.weight"]
         self.ln_mlp = t["post_attention_layernorm.weight"]
-        self.w_qkv = torch.cat((t["self_attn.q_proj.weight"], t["self_attn.k_proj.weight"], t["self_attn.v_proj.weight"]))
+        self.qkv = fmt.linear(torch.cat((t["self_attn.q_proj.weight"][qs], t["self_attn.k_proj.weight"][ks],
+                                         t["self_attn.v_proj.weight"][ks])))
         self.b_qkv = (
-            torch.cat((t["self_attn.q_proj.bias"], t["self_attn.k_proj.bias"], t["self_attn.v_proj.bias"]))
+            torch.cat((t["self_attn.q_proj.bias"][qs], t["self_attn.k_proj.bias"][ks], t["self_attn.v_proj.bias"][ks]))
             if arch.attention_bias
             else None
         )
-        self.w_o = t["self_attn.o_proj.weight"]
-        self.mlp: DenseMLP | MoEMLP = MoEMLP(arch, t) if arch.family == "mixtral" else DenseMLP(t)
+        self.o = fmt.row_parallel(t["self_attn.o_proj.weight"], qs, tp)
+        if arch.family == "mixtral":
+            p = "block_sparse_moe.experts."
+            f0, fn = tp.split(t[p + "0.w1.weight"].shape[0], "the FFN size")
+            experts = [(t[f"{p}{e}.w1.weight"], t[f"{p}{e}.w3.weight"], t[f"{p}{e}.w2.weight"]) for e in range(arch.num_experts)]
+            self.mlp: DenseMLP | MoEMLP = MoEMLP(arch, t["block_sparse_moe.gate.weight"], experts, slice(f0, f0 + fn), fmt, tp)
+        else:
+            f0, fn = tp.split(t["mlp.gate_proj.weight"].shape[0], "the FFN size")
+            self.mlp = DenseMLP(t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"], t["mlp.down_proj.weight"],
+                                slice(f0, f0 + fn), fmt, tp)
+
+    def linears(self) -> list[Linear]:
+        return [self.qkv, self.o] + self.mlp.linears()
 
     def tensors(self) -> list[torch.Tensor]:
-        own = [self.ln_attn, self.ln_mlp, self.w_qkv, self.w_o] + ([self.b_qkv] if self.b_qkv is not None else [])
-        return own + self.mlp.tensors()
+        own = [self.ln_attn, self.ln_mlp] + ([self.b_qkv] if self.b_qkv is not None else [])
+        if isinstance(self.mlp, MoEMLP):
+            own.append(self.mlp.w_router)
+        return own + [x for lin in self.linears() for x in lin.tensors()]
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project and rotate: q ``[T, heads, d]``, k and v ``[T, kv_heads, d]``.
@@ -221,22 +462,30 @@ class DecoderLayer:
         q and k are adjacent in the fused projection, so one RoPE application rotates both.
         """
         T = x.shape[0]
-        qkv = F.linear(rms_norm(x, self.ln_attn, self.eps), self.w_qkv, self.b_qkv)
+        qkv = self.qkv(rms_norm(x, self.ln_attn, self.eps))
+        if self.b_qkv is not None:
+            qkv = qkv + self.b_qkv
         qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, self.heads + self.kv_heads, self.head_dim), cos, sin)
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.kv_heads, self.head_dim)
         return qk[:, : self.heads], qk[:, self.heads:], v
 
+    def _residual(self, x: torch.Tensor, lin: Linear, h: torch.Tensor) -> torch.Tensor:
+        """``x + lin(h)`` summed over the TP ranks (row-parallel ``lin``: rank 0 adds the residual)."""
+        out = lin.add_to(x, h) if self.tp.rank == 0 else lin(h)
+        return self.tp.all_reduce(out)
+
     def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Output projection and MLP, each added to the residual stream (``addmm`` fuses the add)."""
-        x = torch.addmm(x, attn, self.w_o.t())
+        """Output projection and MLP, each added to the residual stream."""
+        x = self._residual(x, self.o, attn)
         h = rms_norm(x, self.ln_mlp, self.eps)
         if isinstance(self.mlp, DenseMLP):
-            return torch.addmm(x, self.mlp.hidden(h), self.mlp.w_down.t())
-        return x + self.mlp(h)
+            return self._residual(x, self.mlp.down, self.mlp.hidden(h))
+        y = self.mlp(h)
+        return self.tp.all_reduce(x + y if self.tp.rank == 0 else y)
 
-    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
                 mask: torch.Tensor | None) -> torch.Tensor:
-        """``x [T, hidden]`` at positions ``0..T-1``; fills ``cache [2, kv_heads, context, d]`` rows ``0..T-1``.
+        """``x [T, hidden]`` at positions ``0..T-1``; fills cache rows ``0..T-1`` of ``layer``.
 
         ``mask`` is None for plain causal attention, or a boolean ``[T, T]`` (sliding window).
         """
@@ -244,8 +493,7 @@ class DecoderLayer:
         q, k, v = self._qkv(x, cos, sin)
         k = k.transpose(0, 1)  # [kv_heads, T, d]
         v = v.transpose(0, 1)
-        cache[0, :, :T].copy_(k)
-        cache[1, :, :T].copy_(v)
+        cache.write_prefix(layer, k, v)
         if self.groups > 1:
             # GQA: kv head j serves query heads j*groups .. j*groups + groups-1 (Hugging Face's repeat_kv).
             k = k.repeat_interleave(self.groups, dim=0)
@@ -256,7 +504,7 @@ class DecoderLayer:
         )  # [1, heads, T, d]
         return self._finish(x, out[0].transpose(0, 1).reshape(T, self.q_size))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
                pos: torch.Tensor, kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
         """``x [1, hidden]`` at position ``pos`` (device tensor ``[1]``); attends over cache rows ``[0, kv_len)``
         under ``mask`` (boolean, broadcast over heads; None: all ``kv_len`` rows).
@@ -265,13 +513,43 @@ class DecoderLayer:
         as that head's query rows, ``q [1, kv_heads, groups, d]`` against ``k [1, kv_heads, kv_len, d]``.
         """
         q, k, v = self._qkv(x, cos, sin)
-        cache[0].index_copy_(1, pos, k.transpose(0, 1))
-        cache[1].index_copy_(1, pos, v.transpose(0, 1))
+        cache.write_at(layer, pos, k.transpose(0, 1), v.transpose(0, 1))
+        keys, values = cache.read(layer, kv_len)
         q = q.view(1, self.kv_heads, self.groups, self.head_dim)
-        out = F.scaled_dot_product_attention(
-            q, cache[0, :, :kv_len].unsqueeze(0), cache[1, :, :kv_len].unsqueeze(0), attn_mask=mask
-        )  # [1, kv_heads, groups, d]
+        out = F.scaled_dot_product_attention(q, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask)
         return self._finish(x, out.reshape(1, self.q_size))
+
+    def decode_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
+                     pos: torch.Tensor, window: int, splits: int) -> torch.Tensor:
+        """``decode`` with the Triton kernels of ``kernels.py`` (CUDA, dense MLP): each projection
+        whose format the Triton GEMV runs (fp16/bf16, int8) applies its RMSNorm or SwiGLU to its input
+        and adds the residual itself; RoPE with the cache write and the split-K attention over rows
+        ``[0, pos]`` are one kernel each. Other formats (int4, 2:4) run their own kernels with a
+        separate RMSNorm / SwiGLU kernel. ``cos``/``sin`` are the whole tables ``[context, d]``;
+        ``window`` 0 means no sliding window."""
+        qkv = self._project(self.qkv, x, norm=self.ln_attn)
+        if self.b_qkv is not None:
+            qkv = qkv + self.b_qkv
+        k_cache, v_cache, k_scale, v_scale = cache.planes(layer)
+        q = kernels.rope_store(qkv, cos, sin, pos, self.heads, self.kv_heads, self.head_dim, k_cache, v_cache, k_scale, v_scale)
+        attn = kernels.decode_attention(q, k_cache, v_cache, k_scale, v_scale, pos, window, splits)
+        x = self.tp.all_reduce(self._project(self.o, attn, residual=x if self.tp.rank == 0 else None))
+        gate_up = self._project(self.mlp.gate_up, x, norm=self.ln_mlp)
+        return self.tp.all_reduce(self._project(self.mlp.down, gate_up, residual=x if self.tp.rank == 0 else None,
+                                                swiglu=True))
+
+    def _project(self, lin: Linear, x: torch.Tensor, *, norm: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+        """``lin(f(x)) (+ residual)`` with ``f`` the RMSNorm of weight ``norm``, SwiGLU, or nothing."""
+        operands = lin.gemv_operands()
+        if operands is not None:
+            w, scale = operands
+            return kernels.gemv(x, w, scale, residual, norm=(norm, self.eps) if norm is not None else None, swiglu=swiglu)
+        if norm is not None:
+            x = kernels.rms_norm(x, norm, self.eps)
+        if swiglu:
+            x = kernels.silu_mul(x)
+        return lin(x) if residual is None else lin.add_to(residual, x)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,47 +561,79 @@ class Stage:
 
     The first stage (``first_layer == 0``) takes token ids and holds the embedding; the last one
     (ending at the model's last layer) holds the final norm and the LM head and returns float32 logits.
-    Any other stage takes and returns hidden states ``[T, hidden]``.
+    Any other stage takes and returns hidden states ``[T, hidden]``. With tensor parallelism this is
+    one rank's share of the stage (``tp``); every rank returns the same full result.
     """
 
     def __init__(self, ck: Checkpoint, device: torch.device, first_layer: int, num_layers: int, *,
-                 context_tokens: int, dtype: torch.dtype):
+                 context_tokens: int, dtype: torch.dtype, weight_quant: str = "fp16", kv_quant: str = "fp16",
+                 pruning: str = "none", tp: TensorParallel | None = None):
         arch = ck.arch
         self.arch = arch
         self.device = device
         self.dtype = dtype
+        self.tp = tp or TensorParallel()
         self.first_layer = first_layer
         self.num_layers = num_layers
         self.is_first = first_layer == 0
         self.is_last = first_layer + num_layers == arch.num_layers
         self.context_tokens = context_tokens
         self.window = sliding_window_of(ck.config)
+        self.is_moe = arch.family == "mixtral"
         load_device = str(device)
 
         def load(names: list[str], strip: str = "") -> dict[str, torch.Tensor]:
             raw = load_tensors(ck, names, device=load_device)
             return {n[len(strip):]: t.to(dtype) for n, t in raw.items()}
 
-        self.embed = load(["model.embed_tokens.weight"])["model.embed_tokens.weight"] if self.is_first else None
+        # Vocab-parallel embedding / LM head: this rank's rows [vocab_start, vocab_start + vocab_rows).
+        self.vocab_rows = -(-arch.vocab_size // self.tp.size)
+        self.vocab_start = self.tp.rank * self.vocab_rows
+
+        def vocab_shard(w: torch.Tensor) -> torch.Tensor:
+            if self.tp.size == 1:
+                return w
+            part = w[self.vocab_start:self.vocab_start + self.vocab_rows]
+            return F.pad(part, (0, 0, 0, self.vocab_rows - part.shape[0])).contiguous()
+
+        embed_name = "model.embed_tokens.weight"
+        self.embed = vocab_shard(load([embed_name])[embed_name]) if self.is_first else None
+        fmt = LayerFormat(weight_quant, pruning == "2:4", dtype)
         self.layers: list[DecoderLayer] = []
         names = list(layer_tensor_shapes(arch))
         for i in range(first_layer, first_layer + num_layers):
-            # One layer at a time, so that fusing (torch.cat) never holds more than one layer twice.
+            # One layer at a time, so that fusing and converting never hold more than one layer twice.
             p = layer_prefix(i)
-            self.layers.append(DecoderLayer(arch, load([p + n for n in names], strip=p)))
+            t = load([p + n for n in names], strip=p)
+            if pruning == "structured":
+                t = prune_structured(arch, t)
+            self.layers.append(DecoderLayer(arch, t, fmt, self.tp))
+            del t
         self.norm = self.lm_head = None
         if self.is_last:
             self.norm = load(["model.norm.weight"])["model.norm.weight"]
             if arch.tie_embeddings:
-                self.lm_head = self.embed if self.embed is not None else load(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+                self.lm_head = self.embed if self.embed is not None else vocab_shard(load([embed_name])[embed_name])
             else:
-                self.lm_head = load(["lm_head.weight"])["lm_head.weight"]
+                self.lm_head = vocab_shard(load(["lm_head.weight"])["lm_head.weight"])
 
         # Static state: KV cache, RoPE tables, and the decode position buffer.
-        self.cache = torch.zeros(num_layers, 2, arch.num_kv_heads, context_tokens, arch.head_dim, dtype=dtype, device=device)
+        _, kv_heads, _ = pruned_counts(arch, pruning)
+        _, local_kv = self.tp.split(kv_heads, "the number of KV heads")
+        self.cache = KVCache(num_layers, local_kv, context_tokens, arch.head_dim, dtype, device, kv_quant)
         self.cos, self.sin = rope_tables(arch, context_tokens, device, dtype)
         self.positions = torch.arange(context_tokens, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        # Decode through the fused Triton kernels (the engine turns this on after checking them).
+        self.fused = False
+        self.splits = kernels.attention_splits(local_kv, context_tokens)
+
+    @property
+    def can_fuse(self) -> bool:
+        """Whether the fused decode kernels apply: CUDA, Triton, dense MLP, a power-of-two head size >= 16."""
+        d = self.arch.head_dim
+        return (self.device.type == "cuda" and not self.is_moe and d >= 16 and d & (d - 1) == 0
+                and kernels.available())
 
     # -- accounting ------------------------------------------------------------------------------
 
@@ -335,13 +645,21 @@ class Stage:
             out += layer.tensors()
         return out
 
+    def kernels(self) -> dict[str, int]:
+        """How many of this stage's projections run on each kernel."""
+        out: dict[str, int] = {}
+        for layer in self.layers:
+            for lin in layer.linears():
+                out[lin.kernel] = out.get(lin.kernel, 0) + 1
+        return out
+
     @property
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.weight_tensors())
 
     @property
     def cache_bytes(self) -> int:
-        return self.cache.numel() * self.cache.element_size()
+        return self.cache.nbytes
 
     @property
     def buffer_bytes(self) -> int:
@@ -355,14 +673,23 @@ class Stage:
     # -- passes ----------------------------------------------------------------------------------
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_first:
-            return F.embedding(x.to(self.device), self.embed)
-        return x.to(device=self.device, dtype=self.dtype)
+        if not self.is_first:
+            return x.to(device=self.device, dtype=self.dtype)
+        ids = x.to(self.device)
+        if self.tp.size == 1:
+            return F.embedding(ids, self.embed)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_rows)
+        h = F.embedding(local.clamp(0, self.vocab_rows - 1), self.embed).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(h)
 
     def _output(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_last:
             return x
-        return F.linear(rms_norm(x, self.norm, self.arch.rms_norm_eps), self.lm_head).float()
+        logits = F.linear(rms_norm(x, self.norm, self.arch.rms_norm_eps), self.lm_head)
+        if self.tp.collectives:
+            logits = self.tp.all_gather_columns(logits)[:, : self.arch.vocab_size]
+        return logits.float()
 
     @torch.inference_mode()
     def prefill(self, x: torch.Tensor, *, all_positions: bool = False) -> torch.Tensor:
@@ -379,8 +706,8 @@ class Stage:
             i = self.positions[:T].unsqueeze(1)
             j = self.positions[:T].unsqueeze(0)
             mask = (j <= i) & (i - j < self.window)
-        for layer, cache in zip(self.layers, self.cache):
-            h = layer.prefill(h, cos, sin, cache, mask)
+        for n, layer in enumerate(self.layers):
+            h = layer.prefill(h, cos, sin, self.cache, n, mask)
         if self.is_last and not all_positions:
             h = h[-1:]
         return self._output(h)
@@ -397,9 +724,13 @@ class Stage:
         position (and outside a sliding window) are masked out on the device, so any ``kv_len`` up to
         ``context_tokens`` gives the same result (what a captured graph needs); the eager caller
         passes ``kv_len = position + 1`` and ``masked = needs_mask(...)``, skipping the mask when all
-        rows count.
+        rows count. With ``fused`` set, the Triton kernels run instead and ``kv_len`` is not used.
         """
         h = self._input(x)
+        if self.fused:  # attention reads rows [0, pos] itself: kv_len and the mask do not apply
+            for n, layer in enumerate(self.layers):
+                h = layer.decode_fused(h, self.cos, self.sin, self.cache, n, self.pos, self.window or 0, self.splits)
+            return self._output(h)
         cos = self.cos.index_select(0, self.pos).unsqueeze(1)
         sin = self.sin.index_select(0, self.pos).unsqueeze(1)
         mask = None
@@ -409,6 +740,6 @@ class Stage:
             if self.window is not None:
                 valid &= keys > self.pos - self.window
             mask = valid.view(1, 1, 1, kv_len)
-        for layer, cache in zip(self.layers, self.cache):
-            h = layer.decode(h, cos, sin, cache, self.pos, kv_len, mask)
+        for n, layer in enumerate(self.layers):
+            h = layer.decode(h, cos, sin, self.cache, n, self.pos, kv_len, mask)
         return self._output(h)

@@ -1,38 +1,79 @@
-"""Fingerprint measurements: time and memory of a 1- or 2-layer checkpoint on one device.
+"""Measuring a model (a 1- or 2-layer fingerprint, or the full model for validation) on a device.
 
 The fingerprint service derives every configuration's latency and memory from these numbers (paper
-L2/M2): the difference between the 2-layer and the 1-layer fingerprint is one layer's cost, the rest
-is the embedding/head and fixed overhead. ``measure_fingerprint`` loads one fingerprint checkpoint as
-a single pipeline stage and measures:
+L2/M2; ``iserve.fingerprint.estimator``). What is measured, and why (docs/fingerprint.md has the story
+of the 3.6 ms vs 12.4 ms gap that led to this method):
 
-* Warm-up: every prompt length ``warmup`` times, and on a GPU for at least ``MIN_GPU_WARMUP_S``.
-* TTFT per prompt length: median over ``repeats`` runs of a prefill plus the first token.
-* TPOT: median of every decode step over ``repeats`` runs of each output length (prompt of the
-  smallest length, ``ignore_eos``, so each run makes exactly that many tokens). Runs go round-robin
-  over the lengths.
-* Peak memory: on CUDA the torch allocator's peak since loading finished (weights, KV cache and
-  activations) and, when NVML works, the process's device memory as NVML sees it (allocator cache
-  and CUDA context included); on CPU the accounted bytes, see ``activation_bytes_estimate``.
+Wall time, what a request pays
+    Every run goes through ``Engine.generate``, the same call a serving worker makes. Its
+    ``on_token`` callback stamps ``time.perf_counter()`` as each token becomes known on the host, so
+    TTFT is the host time from the call to the first token and each decode step is the host time
+    between two tokens: launch overhead, Python, the token's read-back, all of it.
 
-Prompts are random token ids in ``[3, vocab)`` from a seeded generator, so runs are reproducible.
+Device time, what the GPU needs
+    CUDA events around a host-bound step bracket only part of the host's work (the GPU stamps an
+    event when it reaches it, and commands reach it in batches): that is how fingerprints of the
+    eager engine once measured 3.6 ms for a 7B step that takes 11.9 ms (docs/fingerprint.md). And
+    where a 1- or 2-layer fingerprint is host-bound but the full model device-bound, wall time
+    extrapolates the host's per-layer cost, not the device's. So on CUDA each fingerprint is also
+    timed with its launches queued ahead of the GPU: a GPU spin (``torch.cuda._sleep``) longer than
+    the step's host time is queued first, then a CUDA event; the host launches the whole step while
+    the GPU spins; a second event follows the step. The two events bracket the device's own time,
+    with no host gaps in it. The estimator extrapolates host and device times separately and takes
+    the larger (a pipeline's bound).
+
+Protocol (``Protocol``)
+    * Warm-up: on a GPU, keep it busy for ``gpu_warmup_s`` (clocks ramp up; lazily loaded kernels
+      and cuBLAS/Triton heuristics are paid), then ``warmup`` rounds of every run, untimed.
+    * TTFT at every prompt length (three or more for a quadratic fit), ``repeats`` times; median.
+    * Decode: runs of every output length (two or more), each after a different prompt length, so
+      that the steps cover short and long key lengths; each step's time is kept with the position
+      it fed, and the median over ``repeats`` is kept per position. TPOT is fitted by least squares
+      in the position (a step reads all keys before it).
+    * Runs go round-robin over lengths within each repeat, so drift affects all alike.
+    * Each token is handed to an event loop in another thread and encoded as a ``TokenChunk``, as
+      the serving worker does (``serving_path``), so that cost is paid here too.
+    * Device time: ``device_repeats`` repeats of the same runs, with the spins described above.
+    * Memory: the torch allocator's peak (allocated and reserved) since loading finished, and the
+      process's memory as NVML reports it, sampled after loading and after every run.
+    * GPU-seconds: wall time from the start of loading to the end of closing, times the devices.
+
+Prompts are random token ids from a seeded generator, so runs are reproducible.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import nullcontext as _nullcontext
 import statistics
 import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from iserve.checkpoint import scan_checkpoint
 from iserve.errors import BadRequest, CheckpointError, UnsupportedModel
-from iserve.messages import ArchSpec, FingerprintMeasurement, ProfileVariant, PromptTiming
+from iserve.messages import (
+    ArchSpec,
+    DecodeTiming,
+    FingerprintMeasurement,
+    ProfileJob,
+    ProfileResult,
+    ProfileVariant,
+    PromptTiming,
+    TokenChunk,
+    decoder,
+    encode,
+)
 
-from .runner import Engine
-
-MIN_GPU_WARMUP_S = 1.0  # least warm-up time on a GPU (clocks ramp up under load)
+MIN_GPU_WARMUP_S = 1.0  # default GPU warm-up before the first timed run of a job
+ENGINE_WARMUP_S = 0.2  # least busy time per loaded engine (after a load the GPU has been idle)
+SPIN_MARGIN = 1.25  # a device-timing spin lasts this many times the host's time for the step ...
+SPIN_EXTRA_MS = 0.1  # ... plus this
 
 
 def gpu_type_of(device: str) -> str:
@@ -107,16 +148,397 @@ class _NvmlProbe:
                 pass
 
 
+# ---------------------------------------------------------------------------------------------------
+# the protocol
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What to run and how often (see the module docstring)."""
+
+    prompt_lengths: tuple[int, ...]
+    output_lengths: tuple[int, ...]
+    repeats: int = 3
+    warmup: int = 1
+    device_repeats: int = 1
+    context_tokens: int = 2048
+    serving_path: bool = True  # hand every token to another thread's event loop, as the serving worker does
+
+    def __post_init__(self) -> None:
+        if not self.prompt_lengths or not self.output_lengths or min(self.prompt_lengths) < 1 or min(self.output_lengths) < 1:
+            raise BadRequest("prompt_lengths and output_lengths must be non-empty lists of positive token counts.")
+        if max(self.output_lengths) < 2:
+            raise BadRequest("at least one output length must be 2 or more, or no decode step is measured.")
+        if self.repeats < 1 or self.warmup < 0 or self.device_repeats < 0:
+            raise BadRequest(f"repeats must be at least 1 and warmup at least 0, not {self.repeats} and {self.warmup}.")
+        if max(self.prompt_lengths) + max(self.output_lengths) > self.context_tokens:
+            raise BadRequest(
+                f"the longest prompt ({max(self.prompt_lengths)}) plus the longest output ({max(self.output_lengths)}) exceeds "
+                f"context_tokens {self.context_tokens}; raise context_tokens or shorten the lengths."
+            )
+
+    def decode_runs(self) -> list[tuple[int, int]]:
+        """``(prompt_tokens, output_tokens)`` of each decode run: the output lengths in ascending order,
+        paired with the prompt lengths from the longest down (cycling), so that the steps cover both
+        short and long key lengths."""
+        prompts = sorted(set(self.prompt_lengths), reverse=True)
+        outputs = sorted(set(self.output_lengths))
+        return [(prompts[i % len(prompts)], o) for i, o in enumerate(outputs)]
+
+
+def protocol_of_job(job: ProfileJob) -> Protocol:
+    return Protocol(
+        prompt_lengths=tuple(job.prompt_lengths),
+        output_lengths=tuple(job.output_lengths),
+        repeats=job.repeats,
+        warmup=job.warmup,
+        device_repeats=1 if job.device_timing else 0,
+        context_tokens=job.context_tokens,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+def variant_kwargs(variant: ProfileVariant) -> dict[str, str]:
+    """``Engine.load`` keyword arguments of a variant; defaults are left out, so an engine that
+    predates the variant knobs still loads fp16."""
+    out = {}
+    for knob, default in (("weight_quant", "fp16"), ("kv_quant", "fp16"), ("pruning", "none")):
+        value = getattr(variant, knob)
+        if value != default:
+            out[knob] = value
+    return out
+
+
 def _check_variant(variant: ProfileVariant) -> None:
     from . import CAPABILITIES
 
     for knob, value in (("tp", variant.tp), ("weight_quant", variant.weight_quant), ("kv_quant", variant.kv_quant),
                         ("pruning", variant.pruning)):
-        if value not in CAPABILITIES[knob]:
+        allowed = CAPABILITIES.get(knob)
+        if allowed is not None and value not in allowed:
             raise UnsupportedModel(
-                f"the torch engine cannot run {knob}={value!r} yet (it supports {CAPABILITIES[knob]}); "
+                f"the torch engine cannot run {knob}={value!r} yet (it supports {allowed}); "
                 "profile only the variants in its CAPABILITIES."
             )
+
+
+def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant: ProfileVariant, *, seed: int = 0,
+                tp_rank: int = 0, tp_size: int = 1):
+    """Load ``model_dir`` as one stage on ``device`` as ``variant``, the way a worker does.
+
+    Families that the engine's ``Engine.load`` does not list yet but ``arch_other`` implements
+    (Falcon, GPT-J, GPT-NeoX) are built from ``arch_other.OtherStage`` directly, as long as the
+    variant is one that module supports; see its docstring for the hook ``Engine.load`` needs.
+    """
+    from . import CAPABILITIES, arch_other
+    from .runner import Engine
+
+    _check_variant(variant)
+    kwargs: dict = variant_kwargs(variant)
+    if tp_size > 1:
+        kwargs.update(tp_rank=tp_rank, tp_size=tp_size)
+    ck = scan_checkpoint(model_dir)
+    if ck.arch.family in arch_other.FAMILIES and ck.arch.family not in CAPABILITIES.get("families", []):
+        return arch_other.load_engine(ck, device, context_tokens, variant, seed=seed)
+    try:
+        return Engine.load(model_dir, [(device, 0, ck.arch.num_layers)], context_tokens, seed, **kwargs)
+    except TypeError as e:
+        if kwargs and "unexpected keyword" in str(e):
+            raise UnsupportedModel(f"this engine's Engine.load does not take {', '.join(kwargs)} yet: {e}") from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+
+
+class DeviceClock:
+    """CUDA events and GPU spins on the current stream of one device (see the module docstring).
+
+    ``mark()`` records an event, ``spin(ms)`` queues a GPU spin of about ``ms`` milliseconds,
+    ``elapsed(a, b)`` is the device time between two marks after ``sync()``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cycles_per_ms = self._calibrate()
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    @staticmethod
+    def elapsed(a: torch.cuda.Event, b: torch.cuda.Event) -> float:
+        return float(a.elapsed_time(b))
+
+    def _calibrate(self) -> float:
+        """Clock cycles per millisecond of ``torch.cuda._sleep`` (after warm-up, so clocks are up)."""
+        cycles = 2_000_000
+        rates = []
+        for _ in range(3):
+            a, b = self.mark(), None
+            torch.cuda._sleep(cycles)
+            b = self.mark()
+            b.synchronize()
+            ms = a.elapsed_time(b)
+            if ms > 0:
+                rates.append(cycles / ms)
+        if not rates:
+            raise RuntimeError("torch.cuda._sleep did not take measurable time")
+        return max(rates)  # the fastest clock seen: a spin is never shorter than asked
+
+    def mark(self) -> torch.cuda.Event:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def spin(self, ms: float) -> None:
+        torch.cuda._sleep(max(1, int(ms * self.cycles_per_ms)))
+
+
+@dataclass
+class _Timings:
+    ttft: dict[int, list[float]] = field(default_factory=dict)  # prompt length -> wall ms of each repeat
+    steps: dict[int, list[float]] = field(default_factory=dict)  # position -> wall ms of each repeat
+    ttft_device: dict[int, list[float]] = field(default_factory=dict)
+    steps_device: dict[int, list[float]] = field(default_factory=dict)
+
+
+class TokenSink:
+    """What a serving worker does with each token, so that profiling pays it too: the engine runs in
+    the calling thread while an asyncio loop in another thread receives every token through
+    ``call_soon_threadsafe`` and encodes its ``TokenChunk`` (the worker then publishes it)."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="profile-token-sink", daemon=True)
+        self.thread.start()
+        self.count = 0
+
+    def push(self, token_id: int) -> None:
+        self.loop.call_soon_threadsafe(self._consume, token_id)
+
+    def _consume(self, token_id: int) -> None:
+        encode(TokenChunk(request_id="profile", index=self.count, token_id=token_id, text=""))
+        self.count += 1
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+def _run_wall(engine, ids: list[int], max_tokens: int, sink: TokenSink | None = None) -> tuple[float, list[float]]:
+    """One generation; returns host wall TTFT and the wall time of every further step (ms)."""
+    stamps: list[float] = []
+
+    def on_token(t: int) -> None:
+        stamps.append(time.perf_counter())
+        if sink is not None:
+            sink.push(t)
+
+    t0 = time.perf_counter()
+    engine.generate(ids, max_tokens=max_tokens, ignore_eos=True, on_token=on_token)
+    if len(stamps) != max_tokens:
+        raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos but got {len(stamps)}")
+    ttft = (stamps[0] - t0) * 1000.0
+    steps = [(b - a) * 1000.0 for a, b in zip(stamps, stamps[1:])]
+    return ttft, steps
+
+
+def _run_device(engine, clock, ids: list[int], max_tokens: int, ttft_spin_ms: float,
+                step_spin_ms: float) -> tuple[float, list[float]]:
+    """One generation with every pass's launches queued behind a GPU spin; returns the device time
+    of the prefill and of every further step (ms). ``clock`` is a :class:`DeviceClock`."""
+    starts: list = []
+    ends: list = []
+
+    def on_token(_t: int) -> None:
+        ends.append(clock.mark())  # the step just finished
+        if len(ends) < max_tokens:  # another step follows: hold the GPU while the host launches it
+            clock.spin(step_spin_ms)
+            starts.append(clock.mark())
+
+    clock.spin(ttft_spin_ms)
+    starts.append(clock.mark())
+    engine.generate(ids, max_tokens=max_tokens, ignore_eos=True, on_token=on_token)
+    clock.sync()
+    times = [clock.elapsed(a, b) for a, b in zip(starts, ends)]
+    return times[0], times[1:]
+
+
+def _prompt(vocab: int, length: int, g: torch.Generator) -> list[int]:
+    return torch.randint(3, vocab, (length,), generator=g).tolist()
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _time_engine(engine, protocol: Protocol, *, device_timing: bool, gpu_warmup_s: float, seed: int,
+                 after_run: Callable[[], None], clock_factory: Callable[[torch.device], object] | None = None) -> _Timings:
+    """Warm up, then the wall pass and (on CUDA, when asked) the device pass of ``protocol``.
+    ``clock_factory`` replaces :class:`DeviceClock` (tests run the device pass on the CPU with it)."""
+    vocab = engine.arch.vocab_size
+    dev = engine.stages[0].device
+    g = torch.Generator().manual_seed(seed)
+    prompts = {p: _prompt(vocab, p, g) for p in sorted(set(protocol.prompt_lengths))}
+    runs = protocol.decode_runs()
+
+    # Warm-up: busy for a while on a GPU (clocks ramp up), then every run of the protocol, untimed.
+    t0 = time.perf_counter()
+    longest = max(prompts)
+    while dev.type == "cuda" and time.perf_counter() - t0 < gpu_warmup_s:
+        _run_wall(engine, prompts[longest], 2)
+    for _ in range(protocol.warmup):
+        for p in prompts:
+            _run_wall(engine, prompts[p], 2)
+        for p, o in runs:
+            _run_wall(engine, prompts[p], min(o, 4))
+    after_run()
+
+    t = _Timings()
+    sink = TokenSink() if protocol.serving_path else None
+    try:
+        for _ in range(protocol.repeats):
+            for p in prompts:
+                ttft, _ = _run_wall(engine, prompts[p], 1, sink)
+                t.ttft.setdefault(p, []).append(ttft)
+            for p, o in runs:
+                _, steps = _run_wall(engine, prompts[p], o, sink)
+                for i, s in enumerate(steps):
+                    t.steps.setdefault(p + i, []).append(s)
+            after_run()
+    finally:
+        if sink is not None:
+            sink.close()
+
+    can_time = clock_factory is not None or (dev.type == "cuda" and hasattr(torch.cuda, "_sleep"))
+    if device_timing and protocol.device_repeats > 0 and can_time:
+        with torch.cuda.device(dev) if dev.type == "cuda" else _nullcontext():
+            clock = (clock_factory or DeviceClock)(dev)
+            step_wall = max(_median(v) for v in t.steps.values())
+            step_spin = SPIN_MARGIN * step_wall + SPIN_EXTRA_MS
+            for _ in range(protocol.device_repeats):
+                for p in prompts:
+                    spin = SPIN_MARGIN * max(t.ttft[p]) + SPIN_EXTRA_MS
+                    ttft, _ = _run_device(engine, clock, prompts[p], 1, spin, step_spin)
+                    t.ttft_device.setdefault(p, []).append(ttft)
+                for p, o in runs:
+                    spin = SPIN_MARGIN * max(t.ttft[p]) + SPIN_EXTRA_MS
+                    _, steps = _run_device(engine, clock, prompts[p], o, spin, step_spin)
+                    for i, s in enumerate(steps):
+                        t.steps_device.setdefault(p + i, []).append(s)
+                after_run()
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------
+# one model
+
+
+def measure_model(
+    model_dir: str | Path,
+    device: str,
+    *,
+    protocol: Protocol,
+    variant: ProfileVariant | None = None,
+    num_layers: int | None = None,
+    device_timing: bool = True,
+    gpu_warmup_s: float = ENGINE_WARMUP_S,
+    seed: int = 0,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    clock_factory: Callable[[torch.device], object] | None = None,
+) -> FingerprintMeasurement:
+    """Load ``model_dir`` on ``device`` as ``variant`` and measure it with ``protocol``.
+
+    Used for fingerprints (``num_layers`` 1 or 2, checked against the checkpoint) and, with
+    ``device_timing=False``, for full models in validation. With ``tp_size > 1`` every rank calls
+    this (``torch.distributed`` already initialized); rank 0 measures and the other ranks follow its
+    generations, returning only their memory.
+    """
+    variant = variant or ProfileVariant(tp=tp_size)
+    ck = scan_checkpoint(model_dir)
+    if num_layers is not None and ck.arch.num_layers != num_layers:
+        raise CheckpointError(
+            f"{model_dir} has {ck.arch.num_layers} hidden layers but the job expects a {num_layers}-layer fingerprint; "
+            "regenerate the fingerprint checkpoints."
+        )
+    if ck.arch.vocab_size <= 3:
+        raise CheckpointError(f"{model_dir} has a vocabulary of {ck.arch.vocab_size} ids; a fingerprint needs more than 3.")
+    if max(protocol.prompt_lengths) + max(protocol.output_lengths) > min(protocol.context_tokens, ck.arch.max_position):
+        raise BadRequest(f"the protocol's longest prompt plus output does not fit {model_dir}'s context of {ck.arch.max_position} tokens.")
+
+    t_start = time.perf_counter()
+    engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size)
+    dev = engine.stages[0].device
+    probe = _NvmlProbe(dev)
+    nvml_peak = probe.sample()
+    try:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        def after_run() -> None:
+            nonlocal nvml_peak
+            nvml_peak = max(nvml_peak, probe.sample())
+
+        timings = None
+        if tp_rank == 0:
+            timings = _time_engine(engine, protocol, device_timing=device_timing, gpu_warmup_s=gpu_warmup_s, seed=seed,
+                                   after_run=after_run, clock_factory=clock_factory)
+        else:
+            engine.follow()
+            after_run()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            peak = int(torch.cuda.max_memory_allocated(dev))
+            reserved = int(torch.cuda.max_memory_reserved(dev))
+        else:
+            dtype_bytes = engine.stages[0].dtype.itemsize
+            peak = engine.memory_bytes()[0] + activation_bytes_estimate(engine.arch, max(protocol.prompt_lengths), dtype_bytes)
+            reserved = 0
+        weight_bytes, kv_bytes, timer = engine.weight_bytes(), engine.kv_cache_bytes(), engine.timer
+    finally:
+        probe.close()
+        engine.close()
+    gpu_seconds = (time.perf_counter() - t_start) * (tp_size if dev.type == "cuda" else 1)
+
+    m = FingerprintMeasurement(
+        num_layers=ck.arch.num_layers,
+        variant=variant,
+        ttft=[],
+        tpot_ms=0.0,
+        decode_steps=0,
+        peak_bytes=peak,
+        nvml_peak_bytes=nvml_peak,
+        weight_bytes=weight_bytes,
+        kv_cache_bytes=kv_bytes,
+        timer="perf_counter",
+        context_tokens=protocol.context_tokens,
+        reserved_peak_bytes=reserved,
+        gpu_seconds=gpu_seconds,
+        tp=tp_size,
+    )
+    if timings is None:
+        return m
+    m.ttft = [PromptTiming(prompt_tokens=p, ttft_ms=_median(v)) for p, v in sorted(timings.ttft.items())]
+    m.decode = [DecodeTiming(position=pos, step_ms=_median(v)) for pos, v in sorted(timings.steps.items())]
+    all_steps = [s for v in timings.steps.values() for s in v]
+    m.tpot_ms = _median(all_steps)
+    m.decode_steps = len(all_steps)
+    if timings.ttft_device:
+        m.timer = "perf_counter+cuda_events"
+        m.ttft_device = [PromptTiming(prompt_tokens=p, ttft_ms=_median(v)) for p, v in sorted(timings.ttft_device.items())]
+        m.decode_device = [DecodeTiming(position=pos, step_ms=_median(v)) for pos, v in sorted(timings.steps_device.items())]
+        m.tpot_device_ms = _median([s for v in timings.steps_device.values() for s in v])
+    return m
 
 
 def measure_fingerprint(
@@ -131,85 +553,278 @@ def measure_fingerprint(
     context_tokens: int,
     variant: ProfileVariant | None = None,
     seed: int = 0,
+    device_timing: bool = True,
+    gpu_warmup_s: float = ENGINE_WARMUP_S,
 ) -> FingerprintMeasurement:
-    """Measure one fingerprint checkpoint (``num_layers`` hidden layers) on ``device``; see the module
-    docstring for what each number means. ``variant`` must be one the engine supports (default fp16)."""
-    variant = variant or ProfileVariant()
-    _check_variant(variant)
-    if not prompt_lengths or not output_lengths or min(prompt_lengths) < 1 or min(output_lengths) < 1:
-        raise BadRequest("prompt_lengths and output_lengths must be non-empty lists of positive token counts.")
-    if max(output_lengths) < 2:
-        raise BadRequest("at least one output length must be 2 or more, or no decode step is measured.")
-    if repeats < 1 or warmup < 0:
-        raise BadRequest(f"repeats must be at least 1 and warmup at least 0, not {repeats} and {warmup}.")
-    if max(prompt_lengths) + max(output_lengths) > context_tokens:
-        raise BadRequest(
-            f"the longest prompt ({max(prompt_lengths)}) plus the longest output ({max(output_lengths)}) exceeds "
-            f"context_tokens {context_tokens}; raise context_tokens or shorten the lengths."
-        )
-    ck = scan_checkpoint(model_dir)
-    if ck.arch.num_layers != num_layers:
-        raise CheckpointError(
-            f"{model_dir} has {ck.arch.num_layers} hidden layers but the job expects a {num_layers}-layer fingerprint; "
-            "regenerate the fingerprint checkpoints."
-        )
-    vocab = ck.arch.vocab_size
-    if vocab <= 3:
-        raise CheckpointError(f"{model_dir} has a vocabulary of {vocab} ids; a fingerprint needs more than 3.")
+    """Measure one fingerprint checkpoint (``num_layers`` hidden layers) on ``device`` as ``variant``
+    (default fp16); see the module docstring for what each number means."""
+    protocol = Protocol(
+        prompt_lengths=tuple(prompt_lengths),
+        output_lengths=tuple(output_lengths),
+        repeats=repeats,
+        warmup=warmup,
+        device_repeats=1 if device_timing else 0,
+        context_tokens=context_tokens,
+    )
+    return measure_model(model_dir, device, protocol=protocol, variant=variant or ProfileVariant(), num_layers=num_layers,
+                         device_timing=device_timing, gpu_warmup_s=gpu_warmup_s, seed=seed)
 
-    engine = Engine.load(model_dir, [(device, 0, num_layers)], context_tokens)
-    dev = engine.stages[0].device
-    probe = _NvmlProbe(dev)
-    nvml_peak = 0
+
+# ---------------------------------------------------------------------------------------------------
+# a profiling job
+
+
+def _variant_key(v: ProfileVariant) -> str:
+    return f"tp{v.tp}-w{v.weight_quant}-kv{v.kv_quant}-p{v.pruning.replace(':', '')}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _warm_gpu(device: str, seconds: float) -> None:
+    """Keep a CUDA device busy with matrix products for ``seconds`` (clocks ramp up under load)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or seconds <= 0:
+        return
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.float16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(8):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize(dev)
+    del a
+
+
+def _tp_rank_main(rank: int, size: int, port: int, job_bytes: bytes, devices: list[str], variants_bytes: list[bytes],
+                  queue) -> None:
+    """One rank of the tensor-parallel measurements (spawned once per TP degree): measure every
+    fingerprint of the job as each of the variants, rank 0 timing; send ``(rank, {variant key:
+    [measurement bytes] or error text}, allreduce, fatal error)`` to ``queue``. A variant the engine
+    refuses is reported by its key and the next one goes on, on every rank alike."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-        g = torch.Generator().manual_seed(seed)
+        job = decoder(ProfileJob).decode(job_bytes)
+        device = devices[rank]
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=size)
+        try:
+            allreduce = measure_allreduce(device) if cuda else (0.0, 0.0)
+            protocol = protocol_of_job(job)
+            out: dict[str, list[bytes] | str] = {}
+            for vb in variants_bytes:
+                variant = decoder(ProfileVariant).decode(vb)
+                try:
+                    out[_variant_key(variant)] = [
+                        encode(measure_model(path, device, protocol=protocol, variant=variant, device_timing=job.device_timing,
+                                             gpu_warmup_s=ENGINE_WARMUP_S, tp_rank=rank, tp_size=size))
+                        for path in job.fingerprint_paths
+                    ]
+                except UnsupportedModel as e:  # raised alike on every rank, before any collective of the variant
+                    out[_variant_key(variant)] = e.message
+            queue.put((rank, out, allreduce, ""))
+        finally:
+            dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
+        queue.put((rank, {}, (0.0, 0.0), f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3)[-300:]}"))
 
-        def run(prompt_len: int, max_tokens: int):
-            nonlocal nvml_peak
-            ids = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
-            res = engine.generate(ids, max_tokens=max_tokens, ignore_eos=True)
-            nvml_peak = max(nvml_peak, probe.sample())
-            return res
 
-        # Warm up every prompt length ``warmup`` times; on a GPU keep going until it has been busy for
-        # a while, so that its clocks have ramped up before anything is timed.
+def measure_allreduce(device: str, sizes: Sequence[int] = (8 << 10, 256 << 10, 4 << 20, 32 << 20)) -> tuple[float, float]:
+    """All-reduce cost over the initialized default process group: ``(latency_us, bus_GBps)`` from a
+    least-squares line ``t = latency + 2 (n-1)/n * bytes / bus_bandwidth`` over ``sizes``."""
+    import torch.distributed as dist
+
+    n = dist.get_world_size()
+    dev = torch.device(device)
+    xs, ys = [], []
+    for size in sizes:
+        t = torch.ones(size // 2, dtype=torch.float16, device=dev)
+        for _ in range(3):
+            dist.all_reduce(t)
+        torch.cuda.synchronize(dev)
+        reps = 20
         t0 = time.perf_counter()
-        rounds = 0
-        while rounds < warmup or (warmup and dev.type == "cuda" and time.perf_counter() - t0 < MIN_GPU_WARMUP_S):
-            for p in prompt_lengths:
-                run(p, 3)
-            rounds += 1
+        for _ in range(reps):
+            dist.all_reduce(t)
+        torch.cuda.synchronize(dev)
+        ys.append((time.perf_counter() - t0) / reps * 1e6)
+        xs.append(2 * (n - 1) / n * size)
+    import numpy as np
 
-        # Round-robin over the lengths, so that any drift during the measurement affects all alike.
-        ttft_samples: dict[int, list[float]] = {p: [] for p in prompt_lengths}
-        steps: list[float] = []
-        for _ in range(repeats):
-            for p in prompt_lengths:
-                ttft_samples[p].append(run(p, 1).ttft_ms)
-            for o in output_lengths:
-                steps += run(min(prompt_lengths), o).step_ms
-        ttft = [PromptTiming(prompt_tokens=p, ttft_ms=statistics.median(ttft_samples[p])) for p in prompt_lengths]
+    slope, intercept = np.polyfit(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float), 1)
+    bus = 1e-3 / slope if slope > 0 else 0.0  # bytes per microsecond -> GB/s
+    return float(max(intercept, 0.0)), float(bus)
 
-        if dev.type == "cuda":
-            peak = int(torch.cuda.max_memory_allocated(dev))
-        else:
-            dtype_bytes = engine.stages[0].dtype.itemsize
-            peak = engine.memory_bytes()[0] + activation_bytes_estimate(engine.arch, max(prompt_lengths), dtype_bytes)
-        return FingerprintMeasurement(
-            num_layers=num_layers,
-            variant=variant,
-            ttft=ttft,
-            tpot_ms=statistics.median(steps),
-            decode_steps=len(steps),
-            peak_bytes=peak,
-            nvml_peak_bytes=nvml_peak,
-            weight_bytes=engine.weight_bytes(),
-            kv_cache_bytes=engine.kv_cache_bytes(),
-            timer=engine.timer,
-        )
+
+def _measure_tp(job: ProfileJob, devices: list[str], variants: list[ProfileVariant], timeout_s: float):
+    """Measure ``variants`` (all of one TP degree ``t`` > 1) on ``devices[:t]``, one spawned process
+    per rank for all of them. Returns ``({variant key: [measurements] or reason}, (latency_us, GB/s))``."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    size = variants[0].tp
+    port = _free_port()
+    blobs = [encode(v) for v in variants]
+    procs = [ctx.Process(target=_tp_rank_main, args=(r, size, port, encode(job), devices[:size], blobs, queue), daemon=True)
+             for r in range(size)]
+    for p in procs:
+        p.start()
+    results = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"tensor-parallel profiling at TP={size} took longer than {timeout_s:.0f} s")
+            try:
+                rank, out, allreduce, error = queue.get(timeout=min(remaining, 5.0))
+            except Exception:  # queue.Empty: check that the ranks are alive
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a rank of the TP={size} measurement died with exit code {dead[0].exitcode}") from None
+                continue
+            if error:
+                raise RuntimeError(f"rank {rank} of the TP={size} measurement: {error}")
+            results[rank] = (out, allreduce)
     finally:
-        probe.close()
-        engine.close()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    lead, allreduce = results[0]
+    merged: dict[str, list[FingerprintMeasurement] | str] = {}
+    for key, value in lead.items():
+        if isinstance(value, str):
+            merged[key] = value
+            continue
+        ms = [decoder(FingerprintMeasurement).decode(b) for b in value]
+        for r in range(1, size):  # memory: the largest rank's
+            other = results[r][0].get(key)
+            if isinstance(other, list):
+                for m, b in zip(ms, other):
+                    o = decoder(FingerprintMeasurement).decode(b)
+                    m.peak_bytes = max(m.peak_bytes, o.peak_bytes)
+                    m.nvml_peak_bytes = max(m.nvml_peak_bytes, o.nvml_peak_bytes)
+                    m.reserved_peak_bytes = max(m.reserved_peak_bytes, o.reserved_peak_bytes)
+        merged[key] = ms
+    return merged, allreduce
+
+
+def _measure_tp_variant(job: ProfileJob, devices: list[str], variant: ProfileVariant, timeout_s: float):
+    """One TP variant (``iserve validate`` measures full models this way): its measurements and the
+    all-reduce cost. Raises ``UnsupportedModel`` when the engine refuses it."""
+    merged, allreduce = _measure_tp(job, devices, [variant], timeout_s)
+    value = merged[_variant_key(variant)]
+    if isinstance(value, str):
+        raise UnsupportedModel(value)
+    return value, allreduce
+
+
+def run_profile_job(job: ProfileJob, devices: Sequence[str], *, log: Callable[[str], None] | None = None) -> ProfileResult:
+    """Measure every fingerprint of ``job`` as every variant, on ``devices`` (``devices[0]`` for TP=1;
+    ``devices[:tp]`` for a TP variant). A variant the engine refuses (``UnsupportedModel``), or that
+    needs more devices than given, is listed in ``skipped`` with the reason; other errors propagate
+    (the agent then reports the run as failed and the service retries on another GPU)."""
+    devices = list(devices)
+    if not devices:
+        raise BadRequest("a profiling job needs at least one device.")
+    if all(torch.device(d).type == "cpu" for d in devices):
+        # Simulated GPUs: fingerprints of tiny models gain nothing from intra-op threads, and on a
+        # busy CPU multi-threaded ops stall (a job took 8x longer with 2 threads than with 1).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _run_profile_job(job, devices, log)
+        finally:
+            torch.set_num_threads(threads)
+    return _run_profile_job(job, devices, log)
+
+
+def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], None] | None) -> ProfileResult:
+    protocol = protocol_of_job(job)
+    t0 = time.perf_counter()
+    _warm_gpu(devices[0], job.gpu_warmup_s)
+    measurements: list[FingerprintMeasurement] = []
+    skipped: dict[str, str] = {}
+    allreduce = (0.0, 0.0)
+    by_tp: dict[int, list[ProfileVariant]] = {}
+    for variant in job.variants:
+        if variant.tp > 1:
+            by_tp.setdefault(variant.tp, []).append(variant)
+    for tp, variants in sorted(by_tp.items()):
+        if tp > len(devices):
+            skipped.update({_variant_key(v): f"needs {tp} GPUs, the profiling job had {len(devices)}" for v in variants})
+            continue
+        merged, ar = _measure_tp(job, devices, variants, job.timeout_s)
+        if ar[1] > 0:
+            allreduce = ar
+        for key, value in merged.items():
+            if isinstance(value, str):
+                skipped[key] = value
+            else:
+                measurements += value
+    for variant in job.variants:
+        if variant.tp > 1:
+            continue
+        key = _variant_key(variant)
+        try:
+            for path in job.fingerprint_paths:
+                m = measure_model(path, devices[0], protocol=protocol, variant=variant, device_timing=job.device_timing,
+                                  seed=0)
+                measurements.append(m)
+                if log:
+                    log(f"measured {Path(path).name} as {key}: TPOT {m.tpot_ms:.3f} ms (device {m.tpot_device_ms:.3f} ms)")
+        except UnsupportedModel as e:
+            skipped[key] = e.message
+            measurements = [m for m in measurements if m.variant != variant]
+    wall = time.perf_counter() - t0
+    # The first device is held throughout; a TP measurement also holds tp - 1 more for its duration.
+    extra = sum(m.gpu_seconds * (m.tp - 1) / m.tp for m in measurements if m.tp > 1)
+    return ProfileResult(
+        job_id=job.job_id,
+        device=devices[0],
+        gpu_type=gpu_type_of(devices[0]),
+        measurements=measurements,
+        gpu_seconds=wall + extra,
+        wall_seconds=wall,
+        peak_bytes=max((m.peak_bytes for m in measurements), default=0),
+        skipped=skipped,
+        allreduce_latency_us=allreduce[0],
+        allreduce_bus_gbps=allreduce[1],
+        nvml_peak_bytes=max((m.nvml_peak_bytes for m in measurements), default=0),
+    )
+
+
+def run_profile_job_file(job_path: str | Path, result_path: str | Path, devices: Sequence[str],
+                         log: Callable[[str], None] | None = None) -> ProfileResult:
+    """The worker's profile mode: read a ``ProfileJob``, run it, write the ``ProfileResult``
+    atomically. Errors propagate for the worker to report."""
+    job = decoder(ProfileJob).decode(Path(job_path).read_bytes())
+    result = run_profile_job(job, devices, log=log)
+    out = Path(result_path)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(encode(result))
+    os.replace(tmp, out)
+    return result
+
+
+__all__ = [
+    "Protocol",
+    "activation_bytes_estimate",
+    "gpu_type_of",
+    "load_engine",
+    "measure_allreduce",
+    "measure_fingerprint",
+    "measure_model",
+    "protocol_of_job",
+    "run_profile_job",
+    "run_profile_job_file",
+    "variant_kwargs",
+]

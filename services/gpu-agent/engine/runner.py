@@ -11,6 +11,28 @@ calling ``on_token`` as soon as each token is known so that it can be streamed. 
 CUDA device each phase is bracketed by CUDA events; otherwise (CPU, or stages spread over several
 devices, where one event pair cannot span devices) by ``time.perf_counter`` after a device sync. The
 token id is read back to the host every step anyway, so both measure what a client sees.
+
+Fused decode kernels (CUDA, when Triton runs): after loading, one decode step is run with and without
+the Triton kernels of ``kernels.py``; if they agree, every CUDA stage decodes through them
+(``fused_decode``), else ``fused_error`` says why and the plain torch decode is used.
+
+CUDA graphs (``cuda_graphs=True``, the default on CUDA): each CUDA stage's decode step is then run on
+a side stream to warm up (cuBLAS handles, Triton auto-tuning) and captured in ``torch.cuda.CUDAGraph``s
+sharing one memory pool per device: one graph when the fused attention reads exactly the valid cache
+rows, else one per key-length bucket (``graph_buckets``: multiples of 256 positions, at most 16; SDPA
+reads that many rows under a mask computed on the device). A decode step writes the position into
+each stage's ``pos`` buffer, replays the stage's graph and copies its static output into the next
+stage's static input. A step of a 32-layer model is a few hundred kernels; replaying them as one
+graph removes the per-kernel launch cost that bounds eager decode at batch 1. CPU stages, and
+Mixtral stages (their decode reads the chosen experts back to the host), run eagerly.
+
+Tensor parallelism (``tp_size > 1``): ``torch.distributed`` must already be initialized with one
+process per rank (NCCL for CUDA, gloo for CPU); every rank calls ``Engine.load`` with the same
+arguments and its own ``tp_rank`` and devices. Rank 0 is the leader: its ``generate`` first
+broadcasts the request to the other ranks (a gloo group, pickled arguments), which sit in
+``Engine.follow()`` and run the same generation in lockstep. Before every decode step the leader
+broadcasts the token it chose and whether to stop (cancellation is known only to the leader), so
+all ranks feed the same token. ``Engine.close()`` on the leader releases the followers.
 """
 
 from __future__ import annotations
@@ -29,8 +51,11 @@ from iserve.checkpoint import Checkpoint, scan_checkpoint
 from iserve.errors import BadRequest, PromptTooLong, UnsupportedModel
 from iserve.messages import ArchSpec
 
-from .model import Stage
+from .model import Stage, TensorParallel
 from .tokenizer import Tokenizer, load_tokenizer
+
+GRAPH_BUCKET = 256  # positions per CUDA-graph key-length bucket (the step grows for long contexts)
+MAX_GRAPH_BUCKETS = 16
 
 _CUDA_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,17 +173,118 @@ def _check_stages(stages: Sequence[tuple[str, int, int]], num_layers: int) -> No
         raise BadRequest(f"the stages hold {end} layers but the model has {num_layers}; make them cover every layer exactly once.")
 
 
+def graph_buckets(context_tokens: int) -> list[int]:
+    """Key lengths decode graphs are captured for: multiples of ``GRAPH_BUCKET`` (a larger step for
+    long contexts, so that there are at most ``MAX_GRAPH_BUCKETS``), the last one the whole context."""
+    step = GRAPH_BUCKET
+    while -(-context_tokens // step) > MAX_GRAPH_BUCKETS:
+        step *= 2
+    return sorted({min(context_tokens, b) for b in range(step, context_tokens + step, step)})
+
+
+class _StageGraphs:
+    """One stage's decode step captured in CUDA graphs, one per key-length bucket.
+
+    ``inp`` is the stage's static input (token id ``[1]`` or hidden ``[1, hidden]``); ``run(kv_len)``
+    replays the bucket's graph and returns its static output. The position comes from ``stage.pos``.
+    """
+
+    def __init__(self, stage: Stage, inp: torch.Tensor, buckets: list[int], pool):
+        self.stage = stage
+        self.inp = inp
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        dev = stage.device
+        with torch.cuda.device(dev):
+            stage.pos.zero_()  # warm-up writes cache row 0, which every prefill rewrites
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for kv_len in buckets:
+                    for _ in range(2):
+                        stage.decode(inp, kv_len=kv_len, masked=True)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
+            for kv_len in buckets:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = stage.decode(inp, kv_len=kv_len, masked=True)
+                self.graphs[kv_len] = (graph, out)
+            torch.cuda.synchronize(dev)
+
+    def run(self, kv_len: int) -> torch.Tensor:
+        graph, out = self.graphs[kv_len]
+        graph.replay()
+        return out
+
+
+class _TPControl:
+    """The leader/follower protocol of a tensor-parallel engine (see the module docstring)."""
+
+    def __init__(self, rank: int, size: int, control_group, step_group, step_device: torch.device):
+        self.rank = rank
+        self.size = size
+        self.control = control_group  # gloo: requests (pickled)
+        self.step = step_group  # the last stage's group: per-step token and stop flag
+        self.flag = torch.zeros(2, dtype=torch.long, device=step_device)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def send(self, message: tuple) -> tuple:
+        """Leader: broadcast ``message``; follower: receive it (the argument is ignored)."""
+        import torch.distributed as dist
+
+        box = [message if self.leader else None]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def agree(self, token_id: int, stop: bool) -> tuple[int, bool]:
+        """Every rank gets the leader's token and stop flag."""
+        import torch.distributed as dist
+
+        if self.leader:
+            self.flag[0] = token_id
+            self.flag[1] = int(stop)
+        dist.broadcast(self.flag, src=0, group=self.step)
+        token, flag = self.flag.tolist()
+        return int(token), bool(flag)
+
+
+def _init_tp_groups(stages: int, tp_rank: int, tp_size: int, backend_of_stage: list[str]):
+    """One process group per stage (each binds to that stage's device) and a gloo control group."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise BadRequest(
+            f"tensor parallelism of degree {tp_size} needs torch.distributed initialized with one process per rank "
+            "before Engine.load (the GPU agent's worker does this)."
+        )
+    if dist.get_world_size() != tp_size or dist.get_rank() != tp_rank:
+        raise BadRequest(
+            f"Engine.load got tp_rank={tp_rank}, tp_size={tp_size} but torch.distributed has rank {dist.get_rank()} "
+            f"of {dist.get_world_size()}."
+        )
+    ranks = list(range(tp_size))
+    groups = [dist.new_group(ranks, backend=backend) for backend in backend_of_stage]
+    control = dist.new_group(ranks, backend="gloo")
+    return groups, control
+
+
 class Engine:
     """A model loaded as a pipeline of ``Stage``s, generating for one request at a time (batch size 1).
 
     Create it with ``Engine.load``. Not thread-safe: run one ``generate`` at a time.
     """
 
-    def __init__(self, checkpoint: Checkpoint, stages: list[Stage], tokenizer: Tokenizer, context_tokens: int, seed: int):
+    def __init__(self, checkpoint: Checkpoint, stages: list[Stage], tokenizer: Tokenizer, context_tokens: int, seed: int,
+                 *, cuda_graphs: bool = True, variant: dict[str, str] | None = None, tp: _TPControl | None = None):
         self.checkpoint = checkpoint
         self.stages = stages
         self._tokenizer = tokenizer
         self._context_tokens = context_tokens
+        self.variant = dict(variant or {"weight_quant": "fp16", "kv_quant": "fp16", "pruning": "none"})
+        self._tp = tp
         first, last = stages[0].device, stages[-1].device
         self._token = torch.zeros(1, dtype=torch.long, device=first)  # decode input buffer
         self._generator = torch.Generator(device=last).manual_seed(seed)  # for requests without a seed
@@ -167,6 +293,56 @@ class Engine:
             self._timer: _PerfTimer | _CudaEventTimer = _CudaEventTimer(cuda_devices[0])
         else:
             self._timer = _PerfTimer(cuda_devices)
+        self.fused_error = ""
+        self.buckets = graph_buckets(context_tokens)
+        self._graphs: list[_StageGraphs | None] = [None] * len(stages)
+        if any(s.can_fuse for s in stages):
+            self._enable_fused()
+        fused = [s.fused for s in stages if s.device.type == "cuda"]
+        # Fused attention reads exactly the valid rows: one graph covers every position.
+        if fused and all(fused):
+            self.buckets = [context_tokens]
+        if cuda_graphs:
+            self._capture()
+
+    def _enable_fused(self) -> None:
+        """Turn on the fused Triton decode kernels where they apply, after checking them on this
+        device: one decode step with and without them must agree (relative L2 of the logits < 0.05),
+        else they stay off and ``fused_error`` says why."""
+        n = min(8, self._context_tokens - 1, self.arch.vocab_size - 3)
+        if n < 2:
+            return
+        ids = list(range(3, 3 + n))
+        with _compute():
+            self._prefill(ids[:-1])
+            self._token.fill_(ids[-1])
+            ref = self._decode(n - 1).clone()
+            for s in self.stages:
+                s.fused = s.can_fuse
+            try:
+                self._prefill(ids[:-1])
+                got = self._decode(n - 1).clone()
+                rel = float((got - ref).norm() / ref.norm())
+                problem = "" if rel < 0.05 else f"fused decode differs from the reference by {rel:.3g} (relative L2)"
+            except Exception as e:  # noqa: BLE001 - any failure of the optional kernels means: do not use them
+                problem = f"fused decode failed: {type(e).__name__}: {e}"
+        if problem:
+            for s in self.stages:
+                s.fused = False
+            self.fused_error = problem
+
+    def _capture(self) -> None:
+        """Capture the decode step of every CUDA stage that can be captured (see the module docstring)."""
+        pools: dict[torch.device, object] = {}
+        inp = self._token
+        with _compute():
+            for i, stage in enumerate(self.stages):
+                if i > 0:
+                    inp = torch.zeros(1, stage.arch.hidden_size, dtype=stage.dtype, device=stage.device)
+                if stage.device.type != "cuda" or stage.is_moe:
+                    continue
+                pool = pools.setdefault(stage.device, torch.cuda.graph_pool_handle())
+                self._graphs[i] = _StageGraphs(stage, inp, self.buckets, pool)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -179,17 +355,30 @@ class Engine:
         seed: int = 0,
         *,
         dtype: str | None = None,
+        weight_quant: str = "fp16",
+        kv_quant: str = "fp16",
+        pruning: str = "none",
+        cuda_graphs: bool = True,
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ) -> "Engine":
         """Load ``model_dir`` as the given stages ``(device, first_layer, num_layers)``.
 
         Each stage reads only its own tensors, straight onto its device. Computation dtype: on CUDA
-        the checkpoint's ``torch_dtype`` (bfloat16 stays bfloat16, anything else runs as float16), on
-        CPU float32; ``dtype`` ("float16", "bfloat16", "float32") overrides both. ``seed`` seeds the
+        the checkpoint's ``torch_dtype`` (bfloat16 stays bfloat16, anything else runs as float16;
+        with int4 weights bfloat16, the activation type of the int4 kernel), on CPU float32;
+        ``dtype`` ("float16", "bfloat16", "float32") overrides all of these. ``seed`` seeds the
         sampler of requests that bring no seed of their own.
 
-        Raises ``CheckpointError`` for a bad checkpoint, ``UnsupportedModel`` for an architecture this
-        engine cannot run, ``BadRequest`` for stages that do not cover every layer exactly once in
-        order, unknown devices, or a context longer than the model's.
+        ``weight_quant`` ("fp16", "int8", "int4"), ``kv_quant`` ("fp16", "int8") and ``pruning``
+        ("none", "2:4", "structured") pick the variant (see ``model.py`` and ``quant.py``);
+        ``cuda_graphs`` captures the decode step of CUDA stages; ``tp_rank`` / ``tp_size`` load this
+        process's share of a tensor-parallel deployment (see the module docstring).
+
+        Raises ``CheckpointError`` for a bad checkpoint, ``UnsupportedModel`` for an architecture or
+        variant this engine cannot run, ``BadRequest`` for stages that do not cover every layer
+        exactly once in order, unknown devices, a context longer than the model's, or a TP degree
+        that does not divide the heads.
         """
         from . import CAPABILITIES
 
@@ -200,6 +389,11 @@ class Engine:
                 f"the torch engine runs the {', '.join(CAPABILITIES['families'])} families, not {arch.family} "
                 f"(model_type {arch.model_type!r})."
             )
+        for knob, value in (("weight_quant", weight_quant), ("kv_quant", kv_quant), ("pruning", pruning), ("tp", tp_size)):
+            if value not in CAPABILITIES[knob]:
+                raise UnsupportedModel(f"the torch engine cannot run {knob}={value!r} (it supports {CAPABILITIES[knob]}).")
+        if not 0 <= tp_rank < tp_size:
+            raise BadRequest(f"tp_rank must be in 0..{tp_size - 1}, not {tp_rank}.")
         _check_stages(stages, arch.num_layers)
         if not isinstance(context_tokens, int) or context_tokens < 1:
             raise BadRequest(f"context_tokens must be a positive integer, not {context_tokens!r}.")
@@ -212,20 +406,42 @@ class Engine:
             raise BadRequest(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPE_NAMES)}.")
         devices = [_parse_device(s[0], i) for i, s in enumerate(stages)]
         tokenizer = load_tokenizer(model_dir, arch)
+        tp_groups: list = [None] * len(stages)
+        control = None
+        if tp_size > 1:
+            tp_groups, control = _init_tp_groups(len(stages), tp_rank, tp_size,
+                                                 ["nccl" if d.type == "cuda" else "gloo" for d in devices])
         built = []
         with torch.inference_mode():
-            for dev, (_, first, n) in zip(devices, stages):
+            for i, (dev, (_, first, n)) in enumerate(zip(devices, stages)):
                 if dtype is not None:
                     stage_dtype = _DTYPE_NAMES[dtype]
                 elif dev.type == "cuda":
-                    stage_dtype = _CUDA_DTYPES.get(arch.torch_dtype, torch.float16)
+                    stage_dtype = torch.bfloat16 if weight_quant == "int4" else _CUDA_DTYPES.get(arch.torch_dtype, torch.float16)
                 else:
                     stage_dtype = torch.float32
-                built.append(Stage(ck, dev, int(first), int(n), context_tokens=context_tokens, dtype=stage_dtype))
-            return cls(ck, built, tokenizer, context_tokens, seed)
+                if dev.type == "cuda":
+                    torch.cuda.set_device(dev)
+                try:
+                    built.append(Stage(ck, dev, int(first), int(n), context_tokens=context_tokens, dtype=stage_dtype,
+                                       weight_quant=weight_quant, kv_quant=kv_quant, pruning=pruning,
+                                       tp=TensorParallel(tp_rank, tp_size, tp_groups[i])))
+                except RuntimeError as e:
+                    if "out of memory" in str(e).lower():
+                        raise
+                    raise UnsupportedModel(
+                        f"stage {i} cannot be loaded as weight_quant={weight_quant}, pruning={pruning} on {dev}: {e}"
+                    ) from None
+            tp = _TPControl(tp_rank, tp_size, control, tp_groups[-1], built[-1].device) if tp_size > 1 else None
+            variant = {"weight_quant": weight_quant, "kv_quant": kv_quant, "pruning": pruning}
+            return cls(ck, built, tokenizer, context_tokens, seed, cuda_graphs=cuda_graphs, variant=variant, tp=tp)
 
     def close(self) -> None:
-        """Drop every weight and cache so that the memory can be reused (the engine is unusable after)."""
+        """Drop every weight and cache so that the memory can be reused (the engine is unusable after).
+        On a tensor-parallel leader this first releases the followers from ``follow()``."""
+        if self._tp is not None and self._tp.leader and self.stages:
+            self._tp.send(("stop",))
+        self._graphs = []
         self.stages = []
         gc.collect()
         if torch.cuda.is_available():
@@ -255,12 +471,38 @@ class Engine:
         """How generate times itself: "cuda_events" or "perf_counter"."""
         return self._timer.name
 
+    @property
+    def tp_rank(self) -> int:
+        return self._tp.rank if self._tp is not None else 0
+
+    @property
+    def tp_size(self) -> int:
+        return self._tp.size if self._tp is not None else 1
+
+    @property
+    def fused_decode(self) -> list[bool]:
+        """Per stage: whether decode runs the fused Triton kernels."""
+        return [s.fused for s in self.stages]
+
+    @property
+    def graphs_captured(self) -> list[bool]:
+        """Per stage: whether its decode step replays a CUDA graph."""
+        return [g is not None for g in self._graphs]
+
+    def kernels(self) -> dict[str, int]:
+        """How many projections of all stages run on each kernel (e.g. ``{"dense": 224}``)."""
+        out: dict[str, int] = {}
+        for s in self.stages:
+            for k, n in s.kernels().items():
+                out[k] = out.get(k, 0) + n
+        return out
+
     def weight_bytes(self) -> int:
-        """Bytes of weights held by all stages (in the computation dtype)."""
+        """Bytes of weights held by all stages (as stored: quantized, sparse, this rank's share)."""
         return sum(s.weight_bytes for s in self.stages)
 
     def kv_cache_bytes(self) -> int:
-        """Bytes of the preallocated KV caches of all stages."""
+        """Bytes of the preallocated KV caches of all stages (int8 caches include their scales)."""
         return sum(s.cache_bytes for s in self.stages)
 
     def memory_bytes(self) -> list[int]:
@@ -287,12 +529,17 @@ class Engine:
         if lo < 0 or hi >= vocab:
             raise BadRequest(f"token id {lo if lo < 0 else hi} is outside the model's vocabulary of {vocab} ids.")
 
+    def _single_process(self, what: str) -> None:
+        if self._tp is not None:
+            raise BadRequest(f"{what} is not available on a tensor-parallel engine; use generate.")
+
     def prefill(self, ids: Sequence[int], *, all_positions: bool = False) -> torch.Tensor:
         """Run the prompt through every stage, filling the KV caches from position 0.
 
         Returns float32 logits on the last stage's device: ``[vocab]`` for the last position, or
         ``[len(ids), vocab]`` with ``all_positions``.
         """
+        self._single_process("prefill")
         self._check_ids(ids)
         if len(ids) > self._context_tokens:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens but the context holds {self._context_tokens}; shorten it.")
@@ -305,24 +552,37 @@ class Engine:
             x = stage.prefill(x, all_positions=all_positions)
         return x if all_positions else x[0]
 
+    def _bucket(self, kv_len: int) -> int:
+        for b in self.buckets:
+            if b >= kv_len:
+                return b
+        return self.buckets[-1]
+
     def _decode(self, pos: int) -> torch.Tensor:
         """One decode step for the token in ``self._token`` at position ``pos``; logits ``[vocab]``."""
         for stage in self.stages:
             stage.pos.fill_(pos)
         x = self._token
-        for stage in self.stages:
-            x = stage.decode(x, kv_len=pos + 1, masked=stage.needs_mask(pos, pos + 1))
+        bucket = self._bucket(pos + 1)
+        for stage, graphs in zip(self.stages, self._graphs):
+            if graphs is None:
+                x = stage.decode(x, kv_len=pos + 1, masked=stage.needs_mask(pos, pos + 1))
+            else:
+                if graphs.inp is not x:
+                    graphs.inp.copy_(x)
+                x = graphs.run(bucket)
         return x[0]
 
     def decode(self, token: int, pos: int) -> torch.Tensor:
         """Feed ``token`` at position ``pos`` (positions ``0..pos-1`` must be in the cache from an
         earlier prefill/decode); returns float32 logits ``[vocab]`` for the next position."""
+        self._single_process("decode")
         self._check_ids([token])
         if not 0 <= pos < self._context_tokens:
             raise BadRequest(f"position {pos} is outside the context of {self._context_tokens} tokens.")
         with _compute():
             self._token.fill_(token)
-            return self._decode(pos)
+            return self._decode(pos).clone()
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -378,11 +638,34 @@ class Engine:
         included in ``tokens``), after ``max_tokens``, or when ``should_stop()`` returns True, which
         is asked before every decode step. ``on_token`` is called with each token id as soon as it
         is chosen. Raises ``PromptTooLong`` when ``len(prompt_ids) + max_tokens > context_tokens``.
+        On a tensor-parallel engine only the leader (rank 0) calls this; see ``follow``.
         """
         ids = list(prompt_ids)
         self._check_request(ids, max_tokens, temperature, top_p)
+        if self._tp is not None:
+            if not self._tp.leader:
+                raise BadRequest("only rank 0 of a tensor-parallel engine takes requests; the other ranks run follow().")
+            if should_stop is not None and should_stop():
+                return GenerationResult(tokens=[], finish_reason="cancelled", ttft_ms=0.0, prompt_tokens=len(ids),
+                                        timer=self._timer.name)
+            self._tp.send(("generate", ids, max_tokens, temperature, top_p, seed, ignore_eos))
         with _compute():
             return self._generate(ids, max_tokens, temperature, top_p, seed, ignore_eos, on_token, should_stop)
+
+    def follow(self) -> int:
+        """Tensor-parallel ranks other than 0: run every generation the leader broadcasts, in lockstep,
+        until the leader closes. Returns how many generations were run."""
+        if self._tp is None or self._tp.leader:
+            raise BadRequest("follow() is for the ranks other than 0 of a tensor-parallel engine.")
+        done = 0
+        while True:
+            message = self._tp.send(())
+            if message[0] != "generate":
+                return done
+            _, ids, max_tokens, temperature, top_p, seed, ignore_eos = message
+            with _compute():
+                self._generate(ids, max_tokens, temperature, top_p, seed, ignore_eos, None, None)
+            done += 1
 
     def _generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
                   ignore_eos: bool, on_token: Callable[[int], None] | None,
@@ -394,7 +677,8 @@ class Engine:
                 generator = torch.Generator(device=self.stages[-1].device).manual_seed(seed)
         eos = None if ignore_eos else self._tokenizer.eos_id
         result = GenerationResult(tokens=[], finish_reason="length", ttft_ms=0.0, prompt_tokens=len(ids), timer=self._timer.name)
-        if should_stop is not None and should_stop():
+        tp = self._tp
+        if tp is None and should_stop is not None and should_stop():
             result.finish_reason = "cancelled"
             return result
 
@@ -403,10 +687,19 @@ class Engine:
         logits = self._prefill(ids)
         token = self._sample(logits, temperature, top_p, generator)
         token_id = int(token.item())
+        cancel = False
+        if tp is not None:
+            # Every rank takes the leader's token. From the second token on, the leader's cancellation
+            # decision rides along: asked after the previous token was streamed, as without TP (the
+            # token of the step that found it cancelled is dropped).
+            token_id, cancel = tp.agree(token_id, False)
         result.ttft_ms = timer.stop()
 
         pos = len(ids)
         while True:
+            if cancel:
+                result.finish_reason = "cancelled"
+                break
             result.tokens.append(token_id)
             if on_token is not None:
                 on_token(token_id)
@@ -416,13 +709,18 @@ class Engine:
             if len(result.tokens) >= max_tokens:
                 result.finish_reason = "length"
                 break
-            if should_stop is not None and should_stop():
+            if tp is None and should_stop is not None and should_stop():
                 result.finish_reason = "cancelled"
                 break
             timer.start()
-            self._token.copy_(token.view(1))
+            if tp is None:
+                self._token.copy_(token.view(1))
+            else:
+                self._token.fill_(token_id)
             token = self._sample(self._decode(pos), temperature, top_p, generator)
             token_id = int(token.item())
+            if tp is not None:
+                token_id, cancel = tp.agree(token_id, should_stop is not None and should_stop())
             result.step_ms.append(timer.stop())
             pos += 1
         return result

@@ -1,0 +1,480 @@
+"""Fingerprint estimation accuracy and profiling cost, on one GPU (issue 4's benchmark).
+
+For each model shape (random weights, drawn on the GPU): write the checkpoint; then, for each
+one-GPU configuration in coverage-first order (the fp16 baseline, each weight format, KV format and
+pruning once, then combinations): profile that configuration's variant on the model's 1- and
+2-layer fingerprints (the fingerprint service's profiling job, in this process), estimate it, load
+the FULL model as that configuration, measure it with the same protocol, and compare. Prints, per
+model and over all, the median and p90 absolute relative error of TTFT (every prompt length), TPOT
+(every decode run) and peak memory per GPU; the same errors for plain wall-time extrapolation of the
+same fingerprint runs (the paper's L2 without the host/device split, to show what the split buys);
+and the GPU-seconds of fingerprint profiling against full-model profiling of those configurations.
+
+Time: the required models share ``--budget-s`` (510 s) evenly, extras take what is left, and a
+configuration is started only if the time its predecessors took still fits; what is cut is counted
+("(N cut)") and listed. Loading a 7B-13B model takes 3-15 s per configuration (quantizing or
+compressing on load), so one call measures roughly a third to a half of the 54 one-GPU
+configurations of the three Llama shapes; run it again with ``--configs`` for the rest, or with
+``--models`` for other architectures.
+
+Usage (on an H100, through the device tool)::
+
+    python bench/bench_fingerprint.py      # Llama-2-7B, Llama-3-8B, Llama-2-13B; then extras if time is left
+    python bench/bench_fingerprint.py --models mistral-7b,qwen2-7b,mixtral-8x7b:8,falcon-7b,gpt-j-6b,pythia-6.9b
+    python bench/bench_fingerprint.py --tiny   # CPU, tiny shapes: checks the script (timings mean nothing)
+
+Writes ``$OUT/bench_fingerprint.json`` (everything, rewritten after each model) and
+``$OUT/bench_fingerprint_details.txt`` (every point), and prints the summary table last. A model that
+fails is reported and the rest go on.
+
+Targets (docs/fingerprint.md): median |error| <= 2% latency, <= 1% memory; >= 10x fewer GPU-seconds.
+The GPU-seconds ratio is given two ways: measured over the configurations measured here (one GPU:
+one variant per configuration, so fingerprints save per run only), and projected over the
+configuration map of an 8-GPU host (one fingerprint run serves every PP degree, while the full model
+would need a run on ``TP x PP`` GPUs for each configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIRS = {  # pyproject.toml's [tool.setuptools.package-dir], for a checkout that is not installed
+    "iserve": "shared",
+    "iserve.fingerprint": "services/fingerprint",
+    "iserve.gpu_agent": "services/gpu-agent",
+    "iserve.gpu_agent.engine": "services/gpu-agent/engine",
+}
+
+
+def ensure_importable() -> None:
+    """Make ``iserve`` importable from this checkout when it is not installed (the GPU machine)."""
+    try:
+        import iserve.fingerprint.validate  # noqa: F401
+
+        return
+    except ImportError as e:
+        if "msgspec" in str(e):
+            raise SystemExit("bench_fingerprint needs msgspec (pip install msgspec, or carry its wheel).") from None
+    import importlib.util
+
+    for name, rel in PACKAGE_DIRS.items():
+        if name in sys.modules:
+            continue
+        path = ROOT / rel
+        spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)
+
+
+GPU_MODELS = [  # (preset, layers or None, required)
+    ("llama-2-7b", None, True),
+    ("llama-3-8b", None, True),
+    ("llama-2-13b", None, True),
+    ("mistral-7b", None, False),
+    ("qwen2-7b", None, False),
+    ("mixtral-8x7b", 8, False),  # MoE with 8 of its 32 layers: 23 GiB in fp16, fits one GPU and the disk
+    ("falcon-7b", None, False),
+    ("gpt-j-6b", None, False),
+    ("pythia-6.9b", None, False),
+]
+TINY_MODELS = [
+    ("tiny-llama", 8, True),
+    ("tiny-mixtral", 6, False),
+    ("tiny-gptj", 6, False),
+    ("tiny-neox", 6, False),
+    ("tiny-falcon", 6, False),
+]
+# Extra models measure these configurations only (the required ones measure every one that fits).
+EXTRA_CONFIGS = ("tp1-pp1-wfp16-kvfp16-pnone", "tp1-pp1-wint8-kvfp16-pnone", "tp1-pp1-wint4-kvfp16-pnone",
+                 "tp1-pp1-wfp16-kvint8-pnone")
+HOST_GPUS = 8  # the host of the projected GPU-seconds ratio
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script; timings mean nothing)")
+    p.add_argument("--models", default="", help="comma-separated presets, optionally PRESET:LAYERS (default: the list for the mode)")
+    p.add_argument("--budget-s", type=float, default=0.0, help="stop starting work after this many seconds (default 510 GPU, 600 tiny)")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="output folder (default $OUT, else ./bench-out)")
+    p.add_argument("--work-dir", default="", help="where checkpoints and fingerprints go (default /tmp/iserve-bench)")
+    p.add_argument("--max-configs", type=int, default=0, help="at most this many full-model configurations per model")
+    p.add_argument("--configs", default="", help="only these configuration keys (comma-separated), for every model")
+    p.add_argument("--device", default="", help="torch device (default cuda:0, or cpu with --tiny)")
+    p.add_argument("--prompt-lengths", default="", help="comma-separated (default 128,512,1024; tiny 16,32,64)")
+    p.add_argument("--output-lengths", default="", help="comma-separated (default 8,32; tiny 4,12)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--context-tokens", type=int, default=0, help="default 2048 (tiny 128)")
+    return p.parse_args(argv)
+
+
+def _ints(text: str, default: list[int]) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()] if text else default
+
+
+def _models(a: argparse.Namespace) -> list[tuple[str, int | None, bool]]:
+    if not a.models:
+        return TINY_MODELS if a.tiny else GPU_MODELS
+    out = []
+    for item in a.models.split(","):
+        name, _, layers = item.strip().partition(":")
+        out.append((name, int(layers) if layers else None, True))
+    return out
+
+
+def config_order(arch) -> list:
+    """Every one-GPU configuration, coverage first: the fp16 baseline, then each knob value once,
+    then combinations, so that a run cut short by time still covers every format."""
+    from iserve.fingerprint import estimator
+    from iserve.messages import Configuration
+
+    first = [
+        Configuration(),
+        Configuration(weight_quant="int8"),
+        Configuration(weight_quant="int4"),
+        Configuration(kv_quant="int8"),
+        Configuration(pruning="structured"),
+        Configuration(pruning="2:4"),
+        Configuration(weight_quant="int8", kv_quant="int8"),
+        Configuration(weight_quant="int4", kv_quant="int8", pruning="structured"),
+    ]
+    rest = [c for c in estimator.enumerate_configurations(arch, 1) if c not in first]
+    return first + rest
+
+
+def _comparison(d: dict):
+    from iserve.fingerprint import validate
+
+    return validate.Comparison(config=d["config"], points=[validate.Point(**p) for p in d["points"]],
+                               gpu_seconds=d.get("gpu_seconds", 0.0), note=d.get("note", ""))
+
+
+def _fmt_pct(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace):
+        import torch
+
+        self.a = a
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + (a.budget_s or (600.0 if a.tiny else 510.0))
+        self.device = a.device or ("cpu" if a.tiny else "cuda:0")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("no CUDA device here: run on a GPU, or pass --tiny for the CPU check.")
+        if torch.device(self.device).type == "cpu":
+            torch.set_num_threads(1)  # tiny shapes gain nothing from threads, and a busy CPU makes them stall
+        self.prompts = _ints(a.prompt_lengths, [16, 32, 64] if a.tiny else [128, 512, 1024])
+        self.outputs = _ints(a.output_lengths, [4, 12] if a.tiny else [8, 32])
+        self.context = a.context_tokens or (128 if a.tiny else 2048)
+        self.out = Path(a.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work = Path(a.work_dir or "/tmp/iserve-bench")
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.details = open(self.out / "bench_fingerprint_details.txt", "w")
+        self.results: list[dict] = []
+        self.meta = self._meta()
+
+    def log(self, text: str) -> None:
+        line = f"[{time.monotonic() - self.t0:6.1f}s] {text}"
+        print(line, flush=True)
+        print(line, file=self.details, flush=True)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _meta(self) -> dict:
+        import torch
+
+        from iserve.gpu_agent.engine import CAPABILITIES
+        from iserve.gpu_agent.engine.profile import gpu_type_of
+
+        return {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": gpu_type_of(self.device),
+            "device": self.device,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "capabilities": CAPABILITIES,
+            "protocol": {"prompt_lengths": self.prompts, "output_lengths": self.outputs, "repeats": self.a.repeats,
+                         "context_tokens": self.context},
+        }
+
+    # -- one model -------------------------------------------------------------------------------
+
+    def run_model(self, preset: str, layers: int | None, required: bool, model_deadline: float) -> dict:
+        """One model: write it, then for each configuration in coverage-first order (while
+        ``model_deadline`` allows): profile its variant's fingerprints, estimate it, measure it in
+        full, compare; the same fingerprint runs are also extrapolated on wall time alone."""
+        import torch
+
+        from iserve import checkpoint
+        from iserve.modelmaker import make_checkpoint, preset_config
+
+        name = preset + (f"@{layers}L" if layers else "")
+        arch = checkpoint.arch_from_config(preset_config(preset, num_layers=layers))
+        self.fractions: list[float] = []
+        res: dict = {"model": name, "family": arch.family, "layers": arch.num_layers, "hidden": arch.hidden_size,
+                     "heads": arch.num_attention_heads, "kv_heads": arch.num_kv_heads, "experts": arch.num_experts,
+                     "configs": [], "comparisons": [], "naive": [], "fingerprint_gpu_seconds": {}}
+        dtype = "bfloat16" if arch.torch_dtype == "bfloat16" else "float16"
+        ckpt_bytes = sum(math.prod(s) for s in checkpoint.expected_tensors(arch).values()) * 2
+        res["checkpoint_gib"] = round(ckpt_bytes / 2**30, 2)
+        free = shutil.disk_usage(self.work).free
+        if free < ckpt_bytes * 1.15 + 2 * 2**30:
+            res["note"] = f"skipped: {free / 2**30:.0f} GiB of disk free, the checkpoint needs {ckpt_bytes / 2**30:.0f}"
+            return res
+        guess = (1 if self.a.tiny else 10) + ckpt_bytes / 1.0e9 * 3.0  # writing it, and one configuration
+        if time.monotonic() + guess > model_deadline:
+            res["note"] = f"skipped: {model_deadline - time.monotonic():.0f} s left for it, about {guess:.0f} s needed"
+            return res
+        model_dir = self.work / name
+        fp_dir = self.work / f"{name}-fingerprints"
+        try:
+            t = time.perf_counter()
+            gen_device = "cpu" if torch.device(self.device).type == "cpu" else self.device
+            make_checkpoint(model_dir, preset, num_layers=layers, dtype=dtype, device=gen_device)
+            res["make_checkpoint_s"] = round(time.perf_counter() - t, 1)
+            self.log(f"{name}: wrote {res['checkpoint_gib']} GiB in {res['make_checkpoint_s']} s")
+
+            only = [k for k in self.a.configs.split(",") if k] or (None if required else list(EXTRA_CONFIGS))
+            order = config_order(arch)
+            if only is not None:
+                order = [c for c in order if c.key() in only]
+            if self.a.max_configs:
+                order = order[: self.a.max_configs]
+            res["configs"] = [c.key() for c in order]
+            cost_guess = 0.0
+            for i, config in enumerate(order):
+                if time.monotonic() + cost_guess * 1.15 > model_deadline:
+                    res["comparisons"].append({"config": config.key(), "points": [], "gpu_seconds": 0.0, "note": "skipped: out of time"})
+                    continue
+                t0 = time.perf_counter()
+                c, naive, fp_seconds = self._one_config(arch, model_dir, fp_dir, config, first=(i == 0))
+                res["comparisons"].append(asdict(c))
+                if naive is not None:
+                    res["naive"].append(asdict(naive))
+                    res["fingerprint_gpu_seconds"][config.key()] = round(fp_seconds, 2)
+                    cost_guess = max(cost_guess, time.perf_counter() - t0)
+            self._finish_model(res, arch)
+        except Exception as e:  # noqa: BLE001 - one model's failure must not lose the others
+            res["error"] = f"{type(e).__name__}: {e}"
+            res["traceback"] = traceback.format_exc(limit=6)
+            self.log(f"{name}: FAILED: {res['error']}")
+            self._finish_model(res, arch)
+        finally:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.rmtree(fp_dir, ignore_errors=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return res
+
+    def _one_config(self, arch, model_dir: Path, fp_dir: Path, config, *, first: bool):
+        """Profile ``config``'s variant on the fingerprints, then measure the model in full and
+        compare. Returns ``(comparison, wall-only comparison or None, fingerprint GPU-seconds)``."""
+        from iserve.fingerprint import estimator, validate
+
+        variant = estimator.variant_of(config)
+        local = validate.profile_locally(
+            model_dir, [self.device], prompt_lengths=self.prompts, output_lengths=self.outputs, repeats=self.a.repeats, warmup=1,
+            context_tokens=self.context, work_dir=fp_dir, max_gpus=1, variants_filter=lambda v: v == variant,
+            gpu_warmup_s=(1.0 if first else 0.0) if not self.a.tiny else 0.0, log=lambda s: print(s, file=self.details, flush=True),
+        )
+        cmap, result = local.cmap, local.result
+        fp_seconds = result.gpu_seconds
+        if first:
+            self.fractions = [round(f, 4) for f in cmap.cost.fingerprint_fraction]
+        est = {e.config.key(): e for e in cmap.estimates}.get(config.key())
+        if est is None:
+            why = next((x.reason for x in cmap.excluded if x.config == config), "not estimated")
+            self.log(f"  {config.key()}: {why}")
+            return validate.Comparison(config=config.key(), note=f"not estimated: {why}"), None, fp_seconds
+        if est not in validate.fitting_configs(cmap, memory_bytes=validate.device_memory_bytes(self.device)):
+            return validate.Comparison(config=config.key(), note="estimated not to fit this GPU"), None, fp_seconds
+        [c] = validate.validate(model_dir, cmap, [est], [self.device], prompt_lengths=self.prompts, output_lengths=self.outputs,
+                                repeats=self.a.repeats, warmup=1)
+        if c.note:
+            self.log(f"  {c.config}: {c.note}")
+            return c, None, fp_seconds
+        naive = self._wall_only(arch, model_dir, result, cmap, c)
+        worst = ", ".join(f"{w} {_fmt_pct(max(c.errors(w)))}" for w in ("ttft", "tpot", "memory"))
+        self.log(f"  {c.config}: worst |error| {worst}; GPU-s fingerprints {fp_seconds:.1f}, full {c.gpu_seconds:.1f}")
+        return c, naive, fp_seconds
+
+    def _wall_only(self, arch, model_dir: Path, result, cmap, c):
+        """The same fingerprint runs extrapolated on wall time alone (plain L2), against the same truth."""
+        import msgspec
+
+        from iserve import checkpoint
+        from iserve.fingerprint import estimator, validate
+
+        wall_only = [msgspec.structs.replace(m, ttft_device=[], decode_device=[], tpot_device_ms=0.0) for m in result.measurements]
+        ck = checkpoint.scan_checkpoint(model_dir)
+        config = next(e.config for e in cmap.estimates if e.config.key() == c.config)
+        [e] = estimator.fit_estimates(arch, checkpoint.weight_breakdown(ck), wall_only, [config], context_tokens=cmap.context_tokens)
+        pts = []
+        for p in c.points:
+            if p.what == "ttft":
+                est = e.ttft_ms(int(p.at.split("=")[1]))
+            elif p.what == "tpot":
+                pp, oo = (int(x.split("=")[1]) for x in p.at.split(","))
+                est = e.tpot_for(pp, oo)
+            else:
+                est = p.estimated
+            pts.append(validate.Point(p.what, p.at, est, p.measured))
+        return validate.Comparison(config=c.config, points=pts)
+
+    def _finish_model(self, res: dict, arch) -> None:
+        from iserve.fingerprint import validate
+
+        measured = [_comparison(c) for c in res["comparisons"] if not c.get("note")]
+        res["summary"] = validate.summarize(measured)
+        res["summary_wall_only"] = validate.summarize([_comparison(c) for c in res["naive"]])
+        res["fingerprint_fraction"] = self.fractions
+        fp = sum(res["fingerprint_gpu_seconds"].get(c.config, 0.0) for c in measured)
+        full = sum(c.gpu_seconds for c in measured)
+        res["gpu_seconds"] = {"fingerprints": round(fp, 2), "full_model": round(full, 2), "ratio": round(full / fp, 2) if fp else None,
+                              "projected_ratio_8gpu_host": self._projected_ratio(arch, res["fingerprint_gpu_seconds"], measured)}
+        s = res["summary"]
+        self.log(f"{res['model']}: {len(measured)}/{len(res['configs'])} configurations measured; |error| median TTFT "
+                 f"{_fmt_pct(s['ttft']['median'])} TPOT {_fmt_pct(s['tpot']['median'])} memory {_fmt_pct(s['memory']['median'])}; "
+                 f"GPU-s {fp:.1f} vs {full:.1f}")
+        print(f"\n{res['model']}", file=self.details)
+        validate.print_table(["config", "what", "at", "estimated", "measured", "unit", "error", "GPU-s"],
+                             validate.report_rows([_comparison(c) for c in res["comparisons"]]), out=self.details)
+
+    def _projected_ratio(self, arch, fp_by_config: dict[str, float], measured: list) -> float | None:
+        """Full-model GPU-seconds for every configuration of an 8-GPU host whose one-GPU variant was
+        measured (each costing that variant's one-GPU time on every one of its TP x PP GPUs), over the
+        fingerprint GPU-seconds of those variants: one fingerprint run serves every PP degree, and
+        (measured or modeled) every TP degree."""
+        from iserve.fingerprint import estimator
+
+        full_by_variant = {c.config.replace("-pp1", ""): c.gpu_seconds for c in measured}
+        fp = sum(fp_by_config.get(c.config, 0.0) for c in measured)
+        if not full_by_variant or not fp:
+            return None
+        total = 0.0
+        for c in estimator.enumerate_configurations(arch, HOST_GPUS):
+            key = estimator.variant_key(estimator.replace_variant(estimator.variant_of(c), tp=1))
+            if key in full_by_variant:
+                total += c.gpus * full_by_variant[key]
+        return round(total / fp, 1)
+
+    # -- all -------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.log(f"bench_fingerprint on {self.meta['gpu']} ({self.device}), torch {self.meta['torch']}, "
+                 f"budget {self.deadline - self.t0:.0f} s")
+        try:
+            models = _models(self.a)
+            for i, (preset, layers, required) in enumerate(models):
+                if self.left() < (2 if self.a.tiny else 15):
+                    self.results.append({"model": preset, "note": "skipped: out of time"})
+                    continue
+                # The required models share what is left evenly; extras take whatever remains.
+                later_required = sum(1 for _, _, r in models[i + 1:] if r)
+                share = self.left() / (1 + later_required) if required else self.left()
+                self.results.append(self.run_model(preset, layers, required, time.monotonic() + share))
+                self.write_json()
+        except KeyboardInterrupt:
+            self.log("interrupted; reporting what was measured")
+        finally:
+            self.write_json()
+            self.print_summary()
+            self.details.close()
+        measured = [r for r in self.results if r.get("summary")]
+        return 0 if measured else 1
+
+    def write_json(self) -> None:
+        doc = {"meta": self.meta, "elapsed_s": round(time.monotonic() - self.t0, 1), "models": self.results,
+               "overall": self.overall()}
+        tmp = self.out / "bench_fingerprint.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, default=str))
+        tmp.replace(self.out / "bench_fingerprint.json")
+
+    def overall(self) -> dict:
+        from iserve.fingerprint import validate
+
+        comps, naive = [], []
+        fp = full = 0.0
+        for r in self.results:
+            comps += [_comparison(c) for c in r.get("comparisons", []) if not c.get("note")]
+            naive += [_comparison(c) for c in r.get("naive", [])]
+            g = r.get("gpu_seconds") or {}
+            fp += g.get("fingerprints") or 0.0
+            full += g.get("full_model") or 0.0
+        out = validate.summarize(comps)
+        out["wall_only"] = validate.summarize(naive)
+        out["gpu_seconds"] = {"fingerprints": round(fp, 1), "full_model": round(full, 1), "ratio": round(full / fp, 2) if fp else None}
+        return out
+
+    def print_summary(self) -> None:
+        from iserve.fingerprint import validate
+
+        rows = []
+        for r in self.results:
+            s = r.get("summary")
+            if not s or not s["ttft"]["points"]:
+                rows.append([r["model"], r.get("family", ""), "-", (r.get("note") or r.get("error", "") or "nothing measured")[:70],
+                             "", "", "", "", "", "", ""])
+                continue
+            w = r.get("summary_wall_only", {})
+            g = r.get("gpu_seconds", {})
+            n = sum(1 for c in r["comparisons"] if not c.get("note"))
+            skipped = sum(1 for c in r["comparisons"] if c.get("note", "").startswith("skipped"))
+            rows.append([
+                r["model"], r["family"], f"{n}/{len(r['configs'])}" + (f" ({skipped} cut)" if skipped else ""),
+                f"{_fmt_pct(s['ttft']['median'])} / {_fmt_pct(s['ttft']['p90'])}",
+                f"{_fmt_pct(s['tpot']['median'])} / {_fmt_pct(s['tpot']['p90'])}",
+                f"{_fmt_pct(s['memory']['median'])} / {_fmt_pct(s['memory']['p90'])}",
+                f"{_fmt_pct(w.get('ttft', {}).get('median'))} / {_fmt_pct(w.get('tpot', {}).get('median'))}",
+                f"{g.get('fingerprints', 0):.1f}", f"{g.get('full_model', 0):.1f}",
+                f"{g.get('ratio') or 0:.1f}x", f"{g.get('projected_ratio_8gpu_host') or 0:.0f}x",
+            ])
+        o = self.overall()
+        w = o["wall_only"]
+        rows.append(["ALL", "", str(o["memory"]["points"]) + " cfgs",
+                     f"{_fmt_pct(o['ttft']['median'])} / {_fmt_pct(o['ttft']['p90'])}",
+                     f"{_fmt_pct(o['tpot']['median'])} / {_fmt_pct(o['tpot']['p90'])}",
+                     f"{_fmt_pct(o['memory']['median'])} / {_fmt_pct(o['memory']['p90'])}",
+                     f"{_fmt_pct(w['ttft']['median'])} / {_fmt_pct(w['tpot']['median'])}",
+                     f"{o['gpu_seconds']['fingerprints']:.1f}", f"{o['gpu_seconds']['full_model']:.1f}",
+                     f"{o['gpu_seconds']['ratio'] or 0:.1f}x", ""])
+        print()
+        print(f"iServe fingerprint benchmark, {self.meta['date']}, {self.meta['gpu']}, torch {self.meta['torch']}; "
+              f"prompts {self.prompts}, outputs {self.outputs}, repeats {self.a.repeats}, context {self.context}")
+        print("|error| as median / p90 over every (configuration, prompt length | decode run); 'wall-only' = the same fingerprint "
+              "runs extrapolated on wall time alone (plain L2)")
+        validate.print_table(["model", "family", "configs", "TTFT err", "TPOT err", "memory err", "wall-only TTFT/TPOT",
+                              "FP GPU-s", "full GPU-s", "ratio", "8-GPU map"], rows)
+        print(f"targets: median TTFT/TPOT <= 2%, memory <= 1%, ratio >= 10x; elapsed {time.monotonic() - self.t0:.0f} s; "
+              f"JSON: {self.out / 'bench_fingerprint.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    ensure_importable()
+    return Bench(a).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

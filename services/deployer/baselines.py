@@ -1,0 +1,584 @@
+"""The paper's baselines (section 8) as deployment policies, pure like :mod:`planner`: no I/O, no clock.
+
+Each per-model baseline takes what :func:`planner.plan` takes (a model's configuration estimates, the
+free GPUs as :class:`~planner.GpuState`, an :class:`~iserve.messages.Intent`) and returns a
+:class:`~planner.Decision`, so the trace simulator can swap systems without knowing them. The intent
+only sets the request size that ``Decision.latency_ms`` and ``Decision.cost`` are computed for: the
+baselines do not optimise for it (that is the point of the comparison). Feasibility, GPU selection and
+the (uneven) layer split are the planner's own (:class:`planner.ClusterView`, :func:`planner.arrange`),
+so a baseline never overcommits memory and places every layer exactly once.
+
+``iserve``
+    :func:`planner.plan` itself: rank by intent, first feasible, load-aware placement.
+
+``max_tp`` (paper: TensorRT-LLM_TP, "deploys LLMs with the maximum TP degree", no quantization or
+    pruning)
+    Among the fp16, fp16-KV, unpruned estimates: the largest TP degree (the estimator only lists TP
+    degrees that divide the attention and KV heads), with PP = 1 unless the model only fits with
+    more stages (then the smallest PP that fits). Ordered ``(-tp, pp)``, first that fits.
+
+``max_pp`` (paper: TensorRT-LLM_PP, "the maximum PP degree", the transformers default, i.e.
+    ``device_map="auto"`` spreading the layers over every GPU)
+    TP = 1, fp16, PP = ``min(GPUs, layers)`` (the largest PP the map lists); if the free memory
+    cannot take that many stages (a GPU too full for even one layer), the largest PP that fits.
+
+``accelerate`` (paper: Accelerate's FSDP, "sharding the LLM state across GPUs", no compression)
+    Memory: every model sharded over ALL ``G`` GPUs of the host, modelled as layer sharding: the
+    memory layout of TP = 1, PP = ``G`` fp16 (each GPU holds about ``1/G`` of the weights and KV cache,
+    uneven where GPUs are fragmented), plus one unsharded layer of weights per GPU for the all-gather
+    buffer. Latency: FSDP keeps only a shard of each layer on each rank, so every forward pass (the
+    prefill, then every decode step) all-gathers each layer's full weights before using it; with a
+    ring all-gather each rank receives ``(G - 1) / G`` of the weight bytes over its link. The penalty
+    added to the TTFT and to every TPOT is therefore::
+
+        gather_ms = (G - 1) / G * weight_bytes / allgather_bytes_per_s * 1000
+
+    on top of the unsharded single-GPU latency (the TP = 1, PP = 1 estimate: each rank computes the
+    whole layer once it is gathered). ``allgather_bytes_per_s`` defaults to 25 GB/s, a PCIe 4.0 x16
+    link, since on the paper's testbed (8 x RTX A6000) only pairs of GPUs share an NVLink bridge and
+    an 8-way ring crosses PCIe; a faster fabric is one argument away. ``weight_bytes`` is the model's
+    weights at fp16, derived from the map (:func:`weight_bytes`). The request runs on all ``G``
+    GPUs (all ranks take part in every all-gather), which is where FSDP's contention comes from. If
+    the host cannot take ``G`` shards (memory), the largest number of GPUs that fits is used, with
+    the penalty for that many. Simplified: no CPU offloading (the paper notes Accelerate offloads
+    weights to CPU DRAM in the 21-model experiment; here a model that does not fit is not deployed),
+    and no overlap of the all-gather with compute (FSDP's prefetch would hide at most the compute
+    time, which is small next to the gather over PCIe).
+
+``alpaserve`` (paper: AlpaServe, "given the full trace beforehand", auto-selects parallelism for a
+    set of LLMs on a fixed cluster, may drop models; ``drop_models=False`` is AlpaServe*)
+    A whole-cluster plan made once, knowing every model and its request rate over the whole trace
+    (:func:`alpaserve`), following AlpaServe's (OSDI '23) structure:
+
+    1. **Buckets.** Models are bucketed by size (fp16 footprint at minimum parallelism): sorted
+       largest first, a new bucket starts when a model is smaller than ``1/bucket_ratio`` of its
+       bucket's largest. Buckets are merged (smallest first) until there are at most as many as GPUs.
+    2. **GPU split.** The GPUs (sorted by host and index) are cut into consecutive slices, one per
+       bucket (largest bucket first), every split of the cluster's ``G`` GPUs into non-empty slices.
+    3. **Groups and parallelism.** A bucket's slice of ``n`` GPUs is cut into ``n / s`` groups of ``s``
+       GPUs (every divisor ``s`` of ``n``; a group never spans hosts) and ONE ``(TP, PP)`` with
+       ``TP * PP = s`` is chosen for the whole bucket from the fp16 configurations every model of the
+       bucket has (AlpaServe searches parallelism only: no quantization, no pruning).
+    4. **Greedy placement.** Model replicas are added one at a time, each time the (model, group)
+       pair that raises the estimated SLO attainment most, while a replica fits the group's free
+       memory (layers split by :func:`planner.arrange`) and raises it: data-parallel replicas fill
+       spare groups. With ``drop_models`` this starts from an empty cluster, so a model whose replica
+       never pays off (or no longer fits) is left out, as AlpaServe may; without it (AlpaServe*)
+       every model is first placed once, highest load first, on the group where it hurts least, and
+       a split where some model fits nowhere loses to any split that places more models.
+    5. **Choice.** Steps 2-4 are searched exhaustively (splits x group sizes x parallelism, the
+       best split found by dynamic programming over buckets); the plan with the highest estimated
+       attainment wins.
+
+    Simplification: AlpaServe scores candidates by simulating the trace; here, to keep the search to
+    milliseconds, the score is a queueing approximation from the trace's per-model rates
+    (:func:`_replica_score`): requests are split evenly over a model's replicas; a replica is an
+    M/M/1 FCFS queue whose service time is the estimate's latency for the intent's request size,
+    stretched by ``1 / (1 - rho_others)`` for the other replicas sharing its group (processor
+    sharing), and meets the SLO with probability ``1 - exp(-(1 - u) * slo / S)``; a small
+    throughput term breaks ties between saturated options. The burstiness of the trace is therefore
+    not seen by the search (only its mean rates), one of the ways the paper says AlpaServe's greedy
+    search misses better placements.
+
+Units as in :mod:`planner`: bytes, milliseconds; rates in requests per second.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
+
+import msgspec
+
+from iserve.errors import BadRequest, Infeasible
+from iserve.messages import ConfigEstimate, GpuAssignment, Intent, Rejection
+
+from .planner import ClusterView, Decision, GpuState, arrange, check_policy, cost, latency_ms, plan, validate_intent
+
+SYSTEMS = ("iserve", "max-tp", "max-pp", "accelerate", "alpaserve", "alpaserve*")
+
+# A PCIe 4.0 x16 link, the paper testbed's path between GPUs that do not share an NVLink bridge.
+DEFAULT_ALLGATHER_BYTES_PER_S = 25e9
+
+
+def is_plain(est: ConfigEstimate) -> bool:
+    """fp16 weights, fp16 KV cache, no pruning: what every baseline but iServe deploys."""
+    c = est.config
+    return c.weight_quant == "fp16" and c.kv_quant == "fp16" and c.pruning == "none"
+
+
+def _load_unaware(gpus: Sequence[GpuState]) -> list[GpuState]:
+    """The static baselines see free memory, not load: every GPU looks idle to them."""
+    return [replace(g, load=0.0) for g in gpus]
+
+
+def _stages(d_assignments: list[GpuAssignment], tp: int) -> str:
+    return "/".join(str(a.num_layers) for a in d_assignments[::tp])
+
+
+def _decide(ordered: Sequence[ConfigEstimate], intent: Intent, gpus: Sequence[GpuState], *, rule: str,
+            policy: str, theta: float) -> Decision:
+    """Take the first of ``ordered`` (the baseline's preference order) that fits the free GPUs and
+    place it with ``policy`` on load-unaware GPU states; the better-preferred ones that did not fit
+    become rejections. Raises :class:`Infeasible` when none fits."""
+    validate_intent(intent)
+    check_policy(policy, theta)
+    view = ClusterView(_load_unaware(gpus))
+    if not ordered:
+        raise Infeasible(f"{rule}: the configuration map lists no configuration this baseline deploys "
+                         "(fp16 weights and KV cache, no pruning); profile the model without compression too")
+    misses: list[ConfigEstimate] = []
+    for est in ordered:
+        if not view.fits(est):
+            misses.append(est)
+            continue
+        placed = view.place(est, policy, theta)
+        if placed is None:  # fits() said yes, so this cannot happen; keep the error explicit
+            raise Infeasible(f"{rule}: {est.config.key()} fits the free GPUs but could not be placed")
+        fitting = 1 + sum(view.fits(e) for e in ordered[len(misses) + 1:])
+        lat = latency_ms(est, intent)
+        gpus_txt = ",".join(str(a.gpu_index) for a in placed.assignments)
+        why = (f"{rule}: {est.config.key()} ({lat:.0f} ms for {intent.prompt_tokens}+{intent.output_tokens} tokens)"
+               + (f"; {len(misses)} preferred one{'s' if len(misses) != 1 else ''} did not fit" if misses else "")
+               + f"; {placed.note}: {placed.agent_id} GPUs {gpus_txt}, layers {_stages(placed.assignments, est.config.tp)}")
+        return Decision(
+            estimate=est,
+            assignments=placed.assignments,
+            rejected=[Rejection(config=m.config.key(), reason=view.miss_reason(m)) for m in misses],
+            why=why,
+            latency_ms=lat,
+            cost=cost(est, intent),
+            fitting=fitting,
+            agent_id=placed.agent_id,
+            placement=placed.note,
+        )
+    near = misses[0]
+    raise Infeasible(f"{rule}: none of the {len(misses)} configurations it would deploy fits the free GPUs; "
+                     f"the first, {near.config.key()}, {view.miss_reason(near)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-model baselines
+
+
+def iserve(estimates: Sequence[ConfigEstimate], intent: Intent, gpus: Sequence[GpuState], *,
+           policy: str = "hybrid", theta: float = 0.5) -> Decision:
+    """iServe's own decision: :func:`planner.plan` (rank by intent, first feasible, load-aware)."""
+    return plan(estimates, intent, gpus, policy=policy, theta=theta)
+
+
+def max_tp(estimates: Sequence[ConfigEstimate], intent: Intent, gpus: Sequence[GpuState], *,
+           policy: str = "least-loaded", theta: float = 0.5) -> Decision:
+    """TensorRT-LLM_TP: the largest TP degree that fits, PP = 1 unless it must grow, fp16."""
+    ordered = sorted((e for e in estimates if is_plain(e)), key=lambda e: (-e.config.tp, e.config.pp, e.config.key()))
+    return _decide(ordered, intent, gpus, rule="max-tp (largest tensor parallelism, fp16)", policy=policy, theta=theta)
+
+
+def max_pp(estimates: Sequence[ConfigEstimate], intent: Intent, gpus: Sequence[GpuState], *,
+           policy: str = "least-loaded", theta: float = 0.5) -> Decision:
+    """TensorRT-LLM_PP (the transformers default): TP = 1, PP = min(GPUs, layers), fp16; the largest
+    PP that fits when the free memory cannot take that many stages."""
+    ordered = sorted((e for e in estimates if is_plain(e) and e.config.tp == 1), key=lambda e: (-e.config.pp, e.config.key()))
+    return _decide(ordered, intent, gpus, rule="max-pp (largest pipeline parallelism, fp16)", policy=policy, theta=theta)
+
+
+def weight_bytes(estimates: Sequence[ConfigEstimate], est: ConfigEstimate) -> tuple[int, int]:
+    """The weight bytes of one tensor-parallel rank of ``est`` (whole model, all stages) and of one
+    layer, derived from the map.
+
+    ``layer_bytes`` holds a layer's weights, its KV cache and a small activation term. When the map
+    also lists the same configuration with an int8 KV cache, the difference is exactly half the fp16
+    KV cache (the estimator halves the KV bytes and nothing else), so the KV cache is removed; the
+    activation term (a few MiB per layer) stays in. Without that sibling, ``layer_bytes`` is used
+    whole (an upper bound)."""
+    c = est.config
+    layer = est.layer_bytes
+    if c.kv_quant == "fp16":
+        for e in estimates:
+            o = e.config
+            if (o.tp, o.pp, o.weight_quant, o.pruning, o.kv_quant) == (c.tp, c.pp, c.weight_quant, c.pruning, "int8"):
+                kv = 2 * (est.layer_bytes - e.layer_bytes)
+                if 0 <= kv < est.layer_bytes:
+                    layer = est.layer_bytes - kv
+                break
+    return est.num_layers * layer + est.first_stage_bytes + est.last_stage_bytes, layer
+
+
+def fsdp_estimate(shard: ConfigEstimate, unsharded: ConfigEstimate, weights: int, layer_weights: int,
+                  allgather_bytes_per_s: float) -> ConfigEstimate:
+    """Accelerate's FSDP over ``shard.config.pp`` GPUs: the memory of ``shard`` (layer sharding) plus
+    one gathered layer per GPU, the latency of ``unsharded`` plus the all-gather of every weight on
+    every forward pass (see the module docstring)."""
+    g = shard.config.pp
+    gather_ms = (g - 1) / g * weights / allgather_bytes_per_s * 1000.0 if g > 1 else 0.0
+    overhead = shard.gpu_overhead_bytes + (layer_weights if g > 1 else 0)
+    c = shard.config
+    total = c.tp * (c.pp * overhead + shard.num_layers * shard.layer_bytes + shard.first_stage_bytes + shard.last_stage_bytes)
+    return msgspec.structs.replace(
+        shard,
+        ttft_base_ms=unsharded.ttft_base_ms + gather_ms,
+        ttft_per_token_ms=unsharded.ttft_per_token_ms,
+        ttft_per_token2_ms=unsharded.ttft_per_token2_ms,
+        tpot_ms=unsharded.tpot_ms + gather_ms,
+        gpu_overhead_bytes=overhead,
+        total_bytes=total,
+        method="accelerate-fsdp",
+    )
+
+
+def accelerate(estimates: Sequence[ConfigEstimate], intent: Intent, gpus: Sequence[GpuState], *,
+               allgather_bytes_per_s: float = DEFAULT_ALLGATHER_BYTES_PER_S, policy: str = "least-loaded",
+               theta: float = 0.5) -> Decision:
+    """Accelerate (FSDP): every model sharded over all GPUs of a host, with the all-gather penalty.
+    The decision's estimate is the FSDP estimate (:func:`fsdp_estimate`), whose latency is what a
+    simulator should serve requests with."""
+    if not (allgather_bytes_per_s > 0 and math.isfinite(allgather_bytes_per_s)):
+        raise BadRequest(f"allgather_bytes_per_s must be a positive bandwidth in bytes per second (got {allgather_bytes_per_s!r})")
+    by_pp = {e.config.pp: e for e in estimates if is_plain(e) and e.config.tp == 1}
+    if not by_pp:
+        return _decide([], intent, gpus, rule="accelerate (FSDP over all GPUs)", policy=policy, theta=theta)
+    unsharded = by_pp.get(1) or by_pp[min(by_pp)]
+    weights, layer_w = weight_bytes(estimates, unsharded)
+    ordered = [fsdp_estimate(by_pp[g], unsharded, weights, layer_w, allgather_bytes_per_s) for g in sorted(by_pp, reverse=True)]
+    rule = f"accelerate (FSDP over all GPUs, all-gather at {allgather_bytes_per_s / 1e9:g} GB/s)"
+    return _decide(ordered, intent, gpus, rule=rule, policy=policy, theta=theta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# AlpaServe
+
+
+@dataclass
+class AlpaGroup:
+    """One group of GPUs of an AlpaServe plan: its bucket, GPUs, parallelism and the models it holds."""
+
+    bucket: int
+    gpus: list[tuple[str, int]]
+    tp: int
+    pp: int
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AlpaServePlan:
+    """The outcome of :func:`alpaserve`.
+
+    ``replicas`` maps every model to its deployments (data-parallel replicas), in placement order;
+    an empty list means the model was dropped (``dropped`` lists those, with ``drop_reasons``).
+    ``attainment`` is the search's own estimate of the request-weighted SLO attainment (dropped
+    models count as missed); ``evaluations`` counts the candidate placements it scored."""
+
+    replicas: dict[str, list[Decision]]
+    dropped: list[str]
+    groups: list[AlpaGroup]
+    attainment: float
+    evaluations: int
+    why: str
+    drop_reasons: dict[str, str] = field(default_factory=dict)
+
+
+# Weight of the throughput tie-breaker in the search's score (see :func:`_replica_score`).
+GOODPUT_WEIGHT = 1e-3
+# Processor sharing can slow a replica by at most this factor in the score (the M/M/1 stretch
+# ``1 / (1 - rho_others)`` diverges as the other replicas saturate the group).
+MAX_STRETCH = 20.0
+
+
+def _replica_score(rate: float, service_s: float, others_rho: float, slo_s: float) -> tuple[float, float]:
+    """The score of one replica per request it receives: (P(latency <= SLO), a small throughput
+    tie-breaker); the search adds the two.
+
+    The replica is an M/M/1 FCFS queue receiving ``rate`` requests/s; its service of ``service_s``
+    is stretched by processor sharing with the other replicas of its group, which keep its GPUs
+    ``others_rho`` busy: ``S = service_s / (1 - others_rho)`` (at most ``MAX_STRETCH`` times).
+    With utilisation ``u = rate * S < 1`` the response time is exponential with rate ``(1 - u) / S``,
+    so ``P(T <= slo) = 1 - exp(-(1 - u) * slo / S)``; a saturated replica meets no SLO in steady
+    state. ``GOODPUT_WEIGHT * min(1, 1 / u)`` (the fraction of its requests it can serve at all) is
+    added so that when every option saturates, capacity still decides, as AlpaServe's simulation of
+    a finite trace would credit the requests served before the queue builds up."""
+    stretch = 1.0 / (1.0 - others_rho) if others_rho < 1.0 - 1.0 / MAX_STRETCH else MAX_STRETCH
+    s = service_s * stretch
+    u = rate * s
+    goodput = GOODPUT_WEIGHT * (min(1.0, 1.0 / u) if u > 0 else 1.0)
+    if u >= 1.0:
+        return 0.0, goodput
+    return 1.0 - math.exp(-(1.0 - u) * slo_s / s), goodput
+
+
+@dataclass
+class _Bucket:
+    models: list[str]
+
+
+@dataclass
+class _BucketResult:
+    key: tuple  # comparable: larger is better
+    placed: int
+    attained: float  # requests/s expected to meet the SLO
+    groups: list[AlpaGroup]
+    replicas: list[tuple[str, int, ConfigEstimate, list[GpuAssignment]]]  # model, group, estimate, assignments
+
+
+class _AlpaSearch:
+    """The state of one :func:`alpaserve` search (see the module docstring for the algorithm)."""
+
+    def __init__(self, models: Mapping[str, Sequence[ConfigEstimate]], rates: Mapping[str, float],
+                 gpus: Sequence[GpuState], intent: Intent, slo_ms: Mapping[str, float], drop: bool,
+                 bucket_ratio: float):
+        self.intent = intent
+        self.drop = drop
+        self.rates = {m: max(0.0, float(rates.get(m, 0.0))) for m in models}
+        self.slo_s = {m: float(slo_ms[m]) / 1000.0 for m in models}
+        self.plain: dict[str, dict[tuple[int, int], ConfigEstimate]] = {
+            m: {(e.config.tp, e.config.pp): e for e in ests if is_plain(e)} for m, ests in models.items()}
+        self.flat = sorted(gpus, key=lambda g: (g.agent_id, g.gpu_index))
+        self.evaluations = 0
+        self._service: dict[tuple[str, int, int], float] = {}
+        self.buckets = self._bucketize(list(models), bucket_ratio)
+
+    # -- buckets ------------------------------------------------------------------------------------
+
+    def _size(self, m: str) -> int:
+        ests = self.plain[m]
+        if not ests:
+            return 0
+        return min(e.total_bytes for e in ests.values())
+
+    def _bucketize(self, names: list[str], ratio: float) -> list[_Bucket]:
+        order = sorted(names, key=lambda m: (-self._size(m), m))
+        buckets: list[_Bucket] = []
+        head = 0
+        for m in order:
+            size = self._size(m)
+            if buckets and size * ratio >= head:
+                buckets[-1].models.append(m)
+            else:
+                buckets.append(_Bucket([m]))
+                head = size
+        while len(buckets) > max(1, len(self.flat)):
+            last = buckets.pop()
+            buckets[-1].models.extend(last.models)
+        return buckets
+
+    # -- scoring ------------------------------------------------------------------------------------
+
+    def service_s(self, m: str, est: ConfigEstimate) -> float:
+        key = (m, est.config.tp, est.config.pp)
+        s = self._service.get(key)
+        if s is None:
+            s = self._service[key] = max(latency_ms(est, self.intent), 1e-6) / 1000.0
+        return s
+
+    def attained(self, replicas: list[tuple[str, int, float]], *, pure: bool = False) -> float:
+        """The search's score of (model, group, service seconds) replicas: requests/s expected to
+        meet their SLO plus the throughput tie-breaker (``pure``: without it)."""
+        self.evaluations += 1
+        count: dict[str, int] = {}
+        for m, _, _ in replicas:
+            count[m] = count.get(m, 0) + 1
+        rho: dict[int, float] = {}
+        loads = []
+        for m, g, s in replicas:
+            lam = self.rates[m] / count[m]
+            loads.append(lam * s)
+            rho[g] = rho.get(g, 0.0) + lam * s
+        total = 0.0
+        for (m, g, s), own in zip(replicas, loads):
+            lam = self.rates[m] / count[m]
+            p, goodput = _replica_score(lam, s, rho[g] - own, self.slo_s[m])
+            total += lam * (p if pure else p + goodput)
+        return total
+
+    # -- one bucket on one slice --------------------------------------------------------------------
+
+    def _groups(self, off: int, n: int, s: int) -> list[list[GpuState]] | None:
+        groups = [self.flat[off + i * s: off + (i + 1) * s] for i in range(n // s)]
+        if any(len({g.agent_id for g in grp}) != 1 for grp in groups):
+            return None
+        return groups
+
+    def _greedy(self, bucket: _Bucket, groups: list[list[GpuState]], cfg: tuple[int, int]) -> _BucketResult:
+        frees = [list(grp) for grp in groups]
+        reps: list[tuple[str, int, float]] = []
+        placed_info: list[tuple[str, int, ConfigEstimate, list[GpuAssignment]]] = []
+        held = [set() for _ in groups]
+        ests = {m: self.plain[m][cfg] for m in bucket.models}
+
+        def fit(m: str, gi: int) -> list[GpuAssignment] | None:
+            return arrange(ests[m], frees[gi])
+
+        def apply(m: str, gi: int, assignments: list[GpuAssignment]) -> None:
+            used = {(a.agent_id, a.gpu_index): a.memory_bytes for a in assignments}
+            frees[gi] = [replace(g, free_bytes=g.free_bytes - used.get((g.agent_id, g.gpu_index), 0)) for g in frees[gi]]
+            held[gi].add(m)
+            reps.append((m, gi, self.service_s(m, ests[m])))
+            placed_info.append((m, gi, ests[m], assignments))
+
+        current = 0.0
+        if not self.drop:
+            # AlpaServe*: every model once, the most loaded first, where it hurts least
+            for m in sorted(bucket.models, key=lambda m: (-self.rates[m] * self.service_s(m, ests[m]), m)):
+                best = None
+                for gi in range(len(groups)):
+                    got = fit(m, gi)
+                    if got is None:
+                        continue
+                    score = self.attained(reps + [(m, gi, self.service_s(m, ests[m]))])
+                    if best is None or score > best[0]:
+                        best = (score, gi, got)
+                if best is not None:
+                    apply(m, best[1], best[2])
+                    current = best[0]
+        while True:
+            best = None
+            for m in bucket.models:
+                s = self.service_s(m, ests[m])
+                for gi in range(len(groups)):
+                    if m in held[gi]:
+                        continue
+                    got = fit(m, gi)
+                    if got is None:
+                        continue
+                    score = self.attained(reps + [(m, gi, s)])
+                    if best is None or score > best[0]:
+                        best = (score, m, gi, got)
+            if best is None or best[0] <= current + 1e-12:
+                break
+            current = best[0]
+            apply(best[1], best[2], best[3])
+        placed = len({r[0] for r in reps})
+        alpa_groups = [AlpaGroup(bucket=-1, gpus=[(g.agent_id, g.gpu_index) for g in grp], tp=cfg[0], pp=cfg[1],
+                                 models=[m for m, gi, _, _ in placed_info if gi == i]) for i, grp in enumerate(groups)]
+        key = (current,) if self.drop else (placed, current)
+        return _BucketResult(key=key, placed=placed, attained=current, groups=alpa_groups, replicas=placed_info)
+
+    def best_for(self, b: int, off: int, n: int) -> _BucketResult:
+        """The best groups, parallelism and placement for bucket ``b`` on GPUs ``flat[off:off+n]``."""
+        bucket = self.buckets[b]
+        best: _BucketResult | None = None
+        for s in range(1, n + 1):
+            if n % s:
+                continue
+            groups = self._groups(off, n, s)
+            if groups is None:
+                continue
+            cfgs = sorted({k for k in self.plain[bucket.models[0]] if k[0] * k[1] == s
+                           and all(k in self.plain[m] for m in bucket.models)})
+            for cfg in cfgs:
+                res = self._greedy(bucket, groups, cfg)
+                if best is None or res.key > best.key:
+                    best = res
+        if best is None:
+            best = _BucketResult(key=(0.0,) if self.drop else (0, 0.0), placed=0, attained=0.0, groups=[], replicas=[])
+        return best
+
+    # -- the whole cluster --------------------------------------------------------------------------
+
+    def run(self) -> tuple[list[_BucketResult], float]:
+        """Dynamic programming over buckets: every split of the GPUs into consecutive non-empty
+        slices, one per bucket, maximising the summed bucket keys."""
+        G, B = len(self.flat), len(self.buckets)
+        memo: dict[tuple[int, int], tuple[tuple, list[_BucketResult]]] = {}
+
+        def add(a: tuple, b: tuple) -> tuple:
+            return tuple(x + y for x, y in zip(a, b))
+
+        def solve(b: int, off: int) -> tuple[tuple, list[_BucketResult]]:
+            if (b, off) in memo:
+                return memo[(b, off)]
+            if b == B - 1:
+                res = self.best_for(b, off, G - off)
+                out = (res.key, [res])
+            else:
+                out = None
+                for n in range(1, G - off - (B - 1 - b) + 1):
+                    head = self.best_for(b, off, n)
+                    tail_key, tail = solve(b + 1, off + n)
+                    key = add(head.key, tail_key)
+                    if out is None or key > out[0]:
+                        out = (key, [head] + tail)
+            memo[(b, off)] = out
+            return out
+
+        _, results = solve(0, 0)
+        return results, sum(r.attained for r in results)
+
+
+DEFAULT_SLO_SCALE = 5.0  # the middle of the paper's 2.5-7.5x
+
+
+def alpaserve(models: Mapping[str, Sequence[ConfigEstimate]], trace_rates: Mapping[str, float],
+              gpus: Sequence[GpuState], drop_models: bool, *, intent: Intent | None = None,
+              slo_ms: Mapping[str, float] | None = None, bucket_ratio: float = 2.0) -> AlpaServePlan:
+    """AlpaServe (``drop_models=True``) or AlpaServe* (``False``): one plan for all ``models`` made
+    with their request rates over the whole trace known in advance (see the module docstring).
+
+    ``trace_rates[m]`` is model ``m``'s mean request rate (requests/s) over the trace; ``slo_ms[m]``
+    its latency SLO for a request of the intent's size (the paper: a multiple of its latency at
+    minimum parallelism without quantization; default ``DEFAULT_SLO_SCALE`` times the latency of
+    :func:`iserve.loadgen.slo.reference_estimate`); ``intent`` sets that request size (use the
+    trace's mean lengths; default 512 + 128 tokens). Every GPU in ``gpus`` is used (they are assumed
+    free of other deployments; their free memory is respected). Returns the replicas per model as
+    :class:`Decision` objects."""
+    intent = intent if intent is not None else Intent(kind="min-latency")
+    validate_intent(intent)
+    if slo_ms is None:
+        from iserve.loadgen.slo import reference_estimate  # the SLO rule the replay and simulator use
+
+        slo_ms = {m: DEFAULT_SLO_SCALE * latency_ms(reference_estimate(e), intent) for m, e in models.items() if e}
+    if not models:
+        raise BadRequest("alpaserve needs at least one model")
+    missing = [m for m in models if m not in slo_ms or not (slo_ms[m] > 0)]
+    if missing:
+        raise BadRequest(f"alpaserve needs a positive SLO in milliseconds for every model; missing for {', '.join(missing)}")
+    if not gpus:
+        raise Infeasible("alpaserve: there are no GPUs to place the models on")
+    if bucket_ratio < 1:
+        raise BadRequest(f"bucket_ratio must be at least 1 (got {bucket_ratio!r})")
+    search = _AlpaSearch(models, trace_rates, gpus, intent, slo_ms, drop_models, bucket_ratio)
+    results, _ = search.run()
+    attained = sum(search.attained([(m, gi, search.service_s(m, e)) for m, gi, e, _ in res.replicas], pure=True)
+                   for res in results)
+
+    replicas: dict[str, list[Decision]] = {m: [] for m in models}
+    groups: list[AlpaGroup] = []
+    name = "alpaserve" if drop_models else "alpaserve*"
+    for b, res in enumerate(results):
+        base = len(groups)
+        for grp in res.groups:
+            grp.bucket = b
+            groups.append(grp)
+        count: dict[str, int] = {}
+        for m, _, _, _ in res.replicas:
+            count[m] = count.get(m, 0) + 1
+        seen: dict[str, int] = {}
+        for m, gi, est, assignments in res.replicas:
+            seen[m] = seen.get(m, 0) + 1
+            lat = latency_ms(est, intent)
+            grp = groups[base + gi]
+            why = (f"{name}: bucket {b + 1} of {len(results)} ({len(search.buckets[b].models)} model"
+                   f"{'s' if len(search.buckets[b].models) != 1 else ''}) in groups of {grp.tp * grp.pp} GPUs with "
+                   f"{est.config.key()}; replica {seen[m]} of {count[m]} on group {base + gi + 1} "
+                   f"({assignments[0].agent_id} GPUs {','.join(str(a.gpu_index) for a in assignments)}, layers "
+                   f"{_stages(assignments, est.config.tp)}); {lat:.0f} ms for {intent.prompt_tokens}+{intent.output_tokens} tokens")
+            replicas[m].append(Decision(
+                estimate=est, assignments=assignments, rejected=[], why=why, latency_ms=lat, cost=cost(est, intent),
+                fitting=1, agent_id=assignments[0].agent_id, placement=f"{name} group {base + gi + 1}"))
+    dropped = [m for m in models if not replicas[m]]
+    reasons = {}
+    for m in dropped:
+        if not search.plain[m]:
+            reasons[m] = "the map lists no fp16 configuration of it"
+        elif drop_models:
+            reasons[m] = "no replica of it raised the estimated SLO attainment, or none fit the groups' free memory"
+        else:
+            reasons[m] = "it fits no group of the best plan's GPUs, even alone"
+    total_rate = sum(search.rates.values())
+    att = attained / total_rate if total_rate > 0 else 0.0
+    why = (f"{name}: {len(results)} bucket{'s' if len(results) != 1 else ''}, {len(groups)} group"
+           f"{'s' if len(groups) != 1 else ''}, {sum(len(v) for v in replicas.values())} replicas, estimated SLO "
+           f"attainment {att:.1%} after scoring {search.evaluations} candidate placements"
+           + (f"; dropped {', '.join(dropped)}" if dropped else ""))
+    return AlpaServePlan(replicas=replicas, dropped=dropped, groups=groups, attainment=att,
+                         evaluations=search.evaluations, why=why, drop_reasons=reasons)

@@ -1,0 +1,261 @@
+"""Engine variants: int8/int4 weights, int8 KV cache, 2:4 and structured pruning, CUDA graphs.
+
+CPU runs the reference math of every format; the CUDA tests (marked ``gpu``) check that the fast
+kernels compute the same function and that graph replay equals eager decode.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from iserve.checkpoint import scan_checkpoint
+from iserve.errors import BadRequest, UnsupportedModel
+from iserve.gpu_agent.engine import Engine, kernels, quant
+from iserve.gpu_agent.engine.model import pruned_counts
+from iserve.gpu_agent.engine.runner import graph_buckets
+from iserve.modelmaker import make_checkpoint
+
+IDS = list(range(3, 43))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """4 layers, 8 query heads in 4 KV groups (so structured pruning drops whole groups)."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny-llama", num_layers=4, std=0.05, seed=3,
+                           overrides={"num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 256})
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny):
+    return Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# ---------------------------------------------------------------------------------------------------
+# formats
+
+
+def test_prune_2_4_keeps_the_two_largest_of_four():
+    w = torch.tensor([[1.0, -4.0, 3.0, 0.5, 0.125, 0.25, -0.375, 0.0]])
+    assert quant.prune_2_4(w).tolist() == [[0.0, -4.0, 3.0, 0.0, 0.0, 0.25, -0.375, 0.0]]
+    w = torch.randn(16, 64)
+    kept = (quant.prune_2_4(w).view(16, 16, 4) != 0).sum(-1)
+    assert bool((kept == 2).all())
+
+
+def test_int8_and_int4_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    q, s = quant.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (64,)
+    assert float(((q.float() * s[:, None]) - w).abs().max()) <= float(s.max()) / 2 + 1e-6
+    q4, sc, z = quant.quantize_int4(w)
+    assert q4.dtype == torch.uint8 and int(q4.max()) <= 15 and sc.shape == (64, 2)
+    deq = quant.dequantize_int4(q4, sc, z, torch.float32)
+    assert float((deq - w).abs().max()) <= float(sc.max()) / 2 + 1e-5
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(quant.Int8Linear(w, torch.float32)(x), x @ (q.float() * s[:, None]).T, rtol=1e-4, atol=1e-4)
+    lin4 = quant.Int4Linear(w, torch.float32)
+    torch.testing.assert_close(lin4(x), x @ deq.T, rtol=1e-5, atol=1e-5)
+    # An input size that is not a multiple of the group is padded with zero columns.
+    w_odd = torch.randn(16, 200)
+    assert _rel(quant.Int4Linear(w_odd, torch.float32)(x[:, :200]), x[:, :200] @ w_odd.T) < 0.15
+    assert sum(t.numel() * t.element_size() for t in lin4.tensors()) < w.numel() * 4 / 4
+
+
+@pytest.mark.parametrize("kw,max_rel", [
+    (dict(weight_quant="int8"), 0.05),
+    (dict(weight_quant="int4"), 0.5),
+    (dict(kv_quant="int8"), 1e-6),  # prefill attends over its own 16/32-bit keys and values
+    (dict(pruning="2:4"), None),
+    (dict(pruning="structured"), None),
+    (dict(weight_quant="int8", kv_quant="int8", pruning="structured"), None),
+])
+def test_variant_runs_and_decode_matches_prefill(tiny, fp32, kw, max_rel):
+    e = Engine.load(tiny, [("cpu", 0, 2), ("cpu", 2, 2)], context_tokens=64, **kw)
+    assert e.variant == {"weight_quant": "fp16", "kv_quant": "fp16", "pruning": "none", **kw}
+    full = e.prefill(IDS, all_positions=True)
+    if max_rel is not None:
+        assert _rel(full, fp32.prefill(IDS, all_positions=True)) < max_rel
+    e.prefill(IDS[:30])
+    steps = torch.stack([e.decode(IDS[p], p) for p in range(30, len(IDS))])
+    # Decode reads the (possibly int8) cache; prefill attends over unquantized keys and values.
+    tol = 0.05 if kw.get("kv_quant") == "int8" else 1e-5
+    assert _rel(steps, full[30:]) < tol
+    res = e.generate(IDS, max_tokens=6, ignore_eos=True)
+    assert len(res.tokens) == 6 and len(res.step_ms) == 5
+
+
+def test_variant_memory(tiny, fp32):
+    dense = fp32.weight_bytes()
+    i8 = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, weight_quant="int8")
+    i4 = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, weight_quant="int4")
+    kv8 = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, kv_quant="int8")
+    st = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, pruning="structured")
+    arch = fp32.arch
+    h = arch.hidden_size
+    linear = 4 * ((8 + 4 + 4) * 16 * h + h * 8 * 16 + 3 * h * 256)  # elements of the 4 layers' projections
+    other = dense - 4 * linear  # embedding, head, norms (float32 on CPU)
+    # int8: one byte per value + a float32 scale per output row (the CPU computation dtype).
+    rows = 4 * ((8 + 4 + 4) * 16 + h + 2 * 256 + h)
+    assert i8.weight_bytes() == other + linear + 4 * rows
+    assert i4.weight_bytes() < other + linear
+    assert i8.kernels() == {"torch._weight_int8pack_mm": 16}
+    # int8 KV: one byte per value plus a scale per (layer, k/v, head, position).
+    assert kv8.kv_cache_bytes() == fp32.kv_cache_bytes() // 4 + 4 * 4 * 2 * 4 * 64
+    # Structured: 3 of 4 KV groups (with their 2 query heads each) and 192 of 256 FFN channels.
+    assert pruned_counts(arch, "structured") == (6, 3, 192)
+    assert st.kv_cache_bytes() == fp32.kv_cache_bytes() * 3 // 4
+    assert st.weight_bytes() < dense
+
+
+def test_structured_pruning_matches_the_estimator_and_keeps_strong_heads(tiny, tmp_path):
+    from iserve.fingerprint.estimator import pruned_arch
+
+    arch = scan_checkpoint(tiny).arch
+    shaped = pruned_arch(arch, "structured")
+    assert pruned_counts(arch, "structured") == (shaped.num_attention_heads, shaped.num_kv_heads, shaped.intermediate_size)
+    small = make_checkpoint(tmp_path / "m", "tiny-llama", num_layers=1)  # 4 heads, 2 KV heads
+    shaped = pruned_arch(scan_checkpoint(small).arch, "structured")
+    assert pruned_counts(scan_checkpoint(small).arch, "structured") == (shaped.num_attention_heads, shaped.num_kv_heads,
+                                                                         shaped.intermediate_size)
+    # The weakest KV group is the one removed.
+    from iserve.gpu_agent.engine.model import prune_structured
+
+    layer = {k[len("model.layers.0."):]: v for k, v in _layer_tensors(tiny).items()}
+    d = arch.head_dim
+    layer["self_attn.k_proj.weight"][2 * d:3 * d] *= 0.01
+    layer["self_attn.v_proj.weight"][2 * d:3 * d] *= 0.01
+    layer["self_attn.q_proj.weight"][4 * d:6 * d] *= 0.01
+    out = prune_structured(arch, layer)
+    kept = out["self_attn.k_proj.weight"].view(3, d, -1)
+    full = layer["self_attn.k_proj.weight"].view(4, d, -1)
+    assert torch.equal(kept, full[[0, 1, 3]])
+    assert out["self_attn.o_proj.weight"].shape == (arch.hidden_size, 6 * d)
+
+
+def _layer_tensors(path):
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items() if k.startswith("model.layers.0.")}
+
+
+def test_bad_variants(tiny):
+    with pytest.raises(UnsupportedModel):
+        Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, weight_quant="int3")
+    with pytest.raises(UnsupportedModel):
+        Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, tp_size=3)
+    with pytest.raises(BadRequest, match="torch.distributed"):
+        Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, tp_rank=1, tp_size=2)
+    with pytest.raises(BadRequest):
+        Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, tp_rank=2, tp_size=2)
+
+
+def test_graph_buckets():
+    assert graph_buckets(96) == [96]
+    assert graph_buckets(1024) == [256, 512, 768, 1024]
+    assert graph_buckets(1000) == [256, 512, 768, 1000]
+    b = graph_buckets(32768)
+    assert len(b) == 16 and b[-1] == 32768 and b[0] == 2048
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs Triton (a CUDA GPU, or TRITON_INTERPRET=1 with triton installed)")
+def test_triton_gemv_matches_reference():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tune = dev == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    torch.manual_seed(1)
+    for M, N, K in ((1, 96, 300), (2, 64, 512)):
+        x = torch.randn(M, K, device=dev)
+        w = torch.randn(N, K, device=dev)
+        q, s = quant.quantize_int8(w)
+        r = torch.randn(M, N, device=dev)
+        ref = x @ (q.float() * s[:, None]).T + r
+        torch.testing.assert_close(kernels.gemv(x, q, s, r, tune=tune), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kernels.gemv(x, w, tune=tune), x @ w.T, rtol=1e-4, atol=1e-4)
+        nw = torch.rand(K, device=dev) + 0.5
+        normed = torch.nn.functional.rms_norm(x, (K,), nw, 1e-5)
+        torch.testing.assert_close(kernels.gemv(x, w, None, r, norm=(nw, 1e-5), tune=tune), normed @ w.T + r, rtol=1e-4, atol=1e-4)
+        gu = torch.randn(M, 2 * K, device=dev)
+        act = torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]
+        torch.testing.assert_close(kernels.gemv(gu, q, s, swiglu=True, tune=tune), act @ (q.float() * s[:, None]).T,
+                                   rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_equal_eager(tiny):
+    graphs = Engine.load(tiny, [("cuda:0", 0, 4)], context_tokens=600)
+    eager = Engine.load(tiny, [("cuda:0", 0, 4)], context_tokens=600, cuda_graphs=False)
+    assert graphs.graphs_captured == [True] and eager.graphs_captured == [False]
+    # Fused attention reads exactly the valid rows (one graph); the SDPA fallback uses key-length buckets.
+    assert graphs.buckets == ([600] if graphs.fused_decode == [True] else [256, 512, 600])
+    ids = (IDS * 7)[:250]  # decode crosses the 256-position bucket boundary
+    a = graphs.generate(ids, max_tokens=20, ignore_eos=True)
+    b = eager.generate(ids, max_tokens=20, ignore_eos=True)
+    assert a.tokens == b.tokens
+    full = eager.prefill(ids + a.tokens[:-1], all_positions=True)
+    graphs.prefill(ids)
+    for i, t in enumerate(a.tokens[:-1]):
+        torch.testing.assert_close(graphs.decode(t, len(ids) + i), full[len(ids) + i], rtol=0, atol=3e-2)
+    s1 = graphs.generate(ids, max_tokens=10, temperature=1.0, seed=3, ignore_eos=True).tokens
+    assert graphs.generate(ids, max_tokens=10, temperature=1.0, seed=3, ignore_eos=True).tokens == s1
+    # Two stages on one GPU: each stage has its graphs.
+    split = Engine.load(tiny, [("cuda:0", 0, 1), ("cuda:0", 1, 3)], context_tokens=600)
+    assert split.graphs_captured == [True, True]
+    assert split.generate(ids, max_tokens=20, ignore_eos=True).tokens == a.tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kw,kernel,max_rel", [
+    (dict(weight_quant="int8"), "int8 triton gemv (decode) / dequant+cublas (prefill)", 0.02),
+    (dict(weight_quant="int4"), "torch._weight_int4pack_mm (tinygemm, bf16)", 0.05),
+    (dict(kv_quant="int8"), "dense", 0.02),
+    (dict(pruning="2:4"), None, 0.08),  # measured 0.052 on H100 and H200: CUTLASS's sparse kernel vs the dense pruned matmul
+    (dict(pruning="structured"), "dense", 0.02),
+])
+def test_cuda_variants_match_cpu_reference(tiny, kw, kernel, max_rel):
+    """The CUDA kernels compute the same function as the CPU reference math of the same format, in the
+    same dtype (so that quantization and pruning see the same rounded weights)."""
+    gpu = Engine.load(tiny, [("cuda:0", 0, 4)], context_tokens=64, **kw)
+    cpu = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, dtype=str(gpu.stages[0].dtype).removeprefix("torch."), **kw)
+    if kernel is not None:
+        assert set(gpu.kernels()) == {kernel}
+    ref = cpu.prefill(IDS, all_positions=True)
+    assert _rel(gpu.prefill(IDS, all_positions=True).cpu(), ref) < max_rel
+    cpu.prefill(IDS[:30])
+    gpu.prefill(IDS[:30])
+    for p in range(30, 36):
+        assert _rel(gpu.decode(IDS[p], p).cpu(), cpu.decode(IDS[p], p)) < max_rel
+    assert len(gpu.generate(IDS, max_tokens=8, ignore_eos=True).tokens) == 8
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs Triton (a CUDA GPU, or TRITON_INTERPRET=1 with triton installed)")
+@pytest.mark.parametrize("kw", [dict(), dict(kv_quant="int8"), dict(weight_quant="int8", pruning="structured")])
+def test_fused_decode_kernels_match_the_reference_path(tiny, monkeypatch, kw):
+    """The fused Triton decode (RMSNorm, RoPE + cache write, split-K attention, SwiGLU) against the
+    plain torch decode, through the engine (on the CPU this runs Triton's interpreter)."""
+    from iserve.gpu_agent.engine.model import Stage
+
+    dev = "cuda:0" if torch.cuda.is_available() else "cpu"
+    plain = Engine.load(tiny, [(dev, 0, 4)], context_tokens=64, cuda_graphs=False, **kw)
+    monkeypatch.setattr(Stage, "can_fuse", property(lambda self: not self.is_moe))
+    if dev == "cpu":  # let the GEMV (with its RMSNorm / SwiGLU / residual fusions) take the 32-bit CPU weights
+        monkeypatch.setattr(quant.DenseLinear, "gemv_operands", lambda self: (self.w, None))
+        monkeypatch.setattr(quant.Int8Linear, "gemv_operands", lambda self: (self.q, self.scale))
+    fused = Engine.load(tiny, [(dev, 0, 4)], context_tokens=64, cuda_graphs=False, **kw)
+    assert fused.fused_decode == [True] and fused.fused_error == "" and fused.buckets == [64]
+    plain.prefill(IDS[:30])
+    fused.prefill(IDS[:30])
+    for p in range(30, 34):
+        assert _rel(fused.decode(IDS[p], p), plain.decode(IDS[p], p)) < 0.02

@@ -1,0 +1,146 @@
+"""The profiler's measurement method (``iserve.gpu_agent.engine.profile``), on the CPU: the protocol,
+wall times per prompt length and per decode position, the device pass (with a stand-in clock),
+memory and GPU-seconds, and profiling jobs with variants the engine refuses."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from iserve.errors import BadRequest, CheckpointError, UnsupportedModel
+from iserve.gpu_agent.engine import profile
+from iserve.messages import ProfileJob, ProfileResult, ProfileVariant, decoder, encode
+from iserve.modelmaker import make_checkpoint
+
+torch.set_num_threads(1)
+
+PROTOCOL = profile.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, warmup=1, context_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def fps(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("fp")
+    return [make_checkpoint(root / f"L{n}", "tiny-llama", num_layers=n) for n in (1, 2)]
+
+
+def test_protocol_checks_and_decode_runs():
+    assert PROTOCOL.decode_runs() == [(32, 3), (16, 6)]
+    assert profile.Protocol(prompt_lengths=(128, 512, 1024), output_lengths=(8, 32, 64)).decode_runs() == [(1024, 8), (512, 32), (128, 64)]
+    with pytest.raises(BadRequest, match="2 or more"):
+        profile.Protocol(prompt_lengths=(8,), output_lengths=(1,))
+    with pytest.raises(BadRequest, match="exceeds"):
+        profile.Protocol(prompt_lengths=(60,), output_lengths=(8,), context_tokens=64)
+    with pytest.raises(BadRequest):
+        profile.Protocol(prompt_lengths=(), output_lengths=(4,))
+
+
+def test_measure_model_wall_times_memory_and_cost(fps):
+    m = profile.measure_model(fps[1], "cpu", protocol=PROTOCOL, num_layers=2)
+    assert m.num_layers == 2 and m.variant == ProfileVariant() and m.timer == "perf_counter"
+    assert [t.prompt_tokens for t in m.ttft] == [8, 16, 32] and all(t.ttft_ms > 0 for t in m.ttft)
+    # one median per position fed by a decode step: (32, 3) feeds 32, 33; (16, 6) feeds 16..20
+    assert [d.position for d in m.decode] == [16, 17, 18, 19, 20, 32, 33]
+    assert m.decode_steps == 2 * 7 and m.tpot_ms > 0
+    assert not m.ttft_device and not m.decode_device  # no device timing on the CPU
+    assert m.kv_cache_bytes == 2 * 2 * 2 * 64 * 32 * 4 and m.context_tokens == 64  # fp32 cache on the CPU
+    assert m.peak_bytes > m.weight_bytes + m.kv_cache_bytes and m.gpu_seconds > 0
+    with pytest.raises(CheckpointError, match="2-layer"):
+        profile.measure_model(fps[0], "cpu", protocol=PROTOCOL, num_layers=2)
+
+
+class FakeClock:
+    """Stands in for ``DeviceClock`` on the CPU: marks are host times; a spin of ``ms`` advances a
+    virtual device clock, so ``elapsed`` of a pair around a spin would include it."""
+
+    def __init__(self, _device):
+        self.spun = []
+
+    def mark(self):
+        return time.perf_counter()
+
+    def spin(self, ms):
+        self.spun.append(ms)
+
+    def sync(self):
+        pass
+
+    @staticmethod
+    def elapsed(a, b):
+        return (b - a) * 1000.0
+
+
+def test_the_device_pass_pairs_each_step_with_its_own_marks(fps):
+    clocks = []
+
+    def factory(dev):
+        clocks.append(FakeClock(dev))
+        return clocks[-1]
+
+    m = profile.measure_model(fps[0], "cpu", protocol=PROTOCOL, num_layers=1, clock_factory=factory)
+    assert [t.prompt_tokens for t in m.ttft_device] == [8, 16, 32]
+    assert [d.position for d in m.decode_device] == [d.position for d in m.decode]
+    assert m.tpot_device_ms > 0 and m.timer == "perf_counter+cuda_events"
+    # every TTFT run spins once before it; every decode run once before its prefill and once per further step
+    spins = clocks[0].spun
+    assert len(spins) == 3 + (1 + 2) + (1 + 5)
+    wall_steps = max(d.step_ms for d in m.decode)
+    assert all(s >= profile.SPIN_EXTRA_MS for s in spins) and max(spins) >= profile.SPIN_MARGIN * wall_steps
+
+
+def test_measure_fingerprint_keeps_its_signature(fps):
+    m = profile.measure_fingerprint(fps[0], "cpu", num_layers=1, prompt_lengths=[8, 16], output_lengths=[3, 5], repeats=1,
+                                    warmup=0, context_tokens=32, variant=ProfileVariant(kv_quant="int8"))
+    assert m.variant.kv_quant == "int8" and len(m.ttft) == 2
+
+
+def _job(paths, variants, **kw) -> ProfileJob:
+    return ProfileJob(job_id="j1", model="tiny", fingerprint_paths=[str(p) for p in paths], gpu_index=0, variants=variants,
+                      prompt_lengths=[8, 16], output_lengths=[3, 5], repeats=1, warmup=0, context_tokens=32, gpu_warmup_s=0.0, **kw)
+
+
+def test_profile_job_measures_variants_and_reports_the_ones_it_cannot(fps, tmp_path, monkeypatch):
+    real = profile.load_engine
+
+    def picky(model_dir, device, context_tokens, variant, **kw):
+        if variant.weight_quant == "int4":
+            raise UnsupportedModel("int4 needs a CUDA device here")
+        return real(model_dir, device, context_tokens, variant, **kw)
+
+    monkeypatch.setattr(profile, "load_engine", picky)
+    variants = [ProfileVariant(), ProfileVariant(weight_quant="int4"), ProfileVariant(tp=2), ProfileVariant(pruning="structured")]
+    job = _job(fps, variants)
+    (tmp_path / "job.json").write_bytes(encode(job))
+    result = profile.run_profile_job_file(tmp_path / "job.json", tmp_path / "result.json", ["cpu"])
+    assert decoder(ProfileResult).decode((tmp_path / "result.json").read_bytes()) == result
+    assert {(m.variant, m.num_layers) for m in result.measurements} == {(ProfileVariant(), 1), (ProfileVariant(), 2),
+                                                                       (ProfileVariant(pruning="structured"), 1),
+                                                                       (ProfileVariant(pruning="structured"), 2)}
+    assert result.skipped == {"tp1-wint4-kvfp16-pnone": "int4 needs a CUDA device here",
+                              "tp2-wfp16-kvfp16-pnone": "needs 2 GPUs, the profiling job had 1"}
+    assert result.gpu_type == "cpu" and result.gpu_seconds >= sum(m.gpu_seconds for m in result.measurements) * 0.99
+    assert result.peak_bytes == max(m.peak_bytes for m in result.measurements)
+
+
+def test_profile_job_errors_other_than_unsupported_propagate(fps):
+    """A broken fingerprint fails the whole job (the agent reports it; the service retries on
+    another GPU), unlike a variant the engine refuses."""
+    with pytest.raises(BadRequest):
+        profile.run_profile_job(_job(fps, [ProfileVariant()]), [])
+    with pytest.raises(CheckpointError):
+        profile.run_profile_job(_job([fps[0].parent / "missing"], [ProfileVariant()]), ["cpu"])
+
+
+def test_tensor_parallel_variants_run_on_spawned_ranks(fps):
+    """TP variants of one degree share one set of rank processes (gloo on the CPU here); rank 0
+    times, the memory is the largest rank's; a degree above the devices given is reported."""
+    variants = [ProfileVariant(), ProfileVariant(tp=2), ProfileVariant(tp=2, kv_quant="int8"), ProfileVariant(tp=4)]
+    result = profile.run_profile_job(_job(fps, variants), ["cpu", "cpu"])
+    got = {(m.variant, m.num_layers): m for m in result.measurements}
+    assert set(got) == {(v, n) for v in variants[:3] for n in (1, 2)}
+    tp2 = got[ProfileVariant(tp=2), 2]
+    assert tp2.tp == 2 and tp2.ttft and tp2.decode and tp2.kv_cache_bytes == got[ProfileVariant(), 2].kv_cache_bytes // 2
+    assert result.skipped == {"tp4-wfp16-kvfp16-pnone": "needs 4 GPUs, the profiling job had 2"}
+    assert result.gpu_seconds > result.wall_seconds  # the second rank's device time counts too

@@ -1,0 +1,131 @@
+"""The report (loadgen/report.py): metrics computed from run directories, report.md with the
+figures' tables, non-empty PNGs, and the sweep end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from iserve.loadgen import report, simulator as sim
+from iserve.loadgen.records import DeploymentEvent, RequestRecord, Run, RunMeta, load_run
+from iserve.messages import Intent
+
+GIB = 1 << 30
+
+
+def _run(requests, deployments, duration=100.0, intent=None) -> Run:
+    meta = RunMeta(kind="live", trace="code", rate=0.4, interval_s=60, aggregate=1, duration_s=duration,
+                   intent=intent or Intent(kind="min-cost"), models=["a", "b"])
+    return Run(path=report.Path("x"), meta=meta, requests=requests, deployments=deployments)
+
+
+def test_metrics_are_computed_from_the_records():
+    deps = [
+        DeploymentEvent(t_s=0.0, model="a", deployment_id="a/1", config="tp2-pp1", gpus=["h/0:32", "h/1:32"],
+                        total_bytes=20 * GIB, status="ready"),
+        DeploymentEvent(t_s=50.0, model="b", deployment_id="b/1", config="tp1-pp1", gpus=["h/1:40"],
+                        total_bytes=10 * GIB, status="ready"),
+    ]
+    reqs = [
+        RequestRecord(request_id="0", model="a", deployment_id="a/1", arrival_s=1.0, end_s=3.0, e2e_ms=2000.0,
+                      output_tokens=10, slo_ms=3000.0, slo_met=True),
+        RequestRecord(request_id="1", model="b", deployment_id="b/1", arrival_s=60.0, end_s=64.0, e2e_ms=4000.0,
+                      output_tokens=20, slo_ms=3000.0, slo_met=False),
+        RequestRecord(request_id="2", model="b", arrival_s=10.0, end_s=10.0, status="error", error_code="not_deployed",
+                      slo_ms=3000.0, slo_met=False),
+    ]
+    m = report.run_metrics(_run(reqs, deps))
+    assert (m.requests, m.ok, m.failed) == (3, 2, 1)
+    assert m.gpus_used == 2
+    assert m.gpu_seconds == pytest.approx(100.0 + 100.0)  # GPU 0 from 0, GPU 1 from 0 (a) to the end at 100 s
+    assert m.gpu_throughput == pytest.approx(2 / 200.0)
+    assert m.token_throughput == pytest.approx(30 / 200.0)
+    assert m.cluster_throughput == pytest.approx(2 / 100.0)
+    assert m.memory_gib == pytest.approx(30.0)
+    assert m.cost_gib_s == pytest.approx((20 * 2.0 + 10 * 4.0) / 2)
+    assert m.gpu_hours == pytest.approx((2 * 2.0 + 1 * 4.0) / 3600)
+    assert m.slo_attainment == pytest.approx(1 / 3)
+    assert m.p50_ms == pytest.approx(3000.0) and m.mean_ms == pytest.approx(3000.0)
+    assert m.models_deployed == 2 and m.configs == {"a": ["tp2-pp1"], "b": ["tp1-pp1"]}
+    # the objective follows the intent
+    run = _run(reqs, deps)
+    assert report.objective(run, Intent(kind="min-cost")) == (1, pytest.approx(40.0))  # mean GiB x s
+    assert report.objective(run, Intent(kind="min-memory")) == (1, pytest.approx(30.0))
+    assert report.objective(run, Intent(kind="min-latency")) == (1, pytest.approx(3000.0))
+    assert report.objective(run, Intent(kind="min-cost", cost_model="memory"))[1] == pytest.approx(15.0)
+    assert report.objective(run, Intent(kind="latency-slo", slo_ms=1.0)) == (0, pytest.approx(2 / 3))
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    """A small set of simulated runs covering Fig. 11, 13, 14 and 16."""
+    root = tmp_path_factory.mktemp("runs")
+    models = sim.resolve_models(["llama-2-13b", "llama-2-7b:2"], maps_dir=None, gpu_type="A6000", max_gpus=4)
+    many = sim.resolve_models(["llama-2-7b:8", "gpt-j-6b:6"], maps_dir=None, gpu_type="A6000", max_gpus=4)
+    base = dict(gpus=4, deploy_every_s=60.0, trace_label="code", sample_s=30.0)
+    for rate in (0.1, 0.2):
+        tr = sim.build_trace("code", rate=rate, duration_s=300)
+        for system in ("iserve", "max-tp", "alpaserve"):
+            for kind, slo, exp in [("min-latency", 0.0, "fig11"), ("min-memory", 0.0, "fig13"),
+                                   ("latency-slo", 2.5, "fig14"), ("latency-slo", 7.5, "fig14")]:
+                s = sim.SimSpec(models=models, trace=tr, system=system, rate=rate, slo_scale=slo,
+                                intent=Intent(kind=kind, prompt_tokens=1024, output_tokens=13),
+                                notes=f"experiment={exp}", **base)
+                sim.Simulation(s).run().write(root / f"{exp}-{rate}-{kind}-{slo}-{system}")
+        s = sim.SimSpec(models=models, trace=tr, system="oracle", rate=rate,
+                        intent=Intent(kind="min-latency", prompt_tokens=1024, output_tokens=13), notes="experiment=fig11", **base)
+        sim.oracle_search(s, candidates=2, max_evals=2).result.write(root / f"fig11-{rate}-oracle")
+    tr = sim.build_trace("conv", rate=0.1, duration_s=300)
+    for kind in ("min-latency", "min-memory"):
+        for system in ("iserve", "max-pp"):
+            s = sim.SimSpec(models=many, trace=tr, system=system, rate=0.1, deploy_batch=2,
+                            intent=Intent(kind=kind, prompt_tokens=512, output_tokens=128), **{**base, "trace_label": "conv"})
+            sim.Simulation(s).run().write(root / f"scaling-{kind}-{system}")
+    return root
+
+
+def test_report_has_every_table_and_non_empty_pngs(runs_dir, tmp_path):
+    out = tmp_path / "report"
+    assert report.main([str(runs_dir), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    for heading in ("Fig. 11", "Fig. 13", "Fig. 14", "Fig. 16", "against the oracle"):
+        assert heading in text
+    for png in ("fig11.png", "fig13.png", "fig14.png", "fig16.png"):
+        assert (out / png).stat().st_size > 10_000
+        assert f"]({png})" in text
+    assert "| trace | rate | system | requests | failed | p50 |" in text
+    assert "oracle (static, trace known)" in text and "TensorRT-LLM_TP" in text and "AlpaServe" in text
+    assert "| SLO | trace | rate | system | attainment |" in text
+    assert "models deployed" in text
+    # every latency number in the Fig. 11 table is a computed one
+    iserve = report.run_metrics(load_run(next(runs_dir.glob("fig11-0.2-min-latency-0.0-iserve"))))
+    assert report._ms(iserve.p50_ms) in text
+
+
+def test_fig16_counts_models_deployed(runs_dir):
+    ms = [report.run_metrics(load_run(p)) for p in report.find_runs([runs_dir]) if "scaling" in p.name]
+    assert ms and all(m.experiment == "fig16" for m in ms)
+    assert all(m.models_requested == 14 and 1 <= m.models_deployed <= 14 for m in ms)
+    assert all(m.cluster_throughput > 0 for m in ms)
+
+
+def test_report_rejects_a_folder_without_runs(tmp_path):
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_sweep_runs_the_simulator_and_writes_the_report(tmp_path):
+    out = tmp_path / "sweep"
+    rc = report.main(["sweep", "--out", str(out), "--experiments", "fig11", "fig14", "--traces", "code", "--rates", "0.2",
+                      "--systems", "iserve", "max-pp", "--oracle", "--oracle-evals", "2", "--oracle-candidates", "2",
+                      "--duration-s", "300", "--workers", "1", "--slo-scales", "5", "--models", "llama-2-7b:2",
+                      "--gpus", "4", "--deploy-every-s", "60"])
+    assert rc == 0
+    runs = report.find_runs([out / "runs"])
+    assert len(runs) == 3 + 3  # iserve, max-pp and the oracle, for each experiment
+    text = (out / "report.md").read_text()
+    assert "Simulated sweep: 6 runs" in text and "Fig. 11" in text and "Fig. 14" in text
+    assert (out / "fig11.png").stat().st_size > 0 and (out / "fig14.png").stat().st_size > 0
+    m = [report.run_metrics(load_run(p)) for p in runs]
+    assert {x.system for x in m} == {"iserve", "max-pp", "oracle"}
+    assert all(not math.isnan(x.p50_ms) for x in m)
