@@ -155,4 +155,4 @@ async def test_cli_ctrl_c_keeps_what_was_collected(nats_server, tiny_model, tmp_
     done = [r for r in run.requests if r.status == "ok"]
     assert len(done) >= 5 and all(r.output_tokens == min(r.trace_generated_tokens, 255) for r in done)
     # models are deployed on schedule while the trace plays: the second replica was requested at t=2 s
-    assert [e.t_s for e in run.deployments if e.status == "requested"][1] >= 2.0
+    assert [e.t_s for e in run.deployments if e.status == "requested"][1] >= 2.0 - 0.05  # --deploy-every-s 2; the two clocks may differ by a few ms
