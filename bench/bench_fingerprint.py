@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="", help="torch device (default cuda:0, or cpu with --tiny)")
     p.add_argument("--prompt-lengths", default="", help="comma-separated (default 128,512,1024; tiny 16,32,64)")
     p.add_argument("--output-lengths", default="", help="comma-separated (default 8,32; tiny 4,12)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each full-model run (default 3)")
+    p.add_argument("--fp-repeats", type=int, default=7, help="timed repeats of each fingerprint run (default 7: they are cheap)")
     p.add_argument("--context-tokens", type=int, default=0, help="default 2048 (tiny 128)")
     return p.parse_args(argv)
 
@@ -162,7 +163,7 @@ def _comparison(d: dict):
     from iserve.fingerprint import validate
 
     return validate.Comparison(config=d["config"], points=[validate.Point(**p) for p in d["points"]],
-                               gpu_seconds=d.get("gpu_seconds", 0.0), note=d.get("note", ""))
+                               gpu_seconds=d.get("gpu_seconds", 0.0), note=d.get("note", ""), measured=d.get("measured", {}))
 
 
 def _fmt_pct(x: float) -> str:
@@ -214,7 +215,7 @@ class Bench:
             "python": platform.python_version(),
             "capabilities": CAPABILITIES,
             "protocol": {"prompt_lengths": self.prompts, "output_lengths": self.outputs, "repeats": self.a.repeats,
-                         "context_tokens": self.context},
+                         "fingerprint_repeats": self.a.fp_repeats, "context_tokens": self.context},
         }
 
     # -- one model -------------------------------------------------------------------------------
@@ -290,11 +291,13 @@ class Bench:
     def _one_config(self, arch, model_dir: Path, fp_dir: Path, config, *, first: bool):
         """Profile ``config``'s variant on the fingerprints, then measure the model in full and
         compare. Returns ``(comparison, wall-only comparison or None, fingerprint GPU-seconds)``."""
+        import msgspec
+
         from iserve.fingerprint import estimator, validate
 
         variant = estimator.variant_of(config)
         local = validate.profile_locally(
-            model_dir, [self.device], prompt_lengths=self.prompts, output_lengths=self.outputs, repeats=self.a.repeats, warmup=1,
+            model_dir, [self.device], prompt_lengths=self.prompts, output_lengths=self.outputs, repeats=self.a.fp_repeats, warmup=1,
             context_tokens=self.context, work_dir=fp_dir, max_gpus=1, variants_filter=lambda v: v == variant,
             gpu_warmup_s=(1.0 if first else 0.0) if not self.a.tiny else 0.0, log=lambda s: print(s, file=self.details, flush=True),
         )
@@ -314,6 +317,7 @@ class Bench:
         if c.note:
             self.log(f"  {c.config}: {c.note}")
             return c, None, fp_seconds
+        c.measured["fingerprints"] = [msgspec.to_builtins(m) for m in result.measurements]  # for diagnosis
         naive = self._wall_only(arch, model_dir, result, cmap, c)
         worst = ", ".join(f"{w} {_fmt_pct(max(c.errors(w)))}" for w in ("ttft", "tpot", "memory"))
         self.log(f"  {c.config}: worst |error| {worst}; GPU-s fingerprints {fp_seconds:.1f}, full {c.gpu_seconds:.1f}")
@@ -461,7 +465,8 @@ class Bench:
                      f"{o['gpu_seconds']['ratio'] or 0:.1f}x", ""])
         print()
         print(f"iServe fingerprint benchmark, {self.meta['date']}, {self.meta['gpu']}, torch {self.meta['torch']}; "
-              f"prompts {self.prompts}, outputs {self.outputs}, repeats {self.a.repeats}, context {self.context}")
+              f"prompts {self.prompts}, outputs {self.outputs}, repeats {self.a.repeats} (fingerprints {self.a.fp_repeats}), "
+              f"context {self.context}")
         print("|error| as median / p90 over every (configuration, prompt length | decode run); 'wall-only' = the same fingerprint "
               "runs extrapolated on wall time alone (plain L2)")
         validate.print_table(["model", "family", "configs", "TTFT err", "TPOT err", "memory err", "wall-only TTFT/TPOT",

@@ -377,6 +377,7 @@ class FingerprintMeasurement(msgspec.Struct, kw_only=True):
     reserved_peak_bytes: int = 0  # the torch allocator's reserved peak (CUDA)
     gpu_seconds: float = 0.0  # wall time this measurement held its device(s), load included, times the devices
     tp: int = 1  # tensor-parallel ranks the measurement ran on (peak is the largest rank's)
+    base_allocated_bytes: int = 0  # allocated on the device before loading (the runtime's own; a leak shows here)
 
 
 class ProfileResult(Message):
@@ -548,6 +549,10 @@ class DeployReply(Message):
     latency_ms: float = 0.0
     cost: float = 0.0
     decision_ms: float = 0.0
+    # Appended: configurations the intent itself ruled out (over the latency SLO or the cost budget),
+    # closest to the limit first, each with the estimate that broke the limit. ``cost`` above is in
+    # the units of ``deployment.intent.cost_model`` (GiB-s, GiB or GPU-h per request).
+    filtered: list[Rejection] = []
 
 
 class UndeployRequest(Message):
@@ -650,7 +655,8 @@ class QueueStats(msgspec.Struct, kw_only=True):
     tpot_ms_p50: float = 0.0
     e2e_ms_p50: float = 0.0
     e2e_ms_p99: float = 0.0
-    cancelled: int = 0
+    cancelled: int = 0  # cancelled while running (also counted in completed) or while queued
+    timed_out: int = 0  # appended: past their timeout, queued or running (also counted in failed)
 
 
 class SchedulerStats(Message):

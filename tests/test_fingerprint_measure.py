@@ -83,9 +83,11 @@ def test_the_device_pass_pairs_each_step_with_its_own_marks(fps):
     assert [t.prompt_tokens for t in m.ttft_device] == [8, 16, 32]
     assert [d.position for d in m.decode_device] == [d.position for d in m.decode]
     assert m.tpot_device_ms > 0 and m.timer == "perf_counter+cuda_events"
-    # every TTFT run spins once before it; every decode run once before its prefill and once per further step
+    # as many device repeats as wall repeats; every TTFT run spins once before it, every decode run
+    # once before its prefill and once per further step
     spins = clocks[0].spun
-    assert len(spins) == 3 + (1 + 2) + (1 + 5)
+    assert PROTOCOL.device_repeats == PROTOCOL.repeats == 2
+    assert len(spins) == 2 * (3 + (1 + 2) + (1 + 5))
     wall_steps = max(d.step_ms for d in m.decode)
     assert all(s >= profile.SPIN_EXTRA_MS for s in spins) and max(spins) >= profile.SPIN_MARGIN * wall_steps
 
@@ -144,3 +146,22 @@ def test_tensor_parallel_variants_run_on_spawned_ranks(fps):
     assert tp2.tp == 2 and tp2.ttft and tp2.decode and tp2.kv_cache_bytes == got[ProfileVariant(), 2].kv_cache_bytes // 2
     assert result.skipped == {"tp4-wfp16-kvfp16-pnone": "needs 4 GPUs, the profiling job had 2"}
     assert result.gpu_seconds > result.wall_seconds  # the second rank's device time counts too
+
+
+def test_the_fingerprint_pair_is_timed_interleaved(fps, monkeypatch):
+    """Both fingerprints stay loaded and take turns within every repeat, so drift between them
+    does not enter their difference (the per-layer cost)."""
+    calls = []
+    real = profile._run_wall
+
+    def spy(engine, ids, max_tokens, sink=None):
+        calls.append((engine.arch.num_layers, len(ids), max_tokens, sink is not None))
+        return real(engine, ids, max_tokens, sink)
+
+    monkeypatch.setattr(profile, "_run_wall", spy)
+    m1, m2 = profile.measure_models(fps, "cpu", protocol=PROTOCOL, num_layers=[1, 2])
+    assert (m1.num_layers, m2.num_layers) == (1, 2) and m1.decode and m2.ttft
+    timed = [c[0] for c in calls if c[3]]  # the timed runs hand tokens to the sink
+    per_engine = 3 + 2  # prompt lengths + decode runs
+    assert timed == ([1] * per_engine + [2] * per_engine) * PROTOCOL.repeats
+    assert m1.gpu_seconds == m2.gpu_seconds > 0

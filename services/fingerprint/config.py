@@ -28,7 +28,7 @@ class FingerprintConfig:
     context_tokens: int = 2048
     prompt_lengths: list[int] = field(default_factory=lambda: [128, 512, 1024])
     output_lengths: list[int] = field(default_factory=lambda: [16, 64])
-    repeats: int = 3
+    repeats: int = 7
     warmup: int = 1
     device_timing: bool = True
     gpu_warmup_s: float = 1.0
@@ -46,7 +46,8 @@ def parse(argv: list[str] | None = None) -> FingerprintConfig:
     flag(p, "--prompt-lengths", default=[128, 512, 1024], type=int_list,
          help="prompt lengths TTFT is measured at (comma-separated; 3 or more fit TTFT's quadratic term)")
     flag(p, "--output-lengths", default=[16, 64], type=int_list, help="output lengths TPOT is measured over (comma-separated)")
-    flag(p, "--repeats", default=3, type=int, help="timed repeats per measurement (the median is kept)")
+    flag(p, "--repeats", default=7, type=int,
+         help="timed repeats of each fingerprint run (medians kept; fingerprints are cheap and their differences carry the per-layer cost)")
     flag(p, "--warmup", default=1, type=int, help="untimed warm-up rounds of every run")
     flag(p, "--device-timing", default=True, type=bool,
          help="also time the device alone on CUDA (needed when the engine is launch-bound; see docs/fingerprint.md)")

@@ -91,10 +91,14 @@ Memory (paper M2, with exact weights)
       no scale; int8: 1 byte plus a 16-bit scale per head and position).
     * Everything else comes from the fingerprints: for each measurement, ``peak - weights - kv_cache``
       (the fingerprint's exact weights as above, the KV-cache bytes the engine reports holding) is
-      the non-weight, non-KV memory; a least-squares line over the fingerprints' layer counts gives
-      a per-layer term (activations that grow with depth) and an "other" term: the runtime (CUDA
-      context, where the peak includes it), allocator slack and activation workspace of one GPU.
-      Both are clamped at 0 (noise cannot make memory negative). Because the same exact weight
+      the non-weight, non-KV memory. Its per-layer term (activations that grow with depth) is the
+      least-squares slope over the fingerprints' layer counts of the torch allocator's view (exact
+      and repeatable); its "other" term, one GPU's runtime (CUDA context where the peak includes
+      it), allocator cache and activation workspace, is the median over the fingerprints of what
+      the chosen peak leaves after weights, KV cache and the per-layer term. Both are clamped at 0
+      (noise cannot make memory negative). (A line through NVML peaks alone multiplied their
+      noise, e.g. load temporaries left cached, by the layer count: +84-203% for int4 on the
+      first H100 run.) Because the same exact weight
       formula is subtracted from the fingerprints and added for the full model, an engine that
       stores a layer slightly differently than the formula says still extrapolates correctly: the
       difference lands in the per-layer term.
@@ -611,9 +615,15 @@ def fit_variant(
 
     ttft_host_layer = ttft_host_other = tpot_host_layer = tpot_host_other = None
     if _has_device(measurements):
-        dev_points = [(m.num_layers, t.prompt_tokens, t.ttft_ms) for m in measurements for t in m.ttft_device]
+        # A pass's device time cannot exceed its wall time (the device part is inside it); a device
+        # sample above the wall median is noise, capped so it cannot steepen the device line.
+        wall_ttft = {(m.num_layers, t.prompt_tokens): t.ttft_ms for m in measurements for t in m.ttft}
+        dev_points = [(m.num_layers, t.prompt_tokens, min(t.ttft_ms, wall_ttft.get((m.num_layers, t.prompt_tokens), math.inf)))
+                      for m in measurements for t in m.ttft_device]
         dev_layer, dev_other = _fit_ttft(dev_points, degree, name)
-        dev_step_layer, dev_step_other = _fit_steps([p for m in measurements for p in _step_points(m, True)])
+        wall_steps = {(m.num_layers, t.position): t.step_ms for m in measurements for t in m.decode}
+        dev_step_points = [(n, x, min(y, wall_steps.get((n, x), math.inf))) for m in measurements for n, x, y in _step_points(m, True)]
+        dev_step_layer, dev_step_other = _fit_steps(dev_step_points)
         # Slack: the least wall-minus-device gap (host work before the first kernel and after the last).
         gaps = [w.ttft_ms - d.ttft_ms for m in measurements for w in m.ttft for d in m.ttft_device if w.prompt_tokens == d.prompt_tokens]
         ttft_slack = max(0.0, min(gaps)) if gaps else 0.0
@@ -627,15 +637,22 @@ def fit_variant(
         dev_layer, dev_other = host_layer, host_other
         dev_step_layer, dev_step_other = host_step_layer, host_step_other
 
-    nonweight = []
+    # Memory: what the allocator holds beyond weights and KV grows per layer by ``act_layer`` (its
+    # view is exact and repeatable, so the slope comes from it); the rest of the peak (CUDA context,
+    # allocator cache, library workspaces: NVML's view) is one GPU's overhead, the median over the
+    # fingerprints. A line through NVML peaks alone would multiply their noise by the layer count.
+    alloc_nonweight, fixed = [], []
     for m in measurements:
         peak = _peak(m, memory_source)
         if gpu_memory_bytes is not None and peak > gpu_memory_bytes:
             raise ValueError(
                 f"variant {name}: a measured peak of {peak} bytes exceeds the GPU's {gpu_memory_bytes}; the measurements come from another GPU type"
             )
-        nonweight.append(peak - fingerprint_weight_bytes(arch, weights, variant, m.num_layers) - m.kv_cache_bytes)
-    act_layer, overhead = _line([m.num_layers for m in measurements], nonweight)
+        own = fingerprint_weight_bytes(arch, weights, variant, m.num_layers) + m.kv_cache_bytes
+        alloc_nonweight.append(m.peak_bytes - own)
+        fixed.append((m.num_layers, peak - own))
+    act_layer = max(0.0, _line([m.num_layers for m in measurements], alloc_nonweight)[0])
+    overhead = float(np.median([v - n * act_layer for n, v in fixed]))
     kv_reports = [m.kv_cache_bytes / (m.num_layers * m.context_tokens) for m in measurements if m.context_tokens > 0 and m.kv_cache_bytes > 0]
 
     return VariantFit(

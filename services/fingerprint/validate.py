@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from iserve import checkpoint
 from iserve.messages import (
     ConfigEstimate,
@@ -72,6 +74,7 @@ class Comparison:
     points: list[Point] = field(default_factory=list)
     gpu_seconds: float = 0.0  # of the full-model measurement
     note: str = ""  # why it was not measured, when it was not
+    measured: dict = field(default_factory=dict)  # the full-model measurement as recorded (for diagnosis)
 
     def errors(self, what: str) -> list[float]:
         return [abs(p.error) for p in self.points if p.what == what]
@@ -93,7 +96,7 @@ def measured_memory(m: FingerprintMeasurement) -> int:
 
 def compare(est: ConfigEstimate, m: FingerprintMeasurement, decode_runs: Sequence[tuple[int, int]], *, gpu_seconds: float = 0.0) -> Comparison:
     """Every estimated-vs-measured point of one configuration."""
-    c = Comparison(config=est.config.key(), gpu_seconds=gpu_seconds)
+    c = Comparison(config=est.config.key(), gpu_seconds=gpu_seconds, measured=msgspec.to_builtins(m))
     for t in m.ttft:
         c.points.append(Point("ttft", f"p={t.prompt_tokens}", est.ttft_ms(t.prompt_tokens), t.ttft_ms))
     for p, o in decode_runs:
@@ -181,11 +184,10 @@ def profile_locally(
 ) -> LocalProfile:
     """Generate ``model_dir``'s fingerprints under ``work_dir``, profile them on ``devices`` (the
     fingerprint service's job, run in this process) and estimate every configuration."""
-    from iserve.gpu_agent.engine.profile import gpu_type_of, run_profile_job
+    from iserve.gpu_agent.engine.profile import run_profile_job
 
     t0 = time.perf_counter()
     ck = checkpoint.scan_checkpoint(model_dir)
-    weights = checkpoint.weight_breakdown(ck)
     infos = generator.make_fingerprints(ck, work_dir)
     caps = capabilities if capabilities is not None else engine_capabilities()
     max_gpus = max_gpus or len(devices)
@@ -211,21 +213,32 @@ def profile_locally(
         gpu_warmup_s=gpu_warmup_s,
     )
     result = run_profile_job(job, devices, log=log)
-    sizes, fractions = generator.fingerprint_cost_fields(infos)
+    cmap = local_map(ck, infos, result, devices, name=job.model, capabilities=caps, max_gpus=max_gpus, context_tokens=context)
+    return LocalProfile(cmap=cmap, result=result, wall_seconds=time.perf_counter() - t0)
+
+
+def local_map(ck: checkpoint.Checkpoint, infos: Sequence[generator.FingerprintInfo], result: ProfileResult, devices: Sequence[str],
+              *, name: str, capabilities: dict, max_gpus: int, context_tokens: int) -> ConfigurationMap:
+    """The configuration map of ``ck`` for up to ``max_gpus`` GPUs of ``devices[0]``'s type from a
+    profiling ``result`` made here (``profile_locally``'s last step; also for results merged from
+    several jobs). TP degrees above what was measured come from the communication model."""
+    from iserve.gpu_agent.engine.profile import gpu_type_of
+
+    sizes, fractions = generator.fingerprint_cost_fields(list(infos))
     gpu_type = gpu_type_of(devices[0])
     comm = (estimator.CommModel(result.allreduce_latency_us, result.allreduce_bus_gbps, "measured")
             if result.allreduce_bus_gbps > 0 else estimator.default_comm(gpu_type))
-    cmap = estimator.build_configuration_map(
-        model=job.model,
+    return estimator.build_configuration_map(
+        model=name,
         gpu_type=gpu_type,
         arch=ck.arch,
-        weights=weights,
+        weights=checkpoint.weight_breakdown(ck),
         measurements=result.measurements,
-        capabilities=caps,
+        capabilities=capabilities,
         gpu_memory_bytes=device_memory_bytes(devices[0]),
         max_gpus=max_gpus,
-        context_tokens=context,
-        configs=configs,
+        context_tokens=context_tokens,
+        configs=estimator.enumerate_configurations(ck.arch, max_gpus),
         cost=ProfilingCost(gpu_seconds=result.gpu_seconds, wall_seconds=result.wall_seconds, peak_bytes=result.peak_bytes,
                            fingerprint_bytes=sizes, fingerprint_fraction=fractions, nvml_peak_bytes=result.nvml_peak_bytes,
                            measured_variants=len({m.variant for m in result.measurements})),
@@ -234,7 +247,6 @@ def profile_locally(
         comm=comm,
         skipped=result.skipped,
     )
-    return LocalProfile(cmap=cmap, result=result, wall_seconds=time.perf_counter() - t0)
 
 
 def fitting_configs(cmap: ConfigurationMap, *, gpus: int = 1, memory_bytes: int | None = None, headroom: float = 0.97) -> list[ConfigEstimate]:
@@ -389,7 +401,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-type", default="", help="with --nats-url: which GPU type's map (default: the first stored)")
     p.add_argument("--prompt-lengths", type=_int_list, default=[128, 512, 1024], help="prompt lengths (default 128,512,1024)")
     p.add_argument("--output-lengths", type=_int_list, default=[16, 64], help="output lengths of the decode runs (default 16,64)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (medians kept; default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of the full model (medians kept; default 3)")
+    p.add_argument("--fp-repeats", type=int, default=7,
+                   help="timed repeats of each fingerprint when profiling here (they are cheap, and their differences carry the per-layer cost; default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds (default 1)")
     p.add_argument("--context-tokens", type=int, default=2048, help="context length when profiling here (default 2048)")
     p.add_argument("--work-dir", default="", help="where fingerprints are written when profiling here (default: a temporary folder)")
@@ -434,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             wanted = {_variant_of_key(k) for k in a.configs.split(",") if k}
             only = (lambda v: _variant_of_key(estimator.variant_key(v)) in wanted) if wanted else None
             local = profile_locally(model_dir, devices, prompt_lengths=a.prompt_lengths, output_lengths=a.output_lengths,
-                                    repeats=a.repeats, warmup=a.warmup, context_tokens=a.context_tokens, work_dir=work,
+                                    repeats=a.fp_repeats, warmup=a.warmup, context_tokens=a.context_tokens, work_dir=work,
                                     variants_filter=only, log=log)
             cmap = local.cmap
             prompt_lengths, output_lengths = a.prompt_lengths, a.output_lengths

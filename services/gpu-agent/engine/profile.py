@@ -30,12 +30,23 @@ Protocol (``Protocol``)
       that the steps cover short and long key lengths; each step's time is kept with the position
       it fed, and the median over ``repeats`` is kept per position. TPOT is fitted by least squares
       in the position (a step reads all keys before it).
-    * Runs go round-robin over lengths within each repeat, so drift affects all alike.
+    * Runs go round-robin over lengths within each repeat, so drift affects all alike; the two
+      fingerprints of a variant are loaded together and take turns within every repeat
+      (``measure_models``): a layer's cost is their difference, and drift between them would enter
+      it multiplied by the model's layer count.
     * Each token is handed to an event loop in another thread and encoded as a ``TokenChunk``, as
       the serving worker does (``serving_path``), so that cost is paid here too.
     * Device time: ``device_repeats`` repeats of the same runs, with the spins described above.
-    * Memory: the torch allocator's peak (allocated and reserved) since loading finished, and the
-      process's memory as NVML reports it, sampled after loading and after every run.
+    * Memory, per engine while it loads and warms up (before the other engine of the pair runs):
+      what earlier engines left is freed first; after loading, the allocator's cache of load
+      temporaries is emptied (a worker does not need them, and how many stay cached differs
+      between fingerprints, which a per-layer slope would multiply by the layer count); then the
+      torch allocator's peak (allocated and reserved) and the process's memory as NVML reports it,
+      each less what the process held just before this engine loaded, plus the process's first
+      such baseline (CUDA context and runtime workspaces): what a fresh worker holding only this
+      engine would show (``_Baseline``).
+    * Noise: the garbage collector is off during timed runs; the device pass takes as many repeats
+      as the wall pass.
     * GPU-seconds: wall time from the start of loading to the end of closing, times the devices.
 
 Prompts are random token ids from a seeded generator, so runs are reproducible.
@@ -43,6 +54,7 @@ Prompts are random token ids from a seeded generator, so runs are reproducible.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from contextlib import nullcontext as _nullcontext
@@ -148,6 +160,40 @@ class _NvmlProbe:
                 pass
 
 
+_FIRST_BASELINE: dict[int, tuple[int, int, int]] = {}  # per CUDA device: the process's first clean baseline
+
+
+class _Baseline:
+    """What the process holds on the device just before an engine loads, so that the engine's peaks
+    can be told apart from what others hold: another engine measured alongside, or what earlier
+    engines of the process left (workspaces of their streams; the benchmark measures many in one
+    process). A measurement reports its engine's own memory plus the process's first baseline (CUDA
+    context and runtime workspaces, after the job's GPU warm-up), i.e. what a fresh worker process
+    holding just this engine would show."""
+
+    def __init__(self, device: torch.device, probe: "_NvmlProbe"):
+        self.cuda = device.type == "cuda" and torch.cuda.is_available()
+        self.allocated = self.reserved = self.nvml = 0
+        self.first = (0, 0, 0)
+        if not self.cuda:
+            return
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        self.allocated = int(torch.cuda.memory_allocated(device))
+        self.reserved = int(torch.cuda.memory_reserved(device))
+        self.nvml = probe.sample()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.first = _FIRST_BASELINE.setdefault(index, (self.allocated, self.reserved, self.nvml))
+
+    def own(self, allocated_peak: int, reserved_peak: int, nvml_peak: int) -> tuple[int, int, int]:
+        """The engine's peaks as a fresh process holding only it would show them."""
+        a = allocated_peak - self.allocated + self.first[0]
+        r = reserved_peak - self.reserved + self.first[1]
+        n = nvml_peak - self.nvml + self.first[2] if nvml_peak > 0 and self.nvml > 0 and self.first[2] > 0 else nvml_peak
+        return a, r, n
+
+
 # ---------------------------------------------------------------------------------------------------
 # the protocol
 
@@ -160,7 +206,7 @@ class Protocol:
     output_lengths: tuple[int, ...]
     repeats: int = 3
     warmup: int = 1
-    device_repeats: int = 1
+    device_repeats: int = -1  # repeats of the device pass; -1: as many as ``repeats``
     context_tokens: int = 2048
     serving_path: bool = True  # hand every token to another thread's event loop, as the serving worker does
 
@@ -169,7 +215,9 @@ class Protocol:
             raise BadRequest("prompt_lengths and output_lengths must be non-empty lists of positive token counts.")
         if max(self.output_lengths) < 2:
             raise BadRequest("at least one output length must be 2 or more, or no decode step is measured.")
-        if self.repeats < 1 or self.warmup < 0 or self.device_repeats < 0:
+        if self.device_repeats < 0:
+            object.__setattr__(self, "device_repeats", self.repeats)
+        if self.repeats < 1 or self.warmup < 0:
             raise BadRequest(f"repeats must be at least 1 and warmup at least 0, not {self.repeats} and {self.warmup}.")
         if max(self.prompt_lengths) + max(self.output_lengths) > self.context_tokens:
             raise BadRequest(
@@ -192,7 +240,7 @@ def protocol_of_job(job: ProfileJob) -> Protocol:
         output_lengths=tuple(job.output_lengths),
         repeats=job.repeats,
         warmup=job.warmup,
-        device_repeats=1 if job.device_timing else 0,
+        device_repeats=job.repeats if job.device_timing else 0,
         context_tokens=job.context_tokens,
     )
 
@@ -380,17 +428,10 @@ def _median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
-def _time_engine(engine, protocol: Protocol, *, device_timing: bool, gpu_warmup_s: float, seed: int,
-                 after_run: Callable[[], None], clock_factory: Callable[[torch.device], object] | None = None) -> _Timings:
-    """Warm up, then the wall pass and (on CUDA, when asked) the device pass of ``protocol``.
-    ``clock_factory`` replaces :class:`DeviceClock` (tests run the device pass on the CPU with it)."""
-    vocab = engine.arch.vocab_size
+def _warm_up(engine, protocol: Protocol, prompts: dict[int, list[int]], runs: list[tuple[int, int]], gpu_warmup_s: float) -> None:
+    """Busy for ``gpu_warmup_s`` on a GPU (clocks ramp up), then every run of the protocol, untimed
+    (lazily loaded kernels, autotuning, graph buckets, allocator growth)."""
     dev = engine.stages[0].device
-    g = torch.Generator().manual_seed(seed)
-    prompts = {p: _prompt(vocab, p, g) for p in sorted(set(protocol.prompt_lengths))}
-    runs = protocol.decode_runs()
-
-    # Warm-up: busy for a while on a GPU (clocks ramp up), then every run of the protocol, untimed.
     t0 = time.perf_counter()
     longest = max(prompts)
     while dev.type == "cuda" and time.perf_counter() - t0 < gpu_warmup_s:
@@ -400,46 +441,215 @@ def _time_engine(engine, protocol: Protocol, *, device_timing: bool, gpu_warmup_
             _run_wall(engine, prompts[p], 2)
         for p, o in runs:
             _run_wall(engine, prompts[p], min(o, 4))
-    after_run()
 
-    t = _Timings()
+
+def _wall_pass(engines: list, protocol: Protocol, prompts: dict[int, list[int]], runs: list[tuple[int, int]],
+               timings: list[_Timings], after_run: Callable[[], None]) -> None:
+    """``repeats`` rounds; in each, every engine in turn runs every prompt length and decode run, so
+    that drift (clocks, temperature, other work on the host) affects all engines alike."""
     sink = TokenSink() if protocol.serving_path else None
     try:
         for _ in range(protocol.repeats):
-            for p in prompts:
-                ttft, _ = _run_wall(engine, prompts[p], 1, sink)
-                t.ttft.setdefault(p, []).append(ttft)
-            for p, o in runs:
-                _, steps = _run_wall(engine, prompts[p], o, sink)
-                for i, s in enumerate(steps):
-                    t.steps.setdefault(p + i, []).append(s)
+            for engine, t in zip(engines, timings):
+                for p in prompts:
+                    ttft, _ = _run_wall(engine, prompts[p], 1, sink)
+                    t.ttft.setdefault(p, []).append(ttft)
+                for p, o in runs:
+                    _, steps = _run_wall(engine, prompts[p], o, sink)
+                    for i, s in enumerate(steps):
+                        t.steps.setdefault(p + i, []).append(s)
             after_run()
     finally:
         if sink is not None:
             sink.close()
 
-    can_time = clock_factory is not None or (dev.type == "cuda" and hasattr(torch.cuda, "_sleep"))
-    if device_timing and protocol.device_repeats > 0 and can_time:
-        with torch.cuda.device(dev) if dev.type == "cuda" else _nullcontext():
-            clock = (clock_factory or DeviceClock)(dev)
-            step_wall = max(_median(v) for v in t.steps.values())
-            step_spin = SPIN_MARGIN * step_wall + SPIN_EXTRA_MS
-            for _ in range(protocol.device_repeats):
-                for p in prompts:
-                    spin = SPIN_MARGIN * max(t.ttft[p]) + SPIN_EXTRA_MS
-                    ttft, _ = _run_device(engine, clock, prompts[p], 1, spin, step_spin)
-                    t.ttft_device.setdefault(p, []).append(ttft)
-                for p, o in runs:
-                    spin = SPIN_MARGIN * max(t.ttft[p]) + SPIN_EXTRA_MS
-                    _, steps = _run_device(engine, clock, prompts[p], o, spin, step_spin)
-                    for i, s in enumerate(steps):
-                        t.steps_device.setdefault(p + i, []).append(s)
-                after_run()
-    return t
+
+def _device_pass(engines: list, clock, protocol: Protocol, prompts: dict[int, list[int]], runs: list[tuple[int, int]],
+                 timings: list[_Timings], after_run: Callable[[], None]) -> None:
+    """The protocol's runs again, ``device_repeats`` rounds interleaved like the wall pass, each
+    pass queued behind a GPU spin longer than its host time (``_run_device``)."""
+    spins = []
+    for t in timings:
+        step_spin = SPIN_MARGIN * max(_median(v) for v in t.steps.values()) + SPIN_EXTRA_MS
+        spins.append((step_spin, {p: SPIN_MARGIN * max(t.ttft[p]) + SPIN_EXTRA_MS for p in prompts}))
+    for _ in range(protocol.device_repeats):
+        for engine, t, (step_spin, ttft_spin) in zip(engines, timings, spins):
+            for p in prompts:
+                ttft, _ = _run_device(engine, clock, prompts[p], 1, ttft_spin[p], step_spin)
+                t.ttft_device.setdefault(p, []).append(ttft)
+            for p, o in runs:
+                _, steps = _run_device(engine, clock, prompts[p], o, ttft_spin[p], step_spin)
+                for i, s in enumerate(steps):
+                    t.steps_device.setdefault(p + i, []).append(s)
+        after_run()
+
+
+def _time_engines(engines: list, protocol: Protocol, *, device_timing: bool, seed: int, after_run: Callable[[], None],
+                  clock_factory: Callable[[torch.device], object] | None = None) -> list[_Timings]:
+    """The wall pass and (on CUDA, when asked) the device pass of ``protocol`` over ``engines``
+    (already warmed up), interleaved; the garbage collector is off while timing."""
+    dev = engines[0].stages[0].device
+    g = torch.Generator().manual_seed(seed)
+    prompts = {p: _prompt(engines[0].arch.vocab_size, p, g) for p in sorted(set(protocol.prompt_lengths))}
+    runs = protocol.decode_runs()
+    timings = [_Timings() for _ in engines]
+    gc_was_on = gc.isenabled()
+    gc.collect()
+    gc.disable()  # a collection inside a timed run is noise that medians of a few runs do not always hide
+    try:
+        _wall_pass(engines, protocol, prompts, runs, timings, after_run)
+        can_time = clock_factory is not None or (dev.type == "cuda" and hasattr(torch.cuda, "_sleep"))
+        if device_timing and protocol.device_repeats > 0 and can_time:
+            with torch.cuda.device(dev) if dev.type == "cuda" else _nullcontext():
+                clock = (clock_factory or DeviceClock)(dev)
+                _device_pass(engines, clock, protocol, prompts, runs, timings, after_run)
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return timings
+
+
+def _prompts(protocol: Protocol, vocab: int, seed: int) -> tuple[dict[int, list[int]], list[tuple[int, int]]]:
+    g = torch.Generator().manual_seed(seed)
+    return {p: _prompt(vocab, p, g) for p in sorted(set(protocol.prompt_lengths))}, protocol.decode_runs()
 
 
 # ---------------------------------------------------------------------------------------------------
-# one model
+# measuring
+
+
+def _check_model(model_dir: str | Path, protocol: Protocol, num_layers: int | None):
+    ck = scan_checkpoint(model_dir)
+    if num_layers is not None and ck.arch.num_layers != num_layers:
+        raise CheckpointError(
+            f"{model_dir} has {ck.arch.num_layers} hidden layers but the job expects a {num_layers}-layer fingerprint; "
+            "regenerate the fingerprint checkpoints."
+        )
+    if ck.arch.vocab_size <= 3:
+        raise CheckpointError(f"{model_dir} has a vocabulary of {ck.arch.vocab_size} ids; a fingerprint needs more than 3.")
+    if max(protocol.prompt_lengths) + max(protocol.output_lengths) > min(protocol.context_tokens, ck.arch.max_position):
+        raise BadRequest(f"the protocol's longest prompt plus output does not fit {model_dir}'s context of {ck.arch.max_position} tokens.")
+    return ck
+
+
+class _Loaded:
+    """One engine loaded for measuring, with its own memory figures (taken while it loaded and warmed
+    up before any other engine of the measurement ran)."""
+
+    def __init__(self, model_dir, device: str, protocol: Protocol, variant: ProfileVariant, *, seed: int, tp_rank: int,
+                 tp_size: int, gpu_warmup_s: float, follower: bool = False):
+        self.t_start = time.perf_counter()
+        self.probe = _NvmlProbe(torch.device(device))
+        self.base = _Baseline(torch.device(device), self.probe)
+        self.engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size)
+        self.dev = self.engine.stages[0].device
+        self.nvml_peak = 0
+        self.weight_bytes, self.kv_bytes = self.engine.weight_bytes(), self.engine.kv_cache_bytes()
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            # Loading leaves its temporaries (16-bit copies of a layer, quantization scratch) in the
+            # allocator's cache; a serving worker does not need them, and how many stay cached differs
+            # from one fingerprint to the next, which a per-layer memory slope would multiply by L.
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        self.sample()
+        if follower:
+            return
+        prompts, runs = _prompts(protocol, self.engine.arch.vocab_size, seed)
+        _warm_up(self.engine, protocol, prompts, runs, gpu_warmup_s)
+        self.finish_memory(protocol)
+
+    def sample(self) -> None:
+        self.nvml_peak = max(self.nvml_peak, self.probe.sample())
+
+    def finish_memory(self, protocol: Protocol) -> None:
+        """Read this engine's peaks (its warm-up ran every shape of the protocol)."""
+        self.sample()
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            self.peak, self.reserved, self.nvml = self.base.own(
+                int(torch.cuda.max_memory_allocated(self.dev)), int(torch.cuda.max_memory_reserved(self.dev)), self.nvml_peak)
+        else:
+            dtype_bytes = self.engine.stages[0].dtype.itemsize
+            self.peak = self.engine.memory_bytes()[0] + activation_bytes_estimate(self.engine.arch, max(protocol.prompt_lengths), dtype_bytes)
+            self.reserved = self.nvml = 0
+
+    def close(self) -> None:
+        self.probe.close()
+        self.engine.close()
+
+
+def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, timings: _Timings | None, gpu_seconds: float,
+                 tp_size: int) -> FingerprintMeasurement:
+    m = FingerprintMeasurement(
+        num_layers=loaded.engine.arch.num_layers,
+        variant=variant,
+        ttft=[],
+        tpot_ms=0.0,
+        decode_steps=0,
+        peak_bytes=loaded.peak,
+        nvml_peak_bytes=loaded.nvml,
+        weight_bytes=loaded.weight_bytes,
+        kv_cache_bytes=loaded.kv_bytes,
+        timer="perf_counter",
+        context_tokens=protocol.context_tokens,
+        reserved_peak_bytes=loaded.reserved,
+        gpu_seconds=gpu_seconds,
+        tp=tp_size,
+        base_allocated_bytes=loaded.base.allocated,
+    )
+    if timings is None:
+        return m
+    m.ttft = [PromptTiming(prompt_tokens=p, ttft_ms=_median(v)) for p, v in sorted(timings.ttft.items())]
+    m.decode = [DecodeTiming(position=pos, step_ms=_median(v)) for pos, v in sorted(timings.steps.items())]
+    all_steps = [s for v in timings.steps.values() for s in v]
+    m.tpot_ms = _median(all_steps)
+    m.decode_steps = len(all_steps)
+    if timings.ttft_device:
+        m.timer = "perf_counter+cuda_events"
+        m.ttft_device = [PromptTiming(prompt_tokens=p, ttft_ms=_median(v)) for p, v in sorted(timings.ttft_device.items())]
+        m.decode_device = [DecodeTiming(position=pos, step_ms=_median(v)) for pos, v in sorted(timings.steps_device.items())]
+        m.tpot_device_ms = _median([s for v in timings.steps_device.values() for s in v])
+    return m
+
+
+def measure_models(
+    model_dirs: Sequence[str | Path],
+    device: str,
+    *,
+    protocol: Protocol,
+    variant: ProfileVariant | None = None,
+    num_layers: Sequence[int] | None = None,
+    device_timing: bool = True,
+    gpu_warmup_s: float = ENGINE_WARMUP_S,
+    seed: int = 0,
+    clock_factory: Callable[[torch.device], object] | None = None,
+) -> list[FingerprintMeasurement]:
+    """Measure several checkpoints of one architecture as ``variant`` on ``device`` together: each
+    is loaded in turn and its memory taken as it loads and warms up (with the others' memory told
+    apart, see ``_Baseline``), then all are timed with their runs interleaved. The fingerprint
+    pair is measured this way: a layer's cost is the difference of the two, and interleaving keeps
+    drift between them out of it. Each measurement's GPU-seconds are an equal share of the total."""
+    variant = variant or ProfileVariant()
+    for i, d in enumerate(model_dirs):
+        _check_model(d, protocol, num_layers[i] if num_layers is not None else None)
+    t_start = time.perf_counter()
+    loaded: list[_Loaded] = []
+    try:
+        for d in model_dirs:
+            loaded.append(_Loaded(d, device, protocol, variant, seed=seed, tp_rank=0, tp_size=1, gpu_warmup_s=gpu_warmup_s))
+
+        def after_run() -> None:
+            for item in loaded:
+                item.sample()
+
+        timings = _time_engines([x.engine for x in loaded], protocol, device_timing=device_timing, seed=seed, after_run=after_run,
+                                clock_factory=clock_factory)
+        share = (time.perf_counter() - t_start) / len(loaded)
+        return [_measurement(x, variant, protocol, t, share, 1) for x, t in zip(loaded, timings)]
+    finally:
+        for x in loaded:
+            x.close()
 
 
 def measure_model(
@@ -458,87 +668,32 @@ def measure_model(
 ) -> FingerprintMeasurement:
     """Load ``model_dir`` on ``device`` as ``variant`` and measure it with ``protocol``.
 
-    Used for fingerprints (``num_layers`` 1 or 2, checked against the checkpoint) and, with
-    ``device_timing=False``, for full models in validation. With ``tp_size > 1`` every rank calls
-    this (``torch.distributed`` already initialized); rank 0 measures and the other ranks follow its
-    generations, returning only their memory.
+    Used for full models in validation (``device_timing=False``) and for tensor-parallel ranks:
+    with ``tp_size > 1`` every rank calls this (``torch.distributed`` already initialized); rank 0
+    measures and the other ranks follow its generations, returning only their memory.
     """
     variant = variant or ProfileVariant(tp=tp_size)
-    ck = scan_checkpoint(model_dir)
-    if num_layers is not None and ck.arch.num_layers != num_layers:
-        raise CheckpointError(
-            f"{model_dir} has {ck.arch.num_layers} hidden layers but the job expects a {num_layers}-layer fingerprint; "
-            "regenerate the fingerprint checkpoints."
-        )
-    if ck.arch.vocab_size <= 3:
-        raise CheckpointError(f"{model_dir} has a vocabulary of {ck.arch.vocab_size} ids; a fingerprint needs more than 3.")
-    if max(protocol.prompt_lengths) + max(protocol.output_lengths) > min(protocol.context_tokens, ck.arch.max_position):
-        raise BadRequest(f"the protocol's longest prompt plus output does not fit {model_dir}'s context of {ck.arch.max_position} tokens.")
-
+    if tp_size == 1:
+        [m] = measure_models([model_dir], device, protocol=protocol, variant=variant,
+                             num_layers=[num_layers] if num_layers is not None else None, device_timing=device_timing,
+                             gpu_warmup_s=gpu_warmup_s, seed=seed, clock_factory=clock_factory)
+        return m
+    _check_model(model_dir, protocol, num_layers)
     t_start = time.perf_counter()
-    engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size)
-    dev = engine.stages[0].device
-    probe = _NvmlProbe(dev)
-    nvml_peak = probe.sample()
+    item = _Loaded(model_dir, device, protocol, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size, gpu_warmup_s=gpu_warmup_s,
+                   follower=tp_rank > 0)
     try:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-
-        def after_run() -> None:
-            nonlocal nvml_peak
-            nvml_peak = max(nvml_peak, probe.sample())
-
         timings = None
         if tp_rank == 0:
-            timings = _time_engine(engine, protocol, device_timing=device_timing, gpu_warmup_s=gpu_warmup_s, seed=seed,
-                                   after_run=after_run, clock_factory=clock_factory)
+            [timings] = _time_engines([item.engine], protocol, device_timing=device_timing, seed=seed, after_run=item.sample,
+                                      clock_factory=clock_factory)
         else:
-            engine.follow()
-            after_run()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            peak = int(torch.cuda.max_memory_allocated(dev))
-            reserved = int(torch.cuda.max_memory_reserved(dev))
-        else:
-            dtype_bytes = engine.stages[0].dtype.itemsize
-            peak = engine.memory_bytes()[0] + activation_bytes_estimate(engine.arch, max(protocol.prompt_lengths), dtype_bytes)
-            reserved = 0
-        weight_bytes, kv_bytes, timer = engine.weight_bytes(), engine.kv_cache_bytes(), engine.timer
+            item.engine.follow()  # the leader's warm-up and timed runs, until it closes
+        item.finish_memory(protocol)
+        gpu_seconds = (time.perf_counter() - t_start) * (tp_size if item.dev.type == "cuda" else 1)
+        return _measurement(item, variant, protocol, timings, gpu_seconds, tp_size)
     finally:
-        probe.close()
-        engine.close()
-    gpu_seconds = (time.perf_counter() - t_start) * (tp_size if dev.type == "cuda" else 1)
-
-    m = FingerprintMeasurement(
-        num_layers=ck.arch.num_layers,
-        variant=variant,
-        ttft=[],
-        tpot_ms=0.0,
-        decode_steps=0,
-        peak_bytes=peak,
-        nvml_peak_bytes=nvml_peak,
-        weight_bytes=weight_bytes,
-        kv_cache_bytes=kv_bytes,
-        timer="perf_counter",
-        context_tokens=protocol.context_tokens,
-        reserved_peak_bytes=reserved,
-        gpu_seconds=gpu_seconds,
-        tp=tp_size,
-    )
-    if timings is None:
-        return m
-    m.ttft = [PromptTiming(prompt_tokens=p, ttft_ms=_median(v)) for p, v in sorted(timings.ttft.items())]
-    m.decode = [DecodeTiming(position=pos, step_ms=_median(v)) for pos, v in sorted(timings.steps.items())]
-    all_steps = [s for v in timings.steps.values() for s in v]
-    m.tpot_ms = _median(all_steps)
-    m.decode_steps = len(all_steps)
-    if timings.ttft_device:
-        m.timer = "perf_counter+cuda_events"
-        m.ttft_device = [PromptTiming(prompt_tokens=p, ttft_ms=_median(v)) for p, v in sorted(timings.ttft_device.items())]
-        m.decode_device = [DecodeTiming(position=pos, step_ms=_median(v)) for pos, v in sorted(timings.steps_device.items())]
-        m.tpot_device_ms = _median([s for v in timings.steps_device.values() for s in v])
-    return m
+        item.close()
 
 
 def measure_fingerprint(
@@ -563,7 +718,7 @@ def measure_fingerprint(
         output_lengths=tuple(output_lengths),
         repeats=repeats,
         warmup=warmup,
-        device_repeats=1 if device_timing else 0,
+        device_repeats=repeats if device_timing else 0,
         context_tokens=context_tokens,
     )
     return measure_model(model_dir, device, protocol=protocol, variant=variant or ProfileVariant(), num_layers=num_layers,
@@ -775,15 +930,15 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
             continue
         key = _variant_key(variant)
         try:
-            for path in job.fingerprint_paths:
-                m = measure_model(path, devices[0], protocol=protocol, variant=variant, device_timing=job.device_timing,
-                                  seed=0)
-                measurements.append(m)
-                if log:
-                    log(f"measured {Path(path).name} as {key}: TPOT {m.tpot_ms:.3f} ms (device {m.tpot_device_ms:.3f} ms)")
+            ms = measure_models(job.fingerprint_paths, devices[0], protocol=protocol, variant=variant,
+                                device_timing=job.device_timing, seed=0)
         except UnsupportedModel as e:
             skipped[key] = e.message
-            measurements = [m for m in measurements if m.variant != variant]
+            continue
+        measurements += ms
+        if log:
+            for path, m in zip(job.fingerprint_paths, ms):
+                log(f"measured {Path(path).name} as {key}: TPOT {m.tpot_ms:.3f} ms (device {m.tpot_device_ms:.3f} ms)")
     wall = time.perf_counter() - t0
     # The first device is held throughout; a TP measurement also holds tp - 1 more for its duration.
     extra = sum(m.gpu_seconds * (m.tp - 1) / m.tp for m in measurements if m.tp > 1)
@@ -816,6 +971,7 @@ def run_profile_job_file(job_path: str | Path, result_path: str | Path, devices:
 
 
 __all__ = [
+    "DeviceClock",
     "Protocol",
     "activation_bytes_estimate",
     "gpu_type_of",
@@ -823,6 +979,7 @@ __all__ = [
     "measure_allreduce",
     "measure_fingerprint",
     "measure_model",
+    "measure_models",
     "protocol_of_job",
     "run_profile_job",
     "run_profile_job_file",
