@@ -24,9 +24,10 @@ Usage (on the GPU machine)::
 ``--micro`` first times each projection kernel alone at Llama-2-7B shapes (one row in). The table
 is printed last and written to OUT_DIR/table.md, every number to OUT_DIR/results.json.
 
-``--tp 2`` (on a machine with 2 GPUs) instead checks tensor parallelism on the first model: the
-same greedy and seeded-sampled tokens from TP=1 (this process, cuda:0) and TP=2 (two spawned
-processes, NCCL, cuda:0 and cuda:1), and the TPOT of each; written to OUT_DIR/tp.json.
+``--tp 2`` (on a machine with 2 GPUs) instead checks tensor parallelism on the first model, in
+float32 and float16: greedy and seeded-sampled tokens from TP=1 (this process, cuda:0) and TP=2 (two
+spawned processes, NCCL, cuda:0 and cuda:1), the teacher-forced logit gap between them next to the
+gap between two TP=1 decode paths (graphs vs eager), and the TPOT/TTFT of each; OUT_DIR/tp.json.
 """
 
 from __future__ import annotations
@@ -283,20 +284,70 @@ def micro() -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _tp_rank(rank: int, size: int, port: int, path: str, prompt: list[int], queue) -> None:
+TP_DTYPES = ("float32", "float16")
+
+
+def _teacher_forced(engine, seq: list[int], *, lockstep: bool = False) -> torch.Tensor:
+    """Logits ``[len(seq) - QUALITY_PREFIX, vocab]`` of ``QUALITY_PREFIX`` prompt tokens then one
+    decode step per remaining token of ``seq``, fed ``seq``'s tokens (the same tokens whatever the engine predicts). ``lockstep``:
+    every TP rank calls this at once, through the engine's internal passes (its public ``prefill`` /
+    ``decode`` are single-process only), so that their collectives pair up."""
+    from iserve.gpu_agent.engine.runner import _compute
+
+    if not lockstep:
+        engine.prefill(seq[:QUALITY_PREFIX])
+        return torch.stack([engine.decode(seq[pos], pos) for pos in range(QUALITY_PREFIX, len(seq))])
+    with _compute():
+        engine._prefill(seq[:QUALITY_PREFIX])
+        out = []
+        for pos in range(QUALITY_PREFIX, len(seq)):
+            engine._token.fill_(seq[pos])
+            out.append(engine._decode(pos).clone())
+        return torch.stack(out)
+
+
+def _logit_gap(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    got, ref = got.float().cpu(), ref.float().cpu()
+    rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+    return dict(rel_l2=float((got - ref).norm() / ref.norm()), rel_l2_max_step=float(rel.max()),
+                max_abs=float((got - ref).abs().max()), top1_agree=float((got.argmax(-1) == ref.argmax(-1)).float().mean()))
+
+
+def _tp_device(rank: int) -> str:
+    return f"cuda:{rank}" if torch.cuda.is_available() else "cpu"  # the CPU (gloo) only to check this script
+
+
+def _tp_rank(rank: int, size: int, port: int, path: str, prompt: list[int], qseq: list[int], ref_dir: str, queue) -> None:
     import torch.distributed as dist
 
     from iserve.gpu_agent.engine import Engine
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    engine = Engine.load(path, [(f"cuda:{rank}", 0, engine_layers(Path(path)))], CONTEXT, tp_rank=rank, tp_size=size)
-    if rank == 0:
-        queue.put(_tp_run(engine, prompt) | dict(graphs=engine.graphs_captured, fused=engine.fused_decode,
-                                                  fused_error=engine.fused_error))
-        engine.close()
-    else:
-        engine.follow()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        results = {}
+        for dtype in TP_DTYPES:
+            engine = Engine.load(path, [(_tp_device(rank), 0, engine_layers(Path(path)))], CONTEXT, tp_rank=rank, tp_size=size,
+                                 dtype=dtype)
+            logits = _teacher_forced(engine, qseq, lockstep=True)
+            if rank == 0:
+                ref = torch.load(Path(ref_dir) / f"{dtype}.pt")
+                row = _tp_run(engine, prompt) | dict(graphs=engine.graphs_captured, fused=engine.fused_decode,
+                                                      fused_error=engine.fused_error)
+                row["vs_tp1"] = _logit_gap(logits, ref["logits"])
+                results[dtype] = row
+                engine.close()
+            else:
+                engine.follow()
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
+        if rank == 0:
+            queue.put(results)
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        queue.put(f"rank {rank}: {type(e).__name__}: {e}")
     dist.destroy_process_group()
 
 
@@ -308,32 +359,56 @@ def _tp_run(engine, prompt: list[int]) -> dict:
                 ttft_ms=greedy.ttft_ms)
 
 
-def tp_check(path: Path, prompt: list[int], size: int) -> dict:
+def tp_check(path: Path, prompt: list[int], qseq: list[int], size: int, work: Path) -> dict:
+    """TP=1 (this process, cuda:0) against TP=``size`` (spawned ranks, NCCL), in float32 and float16:
+    greedy and seeded-sampled tokens of a 512-token prompt, and teacher-forced logits (the same
+    tokens fed to both, so one flipped near-tie cannot make the rest differ). The gap between two
+    TP=1 decode paths of one engine (CUDA graphs vs eager) is the yardstick for rounding noise."""
     import multiprocessing as mp
     import socket
 
     from iserve.gpu_agent.engine import Engine
 
-    one = Engine.load(path, [("cuda:0", 0, engine_layers(path))], CONTEXT)
-    ref = _tp_run(one, prompt)
-    one.close()
-    del one
-    gc.collect()
-    torch.cuda.empty_cache()
+    work.mkdir(parents=True, exist_ok=True)
+    tp1 = {}
+    for dtype in TP_DTYPES:
+        eager = Engine.load(path, [(_tp_device(0), 0, engine_layers(path))], CONTEXT, dtype=dtype, cuda_graphs=False)
+        eager_logits = _teacher_forced(eager, qseq)
+        eager.close()
+        del eager
+        one = Engine.load(path, [(_tp_device(0), 0, engine_layers(path))], CONTEXT, dtype=dtype)
+        logits = _teacher_forced(one, qseq)
+        row = _tp_run(one, prompt) | dict(graphs=one.graphs_captured, fused=one.fused_decode)
+        row["eager_vs_graphs"] = _logit_gap(eager_logits, logits)
+        torch.save({"logits": logits.cpu()}, work / f"{dtype}.pt")
+        tp1[dtype] = row
+        one.close()
+        del one, logits, eager_logits
+        gc.collect()
+        torch.cuda.empty_cache()
+        log(f"TP=1 {dtype}", {k: v for k, v in row.items() if k not in ("greedy", "sampled")})
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_tp_rank, args=(r, size, port, str(path), prompt, queue)) for r in range(size)]
+    procs = [ctx.Process(target=_tp_rank, args=(r, size, port, str(path), prompt, qseq, str(work), queue)) for r in range(size)]
     for p in procs:
         p.start()
-    got = queue.get(timeout=400)
+    got = queue.get(timeout=500)
     for p in procs:
         p.join(timeout=60)
-    return dict(tp1=ref, tp=got, size=size, same_greedy=ref["greedy"] == got["greedy"],
-                same_sampled=ref["sampled"] == got["sampled"],
-                first_greedy_mismatch=next((i for i, (a, b) in enumerate(zip(ref["greedy"], got["greedy"])) if a != b), None))
+    if isinstance(got, str):
+        raise RuntimeError(got)
+    out = dict(size=size, tp1=tp1, tp=got, summary={})
+    for dtype in TP_DTYPES:
+        a, b = tp1[dtype], got[dtype]
+        out["summary"][dtype] = dict(
+            same_greedy=a["greedy"] == b["greedy"], same_sampled=a["sampled"] == b["sampled"],
+            first_greedy_mismatch=next((i for i, (x, y) in enumerate(zip(a["greedy"], b["greedy"])) if x != y), None),
+            tp_vs_tp1=b["vs_tp1"], tp1_eager_vs_graphs=a["eager_vs_graphs"],
+            tpot_ms=(a["tpot_ms"], b["tpot_ms"]), ttft_ms=(a["ttft_ms"], b["ttft_ms"]))
+    return out
 
 
 def fmt_table(env: dict, models: list[dict]) -> str:
@@ -393,11 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         path, _ = make_model(preset, Path(a.model_dir) / preset)
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         prompt = torch.randint(3, vocab, (PROMPT,), generator=g).tolist()
-        res = tp_check(path, prompt, a.tp) | dict(model=preset, env=env)
+        qseq = torch.randint(3, vocab, (QUALITY_PREFIX + QUALITY_STEPS,), generator=g).tolist()
+        res = tp_check(path, prompt, qseq, a.tp, Path(a.model_dir) / "tp-ref") | dict(model=preset, env=env)
         (out / "tp.json").write_text(json.dumps(res, indent=1))
-        print(json.dumps({k: v for k, v in res.items() if k not in ("tp1", "tp")}, indent=1))
-        print("TP=1:", {k: v for k, v in res["tp1"].items() if k not in ("greedy", "sampled")}, res["tp1"]["greedy"][:16])
-        print(f"TP={a.tp}:", {k: v for k, v in res["tp"].items() if k not in ("greedy", "sampled")}, res["tp"]["greedy"][:16])
+        print(json.dumps(res["summary"], indent=1))
         shutil.rmtree(path, ignore_errors=True)
         return 0
     first_only = set(filter(None, a.first_only.split(",")))

@@ -17,8 +17,20 @@ on a thread pool, one generator per chunk (a 7B checkpoint takes under a minute 
 ``device="cuda"`` each tensor is drawn on the GPU and copied back, and writing is the only cost
 (seconds for a 7B checkpoint; the benchmark uses this).
 
-Presets: Llama 2 7B/13B, Llama 3 8B, Mistral 7B, Qwen2 7B, Mixtral 8x7B, Falcon 7B (multi-query),
-GPT-J 6B, GPT-NeoX 20B and Pythia 6.9B shapes, and tiny test models of each family.
+Sparse checkpoints (``dense_layers=N``, ``--dense-layers N``): a valid safetensors file set whose
+headers list every tensor, but where only the embedding, the final norm, the LM head and the first
+``N`` hidden layers are written; every other tensor's bytes are left as a filesystem hole (the writer
+seeks past them, so they take no disk blocks, cost no time, and read back as zeros). This is for
+profiling fingerprints of models too large to write (a 70B fp16 checkpoint is 140 GB): the
+fingerprint generator reads exactly those tensors (embedding, final norm, head, layers 0-1), so with
+``N >= 2`` its fingerprints are byte for byte those of the dense checkpoint of the same seed, and
+latency and memory depend on shapes, not values. Loading the full model of a sparse checkpoint runs,
+but its layers past ``N`` are all zeros: use it for shapes, never for outputs. The header's
+``__metadata__`` says ``iserve_dense_layers``.
+
+Presets: Llama 2 7B/13B/70B, Llama 3 8B, Mistral 7B, Qwen2 7B, Mixtral 8x7B, Falcon 7B (multi-query)
+and 40B (grouped KV, new decoder architecture), GPT-J 6B, GPT-NeoX 20B and Pythia 6.9B shapes, and
+tiny test models of each family.
 
 Command line (later ``iserve make-model``)::
 
@@ -201,6 +213,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eos_token_id": 151643,
         "torch_dtype": "bfloat16",
     },
+    # Llama 2 70B: grouped-query attention (8 KV heads).
+    "llama-2-70b": {
+        **_LLAMA_COMMON,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float16",
+    },
     "mixtral-8x7b": {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
@@ -293,6 +321,9 @@ _NEOX_20B: dict[str, Any] = {
 
 PRESETS.update({
     "falcon-7b": _FALCON_7B,
+    # Falcon 40B: the new decoder architecture (grouped KV, 8 KV heads; two LayerNorms in parallel).
+    "falcon-40b": {**_FALCON_7B, "hidden_size": 8192, "num_attention_heads": 128, "num_kv_heads": 8, "num_hidden_layers": 60,
+                   "new_decoder_architecture": True, "multi_query": True},
     "gpt-j-6b": _GPTJ_6B,
     "gpt-neox-20b": _NEOX_20B,
     "pythia-6.9b": {**_NEOX_20B, "hidden_size": 4096, "intermediate_size": 16384, "num_attention_heads": 32,
@@ -407,9 +438,10 @@ def _make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtyp
 
 
 def _write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]], st_dtype: str, elem_bytes: int,
-                 make: Any) -> int:
-    """Write one safetensors file tensor by tensor; returns the bytes of tensor data written."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+                 make: Any, holes: frozenset[str] = frozenset(), metadata: dict[str, str] | None = None) -> int:
+    """Write one safetensors file tensor by tensor; returns the bytes of tensor data in it. Tensors in
+    ``holes`` are not written: the file position skips their bytes (a filesystem hole, zeros)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for n in names:
         size = math.prod(shapes[n]) * elem_bytes
@@ -422,9 +454,13 @@ def _write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for n in names:
+            if n in holes:
+                f.seek(math.prod(shapes[n]) * elem_bytes, 1)
+                continue
             t = make(n).contiguous()
             f.write(memoryview(t.view(torch.uint8).numpy()))
             del t
+        f.truncate()  # the file ends where the data does, also when the last tensors are holes
     tmp.replace(path)
     return offset
 
@@ -440,13 +476,16 @@ def make_checkpoint(
     shards: int = 1,
     std: float = 0.02,
     device: str = "cpu",
+    dense_layers: int | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of ``preset`` into ``out_dir`` and return its path.
 
     ``num_layers`` replaces the preset's layer count (fingerprints use 1 and 2); ``overrides``
     replaces any other config.json fields (applied before ``num_layers``); ``device`` ("cpu" or
     "cuda[:i]") is where the values are drawn. Existing ``model*.safetensors`` files and the index in
-    ``out_dir`` are replaced, other files are kept.
+    ``out_dir`` are replaced, other files are kept. With ``dense_layers`` the checkpoint is sparse:
+    only the embedding, final norm(s), LM head and hidden layers ``0 .. dense_layers - 1`` are
+    written, every other tensor is a hole that reads as zeros (see the module docstring).
     """
     cfg = preset_config(preset, num_layers=num_layers, overrides=overrides, dtype=dtype)
     arch = arch_from_config(cfg)
@@ -455,6 +494,14 @@ def make_checkpoint(
     order = tensor_order(shapes, arch.num_layers, arch)
     nbytes = {n: math.prod(shapes[n]) * elem_bytes for n in order}
     groups = _split_into_shards(order, nbytes, shards)
+    holes: frozenset[str] = frozenset()
+    metadata: dict[str, str] = {}
+    if dense_layers is not None:
+        if dense_layers < 0:
+            raise ValueError(f"dense_layers must be at least 0, not {dense_layers}.")
+        dense = set(dense_tensor_names(arch, dense_layers))
+        holes = frozenset(n for n in order if n not in dense)
+        metadata = {"iserve_dense_layers": str(dense_layers)}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -469,17 +516,34 @@ def make_checkpoint(
             return _make_tensor(name, shapes[name], seed, torch_dtype, std, pool, device)
 
         if shards == 1:
-            _write_shard(out / "model.safetensors", groups[0], shapes, st_dtype, elem_bytes, make)
+            _write_shard(out / "model.safetensors", groups[0], shapes, st_dtype, elem_bytes, make, holes, metadata)
         else:
             weight_map: dict[str, str] = {}
             total = 0
             for i, group in enumerate(groups):
                 fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-                total += _write_shard(out / fname, group, shapes, st_dtype, elem_bytes, make)
+                total += _write_shard(out / fname, group, shapes, st_dtype, elem_bytes, make, holes, metadata)
                 weight_map.update({n: fname for n in group})
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+def dense_tensor_names(arch: Any, dense_layers: int) -> list[str]:
+    """The tensors a sparse checkpoint with ``dense_layers`` writes: embedding, hidden layers
+    ``0 .. dense_layers - 1``, final norm(s), LM head (Hugging Face order)."""
+    shapes = expected_tensors(arch)
+    order = tensor_order(shapes, arch.num_layers, arch)
+    layer_part = {n for i in range(dense_layers, arch.num_layers) for n in shapes if n.startswith(layer_prefix(i, arch))}
+    return [n for n in order if n not in layer_part]
+
+
+def disk_bytes(path: str | Path) -> tuple[int, int]:
+    """``(apparent size, bytes of disk blocks)`` of the safetensors files under ``path`` (as ``du``
+    reports: a sparse checkpoint's holes take no blocks)."""
+    files = [Path(path)] if Path(path).is_file() else list(Path(path).glob("*.safetensors"))
+    st = [f.stat() for f in files]
+    return sum(s.st_size for s in st), sum(s.st_blocks * 512 for s in st)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=1, help="number of safetensors files (default: 1)")
     ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the weights (default: 0.02)")
     ap.add_argument("--device", default="cpu", help="where to draw the values: cpu or cuda[:i] (default: cpu; cuda is much faster)")
+    ap.add_argument("--dense-layers", type=int, default=None, metavar="N",
+                    help="sparse checkpoint: write only the embedding, final norm, LM head and the first N layers; the other "
+                         "tensors are filesystem holes reading as zeros (for profiling fingerprints of huge shapes)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                     help="override a config.json field, e.g. --set num_local_experts=2 (repeatable)")
     args = ap.parse_args(argv)
@@ -508,14 +575,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         path = make_checkpoint(args.out_dir, args.preset, num_layers=args.layers, overrides=overrides, seed=args.seed,
-                               dtype=args.dtype, shards=args.shards, std=args.std, device=args.device)
+                               dtype=args.dtype, shards=args.shards, std=args.std, device=args.device,
+                               dense_layers=args.dense_layers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    size, on_disk = disk_bytes(path)
     layers = args.layers or arch_from_config(PRESETS[args.preset]).num_layers
+    sparse = f", sparse: {on_disk / 2**20:.1f} MiB on disk" if args.dense_layers is not None else ""
     print(f"wrote {args.preset} ({layers} layers, {args.dtype}, "
-          f"{args.shards} shard(s), {size / 2**20:.1f} MiB) to {path} in {time.perf_counter() - t0:.1f} s")
+          f"{args.shards} shard(s), {size / 2**20:.1f} MiB{sparse}) to {path} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

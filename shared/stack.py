@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .natsserver import EmbeddedNats
 
+SERVICES = ("gpu-agent", "fingerprint", "deployer", "scheduler")
 MAX_RESTARTS = 5  # within RESTART_WINDOW_S, then the stack gives up
 RESTART_WINDOW_S = 60.0
 
@@ -37,10 +38,12 @@ class StackOptions:
     gpu_type: str = ""
     agent_id: str = "agent-0"
     placement: str = "hybrid"
+    theta: float = 0.5
     log_to_files: bool = False
     log_level: str = "info"
     extra_env: dict[str, str] = field(default_factory=dict)
     fingerprint_args: list[str] = field(default_factory=list)
+    services: tuple[str, ...] = SERVICES  # which services to run (a caller may run one itself, in-process)
 
 
 class Stack:
@@ -70,9 +73,10 @@ class Stack:
         self.children = [
             Child("gpu-agent", agent),
             Child("fingerprint", py + ["iserve.fingerprint", "--fingerprint-dir", str(d / "fingerprints"), *self.opts.fingerprint_args]),
-            Child("deployer", py + ["iserve.deployer", "--placement", self.opts.placement]),
+            Child("deployer", py + ["iserve.deployer", "--placement", self.opts.placement, "--theta", str(self.opts.theta)]),
             Child("scheduler", py + ["iserve.scheduler"]),
         ]
+        self.children = [c for c in self.children if c.name in self.opts.services]
         for c in self.children:
             self._launch(c)
         self._thread = threading.Thread(target=self._supervise, name="iserve-supervisor", daemon=True)

@@ -17,7 +17,8 @@ from iserve.checkpoint import arch_from_config, expected_tensors, scan_checkpoin
 from iserve.errors import CheckpointError, UnsupportedModel
 from iserve.fingerprint import estimator as est
 from iserve.fingerprint.generator import make_fingerprints
-from iserve.gpu_agent.engine import arch_other
+from iserve.gpu_agent.engine import Engine
+from iserve.gpu_agent.engine.profile import variant_kwargs
 from iserve.messages import ProfileVariant
 from iserve.modelmaker import make_checkpoint, preset_config
 
@@ -197,7 +198,7 @@ def reference_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
 
 def test_engine_matches_the_reference(model):
     ck = scan_checkpoint(model)
-    engine = arch_other.load_engine(ck, "cpu", 64, ProfileVariant())
+    engine = Engine.load(model, [("cpu", 0, ck.arch.num_layers)], 64)
     ids = [5, 77, 120, 3, 250, 18, 99, 42, 7, 201, 33]
     ref = reference_logits(model, ids)
     got = engine.prefill(ids, all_positions=True).double()
@@ -216,7 +217,7 @@ def test_engine_matches_the_reference(model):
 def test_every_variant_runs_and_stores_what_the_estimator_says(model, variant):
     ck = scan_checkpoint(model)
     w = weight_breakdown(ck)
-    engine = arch_other.load_engine(ck, "cpu", 64, variant)
+    engine = Engine.load(model, [("cpu", 0, ck.arch.num_layers)], 64, **variant_kwargs(variant))
     assert len(engine.generate([5, 6, 7, 8], max_tokens=3, ignore_eos=True).tokens) == 3
     if variant.weight_quant == "int4" or variant.pruning == "2:4":
         return  # on the CPU these keep reference (unpacked / dense) layouts; CUDA stores the formula's bytes

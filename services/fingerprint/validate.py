@@ -138,12 +138,9 @@ def default_devices() -> list[str]:
 
 
 def engine_capabilities() -> dict:
-    from iserve.gpu_agent.engine import CAPABILITIES, arch_other
+    from iserve.gpu_agent.engine import CAPABILITIES
 
-    caps = dict(CAPABILITIES)
-    families = list(caps.get("families", []))
-    caps["families"] = families + [f for f in arch_other.FAMILIES if f not in families]
-    return caps
+    return dict(CAPABILITIES)
 
 
 def device_memory_bytes(device: str) -> int:

@@ -203,7 +203,8 @@ def test_measure_fingerprint_cpu(tmp_path):
 
 def test_capabilities():
     assert CAPABILITIES == {"tp": [1, 2, 4, 8], "weight_quant": ["fp16", "int8", "int4"], "kv_quant": ["fp16", "int8"],
-                            "pruning": ["none", "2:4", "structured"], "families": ["llama", "mixtral"]}
+                            "pruning": ["none", "2:4", "structured"],
+                            "families": ["llama", "mixtral", "falcon", "gptj", "gpt_neox"]}
 
 
 @pytest.mark.gpu

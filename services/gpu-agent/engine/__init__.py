@@ -1,4 +1,4 @@
-"""iServe's torch inference engine: Llama-family and Mixtral decoders with pipeline stages.
+"""iServe's torch inference engine: Llama-family, Mixtral, Falcon, GPT-J and GPT-NeoX decoders with pipeline stages.
 
 Public API:
 
@@ -23,7 +23,7 @@ CAPABILITIES: dict[str, list] = {
     "weight_quant": ["fp16", "int8", "int4"],
     "kv_quant": ["fp16", "int8"],
     "pruning": ["none", "2:4", "structured"],
-    "families": ["llama", "mixtral"],
+    "families": ["llama", "mixtral", "falcon", "gptj", "gpt_neox"],
 }
 
 from .model import Stage  # noqa: E402

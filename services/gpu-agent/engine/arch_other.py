@@ -25,12 +25,8 @@ Structured pruning follows the estimator's rule (``pruned_arch``) with the Llama
 the weakest 25% of KV groups (or of the query heads of each group when there are fewer than 4 KV
 heads) by squared weight norm, and the weakest 25% of FFN channels.
 
-Hook for ``Engine.load`` (``runner.py``), one line where it builds the stages::
-
-    stage_cls = arch_other.OtherStage if arch.family in arch_other.FAMILIES else Stage
-
-and ``CAPABILITIES["families"]`` lists ``arch_other.FAMILIES`` too. Until then ``load_engine`` here
-builds an ``Engine`` from ``OtherStage``s directly (used by the profiler for these families).
+``Engine.load`` (``runner.py``) builds an ``OtherStage`` instead of a ``Stage`` for the families in
+``FAMILIES``; ``CAPABILITIES["families"]`` lists them.
 """
 
 from __future__ import annotations
@@ -53,7 +49,7 @@ from iserve.checkpoint import (
 from iserve.errors import BadRequest, UnsupportedModel
 from iserve.messages import ArchSpec, ProfileVariant
 
-from .model import KVCache, LayerFormat, Stage, TensorParallel, pruned_counts
+from .model import KVCache, LayerFormat, Stage, TensorParallel, pruned_counts, release_cached
 from .quant import Linear
 
 FAMILIES = ("falcon", "gptj", "gpt_neox")
@@ -374,6 +370,7 @@ class OtherStage(Stage):
                 c = prune_structured(arch, c)
             self.layers.append(OtherLayer(arch, c, fmt, self.tp))
             del c
+            release_cached(device)
         self.norm = self.norm_bias = self.lm_head = self.lm_head_bias = None
         if self.is_last:
             norm_w, norm_b = final_norm_names(arch)
@@ -418,46 +415,4 @@ class OtherStage(Stage):
         return logits.float()
 
 
-# ---------------------------------------------------------------------------------------------------
-# loading until Engine.load has the hook
-
-
-CAPABILITY_LIMITS: dict[str, dict[str, list]] = {}  # none: these families take every variant the engine has
-
-
-def load_engine(ck: Checkpoint, device: str, context_tokens: int, variant: ProfileVariant, *, seed: int = 0,
-                cuda_graphs: bool = True):
-    """An ``Engine`` of ``ck`` (a family of ``FAMILIES``) as one stage on ``device``, as ``variant``
-    (TP=1): what ``Engine.load`` will do once it picks ``OtherStage`` for these families."""
-    from .runner import _CUDA_DTYPES, Engine, _parse_device
-    from .tokenizer import load_tokenizer
-
-    if variant.tp != 1:
-        raise UnsupportedModel(f"tensor parallelism for the {ck.arch.family} family needs Engine.load's OtherStage hook.")
-    if context_tokens > ck.arch.max_position:
-        raise BadRequest(f"context_tokens {context_tokens} exceeds the model's max_position_embeddings {ck.arch.max_position}.")
-    dev = _parse_device(device, 0)
-    if dev.type == "cuda":
-        dtype = torch.bfloat16 if variant.weight_quant == "int4" else _CUDA_DTYPES.get(ck.arch.torch_dtype, torch.float16)
-        torch.cuda.set_device(dev)
-    else:
-        dtype = torch.float32
-    with torch.inference_mode():
-        try:
-            stage = OtherStage(ck, dev, 0, ck.arch.num_layers, context_tokens=context_tokens, dtype=dtype,
-                               weight_quant=variant.weight_quant, kv_quant=variant.kv_quant, pruning=variant.pruning)
-        except RuntimeError as e:
-            if "out of memory" in str(e).lower():
-                raise
-            raise UnsupportedModel(f"{ck.arch.family} cannot be loaded as {variant.weight_quant}/{variant.pruning} on {dev}: {e}") from None
-        kwargs: dict[str, Any] = {}
-        params = inspect.signature(Engine.__init__).parameters
-        if "cuda_graphs" in params:
-            kwargs["cuda_graphs"] = cuda_graphs and dev.type == "cuda"
-        if "variant" in params:
-            kwargs["variant"] = {"weight_quant": variant.weight_quant, "kv_quant": variant.kv_quant, "pruning": variant.pruning}
-        return Engine(ck, [stage], load_tokenizer(ck.path, ck.arch), context_tokens, seed, **kwargs)
-
-
-__all__ = ["CAPABILITY_LIMITS", "FAMILIES", "OtherLayer", "OtherStage", "apply_rope", "canonical_layer", "load_engine",
-           "prune_structured", "rope_tables"]
+__all__ = ["FAMILIES", "OtherLayer", "OtherStage", "apply_rope", "canonical_layer", "prune_structured", "rope_tables"]

@@ -556,6 +556,20 @@ class DecoderLayer:
 # pipeline stage
 
 
+
+def release_cached(device: torch.device) -> None:
+    """Hand the allocator's cached free blocks back to the driver (CUDA only).
+
+    Called after each layer is built: the layer's 16-bit source tensors and conversion scratch are
+    free by then, and a converted tensor of the next layer placed inside one of their cached
+    segments would pin the whole segment. Measured on an H100 (docs/fingerprint.md), a Llama-2-7B
+    with structured pruning reserved 2.2 GiB more than it allocated when built without this; the
+    fingerprint estimator also needs memory that grows linearly with the layer count.
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class Stage:
     """Layers ``[first_layer, first_layer + num_layers)`` of a model on one device, with their KV cache.
 
@@ -609,6 +623,7 @@ class Stage:
                 t = prune_structured(arch, t)
             self.layers.append(DecoderLayer(arch, t, fmt, self.tp))
             del t
+            release_cached(device)
         self.norm = self.lm_head = None
         if self.is_last:
             self.norm = load(["model.norm.weight"])["model.norm.weight"]

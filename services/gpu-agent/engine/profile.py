@@ -275,13 +275,7 @@ def _check_variant(variant: ProfileVariant) -> None:
 
 def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant: ProfileVariant, *, seed: int = 0,
                 tp_rank: int = 0, tp_size: int = 1):
-    """Load ``model_dir`` as one stage on ``device`` as ``variant``, the way a worker does.
-
-    Families that the engine's ``Engine.load`` does not list yet but ``arch_other`` implements
-    (Falcon, GPT-J, GPT-NeoX) are built from ``arch_other.OtherStage`` directly, as long as the
-    variant is one that module supports; see its docstring for the hook ``Engine.load`` needs.
-    """
-    from . import CAPABILITIES, arch_other
+    """Load ``model_dir`` as one stage on ``device`` as ``variant``, the way a worker does."""
     from .runner import Engine
 
     _check_variant(variant)
@@ -289,8 +283,6 @@ def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant
     if tp_size > 1:
         kwargs.update(tp_rank=tp_rank, tp_size=tp_size)
     ck = scan_checkpoint(model_dir)
-    if ck.arch.family in arch_other.FAMILIES and ck.arch.family not in CAPABILITIES.get("families", []):
-        return arch_other.load_engine(ck, device, context_tokens, variant, seed=seed)
     try:
         return Engine.load(model_dir, [(device, 0, ck.arch.num_layers)], context_tokens, seed, **kwargs)
     except TypeError as e:

@@ -51,7 +51,8 @@ from iserve.checkpoint import Checkpoint, scan_checkpoint
 from iserve.errors import BadRequest, PromptTooLong, UnsupportedModel
 from iserve.messages import ArchSpec
 
-from .model import Stage, TensorParallel
+from . import arch_other
+from .model import Stage, TensorParallel, release_cached
 from .tokenizer import Tokenizer, load_tokenizer
 
 GRAPH_BUCKET = 256  # positions per CUDA-graph key-length bucket (the step grows for long contexts)
@@ -412,6 +413,7 @@ class Engine:
             tp_groups, control = _init_tp_groups(len(stages), tp_rank, tp_size,
                                                  ["nccl" if d.type == "cuda" else "gloo" for d in devices])
         built = []
+        stage_cls = arch_other.OtherStage if arch.family in arch_other.FAMILIES else Stage
         with torch.inference_mode():
             for i, (dev, (_, first, n)) in enumerate(zip(devices, stages)):
                 if dtype is not None:
@@ -423,7 +425,7 @@ class Engine:
                 if dev.type == "cuda":
                     torch.cuda.set_device(dev)
                 try:
-                    built.append(Stage(ck, dev, int(first), int(n), context_tokens=context_tokens, dtype=stage_dtype,
+                    built.append(stage_cls(ck, dev, int(first), int(n), context_tokens=context_tokens, dtype=stage_dtype,
                                        weight_quant=weight_quant, kv_quant=kv_quant, pruning=pruning,
                                        tp=TensorParallel(tp_rank, tp_size, tp_groups[i])))
                 except RuntimeError as e:
@@ -432,6 +434,8 @@ class Engine:
                     raise UnsupportedModel(
                         f"stage {i} cannot be loaded as weight_quant={weight_quant}, pruning={pruning} on {dev}: {e}"
                     ) from None
+            for dev in devices:
+                release_cached(dev)  # the last layer's and the head's load scratch
             tp = _TPControl(tp_rank, tp_size, control, tp_groups[-1], built[-1].device) if tp_size > 1 else None
             variant = {"weight_quant": weight_quant, "kv_quant": kv_quant, "pruning": pruning}
             return cls(ck, built, tokenizer, context_tokens, seed, cuda_graphs=cuda_graphs, variant=variant, tp=tp)
