@@ -214,14 +214,16 @@ async def bucket(nc: NATS, name: str, *, history: int = 5) -> KeyValue:
 class TypedKV(Generic[T]):
     """A JetStream KV bucket whose values are one msgspec Struct type (JSON)."""
 
-    def __init__(self, kv: KeyValue, kind: type[T]):
+    def __init__(self, kv: KeyValue, kind: type[T], *, js: Any = None, name: str = ""):
         self.kv = kv
         self.kind = kind
         self._dec = msgspec.json.Decoder(kind)
+        self._js = js
+        self._name = name
 
     @classmethod
     async def open(cls, nc: NATS, name: str, kind: type[T]) -> "TypedKV[T]":
-        return cls(await bucket(nc, name), kind)
+        return cls(await bucket(nc, name), kind, js=nc.jetstream(), name=name)
 
     async def get(self, key: str) -> T | None:
         try:
@@ -259,10 +261,21 @@ class TypedKV(Generic[T]):
             pass
 
     async def keys(self) -> list[str]:
-        try:
-            return list(await self.kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+        """Every key that has an entry (a deleted key may be listed; :meth:`get` then returns None).
+
+        Read from the bucket's stream (``KV_<bucket>``, subjects ``$KV.<bucket>.<key>``, the NATS KV
+        layout) rather than with nats-py's ``KeyValue.keys()``: that one watches the bucket and, on a
+        busy process, can signal "no more keys" before the watch's first messages are processed,
+        returning no keys at all, which made a loaded deployer answer an empty deployment list (and
+        the scheduler drop every replica with the requests running on it)."""
+        if self._js is None:
+            try:
+                return list(await self.kv.keys())
+            except nats.js.errors.NoKeysError:
+                return []
+        prefix = f"$KV.{self._name}."
+        info = await self._js.stream_info(f"KV_{self._name}", subjects_filter=f"{prefix}>")
+        return sorted(subject[len(prefix):] for subject in (info.state.subjects or {}))
 
     async def values(self) -> list[T]:
         out = []

@@ -141,6 +141,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         simulate_gpus=a.simulate_gpus,
         gpu_type=a.gpu_type,
         placement=a.placement,
+        theta=a.theta,
         log_level=a.log_level,
     )
     stack = Stack(opts).start()
@@ -185,7 +186,7 @@ async def _register(a: argparse.Namespace) -> int:
 
 async def _deploy(a: argparse.Namespace) -> int:
     async with await _client(a.nats_url) as c:
-        rep = await c.deploy(a.model, intent_from_args(a), placement=a.placement)
+        rep = await c.deploy(a.model, intent_from_args(a), placement=a.placement, context_tokens=a.context_tokens, gpu_type=a.gpu_type)
         d = rep.deployment
         console.print(f"deployment [bold]{d.deployment_id}[/]: {d.config.key()} on {d.gpu_type}")
         console.print(f"  why: {escape(rep.why)}")
@@ -197,6 +198,10 @@ async def _deploy(a: argparse.Namespace) -> int:
         )
         for rj in rep.rejected[:5]:
             console.print(f"  [dim]not {rj.config}: {escape(rj.reason)}[/]")
+        if len(rep.rejected) > 5:
+            console.print(f"  [dim]... and {len(rep.rejected) - 5} more better-ranked ones that did not fit[/]")
+        for rj in rep.filtered[:3]:
+            console.print(f"  [dim]ruled out {rj.config}: {escape(rj.reason)}[/]")
         if a.wait:
             await c.wait_ready(d.deployment_id, timeout=a.timeout)
             console.print(f"  [green]ready[/]")
@@ -326,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default=str(default_data_dir()), help="JetStream data, fingerprints, logs [env ISERVE_DATA_DIR]")
     s.add_argument("--simulate-gpus", default=os.environ.get("ISERVE_SIMULATE_GPUS", ""), help="e.g. 8x48GB: simulated GPUs whose workers compute on the CPU")
     s.add_argument("--gpu-type", default=os.environ.get("ISERVE_GPU_TYPE", ""), help="type name of the simulated GPUs")
-    s.add_argument("--placement", default="hybrid", choices=["hybrid", "least-loaded", "packing"])
+    s.add_argument("--placement", default=os.environ.get("ISERVE_PLACEMENT", "hybrid"), choices=["hybrid", "least-loaded", "packing"],
+                   help="the deployer's GPU placement policy [env ISERVE_PLACEMENT]")
+    s.add_argument("--theta", type=float, default=os.environ.get("ISERVE_THETA", "0.5"),
+                   help="hybrid placement: GPUs with load below theta are packable [env ISERVE_THETA]")
     s.add_argument("--log-level", default=os.environ.get("ISERVE_LOG_LEVEL", "info"))
 
     s = sub.add_parser("demo", help="start the stack, make/register/profile/deploy a model, stream a completion, stop")
@@ -353,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     add_intent(s)
     s.add_argument("--placement", default="", choices=["", "hybrid", "least-loaded", "packing"], help="placement policy (default: the deployer's)")
+    s.add_argument("--context-tokens", type=int, default=0, help="the deployment's context (KV cache) in tokens; 0: the profile's")
+    s.add_argument("--gpu-type", default="", help="deploy on this GPU type only (default: the best of those profiled)")
     s.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait until the worker is ready")
     s.add_argument("--timeout", type=float, default=600.0)
     add_nats(s)

@@ -118,8 +118,10 @@ class Client:
 
     # ------------------------------------------------------------------ deployments
 
-    async def deploy(self, model: str, intent: Intent | None = None, *, placement: str = "", deployment_id: str = "", timeout: float = 60.0) -> DeployReply:
-        req = DeployRequest(model=model, intent=intent or Intent(), placement=placement, deployment_id=deployment_id)
+    async def deploy(self, model: str, intent: Intent | None = None, *, placement: str = "", deployment_id: str = "",
+                     context_tokens: int = 0, gpu_type: str = "", timeout: float = 60.0) -> DeployReply:
+        req = DeployRequest(model=model, intent=intent or Intent(), placement=placement, deployment_id=deployment_id,
+                            context_tokens=context_tokens, gpu_type=gpu_type)
         return await bus.request(self.nc, subjects.DEPLOY_REQUEST, req, DeployReply, timeout=timeout)
 
     async def undeploy(self, deployment_id: str) -> UndeployReply:

@@ -42,6 +42,8 @@ def flag(
             value = conv(raw)
         except (ValueError, argparse.ArgumentTypeError) as e:
             parser.error(f"environment variable {env}={raw!r} is invalid: {e}")
+        if choices and value not in choices:  # argparse checks only values given as flags
+            parser.error(f"environment variable {env}={raw!r} is invalid: use one of {', '.join(choices)}")
     kwargs: dict[str, Any] = {"default": value, "help": f"{help} [env {env}; default {default!r}]"}
     if type is bool:
         kwargs["type"] = _parse_bool

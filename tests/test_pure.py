@@ -28,6 +28,17 @@ def test_busy_window_fraction_and_expiry():
     assert w.fraction(15.0) == pytest.approx(0.0)
 
 
+def test_busy_window_prorates_the_sample_straddling_its_start():
+    # reports every 1.1 s (a late timer) into a 10 s window: 10 samples cover 11 s, and the fraction
+    # must stay the true busy share, not busy seconds of 11 s over 10
+    w = BusyWindow(window_s=10)
+    t = 0.0
+    for _ in range(20):
+        t += 1.1
+        w.add(t, 1.1, 0.55)
+    assert w.fraction(t) == pytest.approx(0.5)
+
+
 def test_busy_window_short_history_and_clamping():
     w = BusyWindow(window_s=120)
     w.add(1.0, 1.0, 5.0)  # more busy time than the interval is clamped
@@ -92,6 +103,9 @@ def test_fcfs_cancel_expire_and_remove():
     dep, item, running = f.cancel("wait")
     assert (dep, item.request_id, running) == ("d", "wait", False)
     assert [x.request_id for x in f.expire(2.0)] == ["late"]
+    f.enqueue(q("later", deadline=3.0))
+    assert [(d, x.request_id) for d, x in f.expire_by_replica(3.0)] == [("d", "later")]
+    assert f.depth("d") == 0
     assert f.cancel("nope") == ("", None, False)
     orphans = f.remove_replica("d")
     assert [x.request_id for x in orphans] == ["run"]
@@ -128,6 +142,69 @@ def test_flag_bad_env_value_is_a_clear_error(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         flag(p, "--theta", default=0.5, type=float)
     assert "ISERVE_THETA" in capsys.readouterr().err
+
+
+def test_placement_settings_and_agent_windows_have_env_twins(monkeypatch, capsys):
+    from iserve.deployer.config import parse as deployer_parse
+    from iserve.gpu_agent.config import parse as agent_parse
+
+    for name in ("ISERVE_PLACEMENT", "ISERVE_THETA", "ISERVE_LOAD_WINDOW_S", "ISERVE_INTERVAL_S", "ISERVE_WORKER_STALE_S"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = deployer_parse([])
+    assert (cfg.placement, cfg.theta) == ("hybrid", 0.5)
+    a = agent_parse([])
+    assert (a.interval_s, a.load_window_s, a.worker_stale_s) == (1.0, 120.0, 30.0)  # per second, paper's 120 s window
+    monkeypatch.setenv("ISERVE_PLACEMENT", "packing")
+    monkeypatch.setenv("ISERVE_THETA", "0.3")
+    monkeypatch.setenv("ISERVE_WORKER_STALE_S", "12")
+    cfg = deployer_parse([])
+    assert (cfg.placement, cfg.theta) == ("packing", 0.3)
+    assert agent_parse([]).worker_stale_s == 12.0
+    assert deployer_parse(["--placement", "least-loaded"]).placement == "least-loaded"  # the flag wins
+    with pytest.raises(SystemExit):
+        deployer_parse(["--theta", "1.5"])
+    assert "theta" in capsys.readouterr().err
+    monkeypatch.setenv("ISERVE_PLACEMENT", "random")  # a bad environment value is refused, not carried along
+    with pytest.raises(SystemExit):
+        deployer_parse([])
+    err = capsys.readouterr().err
+    assert "ISERVE_PLACEMENT" in err and "least-loaded" in err
+
+
+# --- NVML readings (a stand-in pynvml module: no GPU here) ---------------------------------------
+
+
+def test_nvml_gpus_read_memory_and_utilization(monkeypatch):
+    import sys
+    import types
+
+    from iserve.gpu_agent.gpus import GpuReading, NvmlGpus, discover
+
+    gib = 1 << 30
+    fake = types.ModuleType("pynvml")
+    fake.NVMLError = type("NVMLError", (Exception,), {})
+    fake.nvmlInit = lambda: None
+    fake.nvmlShutdown = lambda: None
+    fake.nvmlDeviceGetCount = lambda: 2
+    fake.nvmlDeviceGetHandleByIndex = lambda i: i
+    fake.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3" if h == 0 else "NVIDIA H100 80GB HBM3"
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * gib, used=(h + 1) * gib, free=(79 - h) * gib)
+
+    def util(h):
+        if h == 1:
+            raise fake.NVMLError("not supported")
+        return types.SimpleNamespace(gpu=37, memory=5)
+
+    fake.nvmlDeviceGetUtilizationRates = util
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    gpus = NvmlGpus()
+    assert not gpus.simulated
+    assert gpus.read() == [GpuReading(0, "NVIDIA H100 80GB HBM3", 80 * gib, gib, 37.0),
+                           GpuReading(1, "NVIDIA H100 80GB HBM3", 80 * gib, 2 * gib, 0.0)]
+    assert gpus.visible_devices_env([1, 3]) == {"CUDA_VISIBLE_DEVICES": "1,3"} and gpus.device_for(3, 1) == "cuda:1"
+    assert not discover("", "").simulated
+    fake.nvmlDeviceGetCount = lambda: 0  # a driver without GPUs: the agent still runs, on a simulated one
+    assert discover("", "").simulated
 
 
 # --- wire messages ---------------------------------------------------------------------------------

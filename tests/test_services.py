@@ -145,6 +145,9 @@ async def test_register_profile_deploy_generate(cluster, client, tiny_model, tmp
     assert hosting and all(g.free_bytes < g.total_bytes for g in hosting)
     await client.undeploy(d.deployment_id)
     assert (await client.deployments()).deployments == []
+    # ... and its GPUs are free again
+    loads = await client.gpu_loads(0.6)
+    assert loads and all(not g.workers and g.free_bytes == g.total_bytes for g in loads)
 
 
 async def test_fcfs_several_requests_in_order(cluster, client, tiny_model, tmp_path):
@@ -156,8 +159,15 @@ async def test_fcfs_several_requests_in_order(cluster, client, tiny_model, tmp_p
 
     results = await asyncio.gather(*(one(i) for i in range(4)))
     assert all(r.completion_tokens == 6 for r in results)
-    # one at a time: later requests waited in the queue
-    assert max(r.queue_ms for r in results) > min(r.queue_ms for r in results)
+    # one at a time, no batching: sent together, each request waited in the queue for (about) the
+    # whole run of the one before it (e2e_ms is the worker's run time, queue_ms the scheduler's wait)
+    runs = sorted(results, key=lambda r: r.queue_ms)
+    for before, after in zip(runs, runs[1:]):
+        assert after.queue_ms >= before.queue_ms + 0.5 * before.e2e_ms, [(r.queue_ms, r.e2e_ms) for r in runs]
+    # the scheduler recorded every request's timings
+    q = (await client.scheduler_stats()).queues[0]
+    assert q.completed == 4 and q.queue_depth == 0 and q.in_flight == 0
+    assert q.ttft_ms_p50 > 0 and q.tpot_ms_p50 > 0 and q.e2e_ms_p50 >= q.ttft_ms_p50 and q.e2e_ms_p99 >= q.e2e_ms_p50
 
 
 async def test_register_is_idempotent_and_durable(cluster, client, tiny_model, tmp_path):
@@ -218,23 +228,69 @@ async def test_dead_worker_without_replacement_is_marked_failed(cluster, client,
         await collect(client, name, "anyone?", max_tokens=2)
 
 
-async def test_request_of_a_vanished_client_is_cancelled(nats_server, client, nc, tiny_model, tmp_path):
-    from iserve.messages import Accepted, InferRequest
+async def test_request_timeouts_cancellation_and_vanished_clients(nats_server, client, nc, tiny_model, tmp_path):
+    from iserve.messages import Accepted, CancelRequest, Completion, ErrorReply, InferRequest, StreamMessage, decoder, encode
 
     async with Cluster(nats_server.url, tmp_path, context_tokens=2048):
         name, _ = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
-        req = InferRequest(request_id="gone", model=name, prompt="x", max_tokens=2000, ignore_eos=True, stream_to=inbox)
-        await bus.request(nc, subjects.INFER, req, Accepted)
-        await sub.next_msg(timeout=30)  # the first token arrived ...
-        await sub.unsubscribe()  # ... and the client vanished without a word
+        long = InferRequest(request_id="long", model=name, prompt="x", max_tokens=2000, ignore_eos=True, stream_to=inbox)
+        await bus.request(nc, subjects.INFER, long, Accepted)
+        await sub.next_msg(timeout=30)  # it runs
+        dec = decoder(StreamMessage)
+
+        async def next_message(sub):
+            while True:
+                data = (await sub.next_msg(timeout=30)).data
+                if data:  # skip the scheduler's empty is-anyone-listening probes
+                    return dec.decode(data)
+
+        # queued behind it, a request with a short timeout is dropped by the scheduler (queue depth 1)
+        late_inbox = nc.new_inbox()
+        late_sub = await nc.subscribe(late_inbox)
+        late = InferRequest(request_id="late", model=name, prompt="x", max_tokens=2, timeout_s=0.5, stream_to=late_inbox)
+        accepted = await bus.request(nc, subjects.INFER, late, Accepted)
+        assert accepted.queue_depth == 1
+        err = await next_message(late_sub)
+        assert isinstance(err, ErrorReply) and err.code == "timeout" and "waited longer than its timeout" in err.message
+        await late_sub.unsubscribe()
+        # a queued request cancelled before it starts is answered Cancelled
+        queued = asyncio.create_task(collect(client, name, "queued", max_tokens=2, request_id="queued"))
+        for _ in range(100):
+            if (await client.scheduler_stats()).queues[0].queue_depth == 1:
+                break
+            await asyncio.sleep(0.05)
+        await nc.publish(subjects.INFER_CANCEL, encode(CancelRequest(request_id="queued")))
+        with pytest.raises(errors.Cancelled):
+            await queued
+        # an explicit cancel stops the running one early, with what it made so far
+        await nc.publish(subjects.INFER_CANCEL, encode(CancelRequest(request_id="long")))
+        done = None
+        while not isinstance(done, Completion):
+            done = await next_message(sub)
+        assert done.finish_reason == "cancelled" and done.completion_tokens < 2000
+        await sub.unsubscribe()
+        # the replica is free again
+        _, ok = await collect(client, name, "after", max_tokens=3, ignore_eos=True)
+        assert ok.completion_tokens == 3
+        q = (await client.scheduler_stats()).queues[0]
+        # two cancelled (one running, one queued), one timed out, two completed (the cancelled run included)
+        assert (q.cancelled, q.timed_out, q.failed, q.completed, q.queue_depth) == (2, 1, 1, 2, 0), q
+
+        # a client that vanishes mid-stream without a word: the scheduler notices and cancels its request
+        gone_inbox = nc.new_inbox()
+        gone_sub = await nc.subscribe(gone_inbox)
+        gone = InferRequest(request_id="gone", model=name, prompt="x", max_tokens=2000, ignore_eos=True, stream_to=gone_inbox)
+        await bus.request(nc, subjects.INFER, gone, Accepted)
+        await gone_sub.next_msg(timeout=30)  # the first token arrived ...
+        await gone_sub.unsubscribe()  # ... and the client vanished
         for _ in range(100):
             q = (await client.scheduler_stats()).queues[0]
-            if q.completed:
+            if q.completed == 3:
                 break
             await asyncio.sleep(0.1)
-        assert q.cancelled == 1  # stopped long before 2000 tokens
+        assert q.cancelled == 3 and q.completed == 3  # stopped long before 2000 tokens
 
 
 # --- bad input ---------------------------------------------------------------------------------------
@@ -323,3 +379,226 @@ async def test_malformed_messages_get_bad_request(cluster, nc, subject):
         from iserve.messages import ListModels, ModelList
 
         assert isinstance(await bus.request(nc, subject, ListModels(), ModelList), ModelList)
+
+
+# --- several models on shared GPUs, load balancing, workers' health, the agent's and deployer's views -
+
+
+async def wait_for(predicate, what: str, tries: int = 200, every: float = 0.05):
+    for _ in range(tries):
+        got = await predicate()
+        if got:
+            return got
+        await asyncio.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_models_share_gpus_with_exact_memory_accounting(cluster, client, tiny_model, tmp_path):
+    """Two models on two GPUs sized so that one whole model fits a GPU: the deployer counts what the
+    other models hold (its own launches before the agent reports them, then the agent's reservations),
+    falls back to a pipeline over both GPUs and says why, balances a model's replicas, and an undeploy
+    gives the memory back."""
+    from iserve.messages import Configuration
+
+    for name in ("model-a", "model-b"):
+        await client.register(str(copy_model(tiny_model, tmp_path / name)), name)
+    for name in ("model-a", "model-b"):
+        await client.wait_profiled(name, timeout=120)
+    ests = {e.config: e for e in (await client.profile("model-a")).estimates}
+    whole, halves = ests[Configuration(tp=1, pp=1)], ests[Configuration(tp=1, pp=2)]
+    half = max(halves.stage_bytes(2, first=True, last=False), halves.stage_bytes(2, first=False, last=True))
+    assert half < whole.total_bytes
+    size = whole.total_bytes + half  # one whole model, then room for one pipeline stage, not a second model
+    cluster.services["agent"].gpus.sizes = [size, size]
+    deployer: DeployerService = cluster.services["deployer"]
+
+    async def shrunk():
+        states = deployer.gpu_states()
+        return len(states) == 2 and all(g.total_bytes == g.free_bytes == size for g in states)
+
+    await wait_for(shrunk, "the deployer to see the resized GPUs")
+
+    # back to back, before any gpu.load shows the first launch: two models, two GPUs
+    mem = (whole.total_bytes + halves.total_bytes) / 2 / 2**30  # between the two: pp2 is over the budget
+    a1 = await client.deploy("model-a", Intent(kind="cost-budget", cost_model="memory", budget=mem))
+    b1 = await client.deploy("model-b", Intent(kind="min-memory"))
+    assert a1.deployment.config == b1.deployment.config == whole.config
+    assert [r.config for r in a1.filtered] == [halves.config.key()] and "exceeds the budget" in a1.filtered[0].reason
+    gpu_a, gpu_b = a1.deployment.gpus[0].gpu_index, b1.deployment.gpus[0].gpu_index
+    assert gpu_a != gpu_b
+
+    # a second replica of model-a no longer fits one GPU: a 2-stage pipeline over what both have left
+    a2 = await client.deploy("model-a", Intent(kind="min-memory"))
+    assert a2.deployment.config == halves.config
+    assert [r.config for r in a2.rejected] == [whole.config.key()]
+    assert "needs 1 GPU" in a2.rejected[0].reason and "did not fit" in a2.why
+    assert sorted(g.gpu_index for g in a2.deployment.gpus) == [0, 1]
+    assert sum(g.num_layers for g in a2.deployment.gpus) == 4 and a2.deployment.gpus[0].first_layer == 0
+    assert a2.latency_ms > 0 and a2.cost > 0 and a2.deployment.estimate.total_bytes == halves.total_bytes
+    # and now nothing else fits
+    with pytest.raises(errors.Infeasible, match="free"):
+        await client.deploy("model-b", Intent(kind="min-memory"))
+
+    # the agent accounts every worker on its GPU
+    for rep in (a1, b1, a2):
+        await client.wait_ready(rep.deployment.deployment_id, timeout=120)
+    loads = {g.gpu_index: g for g in await client.gpu_loads(0.6)}
+    assert set(loads[gpu_a].workers) == {a1.deployment.worker_id, a2.deployment.worker_id}
+    assert set(loads[gpu_b].workers) == {b1.deployment.worker_id, a2.deployment.worker_id}
+    assert all(g.free_bytes < size - whole.total_bytes + 1 for g in loads.values())
+
+    # model-a's two replicas share its requests
+    async def one(i):
+        _, done = await collect(client, "model-a", f"request {i}", max_tokens=12, ignore_eos=True)
+        return done.deployment_id
+
+    served = await asyncio.gather(*(one(i) for i in range(4)))
+    assert sorted(served) == sorted([a1.deployment.deployment_id, a2.deployment.deployment_id] * 2)
+
+    # undeploy gives model-b's GPU back; model-b fits again there (with a shorter context, as asked)
+    await client.undeploy(b1.deployment.deployment_id)
+
+    async def freed():
+        loads = {g.gpu_index: g for g in await client.gpu_loads(0.3)}
+        g = loads.get(gpu_b)
+        return g is not None and b1.deployment.worker_id not in g.workers and g.free_bytes >= whole.total_bytes
+
+    await wait_for(freed, "the undeployed model's GPU to be free", tries=40)
+    b2 = await client.deploy("model-b", Intent(kind="min-memory"), context_tokens=128)
+    assert b2.deployment.config == whole.config and b2.deployment.gpus[0].gpu_index == gpu_b
+    assert b2.deployment.context_tokens == 128
+    with pytest.raises(errors.BadRequest, match="profiled for"):
+        await client.deploy("model-b", context_tokens=100_000)
+
+
+async def test_a_hung_worker_is_killed_and_a_deployment_that_cannot_be_re_placed_fails_with_the_reason(
+        cluster, client, tiny_model, tmp_path):
+    import os
+    import signal
+
+    agent: AgentService = cluster.services["agent"]
+    agent.cfg.worker_stale_s = 3.0
+    name, rep = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
+    w = agent.workers[rep.deployment.worker_id]
+    agent.gpus.sizes = [1 << 20, 1 << 20]  # the GPUs shrink to 1 MiB: nowhere to re-place it
+    os.kill(w.proc.pid, signal.SIGSTOP)  # alive but silent: no heartbeats, no answers
+    for _ in range(120):
+        d = (await client.deployments()).deployments[0]
+        if "could not re-place" in d.reason:
+            break
+        await asyncio.sleep(0.25)
+    assert d.status == "failed" and d.worker_id == rep.deployment.worker_id
+    assert "no heartbeat" in d.reason and "killed" in d.reason  # why the worker went
+    assert "could not re-place" in d.reason and "fit" in d.reason  # why it stays failed
+    assert rep.deployment.worker_id not in agent.workers
+    with pytest.raises(errors.NotReady):
+        await collect(client, name, "anyone?", max_tokens=2)
+
+
+class ScriptedGpus(SimulatedGpus):
+    """One GPU whose readings come as NVML would give them (hardware memory use and utilization),
+    so the agent's NVML path runs without a GPU."""
+
+    simulated = False
+
+    def __init__(self):
+        super().__init__([8 << 30], "H100")
+        self.used = 1 << 30
+        self.util = 50.0
+
+    def read(self):
+        from iserve.gpu_agent.gpus import GpuReading
+
+        return [GpuReading(0, "H100", 8 << 30, self.used, self.util)]
+
+
+async def test_agent_publishes_nvml_memory_utilization_and_the_busy_window(nats_server, nc, tmp_path):
+    from iserve.messages import GpuLoad, decode
+
+    conn = await bus.connect(nats_server.url, "agent")
+    gpus = ScriptedGpus()
+    cfg = AgentConfig(nats_url=nats_server.url, log_level="warning", log_json=True, agent_id="n0", simulate_gpus="",
+                      gpu_type="", interval_s=0.1, load_window_s=1.0, work_dir=tmp_path / "agent", profile_timeout_s=60)
+    agent = AgentService(cfg, conn, gpus)
+    seen: list[GpuLoad] = []
+
+    async def on_load(msg):
+        seen.append(decode(msg.data, GpuLoad))
+
+    sub = await nc.subscribe(subjects.gpu_load("n0", 0), cb=on_load)
+    await agent.start()
+    try:
+        await asyncio.sleep(1.5)  # more than the 1 s window
+        g = seen[-1]
+        assert (g.total_bytes, g.used_bytes, g.free_bytes) == (8 << 30, 1 << 30, 7 << 30)
+        assert g.util_percent == 50.0 and not g.simulated and g.window_s == 1.0
+        assert g.busy_fraction == pytest.approx(0.5, abs=0.05)  # busy half of every second in the window
+        assert len(seen) >= 10  # one report per interval
+        gpus.util = 0.0
+        await asyncio.sleep(1.5)
+        assert seen[-1].busy_fraction < 0.05  # the window slid past the busy seconds
+    finally:
+        await sub.unsubscribe()
+        await agent.close()
+        await conn.drain()
+
+
+async def test_deployer_sees_the_busy_window_and_memory_others_hold(nats_server, nc):
+    from iserve.messages import GpuLoad, encode
+
+    gib = 1 << 30
+    conn = await bus.connect(nats_server.url, "deployer")
+    svc = DeployerService(DeployerConfig(nats_url=nats_server.url, log_level="warning", log_json=True, gpu_stale_s=1.0), conn)
+    await svc.start()
+
+    async def report(index, free, busy, workers=()):
+        g = GpuLoad(agent_id="h", gpu_index=index, gpu_type="T", total_bytes=80 * gib, used_bytes=80 * gib - free,
+                    free_bytes=free, busy_fraction=busy, window_s=120.0, workers=list(workers))
+        await nc.publish(subjects.gpu_load("h", index), encode(g))
+        await nc.flush()
+
+    try:
+        await report(0, 60 * gib, 0.9, ["another-model"])
+        await report(1, 80 * gib, 0.1)
+
+        async def both():
+            return len(svc.gpu_states()) == 2
+
+        await wait_for(both, "the deployer to see both GPUs")
+        states = {g.gpu_index: g for g in svc.gpu_states()}
+        assert (states[0].load, states[0].free_bytes) == (0.9, 60 * gib)  # load = busy fraction of the window
+        assert (states[1].load, states[1].free_bytes) == (0.1, 80 * gib)
+        # a launch no report shows yet still holds its memory ...
+        svc.pending["w-new"] = {("h", 1): 10 * gib}
+        assert {g.gpu_index: g.free_bytes for g in svc.gpu_states()}[1] == 70 * gib
+        # ... until the agent's report includes the worker (and its reservation)
+        await report(1, 70 * gib, 0.1, ["w-new"])
+
+        async def settled():
+            return "w-new" not in svc.pending
+
+        await wait_for(settled, "the pending launch to be settled")
+        assert {g.gpu_index: g.free_bytes for g in svc.gpu_states()}[1] == 70 * gib
+        # GPUs that stop reporting are left out of decisions
+        await asyncio.sleep(1.2)
+        assert svc.gpu_states() == []
+    finally:
+        await svc.close()
+        await conn.drain()
+
+
+async def test_kv_listing_reads_the_bucket_not_a_racy_watch(nc):
+    """``TypedKV.values`` (the deployment list the scheduler trusts) lists every live key, leaves
+    deleted ones out, and does not come back empty while keys exist, even when asked many times at
+    once (nats-py's watch-based ``keys()`` can)."""
+    from iserve.messages import Rejection
+
+    kv = await bus.TypedKV.open(nc, "iserve_test_listing", Rejection)
+    assert await kv.values() == []
+    for i in range(5):
+        await kv.put(f"k{i}", Rejection(config=f"c{i}", reason="r"))
+    await kv.delete("k0")
+    await kv.put("k1", Rejection(config="c1", reason="updated"))
+    listings = await asyncio.gather(*(kv.values() for _ in range(20)))
+    for got in listings:
+        assert sorted((r.config, r.reason) for r in got) == [("c1", "updated"), ("c2", "r"), ("c3", "r"), ("c4", "r")]

@@ -165,12 +165,18 @@ def _rank(estimates: Sequence[ConfigEstimate], intent: Intent) -> tuple[list[_Ra
         budget = intent.budget
         filtered = sorted((r for r in items if not r.cost <= budget), key=lambda r: (r.cost, r.key))
         items = [r for r in items if r.cost <= budget]
-    items.sort(key=lambda r: _order_key(kind, r.est, r.latency_ms, r.cost, r.key))
+    if kind == "min-latency" or kind == "cost-budget":  # the common keys inline; the same as _order_key
+        items.sort(key=lambda r: (r.latency_ms, r.cost, r.key))
+    elif kind == "min-cost" or kind == "latency-slo":
+        items.sort(key=lambda r: (r.cost, r.latency_ms, r.key))
+    else:
+        items.sort(key=lambda r: _order_key(kind, r.est, r.latency_ms, r.cost, r.key))
     return items, filtered
 
 
 def _order_key(kind: str, est: ConfigEstimate, lat_ms: float, cost_: float, key: str) -> tuple:
-    """The sort key of step I: smaller is better for the intent ``kind``."""
+    """The sort key of step I: smaller is better for the intent ``kind`` (:func:`_rank` inlines the
+    first and last case)."""
     if kind == "min-latency" or kind == "cost-budget":
         return (lat_ms, cost_, key)
     if kind == "min-memory":
@@ -317,6 +323,35 @@ def _fits_sorted(frees: Sequence[int], est: ConfigEstimate) -> bool:
     return total - loss >= n
 
 
+def _even_stage_needs(est: ConfigEstimate) -> list[int]:
+    """Per-stage bytes of an even split (what each GPU of the stage needs), largest first: the
+    distinct values of :func:`_even_needs`, each standing for ``tp`` GPUs."""
+    c = est.config
+    pp = c.pp
+    ov, lb = est.gpu_overhead_bytes, est.layer_bytes
+    q, r = divmod(est.num_layers, pp)
+    if pp == 1:
+        return [ov + q * lb + est.first_stage_bytes + est.last_stage_bytes]
+    stages = [ov + (q + 1 if s < r else q) * lb for s in range(pp)]
+    stages[0] += est.first_stage_bytes
+    stages[-1] += est.last_stage_bytes
+    stages.sort(reverse=True)
+    return stages
+
+
+def _shortfall(stage_needs: list[int], frees: list[int], tp: int) -> int:
+    """Bytes missing when the GPUs with ``frees`` (descending) take the stages' needs (descending),
+    ``tp`` GPUs per stage, largest need on the freest GPUs."""
+    short = 0
+    j = 0
+    for need in stage_needs:
+        for free in frees[j:j + tp]:
+            if need > free:
+                short += need - free
+        j += tp
+    return short
+
+
 def _even_needs(est: ConfigEstimate) -> list[int]:
     """Per-GPU bytes of an even split, largest first: what each GPU would need free without
     fragmentation. The stage sizes are :func:`split_layers` with unlimited capacity in closed form:
@@ -452,7 +487,7 @@ class ClusterView:
         if k > self.max_gpus or c.pp > est.num_layers or k < 1:
             return math.inf
         _, frees, _ = self._best(k)
-        return float(sum(max(0, need - free) for need, free in zip(_even_needs(est), frees)))
+        return float(_shortfall(_even_stage_needs(est), frees, c.tp))
 
     def closest(self, ranked: list[_Ranked]) -> tuple[_Ranked, float]:
         """The configuration with the least :meth:`shortfall` (the better-ranked among equals) and it.
@@ -491,15 +526,15 @@ class ClusterView:
         if k > self.max_gpus:
             return (f"needs {k} GPUs on one host (tp={c.tp} x pp={c.pp}), and no host has more than "
                     f"{self.max_gpus} GPUs of this type")
-        needs = _even_needs(est)
+        needs = _even_stage_needs(est)
         lo, hi = _gib(needs[-1]), _gib(needs[0])
         _, frees, phrase = self._best(k)
-        short = sum(max(0, need - free) for need, free in zip(needs, frees))
+        short = _shortfall(needs, frees, c.tp)
         tail = f" ({_gib(short)} GiB short)" if short > 0 else " (not in stages its GPUs can hold)"
         if k == 1:
-            return f"needs 1 GPU with {_gib(needs[0])} GiB free; {phrase}{tail}"
+            return f"needs 1 GPU with {hi} GiB free; {phrase}{tail}"
         each = f"{hi} GiB" if lo == hi else f"{lo} to {hi} GiB"
-        return f"needs {k} GPUs on one host with {each} free each ({_gib(sum(needs))} GiB in all); {phrase}{tail}"
+        return f"needs {k} GPUs on one host with {each} free each ({_gib(c.tp * sum(needs))} GiB in all); {phrase}{tail}"
 
     # -- placement -----------------------------------------------------------------------------------
 

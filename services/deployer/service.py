@@ -84,7 +84,7 @@ class DeployerService:
         self._started = time.monotonic()
         t = asyncio.create_task(self._reconcile_loop())
         self._tasks.add(t)
-        log.info("deployer started", deployments=len(await self.deployments.keys()), policy=self.cfg.placement, theta=self.cfg.theta)
+        log.info("deployer started", deployments=len(await self.deployments.values()), policy=self.cfg.placement, theta=self.cfg.theta)
 
     async def close(self) -> None:
         for s in self._subs:
@@ -162,15 +162,22 @@ class DeployerService:
         types = [t for t in record.profiled_gpu_types if not req.gpu_type or t == req.gpu_type]
         if not types:
             raise errors.NotFound(f"model {req.model!r} has no profile for GPU type {req.gpu_type!r}; profiled: {', '.join(record.profiled_gpu_types)}.")
+        if req.context_tokens < 0:
+            raise errors.BadRequest(f"context_tokens must be 0 (the profile's context) or a positive number of tokens, not {req.context_tokens}.")
         all_gpus = self.gpu_states()
         t0 = time.perf_counter()
         best: tuple[planner.Decision, ConfigurationMap] | None = None
         misses: list[str] = []
+        short_context: list[str] = []
         for gpu_type in types:
             cmap = await self.profiles.get(bus.kv_key(req.model, gpu_type))
             gpus = [g for g in all_gpus if g.gpu_type == gpu_type]
             if cmap is None:
                 misses.append(f"the {gpu_type} profile is missing")
+                continue
+            if req.context_tokens > cmap.context_tokens:
+                # the map's memory (KV cache) holds for its own context only: a longer one is not estimated
+                short_context.append(f"the {gpu_type} profile is for a context of {cmap.context_tokens} tokens")
                 continue
             if not gpus:
                 misses.append(f"no {gpu_type} GPU reported load in the last {self.cfg.gpu_stale_s:.0f} s")
@@ -183,11 +190,20 @@ class DeployerService:
             if best is None or planner.score(d, req.intent) < planner.score(best[0], req.intent):
                 best = (d, cmap)
         decision_ms = (time.perf_counter() - t0) * 1000.0
+        if best is None and short_context and not misses:
+            raise errors.BadRequest(
+                f"context_tokens {req.context_tokens} is longer than {req.model} was profiled for ({'; '.join(short_context)}); "
+                "ask for at most that, or profile the model again with a fingerprint service started with a larger --context-tokens."
+            )
+        misses += short_context
         if best is None:
             if all(m.startswith("no ") for m in misses):
                 raise errors.Unavailable("; ".join(misses) + "; start a GPU agent (`iserve up` starts one).")
             raise errors.Infeasible("; ".join(misses))
         decision, cmap = best
+        # the worker's KV cache: the profile's context, or the shorter one asked for (the estimate,
+        # made for the profile's context, then over-reserves a little; never under-reserves)
+        context = req.context_tokens or cmap.context_tokens
         dep_id = req.deployment_id or f"{req.model}-{uuid.uuid4().hex[:8]}"
         worker_id = f"w-{dep_id}-{uuid.uuid4().hex[:4]}"  # a re-placed deployment gets a new worker
         agent_id = decision.assignments[0].agent_id
@@ -204,7 +220,7 @@ class DeployerService:
             gpus=decision.assignments,
             agent_id=agent_id,
             worker_id=worker_id,
-            context_tokens=cmap.context_tokens,
+            context_tokens=context,
             status="launching",
             created_at=ts,
             updated_at=ts,
@@ -218,7 +234,7 @@ class DeployerService:
             model_path=record.path,
             config=dep.config,
             stages=[StageSpec(gpu_index=a.gpu_index, first_layer=a.first_layer, num_layers=a.num_layers, memory_bytes=a.memory_bytes) for a in decision.assignments],
-            context_tokens=cmap.context_tokens,
+            context_tokens=context,
         )
         try:
             await bus.request(self.nc, subjects.agent_launch(agent_id), launch, LaunchReply, timeout=self.cfg.launch_timeout_s)
@@ -245,6 +261,7 @@ class DeployerService:
             latency_ms=decision.latency_ms,
             cost=decision.cost,
             decision_ms=decision_ms,
+            filtered=decision.filtered,
         )
 
     async def _changed(self, dep: DeploymentRecord) -> None:
@@ -252,8 +269,8 @@ class DeployerService:
 
     async def _set_status(self, deployment_id: str, status: str, reason: str = "", *, only_from: tuple[str, ...] = ()) -> None:
         dep = await self.deployments.get(deployment_id)
-        if dep is None or (only_from and dep.status not in only_from) or dep.status == status:
-            return
+        if dep is None or (only_from and dep.status not in only_from) or (dep.status == status and dep.reason == reason):
+            return  # (a failed deployment that could not be re-placed keeps "failed" and gets the longer reason)
         dep.status = status  # type: ignore[assignment]
         dep.reason = reason
         dep.updated_at = now()
@@ -309,7 +326,8 @@ class DeployerService:
         dep = await self.deployments.get(deployment_id)
         if dep is None or dep.status != "failed":
             return
-        req = DeployRequest(model=dep.model, intent=dep.intent, placement=dep.placement_policy, deployment_id=deployment_id)
+        req = DeployRequest(model=dep.model, intent=dep.intent, placement=dep.placement_policy, deployment_id=deployment_id,
+                            context_tokens=dep.context_tokens)
         try:
             async with self.lock:
                 rep = await self._deploy(req)

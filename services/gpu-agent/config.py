@@ -22,6 +22,7 @@ class AgentConfig:
     load_window_s: float
     work_dir: Path
     profile_timeout_s: float
+    worker_stale_s: float = 30.0
 
 
 def parse(argv: list[str] | None = None) -> AgentConfig:
@@ -34,6 +35,8 @@ def parse(argv: list[str] | None = None) -> AgentConfig:
     flag(p, "--load-window-s", default=120.0, type=float, help="sliding window of the busy fraction (paper: 120 s)")
     flag(p, "--work-dir", default=str(Path.home() / ".iserve" / "agent"), help="worker logs and job files")
     flag(p, "--profile-timeout-s", default=900.0, type=float, help="a profiling run longer than this is killed")
+    flag(p, "--worker-stale-s", default=30.0, type=float,
+         help="a serving worker whose heartbeats stop for this long is killed and reported as exited (0: never)")
     a = p.parse_args(argv)
     return AgentConfig(
         nats_url=a.nats_url,
@@ -46,4 +49,5 @@ def parse(argv: list[str] | None = None) -> AgentConfig:
         load_window_s=a.load_window_s,
         work_dir=Path(a.work_dir),
         profile_timeout_s=a.profile_timeout_s,
+        worker_stale_s=a.worker_stale_s,
     )

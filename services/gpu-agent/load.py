@@ -25,13 +25,22 @@ class BusyWindow:
             self._samples.popleft()
 
     def fraction(self, now: float) -> float:
-        """Busy seconds in the window over the window's length (a GPU just started has a shorter
-        history; we divide by the seconds actually observed, at least one)."""
+        """Busy seconds in the window ``(now - window_s, now]`` over the seconds of it observed (a GPU
+        just started has a shorter history; at least one second). A sample that straddles the
+        window's start counts with the part of its interval inside the window (its busy seconds
+        prorated), so intervals longer than planned do not inflate the fraction."""
         self._trim(now)
         if not self._samples:
             return 0.0
-        observed = min(sum(s[1] for s in self._samples), self.window_s)
-        return min(sum(s[2] for s in self._samples) / max(observed, 1.0), 1.0)
+        start = now - self.window_s
+        observed = busy = 0.0
+        for t_end, interval, b in self._samples:
+            inside = min(interval, t_end - start)
+            if inside <= 0.0 or interval <= 0.0:
+                continue
+            observed += inside
+            busy += b * (inside / interval)
+        return min(busy / max(observed, min(1.0, self.window_s)), 1.0)
 
 
 def busy_from_heartbeats(prev: dict[str, float], cur: dict[str, float], interval_s: float) -> float:

@@ -7,7 +7,10 @@
   tensor parallelism ``tp > 1`` is ``tp`` processes, one per rank (``stages[s * tp + r]`` is stage
   ``s`` of rank ``r``), sharing one worker id; rank 0 is the one on NATS. When any rank exits, the
   others are stopped and the worker is reported once,
-* runs profiling jobs (``agent.<id>.profile``) through the same launch path, in profile mode.
+* runs profiling jobs (``agent.<id>.profile``) through the same launch path, in profile mode,
+* watches its serving workers' health: a worker that has served (sent an ``idle`` or ``busy``
+  heartbeat) and then stays silent for ``worker_stale_s`` (hung, or cut off from NATS) is killed, and
+  its ``worker.exited`` says so, so that the deployer re-places the deployment or marks it failed.
 
 Memory: the agent reserves each worker's estimated per-GPU bytes until the worker exits; free memory
 is the total minus the larger of what the hardware reports used and what is reserved. Simulated GPUs
@@ -69,6 +72,9 @@ class WorkerProc:
     exit_code: int | None = None
     followers: list[asyncio.subprocess.Process] = field(default_factory=list)  # TP ranks 1..tp-1
     follower_logs: list[Path] = field(default_factory=list)
+    last_beat: float = 0.0  # monotonic time of its last heartbeat
+    serving: bool = False  # it has sent an idle/busy heartbeat (it loaded and serves)
+    unhealthy: str = ""  # why the agent killed it, if it did
 
     @property
     def procs(self) -> list[asyncio.subprocess.Process]:
@@ -175,6 +181,31 @@ class AgentService:
         used = max(r.used_bytes, self.reserved_bytes(r.index))
         return max(r.total_bytes - used, 0)
 
+    def check_health(self, now: float) -> list[str]:
+        """Kill the serving workers whose heartbeats stopped ``worker_stale_s`` ago; returns their ids.
+        Their exit is then reported by ``_watch`` with the reason set here."""
+        stale = self.cfg.worker_stale_s
+        killed: list[str] = []
+        if stale <= 0:
+            return killed
+        for w in list(self.workers.values()):
+            if w.mode != "serve" or not w.serving or w.unhealthy or w.expected_exit:
+                continue
+            silent = now - w.last_beat
+            if silent <= stale:
+                continue
+            w.unhealthy = (f"no heartbeat for {silent:.0f} s (more than --worker-stale-s {stale:g}): the worker hung or lost "
+                           f"its NATS connection, so agent {self.cfg.agent_id} killed it")
+            log.error("worker unhealthy; killing it", worker_id=w.worker_id, silent_s=round(silent, 1))
+            for p in w.procs:
+                if p.returncode is None:
+                    try:
+                        p.kill()
+                    except ProcessLookupError:
+                        pass
+            killed.append(w.worker_id)
+        return killed
+
     async def _publish_loop(self) -> None:
         interval = self.cfg.interval_s
         last = time.monotonic()
@@ -183,6 +214,7 @@ class AgentService:
             now = time.monotonic()
             dt = now - last
             last = now
+            self.check_health(now)
             try:
                 self.readings = await asyncio.to_thread(self.gpus.read)
             except Exception as e:
@@ -223,6 +255,9 @@ class AgentService:
         w = self.workers.get(hb.worker_id)
         if w is not None:
             w.busy_seconds = max(w.busy_seconds, hb.busy_seconds)
+            w.last_beat = time.monotonic()
+            if hb.state in ("idle", "busy"):
+                w.serving = True
 
     # ------------------------------------------------------------------ workers
 
@@ -310,7 +345,7 @@ class AgentService:
         w.exited.set()
         if w.mode != "serve":
             return
-        reason = "stopped on request" if w.expected_exit else exit_reason(w)
+        reason = "stopped on request" if w.expected_exit else (w.unhealthy or exit_reason(w))
         log.log(20 if w.expected_exit else 40, "worker exited", worker_id=w.worker_id, exit_code=code, expected=w.expected_exit, reason=reason)
         event = WorkerExited(
             worker_id=w.worker_id,

@@ -111,12 +111,16 @@ class FcfsQueues(Generic[P]):
 
     def expire(self, now: float) -> list[Queued[P]]:
         """Drop queued (not running) requests whose deadline passed."""
-        out = []
+        return [q for _, q in self.expire_by_replica(now)]
+
+    def expire_by_replica(self, now: float) -> list[tuple[str, Queued[P]]]:
+        """:meth:`expire`, with the deployment id each dropped request was queued on."""
+        out: list[tuple[str, Queued[P]]] = []
         for r in self.replicas.values():
             keep = deque()
             for q in r.queue:
                 if q.deadline <= now:
-                    out.append(q)
+                    out.append((r.deployment_id, q))
                     self._where.pop(q.request_id, None)
                 else:
                     keep.append(q)

@@ -52,6 +52,7 @@ class ReplicaStats:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    timed_out: int = 0
     ttft_ms: list[float] = field(default_factory=list)
     tpot_ms: list[float] = field(default_factory=list)
     e2e_ms: list[float] = field(default_factory=list)
@@ -85,6 +86,7 @@ class SchedulerService:
         self._tasks: set[asyncio.Task] = set()
         self._subs: list = []
         self.models_kv: bus.TypedKV[ModelRecord] | None = None
+        self._missing: dict[str, int] = {}  # deployment id -> listings in a row that lacked it
 
     async def start(self) -> None:
         self.models_kv = await bus.TypedKV.open(self.nc, subjects.BUCKET_MODELS, ModelRecord)
@@ -131,6 +133,7 @@ class SchedulerService:
 
     def _drop(self, deployment_id: str, why: str) -> None:
         self.deployments.pop(deployment_id, None)
+        self._missing.pop(deployment_id, None)
         runner = self.runners.pop(deployment_id, None)
         if runner is not None:
             runner.cancel()
@@ -152,12 +155,18 @@ class SchedulerService:
         seen = set()
         for d in lst.deployments:
             seen.add(d.deployment_id)
+            self._missing.pop(d.deployment_id, None)
             if d.status == "ready" and d.deployment_id not in self.deployments:
                 self._apply(d)
             elif d.status != "ready" and d.deployment_id in self.deployments:
                 self._apply(d)
+        # An undeploy arrives as a deploy.changed event; a listing only removes a replica that two
+        # listings in a row lack (a missed event), so one odd listing cannot fail running requests.
         for gone in set(self.deployments) - seen:
-            self._drop(gone, f"deployment {gone} was removed")
+            self._missing[gone] = self._missing.get(gone, 0) + 1
+            if self._missing[gone] >= 2:
+                self._missing.pop(gone, None)
+                self._drop(gone, f"deployment {gone} was removed")
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -214,6 +223,7 @@ class SchedulerService:
             if d is not None:
                 await self.nc.publish(subjects.worker_cancel(d.worker_id), encode(req))
         else:
+            self.stats.setdefault(dep, ReplicaStats()).cancelled += 1
             await self._send_error(item.payload, errors.Cancelled("the request was cancelled before it started."))
 
     async def handle_stats(self, _req: GetSchedulerStats, _msg: Msg) -> SchedulerStats:
@@ -235,6 +245,7 @@ class SchedulerService:
                     e2e_ms_p50=statistics.median(s.e2e_ms) if s.e2e_ms else 0.0,
                     e2e_ms_p99=pct(s.e2e_ms, 0.99),
                     cancelled=s.cancelled,
+                    timed_out=s.timed_out,
                 )
             )
         return SchedulerStats(queues=out)
@@ -249,7 +260,10 @@ class SchedulerService:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            for q in self.queues.expire(time.monotonic()):
+            for dep, q in self.queues.expire_by_replica(time.monotonic()):
+                st = self.stats.setdefault(dep, ReplicaStats())
+                st.failed += 1
+                st.timed_out += 1
                 await self._send_error(q.payload, errors.Timeout(f"the request waited longer than its timeout of {q.payload.timeout_s:.0f} s in the queue."))
 
     # ------------------------------------------------------------------ running requests
@@ -283,6 +297,7 @@ class SchedulerService:
             remaining = item.deadline - time.monotonic()
             if remaining <= 0:
                 stats.failed += 1
+                stats.timed_out += 1
                 await self._send_error(req, errors.Timeout("the request ran out of time in the queue."))
                 return
             inbox = self.nc.new_inbox()
@@ -339,6 +354,7 @@ class SchedulerService:
             if remaining <= 0:
                 await self.nc.publish(subjects.worker_cancel(worker_id), encode(CancelRequest(request_id=req.request_id)))
                 stats.failed += 1
+                stats.timed_out += 1
                 await self._send_error(req, errors.Timeout(f"the request exceeded its timeout of {req.timeout_s:.0f} s."))
                 return
             try:
