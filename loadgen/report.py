@@ -47,6 +47,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -354,10 +355,12 @@ def _lines(ax, ms: list[RunMetrics], value, *, style: str = "-", label_suffix: s
         pts = [(x, y) for x, y in pts if y is not None and not math.isnan(y) and not (log and y <= 0)]
         if not pts:
             continue
-        ours = system == "iserve"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o" if ours else "s", color=_color(system),
-                label=_label(system) + label_suffix, linewidth=2.2 if ours else 1.2, zorder=3 if ours else 2,
-                markersize=6 if ours else 4, markerfacecolor=_color(system) if ours else "none")
+        ours, oracle = system == "iserve", system == "oracle"
+        # the oracle often coincides with iServe (it starts from iServe's choices): drawn on top, thin, with crosses
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o" if ours else "x" if oracle else "s",
+                color=_color(system), label=_label(system) + label_suffix, linewidth=2.2 if ours else 1.2,
+                zorder=4 if oracle else 3 if ours else 2, markersize=6 if ours or oracle else 4,
+                markerfacecolor=_color(system) if ours else "none")
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("rate scale")
@@ -586,6 +589,80 @@ def _versus(ms: list[RunMetrics]) -> str:
                    "best baseline", "iServe vs best", "iServe best?"], rows)
 
 
+def _point_metric(m: RunMetrics) -> tuple[str, float, bool]:
+    """The metric a point is summarised on: Fig. 16's cluster throughput, else :func:`intent_metric`."""
+    if m.experiment == "fig16":
+        return "cluster req/s", m.cluster_throughput, True
+    return intent_metric(m)
+
+
+def _change(ours: float, other: float, higher: bool) -> float:
+    """iServe against another system on one metric: for a smaller-is-better metric the relative
+    change ``(ours - other) / other`` (negative: iServe better); for a larger-is-better one the ratio
+    ``ours / other`` (above 1: iServe better). NaN where undefined (a zero or missing value)."""
+    if math.isnan(ours) or math.isnan(other) or math.isinf(ours) or math.isinf(other) or other == 0:
+        return math.nan
+    return ours / other if higher else (ours - other) / abs(other)
+
+
+def _per_baseline(ms: list[RunMetrics]) -> str:
+    """iServe against each other system, averaged over the points (traces x rates) both ran, per
+    experiment, intent and SLO scale, with an "all baselines" row (the paper's "on average across
+    loads compared to the baselines"); Fig. 11 adds the median latency and GPU throughput."""
+    points: dict[tuple, dict[str, RunMetrics]] = {}
+    for m in ms:
+        points.setdefault((m.experiment, m.intent, m.slo_scale, m.trace, m.rate), {})[m.system] = m
+    groups: dict[tuple, dict[str, list[tuple[RunMetrics, RunMetrics]]]] = {}
+    for (exp, intent, slo, _, _), p in sorted(points.items()):
+        if "iserve" not in p:
+            continue
+        for system, other in p.items():
+            if system != "iserve":
+                groups.setdefault((exp, intent, slo), {}).setdefault(system, []).append((p["iserve"], other))
+
+    def fmt(vals: list[float], higher: bool) -> tuple[str, str]:
+        vals = [v for v in vals if not math.isnan(v)]
+        if not vals:
+            return "-", "-"
+        if higher:
+            return f"{statistics.fmean(vals):.2f}x", f"{min(vals):.2f}x to {max(vals):.2f}x"
+        return f"{statistics.fmean(vals):+.1%}", f"{min(vals):+.1%} to {max(vals):+.1%}"
+
+    rows = []
+    for (exp, intent, slo), by_sys in sorted(groups.items()):
+        name, _, higher = _point_metric(by_sys[next(iter(by_sys))][0][0])
+        pooled: list[tuple[RunMetrics, RunMetrics]] = []
+        for system in sorted(by_sys, key=_sys_key) + ["*"]:
+            if system == "*":
+                if len([x for x in by_sys if x != "oracle"]) < 2:
+                    continue
+                pairs, label = pooled, "all baselines"
+            else:
+                pairs, label = by_sys[system], _label(system)
+                if system != "oracle":
+                    pooled.extend(pairs)
+            better = 0
+            for ours, other in pairs:
+                o, t = _point_metric(ours)[1], _point_metric(other)[1]
+                of, tf = (0, 0) if higher else (ours.failed, other.failed)
+                better += (of, -o if higher else o) <= (tf, -t if higher else t)
+            # a system that drops a model is fast on the others: a smaller-is-better metric is averaged only
+            # over the points where neither system failed a request (SLO attainment and throughput count
+            # failures already)
+            same = pairs if higher else [(a, b) for a, b in pairs if a.failed == 0 and b.failed == 0]
+            ch, rng = fmt([_change(_point_metric(a)[1], _point_metric(b)[1], higher) for a, b in same], higher)
+            p50 = thr = "-"
+            if exp == "fig11":
+                p50 = fmt([_change(a.p50_ms, b.p50_ms, False) for a, b in same], False)[0]
+                thr = fmt([_change(a.gpu_throughput, b.gpu_throughput, True) for a, b in same], True)[0]
+            rows.append([exp, intent + (f" {slo:g}x" if slo else ""), label, str(len(pairs)),
+                         f"{better}/{len(pairs)}", name, str(len(same)), ch, rng, p50, thr])
+    if not rows:
+        return "No point has an iServe run and another system's."
+    return _table(["experiment", "intent", "vs", "points", "iServe at least as good", "metric", "averaged over",
+                   "iServe vs it (mean)", "range", "p50 latency (mean)", "GPU throughput (mean)"], rows)
+
+
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, title: str = "iServe evaluation",
                  extra: str = "") -> Path:
     """Read the runs, write ``report.md`` and the figures' PNGs into ``out``; returns the report path."""
@@ -622,6 +699,16 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
     lines += ["## iServe against the oracle and the best baseline", "",
               "Each point's own metric (mean latency, cost, memory, GPU-hours or SLO attainment); a negative gap is "
               "better for iServe except for SLO attainment, where a positive one is.", "", _versus(ms), "",
+              "## iServe against each system, averaged over loads", "",
+              "Per experiment and intent, over the points (traces x rate scales) both systems ran: how often iServe "
+              "was at least as good on the point's metric (fewer failed requests first, except for SLO attainment), "
+              "and iServe's value against the other's: for a smaller-is-better metric (latency, cost, memory, "
+              "GPU-hours) the relative change (ours - theirs) / theirs, negative when iServe is better; for a "
+              "larger-is-better one (SLO attainment, Fig. 16's cluster throughput; Fig. 11's GPU throughput) the "
+              "ratio ours / theirs, above 1x when iServe is better. A smaller-is-better metric is averaged only over "
+              "the points where neither system failed a request (\"averaged over\"): a system that drops a model "
+              "is fast on the others; a point where either value is zero or missing is left out of the mean too. \"all baselines\" pools every baseline's points (not the oracle's), as the paper's "
+              "\"on average across loads compared to the baselines\".", "", _per_baseline(ms), "",
               "## Runs", "", _table(["run", "kind", "system", "trace", "rate", "intent"],
                                     [[m.path, m.kind, m.system, m.trace, f"{m.rate:g}", m.intent]
                                      for m in sorted(ms, key=_sort_key)]), ""]
@@ -711,10 +798,15 @@ def _run_job(job: Job, args: argparse.Namespace) -> tuple[str, float, str]:
     return job.out, wall, f"{job.experiment} {job.name()}: {ok}/{len(res.requests)} ok in {wall:.1f} s"
 
 
+def plan_runs_dir(args: argparse.Namespace) -> Path:
+    """Where the sweep writes its run directories: ``--runs``, else ``OUT/runs``."""
+    return Path(args.runs) if getattr(args, "runs", "") else Path(args.out) / "runs"
+
+
 def plan_jobs(args: argparse.Namespace) -> list[Job]:
     """Every run of the sweep: systems x traces x rates x intents, per experiment."""
     systems = list(args.systems) + (["oracle"] if args.oracle and "oracle" not in args.systems else [])
-    runs_dir = Path(args.out) / "runs"
+    runs_dir = plan_runs_dir(args)
     jobs: list[Job] = []
 
     def add(exp: str, system: str, trace: str, rate: float, intent: str, slo: float, models, every, batch, agg):
@@ -752,7 +844,9 @@ def main_sweep(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="iserve report sweep", description="Simulate the paper's evaluation (Fig. 11, 13, "
                                  "14, 16) with iServe's own decisions and the baselines, then write the report.")
-    ap.add_argument("--out", required=True, help="folder for runs/ and the report")
+    ap.add_argument("--out", required=True, help="folder for the report (and runs/, unless --runs)")
+    ap.add_argument("--runs", default="", help="folder for the run directories (default OUT/runs); e.g. a scratch "
+                    "folder, so that only the report lands in OUT")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS) + ["oracle"])
     ap.add_argument("--oracle", action="store_true", help="add the oracle (static configuration chosen with the trace known)")
     ap.add_argument("--experiments", nargs="+", default=["fig11", "fig13", "fig14", "fig16"],
@@ -772,6 +866,16 @@ def main_sweep(argv: list[str] | None = None) -> int:
     add_common_args(ap)
     args = ap.parse_args(argv)
     console = Console()
+    gpu_label = args.gpu_type
+    if args.maps:
+        from .simulator import load_maps
+
+        try:
+            types = sorted({c.gpu_type for c in load_maps(args.maps).values()})
+        except (FileNotFoundError, ValueError) as e:
+            console.print(f"[red]error:[/red] {e}")
+            return 2
+        gpu_label = " / ".join(types)  # the simulation runs on the maps' GPU type whatever --gpu-type says
     jobs = plan_jobs(args)
     t0 = time.perf_counter()
     done: list[str] = []
@@ -804,15 +908,18 @@ def main_sweep(argv: list[str] | None = None) -> int:
                         line = failures[-1]
                     progress.update(task, advance=1, last=line)
     wall = time.perf_counter() - t0
+    cmd = " ".join(shlex.quote(a) for a in ["iserve", "report", "sweep", *(sys.argv[2:] if argv is None else argv)])
     extra = (f"Simulated sweep: {len(done)} runs in {wall:.1f} s wall ({sum(walls):.1f} s of simulation, "
              f"{args.workers} worker{'s' if args.workers != 1 else ''}); models {' '.join(args.models)}; "
-             f"{args.gpus} x {args.gpu_type}; maps: {args.maps or 'synthetic (roofline)'}.")
+             f"{args.gpus} x {gpu_label}; maps: {args.maps or 'synthetic (roofline)'}"
+             + (f"; each run replays the first {args.duration_s:g} s of the compressed trace" if args.duration_s else "")
+             + f".\n\nCommand: `{cmd}`")
     if failures:
         extra += "\n\nFailed points:\n\n" + "\n".join(f"- {f}" for f in failures)
     if not done:
         console.print("[red]no run finished[/red]")
         return 1
-    report = write_report([Path(args.out) / "runs"], args.out, extra=extra)
+    report = write_report([plan_runs_dir(args)], args.out, extra=extra)
     console.print(f"{len(done)} runs in {wall:.1f} s; wrote {report}")
     for f in failures:
         console.print(f"[red]failed:[/red] {f}")

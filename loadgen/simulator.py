@@ -243,18 +243,35 @@ def synthetic_map(model: str, *, gpu_type: str = "A6000", max_gpus: int = 8, con
 
 def load_maps(directory: str | Path) -> dict[str, ConfigurationMap]:
     """Every ``*.json`` ConfigurationMap in ``directory``, by model name (several GPU types of one
-    model: the last file wins; keep one GPU type per directory)."""
+    model: the last file wins; keep one GPU type per directory). Other JSON files there (a JSON
+    object whose ``type`` is not ``configuration_map``, e.g. ``bench/profile_maps.py``'s
+    ``profile_maps.json`` summary) are skipped; a file that claims to be a map but is not one is an
+    error."""
     out: dict[str, ConfigurationMap] = {}
     paths = sorted(Path(directory).glob("*.json"))
     if not paths:
         raise FileNotFoundError(f"{directory} holds no *.json configuration maps")
     dec = msgspec.json.Decoder(ConfigurationMap)
+
+    class _Tag(msgspec.Struct):
+        type: str = ""
+
+    tag_dec = msgspec.json.Decoder(_Tag)
     for p in paths:
+        data = p.read_bytes()
         try:
-            cmap = dec.decode(p.read_bytes())
+            tag = tag_dec.decode(data).type
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            tag = None  # not a JSON object: let the map decoder say why
+        if tag is not None and tag != "configuration_map":
+            continue
+        try:
+            cmap = dec.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise ValueError(f"{p}: not a ConfigurationMap: {e}") from None
         out[cmap.model] = cmap
+    if not out:
+        raise FileNotFoundError(f"{directory} holds no configuration maps (*.json with type configuration_map)")
     return out
 
 

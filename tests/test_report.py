@@ -129,3 +129,37 @@ def test_sweep_runs_the_simulator_and_writes_the_report(tmp_path):
     m = [report.run_metrics(load_run(p)) for p in runs]
     assert {x.system for x in m} == {"iserve", "max-pp", "oracle"}
     assert all(not math.isnan(x.p50_ms) for x in m)
+
+
+def test_per_baseline_summary_averages_over_loads(runs_dir, tmp_path):
+    out = tmp_path / "report"
+    assert report.main([str(runs_dir), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "## iServe against each system, averaged over loads" in text
+    ms = [report.run_metrics(load_run(p)) for p in report.find_runs([runs_dir])]
+    rows = [line.split(" | ") for line in report._per_baseline(ms).splitlines()[2:]]
+    fig11_tp = next(r for r in rows if r[0] == "| fig11" and r[2] == "TensorRT-LLM_TP")
+    pairs = [(m, o) for m in ms for o in ms if m.experiment == o.experiment == "fig11" and m.system == "iserve"
+             and o.system == "max-tp" and m.rate == o.rate]
+    assert fig11_tp[3] == str(len(pairs)) == "2"
+    same = [(a, b) for a, b in pairs if a.failed == 0 and b.failed == 0]
+    assert fig11_tp[6] == str(len(same)) and same
+    want = sum((a.mean_ms - b.mean_ms) / b.mean_ms for a, b in same) / len(same)
+    assert fig11_tp[7] == f"{want:+.1%}"
+    assert any(r[2] == "all baselines" for r in rows) and any(r[2].startswith("oracle") for r in rows)
+    # SLO attainment and Fig. 16's cluster throughput are ratios
+    assert all(r[7].endswith("x") or r[7] == "-" for r in rows if r[0] in ("| fig14", "| fig16"))
+    assert report._change(2.0, 4.0, False) == pytest.approx(-0.5) and report._change(2.0, 4.0, True) == 0.5
+    assert math.isnan(report._change(1.0, 0.0, True))
+
+
+def test_sweep_writes_runs_elsewhere_and_records_the_command(tmp_path):
+    out, runs = tmp_path / "report", tmp_path / "scratch"
+    rc = report.main(["sweep", "--out", str(out), "--runs", str(runs), "--experiments", "fig11", "--traces", "code",
+                      "--rates", "0.2", "--systems", "iserve", "max-tp", "--duration-s", "120", "--workers", "1",
+                      "--models", "llama-2-7b", "--gpus", "2"])
+    assert rc == 0
+    assert len(report.find_runs([runs])) == 2 and not (out / "runs").exists()
+    text = (out / "report.md").read_text()
+    assert "each run replays the first 120 s" in text
+    assert f"Command: `iserve report sweep --out {out} --runs {runs} --experiments fig11" in text

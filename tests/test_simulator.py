@@ -233,3 +233,22 @@ def test_oracle_is_never_worse_than_iserves_own_choice(paper_models, kind):
     assert o.evaluations <= 6
     assert o.result.meta.system == "oracle" and "coordinate descent" in o.result.meta.notes
     assert set(o.choices) == {m for m, _ in paper_models}
+
+
+def test_load_maps_skips_other_json_but_rejects_a_broken_map(tmp_path):
+    """A maps folder as bench/profile_maps.py writes it: the maps plus its profile_maps.json summary."""
+    m = cmap("m", [flat_est()])
+    (tmp_path / "m.json").write_bytes(msgspec.json.encode(m))
+    (tmp_path / "profile_maps.json").write_text('{"meta": {"gpu": "x"}, "models": []}')
+    (tmp_path / "other.json").write_text('{"type": "something_else"}')
+    maps = sim.load_maps(tmp_path)
+    assert list(maps) == ["m"] and maps["m"].estimates == m.estimates
+    assert sim.resolve_models(["m:2"], maps_dir=str(tmp_path), gpu_type="ignored", max_gpus=8)[1][0] == "m#2"
+    (tmp_path / "bad.json").write_text('{"type": "configuration_map", "model": "x"}')
+    with pytest.raises(ValueError, match="bad.json"):
+        sim.load_maps(tmp_path)
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "profile_maps.json").write_text("{}")
+    with pytest.raises(FileNotFoundError):
+        sim.load_maps(only)
