@@ -478,6 +478,8 @@ class Bench:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     ensure_importable()
+    import iserve.gpu_agent.engine  # noqa: F401 - before CUDA starts: the engine sets the allocator's options
+
     return Bench(a).run()
 
 

@@ -378,6 +378,7 @@ class FingerprintMeasurement(msgspec.Struct, kw_only=True):
     gpu_seconds: float = 0.0  # wall time this measurement held its device(s), load included, times the devices
     tp: int = 1  # tensor-parallel ranks the measurement ran on (peak is the largest rank's)
     base_allocated_bytes: int = 0  # allocated on the device before loading (the runtime's own; a leak shows here)
+    decode_graphs: bool = False  # every stage's decode step ran as a captured CUDA graph (no per-layer host work)
 
 
 class ProfileResult(Message):

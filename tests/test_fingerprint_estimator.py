@@ -166,6 +166,25 @@ def test_graph_captured_decode_is_extrapolated_within_a_percent():
         assert e.tpot_for(p, o) == pytest.approx(truth, rel=0.01), (p, o)
 
 
+
+def test_graph_captured_decode_ignores_host_jitter_in_the_wall_slope():
+    """A captured decode step has no per-layer host work: jitter that makes the 2-layer fingerprint's
+    wall steps slower must not be multiplied by the layer count (seen on an H100: +15-20%)."""
+    arch = _arch()
+    w = _weights(arch)
+    prompts, runs = [128, 512, 1024], [(1024, 8), (512, 32)]
+    ms = [simulated_measurement(arch, w, n, prompts, runs, graphs=True) for n in (1, 2)]
+    ms[1].decode = [DecodeTiming(position=d.position, step_ms=d.step_ms + 0.05) for d in ms[1].decode]
+    ms[1].tpot_ms += 0.05
+    flagged = [msgspec.structs.replace(m, decode_graphs=True) for m in ms]
+    [e] = est.fit_estimates(arch, w, flagged, [Configuration()], context_tokens=2048)
+    [unflagged] = est.fit_estimates(arch, w, ms, [Configuration()], context_tokens=2048)
+    assert not e.tpot_host_ms and unflagged.tpot_host_ms
+    for p, o in runs:
+        truth = np.mean([simulate_model(32, tokens=1, position=x, graphs=True)[0] for x in range(p, p + o - 1)])
+        assert e.tpot_for(p, o) == pytest.approx(truth, rel=0.01), (p, o)
+        assert unflagged.tpot_for(p, o) > truth * 1.05  # the jitter, times 31 layers
+
 def test_host_bound_models_keep_the_host_line():
     """Where every layer is host-bound (tiny GEMMs), the wall-time extrapolation is the answer."""
     arch = _arch()

@@ -589,6 +589,7 @@ def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, t
         gpu_seconds=gpu_seconds,
         tp=tp_size,
         base_allocated_bytes=loaded.base.allocated,
+        decode_graphs=bool(loaded.engine.graphs_captured) and all(loaded.engine.graphs_captured),
     )
     if timings is None:
         return m
