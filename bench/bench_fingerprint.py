@@ -50,6 +50,9 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import int_list, model_list  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = {  # pyproject.toml's [tool.setuptools.package-dir], for a checkout that is not installed
     "iserve": "shared",
@@ -125,20 +128,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _ints(text: str, default: list[int]) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()] if text else default
-
-
-def _models(a: argparse.Namespace) -> list[tuple[str, int | None, bool]]:
-    if not a.models:
-        return TINY_MODELS if a.tiny else GPU_MODELS
-    out = []
-    for item in a.models.split(","):
-        name, _, layers = item.strip().partition(":")
-        out.append((name, int(layers) if layers else None, True))
-    return out
-
-
 def config_order(arch) -> list:
     """Every one-GPU configuration, coverage first: the fp16 baseline, then each knob value once,
     then combinations, so that a run cut short by time still covers every format."""
@@ -182,8 +171,8 @@ class Bench:
             raise SystemExit("no CUDA device here: run on a GPU, or pass --tiny for the CPU check.")
         if torch.device(self.device).type == "cpu":
             torch.set_num_threads(1)  # tiny shapes gain nothing from threads, and a busy CPU makes them stall
-        self.prompts = _ints(a.prompt_lengths, [16, 32, 64] if a.tiny else [128, 512, 1024])
-        self.outputs = _ints(a.output_lengths, [4, 12] if a.tiny else [8, 32])
+        self.prompts = int_list(a.prompt_lengths, [16, 32, 64] if a.tiny else [128, 512, 1024])
+        self.outputs = int_list(a.output_lengths, [4, 12] if a.tiny else [8, 32])
         self.context = a.context_tokens or (128 if a.tiny else 2048)
         self.out = Path(a.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -389,7 +378,7 @@ class Bench:
         self.log(f"bench_fingerprint on {self.meta['gpu']} ({self.device}), torch {self.meta['torch']}, "
                  f"budget {self.deadline - self.t0:.0f} s")
         try:
-            models = _models(self.a)
+            models = model_list(self.a.models, TINY_MODELS if self.a.tiny else GPU_MODELS)
             for i, (preset, layers, required) in enumerate(models):
                 if self.left() < (2 if self.a.tiny else 15):
                     self.results.append({"model": preset, "note": "skipped: out of time"})

@@ -66,6 +66,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import int_list, model_list  # noqa: E402
 from _importable import ensure_importable  # noqa: E402
 
 DENSE_LAYERS = 2  # the deepest fingerprint: generator.FINGERPRINT_LAYERS
@@ -99,20 +100,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _ints(text: str, default: list[int]) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()] if text else default
-
-
-def _models(a: argparse.Namespace) -> list[tuple[str, int | None, bool]]:
-    if not a.models:
-        return TINY_MODELS if a.tiny else GPU_MODELS
-    out = []
-    for item in a.models.split(","):
-        name, _, layers = item.strip().partition(":")
-        out.append((name, int(layers) if layers else None, True))
-    return out
-
-
 def coverage_order(variants: list) -> list:
     """Variants with fewer non-default knobs first (fp16; each format alone; pairs; triples), then by
     knob value order, so a model cut short by time still has every single format."""
@@ -140,8 +127,8 @@ class ProfileMaps:
         self.mode = "tiny" if a.tiny else "gpu"
         self.repeats = a.repeats or (1 if a.tiny else 3)
         self.max_variants = a.max_variants if a.max_variants >= 0 else (3 if a.tiny else 0)
-        self.prompts = _ints(a.prompt_lengths, [16, 32, 64] if a.tiny else [128, 512, 1024])
-        self.outputs = _ints(a.output_lengths, [4, 12] if a.tiny else [16, 64])
+        self.prompts = int_list(a.prompt_lengths, [16, 32, 64] if a.tiny else [128, 512, 1024])
+        self.outputs = int_list(a.output_lengths, [4, 12] if a.tiny else [16, 64])
         self.context = a.context_tokens or (128 if a.tiny else 2048)
         self.out = Path(a.out)
         self.maps_dir = self.out / "maps"
@@ -323,7 +310,7 @@ class ProfileMaps:
         self.log(f"profile_maps on {self.meta['gpu']} ({self.device}), budget {self.deadline - self.t0:.0f} s, "
                  f"repeats {self.repeats}, up to {self.a.max_gpus} GPUs per configuration")
         try:
-            models = _models(self.a)
+            models = model_list(self.a.models, TINY_MODELS if self.a.tiny else GPU_MODELS)
             for i, (preset, layers, required) in enumerate(models):
                 later = [r for _, _, r in models[i + 1:]]
                 # required models share what is left evenly; the others share what the required ones leave
