@@ -25,6 +25,7 @@ What a run does, in order:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import time
@@ -376,7 +377,15 @@ class Replayer:
             if self.writer is not None and not self._intent_recorded:
                 self._intent_recorded = True
                 self.writer.update_meta(intent=intent)
-            rep = await c.deploy(model, intent, placement=self.cfg.placement, deployment_id=dep_id)
+            pending = asyncio.ensure_future(c.deploy(model, intent, placement=self.cfg.placement, deployment_id=dep_id))
+            try:
+                rep = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                # Interrupted (Ctrl-C) while the deployer decides: wait for its answer, so that what it
+                # deploys is known and undeployed with the rest, then stop.
+                with contextlib.suppress(Exception):
+                    self.deployed.append((await asyncio.wait_for(pending, timeout=60.0)).deployment.deployment_id)
+                raise
         except errors.IServeError as e:
             self._emit("deployment", DeploymentEvent(t_s=0.0, model=model, deployment_id=dep_id, config="", status="failed", reason=str(e)), self._now_unix())
             self.err.print(f"[yellow]deploying {model} failed:[/] {e}")
