@@ -25,31 +25,25 @@ Structured pruning follows the estimator's rule (``pruned_arch``) with the Llama
 the weakest 25% of KV groups (or of the query heads of each group when there are fewer than 4 KV
 heads) by squared weight norm, and the weakest 25% of FFN channels.
 
-``Engine.load`` (``runner.py``) builds an ``OtherStage`` instead of a ``Stage`` for the families in
-``FAMILIES``; ``CAPABILITIES["families"]`` lists them.
+``OtherStage`` overrides only ``Stage``'s two family hooks (how a layer is built from its tensors, and
+the RoPE tables); ``Stage`` loads the embedding, final norm and LM head of any family through the
+checkpoint's layout (with the LayerNorm and head biases these families have). ``Engine.load``
+(``runner.py``) builds an ``OtherStage`` instead of a ``Stage`` for the families in ``FAMILIES``;
+``CAPABILITIES["families"]`` lists them.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from iserve.checkpoint import (
-    Checkpoint,
-    embed_name,
-    final_norm_names,
-    head_names,
-    layer_prefix,
-    layer_tensor_shapes,
-    load_tensors,
-)
-from iserve.errors import BadRequest, UnsupportedModel
-from iserve.messages import ArchSpec, ProfileVariant
+from iserve.checkpoint import Checkpoint
+from iserve.errors import UnsupportedModel
+from iserve.messages import ArchSpec
 
-from .model import KVCache, LayerFormat, Stage, TensorParallel, pruned_counts, release_cached
+from .model import KVCache, LayerFormat, Stage, TensorParallel, pruned_counts
 from .quant import Linear
 
 FAMILIES = ("falcon", "gptj", "gpt_neox")
@@ -325,86 +319,24 @@ class OtherStage(Stage):
     """A ``model.Stage`` of a Falcon, GPT-J or GPT-NeoX model: same constructor arguments, same
     passes; only the tensors, the layers, the final LayerNorm and the (biased) LM head differ."""
 
-    def __init__(self, ck: Checkpoint, device: torch.device, first_layer: int, num_layers: int, *,
-                 context_tokens: int, dtype: torch.dtype, weight_quant: str = "fp16", kv_quant: str = "fp16",
-                 pruning: str = "none", tp: TensorParallel | None = None):
-        arch = ck.arch
-        if arch.family not in FAMILIES:
-            raise UnsupportedModel(f"OtherStage runs the {', '.join(FAMILIES)} families, not {arch.family}.")
-        self.arch = arch
-        self.device = device
-        self.dtype = dtype
-        self.tp = tp or TensorParallel()
-        self.first_layer = first_layer
-        self.num_layers = num_layers
-        self.is_first = first_layer == 0
-        self.is_last = first_layer + num_layers == arch.num_layers
-        self.context_tokens = context_tokens
-        self.window = None
-        self.is_moe = False
-        load_device = str(device)
+    def __init__(self, ck: Checkpoint, device: torch.device, first_layer: int, num_layers: int, **kwargs: Any):
+        if ck.arch.family not in FAMILIES:
+            raise UnsupportedModel(f"OtherStage runs the {', '.join(FAMILIES)} families, not {ck.arch.family}.")
+        super().__init__(ck, device, first_layer, num_layers, **kwargs)
 
-        def load(names: list[str], strip: str = "") -> dict[str, torch.Tensor]:
-            raw = load_tensors(ck, names, device=load_device)
-            return {n[len(strip):]: t.to(dtype) for n, t in raw.items()}
+    def _build_layer(self, t: dict[str, torch.Tensor], fmt: LayerFormat, pruning: str) -> OtherLayer:
+        c = canonical_layer(self.arch, t)
+        del t
+        if pruning == "structured":
+            c = prune_structured(self.arch, c)
+        return OtherLayer(self.arch, c, fmt, self.tp)
 
-        self.vocab_rows = -(-arch.vocab_size // self.tp.size)
-        self.vocab_start = self.tp.rank * self.vocab_rows
-
-        def vocab_shard(w: torch.Tensor) -> torch.Tensor:
-            if self.tp.size == 1:
-                return w
-            part = w[self.vocab_start:self.vocab_start + self.vocab_rows]
-            pad = (0, 0, 0, self.vocab_rows - part.shape[0]) if part.dim() == 2 else (0, self.vocab_rows - part.shape[0])
-            return F.pad(part, pad).contiguous()
-
-        emb = embed_name(arch)
-        self.embed = vocab_shard(load([emb])[emb]) if self.is_first else None
-        fmt = LayerFormat(weight_quant, pruning == "2:4", dtype)
-        self.layers: list[OtherLayer] = []  # type: ignore[assignment]
-        names = list(layer_tensor_shapes(arch))
-        for i in range(first_layer, first_layer + num_layers):
-            p = layer_prefix(i, arch)
-            c = canonical_layer(arch, load([p + n for n in names], strip=p))
-            if pruning == "structured":
-                c = prune_structured(arch, c)
-            self.layers.append(OtherLayer(arch, c, fmt, self.tp))
-            del c
-            release_cached(device)
-        self.norm = self.norm_bias = self.lm_head = self.lm_head_bias = None
-        if self.is_last:
-            norm_w, norm_b = final_norm_names(arch)
-            t = load([norm_w, norm_b])
-            self.norm, self.norm_bias = t[norm_w], t[norm_b]
-            heads = head_names(arch)
-            if arch.tie_embeddings:
-                self.lm_head = self.embed if self.embed is not None else vocab_shard(load([emb])[emb])
-            else:
-                t = load(heads)
-                self.lm_head = vocab_shard(t[heads[0]])
-                if len(heads) > 1:
-                    self.lm_head_bias = vocab_shard(t[heads[1]])
-
-        _, kv_heads, _ = pruned_counts(arch, pruning)
-        _, local_kv = self.tp.split(kv_heads, "the number of KV heads")
-        self.cache = KVCache(num_layers, local_kv, context_tokens, arch.head_dim, dtype, device, kv_quant)
-        self.cos, self.sin = rope_tables(arch, context_tokens, device, dtype)
-        self.positions = torch.arange(context_tokens, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.fused = False  # the engine's fused Triton decode kernels are written for the Llama layers
-        self.splits = None
+    def _rope_tables(self, positions: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(self.arch, positions, device, dtype)
 
     @property
     def can_fuse(self) -> bool:
-        return False
-
-    def weight_tensors(self) -> list[torch.Tensor]:
-        out = [t for t in (self.embed, self.norm, self.norm_bias, self.lm_head_bias) if t is not None]
-        if self.lm_head is not None and self.lm_head is not self.embed:
-            out.append(self.lm_head)
-        for layer in self.layers:
-            out += layer.tensors()
-        return out
+        return False  # the engine's fused Triton decode kernels are written for the Llama layers
 
     def _output(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_last:

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from iserve.checkpoint import Checkpoint, layer_prefix, layer_tensor_shapes, load_tensors
+from iserve.checkpoint import Checkpoint, embed_name, final_norm_names, head_names, layer_prefix, layer_tensor_shapes, load_tensors
 from iserve.errors import BadRequest, UnsupportedModel
 from iserve.messages import ArchSpec
 
@@ -604,44 +604,58 @@ class Stage:
         self.vocab_rows = -(-arch.vocab_size // self.tp.size)
         self.vocab_start = self.tp.rank * self.vocab_rows
 
-        def vocab_shard(w: torch.Tensor) -> torch.Tensor:
+        def vocab_shard(w: torch.Tensor) -> torch.Tensor:  # a [vocab, hidden] weight or a [vocab] bias
             if self.tp.size == 1:
                 return w
             part = w[self.vocab_start:self.vocab_start + self.vocab_rows]
-            return F.pad(part, (0, 0, 0, self.vocab_rows - part.shape[0])).contiguous()
+            pad = (0, 0, 0, self.vocab_rows - part.shape[0]) if part.dim() == 2 else (0, self.vocab_rows - part.shape[0])
+            return F.pad(part, pad).contiguous()
 
-        embed_name = "model.embed_tokens.weight"
-        self.embed = vocab_shard(load([embed_name])[embed_name]) if self.is_first else None
+        emb = embed_name(arch)
+        self.embed = vocab_shard(load([emb])[emb]) if self.is_first else None
         fmt = LayerFormat(weight_quant, pruning == "2:4", dtype)
-        self.layers: list[DecoderLayer] = []
+        self.layers: list = []
         names = list(layer_tensor_shapes(arch))
         for i in range(first_layer, first_layer + num_layers):
             # One layer at a time, so that fusing and converting never hold more than one layer twice.
-            p = layer_prefix(i)
-            t = load([p + n for n in names], strip=p)
-            if pruning == "structured":
-                t = prune_structured(arch, t)
-            self.layers.append(DecoderLayer(arch, t, fmt, self.tp))
-            del t
+            p = layer_prefix(i, arch)
+            self.layers.append(self._build_layer(load([p + n for n in names], strip=p), fmt, pruning))
             release_cached(device)
-        self.norm = self.lm_head = None
+        # The final norm (LayerNorm families: weight and bias) and the LM head (some with a bias).
+        self.norm = self.norm_bias = self.lm_head = self.lm_head_bias = None
         if self.is_last:
-            self.norm = load(["model.norm.weight"])["model.norm.weight"]
+            norm_names = final_norm_names(arch)
+            t = load(norm_names)
+            self.norm = t[norm_names[0]]
+            self.norm_bias = t[norm_names[1]] if len(norm_names) > 1 else None
             if arch.tie_embeddings:
-                self.lm_head = self.embed if self.embed is not None else vocab_shard(load([embed_name])[embed_name])
+                self.lm_head = self.embed if self.embed is not None else vocab_shard(load([emb])[emb])
             else:
-                self.lm_head = vocab_shard(load(["lm_head.weight"])["lm_head.weight"])
+                heads = head_names(arch)
+                t = load(heads)
+                self.lm_head = vocab_shard(t[heads[0]])
+                if len(heads) > 1:
+                    self.lm_head_bias = vocab_shard(t[heads[1]])
 
         # Static state: KV cache, RoPE tables, and the decode position buffer.
         _, kv_heads, _ = pruned_counts(arch, pruning)
         _, local_kv = self.tp.split(kv_heads, "the number of KV heads")
         self.cache = KVCache(num_layers, local_kv, context_tokens, arch.head_dim, dtype, device, kv_quant)
-        self.cos, self.sin = rope_tables(arch, context_tokens, device, dtype)
+        self.cos, self.sin = self._rope_tables(context_tokens, device, dtype)
         self.positions = torch.arange(context_tokens, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         # Decode through the fused Triton kernels (the engine turns this on after checking them).
         self.fused = False
         self.splits = kernels.attention_splits(local_kv, context_tokens)
+
+    def _build_layer(self, t: dict[str, torch.Tensor], fmt: LayerFormat, pruning: str):
+        """One hidden layer from its checkpoint tensors (names relative to the layer), in ``fmt``."""
+        if pruning == "structured":
+            t = prune_structured(self.arch, t)
+        return DecoderLayer(self.arch, t, fmt, self.tp)
+
+    def _rope_tables(self, positions: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(self.arch, positions, device, dtype)
 
     @property
     def can_fuse(self) -> bool:
@@ -653,7 +667,7 @@ class Stage:
     # -- accounting ------------------------------------------------------------------------------
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        out = [t for t in (self.embed, self.norm) if t is not None]
+        out = [t for t in (self.embed, self.norm, self.norm_bias, self.lm_head_bias) if t is not None]
         if self.lm_head is not None and self.lm_head is not self.embed:
             out.append(self.lm_head)
         for layer in self.layers:
