@@ -37,12 +37,10 @@ would need a run on ``TP x PP`` GPUs for each configuration).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -51,7 +49,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import int_list, model_list  # noqa: E402
+from _cli import int_list, model_list, run_meta, torch_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = {  # pyproject.toml's [tool.setuptools.package-dir], for a checkout that is not installed
@@ -166,9 +164,7 @@ class Bench:
         self.a = a
         self.t0 = time.monotonic()
         self.deadline = self.t0 + (a.budget_s or (600.0 if a.tiny else 510.0))
-        self.device = a.device or ("cpu" if a.tiny else "cuda:0")
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("no CUDA device here: run on a GPU, or pass --tiny for the CPU check.")
+        self.device = torch_device(a.device, a.tiny)
         if torch.device(self.device).type == "cpu":
             torch.set_num_threads(1)  # tiny shapes gain nothing from threads, and a busy CPU makes them stall
         self.prompts = int_list(a.prompt_lengths, [16, 32, 64] if a.tiny else [128, 512, 1024])
@@ -191,17 +187,10 @@ class Bench:
         return self.deadline - time.monotonic()
 
     def _meta(self) -> dict:
-        import torch
-
         from iserve.gpu_agent.engine import CAPABILITIES
-        from iserve.gpu_agent.engine.profile import gpu_type_of
 
         return {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": gpu_type_of(self.device),
-            "device": self.device,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
+            **run_meta(self.device),
             "capabilities": CAPABILITIES,
             "protocol": {"prompt_lengths": self.prompts, "output_lengths": self.outputs, "repeats": self.a.repeats,
                          "fingerprint_repeats": self.a.fp_repeats, "context_tokens": self.context},

@@ -53,11 +53,9 @@ models, variants profiled, configurations estimated, GPU-seconds and wall time i
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -66,7 +64,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import int_list, model_list  # noqa: E402
+from _cli import int_list, model_list, run_meta, torch_device  # noqa: E402
 from _importable import ensure_importable  # noqa: E402
 
 DENSE_LAYERS = 2  # the deepest fingerprint: generator.FINGERPRINT_LAYERS
@@ -116,14 +114,10 @@ def _gib(n: float) -> str:
 
 class ProfileMaps:
     def __init__(self, a: argparse.Namespace):
-        import torch
-
         self.a = a
         self.t0 = time.monotonic()
         self.deadline = self.t0 + (a.budget_s or (300.0 if a.tiny else 540.0))
-        self.device = a.device or ("cpu" if a.tiny else "cuda:0")
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("no CUDA device here: run on a GPU, or pass --tiny for the CPU check.")
+        self.device = torch_device(a.device, a.tiny)
         self.mode = "tiny" if a.tiny else "gpu"
         self.repeats = a.repeats or (1 if a.tiny else 3)
         self.max_variants = a.max_variants if a.max_variants >= 0 else (3 if a.tiny else 0)
@@ -147,19 +141,13 @@ class ProfileMaps:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
 
     def _meta(self) -> dict:
-        import torch
-
-        from iserve.gpu_agent.engine.profile import gpu_type_of
-
         return {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": gpu_type_of(self.device), "device": self.device, "torch": torch.__version__,
-            "python": platform.python_version(), "max_gpus": self.a.max_gpus, "budget_s": round(self.deadline - self.t0),
+            **run_meta(self.device), "max_gpus": self.a.max_gpus, "budget_s": round(self.deadline - self.t0),
             "protocol": {"prompt_lengths": self.prompts, "output_lengths": self.outputs, "repeats": self.repeats,
                          "context_tokens": self.context},
             "checkpoints": f"random weights, sparse: only the embedding, final norm, LM head and layers 0-{DENSE_LAYERS - 1} "
                            "are written, the rest are filesystem holes (zeros); fingerprints read only those tensors",
-            "filesystem_holes": _holes_supported(self.work),
+            "filesystem_holes": self.holes_ok,
             "tp": "TP=1 measured; TP>1 derived from TP=1 by the estimator's communication model (fingerprint+comm)",
         }
 
