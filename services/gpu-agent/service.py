@@ -20,6 +20,7 @@ have no hardware reading, so reservations are their whole story.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import socket
@@ -79,6 +80,13 @@ class WorkerProc:
     @property
     def procs(self) -> list[asyncio.subprocess.Process]:
         return [self.proc, *self.followers]
+
+    def signal(self, *, kill: bool = False) -> None:
+        """Terminate (or kill) every rank still running; one that exits meanwhile is skipped."""
+        for p in self.procs:
+            if p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    (p.kill if kill else p.terminate)()
 
 
 def exit_reason(w: "WorkerProc") -> str:
@@ -197,12 +205,7 @@ class AgentService:
             w.unhealthy = (f"no heartbeat for {silent:.0f} s (more than --worker-stale-s {stale:g}): the worker hung or lost "
                            f"its NATS connection, so agent {self.cfg.agent_id} killed it")
             log.error("worker unhealthy; killing it", worker_id=w.worker_id, silent_s=round(silent, 1))
-            for p in w.procs:
-                if p.returncode is None:
-                    try:
-                        p.kill()
-                    except ProcessLookupError:
-                        pass
+            w.signal(kill=True)
             killed.append(w.worker_id)
         return killed
 
@@ -325,18 +328,11 @@ class AgentService:
         first = next(iter(done))
         code = first.result()
         if pending:  # a tensor-parallel rank exited: the others cannot go on without it
-            for p in w.procs:
-                if p.returncode is None:
-                    try:
-                        p.terminate()
-                    except ProcessLookupError:
-                        pass
+            w.signal()
             try:
                 await asyncio.wait_for(asyncio.gather(*pending), STOP_GRACE_S)
             except asyncio.TimeoutError:
-                for p in w.procs:
-                    if p.returncode is None:
-                        p.kill()
+                w.signal(kill=True)
                 await asyncio.gather(*pending)
         if waits[first] is not w.proc and w.proc.returncode not in (None, 0) and code == 0:
             code = w.proc.returncode
@@ -371,11 +367,7 @@ class AgentService:
         try:
             await asyncio.wait_for(w.exited.wait(), STOP_GRACE_S)
         except asyncio.TimeoutError:
-            for p in w.procs:
-                try:
-                    p.kill()
-                except ProcessLookupError:
-                    pass
+            w.signal(kill=True)
             await w.exited.wait()
 
     async def handle_launch(self, req: LaunchWorker, _msg: Msg) -> LaunchReply:
