@@ -189,3 +189,13 @@ async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path):
     finally:
         await agent.close()
         await nc.drain()
+
+
+@pytest.mark.parametrize("preset", ["tiny-falcon", "tiny-gptj", "tiny-neox"])
+def test_tp2_on_cpu_gives_the_tokens_of_tp1_for_other_families(preset, tmp_path):
+    path = make_checkpoint(tmp_path / preset, preset, num_layers=2, std=0.06, seed=3)
+    results = _spawn(path, [[("cpu", 0, 2)]] * 2, [dict()])
+    (greedy, sampled), stopped, reason, _, _ = results[0][0]
+    one = Engine.load(path, [("cpu", 0, 2)], 96)
+    assert (greedy, sampled) == _run(one)
+    assert stopped == greedy[:2] and reason == "cancelled"
