@@ -373,6 +373,58 @@ class TokenSink:
         self.loop.close()
 
 
+# -- several tensor-parallel engines in one set of processes -----------------------------------------
+#
+# A TP engine's followers sit in ``Engine.follow_one()`` for the leader's next generation, on that
+# engine's own control group. When a measurement holds several engines (the fingerprint pair, timed
+# interleaved), the followers must also learn *which* engine the leader runs next: the leader
+# broadcasts its index on a gloo group of the measurement (``coord``) before each generation,
+# outside the timed window, and -1 when a phase (one engine's warm-up, the timed passes) ends.
+
+_PHASE_END = -1
+
+
+def _broadcast_index(coord, value: int | None) -> int:
+    import torch.distributed as dist
+
+    box = torch.tensor([_PHASE_END if value is None else value], dtype=torch.long)
+    dist.broadcast(box, src=0, group=coord)
+    return int(box.item())
+
+
+class _Announced:
+    """A TP leader's engine, one of several in a measurement: ``announce()`` tells the followers that
+    its generation comes next. Everything else is the engine's."""
+
+    def __init__(self, engine, index: int, coord):
+        self.engine = engine
+        self.index = index
+        self.coord = coord
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def announce(self) -> None:
+        _broadcast_index(self.coord, self.index)
+
+
+def _announce(engine) -> None:
+    """Before a timed generation: let the followers know which engine runs it (TP leaders only)."""
+    announce = getattr(engine, "announce", None)
+    if announce is not None:
+        announce()
+
+
+def _follow_phase(coord, engines: list) -> int:
+    """A follower: run the generations the leader announces until it ends the phase."""
+    done = 0
+    while (index := _broadcast_index(coord, None)) != _PHASE_END:
+        if not engines[index].follow_one():
+            raise RuntimeError(f"the TP leader closed engine {index} while the followers expected a generation")
+        done += 1
+    return done
+
+
 def _run_wall(engine, ids: list[int], max_tokens: int, sink: TokenSink | None = None) -> tuple[float, list[float]]:
     """One generation; returns host wall TTFT and the wall time of every further step (ms)."""
     stamps: list[float] = []
@@ -382,6 +434,7 @@ def _run_wall(engine, ids: list[int], max_tokens: int, sink: TokenSink | None = 
         if sink is not None:
             sink.push(t)
 
+    _announce(engine)
     t0 = time.perf_counter()
     engine.generate(ids, max_tokens=max_tokens, ignore_eos=True, on_token=on_token)
     if len(stamps) != max_tokens:
@@ -404,6 +457,7 @@ def _run_device(engine, clock, ids: list[int], max_tokens: int, ttft_spin_ms: fl
             clock.spin(step_spin_ms)
             starts.append(clock.mark())
 
+    _announce(engine)
     clock.spin(ttft_spin_ms)
     starts.append(clock.mark())
     engine.generate(ids, max_tokens=max_tokens, ignore_eos=True, on_token=on_token)
@@ -526,14 +580,19 @@ def _check_model(model_dir: str | Path, protocol: Protocol, num_layers: int | No
 
 class _Loaded:
     """One engine loaded for measuring, with its own memory figures (taken while it loaded and warmed
-    up before any other engine of the measurement ran)."""
+    up before any other engine of the measurement ran).
+
+    With tensor parallelism every rank loads it; the leader warms it up (``runner``: the engine,
+    announced to the followers by ``index`` on ``coord``), a follower runs the leader's warm-up
+    generations, and each rank then reads its own memory peaks."""
 
     def __init__(self, model_dir, device: str, protocol: Protocol, variant: ProfileVariant, *, seed: int, tp_rank: int,
-                 tp_size: int, gpu_warmup_s: float, follower: bool = False):
+                 tp_size: int, gpu_warmup_s: float, index: int = 0, coord=None):
         self.t_start = time.perf_counter()
         self.probe = _NvmlProbe(torch.device(device))
         self.base = _Baseline(torch.device(device), self.probe)
         self.engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size)
+        self.runner = _Announced(self.engine, index, coord) if coord is not None and tp_rank == 0 else self.engine
         self.dev = self.engine.stages[0].device
         self.nvml_peak = 0
         self.weight_bytes, self.kv_bytes = self.engine.weight_bytes(), self.engine.kv_cache_bytes()
@@ -545,10 +604,13 @@ class _Loaded:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.dev)
         self.sample()
-        if follower:
-            return
-        prompts, runs = _prompts(protocol, self.engine.arch.vocab_size, seed)
-        _warm_up(self.engine, protocol, prompts, runs, gpu_warmup_s)
+        if tp_rank == 0:
+            prompts, runs = _prompts(protocol, self.engine.arch.vocab_size, seed)
+            _warm_up(self.runner, protocol, prompts, runs, gpu_warmup_s)
+            if coord is not None:
+                _broadcast_index(coord, _PHASE_END)
+        else:
+            _follow_phase(coord, {index: self.engine})
         self.finish_memory(protocol)
 
     def sample(self) -> None:
@@ -566,8 +628,11 @@ class _Loaded:
             self.peak = self.engine.memory_bytes()[0] + activation_bytes_estimate(self.engine.arch, max(protocol.prompt_lengths), dtype_bytes)
             self.reserved = self.nvml = 0
 
-    def close(self) -> None:
+    def close(self, follower: bool = False) -> None:
+        """Close the engine; a TP follower first takes the leader's close message."""
         self.probe.close()
+        if follower:
+            self.engine.follow_one()
         self.engine.close()
 
 
@@ -617,32 +682,56 @@ def measure_models(
     gpu_warmup_s: float = ENGINE_WARMUP_S,
     seed: int = 0,
     clock_factory: Callable[[torch.device], object] | None = None,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    coord=None,
 ) -> list[FingerprintMeasurement]:
     """Measure several checkpoints of one architecture as ``variant`` on ``device`` together: each
     is loaded in turn and its memory taken as it loads and warms up (with the others' memory told
     apart, see ``_Baseline``), then all are timed with their runs interleaved. The fingerprint
     pair is measured this way: a layer's cost is the difference of the two, and interleaving keeps
-    drift between them out of it. Each measurement's GPU-seconds are an equal share of the total."""
-    variant = variant or ProfileVariant()
+    drift between them out of it. Each measurement's GPU-seconds are an equal share of the total
+    (times ``tp_size`` on CUDA).
+
+    With ``tp_size > 1`` every rank calls this with the same arguments and its ``tp_rank``
+    (``torch.distributed`` initialized); ``coord`` is a gloo group of the ranks (made here when not
+    given). Rank 0 times, interleaved exactly as at TP=1; the other ranks follow its generations.
+    Every rank returns its measurements, with its own memory; only rank 0's carry timings."""
+    variant = variant or ProfileVariant(tp=tp_size)
     for i, d in enumerate(model_dirs):
         _check_model(d, protocol, num_layers[i] if num_layers is not None else None)
+    if tp_size > 1 and coord is None:
+        import torch.distributed as dist
+
+        coord = dist.new_group(list(range(tp_size)), backend="gloo")
+    leader = tp_rank == 0
     t_start = time.perf_counter()
     loaded: list[_Loaded] = []
     try:
-        for d in model_dirs:
-            loaded.append(_Loaded(d, device, protocol, variant, seed=seed, tp_rank=0, tp_size=1, gpu_warmup_s=gpu_warmup_s))
+        for i, d in enumerate(model_dirs):
+            loaded.append(_Loaded(d, device, protocol, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size,
+                                  gpu_warmup_s=gpu_warmup_s, index=i, coord=coord))
 
         def after_run() -> None:
             for item in loaded:
                 item.sample()
 
-        timings = _time_engines([x.engine for x in loaded], protocol, device_timing=device_timing, seed=seed, after_run=after_run,
-                                clock_factory=clock_factory)
-        share = (time.perf_counter() - t_start) / len(loaded)
-        return [_measurement(x, variant, protocol, t, share, 1) for x, t in zip(loaded, timings)]
+        timings: list[_Timings | None] = [None] * len(loaded)
+        if leader:
+            timings = list(_time_engines([x.runner for x in loaded], protocol, device_timing=device_timing, seed=seed,
+                                         after_run=after_run, clock_factory=clock_factory))
+            if coord is not None:
+                _broadcast_index(coord, _PHASE_END)
+        else:
+            _follow_phase(coord, [x.engine for x in loaded])
+        cuda = loaded[0].dev.type == "cuda"
+        share = (time.perf_counter() - t_start) / len(loaded) * (tp_size if cuda else 1)
+        return [_measurement(x, variant, protocol, t, share, tp_size) for x, t in zip(loaded, timings)]
     finally:
         for x in loaded:
-            x.close()
+            # A follower takes each engine's close message. (After a failure on one rank only, the
+            # ranks disagree on where they are; the parent kills them when the leader reports it.)
+            x.close(follower=not leader)
 
 
 def measure_model(
@@ -658,35 +747,15 @@ def measure_model(
     tp_rank: int = 0,
     tp_size: int = 1,
     clock_factory: Callable[[torch.device], object] | None = None,
+    coord=None,
 ) -> FingerprintMeasurement:
-    """Load ``model_dir`` on ``device`` as ``variant`` and measure it with ``protocol``.
-
-    Used for full models in validation (``device_timing=False``) and for tensor-parallel ranks:
-    with ``tp_size > 1`` every rank calls this (``torch.distributed`` already initialized); rank 0
-    measures and the other ranks follow its generations, returning only their memory.
-    """
-    variant = variant or ProfileVariant(tp=tp_size)
-    if tp_size == 1:
-        [m] = measure_models([model_dir], device, protocol=protocol, variant=variant,
-                             num_layers=[num_layers] if num_layers is not None else None, device_timing=device_timing,
-                             gpu_warmup_s=gpu_warmup_s, seed=seed, clock_factory=clock_factory)
-        return m
-    _check_model(model_dir, protocol, num_layers)
-    t_start = time.perf_counter()
-    item = _Loaded(model_dir, device, protocol, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size, gpu_warmup_s=gpu_warmup_s,
-                   follower=tp_rank > 0)
-    try:
-        timings = None
-        if tp_rank == 0:
-            [timings] = _time_engines([item.engine], protocol, device_timing=device_timing, seed=seed, after_run=item.sample,
-                                      clock_factory=clock_factory)
-        else:
-            item.engine.follow()  # the leader's warm-up and timed runs, until it closes
-        item.finish_memory(protocol)
-        gpu_seconds = (time.perf_counter() - t_start) * (tp_size if item.dev.type == "cuda" else 1)
-        return _measurement(item, variant, protocol, timings, gpu_seconds, tp_size)
-    finally:
-        item.close()
+    """Load ``model_dir`` on ``device`` as ``variant`` and measure it with ``protocol`` (one model of
+    ``measure_models``; used for full models in validation, ``device_timing=False``)."""
+    [m] = measure_models([model_dir], device, protocol=protocol, variant=variant or ProfileVariant(tp=tp_size),
+                         num_layers=[num_layers] if num_layers is not None else None, device_timing=device_timing,
+                         gpu_warmup_s=gpu_warmup_s, seed=seed, clock_factory=clock_factory, tp_rank=tp_rank, tp_size=tp_size,
+                         coord=coord)
+    return m
 
 
 def measure_fingerprint(
@@ -765,14 +834,16 @@ def _tp_rank_main(rank: int, size: int, port: int, job_bytes: bytes, devices: li
         try:
             allreduce = measure_allreduce(device) if cuda else (0.0, 0.0)
             protocol = protocol_of_job(job)
+            coord = dist.new_group(list(range(size)), backend="gloo")  # which engine the leader runs next
             out: dict[str, list[bytes] | str] = {}
             for vb in variants_bytes:
                 variant = decoder(ProfileVariant).decode(vb)
                 try:
+                    # The fingerprints of a variant together, timed interleaved as at TP=1.
                     out[_variant_key(variant)] = [
-                        encode(measure_model(path, device, protocol=protocol, variant=variant, device_timing=job.device_timing,
-                                             gpu_warmup_s=ENGINE_WARMUP_S, tp_rank=rank, tp_size=size))
-                        for path in job.fingerprint_paths
+                        encode(m) for m in measure_models(job.fingerprint_paths, device, protocol=protocol, variant=variant,
+                                                          device_timing=job.device_timing, gpu_warmup_s=ENGINE_WARMUP_S,
+                                                          tp_rank=rank, tp_size=size, coord=coord)
                     ]
                 except UnsupportedModel as e:  # raised alike on every rank, before any collective of the variant
                     out[_variant_key(variant)] = e.message

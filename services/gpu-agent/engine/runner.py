@@ -659,17 +659,23 @@ class Engine:
     def follow(self) -> int:
         """Tensor-parallel ranks other than 0: run every generation the leader broadcasts, in lockstep,
         until the leader closes. Returns how many generations were run."""
+        done = 0
+        while self.follow_one():
+            done += 1
+        return done
+
+    def follow_one(self) -> bool:
+        """Tensor-parallel ranks other than 0: take the leader's next message and run the generation
+        it carries. Returns False when the message was the leader's close instead."""
         if self._tp is None or self._tp.leader:
             raise BadRequest("follow() is for the ranks other than 0 of a tensor-parallel engine.")
-        done = 0
-        while True:
-            message = self._tp.send(())
-            if message[0] != "generate":
-                return done
-            _, ids, max_tokens, temperature, top_p, seed, ignore_eos = message
-            with _compute():
-                self._generate(ids, max_tokens, temperature, top_p, seed, ignore_eos, None, None)
-            done += 1
+        message = self._tp.send(())
+        if message[0] != "generate":
+            return False
+        _, ids, max_tokens, temperature, top_p, seed, ignore_eos = message
+        with _compute():
+            self._generate(ids, max_tokens, temperature, top_p, seed, ignore_eos, None, None)
+        return True
 
     def _generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
                   ignore_eos: bool, on_token: Callable[[int], None] | None,
