@@ -163,6 +163,8 @@ class Bench:
 
         self.a = a
         self.t0 = time.monotonic()
+        self.no_replay: dict[str, list] = {}  # model -> estimates from the 1- and 2-layer runs alone, compared
+        self.current = ""
         self.deadline = self.t0 + (a.budget_s or (600.0 if a.tiny else 510.0))
         self.device = torch_device(a.device, a.tiny)
         if torch.device(self.device).type == "cpu":
@@ -208,6 +210,7 @@ class Bench:
         from iserve.modelmaker import make_checkpoint, preset_config
 
         name = preset + (f"@{layers}L" if layers else "")
+        self.current = name
         arch = checkpoint.arch_from_config(preset_config(preset, num_layers=layers))
         self.fractions: list[float] = []
         res: dict = {"model": name, "family": arch.family, "layers": arch.num_layers, "hidden": arch.hidden_size,
@@ -297,6 +300,9 @@ class Bench:
             return c, None, fp_seconds
         c.measured["fingerprints"] = [msgspec.to_builtins(m) for m in result.measurements]  # for diagnosis
         naive = self._wall_only(arch, model_dir, result, cmap, c)
+        plain = self._no_replay(arch, model_dir, result, cmap, c)
+        if plain is not None:
+            self.no_replay.setdefault(self.current, []).append(plain)
         worst = ", ".join(f"{w} {_fmt_pct(max(c.errors(w)))}" for w in ("ttft", "tpot", "memory"))
         self.log(f"  {c.config}: worst |error| {worst}; GPU-s fingerprints {fp_seconds:.1f}, full {c.gpu_seconds:.1f}")
         return c, naive, fp_seconds
@@ -305,13 +311,23 @@ class Bench:
         """The same fingerprint runs extrapolated on wall time alone (plain L2), against the same truth."""
         import msgspec
 
+        wall_only = [msgspec.structs.replace(m, ttft_device=[], decode_device=[], tpot_device_ms=0.0) for m in result.measurements]
+        return self._refit(arch, model_dir, wall_only, cmap, c)
+
+    def _no_replay(self, arch, model_dir: Path, result, cmap, c):
+        """The estimate from the 1- and 2-layer fingerprints alone (without the replayed deep run),
+        against the same truth; None when nothing was replayed."""
+        if not any(m.replayed_from for m in result.measurements):
+            return None
+        return self._refit(arch, model_dir, [m for m in result.measurements if not m.replayed_from], cmap, c)
+
+    def _refit(self, arch, model_dir: Path, measurements, cmap, c):
         from iserve import checkpoint
         from iserve.fingerprint import estimator, validate
 
-        wall_only = [msgspec.structs.replace(m, ttft_device=[], decode_device=[], tpot_device_ms=0.0) for m in result.measurements]
         ck = checkpoint.scan_checkpoint(model_dir)
         config = next(e.config for e in cmap.estimates if e.config.key() == c.config)
-        [e] = estimator.fit_estimates(arch, checkpoint.weight_breakdown(ck), wall_only, [config], context_tokens=cmap.context_tokens)
+        [e] = estimator.fit_estimates(arch, checkpoint.weight_breakdown(ck), measurements, [config], context_tokens=cmap.context_tokens)
         pts = []
         for p in c.points:
             if p.what == "ttft":
@@ -330,6 +346,8 @@ class Bench:
         measured = [_comparison(c) for c in res["comparisons"] if not c.get("note")]
         res["summary"] = validate.summarize(measured)
         res["summary_wall_only"] = validate.summarize([_comparison(c) for c in res["naive"]])
+        res["no_replay"] = [asdict(c) for c in self.no_replay.get(res["model"], [])]
+        res["summary_no_replay"] = validate.summarize(self.no_replay.get(res["model"], []))
         res["fingerprint_fraction"] = self.fractions
         fp = sum(res["fingerprint_gpu_seconds"].get(c.config, 0.0) for c in measured)
         full = sum(c.gpu_seconds for c in measured)
@@ -396,16 +414,18 @@ class Bench:
     def overall(self) -> dict:
         from iserve.fingerprint import validate
 
-        comps, naive = [], []
+        comps, naive, plain = [], [], []
         fp = full = 0.0
         for r in self.results:
             comps += [_comparison(c) for c in r.get("comparisons", []) if not c.get("note")]
             naive += [_comparison(c) for c in r.get("naive", [])]
+            plain += [_comparison(c) for c in r.get("no_replay", [])]
             g = r.get("gpu_seconds") or {}
             fp += g.get("fingerprints") or 0.0
             full += g.get("full_model") or 0.0
         out = validate.summarize(comps)
         out["wall_only"] = validate.summarize(naive)
+        out["no_replay"] = validate.summarize(plain)
         out["gpu_seconds"] = {"fingerprints": round(fp, 1), "full_model": round(full, 1), "ratio": round(full / fp, 2) if fp else None}
         return out
 
@@ -417,9 +437,10 @@ class Bench:
             s = r.get("summary")
             if not s or not s["ttft"]["points"]:
                 rows.append([r["model"], r.get("family", ""), "-", (r.get("note") or r.get("error", "") or "nothing measured")[:70],
-                             "", "", "", "", "", "", ""])
+                             "", "", "", "", "", "", "", ""])
                 continue
             w = r.get("summary_wall_only", {})
+            nr = r.get("summary_no_replay", {})
             g = r.get("gpu_seconds", {})
             n = sum(1 for c in r["comparisons"] if not c.get("note"))
             skipped = sum(1 for c in r["comparisons"] if c.get("note", "").startswith("skipped"))
@@ -429,16 +450,18 @@ class Bench:
                 f"{_fmt_pct(s['tpot']['median'])} / {_fmt_pct(s['tpot']['p90'])}",
                 f"{_fmt_pct(s['memory']['median'])} / {_fmt_pct(s['memory']['p90'])}",
                 f"{_fmt_pct(w.get('ttft', {}).get('median'))} / {_fmt_pct(w.get('tpot', {}).get('median'))}",
+                f"{_fmt_pct(nr.get('ttft', {}).get('median'))} / {_fmt_pct(nr.get('tpot', {}).get('median'))}",
                 f"{g.get('fingerprints', 0):.1f}", f"{g.get('full_model', 0):.1f}",
                 f"{g.get('ratio') or 0:.1f}x", f"{g.get('projected_ratio_8gpu_host') or 0:.0f}x",
             ])
         o = self.overall()
-        w = o["wall_only"]
+        w, nr = o["wall_only"], o["no_replay"]
         rows.append(["ALL", "", str(o["memory"]["points"]) + " cfgs",
                      f"{_fmt_pct(o['ttft']['median'])} / {_fmt_pct(o['ttft']['p90'])}",
                      f"{_fmt_pct(o['tpot']['median'])} / {_fmt_pct(o['tpot']['p90'])}",
                      f"{_fmt_pct(o['memory']['median'])} / {_fmt_pct(o['memory']['p90'])}",
                      f"{_fmt_pct(w['ttft']['median'])} / {_fmt_pct(w['tpot']['median'])}",
+                     f"{_fmt_pct(nr['ttft']['median'])} / {_fmt_pct(nr['tpot']['median'])}",
                      f"{o['gpu_seconds']['fingerprints']:.1f}", f"{o['gpu_seconds']['full_model']:.1f}",
                      f"{o['gpu_seconds']['ratio'] or 0:.1f}x", ""])
         print()
@@ -446,8 +469,8 @@ class Bench:
               f"prompts {self.prompts}, outputs {self.outputs}, repeats {self.a.repeats} (fingerprints {self.a.fp_repeats}), "
               f"context {self.context}")
         print("|error| as median / p90 over every (configuration, prompt length | decode run); 'wall-only' = the same fingerprint "
-              "runs extrapolated on wall time alone (plain L2)")
-        validate.print_table(["model", "family", "configs", "TTFT err", "TPOT err", "memory err", "wall-only TTFT/TPOT",
+              "runs extrapolated on wall time alone (plain L2); '1+2 only' = without the replayed deep run")
+        validate.print_table(["model", "family", "configs", "TTFT err", "TPOT err", "memory err", "wall-only TTFT/TPOT", "1+2 only TTFT/TPOT",
                               "FP GPU-s", "full GPU-s", "ratio", "8-GPU map"], rows)
         print(f"targets: median TTFT/TPOT <= 2%, memory <= 1%, ratio >= 10x; elapsed {time.monotonic() - self.t0:.0f} s; "
               f"JSON: {self.out / 'bench_fingerprint.json'}")

@@ -341,6 +341,9 @@ class ProfileJob(Message):
     gpu_indices: list[int] = []
     device_timing: bool = True  # also time the device alone (see docs/fingerprint.md)
     gpu_warmup_s: float = 1.0  # keep the GPU busy this long before the first timed run
+    # Appended: also time the deepest fingerprint replayed to this many layers (0: not); see
+    # docs/fingerprint.md ("replayed depth").
+    replay_depth: int = 0
 
 
 class PromptTiming(msgspec.Struct, kw_only=True):
@@ -379,6 +382,9 @@ class FingerprintMeasurement(msgspec.Struct, kw_only=True):
     tp: int = 1  # tensor-parallel ranks the measurement ran on (peak is the largest rank's)
     base_allocated_bytes: int = 0  # allocated on the device before loading (the runtime's own; a leak shows here)
     decode_graphs: bool = False  # every stage's decode step ran as a captured CUDA graph (no per-layer host work)
+    # > 0: a fingerprint of this many layers run as ``num_layers`` (its layers replayed cyclically):
+    # its timings are a deep model's, its memory is not (the estimator fits memory without it).
+    replayed_from: int = 0
 
 
 class ProfileResult(Message):

@@ -222,3 +222,50 @@ def test_tp_fingerprint_pair_is_timed_interleaved_too(fps):
     assert (m1.num_layers, m2.num_layers, m1.tp) == (1, 2, 2) and m1.ttft and m2.decode
     f1, f2 = (decoder(FingerprintMeasurement).decode(b) for b in results[1][1])
     assert not f1.ttft and f1.peak_bytes > 0 and f2.weight_bytes > f1.weight_bytes
+
+
+def test_replayed_depth_adds_a_deep_run_of_the_deepest_fingerprint(fps):
+    """With ``replay_depth`` the 2-layer fingerprint also runs with its layers replayed to that depth:
+    a third measurement, timed interleaved with the pair, whose latency is a deep model's while its
+    weights are the fingerprint's; the estimator fits memory without it."""
+    from iserve import checkpoint
+    from iserve.fingerprint import estimator
+
+    protocol = profile.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, context_tokens=64, replay_depth=6)
+    ms = profile.measure_models(fps, "cpu", protocol=protocol, num_layers=[1, 2])
+    assert [(m.num_layers, m.replayed_from) for m in ms] == [(1, 0), (2, 0), (6, 2)]
+    assert ms[2].weight_bytes == ms[1].weight_bytes and ms[2].kv_cache_bytes == 3 * ms[1].kv_cache_bytes
+    assert ms[2].ttft and ms[2].decode
+    # The deep run is as long as a full model's pass: DEEP_REPEATS repeats, not the pair's.
+    protocol5 = profile.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=5, context_tokens=64, replay_depth=6)
+    calls = []
+    real = profile._run_wall
+    try:
+        profile._run_wall = lambda engine, ids, n, sink=None: calls.append((len(engine.stages[0].layers), sink is not None)) or real(engine, ids, n, sink)
+        profile.measure_models(fps, "cpu", protocol=protocol5, num_layers=[1, 2])
+    finally:
+        profile._run_wall = real
+    timed = [n for n, s in calls if s]
+    assert timed.count(6) == profile.DEEP_REPEATS * 5 and timed.count(1) == timed.count(2) == 5 * 5
+    ck = checkpoint.scan_checkpoint(fps[1])
+    arch, weights = ck.arch, checkpoint.weight_breakdown(ck)
+    with_deep = estimator.fit_variant(arch, weights, ms)
+    pair = estimator.fit_variant(arch, weights, ms[:2])
+    assert with_deep.fingerprint_layers == (1, 2)
+    assert (with_deep.activation_layer_bytes, with_deep.overhead_bytes) == (pair.activation_layer_bytes, pair.overhead_bytes)
+    with pytest.raises(ValueError, match="two depths"):
+        estimator.fit_variant(arch, weights, [ms[0], ms[2]])  # memory needs two loaded depths
+    with pytest.raises(BadRequest, match="replay_depth"):
+        profile.Protocol(prompt_lengths=(8, 16), output_lengths=(3,), replay_depth=-1)
+
+
+def test_replay_depth_setting():
+    from iserve.checkpoint import arch_from_config
+    from iserve.fingerprint import estimator
+    from iserve.modelmaker import preset_config
+
+    arch = arch_from_config(preset_config("llama-2-7b"))
+    assert estimator.replay_depth(arch, -1) == 32 and estimator.replay_depth(arch, 0) == 0
+    assert estimator.replay_depth(arch, 48) == 48 and estimator.replay_depth(arch, 2) == 0
+    with pytest.raises(ValueError):
+        estimator.replay_depth(arch, -2)

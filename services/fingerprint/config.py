@@ -32,6 +32,7 @@ class FingerprintConfig:
     warmup: int = 1
     device_timing: bool = True
     gpu_warmup_s: float = 1.0
+    replay_depth: int = -1
     gpu_stale_s: float = 5.0
     gpu_wait_s: float = 60.0
     profile_timeout_s: float = 900.0
@@ -52,6 +53,9 @@ def parse(argv: list[str] | None = None) -> FingerprintConfig:
     flag(p, "--device-timing", default=True, type=bool,
          help="also time the device alone on CUDA (needed when the engine is launch-bound; see docs/fingerprint.md)")
     flag(p, "--gpu-warmup-s", default=1.0, type=float, help="seconds to keep the GPU busy before the first timed run")
+    flag(p, "--replay-depth", default=-1, type=int,
+         help="also time the 2-layer fingerprint with its layers replayed to this depth: -1 the model's layer count, 0 off "
+              "(see docs/fingerprint.md, 'replayed depth')")
     flag(p, "--gpu-stale-s", default=5.0, type=float, help="ignore GPUs whose last gpu.load is older than this")
     flag(p, "--gpu-wait-s", default=60.0, type=float, help="how long to wait for a GPU agent before failing a profile")
     flag(p, "--profile-timeout-s", default=900.0, type=float, help="a profiling run longer than this is stopped")
@@ -72,6 +76,7 @@ def parse(argv: list[str] | None = None) -> FingerprintConfig:
         warmup=a.warmup,
         device_timing=a.device_timing,
         gpu_warmup_s=a.gpu_warmup_s,
+        replay_depth=a.replay_depth,
         gpu_stale_s=a.gpu_stale_s,
         gpu_wait_s=a.gpu_wait_s,
         profile_timeout_s=a.profile_timeout_s,

@@ -265,6 +265,15 @@ def measurement_variants(configs: Iterable[Configuration], *, max_tp: int | None
     return list(seen)
 
 
+def replay_depth(arch: ArchSpec, setting: int) -> int:
+    """The depth the 2-layer fingerprint is replayed to when profiling (``ProfileJob.replay_depth``):
+    ``setting`` -1 means the model's layer count, 0 none; a depth of 2 or less adds nothing."""
+    if setting < -1:
+        raise ValueError(f"replay depth must be -1 (the model's layers), 0 (none) or a layer count, not {setting}")
+    depth = arch.num_layers if setting == -1 else setting
+    return depth if depth > 2 else 0
+
+
 def replace_variant(v: ProfileVariant, **changes: Any) -> ProfileVariant:
     return msgspec.structs.replace(v, **changes)
 
@@ -599,7 +608,8 @@ def fit_variant(
     if any(m.variant != variant for m in measurements):
         raise ValueError("fit_variant needs measurements of one variant")
     name = variant_key(variant)
-    depths = sorted({m.num_layers for m in measurements})
+    loaded = [m for m in measurements if not m.replayed_from]  # memory: only fingerprints as loaded
+    depths = sorted({m.num_layers for m in loaded})
     if len(depths) < 2:
         raise ValueError(f"variant {name} was measured on fingerprints of {depths} hidden layers; two depths (1 and 2) are needed")
     lengths_by_depth = {n: {t.prompt_tokens for m in measurements if m.num_layers == n for t in m.ttft} for n in depths}
@@ -647,7 +657,7 @@ def fit_variant(
     # allocator cache, library workspaces: NVML's view) is one GPU's overhead, the median over the
     # fingerprints. A line through NVML peaks alone would multiply their noise by the layer count.
     alloc_nonweight, fixed = [], []
-    for m in measurements:
+    for m in loaded:
         peak = _peak(m, memory_source)
         if gpu_memory_bytes is not None and peak > gpu_memory_bytes:
             raise ValueError(
@@ -656,9 +666,9 @@ def fit_variant(
         own = fingerprint_weight_bytes(arch, weights, variant, m.num_layers) + m.kv_cache_bytes
         alloc_nonweight.append(m.peak_bytes - own)
         fixed.append((m.num_layers, peak - own))
-    act_layer = max(0.0, _line([m.num_layers for m in measurements], alloc_nonweight)[0])
+    act_layer = max(0.0, _line([m.num_layers for m in loaded], alloc_nonweight)[0])
     overhead = float(np.median([v - n * act_layer for n, v in fixed]))
-    kv_reports = [m.kv_cache_bytes / (m.num_layers * m.context_tokens) for m in measurements if m.context_tokens > 0 and m.kv_cache_bytes > 0]
+    kv_reports = [m.kv_cache_bytes / (m.num_layers * m.context_tokens) for m in loaded if m.context_tokens > 0 and m.kv_cache_bytes > 0]
 
     return VariantFit(
         variant=variant,

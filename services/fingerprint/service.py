@@ -289,6 +289,7 @@ class FingerprintService:
             timeout_s=self.cfg.profile_timeout_s,
             device_timing=self.cfg.device_timing,
             gpu_warmup_s=self.cfg.gpu_warmup_s,
+            replay_depth=estimator.replay_depth(rec.arch, self.cfg.replay_depth),
         )
         # the model cannot attend further than its position embeddings reach
         job.context_tokens = min(self.cfg.context_tokens, rec.arch.max_position)

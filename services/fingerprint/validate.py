@@ -176,6 +176,7 @@ def profile_locally(
     max_gpus: int | None = None,
     device_timing: bool = True,
     gpu_warmup_s: float = 1.0,
+    replay_depth: int = -1,
     variants_filter: Callable[[Any], bool] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> LocalProfile:
@@ -208,6 +209,7 @@ def profile_locally(
         gpu_indices=list(range(len(devices))),
         device_timing=device_timing,
         gpu_warmup_s=gpu_warmup_s,
+        replay_depth=estimator.replay_depth(ck.arch, replay_depth),
     )
     result = run_profile_job(job, devices, log=log)
     cmap = local_map(ck, infos, result, devices, name=job.model, capabilities=caps, max_gpus=max_gpus, context_tokens=context)

@@ -57,6 +57,7 @@ Two passes, batch size 1:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -570,6 +571,86 @@ def release_cached(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+_ENGINE_PACKAGE = __name__.rpartition(".")[0]
+
+
+def build_compact(device: torch.device, build: Callable[[], Any], *, compact: bool = True) -> Any:
+    """Run ``build`` (loading and converting one layer) with its allocations in a private memory
+    pool, then copy the tensors the result keeps into the device's default pool, back to back,
+    and release the private pool whole.
+
+    Converting a layer (fusing q/k/v, quantizing, pruning) makes 16-bit temporaries larger than
+    what is kept; kept tensors carved out of the temporaries' cached blocks pin half-empty
+    segments, a waste that grows with the layer count (1.1-1.6 GiB on a Llama-2-13B in int8/int4,
+    measured on an H100; docs/fingerprint.md) and that 1- and 2-layer fingerprints do not show.
+    Copied out this way, the kept tensors sit next to each other and the temporaries' memory goes
+    back to the driver. The copy costs one device-to-device pass over the layer's final bytes.
+    Not on CPU, without ``torch.cuda.MemPool``, or with ``compact=False`` (2:4 semi-structured
+    weights are a tensor subclass that is not copied like a plain tensor): then it only empties the
+    allocator's cache after ``build``.
+    """
+    if not compact or device.type != "cuda" or not hasattr(torch.cuda, "MemPool") or not hasattr(torch.cuda, "use_mem_pool"):
+        out = build()
+        release_cached(device)
+        return out
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool, device):
+        out = build()
+    if not _plain_tensors_only(out, set()):
+        raise RuntimeError("build_compact: the layer holds a tensor subclass; build it with compact=False")
+    _relocate(out, {})
+    del pool  # the build's tensors were freed as their references went (no cycles hold them)
+    release_cached(device)
+    return out
+
+
+def _children(obj: Any) -> list[tuple[Any, Any]]:
+    """(key, value) pairs of an engine object's attributes, a list's or a dict's items."""
+    if isinstance(obj, dict):
+        return list(obj.items())
+    if isinstance(obj, (list, tuple)):
+        return list(enumerate(obj))
+    if type(obj).__module__.startswith(_ENGINE_PACKAGE) and hasattr(obj, "__dict__"):
+        return list(vars(obj).items())
+    return []
+
+
+def _plain_tensors_only(obj: Any, seen: set[int]) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return type(obj) is torch.Tensor
+    if id(obj) in seen:
+        return True
+    seen.add(id(obj))
+    return all(_plain_tensors_only(v, seen) for _, v in _children(obj))
+
+
+def _copy_cuda(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.is_cuda else t
+
+
+def _relocate(obj: Any, memo: dict[int, Any], copy: Callable[[torch.Tensor], torch.Tensor] = _copy_cuda) -> Any:
+    """``obj`` with every tensor it holds (through engine objects, lists, tuples, dicts) replaced by
+    ``copy(tensor)``; a tensor held twice stays shared. Lists, dicts and engine objects are updated
+    in place, tuples rebuilt."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        memo[id(obj)] = copy(obj)
+    elif isinstance(obj, tuple):
+        memo[id(obj)] = tuple(_relocate(v, memo, copy) for v in obj) if type(obj) is tuple else obj
+    else:
+        memo[id(obj)] = obj
+        if isinstance(obj, list):
+            obj[:] = [_relocate(v, memo, copy) for v in obj]
+        elif isinstance(obj, dict):
+            for k in list(obj):
+                obj[k] = _relocate(obj[k], memo, copy)
+        else:
+            for k, v in _children(obj):
+                setattr(obj, k, _relocate(v, memo, copy))
+    return memo[id(obj)]
+
+
 class Stage:
     """Layers ``[first_layer, first_layer + num_layers)`` of a model on one device, with their KV cache.
 
@@ -619,8 +700,8 @@ class Stage:
         for i in range(first_layer, first_layer + num_layers):
             # One layer at a time, so that fusing and converting never hold more than one layer twice.
             p = layer_prefix(i, arch)
-            self.layers.append(self._build_layer(load([p + n for n in names], strip=p), fmt, pruning))
-            release_cached(device)
+            self.layers.append(build_compact(device, lambda p=p: self._build_layer(load([p + n for n in names], strip=p), fmt, pruning),
+                                             compact=not fmt.sparse_24))
         # The final norm (LayerNorm families: weight and bias) and the LM head (some with a bias).
         self.norm = self.norm_bias = self.lm_head = self.lm_head_bias = None
         if self.is_last:
@@ -640,13 +721,31 @@ class Stage:
         # Static state: KV cache, RoPE tables, and the decode position buffer.
         _, kv_heads, _ = pruned_counts(arch, pruning)
         _, local_kv = self.tp.split(kv_heads, "the number of KV heads")
-        self.cache = KVCache(num_layers, local_kv, context_tokens, arch.head_dim, dtype, device, kv_quant)
+        self._kv_shape = (local_kv, context_tokens, arch.head_dim, dtype, device, kv_quant)
+        self.cache = KVCache(num_layers, *self._kv_shape)
         self.cos, self.sin = self._rope_tables(context_tokens, device, dtype)
         self.positions = torch.arange(context_tokens, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         # Decode through the fused Triton kernels (the engine turns this on after checking them).
         self.fused = False
         self.splits = kernels.attention_splits(local_kv, context_tokens)
+
+    def replay(self, depth: int) -> None:
+        """Profiling only: run this stage's layers cyclically as ``depth`` layers (layer ``i`` is
+        loaded layer ``i mod n``), each with KV cache rows of its own.
+
+        A 1- or 2-layer fingerprint's passes are short: the host's launching and the device's work
+        overlap differently than over the 32-80 layers of the model (host jitter, launch queue,
+        clocks), and a line through two short passes multiplies any such difference by the layer
+        count. Replayed to the model's depth, the fingerprint's weights (and memory) stay those of
+        its layers while a pass has the model's length. Weights are read once per replayed layer as
+        in the model; a layer smaller than the GPU's L2 cache could stay cached between its replays
+        and time faster than distinct layers would (not the case for the 7B-70B shapes measured)."""
+        if depth < 1:
+            raise BadRequest(f"replay depth must be at least 1, not {depth}.")
+        real = self.unique_layers()
+        self.layers = [real[i % len(real)] for i in range(depth)]
+        self.cache = KVCache(depth, *self._kv_shape)
 
     def _build_layer(self, t: dict[str, torch.Tensor], fmt: LayerFormat, pruning: str):
         """One hidden layer from its checkpoint tensors (names relative to the layer), in ``fmt``."""
@@ -670,9 +769,14 @@ class Stage:
         out = [t for t in (self.embed, self.norm, self.norm_bias, self.lm_head_bias) if t is not None]
         if self.lm_head is not None and self.lm_head is not self.embed:
             out.append(self.lm_head)
-        for layer in self.layers:
+        for layer in self.unique_layers():
             out += layer.tensors()
         return out
+
+    def unique_layers(self) -> list:
+        """The loaded layers, each once (a replayed stage runs some several times)."""
+        seen: set[int] = set()
+        return [layer for layer in self.layers if not (id(layer) in seen or seen.add(id(layer)))]
 
     def kernels(self) -> dict[str, int]:
         """How many of this stage's projections run on each kernel."""

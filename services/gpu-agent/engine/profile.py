@@ -65,6 +65,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import torch
 
 from iserve.checkpoint import scan_checkpoint
@@ -209,6 +210,7 @@ class Protocol:
     device_repeats: int = -1  # repeats of the device pass; -1: as many as ``repeats``
     context_tokens: int = 2048
     serving_path: bool = True  # hand every token to another thread's event loop, as the serving worker does
+    replay_depth: int = 0  # > 0: measure_models also times its deepest model replayed to this many layers
 
     def __post_init__(self) -> None:
         if not self.prompt_lengths or not self.output_lengths or min(self.prompt_lengths) < 1 or min(self.output_lengths) < 1:
@@ -217,6 +219,8 @@ class Protocol:
             raise BadRequest("at least one output length must be 2 or more, or no decode step is measured.")
         if self.device_repeats < 0:
             object.__setattr__(self, "device_repeats", self.repeats)
+        if self.replay_depth < 0:
+            raise BadRequest(f"replay_depth must be 0 (no replayed run) or a layer count, not {self.replay_depth}.")
         if self.repeats < 1 or self.warmup < 0:
             raise BadRequest(f"repeats must be at least 1 and warmup at least 0, not {self.repeats} and {self.warmup}.")
         if max(self.prompt_lengths) + max(self.output_lengths) > self.context_tokens:
@@ -242,6 +246,7 @@ def protocol_of_job(job: ProfileJob) -> Protocol:
         warmup=job.warmup,
         device_repeats=job.repeats if job.device_timing else 0,
         context_tokens=job.context_tokens,
+        replay_depth=job.replay_depth,
     )
 
 
@@ -274,7 +279,7 @@ def _check_variant(variant: ProfileVariant) -> None:
 
 
 def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant: ProfileVariant, *, seed: int = 0,
-                tp_rank: int = 0, tp_size: int = 1):
+                tp_rank: int = 0, tp_size: int = 1, replay_layers: int = 0):
     """Load ``model_dir`` as one stage on ``device`` as ``variant``, the way a worker does."""
     from .runner import Engine
 
@@ -282,6 +287,8 @@ def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant
     kwargs: dict = variant_kwargs(variant)
     if tp_size > 1:
         kwargs.update(tp_rank=tp_rank, tp_size=tp_size)
+    if replay_layers:
+        kwargs.update(replay_layers=replay_layers)
     ck = scan_checkpoint(model_dir)
     try:
         return Engine.load(model_dir, [(device, 0, ck.arch.num_layers)], context_tokens, seed, **kwargs)
@@ -489,6 +496,18 @@ def _warm_up(engine, protocol: Protocol, prompts: dict[int, list[int]], runs: li
             _run_wall(engine, prompts[p], min(o, 4))
 
 
+DEEP_REPEATS = 3  # repeats of a replayed deep run: as long and as steady as a full model's (validation uses 3)
+
+
+def _done(engine, t: "_Timings", protocol: Protocol, device: bool = False) -> bool:
+    """Whether ``engine`` has had its repeats: a replayed deep run takes at most ``DEEP_REPEATS``
+    (its passes are a full model's length, so its medians settle as fast as a full model's)."""
+    if not getattr(engine, "replayed", False):
+        return False
+    taken = len(next(iter((t.ttft_device if device else t.ttft).values()), []))
+    return taken >= min(DEEP_REPEATS, protocol.device_repeats if device else protocol.repeats)
+
+
 def _wall_pass(engines: list, protocol: Protocol, prompts: dict[int, list[int]], runs: list[tuple[int, int]],
                timings: list[_Timings], after_run: Callable[[], None]) -> None:
     """``repeats`` rounds; in each, every engine in turn runs every prompt length and decode run, so
@@ -497,6 +516,8 @@ def _wall_pass(engines: list, protocol: Protocol, prompts: dict[int, list[int]],
     try:
         for _ in range(protocol.repeats):
             for engine, t in zip(engines, timings):
+                if _done(engine, t, protocol):
+                    continue
                 for p in prompts:
                     ttft, _ = _run_wall(engine, prompts[p], 1, sink)
                     t.ttft.setdefault(p, []).append(ttft)
@@ -520,6 +541,8 @@ def _device_pass(engines: list, clock, protocol: Protocol, prompts: dict[int, li
         spins.append((step_spin, {p: SPIN_MARGIN * max(t.ttft[p]) + SPIN_EXTRA_MS for p in prompts}))
     for _ in range(protocol.device_repeats):
         for engine, t, (step_spin, ttft_spin) in zip(engines, timings, spins):
+            if _done(engine, t, protocol, device=True):
+                continue
             for p in prompts:
                 ttft, _ = _run_device(engine, clock, prompts[p], 1, ttft_spin[p], step_spin)
                 t.ttft_device.setdefault(p, []).append(ttft)
@@ -587,11 +610,15 @@ class _Loaded:
     generations, and each rank then reads its own memory peaks."""
 
     def __init__(self, model_dir, device: str, protocol: Protocol, variant: ProfileVariant, *, seed: int, tp_rank: int,
-                 tp_size: int, gpu_warmup_s: float, index: int = 0, coord=None):
+                 tp_size: int, gpu_warmup_s: float, index: int = 0, coord=None, replay_layers: int = 0):
         self.t_start = time.perf_counter()
         self.probe = _NvmlProbe(torch.device(device))
         self.base = _Baseline(torch.device(device), self.probe)
-        self.engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size)
+        self.engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size,
+                                  replay_layers=replay_layers)
+        loaded_layers = self.engine.arch.num_layers
+        self.num_layers = replay_layers or loaded_layers
+        self.replayed_from = loaded_layers if replay_layers else 0
         self.runner = _Announced(self.engine, index, coord) if coord is not None and tp_rank == 0 else self.engine
         self.dev = self.engine.stages[0].device
         self.nvml_peak = 0
@@ -639,7 +666,7 @@ class _Loaded:
 def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, timings: _Timings | None, gpu_seconds: float,
                  tp_size: int) -> FingerprintMeasurement:
     m = FingerprintMeasurement(
-        num_layers=loaded.engine.arch.num_layers,
+        num_layers=loaded.num_layers,
         variant=variant,
         ttft=[],
         tpot_ms=0.0,
@@ -655,6 +682,7 @@ def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, t
         tp=tp_size,
         base_allocated_bytes=loaded.base.allocated,
         decode_graphs=bool(loaded.engine.graphs_captured) and all(loaded.engine.graphs_captured),
+        replayed_from=loaded.replayed_from,
     )
     if timings is None:
         return m
@@ -707,10 +735,16 @@ def measure_models(
     leader = tp_rank == 0
     t_start = time.perf_counter()
     loaded: list[_Loaded] = []
+    # The deepest model again, replayed to the protocol's depth (a deep pass from its weights).
+    plan = [(d, 0) for d in model_dirs]
+    if protocol.replay_depth:
+        deepest = max(range(len(model_dirs)), key=lambda i: scan_checkpoint(model_dirs[i]).arch.num_layers)
+        if protocol.replay_depth > scan_checkpoint(model_dirs[deepest]).arch.num_layers:
+            plan.append((model_dirs[deepest], protocol.replay_depth))
     try:
-        for i, d in enumerate(model_dirs):
+        for i, (d, replay) in enumerate(plan):
             loaded.append(_Loaded(d, device, protocol, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size,
-                                  gpu_warmup_s=gpu_warmup_s, index=i, coord=coord))
+                                  gpu_warmup_s=gpu_warmup_s, index=i, coord=coord, replay_layers=replay))
 
         def after_run() -> None:
             for item in loaded:
@@ -955,6 +989,9 @@ def run_profile_job(job: ProfileJob, devices: Sequence[str], *, log: Callable[[s
     if not devices:
         raise BadRequest("a profiling job needs at least one device.")
     if all(torch.device(d).type == "cpu" for d in devices):
+        # The replayed deep run measures how a GPU's host launches and device work overlap over a
+        # model's depth; on CPU workers (simulated GPUs) it would only triple the job's time.
+        job = msgspec.structs.replace(job, replay_depth=0)
         # Simulated GPUs: fingerprints of tiny models gain nothing from intra-op threads, and on a
         # busy CPU multi-threaded ops stall (a job took 8x longer with 2 threads than with 1).
         threads = torch.get_num_threads()

@@ -218,6 +218,17 @@ class _StageGraphs:
         return out
 
 
+def _ids_to(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Token ids as a ``[T]`` long tensor on ``device``. On CUDA through pinned memory, without
+    waiting: a copy from pageable memory synchronizes the host with the GPU, so the host could not
+    queue the prefill while earlier work runs (and the profiler's device timing, which queues a
+    pass behind a GPU spin, measured host-bound prefills as if they were device time)."""
+    cpu = torch.tensor(list(ids), dtype=torch.long)
+    if device.type != "cuda":
+        return cpu
+    return cpu.pin_memory().to(device, non_blocking=True)
+
+
 class _TPControl:
     """The leader/follower protocol of a tensor-parallel engine (see the module docstring)."""
 
@@ -362,6 +373,7 @@ class Engine:
         cuda_graphs: bool = True,
         tp_rank: int = 0,
         tp_size: int = 1,
+        replay_layers: int = 0,
     ) -> "Engine":
         """Load ``model_dir`` as the given stages ``(device, first_layer, num_layers)``.
 
@@ -375,6 +387,8 @@ class Engine:
         ("none", "2:4", "structured") pick the variant (see ``model.py`` and ``quant.py``);
         ``cuda_graphs`` captures the decode step of CUDA stages; ``tp_rank`` / ``tp_size`` load this
         process's share of a tensor-parallel deployment (see the module docstring).
+        ``replay_layers`` (profiling only, one stage): run the checkpoint's layers cyclically as a
+        model of that many layers (``Stage.replay``), for the timing of a deep model from a fingerprint.
 
         Raises ``CheckpointError`` for a bad checkpoint, ``UnsupportedModel`` for an architecture or
         variant this engine cannot run, ``BadRequest`` for stages that do not cover every layer
@@ -434,6 +448,10 @@ class Engine:
                     raise UnsupportedModel(
                         f"stage {i} cannot be loaded as weight_quant={weight_quant}, pruning={pruning} on {dev}: {e}"
                     ) from None
+            if replay_layers:
+                if len(built) != 1:
+                    raise BadRequest("replay_layers is for a model loaded as one stage.")
+                built[0].replay(replay_layers)
             for dev in devices:
                 release_cached(dev)  # the last layer's and the head's load scratch
             tp = _TPControl(tp_rank, tp_size, control, tp_groups[-1], built[-1].device) if tp_size > 1 else None
@@ -452,6 +470,11 @@ class Engine:
             torch.cuda.empty_cache()
 
     # -- properties ------------------------------------------------------------------------------
+
+    @property
+    def replayed(self) -> bool:
+        """Whether a stage runs some of its layers more than once (``replay_layers``, profiling)."""
+        return any(len(s.layers) != len(s.unique_layers()) for s in self.stages)
 
     @property
     def arch(self) -> ArchSpec:
@@ -551,7 +574,7 @@ class Engine:
             return self._prefill(ids, all_positions)
 
     def _prefill(self, ids: Sequence[int], all_positions: bool = False) -> torch.Tensor:
-        x = torch.tensor(list(ids), dtype=torch.long, device=self.stages[0].device)
+        x = _ids_to(ids, self.stages[0].device)
         for stage in self.stages:
             x = stage.prefill(x, all_positions=all_positions)
         return x if all_positions else x[0]
