@@ -30,7 +30,9 @@ Latency (paper L2, equations 2 and 3, per variant)
       (a step reads every key before it; with steps at one position only, ``b = 0``).
 
     Every coefficient is a cost and is fitted non-negative (:func:`nnls`): exact where the
-    unconstrained fit already is, and immune to a noisy negative slope.
+    unconstrained fit already is, and immune to a noisy negative slope. A replayed deep run of the
+    2-layer fingerprint (``FingerprintMeasurement.replayed_from``; ``n`` = its depth) is one more
+    point of these fits; memory is fitted from the loaded fingerprints only.
 
     A full model of ``L`` layers then costs ``max(device(L) + slack, host(L))`` per pass, where
     ``host`` is the wall-time extrapolation and ``slack`` the smallest wall-minus-device gap seen (the

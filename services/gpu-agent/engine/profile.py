@@ -37,6 +37,9 @@ Protocol (``Protocol``)
     * Each token is handed to an event loop in another thread and encoded as a ``TokenChunk``, as
       the serving worker does (``serving_path``), so that cost is paid here too.
     * Device time: ``device_repeats`` repeats of the same runs, with the spins described above.
+    * Deep run (``replay_depth``, GPUs only): the deepest checkpoint again with its layers replayed
+      to that depth (``Stage.replay``), timed in the same rounds for ``DEEP_REPEATS`` repeats: a
+      pass as long as the model's, from the fingerprint's weights.
     * Memory, per engine while it loads and warms up (before the other engine of the pair runs):
       what earlier engines left is freed first; after loading, the allocator's cache of load
       temporaries is emptied (a worker does not need them, and how many stay cached differs
