@@ -153,6 +153,9 @@ class AgentService:
             await bus.serve(self.nc, subjects.agent_profile(aid), ProfileJob, self.handle_profile),
             await self.nc.subscribe(subjects.WORKER_HEARTBEAT + ".>", cb=self._on_heartbeat),
         ]
+        # Subscriptions go out asynchronously; after the flush the server has them, so a launch
+        # sent right after start() finds this agent (CI once got "no responders" without it).
+        await self.nc.flush()
         self._spawn(self._publish_loop())
         log.info(
             "gpu agent started",
