@@ -163,8 +163,6 @@ class Bench:
 
         self.a = a
         self.t0 = time.monotonic()
-        self.no_replay: dict[str, list] = {}  # model -> estimates from the 1- and 2-layer runs alone, compared
-        self.current = ""
         self.deadline = self.t0 + (a.budget_s or (600.0 if a.tiny else 510.0))
         self.device = torch_device(a.device, a.tiny)
         if torch.device(self.device).type == "cpu":
@@ -210,12 +208,11 @@ class Bench:
         from iserve.modelmaker import make_checkpoint, preset_config
 
         name = preset + (f"@{layers}L" if layers else "")
-        self.current = name
         arch = checkpoint.arch_from_config(preset_config(preset, num_layers=layers))
         self.fractions: list[float] = []
         res: dict = {"model": name, "family": arch.family, "layers": arch.num_layers, "hidden": arch.hidden_size,
                      "heads": arch.num_attention_heads, "kv_heads": arch.num_kv_heads, "experts": arch.num_experts,
-                     "configs": [], "comparisons": [], "naive": [], "fingerprint_gpu_seconds": {}}
+                     "configs": [], "comparisons": [], "naive": [], "no_replay": [], "fingerprint_gpu_seconds": {}}
         dtype = "bfloat16" if arch.torch_dtype == "bfloat16" else "float16"
         ckpt_bytes = sum(math.prod(s) for s in checkpoint.expected_tensors(arch).values()) * 2
         res["checkpoint_gib"] = round(ckpt_bytes / 2**30, 2)
@@ -249,8 +246,10 @@ class Bench:
                     res["comparisons"].append({"config": config.key(), "points": [], "gpu_seconds": 0.0, "note": "skipped: out of time"})
                     continue
                 t0 = time.perf_counter()
-                c, naive, fp_seconds = self._one_config(arch, model_dir, fp_dir, config, first=(i == 0))
+                c, naive, plain, fp_seconds = self._one_config(arch, model_dir, fp_dir, config, first=(i == 0))
                 res["comparisons"].append(asdict(c))
+                if plain is not None:
+                    res["no_replay"].append(asdict(plain))
                 if naive is not None:
                     res["naive"].append(asdict(naive))
                     res["fingerprint_gpu_seconds"][config.key()] = round(fp_seconds, 2)
@@ -271,7 +270,8 @@ class Bench:
 
     def _one_config(self, arch, model_dir: Path, fp_dir: Path, config, *, first: bool):
         """Profile ``config``'s variant on the fingerprints, then measure the model in full and
-        compare. Returns ``(comparison, wall-only comparison or None, fingerprint GPU-seconds)``."""
+        compare. Returns ``(comparison, wall-only comparison or None, 1+2-only comparison or None,
+        fingerprint GPU-seconds)``."""
         import msgspec
 
         from iserve.fingerprint import estimator, validate
@@ -290,22 +290,20 @@ class Bench:
         if est is None:
             why = next((x.reason for x in cmap.excluded if x.config == config), "not estimated")
             self.log(f"  {config.key()}: {why}")
-            return validate.Comparison(config=config.key(), note=f"not estimated: {why}"), None, fp_seconds
+            return validate.Comparison(config=config.key(), note=f"not estimated: {why}"), None, None, fp_seconds
         if est not in validate.fitting_configs(cmap, memory_bytes=validate.device_memory_bytes(self.device)):
-            return validate.Comparison(config=config.key(), note="estimated not to fit this GPU"), None, fp_seconds
+            return validate.Comparison(config=config.key(), note="estimated not to fit this GPU"), None, None, fp_seconds
         [c] = validate.validate(model_dir, cmap, [est], [self.device], prompt_lengths=self.prompts, output_lengths=self.outputs,
                                 repeats=self.a.repeats, warmup=1)
         if c.note:
             self.log(f"  {c.config}: {c.note}")
-            return c, None, fp_seconds
+            return c, None, None, fp_seconds
         c.measured["fingerprints"] = [msgspec.to_builtins(m) for m in result.measurements]  # for diagnosis
         naive = self._wall_only(arch, model_dir, result, cmap, c)
         plain = self._no_replay(arch, model_dir, result, cmap, c)
-        if plain is not None:
-            self.no_replay.setdefault(self.current, []).append(plain)
         worst = ", ".join(f"{w} {_fmt_pct(max(c.errors(w)))}" for w in ("ttft", "tpot", "memory"))
         self.log(f"  {c.config}: worst |error| {worst}; GPU-s fingerprints {fp_seconds:.1f}, full {c.gpu_seconds:.1f}")
-        return c, naive, fp_seconds
+        return c, naive, plain, fp_seconds
 
     def _wall_only(self, arch, model_dir: Path, result, cmap, c):
         """The same fingerprint runs extrapolated on wall time alone (plain L2), against the same truth."""
@@ -346,8 +344,7 @@ class Bench:
         measured = [_comparison(c) for c in res["comparisons"] if not c.get("note")]
         res["summary"] = validate.summarize(measured)
         res["summary_wall_only"] = validate.summarize([_comparison(c) for c in res["naive"]])
-        res["no_replay"] = [asdict(c) for c in self.no_replay.get(res["model"], [])]
-        res["summary_no_replay"] = validate.summarize(self.no_replay.get(res["model"], []))
+        res["summary_no_replay"] = validate.summarize([_comparison(c) for c in res["no_replay"]])
         res["fingerprint_fraction"] = self.fractions
         fp = sum(res["fingerprint_gpu_seconds"].get(c.config, 0.0) for c in measured)
         full = sum(c.gpu_seconds for c in measured)

@@ -45,3 +45,33 @@ def tiny_model(tmp_path_factory) -> Path:
     from iserve.modelmaker import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("models") / "tiny", "tiny-llama", num_layers=4, seed=0, shards=2)
+
+
+@pytest.fixture
+def spawn_ranks():
+    """``spawn_ranks(target, size, *args)``: run ``target(rank, size, port, *args, queue)`` in ``size``
+    spawned processes (``port`` a free TCP port for ``torch.distributed``), collect one
+    ``(rank, result)`` from each, and fail the test with the text of a rank that put a string."""
+    import multiprocessing as mp
+
+    from iserve.gpu_agent.engine.profile import _free_port
+
+    def run(target, size: int, *args) -> dict:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=target, args=(r, size, port, *args, queue)) for r in range(size)]
+        for p in procs:
+            p.start()
+        try:
+            results = dict(queue.get(timeout=240) for _ in procs)
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+        for r, v in results.items():
+            assert not isinstance(v, str), f"rank {r}: {v}"
+        return results
+
+    return run

@@ -167,13 +167,13 @@ def test_the_fingerprint_pair_is_timed_interleaved(fps, monkeypatch):
     assert m1.gpu_seconds == m2.gpu_seconds > 0
 
 
-def _tp_pair_rank(rank: int, port: int, paths: list[str], queue) -> None:
+def _tp_pair_rank(rank: int, size: int, port: int, paths: list[str], queue) -> None:
     """One CPU rank of a TP=2 measurement of the fingerprint pair; rank 0 records its run order."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
         calls = []
         real = profile._run_wall
 
@@ -183,38 +183,19 @@ def _tp_pair_rank(rank: int, port: int, paths: list[str], queue) -> None:
 
         profile._run_wall = spy
         ms = profile.measure_models(paths, "cpu", protocol=PROTOCOL, variant=ProfileVariant(tp=2), num_layers=[1, 2],
-                                    tp_rank=rank, tp_size=2)
+                                    tp_rank=rank, tp_size=size)
         queue.put((rank, ([c[0] for c in calls if c[1]], [encode(m) for m in ms])))
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - reported to the test
         queue.put((rank, f"{type(e).__name__}: {e}"))
 
 
-def test_tp_fingerprint_pair_is_timed_interleaved_too(fps):
+def test_tp_fingerprint_pair_is_timed_interleaved_too(fps, spawn_ranks):
     """At TP=2 the pair is loaded together on every rank and rank 0 times it interleaved, as at TP=1
     (timing each fingerprint in its own session let drift between them into the per-layer cost:
     TP=2 estimates were 2x off on two H200s). The follower runs every generation the leader
     announces, for the right engine, and reports its own memory."""
-    import multiprocessing as mp
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_tp_pair_rank, args=(r, port, [str(p) for p in fps], queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=240) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    for r, v in results.items():
-        assert not isinstance(v, str), f"rank {r}: {v}"
+    results = spawn_ranks(_tp_pair_rank, 2, [str(p) for p in fps])
     order, lead = results[0]
     per_engine = 3 + 2
     assert order == ([1] * per_engine + [2] * per_engine) * PROTOCOL.repeats

@@ -4,8 +4,6 @@ tokens as one process; the GPU agent launches a TP worker as one process per ran
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
-import socket
 
 import pytest
 import torch
@@ -21,21 +19,16 @@ CONFIGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(engine: Engine) -> tuple[list[int], list[int]]:
     greedy = engine.generate(IDS, max_tokens=8, ignore_eos=True).tokens
     sampled = engine.generate(IDS, max_tokens=8, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True).tokens
     return greedy, sampled
 
 
-def _rank(rank: int, size: int, port: int, path: str, stages: list, configs: list[dict], queue) -> None:
+def _rank(rank: int, size: int, port: int, path: str, stages_of_rank: list, configs: list[dict], queue) -> None:
     import torch.distributed as dist
 
+    stages = stages_of_rank[rank]
     torch.set_num_threads(1)  # two ranks share the test machine's cores
     try:
         cuda = stages[0][0].startswith("cuda")
@@ -58,24 +51,8 @@ def _rank(rank: int, size: int, port: int, path: str, stages: list, configs: lis
         queue.put((rank, f"{type(e).__name__}: {e}"))
 
 
-def _spawn(path, stages_of_rank, configs) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    size = len(stages_of_rank)
-    procs = [ctx.Process(target=_rank, args=(r, size, port, str(path), stages_of_rank[r], configs, queue)) for r in range(size)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=240) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    for r, v in results.items():
-        assert not isinstance(v, str), f"rank {r}: {v}"
-    return results
+def _spawn(spawn_ranks, path, stages_of_rank, configs) -> dict:
+    return spawn_ranks(_rank, len(stages_of_rank), str(path), stages_of_rank, configs)
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +64,9 @@ def model(tmp_path_factory):
                                       "intermediate_size": 256})
 
 
-def test_tp2_on_cpu_gives_the_tokens_of_tp1(model):
+def test_tp2_on_cpu_gives_the_tokens_of_tp1(model, spawn_ranks):
     stages = [[("cpu", 0, 1), ("cpu", 1, 3)]] * 2  # PP=2 x TP=2
-    results = _spawn(model, stages, CONFIGS)
+    results = _spawn(spawn_ranks, model, stages, CONFIGS)
     for i, kw in enumerate(CONFIGS):
         (greedy, sampled), stopped, reason, wbytes, _ = results[0][i]
         one = Engine.load(model, [("cpu", 0, 4)], 96, **kw)
@@ -102,11 +79,11 @@ def test_tp2_on_cpu_gives_the_tokens_of_tp1(model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_tp2_on_two_gpus_gives_the_tokens_of_tp1(model):
+def test_tp2_on_two_gpus_gives_the_tokens_of_tp1(model, spawn_ranks):
     # float32: in fp16 the ranks' partial sums round differently from one GPU's sum, and greedy tokens
     # of a random-weight model can flip after a few steps (seen on 2 H200s with Llama-2-7B's shapes).
     configs = [dict(dtype="float32"), dict(dtype="float32", weight_quant="int8")]
-    results = _spawn(model, [[("cuda:0", 0, 4)], [("cuda:1", 0, 4)]], configs)
+    results = _spawn(spawn_ranks, model, [[("cuda:0", 0, 4)], [("cuda:1", 0, 4)]], configs)
     for i, kw in enumerate(configs):
         (greedy, sampled), _, _, _, graphs = results[0][i]
         assert graphs == [True]
@@ -192,9 +169,9 @@ async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["tiny-falcon", "tiny-gptj", "tiny-neox"])
-def test_tp2_on_cpu_gives_the_tokens_of_tp1_for_other_families(preset, tmp_path):
+def test_tp2_on_cpu_gives_the_tokens_of_tp1_for_other_families(preset, tmp_path, spawn_ranks):
     path = make_checkpoint(tmp_path / preset, preset, num_layers=2, std=0.06, seed=3)
-    results = _spawn(path, [[("cpu", 0, 2)]] * 2, [dict()])
+    results = _spawn(spawn_ranks, path, [[("cpu", 0, 2)]] * 2, [dict()])
     (greedy, sampled), stopped, reason, _, _ = results[0][0]
     one = Engine.load(path, [("cpu", 0, 2)], 96)
     assert (greedy, sampled) == _run(one)
