@@ -22,6 +22,10 @@ Usage (on an H100, through the device tool)::
     python bench/bench_fingerprint.py      # Llama-2-7B, Llama-3-8B, Llama-2-13B; then extras if time is left
     python bench/bench_fingerprint.py --models mistral-7b,qwen2-7b,mixtral-8x7b:8,falcon-7b,gpt-j-6b,pythia-6.9b
     python bench/bench_fingerprint.py --tiny   # CPU, tiny shapes: checks the script (timings mean nothing)
+    python bench/bench_fingerprint.py --merge run-a.json run-b.json   # one table over earlier runs' JSON
+
+``--merge`` pools the JSON files of earlier runs (no GPU needed) into one summary table: per model, a
+configuration measured in a later file replaces the earlier file's measurement of it.
 
 Writes ``$OUT/bench_fingerprint.json`` (everything, rewritten after each model) and
 ``$OUT/bench_fingerprint_details.txt`` (every point), and prints the summary table last. A model that
@@ -123,6 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each full-model run (default 3)")
     p.add_argument("--fp-repeats", type=int, default=7, help="timed repeats of each fingerprint run (default 7: they are cheap)")
     p.add_argument("--context-tokens", type=int, default=0, help="default 2048 (tiny 128)")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="print one summary over these runs' bench_fingerprint.json files (later files replace earlier configurations)")
     return p.parse_args(argv)
 
 
@@ -473,11 +479,61 @@ class Bench:
               f"JSON: {self.out / 'bench_fingerprint.json'}")
 
 
+def _merged_models(paths: list[str]) -> tuple[dict, list[dict]]:
+    """The models of several runs' JSON, per model the union of their configurations (a later file's
+    measurement of a configuration replaces an earlier one's; a cut or failed one replaces nothing)."""
+    meta: dict = {}
+    merged: dict[str, dict] = {}
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        meta = meta or doc["meta"]
+        for m in doc["models"]:
+            if "comparisons" not in m:
+                continue
+            cur = merged.setdefault(m["model"], {**m, "comparisons": [], "naive": [], "no_replay": [], "fingerprint_gpu_seconds": {},
+                                                 "configs": []})
+            cur["configs"] = sorted(set(cur["configs"]) | set(m["configs"]))
+            measured = {c["config"] for c in m["comparisons"] if not c.get("note")}
+            for key in ("comparisons", "naive", "no_replay"):
+                cur[key] = [c for c in cur[key] if c["config"] not in measured] + [c for c in m[key] if c["config"] in measured]
+            tried = {c["config"] for c in cur["comparisons"]}
+            cur["comparisons"] += [c for c in m["comparisons"] if c["config"] not in tried]
+            cur["fingerprint_gpu_seconds"].update({k: v for k, v in m["fingerprint_gpu_seconds"].items() if k in measured})
+    return meta, list(merged.values())
+
+
+def merge(a: argparse.Namespace) -> int:
+    """``--merge``: one summary table over earlier runs (see the module docstring)."""
+    from iserve import checkpoint
+    from iserve.modelmaker import preset_config
+
+    meta, models = _merged_models(a.merge)
+    bench = Bench(parse_args(["--tiny", "--out", a.out, "--work-dir", a.work_dir or str(Path(a.out) / "work")]))
+    bench.meta = meta
+    protocol = meta.get("protocol", {})
+    bench.prompts, bench.outputs = protocol.get("prompt_lengths", []), protocol.get("output_lengths", [])
+    bench.context = protocol.get("context_tokens", 0)
+    bench.a.repeats, bench.a.fp_repeats = protocol.get("repeats", 0), protocol.get("fingerprint_repeats", 0)
+    for res in models:
+        preset, _, layers = res["model"].partition("@")
+        arch = checkpoint.arch_from_config(preset_config(preset, num_layers=int(layers.removesuffix("L")) if layers else None))
+        bench.fractions = res.get("fingerprint_fraction", [])
+        bench._finish_model(res, arch)
+        bench.results.append(res)
+    bench.write_json()
+    print(f"merged {len(a.merge)} runs: {', '.join(a.merge)}")
+    bench.print_summary()
+    bench.details.close()
+    return 0 if bench.results else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     ensure_importable()
     import iserve.gpu_agent.engine  # noqa: F401 - before CUDA starts: the engine sets the allocator's options
 
+    if a.merge:
+        return merge(a)
     return Bench(a).run()
 
 

@@ -385,6 +385,8 @@ class FingerprintMeasurement(msgspec.Struct, kw_only=True):
     # > 0: a fingerprint of this many layers run as ``num_layers`` (its layers replayed cyclically):
     # its timings are a deep model's, its memory is not (the estimator fits memory without it).
     replayed_from: int = 0
+    # Prompts of up to this many tokens were prefilled by captured CUDA graphs (0: eagerly).
+    prefill_graph_tokens: int = 0
 
 
 class ProfileResult(Message):

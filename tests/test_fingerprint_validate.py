@@ -77,3 +77,22 @@ def test_benchmark_script_runs_on_the_cpu(tmp_path, capsys):
     assert m["summary_wall_only"]["ttft"]["points"] == 6
     assert (tmp_path / "out" / "bench_fingerprint_details.txt").read_text().count("tp1-pp1-wfp16-kvint8-pnone") >= 1
     assert not (tmp_path / "work" / "tiny-gptj@4L").exists()  # checkpoints are removed after each model
+
+    # --merge: a later run's measurement of a configuration replaces the earlier one; a cut one does not.
+    later = json.loads(json.dumps(doc))
+    [lm] = later["models"]
+    kv8 = next(c for c in lm["comparisons"] if c["config"] == "tp1-pp1-wfp16-kvint8-pnone")
+    for point in kv8["points"]:
+        point["measured"] = point["estimated"] * 2  # every |error| of this configuration becomes 50%
+    lm["comparisons"] = [kv8, {"config": "tp1-pp1-wfp16-kvfp16-pnone", "points": [], "gpu_seconds": 0.0, "note": "skipped: out of time"}]
+    lm["naive"] = [c for c in lm["naive"] if c["config"] == kv8["config"]]
+    lm["fingerprint_gpu_seconds"] = {kv8["config"]: 1000.0}
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    capsys.readouterr()
+    assert bench.main(["--merge", str(tmp_path / "out" / "bench_fingerprint.json"), str(tmp_path / "later.json"),
+                       "--out", str(tmp_path / "merged")]) == 0
+    assert "merged 2 runs" in capsys.readouterr().out
+    [mm] = json.loads((tmp_path / "merged" / "bench_fingerprint.json").read_text())["models"]
+    assert sorted(c["config"] for c in mm["comparisons"] if not c.get("note")) == m["configs"]  # both measured, none cut
+    assert mm["summary"]["memory"]["points"] == 2 and mm["summary"]["memory"]["max"] == pytest.approx(0.5)
+    assert mm["gpu_seconds"]["fingerprints"] == pytest.approx(1000.0 + m["fingerprint_gpu_seconds"]["tp1-pp1-wfp16-kvfp16-pnone"])

@@ -328,7 +328,8 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
         )
         await nc.publish(subjects.WORKER_READY, encode(ready))
         log.info("worker ready", load_s=round(load_s, 2), devices=devices, stages=[(s.first_layer, s.num_layers) for s in spec.stages],
-                 tp=args.tp_size, kernels=engine.kernels(), cuda_graphs=engine.graphs_captured)
+                 tp=args.tp_size, kernels=engine.kernels(), cuda_graphs=engine.graphs_captured,
+                 prefill_graph_tokens=engine.prefill_graph_tokens)
         await stop.wait()
         hb_task.cancel()
         watchdog.cancel()

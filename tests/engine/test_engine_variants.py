@@ -15,7 +15,7 @@ from iserve.checkpoint import scan_checkpoint
 from iserve.errors import BadRequest, UnsupportedModel
 from iserve.gpu_agent.engine import Engine, kernels, quant
 from iserve.gpu_agent.engine.model import pruned_counts
-from iserve.gpu_agent.engine.runner import graph_buckets
+from iserve.gpu_agent.engine.runner import graph_buckets, prefill_buckets
 from iserve.modelmaker import make_checkpoint
 
 IDS = list(range(3, 43))
@@ -165,6 +165,38 @@ def test_graph_buckets():
     assert len(b) == 16 and b[-1] == 32768 and b[0] == 2048
 
 
+def test_prefill_buckets():
+    b = prefill_buckets(4096)
+    assert b[:3] == [64, 128, 192] and b[15:18] == [1024, 1152, 1280] and b[-1] == 2048 and len(b) == 24
+    assert all(nxt - cur <= max(64, cur / 8) for cur, nxt in zip(b, b[1:]))  # padding adds at most an eighth
+    assert prefill_buckets(600) == list(range(64, 577, 64))
+    assert prefill_buckets(600, 256) == [64, 128, 192, 256]
+    assert prefill_buckets(100) == [64]
+    assert prefill_buckets(40) == [] and prefill_buckets(2048, 0) == []
+
+
+def test_a_prompt_padded_at_its_end_gives_its_own_logits_and_cache(fp32):
+    """What a captured prefill relies on: junk after the prompt changes neither the prompt's last
+    logits (taken at ``last``) nor the decode steps that follow (they overwrite the junk's rows)."""
+    stage = fp32.stages[0]
+    ids = torch.tensor(IDS[:30])
+    padded = torch.cat((ids, torch.tensor([7, 9, 11] * 6)))  # 48 tokens, the last 18 junk
+    with torch.inference_mode():
+        want = stage.prefill(ids)
+        steps_want = []
+        for p in range(30, 34):
+            stage.pos.fill_(p)
+            steps_want.append(stage.decode(torch.tensor([IDS[p]]), kv_len=p + 1, masked=False))
+        got = stage.prefill(padded, last=torch.tensor([29]))
+        assert not torch.equal(stage.prefill(padded), got)  # without ``last``: the junk's last position
+        got = stage.prefill(padded, last=torch.tensor([29]))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for p, w in zip(range(30, 34), steps_want):
+            stage.pos.fill_(p)
+            # Over the whole cache, masked: rows past the position (the junk's, then none) are left out.
+            torch.testing.assert_close(stage.decode(torch.tensor([IDS[p]]), kv_len=64, masked=True), w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not kernels.available(), reason="needs Triton (a CUDA GPU, or TRITON_INTERPRET=1 with triton installed)")
 def test_triton_gemv_matches_reference():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,6 +249,26 @@ def test_cuda_graphs_equal_eager(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_prefill_equals_eager(tiny):
+    """Prompts padded into captured prefill graphs give the eager prefill's logits and tokens, at
+    bucket edges too; longer prompts and ``all_positions`` run eagerly; two stages each have graphs."""
+    graphs = Engine.load(tiny, [("cuda:0", 0, 4)], context_tokens=600)
+    eager = Engine.load(tiny, [("cuda:0", 0, 4)], context_tokens=600, cuda_graphs=False)
+    assert graphs.prefill_graph_tokens == 576 and graphs.prefill_graph_error == ""
+    assert eager.prefill_graph_tokens == 0
+    assert Engine.load(tiny, [("cuda:0", 0, 4)], context_tokens=600, prefill_graph_tokens=0).prefill_graph_tokens == 0
+    for n in (1, 30, 64, 65, 250, 512, 576, 577):
+        ids = (IDS * 13)[:n]
+        torch.testing.assert_close(graphs.prefill(ids), eager.prefill(ids), rtol=0, atol=3e-2)
+        assert graphs.generate(ids, max_tokens=6, ignore_eos=True).tokens == eager.generate(ids, max_tokens=6, ignore_eos=True).tokens
+    split = Engine.load(tiny, [("cuda:0", 0, 1), ("cuda:0", 1, 3)], context_tokens=600)
+    assert split.prefill_graph_tokens == 576
+    ids = (IDS * 3)[:100]
+    assert split.generate(ids, max_tokens=8, ignore_eos=True).tokens == eager.generate(ids, max_tokens=8, ignore_eos=True).tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kw,kernel,max_rel", [
     (dict(weight_quant="int8"), "int8 triton gemv (decode) / dequant+cublas (prefill)", 0.02),
     (dict(weight_quant="int4"), "torch._weight_int4pack_mm (tinygemm, bf16)", 0.05),
@@ -233,8 +285,10 @@ def test_cuda_variants_match_cpu_reference(tiny, kw, kernel, max_rel):
         assert set(gpu.kernels()) == {kernel}
     ref = cpu.prefill(IDS, all_positions=True)
     assert _rel(gpu.prefill(IDS, all_positions=True).cpu(), ref) < max_rel
+    # Every format's prefill is captured but int4's (padding would cost it real time).
+    assert gpu.prefill_graph_tokens == (0 if kw.get("weight_quant") == "int4" else 64), gpu.prefill_graph_error
     cpu.prefill(IDS[:30])
-    gpu.prefill(IDS[:30])
+    assert _rel(gpu.prefill(IDS[:30]).cpu(), ref[29]) < max_rel  # padded to 64 in its graph
     for p in range(30, 36):
         assert _rel(gpu.decode(IDS[p], p).cpu(), cpu.decode(IDS[p], p)) < max_rel
     assert len(gpu.generate(IDS, max_tokens=8, ignore_eos=True).tokens) == 8

@@ -825,11 +825,14 @@ class Stage:
         return logits.float()
 
     @torch.inference_mode()
-    def prefill(self, x: torch.Tensor, *, all_positions: bool = False) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, *, all_positions: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
         """Run positions ``0..T-1``: ``x`` is token ids ``[T]`` (first stage) or hidden ``[T, hidden]``.
 
         Returns hidden ``[T, hidden]``, or on the last stage float32 logits: ``[T, vocab]`` with
-        ``all_positions``, else ``[1, vocab]`` for the last position only.
+        ``all_positions``, else ``[1, vocab]`` for the last position only, or for position ``last``
+        (a device tensor ``[1]``) when given: a prompt padded at its end to a captured graph's length
+        (the padding comes after every real token, so causal attention keeps it out of their results;
+        its cache rows are overwritten by the decode steps that reach them).
         """
         h = self._input(x)
         T = h.shape[0]
@@ -842,7 +845,7 @@ class Stage:
         for n, layer in enumerate(self.layers):
             h = layer.prefill(h, cos, sin, self.cache, n, mask)
         if self.is_last and not all_positions:
-            h = h[-1:]
+            h = h[-1:] if last is None else h.index_select(0, last)
         return self._output(h)
 
     def needs_mask(self, pos: int, kv_len: int) -> bool:

@@ -686,6 +686,7 @@ def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, t
         base_allocated_bytes=loaded.base.allocated,
         decode_graphs=bool(loaded.engine.graphs_captured) and all(loaded.engine.graphs_captured),
         replayed_from=loaded.replayed_from,
+        prefill_graph_tokens=loaded.engine.prefill_graph_tokens,
     )
     if timings is None:
         return m

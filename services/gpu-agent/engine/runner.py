@@ -26,6 +26,18 @@ stage's static input. A step of a 32-layer model is a few hundred kernels; repla
 graph removes the per-kernel launch cost that bounds eager decode at batch 1. CPU stages, and
 Mixtral stages (their decode reads the chosen experts back to the host), run eagerly.
 
+Prefill is captured too (``prefill_graph_tokens``, default 2048): one graph per prompt length of
+``prefill_buckets`` (multiples of 64 tokens up to 1024, of 128 beyond, so padding adds at most an
+eighth). A shorter prompt is padded at its end up to the next such length; causal attention keeps the
+padding out of the real tokens' results, the last stage returns the logits of the real last position,
+and the padding's cache rows are overwritten by the decode steps that reach them. An eager prefill of
+a 32-layer model launches about a thousand kernels, and the host's launching, not the GPU, then sets
+its time, varying from run to run: on an H100, Llama-3-8B at 128 tokens took 14 ms eagerly and 8.7
+captured, with an int8 KV cache 31 and 10 (``bench/bench_prefill.py``); 2:4-pruned Llama-2-7B took
+226 ms eagerly at 1024 tokens where the GPU needed 61; and with TP the GPU's share halves while the
+host's does not. Longer prompts run eagerly. Every stage must be captured, or none is; int4 weights
+stay eager (their prefill kernel's time grows with the padded tokens from the first one).
+
 Tensor parallelism (``tp_size > 1``): ``torch.distributed`` must already be initialized with one
 process per rank (NCCL for CUDA, gloo for CPU); every rank calls ``Engine.load`` with the same
 arguments and its own ``tp_rank`` and devices. Rank 0 is the leader: its ``generate`` first
@@ -57,6 +69,8 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 GRAPH_BUCKET = 256  # positions per CUDA-graph key-length bucket (the step grows for long contexts)
 MAX_GRAPH_BUCKETS = 16
+PREFILL_GRAPH_STEP = 64  # captured prefills take prompts padded up to a multiple of this many tokens (twice it past 1024) ...
+PREFILL_GRAPH_TOKENS = 2048  # ... up to this many (the default); longer prompts run eagerly
 
 _CUDA_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -218,6 +232,59 @@ class _StageGraphs:
         return out
 
 
+def prefill_buckets(context_tokens: int, max_tokens: int = PREFILL_GRAPH_TOKENS) -> list[int]:
+    """Prompt lengths prefill graphs are captured for, up to ``max_tokens`` and the context (none
+    when ``max_tokens`` is 0): multiples of ``PREFILL_GRAPH_STEP`` up to 1024, of twice it beyond,
+    so that a prompt is padded by at most an eighth of its length past the first step."""
+    top = min(max_tokens, context_tokens)
+    out: list[int] = []
+    b = 0
+    while True:
+        b += PREFILL_GRAPH_STEP if b < 1024 else 2 * PREFILL_GRAPH_STEP
+        if b > top:
+            return out
+        out.append(b)
+
+
+class _PrefillGraphs:
+    """One stage's prefill captured in CUDA graphs, one per padded prompt length (``buckets``).
+
+    ``inp`` is the stage's static input, token ids ``[max]`` (first stage) or hidden ``[max, hidden]``,
+    of which the graph of length ``b`` reads the first ``b`` rows; ``last`` (``[1]``) is the real
+    prompt's last position, whose logits the last stage returns. The longest is captured first, so
+    that the shorter ones reuse its memory in the shared pool (they never run at the same time).
+    """
+
+    def __init__(self, stage: Stage, buckets: list[int], pool):
+        dev = stage.device
+        longest = max(buckets)
+        if stage.is_first:
+            self.inp = torch.zeros(longest, dtype=torch.long, device=dev)
+        else:
+            self.inp = torch.zeros(longest, stage.arch.hidden_size, dtype=stage.dtype, device=dev)
+        self.last = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        with torch.cuda.device(dev):
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up: library handles, workspaces, Triton tuning
+                for b in buckets:
+                    stage.prefill(self.inp[:b], last=self.last)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
+            for b in sorted(buckets, reverse=True):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = stage.prefill(self.inp[:b], last=self.last)
+                self.graphs[b] = (graph, out)
+            torch.cuda.synchronize(dev)
+
+    def run(self, length: int) -> torch.Tensor:
+        graph, out = self.graphs[length]
+        graph.replay()
+        return out
+
+
 def _ids_to(ids: Sequence[int], device: torch.device) -> torch.Tensor:
     """Token ids as a ``[T]`` long tensor on ``device``. On CUDA through pinned memory, without
     waiting: a copy from pageable memory synchronizes the host with the GPU, so the host could not
@@ -290,7 +357,8 @@ class Engine:
     """
 
     def __init__(self, checkpoint: Checkpoint, stages: list[Stage], tokenizer: Tokenizer, context_tokens: int, seed: int,
-                 *, cuda_graphs: bool = True, variant: dict[str, str] | None = None, tp: _TPControl | None = None):
+                 *, cuda_graphs: bool = True, variant: dict[str, str] | None = None, tp: _TPControl | None = None,
+                 prefill_graph_tokens: int = PREFILL_GRAPH_TOKENS):
         self.checkpoint = checkpoint
         self.stages = stages
         self._tokenizer = tokenizer
@@ -308,6 +376,13 @@ class Engine:
         self.fused_error = ""
         self.buckets = graph_buckets(context_tokens)
         self._graphs: list[_StageGraphs | None] = [None] * len(stages)
+        self._prefill_graphs: list[_PrefillGraphs] = []  # one per stage, or none
+        # int4 prefill (tinygemm) costs in proportion to the tokens from the first one, so padding would
+        # cost real time (a 16-token prompt padded to 64 took 31 ms instead of 12 on an H100,
+        # bench_prefill), and its passes keep the GPU busy anyway: it stays eager.
+        pads_cheaply = self.variant.get("weight_quant") != "int4"
+        self.prefill_buckets = prefill_buckets(context_tokens, prefill_graph_tokens) if cuda_graphs and pads_cheaply else []
+        self.prefill_graph_error = ""
         if any(s.can_fuse for s in stages):
             self._enable_fused()
         fused = [s.fused for s in stages if s.device.type == "cuda"]
@@ -355,6 +430,14 @@ class Engine:
                     continue
                 pool = pools.setdefault(stage.device, torch.cuda.graph_pool_handle())
                 self._graphs[i] = _StageGraphs(stage, inp, self.buckets, pool)
+            if self.prefill_buckets and all(s.device.type == "cuda" and not s.is_moe for s in self.stages):
+                try:
+                    self._prefill_graphs = [_PrefillGraphs(s, self.prefill_buckets, pools[s.device]) for s in self.stages]
+                except RuntimeError as e:  # a kernel that cannot be captured: prefill stays eager, and says why
+                    self._prefill_graphs = []
+                    self.prefill_graph_error = f"prefill capture failed: {e}"
+                    for s in self.stages:
+                        torch.cuda.synchronize(s.device)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -374,6 +457,7 @@ class Engine:
         tp_rank: int = 0,
         tp_size: int = 1,
         replay_layers: int = 0,
+        prefill_graph_tokens: int = PREFILL_GRAPH_TOKENS,
     ) -> "Engine":
         """Load ``model_dir`` as the given stages ``(device, first_layer, num_layers)``.
 
@@ -385,7 +469,8 @@ class Engine:
 
         ``weight_quant`` ("fp16", "int8", "int4"), ``kv_quant`` ("fp16", "int8") and ``pruning``
         ("none", "2:4", "structured") pick the variant (see ``model.py`` and ``quant.py``);
-        ``cuda_graphs`` captures the decode step of CUDA stages; ``tp_rank`` / ``tp_size`` load this
+        ``cuda_graphs`` captures the decode step of CUDA stages, and their prefill for prompts of up to
+        ``prefill_graph_tokens`` tokens (0: eager prefill); ``tp_rank`` / ``tp_size`` load this
         process's share of a tensor-parallel deployment (see the module docstring).
         ``replay_layers`` (profiling only, one stage): run the checkpoint's layers cyclically as a
         model of that many layers (``Stage.replay``), for the timing of a deep model from a fingerprint.
@@ -456,7 +541,8 @@ class Engine:
                 release_cached(dev)  # the last layer's and the head's load scratch
             tp = _TPControl(tp_rank, tp_size, control, tp_groups[-1], built[-1].device) if tp_size > 1 else None
             variant = {"weight_quant": weight_quant, "kv_quant": kv_quant, "pruning": pruning}
-            return cls(ck, built, tokenizer, context_tokens, seed, cuda_graphs=cuda_graphs, variant=variant, tp=tp)
+            return cls(ck, built, tokenizer, context_tokens, seed, cuda_graphs=cuda_graphs, variant=variant, tp=tp,
+                       prefill_graph_tokens=prefill_graph_tokens)
 
     def close(self) -> None:
         """Drop every weight and cache so that the memory can be reused (the engine is unusable after).
@@ -464,6 +550,7 @@ class Engine:
         if self._tp is not None and self._tp.leader and self.stages:
             self._tp.send(("stop",))
         self._graphs = []
+        self._prefill_graphs = []
         self.stages = []
         gc.collect()
         if torch.cuda.is_available():
@@ -515,6 +602,11 @@ class Engine:
     def graphs_captured(self) -> list[bool]:
         """Per stage: whether its decode step replays a CUDA graph."""
         return [g is not None for g in self._graphs]
+
+    @property
+    def prefill_graph_tokens(self) -> int:
+        """The longest prompt whose prefill replays CUDA graphs (0: every prefill runs eagerly)."""
+        return self.prefill_buckets[-1] if self._prefill_graphs else 0
 
     def kernels(self) -> dict[str, int]:
         """How many projections of all stages run on each kernel (e.g. ``{"dense": 224}``)."""
@@ -571,13 +663,35 @@ class Engine:
         if len(ids) > self._context_tokens:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens but the context holds {self._context_tokens}; shorten it.")
         with _compute():
-            return self._prefill(ids, all_positions)
+            return self._prefill(ids, all_positions).clone()
 
     def _prefill(self, ids: Sequence[int], all_positions: bool = False) -> torch.Tensor:
+        """Logits ``[vocab]`` of the last position (or ``[T, vocab]`` with ``all_positions``); the
+        last-position logits of a captured prefill are the graph's static output, valid until the
+        next prefill."""
+        length = self._prefill_length(len(ids)) if not all_positions else 0
         x = _ids_to(ids, self.stages[0].device)
-        for stage in self.stages:
-            x = stage.prefill(x, all_positions=all_positions)
-        return x if all_positions else x[0]
+        if not length:
+            for stage in self.stages:
+                x = stage.prefill(x, all_positions=all_positions)
+            return x if all_positions else x[0]
+        graphs = self._prefill_graphs
+        graphs[0].inp[: len(ids)].copy_(x)
+        graphs[-1].last.fill_(len(ids) - 1)
+        for i, g in enumerate(graphs):
+            x = g.run(length)
+            if i + 1 < len(graphs):
+                graphs[i + 1].inp[:length].copy_(x)
+        return x[0]
+
+    def _prefill_length(self, tokens: int) -> int:
+        """The captured prompt length a prompt of ``tokens`` is padded to; 0 if it runs eagerly."""
+        if not self._prefill_graphs:
+            return 0
+        for b in self.prefill_buckets:
+            if b >= tokens:
+                return b
+        return 0
 
     def _bucket(self, kv_len: int) -> int:
         for b in self.buckets:

@@ -125,6 +125,10 @@ class TrtLlmEngine:
     def graphs_captured(self) -> list[bool]:
         return []
 
+    @property
+    def prefill_graph_tokens(self) -> int:
+        return 0
+
     def kernels(self) -> dict[str, int]:
         return {"tensorrt_llm": 1}
 
