@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -90,6 +91,15 @@ def test_the_device_pass_pairs_each_step_with_its_own_marks(fps):
     assert len(spins) == 2 * (3 + (1 + 2) + (1 + 5))
     wall_steps = max(d.step_ms for d in m.decode)
     assert all(s >= profile.SPIN_EXTRA_MS for s in spins) and max(spins) >= profile.SPIN_MARGIN * wall_steps
+
+
+def test_a_job_with_a_deep_run_has_no_device_pass():
+    job = ProfileJob(job_id="j", model="m", fingerprint_paths=[], gpu_index=0, variants=[], prompt_lengths=[8, 16],
+                     output_lengths=[3, 5], repeats=4, warmup=1, context_tokens=64)
+    assert profile.protocol_of_job(job).device_repeats == 4
+    assert profile.protocol_of_job(msgspec.structs.replace(job, device_timing=False)).device_repeats == 0
+    deep = profile.protocol_of_job(msgspec.structs.replace(job, replay_depth=32))
+    assert deep.device_repeats == 0 and deep.replay_depth == 32 and deep.repeats == 4
 
 
 def test_measure_fingerprint_keeps_its_signature(fps):

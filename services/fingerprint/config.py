@@ -51,7 +51,7 @@ def parse(argv: list[str] | None = None) -> FingerprintConfig:
          help="timed repeats of each fingerprint run (medians kept; fingerprints are cheap and their differences carry the per-layer cost)")
     flag(p, "--warmup", default=1, type=int, help="untimed warm-up rounds of every run")
     flag(p, "--device-timing", default=True, type=bool,
-         help="also time the device alone on CUDA (needed when the engine is launch-bound; see docs/fingerprint.md)")
+         help="also time the device alone on CUDA when there is no deep run (--replay-depth 0); see docs/fingerprint.md")
     flag(p, "--gpu-warmup-s", default=1.0, type=float, help="seconds to keep the GPU busy before the first timed run")
     flag(p, "--replay-depth", default=-1, type=int,
          help="also time the 2-layer fingerprint with its layers replayed to this depth: -1 the model's layer count, 0 off "
