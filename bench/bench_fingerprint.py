@@ -127,6 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each full-model run (default 3)")
     p.add_argument("--fp-repeats", type=int, default=7, help="timed repeats of each fingerprint run (default 7: they are cheap)")
     p.add_argument("--context-tokens", type=int, default=0, help="default 2048 (tiny 128)")
+    p.add_argument("--replay-distinct", action="store_true",
+                   help="the deep run's replayed layers get tensors of their own (the model's memory footprint; an experiment)")
     p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                    help="print one summary over these runs' bench_fingerprint.json files (later files replace earlier configurations)")
     return p.parse_args(argv)
@@ -199,7 +201,8 @@ class Bench:
             **run_meta(self.device),
             "capabilities": CAPABILITIES,
             "protocol": {"prompt_lengths": self.prompts, "output_lengths": self.outputs, "repeats": self.a.repeats,
-                         "fingerprint_repeats": self.a.fp_repeats, "context_tokens": self.context},
+                         "fingerprint_repeats": self.a.fp_repeats, "context_tokens": self.context,
+                         "replay_distinct": self.a.replay_distinct},
         }
 
     # -- one model -------------------------------------------------------------------------------
@@ -286,6 +289,7 @@ class Bench:
         local = validate.profile_locally(
             model_dir, [self.device], prompt_lengths=self.prompts, output_lengths=self.outputs, repeats=self.a.fp_repeats, warmup=1,
             context_tokens=self.context, work_dir=fp_dir, max_gpus=1, variants_filter=lambda v: v == variant,
+            replay_distinct=self.a.replay_distinct,
             gpu_warmup_s=(1.0 if first else 0.0) if not self.a.tiny else 0.0, log=lambda s: print(s, file=self.details, flush=True),
         )
         cmap, result = local.cmap, local.result

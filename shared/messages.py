@@ -344,6 +344,9 @@ class ProfileJob(Message):
     # Appended: also time the deepest fingerprint replayed to this many layers (0: not); see
     # docs/fingerprint.md ("replayed depth").
     replay_depth: int = 0
+    # Appended: the replayed layers get tensors of their own where the GPU has room (a model's
+    # memory footprint in the deep run); see docs/fingerprint.md.
+    replay_distinct: bool = False
 
 
 class PromptTiming(msgspec.Struct, kw_only=True):
@@ -387,6 +390,8 @@ class FingerprintMeasurement(msgspec.Struct, kw_only=True):
     replayed_from: int = 0
     # Prompts of up to this many tokens were prefilled by captured CUDA graphs (0: eagerly).
     prefill_graph_tokens: int = 0
+    # A replayed run: how many of its layers were distinct copies (``ProfileJob.replay_distinct``).
+    replay_copies: int = 0
 
 
 class ProfileResult(Message):

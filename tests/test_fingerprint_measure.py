@@ -248,6 +248,13 @@ def test_replayed_depth_adds_a_deep_run_of_the_deepest_fingerprint(fps):
         estimator.fit_variant(arch, weights, [ms[0], ms[2]])  # memory needs two loaded depths
     with pytest.raises(BadRequest, match="replay_depth"):
         profile.Protocol(prompt_lengths=(8, 16), output_lengths=(3,), replay_depth=-1)
+    assert ms[2].replay_copies == 0
+    # replay_distinct (from the job): the deep run's 4 replayed layers are copies; the pair is as before.
+    job = ProfileJob(job_id="j", model="m", fingerprint_paths=[str(f) for f in fps], gpu_index=0, prompt_lengths=[8, 16, 32],
+                     output_lengths=[3, 6], repeats=2, context_tokens=64, replay_depth=6, replay_distinct=True)
+    distinct = profile.measure_models(fps, "cpu", protocol=profile.protocol_of_job(job), num_layers=[1, 2])
+    assert [(m.num_layers, m.replayed_from, m.replay_copies) for m in distinct] == [(1, 0, 0), (2, 0, 0), (6, 2, 4)]
+    assert distinct[2].weight_bytes > ms[2].weight_bytes
 
 
 def test_replay_depth_setting():

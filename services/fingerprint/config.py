@@ -33,6 +33,7 @@ class FingerprintConfig:
     device_timing: bool = True
     gpu_warmup_s: float = 1.0
     replay_depth: int = -1
+    replay_distinct: bool = False
     gpu_stale_s: float = 5.0
     gpu_wait_s: float = 60.0
     profile_timeout_s: float = 900.0
@@ -56,6 +57,9 @@ def parse(argv: list[str] | None = None) -> FingerprintConfig:
     flag(p, "--replay-depth", default=-1, type=int,
          help="also time the 2-layer fingerprint with its layers replayed to this depth: -1 the model's layer count, 0 off "
               "(see docs/fingerprint.md, 'replayed depth')")
+    flag(p, "--replay-distinct", default=False, type=bool,
+         help="give every replayed layer tensors of its own where the GPU has room (the model's memory footprint; an experiment, "
+              "see docs/fingerprint.md)")
     flag(p, "--gpu-stale-s", default=5.0, type=float, help="ignore GPUs whose last gpu.load is older than this")
     flag(p, "--gpu-wait-s", default=60.0, type=float, help="how long to wait for a GPU agent before failing a profile")
     flag(p, "--profile-timeout-s", default=900.0, type=float, help="a profiling run longer than this is stopped")
@@ -77,6 +81,7 @@ def parse(argv: list[str] | None = None) -> FingerprintConfig:
         device_timing=a.device_timing,
         gpu_warmup_s=a.gpu_warmup_s,
         replay_depth=a.replay_depth,
+        replay_distinct=a.replay_distinct,
         gpu_stale_s=a.gpu_stale_s,
         gpu_wait_s=a.gpu_wait_s,
         profile_timeout_s=a.profile_timeout_s,

@@ -290,6 +290,7 @@ class FingerprintService:
             device_timing=self.cfg.device_timing,
             gpu_warmup_s=self.cfg.gpu_warmup_s,
             replay_depth=estimator.replay_depth(rec.arch, self.cfg.replay_depth),
+            replay_distinct=self.cfg.replay_distinct,
         )
         # the model cannot attend further than its position embeddings reach
         job.context_tokens = min(self.cfg.context_tokens, rec.arch.max_position)

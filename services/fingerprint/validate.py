@@ -177,6 +177,7 @@ def profile_locally(
     device_timing: bool = True,
     gpu_warmup_s: float = 1.0,
     replay_depth: int = -1,
+    replay_distinct: bool = False,
     variants_filter: Callable[[Any], bool] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> LocalProfile:
@@ -210,6 +211,7 @@ def profile_locally(
         device_timing=device_timing,
         gpu_warmup_s=gpu_warmup_s,
         replay_depth=estimator.replay_depth(ck.arch, replay_depth),
+        replay_distinct=replay_distinct,
     )
     result = run_profile_job(job, devices, log=log)
     cmap = local_map(ck, infos, result, devices, name=job.model, capabilities=caps, max_gpus=max_gpus, context_tokens=context)

@@ -397,3 +397,22 @@ def test_replayed_stage_runs_its_layers_cyclically(tiny):
     assert len(deep.generate(IDS, max_tokens=4, ignore_eos=True).tokens) == 4
     with pytest.raises(BadRequest):
         Engine.load(tiny, [("cpu", 0, 2), ("cpu", 2, 2)], context_tokens=64, replay_layers=8)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weight_quant="int8", kv_quant="int8")])
+def test_replayed_stage_with_distinct_copies_computes_the_same(tiny, kw):
+    """``replay_distinct``: the replayed layers past the loaded ones are copies with tensors of
+    their own (the deep run then reads a model's worth of distinct weights), computing exactly what
+    the shared replay computes."""
+    shared = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, replay_layers=10, **kw)
+    deep = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, replay_layers=10, replay_distinct=True, **kw)
+    stage = deep.stages[0]
+    assert deep.replayed and stage.replayed_from == 4 and stage.replay_copies == 6
+    assert len(stage.unique_layers()) == 10 and stage.layers[4] is not stage.layers[0]
+    own = {t.untyped_storage().data_ptr() for x in stage.layers for t in x.tensors()}
+    assert len(own) == 10 * len(stage.layers[0].tensors())  # no tensor shared between layers
+    assert stage.layers[4].tp is stage.layers[0].tp
+    assert deep.weight_bytes() > shared.weight_bytes() and deep.kv_cache_bytes() == shared.kv_cache_bytes()
+    torch.testing.assert_close(deep.prefill(IDS), shared.prefill(IDS), rtol=0, atol=0)
+    assert deep.generate(IDS, max_tokens=4, ignore_eos=True).tokens == shared.generate(IDS, max_tokens=4, ignore_eos=True).tokens
+    assert Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, replay_layers=3, replay_distinct=True).stages[0].replay_copies == 0

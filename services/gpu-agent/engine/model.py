@@ -56,6 +56,7 @@ Two passes, batch size 1:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -726,11 +727,13 @@ class Stage:
         self.cos, self.sin = self._rope_tables(context_tokens, device, dtype)
         self.positions = torch.arange(context_tokens, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.replayed_from = 0  # > 0: ``replay`` runs these loaded layers cyclically
+        self.replay_copies = 0
         # Decode through the fused Triton kernels (the engine turns this on after checking them).
         self.fused = False
         self.splits = kernels.attention_splits(local_kv, context_tokens)
 
-    def replay(self, depth: int) -> None:
+    def replay(self, depth: int, *, distinct: bool = False) -> None:
         """Profiling only: run this stage's layers cyclically as ``depth`` layers (layer ``i`` is
         loaded layer ``i mod n``), each with KV cache rows of its own.
 
@@ -740,12 +743,40 @@ class Stage:
         count. Replayed to the model's depth, the fingerprint's weights (and memory) stay those of
         its layers while a pass has the model's length. Weights are read once per replayed layer as
         in the model; a layer smaller than the GPU's L2 cache could stay cached between its replays
-        and time faster than distinct layers would (not the case for the 7B-70B shapes measured)."""
+        and time faster than distinct layers would (not the case for the 7B-70B shapes measured).
+
+        With ``distinct`` every replayed layer past the loaded ones is a copy with tensors of its
+        own (a copy on the device), so that a pass also reads a model's worth of distinct weights,
+        as the model does (what depends on the memory footprint, such as address translation, is
+        then measured too). Layers holding a tensor subclass (2:4), and a GPU without room for the
+        copies and the cache, keep the shared layers; ``replay_copies`` says how many were made."""
         if depth < 1:
             raise BadRequest(f"replay depth must be at least 1, not {depth}.")
         real = self.unique_layers()
-        self.layers = [real[i % len(real)] for i in range(depth)]
+        extra = max(0, depth - len(real))
+        copies = distinct and extra > 0 and all(_plain_tensors_only(x, set()) for x in real) and self._room_for(real, extra, depth)
+        layers = []
+        for i in range(depth):
+            layer = real[i % len(real)]
+            if copies and i >= len(real):
+                with torch.inference_mode():
+                    layer = copy.deepcopy(layer, {id(self.tp): self.tp})  # the TP group stays shared
+            layers.append(layer)
+        self.layers = layers
+        self.replayed_from = len(real)
+        self.replay_copies = extra if copies else 0
         self.cache = KVCache(depth, *self._kv_shape)
+
+    def _room_for(self, real: list, extra: int, depth: int) -> bool:
+        """Whether ``extra`` copies of the layers (cycling through ``real``) and a ``depth``-layer KV
+        cache fit this device's free memory, with a GiB to spare; always on the CPU."""
+        if self.device.type != "cuda":
+            return True
+        per_layer = [sum(t.numel() * t.element_size() for t in x.tensors()) for x in real]
+        need = sum(per_layer[i % len(real)] for i in range(len(real), len(real) + extra))
+        need += self.cache.nbytes // max(1, self.cache.data.shape[0]) * depth + (1 << 30)  # the new cache, and a GiB
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return need <= free
 
     def _build_layer(self, t: dict[str, torch.Tensor], fmt: LayerFormat, pruning: str):
         """One hidden layer from its checkpoint tensors (names relative to the layer), in ``fmt``."""
@@ -774,7 +805,7 @@ class Stage:
         return out
 
     def unique_layers(self) -> list:
-        """The loaded layers, each once (a replayed stage runs some several times)."""
+        """The layers, each once (a replayed stage runs some several times; distinct copies count)."""
         seen: set[int] = set()
         return [layer for layer in self.layers if not (id(layer) in seen or seen.add(id(layer)))]
 

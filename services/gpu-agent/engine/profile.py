@@ -40,7 +40,8 @@ Protocol (``Protocol``)
       job with a deep run has none (``protocol_of_job``).
     * Deep run (``replay_depth``, GPUs only): the deepest checkpoint again with its layers replayed
       to that depth (``Stage.replay``), timed in the same rounds for ``DEEP_REPEATS`` repeats: a
-      pass as long as the model's, from the fingerprint's weights.
+      pass as long as the model's, from the fingerprint's weights (with ``replay_distinct``, from
+      copies of them, one per replayed layer, where the GPU has room).
     * Memory, per engine while it loads and warms up (before the other engine of the pair runs):
       what earlier engines left is freed first; after loading, the allocator's cache of load
       temporaries is emptied (a worker does not need them, and how many stay cached differs
@@ -215,6 +216,7 @@ class Protocol:
     context_tokens: int = 2048
     serving_path: bool = True  # hand every token to another thread's event loop, as the serving worker does
     replay_depth: int = 0  # > 0: measure_models also times its deepest model replayed to this many layers
+    replay_distinct: bool = False  # ... with tensors of its own for every replayed layer, where they fit
 
     def __post_init__(self) -> None:
         if not self.prompt_lengths or not self.output_lengths or min(self.prompt_lengths) < 1 or min(self.output_lengths) < 1:
@@ -256,6 +258,7 @@ def protocol_of_job(job: ProfileJob) -> Protocol:
         device_repeats=job.repeats if job.device_timing and not job.replay_depth else 0,
         context_tokens=job.context_tokens,
         replay_depth=job.replay_depth,
+        replay_distinct=job.replay_distinct,
     )
 
 
@@ -288,7 +291,7 @@ def _check_variant(variant: ProfileVariant) -> None:
 
 
 def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant: ProfileVariant, *, seed: int = 0,
-                tp_rank: int = 0, tp_size: int = 1, replay_layers: int = 0):
+                tp_rank: int = 0, tp_size: int = 1, replay_layers: int = 0, replay_distinct: bool = False):
     """Load ``model_dir`` as one stage on ``device`` as ``variant``, the way a worker does."""
     from .runner import Engine
 
@@ -297,7 +300,7 @@ def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant
     if tp_size > 1:
         kwargs.update(tp_rank=tp_rank, tp_size=tp_size)
     if replay_layers:
-        kwargs.update(replay_layers=replay_layers)
+        kwargs.update(replay_layers=replay_layers, replay_distinct=replay_distinct)
     ck = scan_checkpoint(model_dir)
     try:
         return Engine.load(model_dir, [(device, 0, ck.arch.num_layers)], context_tokens, seed, **kwargs)
@@ -624,7 +627,7 @@ class _Loaded:
         self.probe = _NvmlProbe(torch.device(device))
         self.base = _Baseline(torch.device(device), self.probe)
         self.engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size,
-                                  replay_layers=replay_layers)
+                                  replay_layers=replay_layers, replay_distinct=protocol.replay_distinct)
         loaded_layers = self.engine.arch.num_layers
         self.num_layers = replay_layers or loaded_layers
         self.replayed_from = loaded_layers if replay_layers else 0
@@ -693,6 +696,7 @@ def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, t
         decode_graphs=bool(loaded.engine.graphs_captured) and all(loaded.engine.graphs_captured),
         replayed_from=loaded.replayed_from,
         prefill_graph_tokens=loaded.engine.prefill_graph_tokens,
+        replay_copies=sum(s.replay_copies for s in loaded.engine.stages),
     )
     if timings is None:
         return m

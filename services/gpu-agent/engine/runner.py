@@ -458,6 +458,7 @@ class Engine:
         tp_size: int = 1,
         replay_layers: int = 0,
         prefill_graph_tokens: int = PREFILL_GRAPH_TOKENS,
+        replay_distinct: bool = False,
     ) -> "Engine":
         """Load ``model_dir`` as the given stages ``(device, first_layer, num_layers)``.
 
@@ -473,7 +474,8 @@ class Engine:
         ``prefill_graph_tokens`` tokens (0: eager prefill); ``tp_rank`` / ``tp_size`` load this
         process's share of a tensor-parallel deployment (see the module docstring).
         ``replay_layers`` (profiling only, one stage): run the checkpoint's layers cyclically as a
-        model of that many layers (``Stage.replay``), for the timing of a deep model from a fingerprint.
+        model of that many layers (``Stage.replay``), for the timing of a deep model from a fingerprint;
+        ``replay_distinct`` gives the replayed layers tensors of their own where they fit.
 
         Raises ``CheckpointError`` for a bad checkpoint, ``UnsupportedModel`` for an architecture or
         variant this engine cannot run, ``BadRequest`` for stages that do not cover every layer
@@ -536,7 +538,7 @@ class Engine:
             if replay_layers:
                 if len(built) != 1:
                     raise BadRequest("replay_layers is for a model loaded as one stage.")
-                built[0].replay(replay_layers)
+                built[0].replay(replay_layers, distinct=replay_distinct)
             for dev in devices:
                 release_cached(dev)  # the last layer's and the head's load scratch
             tp = _TPControl(tp_rank, tp_size, control, tp_groups[-1], built[-1].device) if tp_size > 1 else None
@@ -561,7 +563,7 @@ class Engine:
     @property
     def replayed(self) -> bool:
         """Whether a stage runs some of its layers more than once (``replay_layers``, profiling)."""
-        return any(len(s.layers) != len(s.unique_layers()) for s in self.stages)
+        return any(s.replayed_from for s in self.stages)
 
     @property
     def arch(self) -> ArchSpec:
