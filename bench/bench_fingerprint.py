@@ -512,7 +512,7 @@ def merge(a: argparse.Namespace) -> int:
     from iserve.modelmaker import preset_config
 
     meta, models = _merged_models(a.merge)
-    bench = Bench(parse_args(["--tiny", "--out", a.out, "--work-dir", a.work_dir or str(Path(a.out) / "work")]))
+    bench = Bench(parse_args(["--device", "cpu", "--out", a.out, "--work-dir", a.work_dir or str(Path(a.out) / "work")]))  # no GPU work
     bench.meta = meta
     protocol = meta.get("protocol", {})
     bench.prompts, bench.outputs = protocol.get("prompt_lengths", []), protocol.get("output_lengths", [])

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     import iserve.gpu_agent.engine  # noqa: F401 - before CUDA starts: the engine sets the allocator's options
     import torch
 
+    from iserve.fingerprint import validate
     from iserve.modelmaker import make_checkpoint
 
     device = torch_device(a.device, a.tiny)
@@ -151,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ["model", "variant", "prompt", "padded", "graph ms", "eager ms", "eager/graph", "graph spread", "eager spread"]
     table = [[r["model"], r["variant"], str(r["prompt"]), str(r["padded_to"]), f"{r['graph_ms']:.2f}", f"{r['eager_ms']:.2f}",
               f"{r['speedup']:.2f}x", f"{100 * r['graph_spread']:.1f}%", f"{100 * r['eager_spread']:.1f}%"] for r in results]
-    widths = [max(len(h), *(len(row[k]) for row in table)) if table else len(h) for k, h in enumerate(head)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    validate.print_table(head, table)
     errors = {r["capture_error"] for r in results if r["capture_error"]}
     for e in errors:
         print("capture error:", e)

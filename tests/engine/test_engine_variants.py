@@ -175,6 +175,17 @@ def test_prefill_buckets():
     assert prefill_buckets(40) == [] and prefill_buckets(2048, 0) == []
 
 
+def test_prefill_stays_eager_where_padding_costs_real_time(tiny):
+    """The lengths to capture come from the projections' kernels: int4's (tinygemm) grows with padded
+    rows, so an int4 model keeps no prefill lengths; the others keep every length the context allows.
+    (On the CPU nothing is captured; the decision is the same.)"""
+    assert not quant.Int4Linear.pads_cheaply and quant.Int8Linear.pads_cheaply and quant.DenseLinear.pads_cheaply
+    assert Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, weight_quant="int4").prefill_buckets == []
+    for kw in (dict(), dict(weight_quant="int8", kv_quant="int8"), dict(pruning="structured")):
+        assert Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, **kw).prefill_buckets == [64]
+    assert Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, cuda_graphs=False).prefill_buckets == []
+
+
 def test_a_prompt_padded_at_its_end_gives_its_own_logits_and_cache(fp32):
     """What a captured prefill relies on: junk after the prompt changes neither the prompt's last
     logits (taken at ``last``) nor the decode steps that follow (they overwrite the junk's rows)."""

@@ -628,9 +628,8 @@ class _Loaded:
         self.base = _Baseline(torch.device(device), self.probe)
         self.engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size,
                                   replay_layers=replay_layers, replay_distinct=protocol.replay_distinct)
-        loaded_layers = self.engine.arch.num_layers
-        self.num_layers = replay_layers or loaded_layers
-        self.replayed_from = loaded_layers if replay_layers else 0
+        self.num_layers = replay_layers or self.engine.arch.num_layers
+        self.replayed_from = self.engine.stages[0].replayed_from  # replay_layers loads one stage
         self.runner = _Announced(self.engine, index, coord) if coord is not None and tp_rank == 0 else self.engine
         self.dev = self.engine.stages[0].device
         self.nvml_peak = 0

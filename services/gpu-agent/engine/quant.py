@@ -87,6 +87,10 @@ class Linear(abc.ABC):
     kernel = ""
     out_features = 0
     in_features = 0
+    # Whether rows of padding cost little: at a few hundred rows the kernel reads its weights once
+    # whatever the row count, so a prompt padded to a captured prefill graph's length runs about as
+    # fast (``runner.prefill_buckets``).
+    pads_cheaply = True
 
     @abc.abstractmethod
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +175,10 @@ class Int8Linear(Linear):
 
 
 class Int4Linear(Linear):
+    # tinygemm's time grows with the rows from the first one: a 16-token prompt padded to 64 took
+    # 31 ms instead of 12 on an H100 (bench/bench_prefill.py), so int4 prefill stays eager.
+    pads_cheaply = False
+
     def __init__(self, w: torch.Tensor, dtype: torch.dtype):
         self.out_features, self.in_features = w.shape
         self.dtype = dtype

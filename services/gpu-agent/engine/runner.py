@@ -35,8 +35,9 @@ a 32-layer model launches about a thousand kernels, and the host's launching, no
 its time, varying from run to run: on an H100, Llama-3-8B at 128 tokens took 14 ms eagerly and 8.7
 captured, with an int8 KV cache 31 and 10 (``bench/bench_prefill.py``); 2:4-pruned Llama-2-7B took
 226 ms eagerly at 1024 tokens where the GPU needed 61; and with TP the GPU's share halves while the
-host's does not. Longer prompts run eagerly. Every stage must be captured, or none is; int4 weights
-stay eager (their prefill kernel's time grows with the padded tokens from the first one).
+host's does not. Longer prompts run eagerly. Every stage must be captured, or none is; a model with
+a projection whose kernel's time grows with the padding (``Linear.pads_cheaply``: int4's tinygemm)
+stays eager.
 
 Tensor parallelism (``tp_size > 1``): ``torch.distributed`` must already be initialized with one
 process per rank (NCCL for CUDA, gloo for CPU); every rank calls ``Engine.load`` with the same
@@ -377,10 +378,8 @@ class Engine:
         self.buckets = graph_buckets(context_tokens)
         self._graphs: list[_StageGraphs | None] = [None] * len(stages)
         self._prefill_graphs: list[_PrefillGraphs] = []  # one per stage, or none
-        # int4 prefill (tinygemm) costs in proportion to the tokens from the first one, so padding would
-        # cost real time (a 16-token prompt padded to 64 took 31 ms instead of 12 on an H100,
-        # bench_prefill), and its passes keep the GPU busy anyway: it stays eager.
-        pads_cheaply = self.variant.get("weight_quant") != "int4"
+        # A projection whose kernel's time grows with padded rows (int4's) keeps prefill eager.
+        pads_cheaply = all(lin.pads_cheaply for s in stages for layer in s.unique_layers() for lin in layer.linears())
         self.prefill_buckets = prefill_buckets(context_tokens, prefill_graph_tokens) if cuda_graphs and pads_cheaply else []
         self.prefill_graph_error = ""
         if any(s.can_fuse for s in stages):
