@@ -128,6 +128,32 @@ def test_fingerprint_write_is_idempotent_and_atomic(tiny, tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp", "junk"]
 
 
+def test_identical_checkpoints_at_two_paths_share_one_published_fingerprint(tiny, tmp_path):
+    """Two registrations of the same checkpoint from different folders write the same fingerprint
+    folder (named by the digest) concurrently: the second to publish keeps the first's folder (a
+    profile may be reading it) instead of moving it aside. Seen as 'changed while it was being
+    written' in the services tests, which register two copies of one model at once."""
+    from iserve.fingerprint import generator
+
+    ck = scan_checkpoint(tiny)
+    out = tmp_path / "fp"
+    write_fingerprint(ck, out, 1)
+    inode = (out / "model.safetensors").stat().st_ino
+    # The other writer's finished folder: the same fingerprint, read from another path.
+    tmp = tmp_path / ".fp.tmp-other"
+    write_fingerprint(ck, tmp, 1)
+    marker = json.loads((tmp / generator.MARKER).read_text())
+    marker["source_path"] = str(tmp_path / "model-b")
+    (tmp / generator.MARKER).write_text(json.dumps(marker))
+    generator._publish(tmp, out)
+    assert (out / "model.safetensors").stat().st_ino == inode and not tmp.exists()
+    assert json.loads((out / generator.MARKER).read_text())["source_path"] == ck.path
+    # A different fingerprint at the target is still replaced.
+    write_fingerprint(ck, tmp, 2)
+    generator._publish(tmp, out)
+    assert scan_checkpoint(out).arch.num_layers == 2
+
+
 def test_make_fingerprints_layout_and_limits(tiny, tmp_path):
     ck = scan_checkpoint(tiny)
     infos = make_fingerprints(ck, tmp_path)

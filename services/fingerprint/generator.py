@@ -213,6 +213,15 @@ def write_fingerprint(ck: Checkpoint, out_dir: str | os.PathLike, num_layers: in
     raise CheckpointError(f"the fingerprint at {out} changed while it was being written; retry.")
 
 
+def _same_fingerprint(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two markers describe the same fingerprint: everything but where its source was read
+    from (two registrations of identical checkpoints at different paths share one fingerprint folder,
+    ``fingerprint_dir`` being named by the digest)."""
+    if a is None or b is None:
+        return False
+    return {k: v for k, v in a.items() if k != "source_path"} == {k: v for k, v in b.items() if k != "source_path"}
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``. A different folder at ``out`` is moved aside first and deleted; if
     a concurrent writer publishes first, its (identical) fingerprint is kept and ``tmp`` dropped."""
@@ -222,7 +231,7 @@ def _publish(tmp: Path, out: Path) -> None:
     except OSError:
         if not out.exists():
             raise
-    if _read_marker(out) == _read_marker(tmp):
+    if _same_fingerprint(_read_marker(out), _read_marker(tmp)):
         shutil.rmtree(tmp, ignore_errors=True)
         return
     trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
