@@ -392,6 +392,9 @@ class FingerprintMeasurement(msgspec.Struct, kw_only=True):
     prefill_graph_tokens: int = 0
     # A replayed run: how many of its layers were distinct copies (``ProfileJob.replay_distinct``).
     replay_copies: int = 0
+    # Decode ran the fused Triton kernels on every stage; if not, why the engine's check refused them.
+    fused_decode: bool = False
+    fused_error: str = ""
 
 
 class ProfileResult(Message):

@@ -371,3 +371,50 @@ def test_a_device_time_above_its_wall_time_counts_as_the_wall_time():
     [noisy] = est.fit_estimates(arch, w, ms, [Configuration()], context_tokens=2048)
     [at_wall] = est.fit_estimates(arch, w, capped, [Configuration()], context_tokens=2048)
     assert noisy.tpot_for(512, 32) == pytest.approx(at_wall.tpot_for(512, 32), rel=1e-9)
+
+
+def test_captured_prefill_ignores_host_jitter_in_the_wall_ttft_slope():
+    """A prefill captured in one graph has no per-layer host work either: jitter that makes the
+    2-layer fingerprint's wall TTFT slower must not be multiplied by the layer count, while an eager
+    prefill (int4's) keeps the host line as a bound."""
+    arch = _arch()
+    w = _weights(arch)
+    prompts, runs = [128, 512, 1024], [(1024, 8), (512, 32)]
+    ms = [simulated_measurement(arch, w, n, prompts, runs, graphs=True) for n in (1, 2)]
+    ms[1].ttft = [PromptTiming(prompt_tokens=t.prompt_tokens, ttft_ms=t.ttft_ms + 0.3) for t in ms[1].ttft]
+    captured = [msgspec.structs.replace(m, decode_graphs=True, prefill_graph_tokens=2048) for m in ms]
+    eager = [msgspec.structs.replace(m, decode_graphs=True, prefill_graph_tokens=0) for m in ms]
+    [c] = est.fit_estimates(arch, w, captured, [Configuration()], context_tokens=2048)
+    [e] = est.fit_estimates(arch, w, eager, [Configuration()], context_tokens=2048)
+    assert not c.ttft_host_ms and e.ttft_host_ms
+    for p in prompts:
+        truth = simulate_model(32, tokens=p, position=p)[0]
+        assert c.ttft_ms(p) == pytest.approx(truth, rel=0.02), p
+        assert e.ttft_ms(p) > c.ttft_ms(p) + 5.0  # 0.3 ms of jitter, times 31 layers
+
+
+def test_a_deep_run_sets_both_latencies_by_the_wall_lines():
+    """With a replayed deep run (its decode runs only, shortened), TTFT and TPOT are the wall lines
+    through all three depths: the deep run carries what a pass costs at the model's depth, host gaps
+    included, which the device line through the pair misses."""
+    arch = _arch()
+    w = _weights(arch)
+    prompts, runs = [128, 512, 1024], [(1024, 8), (512, 32)]
+    ms = [msgspec.structs.replace(simulated_measurement(arch, w, n, prompts, runs, graphs=True), decode_graphs=True) for n in (1, 2)]
+
+    def model_step(x):  # the model's steps pay 0.1 ms more host gap than the fingerprints' (seen on an H100)
+        return simulate_model(32, tokens=1, position=x, graphs=True)[0] + 0.1
+
+    deep_decode = [DecodeTiming(position=x, step_ms=model_step(x)) for p, o in runs for x in range(p, p + 8)]
+    deep = FingerprintMeasurement(num_layers=32, variant=ProfileVariant(), tpot_ms=float(np.median([d.step_ms for d in deep_decode])),
+                                  ttft=[PromptTiming(prompt_tokens=p, ttft_ms=simulate_model(32, tokens=p, position=p)[0]) for p in prompts],
+                                  decode_steps=len(deep_decode), decode=deep_decode, peak_bytes=0, replayed_from=2, decode_graphs=True)
+    [with_deep] = est.fit_estimates(arch, w, ms + [deep], [Configuration()], context_tokens=2048)
+    [pair] = est.fit_estimates(arch, w, ms, [Configuration()], context_tokens=2048)
+    assert not with_deep.tpot_host_ms and not with_deep.ttft_host_ms  # one line each, the wall's
+    for p, o in runs:
+        truth = np.mean([model_step(x) for x in range(p, p + o - 1)])
+        assert with_deep.tpot_for(p, o) == pytest.approx(truth, rel=0.01), (p, o)
+        assert pair.tpot_for(p, o) < truth * 0.99
+    for p in prompts:
+        assert with_deep.ttft_ms(p) == pytest.approx(simulate_model(32, tokens=p, position=p)[0], rel=0.02), p

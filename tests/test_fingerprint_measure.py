@@ -73,33 +73,63 @@ class FakeClock:
         return (b - a) * 1000.0
 
 
-def test_the_device_pass_pairs_each_step_with_its_own_marks(fps):
+def test_the_device_pass_times_batches_queued_behind_a_spin(fps, monkeypatch):
     clocks = []
 
     def factory(dev):
         clocks.append(FakeClock(dev))
         return clocks[-1]
 
+    queued = []
+    from iserve.gpu_agent.engine.runner import Engine
+
+    real_prefill, real_decode = Engine.queue_prefill, Engine.queue_decode
+    monkeypatch.setattr(Engine, "queue_prefill", lambda self, ids: (queued.append(("p", len(ids))), real_prefill(self, ids))[1])
+    monkeypatch.setattr(Engine, "queue_decode", lambda self, pos: (queued.append(("d", pos)), real_decode(self, pos))[1])
     m = profile.measure_model(fps[0], "cpu", protocol=PROTOCOL, num_layers=1, clock_factory=factory)
     assert [t.prompt_tokens for t in m.ttft_device] == [8, 16, 32]
-    assert [d.position for d in m.decode_device] == [d.position for d in m.decode]
+    # each decode run is device-timed at its first and its last position: (32, 3) feeds 32..33, (16, 6) 16..20
+    assert [d.position for d in m.decode_device] == [16, 20, 32, 33]
     assert m.tpot_device_ms > 0 and m.timer == "perf_counter+cuda_events"
-    # as many device repeats as wall repeats; every TTFT run spins once before it, every decode run
-    # once before its prefill and once per further step
+    # at most DEVICE_REPEATS samples; each sample is one spin and a batch queued back to back
+    assert PROTOCOL.device_repeats == min(PROTOCOL.repeats, profile.DEVICE_REPEATS) == 2
     spins = clocks[0].spun
-    assert PROTOCOL.device_repeats == PROTOCOL.repeats == 2
-    assert len(spins) == 2 * (3 + (1 + 2) + (1 + 5))
-    wall_steps = max(d.step_ms for d in m.decode)
-    assert all(s >= profile.SPIN_EXTRA_MS for s in spins) and max(spins) >= profile.SPIN_MARGIN * wall_steps
+    assert len(spins) == 2 * (3 + 4)
+    assert queued.count(("p", 8)) == 2 * profile.DEVICE_PREFILLS and queued.count(("d", 20)) == 2 * profile.DEVICE_STEPS
+    # a spin outlasts the batch's wall time twice over
+    assert min(spins) >= 2 * profile.DEVICE_PREFILLS * min(t.ttft_ms for t in m.ttft)
 
 
-def test_a_job_with_a_deep_run_has_no_device_pass():
+def test_jobs_time_the_device_when_asked_and_without_a_deep_run():
     job = ProfileJob(job_id="j", model="m", fingerprint_paths=[], gpu_index=0, variants=[], prompt_lengths=[8, 16],
-                     output_lengths=[3, 5], repeats=4, warmup=1, context_tokens=64)
-    assert profile.protocol_of_job(job).device_repeats == 4
+                     output_lengths=[3, 5], repeats=7, warmup=1, context_tokens=64)
+    assert profile.protocol_of_job(job).device_repeats == profile.DEVICE_REPEATS == 3
     assert profile.protocol_of_job(msgspec.structs.replace(job, device_timing=False)).device_repeats == 0
     deep = profile.protocol_of_job(msgspec.structs.replace(job, replay_depth=32))
-    assert deep.device_repeats == 0 and deep.replay_depth == 32 and deep.repeats == 4
+    assert deep.device_repeats == 0 and deep.replay_depth == 32 and deep.repeats == 7
+
+
+def test_a_deep_run_on_one_process_captures_the_protocols_prefills_and_cuts_its_decode_runs(fps, monkeypatch):
+    """The replayed deep run captures only the prefill graphs of the protocol's prompt lengths and
+    cuts each decode run to ``DEEP_STEPS`` steps, for ``DEEP_REPEATS`` rounds."""
+    loads = []
+    real = profile.load_engine
+
+    def spy(*a, **kw):
+        loads.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(profile, "load_engine", spy)
+    monkeypatch.setattr(profile, "DEEP_STEPS", 2)
+    proto = profile.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=4, warmup=1, context_tokens=64, replay_depth=5)
+    ms = profile.measure_models(fps, "cpu", protocol=proto, device_timing=False)
+    assert [m.num_layers for m in ms] == [1, 2, 5] and ms[2].replayed_from == 2
+    assert [kw.get("prefill_lengths") for kw in loads] == [None, None, [8, 16, 32]]
+    deep = ms[2]
+    assert [t.prompt_tokens for t in deep.ttft] == [8, 16, 32]
+    # (32, 3) -> 3 tokens: steps feeding 32, 33; (16, 6) cut to 3 tokens: 16, 17
+    assert [d.position for d in deep.decode] == [16, 17, 32, 33]
+    assert deep.decode_steps == profile.DEEP_REPEATS * 4
 
 
 def test_measure_fingerprint_keeps_its_signature(fps):
@@ -227,7 +257,7 @@ def test_replayed_depth_adds_a_deep_run_of_the_deepest_fingerprint(fps):
     assert [(m.num_layers, m.replayed_from) for m in ms] == [(1, 0), (2, 0), (6, 2)]
     assert ms[2].weight_bytes == ms[1].weight_bytes and ms[2].kv_cache_bytes == 3 * ms[1].kv_cache_bytes
     assert ms[2].ttft and ms[2].decode
-    # The deep run is as long as a full model's pass: DEEP_REPEATS repeats, not the pair's.
+    # The deep run is as long as a full model's pass: DEEP_REPEATS rounds, not the pair's.
     protocol5 = profile.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=5, context_tokens=64, replay_depth=6)
     calls = []
     real = profile._run_wall
@@ -237,7 +267,7 @@ def test_replayed_depth_adds_a_deep_run_of_the_deepest_fingerprint(fps):
     finally:
         profile._run_wall = real
     timed = [n for n, s in calls if s]
-    assert timed.count(6) == profile.DEEP_REPEATS * 5 and timed.count(1) == timed.count(2) == 5 * 5
+    assert timed.count(6) == profile.DEEP_REPEATS * (3 + 2) and timed.count(1) == timed.count(2) == 5 * 5
     ck = checkpoint.scan_checkpoint(fps[1])
     arch, weights = ck.arch, checkpoint.weight_breakdown(ck)
     with_deep = estimator.fit_variant(arch, weights, ms)
@@ -267,3 +297,27 @@ def test_replay_depth_setting():
     assert estimator.replay_depth(arch, 48) == 48 and estimator.replay_depth(arch, 2) == 0
     with pytest.raises(ValueError):
         estimator.replay_depth(arch, -2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_a_job_times_batches_and_deep_steps_and_its_tensor_cache_changes_no_measured_memory(fps, monkeypatch):
+    """The one-GPU path end to end: fingerprints built from the job's tensor cache measure the same
+    memory as fingerprints read from their files (the cache is the process's, not the engines'),
+    the job's own peak counts the cache, a job without a deep run is device-timed, the deep run runs
+    its decode runs, and the fused decode is on."""
+    job = _job(fps, [ProfileVariant()], replay_depth=6)
+    job = msgspec.structs.replace(job, repeats=2, context_tokens=64, gpu_warmup_s=0.2)
+    plain = profile.run_profile_job(msgspec.structs.replace(job, replay_depth=0), ["cuda:0"])
+    assert all(m.ttft_device and m.decode_device and m.timer == "perf_counter+cuda_events" for m in plain.measurements)
+    cached = profile.run_profile_job(job, ["cuda:0"])
+    monkeypatch.setattr(profile, "CACHE_ROOM", 10**12)  # no room: every engine reads its files
+    read = profile.run_profile_job(job, ["cuda:0"])
+    assert [m.num_layers for m in cached.measurements] == [1, 2, 6]
+    for a, b in zip(cached.measurements[:2], read.measurements[:2]):
+        assert a.peak_bytes == pytest.approx(b.peak_bytes, abs=2 << 20)
+        assert a.reserved_peak_bytes == pytest.approx(b.reserved_peak_bytes, abs=4 << 20)
+        assert a.fused_decode and a.fused_error == ""
+    assert cached.peak_bytes > read.peak_bytes
+    deep = cached.measurements[2]
+    assert deep.replayed_from == 2 and [t.prompt_tokens for t in deep.ttft] == [8, 16] and deep.decode
+    assert deep.prefill_graph_tokens == 64  # only the buckets of 8 and 16 tokens (64 both) were captured

@@ -614,36 +614,45 @@ def fit_variant(
     depths = sorted({m.num_layers for m in loaded})
     if len(depths) < 2:
         raise ValueError(f"variant {name} was measured on fingerprints of {depths} hidden layers; two depths (1 and 2) are needed")
-    lengths_by_depth = {n: {t.prompt_tokens for m in measurements if m.num_layers == n for t in m.ttft} for n in depths}
+    timed = [m for m in measurements if m.ttft]
+    lengths_by_depth = {n: {t.prompt_tokens for m in timed if m.num_layers == n for t in m.ttft} for n in depths}
     min_lengths = min(len(v) for v in lengths_by_depth.values())
     if min_lengths < 2:
         raise ValueError(f"variant {name} has TTFT at fewer than two prompt lengths on some fingerprint; TTFT per token cannot be fitted")
     degree = 2 if min_lengths >= 3 else 1
 
     # Wall time (the host bound, and the only one without device timing).
-    wall_points = [(m.num_layers, t.prompt_tokens, t.ttft_ms) for m in measurements for t in m.ttft]
+    wall_points = [(m.num_layers, t.prompt_tokens, t.ttft_ms) for m in timed for t in m.ttft]
     host_layer, host_other = _fit_ttft(wall_points, degree, name)
     host_step_layer, host_step_other = _fit_steps([p for m in measurements for p in _step_points(m, False)])
+    # A replayed deep run's wall times are measured at the model's depth (what host and device do
+    # over that many layers, the steps right after a prefill included): with one, the wall lines
+    # through all three depths are the estimate (session-4 H100 runs: 0.47% / 1.86% median).
+    deep = any(m.replayed_from for m in measurements)
 
     ttft_host_layer = ttft_host_other = tpot_host_layer = tpot_host_other = None
-    if _has_device(measurements):
+    if _has_device(timed) and not deep:
         # A pass's device time cannot exceed its wall time (the device part is inside it); a device
         # sample above the wall median is noise, capped so it cannot steepen the device line.
-        wall_ttft = {(m.num_layers, t.prompt_tokens): t.ttft_ms for m in measurements for t in m.ttft}
+        wall_ttft = {(m.num_layers, t.prompt_tokens): t.ttft_ms for m in timed for t in m.ttft}
         dev_points = [(m.num_layers, t.prompt_tokens, min(t.ttft_ms, wall_ttft.get((m.num_layers, t.prompt_tokens), math.inf)))
-                      for m in measurements for t in m.ttft_device]
+                      for m in timed for t in m.ttft_device]
         dev_layer, dev_other = _fit_ttft(dev_points, degree, name)
-        wall_steps = {(m.num_layers, t.position): t.step_ms for m in measurements for t in m.decode}
-        dev_step_points = [(n, x, min(y, wall_steps.get((n, x), math.inf))) for m in measurements for n, x, y in _step_points(m, True)]
+        wall_steps = {(m.num_layers, t.position): t.step_ms for m in timed for t in m.decode}
+        dev_step_points = [(n, x, min(y, wall_steps.get((n, x), math.inf))) for m in timed for n, x, y in _step_points(m, True)]
         dev_step_layer, dev_step_other = _fit_steps(dev_step_points)
         # Slack: the least wall-minus-device gap (host work before the first kernel and after the last).
-        gaps = [w.ttft_ms - d.ttft_ms for m in measurements for w in m.ttft for d in m.ttft_device if w.prompt_tokens == d.prompt_tokens]
+        gaps = [w.ttft_ms - d.ttft_ms for m in timed for w in m.ttft for d in m.ttft_device if w.prompt_tokens == d.prompt_tokens]
         ttft_slack = max(0.0, min(gaps)) if gaps else 0.0
-        step_gaps = [m.tpot_ms - m.tpot_device_ms for m in measurements if m.tpot_device_ms > 0]
+        step_gaps = [m.tpot_ms - m.tpot_device_ms for m in timed if m.tpot_device_ms > 0]
         step_slack = max(0.0, min(step_gaps)) if step_gaps else 0.0
         dev_other = _poly_add(dev_other, (ttft_slack, 0.0, 0.0))
         dev_step_other = (dev_step_other[0] + step_slack, dev_step_other[1])
-        ttft_host_layer, ttft_host_other = host_layer, host_other
+        # A prefill captured in one graph has no per-layer host work either (see decode below): the
+        # host line would only carry the fingerprints' host jitter times the layer count.
+        longest = max(p for _, p, _ in wall_points)
+        if not all(m.prefill_graph_tokens >= longest for m in timed):
+            ttft_host_layer, ttft_host_other = host_layer, host_other
         if not all(m.decode_graphs for m in measurements):
             tpot_host_layer, tpot_host_other = host_step_layer, host_step_other
         # else: a captured decode step is one graph launch whatever the depth, so there is no

@@ -427,3 +427,35 @@ def test_replayed_stage_with_distinct_copies_computes_the_same(tiny, kw):
     torch.testing.assert_close(deep.prefill(IDS), shared.prefill(IDS), rtol=0, atol=0)
     assert deep.generate(IDS, max_tokens=4, ignore_eos=True).tokens == shared.generate(IDS, max_tokens=4, ignore_eos=True).tokens
     assert Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, replay_layers=3, replay_distinct=True).stages[0].replay_copies == 0
+
+
+def test_the_fused_check_compares_one_layer_per_stage_and_refuses_a_wrong_kernel(tiny, monkeypatch):
+    """The engine turns the fused decode on after comparing it with the reference decode on each
+    stage's first layer (not at the logits, where a deep model amplifies rounding differences of two
+    correct kernels); a kernel that computes something else is refused with a reason. On the CPU the
+    fused kernel is stood in for by the reference decode (the GPU test above runs the real one)."""
+    from iserve.gpu_agent.engine import model
+
+    monkeypatch.setattr(model.Stage, "can_fuse", property(lambda self: True))
+    calls = []
+
+    def faithful(self, x, cos, sin, cache, layer, pos, window, splits):
+        calls.append(layer)
+        one = cos.index_select(0, pos).unsqueeze(1), sin.index_select(0, pos).unsqueeze(1)
+        return self.decode(x, one[0], one[1], cache, layer, pos, int(pos) + 1, None)
+
+    monkeypatch.setattr(model.DecoderLayer, "decode_fused", faithful)
+    ok = Engine.load(tiny, [("cpu", 0, 2), ("cpu", 2, 2)], context_tokens=64, cuda_graphs=False)
+    assert ok.fused_decode == [True, True] and ok.fused_error == "" and calls == [0, 0]  # one layer of each stage
+    monkeypatch.setattr(model.DecoderLayer, "decode_fused", lambda self, x, *a: x + 1.5 * (faithful(self, x, *a) - x))
+    wrong = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, cuda_graphs=False)
+    assert wrong.fused_decode == [False] and "differs from the reference by 0.5" in wrong.fused_error
+
+
+def test_profiling_can_capture_only_the_prefill_lengths_it_times(tiny):
+    """``prefill_graph_lengths`` keeps the buckets those prompt lengths are padded to (a deep
+    profiling run captures 2-3 graphs at a model's depth instead of every one)."""
+    every = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=512)
+    some = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=512, prefill_graph_lengths=[8, 64, 100])
+    assert every.prefill_buckets == prefill_buckets(512) and len(every.prefill_buckets) == 8
+    assert some.prefill_buckets == [64, 128]

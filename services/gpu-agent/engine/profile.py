@@ -73,7 +73,7 @@ from pathlib import Path
 import msgspec
 import torch
 
-from iserve.checkpoint import scan_checkpoint
+from iserve.checkpoint import TensorCache, scan_checkpoint
 from iserve.errors import BadRequest, CheckpointError, UnsupportedModel
 from iserve.messages import (
     ArchSpec,
@@ -90,8 +90,10 @@ from iserve.messages import (
 
 MIN_GPU_WARMUP_S = 1.0  # default GPU warm-up before the first timed run of a job
 ENGINE_WARMUP_S = 0.2  # least busy time per loaded engine (after a load the GPU has been idle)
-SPIN_MARGIN = 1.25  # a device-timing spin lasts this many times the host's time for the step ...
-SPIN_EXTRA_MS = 0.1  # ... plus this
+DEVICE_PREFILLS = 4  # device timing: prefills of one prompt length queued back to back per sample ...
+DEVICE_STEPS = 16  # ... and decode steps at one position
+DEVICE_REPEATS = 3  # at most this many samples of each (each is already a mean of a batch)
+DEEP_STEPS = 8  # decode steps per decode run of a deep (replayed) run: its points fix the line at the model's depth
 
 
 def gpu_type_of(device: str) -> str:
@@ -212,7 +214,7 @@ class Protocol:
     output_lengths: tuple[int, ...]
     repeats: int = 3
     warmup: int = 1
-    device_repeats: int = -1  # repeats of the device pass; -1: as many as ``repeats``
+    device_repeats: int = -1  # samples of the device pass; -1: ``repeats``, at most ``DEVICE_REPEATS``
     context_tokens: int = 2048
     serving_path: bool = True  # hand every token to another thread's event loop, as the serving worker does
     replay_depth: int = 0  # > 0: measure_models also times its deepest model replayed to this many layers
@@ -224,7 +226,7 @@ class Protocol:
         if max(self.output_lengths) < 2:
             raise BadRequest("at least one output length must be 2 or more, or no decode step is measured.")
         if self.device_repeats < 0:
-            object.__setattr__(self, "device_repeats", self.repeats)
+            object.__setattr__(self, "device_repeats", min(self.repeats, DEVICE_REPEATS))
         if self.replay_depth < 0:
             raise BadRequest(f"replay_depth must be 0 (no replayed run) or a layer count, not {self.replay_depth}.")
         if self.repeats < 1 or self.warmup < 0:
@@ -245,17 +247,16 @@ class Protocol:
 
 
 def protocol_of_job(job: ProfileJob) -> Protocol:
-    """The job's protocol. The device pass runs only without a deep run: the deep run's wall time is
-    measured at the model's depth, so the host/device split that extrapolates short passes adds
+    """The job's protocol. The device pass runs only without a deep run: the deep run's wall times
+    are measured at the model's depth, so the host/device split that extrapolates short passes adds
     nothing to it (the 49 configurations of the session-4 H100 runs refitted without their device
-    timings: median TTFT error 0.47% either way, TPOT 1.86% against 1.79%, p90 5.3% against 5.8%)
-    while the device pass cost about twice the wall pass."""
+    timings: median TTFT error 0.47% either way, TPOT 1.86% against 1.79%)."""
     return Protocol(
         prompt_lengths=tuple(job.prompt_lengths),
         output_lengths=tuple(job.output_lengths),
         repeats=job.repeats,
         warmup=job.warmup,
-        device_repeats=job.repeats if job.device_timing and not job.replay_depth else 0,
+        device_repeats=min(job.repeats, DEVICE_REPEATS) if job.device_timing and not job.replay_depth else 0,
         context_tokens=job.context_tokens,
         replay_depth=job.replay_depth,
         replay_distinct=job.replay_distinct,
@@ -291,8 +292,11 @@ def _check_variant(variant: ProfileVariant) -> None:
 
 
 def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant: ProfileVariant, *, seed: int = 0,
-                tp_rank: int = 0, tp_size: int = 1, replay_layers: int = 0, replay_distinct: bool = False):
-    """Load ``model_dir`` as one stage on ``device`` as ``variant``, the way a worker does."""
+                tp_rank: int = 0, tp_size: int = 1, replay_layers: int = 0, replay_distinct: bool = False,
+                prefill_lengths: Sequence[int] | None = None):
+    """Load ``model_dir`` as one stage on ``device`` as ``variant``, the way a worker does
+    (``prefill_lengths``: capture only the prefill graphs of these prompt lengths, for a deep run
+    whose capture of every length would cost more than its timing)."""
     from .runner import Engine
 
     _check_variant(variant)
@@ -301,6 +305,8 @@ def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant
         kwargs.update(tp_rank=tp_rank, tp_size=tp_size)
     if replay_layers:
         kwargs.update(replay_layers=replay_layers, replay_distinct=replay_distinct)
+    if prefill_lengths is not None:
+        kwargs.update(prefill_graph_lengths=list(prefill_lengths))
     ck = scan_checkpoint(model_dir)
     try:
         return Engine.load(model_dir, [(device, 0, ck.arch.num_layers)], context_tokens, seed, **kwargs)
@@ -363,6 +369,8 @@ class _Timings:
     steps: dict[int, list[float]] = field(default_factory=dict)  # position -> wall ms of each repeat
     ttft_device: dict[int, list[float]] = field(default_factory=dict)
     steps_device: dict[int, list[float]] = field(default_factory=dict)
+    deep: bool = False  # a deep run on one process: only its (shortened) decode runs, see ``_wall_pass``
+    rounds: int = 0  # wall-pass rounds taken
 
 
 class TokenSink:
@@ -463,28 +471,6 @@ def _run_wall(engine, ids: list[int], max_tokens: int, sink: TokenSink | None = 
     return ttft, steps
 
 
-def _run_device(engine, clock, ids: list[int], max_tokens: int, ttft_spin_ms: float,
-                step_spin_ms: float) -> tuple[float, list[float]]:
-    """One generation with every pass's launches queued behind a GPU spin; returns the device time
-    of the prefill and of every further step (ms). ``clock`` is a :class:`DeviceClock`."""
-    starts: list = []
-    ends: list = []
-
-    def on_token(_t: int) -> None:
-        ends.append(clock.mark())  # the step just finished
-        if len(ends) < max_tokens:  # another step follows: hold the GPU while the host launches it
-            clock.spin(step_spin_ms)
-            starts.append(clock.mark())
-
-    _announce(engine)
-    clock.spin(ttft_spin_ms)
-    starts.append(clock.mark())
-    engine.generate(ids, max_tokens=max_tokens, ignore_eos=True, on_token=on_token)
-    clock.sync()
-    times = [clock.elapsed(a, b) for a, b in zip(starts, ends)]
-    return times[0], times[1:]
-
-
 def _prompt(vocab: int, length: int, g: torch.Generator) -> list[int]:
     return torch.randint(3, vocab, (length,), generator=g).tolist()
 
@@ -493,94 +479,112 @@ def _median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
-def _warm_up(engine, protocol: Protocol, prompts: dict[int, list[int]], runs: list[tuple[int, int]], gpu_warmup_s: float) -> None:
+def _warm_up(engine, protocol: Protocol, prompts: dict[int, list[int]], runs: list[tuple[int, int]], gpu_warmup_s: float,
+             deep: bool = False) -> None:
     """Busy for ``gpu_warmup_s`` on a GPU (clocks ramp up), then every run of the protocol, untimed
-    (lazily loaded kernels, autotuning, graph buckets, allocator growth)."""
+    (lazily loaded kernels, autotuning, graph buckets, allocator growth); a deep run's decode runs
+    are cut short."""
     dev = engine.stages[0].device
     t0 = time.perf_counter()
-    longest = max(prompts)
     while dev.type == "cuda" and time.perf_counter() - t0 < gpu_warmup_s:
-        _run_wall(engine, prompts[longest], 2)
+        _run_wall(engine, prompts[runs[0][0]], 2)
     for _ in range(protocol.warmup):
         for p in prompts:
             _run_wall(engine, prompts[p], 2)
         for p, o in runs:
-            _run_wall(engine, prompts[p], min(o, 4))
+            _run_wall(engine, prompts[p], min(o, 2 if deep else 4))
 
 
-DEEP_REPEATS = 3  # repeats of a replayed deep run: as long and as steady as a full model's (validation uses 3)
+DEEP_REPEATS = 3  # repeats of a replayed deep run: its passes are a full model's length (validation uses 3)
 
 
-def _done(engine, t: "_Timings", protocol: Protocol, device: bool = False) -> bool:
-    """Whether ``engine`` has had its repeats: a replayed deep run takes at most ``DEEP_REPEATS``
-    (its passes are a full model's length, so its medians settle as fast as a full model's)."""
-    if not getattr(engine, "replayed", False):
-        return False
-    taken = len(next(iter((t.ttft_device if device else t.ttft).values()), []))
-    return taken >= min(DEEP_REPEATS, protocol.device_repeats if device else protocol.repeats)
+def _done(engine, t: "_Timings") -> bool:
+    """Whether ``engine`` has had its wall-pass rounds: a replayed deep run takes ``DEEP_REPEATS``."""
+    return bool(getattr(engine, "replayed", False)) and t.rounds >= DEEP_REPEATS
 
 
 def _wall_pass(engines: list, protocol: Protocol, prompts: dict[int, list[int]], runs: list[tuple[int, int]],
                timings: list[_Timings], after_run: Callable[[], None]) -> None:
     """``repeats`` rounds; in each, every engine in turn runs every prompt length and decode run, so
-    that drift (clocks, temperature, other work on the host) affects all engines alike."""
+    that drift (clocks, temperature, other work on the host) affects all engines alike. A deep run
+    on one process cuts its decode runs to ``DEEP_STEPS`` steps: its passes cost a model's, and a
+    few of them fix the line at the model's depth (they keep their prefill: the steps right after
+    one are slower than later ones, on an H100 by up to 10%)."""
     sink = TokenSink() if protocol.serving_path else None
     try:
         for _ in range(protocol.repeats):
             for engine, t in zip(engines, timings):
-                if _done(engine, t, protocol):
+                if _done(engine, t):
                     continue
+                t.rounds += 1
                 for p in prompts:
                     ttft, _ = _run_wall(engine, prompts[p], 1, sink)
                     t.ttft.setdefault(p, []).append(ttft)
                 for p, o in runs:
-                    _, steps = _run_wall(engine, prompts[p], o, sink)
-                    for i, s in enumerate(steps):
-                        t.steps.setdefault(p + i, []).append(s)
+                    _, steps = _run_wall(engine, prompts[p], min(o, DEEP_STEPS + 1) if t.deep else o, sink)
+                    for i, step in enumerate(steps):
+                        t.steps.setdefault(p + i, []).append(step)
             after_run()
     finally:
         if sink is not None:
             sink.close()
 
 
+def _queued(clock, queue_one: Callable[[], None], count: int, spin_ms: float) -> float:
+    """Mean device ms of ``count`` passes queued back to back behind a GPU spin of ``spin_ms`` (long
+    enough for the host to queue them all): the events bracket the device's own work, with no
+    host gaps in it."""
+    clock.spin(spin_ms)
+    start = clock.mark()
+    for _ in range(count):
+        queue_one()
+    end = clock.mark()
+    clock.sync()
+    return clock.elapsed(start, end) / count
+
+
 def _device_pass(engines: list, clock, protocol: Protocol, prompts: dict[int, list[int]], runs: list[tuple[int, int]],
                  timings: list[_Timings], after_run: Callable[[], None]) -> None:
-    """The protocol's runs again, ``device_repeats`` rounds interleaved like the wall pass, each
-    pass queued behind a GPU spin longer than its host time (``_run_device``)."""
-    spins = []
-    for t in timings:
-        step_spin = SPIN_MARGIN * max(_median(v) for v in t.steps.values()) + SPIN_EXTRA_MS
-        spins.append((step_spin, {p: SPIN_MARGIN * max(t.ttft[p]) + SPIN_EXTRA_MS for p in prompts}))
+    """``device_repeats`` samples, interleaved over the engines like the wall pass: per prompt length
+    the mean of ``DEVICE_PREFILLS`` prefills queued back to back, per decode run the mean of
+    ``DEVICE_STEPS`` steps at its first and at its last position (``Engine.queue_prefill`` /
+    ``queue_decode``: what ``generate`` runs, less sampling and the host's wait). The spin before a
+    batch lasts twice the batch's wall time, so the host has queued the batch before the GPU starts
+    it. Deep runs are not device-timed (their wall times are measured at depth)."""
     for _ in range(protocol.device_repeats):
-        for engine, t, (step_spin, ttft_spin) in zip(engines, timings, spins):
-            if _done(engine, t, protocol, device=True):
+        for engine, t in zip(engines, timings):
+            if t.deep:
                 continue
             for p in prompts:
-                ttft, _ = _run_device(engine, clock, prompts[p], 1, ttft_spin[p], step_spin)
-                t.ttft_device.setdefault(p, []).append(ttft)
+                spin = 2.0 * DEVICE_PREFILLS * _median(t.ttft[p]) + 1.0
+                t.ttft_device.setdefault(p, []).append(
+                    _queued(clock, lambda p=p: engine.queue_prefill(prompts[p]), DEVICE_PREFILLS, spin))
+            step_wall = max(_median(v) for v in t.steps.values())
             for p, o in runs:
-                _, steps = _run_device(engine, clock, prompts[p], o, ttft_spin[p], step_spin)
-                for i, s in enumerate(steps):
-                    t.steps_device.setdefault(p + i, []).append(s)
+                for pos in sorted({p, p + o - 2}):
+                    t.steps_device.setdefault(pos, []).append(
+                        _queued(clock, lambda pos=pos: engine.queue_decode(pos), DEVICE_STEPS, 2.0 * DEVICE_STEPS * step_wall + 1.0))
         after_run()
 
 
 def _time_engines(engines: list, protocol: Protocol, *, device_timing: bool, seed: int, after_run: Callable[[], None],
-                  clock_factory: Callable[[torch.device], object] | None = None) -> list[_Timings]:
-    """The wall pass and (on CUDA, when asked) the device pass of ``protocol`` over ``engines``
-    (already warmed up), interleaved; the garbage collector is off while timing."""
+                  clock_factory: Callable[[torch.device], object] | None = None,
+                  deep: Sequence[bool] | None = None) -> list[_Timings]:
+    """The wall pass and (on CUDA, when asked, on one process) the device pass of ``protocol`` over
+    ``engines`` (already warmed up), interleaved; the garbage collector is off while timing."""
     dev = engines[0].stages[0].device
     g = torch.Generator().manual_seed(seed)
     prompts = {p: _prompt(engines[0].arch.vocab_size, p, g) for p in sorted(set(protocol.prompt_lengths))}
     runs = protocol.decode_runs()
-    timings = [_Timings() for _ in engines]
+    timings = [_Timings(deep=bool(d)) for d in (deep or [False] * len(engines))]
     gc_was_on = gc.isenabled()
     gc.collect()
     gc.disable()  # a collection inside a timed run is noise that medians of a few runs do not always hide
     try:
         _wall_pass(engines, protocol, prompts, runs, timings, after_run)
         can_time = clock_factory is not None or (dev.type == "cuda" and hasattr(torch.cuda, "_sleep"))
-        if device_timing and protocol.device_repeats > 0 and can_time:
+        one_process = all(getattr(e, "tp_size", 1) == 1 for e in engines)
+        if device_timing and protocol.device_repeats > 0 and can_time and one_process:
             with torch.cuda.device(dev) if dev.type == "cuda" else _nullcontext():
                 clock = (clock_factory or DeviceClock)(dev)
                 _device_pass(engines, clock, protocol, prompts, runs, timings, after_run)
@@ -626,8 +630,12 @@ class _Loaded:
         self.t_start = time.perf_counter()
         self.probe = _NvmlProbe(torch.device(device))
         self.base = _Baseline(torch.device(device), self.probe)
+        # A deep run on one process captures only the prefills of the protocol's prompt lengths (at
+        # a model's depth, capturing every length cost up to 6 s, more than its timing).
+        self.deep = bool(replay_layers) and tp_size == 1
         self.engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size,
-                                  replay_layers=replay_layers, replay_distinct=protocol.replay_distinct)
+                                  replay_layers=replay_layers, replay_distinct=protocol.replay_distinct,
+                                  prefill_lengths=sorted(set(protocol.prompt_lengths)) if self.deep else None)
         self.num_layers = replay_layers or self.engine.arch.num_layers
         self.replayed_from = self.engine.stages[0].replayed_from  # replay_layers loads one stage
         self.runner = _Announced(self.engine, index, coord) if coord is not None and tp_rank == 0 else self.engine
@@ -644,7 +652,7 @@ class _Loaded:
         self.sample()
         if tp_rank == 0:
             prompts, runs = _prompts(protocol, self.engine.arch.vocab_size, seed)
-            _warm_up(self.runner, protocol, prompts, runs, gpu_warmup_s)
+            _warm_up(self.runner, protocol, prompts, runs, gpu_warmup_s, self.deep)
             if coord is not None:
                 _broadcast_index(coord, _PHASE_END)
         else:
@@ -696,6 +704,8 @@ def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, t
         replayed_from=loaded.replayed_from,
         prefill_graph_tokens=loaded.engine.prefill_graph_tokens,
         replay_copies=sum(s.replay_copies for s in loaded.engine.stages),
+        fused_decode=bool(loaded.engine.fused_decode) and all(loaded.engine.fused_decode),
+        fused_error=loaded.engine.fused_error,
     )
     if timings is None:
         return m
@@ -766,7 +776,8 @@ def measure_models(
         timings: list[_Timings | None] = [None] * len(loaded)
         if leader:
             timings = list(_time_engines([x.runner for x in loaded], protocol, device_timing=device_timing, seed=seed,
-                                         after_run=after_run, clock_factory=clock_factory))
+                                         after_run=after_run, clock_factory=clock_factory,
+                                         deep=[x.deep for x in loaded]))
             if coord is not None:
                 _broadcast_index(coord, _PHASE_END)
         else:
@@ -1039,20 +1050,27 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
                 skipped[key] = value
             else:
                 measurements += value
-    for variant in job.variants:
-        if variant.tp > 1:
-            continue
-        key = _variant_key(variant)
-        try:
-            ms = measure_models(job.fingerprint_paths, devices[0], protocol=protocol, variant=variant,
-                                device_timing=job.device_timing, seed=0)
-        except UnsupportedModel as e:
-            skipped[key] = e.message
-            continue
-        measurements += ms
-        if log:
-            for path, m in zip(job.fingerprint_paths, ms):
-                log(f"measured {Path(path).name} as {key}: TPOT {m.tpot_ms:.3f} ms (device {m.tpot_device_ms:.3f} ms)")
+    one_gpu = [v for v in job.variants if v.tp == 1]
+    cache = _fingerprint_cache(job.fingerprint_paths, devices[0]) if one_gpu else None
+    try:
+        with cache.active() if cache is not None else _nullcontext():
+            for variant in one_gpu:
+                key = _variant_key(variant)
+                try:
+                    ms = measure_models(job.fingerprint_paths, devices[0], protocol=protocol, variant=variant,
+                                        device_timing=job.device_timing, seed=0)
+                except UnsupportedModel as e:
+                    skipped[key] = e.message
+                    continue
+                measurements += ms
+                if log:
+                    for path, m in zip(job.fingerprint_paths, ms):
+                        log(f"measured {Path(path).name} as {key}: TPOT {m.tpot_ms:.3f} ms (device {m.tpot_device_ms:.3f} ms)")
+    finally:
+        cache_bytes = cache.nbytes if cache is not None else 0
+        if cache is not None:
+            cache.clear()
+            torch.cuda.empty_cache()
     wall = time.perf_counter() - t0
     # The first device is held throughout; a TP measurement also holds tp - 1 more for its duration.
     extra = sum(m.gpu_seconds * (m.tp - 1) / m.tp for m in measurements if m.tp > 1)
@@ -1063,12 +1081,38 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
         measurements=measurements,
         gpu_seconds=wall + extra,
         wall_seconds=wall,
-        peak_bytes=max((m.peak_bytes for m in measurements), default=0),
+        peak_bytes=max((m.peak_bytes for m in measurements), default=0) + cache_bytes,
         skipped=skipped,
         allreduce_latency_us=allreduce[0],
         allreduce_bus_gbps=allreduce[1],
-        nvml_peak_bytes=max((m.nvml_peak_bytes for m in measurements), default=0),
+        nvml_peak_bytes=max((m.nvml_peak_bytes for m in measurements), default=0) + cache_bytes,
     )
+
+
+CACHE_ROOM = 4  # hold the fingerprints' tensors on the GPU only when it has this many times their size free
+
+
+def _fingerprint_cache(paths: Sequence[str], device: str) -> TensorCache | None:
+    """The job's fingerprint tensors read once onto ``device`` (``TensorCache``): every variant
+    builds its engines from copies of them instead of reading the files again. None on a CPU or
+    without room. The process's first memory baseline is taken before, so that the cache is
+    counted as another's memory, not as the engines' (``_Baseline``)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    cks = [scan_checkpoint(p) for p in paths]
+    free, _ = torch.cuda.mem_get_info(dev)
+    if CACHE_ROOM * sum(ck.data_bytes for ck in cks) > free:
+        return None
+    probe = _NvmlProbe(dev)
+    try:
+        _Baseline(dev, probe)
+    finally:
+        probe.close()
+    cache = TensorCache(str(dev))
+    for ck in cks:
+        cache.add(ck)
+    return cache
 
 
 def run_profile_job_file(job_path: str | Path, result_path: str | Path, devices: Sequence[str],
