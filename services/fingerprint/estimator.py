@@ -32,7 +32,8 @@ Latency (paper L2, equations 2 and 3, per variant)
     Every coefficient is a cost and is fitted non-negative (:func:`nnls`): exact where the
     unconstrained fit already is, and immune to a noisy negative slope. A replayed deep run of the
     2-layer fingerprint (``FingerprintMeasurement.replayed_from``; ``n`` = its depth) is one more
-    point of these fits; memory is fitted from the loaded fingerprints only.
+    point of these fits, and with one the wall lines are the estimate (its passes are measured at
+    the model's depth); memory is fitted from the loaded fingerprints only.
 
     A full model of ``L`` layers then costs ``max(device(L) + slack, host(L))`` per pass, where
     ``host`` is the wall-time extrapolation and ``slack`` the smallest wall-minus-device gap seen (the
@@ -42,7 +43,8 @@ Latency (paper L2, equations 2 and 3, per variant)
     device-bound; extrapolating wall time alone then predicts the host's per-layer launch cost and
     underestimates the model (docs/fingerprint.md, with the 3.6 ms vs 12.4 ms story of
     docs/results/2026-11-21-h100-issue2-llama-2-7b.txt). Where no device time was measured (CPU), ``device = host`` and ``slack = 0``,
-    i.e. plain L2. The estimate keeps both bounds (``ConfigEstimate.ttft_host_ms`` and
+    i.e. plain L2. A pass captured in one CUDA graph (decode steps; prefills up to
+    ``prefill_graph_tokens``) has no per-layer host work, so it has no host bound. The estimate keeps both bounds (``ConfigEstimate.ttft_host_ms`` and
     ``tpot_host_ms``) so TTFT stays a function of the prompt length and TPOT of the positions.
     PP>1 reuses the PP=1 latency unchanged: with batch 1 the paper measures the pipeline hand-off at
     under 0.05% of the latency, so nothing is added for it.

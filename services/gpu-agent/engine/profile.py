@@ -15,12 +15,13 @@ Device time, what the GPU needs
     event when it reaches it, and commands reach it in batches): that is how fingerprints of the
     eager engine once measured 3.6 ms for a 7B step that takes 11.9 ms (docs/fingerprint.md). And
     where a 1- or 2-layer fingerprint is host-bound but the full model device-bound, wall time
-    extrapolates the host's per-layer cost, not the device's. So on CUDA each fingerprint is also
-    timed with its launches queued ahead of the GPU: a GPU spin (``torch.cuda._sleep``) longer than
-    the step's host time is queued first, then a CUDA event; the host launches the whole step while
-    the GPU spins; a second event follows the step. The two events bracket the device's own time,
-    with no host gaps in it. The estimator extrapolates host and device times separately and takes
-    the larger (a pipeline's bound).
+    extrapolates the host's per-layer cost, not the device's. So on CUDA (one process) a job without
+    a deep run also times the device: a GPU spin (``torch.cuda._sleep``) longer than the host needs
+    to queue a batch is queued first, then a CUDA event, then the batch (``DEVICE_PREFILLS`` prefills
+    of one prompt, or ``DEVICE_STEPS`` decode steps at one position, back to back through
+    ``Engine.queue_prefill`` / ``queue_decode``), then a second event: the mean over the batch is
+    the device's own time, with no host gaps in it. The estimator extrapolates host and device
+    times separately and takes the larger (a pipeline's bound).
 
 Protocol (``Protocol``)
     * Warm-up: on a GPU, keep it busy for ``gpu_warmup_s`` (clocks ramp up; lazily loaded kernels
@@ -36,12 +37,16 @@ Protocol (``Protocol``)
       it multiplied by the model's layer count.
     * Each token is handed to an event loop in another thread and encoded as a ``TokenChunk``, as
       the serving worker does (``serving_path``), so that cost is paid here too.
-    * Device time: ``device_repeats`` repeats of the same runs, with the spins described above; a
-      job with a deep run has none (``protocol_of_job``).
+    * Device time: ``device_repeats`` (at most ``DEVICE_REPEATS``) samples of the batches described
+      above; a job with a deep run has none (``protocol_of_job``).
     * Deep run (``replay_depth``, GPUs only): the deepest checkpoint again with its layers replayed
       to that depth (``Stage.replay``), timed in the same rounds for ``DEEP_REPEATS`` repeats: a
       pass as long as the model's, from the fingerprint's weights (with ``replay_distinct``, from
-      copies of them, one per replayed layer, where the GPU has room).
+      copies of them, one per replayed layer, where the GPU has room). On one process it captures
+      only the prefill graphs of the protocol's prompt lengths and cuts its decode runs to
+      ``DEEP_STEPS`` steps (they keep their prefill: the first steps after one are slower).
+    * Reading: a job on one GPU reads its fingerprints' tensors onto the GPU once
+      (``iserve.checkpoint.TensorCache``) and builds every variant's engines from copies of them.
     * Memory, per engine while it loads and warms up (before the other engine of the pair runs):
       what earlier engines left is freed first; after loading, the allocator's cache of load
       temporaries is emptied (a worker does not need them, and how many stay cached differs
