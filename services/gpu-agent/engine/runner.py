@@ -198,6 +198,30 @@ def graph_buckets(context_tokens: int) -> list[int]:
     return sorted({min(context_tokens, b) for b in range(step, context_tokens + step, step)})
 
 
+def _capture_graphs(dev: torch.device, keys: Sequence[int], run: Callable[[int], torch.Tensor], pool, *,
+                    warmups: int = 1) -> dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+    """``run(key)`` captured in one CUDA graph per key, in the order of ``keys``, in the shared memory
+    ``pool``: warmed up ``warmups`` times per key on a side stream first (library handles,
+    workspaces, Triton tuning), as capture requires. Returns ``{key: (graph, static output)}``."""
+    with torch.cuda.device(dev):
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for key in keys:
+                for _ in range(warmups):
+                    run(key)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        graphs = {}
+        for key in keys:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = run(key)
+            graphs[key] = (graph, out)
+        torch.cuda.synchronize(dev)
+    return graphs
+
+
 class _StageGraphs:
     """One stage's decode step captured in CUDA graphs, one per key-length bucket.
 
@@ -208,29 +232,20 @@ class _StageGraphs:
     def __init__(self, stage: Stage, inp: torch.Tensor, buckets: list[int], pool):
         self.stage = stage
         self.inp = inp
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        dev = stage.device
-        with torch.cuda.device(dev):
+        with torch.cuda.device(stage.device):
             stage.pos.zero_()  # warm-up writes cache row 0, which every prefill rewrites
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for kv_len in buckets:
-                    for _ in range(2):
-                        stage.decode(inp, kv_len=kv_len, masked=True)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            torch.cuda.synchronize(dev)
-            for kv_len in buckets:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = stage.decode(inp, kv_len=kv_len, masked=True)
-                self.graphs[kv_len] = (graph, out)
-            torch.cuda.synchronize(dev)
+        self.graphs = _capture_graphs(stage.device, buckets, lambda kv_len: stage.decode(inp, kv_len=kv_len, masked=True),
+                                      pool, warmups=2)
 
     def run(self, kv_len: int) -> torch.Tensor:
         graph, out = self.graphs[kv_len]
         graph.replay()
         return out
+
+
+def _smallest_at_least(buckets: Sequence[int], n: int) -> int:
+    """The first of the ascending ``buckets`` that holds ``n``; 0 when none does."""
+    return next((b for b in buckets if b >= n), 0)
 
 
 def prefill_buckets(context_tokens: int, max_tokens: int = PREFILL_GRAPH_TOKENS) -> list[int]:
@@ -264,21 +279,7 @@ class _PrefillGraphs:
         else:
             self.inp = torch.zeros(longest, stage.arch.hidden_size, dtype=stage.dtype, device=dev)
         self.last = torch.zeros(1, dtype=torch.long, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        with torch.cuda.device(dev):
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # warm-up: library handles, workspaces, Triton tuning
-                for b in buckets:
-                    stage.prefill(self.inp[:b], last=self.last)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            torch.cuda.synchronize(dev)
-            for b in sorted(buckets, reverse=True):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = stage.prefill(self.inp[:b], last=self.last)
-                self.graphs[b] = (graph, out)
-            torch.cuda.synchronize(dev)
+        self.graphs = _capture_graphs(dev, sorted(buckets, reverse=True), lambda b: stage.prefill(self.inp[:b], last=self.last), pool)
 
     def run(self, length: int) -> torch.Tensor:
         graph, out = self.graphs[length]
@@ -404,7 +405,7 @@ class Engine:
         pads_cheaply = all(lin.pads_cheaply for s in stages for layer in s.unique_layers() for lin in layer.linears())
         self.prefill_buckets = prefill_buckets(context_tokens, prefill_graph_tokens) if cuda_graphs and pads_cheaply else []
         if prefill_graph_lengths is not None:  # profiling: only the buckets these prompt lengths use
-            needed = {next((b for b in self.prefill_buckets if b >= n), 0) for n in prefill_graph_lengths}
+            needed = {_smallest_at_least(self.prefill_buckets, n) for n in prefill_graph_lengths}
             self.prefill_buckets = [b for b in self.prefill_buckets if b in needed]
         self.prefill_graph_error = ""
         if any(s.can_fuse for s in stages):
@@ -690,12 +691,20 @@ class Engine:
         Returns float32 logits on the last stage's device: ``[vocab]`` for the last position, or
         ``[len(ids), vocab]`` with ``all_positions``.
         """
-        self._single_process("prefill")
+        self._check_prompt("prefill", ids)
+        with _compute():
+            return self._prefill(ids, all_positions).clone()
+
+    def _check_prompt(self, what: str, ids: Sequence[int]) -> None:
+        """``what`` (a one-process call) may run a prefill of ``ids``."""
+        self._single_process(what)
         self._check_ids(ids)
         if len(ids) > self._context_tokens:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens but the context holds {self._context_tokens}; shorten it.")
-        with _compute():
-            return self._prefill(ids, all_positions).clone()
+
+    def _check_position(self, pos: int) -> None:
+        if not 0 <= pos < self._context_tokens:
+            raise BadRequest(f"position {pos} is outside the context of {self._context_tokens} tokens.")
 
     def _prefill(self, ids: Sequence[int], all_positions: bool = False) -> torch.Tensor:
         """Logits ``[vocab]`` of the last position (or ``[T, vocab]`` with ``all_positions``); the
@@ -718,18 +727,10 @@ class Engine:
 
     def _prefill_length(self, tokens: int) -> int:
         """The captured prompt length a prompt of ``tokens`` is padded to; 0 if it runs eagerly."""
-        if not self._prefill_graphs:
-            return 0
-        for b in self.prefill_buckets:
-            if b >= tokens:
-                return b
-        return 0
+        return _smallest_at_least(self.prefill_buckets, tokens) if self._prefill_graphs else 0
 
     def _bucket(self, kv_len: int) -> int:
-        for b in self.buckets:
-            if b >= kv_len:
-                return b
-        return self.buckets[-1]
+        return _smallest_at_least(self.buckets, kv_len) or self.buckets[-1]
 
     def _decode(self, pos: int) -> torch.Tensor:
         """One decode step for the token in ``self._token`` at position ``pos``; logits ``[vocab]``."""
@@ -751,8 +752,7 @@ class Engine:
         earlier prefill/decode); returns float32 logits ``[vocab]`` for the next position."""
         self._single_process("decode")
         self._check_ids([token])
-        if not 0 <= pos < self._context_tokens:
-            raise BadRequest(f"position {pos} is outside the context of {self._context_tokens} tokens.")
+        self._check_position(pos)
         with _compute():
             self._token.fill_(token)
             return self._decode(pos).clone()
@@ -763,10 +763,7 @@ class Engine:
         """Profiling: queue one prefill of ``ids`` as ``generate`` runs it (captured when a graph
         holds its length), without sampling and without waiting for the device, so that passes
         queued back to back can be timed with CUDA events (``profile``)."""
-        self._single_process("queue_prefill")
-        self._check_ids(ids)
-        if len(ids) > self._context_tokens:
-            raise PromptTooLong(f"the prompt has {len(ids)} tokens but the context holds {self._context_tokens}; shorten it.")
+        self._check_prompt("queue_prefill", ids)
         with _compute():
             self._prefill(ids)
 
@@ -774,8 +771,7 @@ class Engine:
         """Profiling: queue one decode step at ``pos`` (of the token last fed) as ``generate`` runs
         it, without sampling and without waiting for the device."""
         self._single_process("queue_decode")
-        if not 0 <= pos < self._context_tokens:
-            raise BadRequest(f"position {pos} is outside the context of {self._context_tokens} tokens.")
+        self._check_position(pos)
         with _compute():
             self._decode(pos)
 
