@@ -54,7 +54,8 @@ def test_validate_command_profiles_measures_and_prints(tiny, tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert [c["config"] for c in doc["comparisons"]] == keys.split(",")
     assert doc["summary"]["ttft"]["points"] == 6 and doc["summary"]["tpot"]["points"] == 4 and doc["summary"]["memory"]["points"] == 2
-    # only the two variants asked for were profiled
+    # only the two variants asked for were profiled, and their measurements are in the JSON
+    assert {(m["variant"]["weight_quant"], m["variant"]["kv_quant"]) for m in doc["profile"]["measurements"]} == {("fp16", "fp16"), ("int8", "int8")}
     assert sorted(p.name for p in (tmp_path / "fp").iterdir() if p.is_dir())  # fingerprints were written
     assert validate.main([str(tmp_path / "nope")]) == 2
     assert validate.main([str(tiny), "--configs", "tp9-pp1-wfp16-kvfp16-pnone", "--devices", "cpu", "--prompt-lengths", "8,16",

@@ -435,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     devices = [d for d in a.devices.split(",") if d] or default_devices()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    local = None
     try:
         if a.nats_url:
             model_dir, cmap = asyncio.run(_stored_map(a.nats_url, a.model, a.gpu_type))
@@ -476,8 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize([c for c in comps if not c.note])
     print_summary(summary)
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": cmap.model, "gpu_type": cmap.gpu_type, "summary": summary,
-                                            "comparisons": [asdict(c) for c in comps]}, indent=1, default=str))
+        doc = {"model": cmap.model, "gpu_type": cmap.gpu_type, "summary": summary, "comparisons": [asdict(c) for c in comps]}
+        if local is not None:  # the fingerprints' own measurements, to see where an estimate came from
+            doc["profile"] = msgspec.to_builtins(local.result)
+        Path(a.json).write_text(json.dumps(doc, indent=1, default=str))
     return 0 if any(not c.note for c in comps) else 1
 
 
