@@ -395,6 +395,10 @@ class FingerprintMeasurement(msgspec.Struct, kw_only=True):
     # Decode ran the fused Triton kernels on every stage; if not, why the engine's check refused them.
     fused_decode: bool = False
     fused_error: str = ""
+    # CUDA graphs the engine captured (decode and prefill, all stages). A replayed run that captured
+    # as many as the fingerprints (every serving bucket) holds what a served model's graphs hold, so
+    # its memory beyond weights and KV says how that grows with depth (the estimator uses it then).
+    graphs: int = 0
 
 
 class ProfileResult(Message):

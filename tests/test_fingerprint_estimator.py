@@ -352,6 +352,39 @@ def test_memory_noise_in_the_process_view_is_not_multiplied_by_the_layers():
     assert e.total_bytes - alloc.total_bytes == 950 * 2**20  # the median of the two extras, once
 
 
+def test_a_deep_run_with_the_serving_graphs_sets_how_memory_outside_the_allocator_grows_with_depth():
+    """At TP=2 NCCL holds memory outside the allocator for every captured all-reduce, so a model's
+    GPU memory grows per layer by more than the fingerprints' allocator slope shows. A replayed run
+    at the model's depth that captured every graph the fingerprints did reads it; one that captured
+    fewer (the one-process deep run captures only the protocol's prompt lengths) is left out, and a
+    deep run reading less than the fingerprints' line never lowers the estimate."""
+    arch = _arch()
+    w = _weights(arch)
+    v = ProfileVariant(tp=2)
+    ms = [msgspec.structs.replace(_measure(arch, w, v, n), graphs=40) for n in (1, 2)]
+    for m in ms:
+        m.nvml_peak_bytes = m.peak_bytes + 2 * 2**30  # context, NCCL, workspaces
+
+    def deep(graphs: int, extra_per_layer: int):
+        d = _measure(arch, w, v, 32)
+        own = est.fingerprint_weight_bytes(arch, w, v, 2) + d.kv_cache_bytes
+        d = msgspec.structs.replace(d, replayed_from=2, graphs=graphs, peak_bytes=own + 600 * 2**20)
+        d.nvml_peak_bytes = d.peak_bytes + 2 * 2**30 + 30 * extra_per_layer
+        return d
+
+    cfg = Configuration(tp=2)
+    [plain] = est.fit_estimates(arch, w, ms, [cfg], context_tokens=512)
+    [grown] = est.fit_estimates(arch, w, ms + [deep(40, 7 * 2**20)], [cfg], context_tokens=512)
+    [fewer] = est.fit_estimates(arch, w, ms + [deep(3, 7 * 2**20)], [cfg], context_tokens=512)
+    [lower] = est.fit_estimates(arch, w, ms + [deep(40, -2**20)], [cfg], context_tokens=512)
+    per_gpu = lambda e: e.stage_bytes(32, first=True, last=True)  # noqa: E731
+    assert per_gpu(grown) - per_gpu(plain) == pytest.approx(30 * 7 * 2**20, abs=2**20)
+    assert per_gpu(fewer) == per_gpu(plain) and per_gpu(lower) == per_gpu(plain)
+    # a pipeline stage of half the layers carries half of the growth beyond the fingerprints'
+    assert grown.stage_bytes(16, first=True, last=False) - plain.stage_bytes(16, first=True, last=False) == pytest.approx(
+        (16 - 1.5) * 7 * 2**20 * 30 / 30.5, abs=2**20)
+
+
 def test_a_device_time_above_its_wall_time_counts_as_the_wall_time():
     """Device time is part of the pass, so a device median above the wall median is noise: it is
     capped there. (Single hiccups are removed earlier, by the medians over repeats.)"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import msgspec
 import pytest
@@ -248,3 +249,15 @@ def test_configuration_key_and_estimate_math():
     assert e.latency_ms(100, 11) == pytest.approx(20 + 10 * 5)
     assert e.stage_bytes(8, first=True, last=False) == 50 + 800 + 1000
     assert e.stage_bytes(8, first=True, last=True) == 50 + 800 + 3000
+
+
+def test_cpu_affinity_mask_and_pinning_off_a_gpu(monkeypatch):
+    from iserve.gpu_agent.gpus import cpus_of_mask, pin_to_gpu_cpus
+
+    assert cpus_of_mask([0b1011, 0b1]) == {0, 1, 3, 64}
+    assert cpus_of_mask([0, 0]) == set()
+    before = os.sched_getaffinity(0)
+    assert pin_to_gpu_cpus("cpu") == []  # not a CUDA device: nothing changes
+    monkeypatch.setenv("ISERVE_PIN_CPUS", "0")
+    assert pin_to_gpu_cpus("cuda:0") == []  # switched off
+    assert os.sched_getaffinity(0) == before

@@ -681,6 +681,24 @@ def fit_variant(
         fixed.append((m.num_layers, peak - own))
     act_layer = max(0.0, _line([m.num_layers for m in loaded], alloc_nonweight)[0])
     overhead = float(np.median([v - n * act_layer for n, v in fixed]))
+    # A replayed run that captured every graph the fingerprints did (the serving set) holds, at the
+    # model's depth, what a served model's graphs hold beyond weights and KV; with tensor
+    # parallelism that grows with depth outside the allocator (NCCL's share of every captured
+    # all-reduce: two H200s, Llama-2-7B at TP=2, 7 MiB a layer). Its excess over the line above is
+    # spread over the layers it has beyond the fingerprints' (never below zero: the fingerprints
+    # alone stand where it is lower). A run with fewer graphs (one process captures only the
+    # protocol's prompt lengths at depth) would under-report it and is not used.
+    serving_graphs = max((m.graphs for m in loaded), default=0)
+    deep_runs = [m for m in measurements if m.replayed_from and serving_graphs > 0 and m.graphs >= serving_graphs]
+    if deep_runs:
+        d = max(deep_runs, key=lambda m: m.num_layers)
+        own = fingerprint_weight_bytes(arch, weights, variant, d.replayed_from) + d.kv_cache_bytes
+        n_fp = float(np.median([n for n, _ in fixed]))
+        excess = (_peak(d, memory_source) - own) - (overhead + d.num_layers * act_layer)
+        if excess > 0 and d.num_layers > n_fp:
+            grow = excess / (d.num_layers - n_fp)
+            act_layer += grow
+            overhead -= n_fp * grow
     kv_reports = [m.kv_cache_bytes / (m.num_layers * m.context_tokens) for m in loaded if m.context_tokens > 0 and m.kv_cache_bytes > 0]
 
     return VariantFit(

@@ -23,6 +23,7 @@ class AgentConfig:
     work_dir: Path
     profile_timeout_s: float
     worker_stale_s: float = 30.0
+    pin_cpus: bool = True
 
 
 def parse(argv: list[str] | None = None) -> AgentConfig:
@@ -37,6 +38,8 @@ def parse(argv: list[str] | None = None) -> AgentConfig:
     flag(p, "--profile-timeout-s", default=900.0, type=float, help="a profiling run longer than this is killed")
     flag(p, "--worker-stale-s", default=30.0, type=float,
          help="a serving worker whose heartbeats stop for this long is killed and reported as exited (0: never)")
+    flag(p, "--pin-cpus", default=True, type=bool,
+         help="pin tensor-parallel worker and profiling ranks to the CPUs NVML lists as close to their GPU")
     a = p.parse_args(argv)
     return AgentConfig(
         nats_url=a.nats_url,
@@ -50,4 +53,5 @@ def parse(argv: list[str] | None = None) -> AgentConfig:
         work_dir=Path(a.work_dir),
         profile_timeout_s=a.profile_timeout_s,
         worker_stale_s=a.worker_stale_s,
+        pin_cpus=a.pin_cpus,
     )

@@ -108,3 +108,41 @@ def discover(simulate: str, gpu_type: str) -> Gpus:
         return NvmlGpus()
     except Exception:
         return SimulatedGpus(parse_simulated("1x24GB"), gpu_type)
+
+
+def cpus_of_mask(words: list[int], word_bits: int = 64) -> set[int]:
+    """The CPU ids set in NVML's CPU affinity mask (word 0 holds CPUs 0..63, bit 0 first)."""
+    return {w * word_bits + b for w, word in enumerate(words) for b in range(word_bits) if word >> b & 1}
+
+
+def pin_to_gpu_cpus(device: str) -> list[int]:
+    """Restrict this process, and the threads it starts later (NCCL's proxy threads), to the CPUs
+    that NVML lists as close to the CUDA ``device`` (its NUMA node), as far as this process may
+    use them. Returns the CPUs kept, or [] when nothing changed: not a CUDA device, no NVML, no
+    overlap, or ``ISERVE_PIN_CPUS=0``. Tensor-parallel ranks call it before they initialize
+    ``torch.distributed``: their every decode step waits on host round trips between ranks."""
+    import os
+
+    if os.environ.get("ISERVE_PIN_CPUS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return []
+    if not device.startswith("cuda") or not hasattr(os, "sched_setaffinity"):
+        return []
+    try:
+        import pynvml
+        import torch
+
+        dev = torch.device(device)
+        uuid = str(torch.cuda.get_device_properties(dev).uuid)
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            words = list(pynvml.nvmlDeviceGetCpuAffinity(handle, -(-(os.cpu_count() or 1) // 64)))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return []
+    cpus = sorted(cpus_of_mask(words) & os.sched_getaffinity(0))
+    if not cpus:
+        return []
+    os.sched_setaffinity(0, cpus)
+    return cpus

@@ -133,6 +133,8 @@ class AgentService:
         self.cfg = cfg
         self.nc = nc
         self.gpus = gpus
+        # The workers and profiling runs it starts read it from their environment (gpus.pin_to_gpu_cpus).
+        os.environ["ISERVE_PIN_CPUS"] = "1" if cfg.pin_cpus else "0"
         self.workers: dict[str, WorkerProc] = {}
         self.windows: dict[int, BusyWindow] = {}
         self._prev_busy: dict[int, dict[str, float]] = {}

@@ -46,6 +46,8 @@ from iserve.messages import (
 )
 from iserve.settings import common_flags, flag
 
+from .gpus import pin_to_gpu_cpus
+
 log = structlog.get_logger()
 
 
@@ -264,6 +266,7 @@ def load_engine(spec: LaunchWorker, args: argparse.Namespace):
         cuda = devices[0].startswith("cuda")
         if cuda:
             torch.cuda.set_device(devices[0])
+            pin_to_gpu_cpus(devices[0])  # as profiling's ranks do (ISERVE_PIN_CPUS=0: off)
         else:  # the ranks share this host's cores; oversubscribed, gloo's collectives stall for milliseconds
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_size))
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{args.dist_port}",

@@ -46,6 +46,10 @@ def _rank(rank: int, size: int, port: int, path: str, stages_of_rank: list, conf
                 engine.close()
             else:
                 out.append(engine.follow())
+                engine.close()
+            groups = len(engine._groups)
+            engine.release_groups()  # every rank, after close: the next engine makes its own
+            assert groups == len(stages) + 1 and not engine._groups, groups  # one per stage, and the control group
         queue.put((rank, out))
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - reported to the test

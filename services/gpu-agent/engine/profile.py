@@ -42,9 +42,12 @@ Protocol (``Protocol``)
     * Deep run (``replay_depth``, GPUs only): the deepest checkpoint again with its layers replayed
       to that depth (``Stage.replay``), timed in the same rounds for ``DEEP_REPEATS`` repeats: a
       pass as long as the model's, from the fingerprint's weights (with ``replay_distinct``, from
-      copies of them, one per replayed layer, where the GPU has room). On one process it captures
-      only the prefill graphs of the protocol's prompt lengths and cuts its decode runs to
-      ``DEEP_STEPS`` steps (they keep their prefill: the first steps after one are slower).
+      copies of them, one per replayed layer, where the GPU has room). Its decode runs are cut to
+      ``DEEP_STEPS`` steps (they keep their prefill: the first steps after one are slower). On one
+      process it captures only the prefill graphs of the protocol's prompt lengths; with tensor
+      parallelism every serving graph, so that its memory shows what NCCL holds at that depth.
+    * Tensor parallelism: each variant is measured by fresh rank processes, as a serving worker
+      starts fresh, and every engine's process groups are destroyed when it closes.
     * Reading: a job on one GPU reads its fingerprints' tensors onto the GPU once
       (``iserve.checkpoint.TensorCache``) and builds every variant's engines from copies of them.
     * Memory, per engine while it loads and warms up (before the other engine of the pair runs):
@@ -53,8 +56,9 @@ Protocol (``Protocol``)
       between fingerprints, which a per-layer slope would multiply by the layer count); then the
       torch allocator's peak (allocated and reserved) and the process's memory as NVML reports it,
       each less what the process held just before this engine loaded, plus the process's first
-      such baseline (CUDA context and runtime workspaces): what a fresh worker holding only this
-      engine would show (``_Baseline``).
+      such baseline (CUDA context and runtime workspaces, the streams' library workspaces primed
+      before it: ``runner.prime_streams``): what a fresh worker holding only this engine would
+      show (``_Baseline``).
     * Noise: the garbage collector is off during timed runs; the device pass takes as many repeats
       as the wall pass.
     * GPU-seconds: wall time from the start of loading to the end of closing, times the devices.
@@ -92,6 +96,9 @@ from iserve.messages import (
     decoder,
     encode,
 )
+
+from ..gpus import pin_to_gpu_cpus
+from .runner import prime_streams
 
 MIN_GPU_WARMUP_S = 1.0  # default GPU warm-up before the first timed run of a job
 ENGINE_WARMUP_S = 0.2  # least busy time per loaded engine (after a load the GPU has been idle)
@@ -190,13 +197,15 @@ class _Baseline:
         self.first = (0, 0, 0)
         if not self.cuda:
             return
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _FIRST_BASELINE:
+            prime_streams(device)  # the process's stream workspaces belong to its first baseline
         gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         self.allocated = int(torch.cuda.memory_allocated(device))
         self.reserved = int(torch.cuda.memory_reserved(device))
         self.nvml = probe.sample()
-        index = device.index if device.index is not None else torch.cuda.current_device()
         self.first = _FIRST_BASELINE.setdefault(index, (self.allocated, self.reserved, self.nvml))
 
     def own(self, allocated_peak: int, reserved_peak: int, nvml_peak: int) -> tuple[int, int, int]:
@@ -512,7 +521,7 @@ def _wall_pass(engines: list, protocol: Protocol, prompts: dict[int, list[int]],
                timings: list[_Timings], after_run: Callable[[], None]) -> None:
     """``repeats`` rounds; in each, every engine in turn runs every prompt length and decode run, so
     that drift (clocks, temperature, other work on the host) affects all engines alike. A deep run
-    on one process cuts its decode runs to ``DEEP_STEPS`` steps: its passes cost a model's, and a
+    cuts its decode runs to ``DEEP_STEPS`` steps: its passes cost a model's, and a
     few of them fix the line at the model's depth (they keep their prefill: the steps right after
     one are slower than later ones, on an H100 by up to 10%)."""
     sink = TokenSink() if protocol.serving_path else None
@@ -635,12 +644,14 @@ class _Loaded:
         self.t_start = time.perf_counter()
         self.probe = _NvmlProbe(torch.device(device))
         self.base = _Baseline(torch.device(device), self.probe)
-        # A deep run on one process captures only the prefills of the protocol's prompt lengths (at
-        # a model's depth, capturing every length cost up to 6 s, more than its timing).
-        self.deep = bool(replay_layers) and tp_size == 1
+        # A deep run's decode runs are cut short (``DEEP_STEPS``). On one process it captures only the
+        # prefills of the protocol's prompt lengths (at a model's depth, capturing every length cost
+        # up to 6 s, more than its timing); with tensor parallelism it captures every serving graph,
+        # because there its memory says how NCCL's share grows with depth (``estimator.fit_variant``).
+        self.deep = bool(replay_layers)
         self.engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size,
                                   replay_layers=replay_layers, replay_distinct=protocol.replay_distinct,
-                                  prefill_lengths=sorted(set(protocol.prompt_lengths)) if self.deep else None)
+                                  prefill_lengths=sorted(set(protocol.prompt_lengths)) if self.deep and tp_size == 1 else None)
         self.num_layers = replay_layers or self.engine.arch.num_layers
         self.replayed_from = self.engine.stages[0].replayed_from  # replay_layers loads one stage
         self.runner = _Announced(self.engine, index, coord) if coord is not None and tp_rank == 0 else self.engine
@@ -685,6 +696,8 @@ class _Loaded:
         if follower:
             self.engine.follow_one()
         self.engine.close()
+        if hasattr(self.engine, "release_groups"):
+            self.engine.release_groups()
 
 
 def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, timings: _Timings | None, gpu_seconds: float,
@@ -711,6 +724,7 @@ def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, t
         replay_copies=sum(s.replay_copies for s in loaded.engine.stages),
         fused_decode=bool(loaded.engine.fused_decode) and all(loaded.engine.fused_decode),
         fused_error=loaded.engine.fused_error,
+        graphs=getattr(loaded.engine, "graph_count", 0),
     )
     if timings is None:
         return m
@@ -893,6 +907,7 @@ def _tp_rank_main(rank: int, size: int, port: int, job_bytes: bytes, devices: li
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.set_device(torch.device(device))
+            pin_to_gpu_cpus(device)
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=size)
         try:
             allreduce = measure_allreduce(device) if cuda else (0.0, 0.0)
@@ -1047,14 +1062,19 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
         if tp > len(devices):
             skipped.update({_variant_key(v): f"needs {tp} GPUs, the profiling job had {len(devices)}" for v in variants})
             continue
-        merged, ar = _measure_tp(job, devices, variants, job.timeout_s)
-        if ar[1] > 0:
-            allreduce = ar
-        for key, value in merged.items():
-            if isinstance(value, str):
-                skipped[key] = value
-            else:
-                measurements += value
+        # Fresh rank processes per variant, as a serving worker is: what NCCL keeps on the GPU outside
+        # the allocator grew with the first variant's deep run in a process and then stayed, so
+        # later variants measured in the same processes showed none of it (two H200s: the full TP=2
+        # model 9.32 GiB per GPU, int8 0.46 GiB above its estimate when measured third).
+        for variant in variants:
+            merged, ar = _measure_tp(job, devices, [variant], job.timeout_s)
+            if ar[1] > 0:
+                allreduce = ar
+            for key, value in merged.items():
+                if isinstance(value, str):
+                    skipped[key] = value
+                else:
+                    measurements += value
     one_gpu = [v for v in job.variants if v.tp == 1]
     cache = _fingerprint_cache(job.fingerprint_paths, devices[0]) if one_gpu else None
     try:

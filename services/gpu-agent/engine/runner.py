@@ -199,6 +199,7 @@ def graph_buckets(context_tokens: int) -> list[int]:
 
 
 _WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _warmup_stream(dev: torch.device) -> torch.cuda.Stream:
@@ -210,6 +211,33 @@ def _warmup_stream(dev: torch.device) -> torch.cuda.Stream:
     if dev not in _WARMUP_STREAMS:
         _WARMUP_STREAMS[dev] = torch.cuda.Stream(dev)
     return _WARMUP_STREAMS[dev]
+
+
+def _capture_stream(dev: torch.device) -> torch.cuda.Stream:
+    """The process's one stream per device that graphs are captured on (named, so that
+    ``prime_streams`` can reach it)."""
+    if dev not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[dev] = torch.cuda.Stream(dev)
+    return _CAPTURE_STREAMS[dev]
+
+
+def prime_streams(device: str | torch.device) -> None:
+    """Give the streams every engine of this process uses on ``device`` (the current one, the
+    warm-up and the capture stream) their library workspaces now: a matrix product on each. They
+    stay for the life of the process, so the first engine loaded used to carry them in its memory
+    peak and later ones not (97 MiB on an H100). Profiling primes before its first memory
+    baseline, so that every engine's figure includes them once, as a serving worker's does."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return
+    with torch.cuda.device(dev):
+        for stream in (torch.cuda.current_stream(dev), _warmup_stream(dev), _capture_stream(dev)):
+            with torch.cuda.stream(stream):
+                for dtype in (torch.float16, torch.bfloat16):
+                    a = torch.ones(64, 64, device=dev, dtype=dtype)
+                    (a @ a).sum()
+                    torch.nn.functional.linear(a, a)
+            torch.cuda.synchronize(dev)
 
 
 def _capture_graphs(dev: torch.device, keys: Sequence[int], run: Callable[[int], torch.Tensor], pool, *,
@@ -229,7 +257,7 @@ def _capture_graphs(dev: torch.device, keys: Sequence[int], run: Callable[[int],
         graphs = {}
         for key in keys:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=_capture_stream(dev)):
                 out = run(key)
             graphs[key] = (graph, out)
         torch.cuda.synchronize(dev)
@@ -403,6 +431,7 @@ class Engine:
         self._context_tokens = context_tokens
         self.variant = dict(variant or {"weight_quant": "fp16", "kv_quant": "fp16", "pruning": "none"})
         self._tp = tp
+        self._groups: list = []  # process groups this engine made (TP), destroyed by close()
         first, last = stages[0].device, stages[-1].device
         self._token = torch.zeros(1, dtype=torch.long, device=first)  # decode input buffer
         self._generator = torch.Generator(device=last).manual_seed(seed)  # for requests without a seed
@@ -588,8 +617,10 @@ class Engine:
                 release_cached(dev)  # the last layer's and the head's load scratch
             tp = _TPControl(tp_rank, tp_size, control, tp_groups[-1], built[-1].device) if tp_size > 1 else None
             variant = {"weight_quant": weight_quant, "kv_quant": kv_quant, "pruning": pruning}
-            return cls(ck, built, tokenizer, context_tokens, seed, cuda_graphs=cuda_graphs, variant=variant, tp=tp,
-                       prefill_graph_tokens=prefill_graph_tokens, prefill_graph_lengths=prefill_graph_lengths)
+            engine = cls(ck, built, tokenizer, context_tokens, seed, cuda_graphs=cuda_graphs, variant=variant, tp=tp,
+                         prefill_graph_tokens=prefill_graph_tokens, prefill_graph_lengths=prefill_graph_lengths)
+            engine._groups = [g for g in [*tp_groups, control] if g is not None]
+            return engine
 
     def close(self) -> None:
         """Drop every weight and cache so that the memory can be reused (the engine is unusable after).
@@ -602,6 +633,18 @@ class Engine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def release_groups(self) -> None:
+        """Destroy the process groups this tensor-parallel engine made (its NCCL communicator holds
+        buffers outside the allocator). After ``close``, on every rank alike: a communicator's
+        teardown may wait for its peers. Profiling does this between engines; a serving worker
+        exits instead."""
+        groups, self._groups = self._groups, []
+        if groups:
+            import torch.distributed as dist
+
+            for group in groups:
+                dist.destroy_process_group(group)
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -649,6 +692,11 @@ class Engine:
     def graphs_captured(self) -> list[bool]:
         """Per stage: whether its decode step replays a CUDA graph."""
         return [g is not None for g in self._graphs]
+
+    @property
+    def graph_count(self) -> int:
+        """CUDA graphs captured over all stages, decode and prefill."""
+        return sum(len(g.graphs) for g in [*self._graphs, *self._prefill_graphs] if g is not None)
 
     @property
     def prefill_graph_tokens(self) -> int:
