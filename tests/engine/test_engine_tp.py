@@ -181,3 +181,26 @@ def test_tp2_on_cpu_gives_the_tokens_of_tp1_for_other_families(preset, tmp_path,
     one = Engine.load(path, [("cpu", 0, 2)], 96)
     assert (greedy, sampled) == _run(one)
     assert stopped == greedy[:2] and reason == "cancelled"
+
+
+def _agree_rank(rank: int, size: int, port: int, votes: list[bool], queue) -> None:
+    import torch.distributed as dist
+
+    from iserve.gpu_agent.engine.runner import _TPControl
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+        control = dist.new_group(list(range(size)), backend="gloo")
+        tp = _TPControl(rank, size, control, control, torch.device("cpu"))
+        queue.put((rank, [tp.all_agree(votes[rank]), tp.all_agree(True)]))
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        queue.put((rank, f"{type(e).__name__}: {e}"))
+
+
+def test_ranks_take_a_local_decision_together(spawn_ranks):
+    """A decision each rank takes from its own check (fused kernels, prefill graphs) holds only if it
+    holds on every rank: a fused stage captures one decode graph, an unfused one a graph per
+    bucket, and ranks that decided differently would run unpaired collectives and hang."""
+    results = spawn_ranks(_agree_rank, 2, [True, False])
+    assert results == {0: [False, True], 1: [False, True]}

@@ -979,7 +979,8 @@ def _measure_tp(job: ProfileJob, devices: list[str], variants: list[ProfileVaria
         while len(results) < size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"tensor-parallel profiling at TP={size} took longer than {timeout_s:.0f} s")
+                keys = ", ".join(_variant_key(v) for v in variants)
+                raise TimeoutError(f"tensor-parallel profiling of {keys} took longer than {timeout_s:.0f} s")
             try:
                 rank, out, allreduce, error = queue.get(timeout=min(remaining, 5.0))
             except Exception:  # queue.Empty: check that the ranks are alive
@@ -1067,7 +1068,10 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
         # later variants measured in the same processes showed none of it (two H200s: the full TP=2
         # model 9.32 GiB per GPU, int8 0.46 GiB above its estimate when measured third).
         for variant in variants:
-            merged, ar = _measure_tp(job, devices, [variant], job.timeout_s)
+            remaining = job.timeout_s - (time.perf_counter() - t0)  # the job's time limit covers all of them
+            if remaining <= 0:
+                raise TimeoutError(f"the profiling job ran out of its {job.timeout_s:.0f} s before {_variant_key(variant)}")
+            merged, ar = _measure_tp(job, devices, [variant], remaining)
             if ar[1] > 0:
                 allreduce = ar
             for key, value in merged.items():

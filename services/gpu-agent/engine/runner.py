@@ -384,6 +384,17 @@ class _TPControl:
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
+    def all_agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (a collective: every rank calls it at the same point).
+        Decisions each rank takes from its own checks (fused kernels, prefill graphs) must agree:
+        a fused stage captures one decode graph where an unfused one captures a graph per bucket,
+        and the collectives of their warm-ups would no longer pair up across the ranks."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.control)
+        return bool(flag.item())
+
     def agree(self, token_id: int, stop: bool) -> tuple[int, bool]:
         """Every rank gets the leader's token and stop flag."""
         import torch.distributed as dist
@@ -486,6 +497,8 @@ class Engine:
                     problem = f"fused decode failed: {type(e).__name__}: {e}"
                 if problem:
                     break
+        if self._tp is not None and not self._tp.all_agree(not problem) and not problem:
+            problem = "another tensor-parallel rank's check refused fused decode"
         for s in self.stages:
             s.fused = s.can_fuse and not problem
         self.fused_error = problem
@@ -510,6 +523,9 @@ class Engine:
                     self.prefill_graph_error = f"prefill capture failed: {e}"
                     for s in self.stages:
                         torch.cuda.synchronize(s.device)
+                if self._tp is not None and not self._tp.all_agree(bool(self._prefill_graphs)) and self._prefill_graphs:
+                    self._prefill_graphs = []  # every rank prefills the same way
+                    self.prefill_graph_error = "prefill capture failed on another tensor-parallel rank"
 
     # -- loading ---------------------------------------------------------------------------------
 
