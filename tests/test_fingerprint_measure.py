@@ -321,3 +321,15 @@ def test_on_a_gpu_a_job_times_batches_and_deep_steps_and_its_tensor_cache_change
     deep = cached.measurements[2]
     assert deep.replayed_from == 2 and [t.prompt_tokens for t in deep.ttft] == [8, 16] and deep.decode
     assert deep.prefill_graph_tokens == 64  # only the buckets of 8 and 16 tokens (64 both) were captured
+
+
+def test_a_tp_measurement_that_overruns_names_its_variant_and_shows_the_ranks_stacks(fps, capfd):
+    """A hung TP measurement (run 8 on two H200s hung without a trace) is killed at the job's time
+    limit; before that every live rank prints its threads' stacks, so the hang can be located."""
+    # Rounds without end: at the time limit both ranks are timing (their start takes a few seconds).
+    job = msgspec.structs.replace(_job(fps, [ProfileVariant(tp=2)]), repeats=1_000_000, timeout_s=25.0)
+    with pytest.raises(TimeoutError, match="tp2-wfp16-kvfp16-pnone"):
+        profile.run_profile_job(job, ["cpu", "cpu"])
+    err = capfd.readouterr().err
+    assert err.count("most recent call first") >= 2, err[-2000:]  # faulthandler's dumps, from both ranks' stderr
+    assert "_tp_rank_main" in err

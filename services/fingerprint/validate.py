@@ -180,6 +180,7 @@ def profile_locally(
     replay_distinct: bool = False,
     variants_filter: Callable[[Any], bool] | None = None,
     log: Callable[[str], None] | None = None,
+    timeout_s: float = 600.0,
 ) -> LocalProfile:
     """Generate ``model_dir``'s fingerprints under ``work_dir``, profile them on ``devices`` (the
     fingerprint service's job, run in this process) and estimate every configuration."""
@@ -212,6 +213,7 @@ def profile_locally(
         gpu_warmup_s=gpu_warmup_s,
         replay_depth=estimator.replay_depth(ck.arch, replay_depth),
         replay_distinct=replay_distinct,
+        timeout_s=timeout_s,
     )
     result = run_profile_job(job, devices, log=log)
     cmap = local_map(ck, infos, result, devices, name=job.model, capabilities=caps, max_gpus=max_gpus, context_tokens=context)
@@ -298,7 +300,8 @@ def _decode_runs(prompt_lengths: Sequence[int], output_lengths: Sequence[int], c
 
 def validate(model_dir: str | Path, cmap: ConfigurationMap, estimates: Sequence[ConfigEstimate], devices: Sequence[str], *,
              prompt_lengths: Sequence[int], output_lengths: Sequence[int], repeats: int, warmup: int,
-             log: Callable[[str], None] | None = None, deadline: float | None = None) -> list[Comparison]:
+             log: Callable[[str], None] | None = None, deadline: float | None = None,
+             timeout_s: float = 900.0) -> list[Comparison]:
     """Measure each of ``estimates``' configurations in full and compare. A configuration the engine
     refuses, or that runs out of memory, gets a note instead of points; with ``deadline``
     (``time.monotonic()``), configurations left when it passes are noted as skipped."""
@@ -314,9 +317,12 @@ def validate(model_dir: str | Path, cmap: ConfigurationMap, estimates: Sequence[
         t0 = time.perf_counter()
         try:
             m = measure_configuration(model_dir, est.config, devices, prompt_lengths=prompt_lengths, output_lengths=output_lengths,
-                                      repeats=repeats, warmup=warmup, context_tokens=cmap.context_tokens)
+                                      repeats=repeats, warmup=warmup, context_tokens=cmap.context_tokens, timeout_s=timeout_s)
         except IServeError as e:
             out.append(Comparison(config=key, note=f"not measured: {e.message}"))
+            continue
+        except TimeoutError as e:  # a TP measurement that overran: its ranks were killed (their stacks on stderr)
+            out.append(Comparison(config=key, note=f"not measured: {e}"))
             continue
         except RuntimeError as e:  # CUDA out of memory and kin: the estimate said it fits, the device disagreed
             _free_cuda()
@@ -410,6 +416,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", default="", help="where fingerprints are written when profiling here (default: a temporary folder)")
     p.add_argument("--limit", type=int, default=0, help="measure at most this many configurations")
     p.add_argument("--json", default="", help="also write every point and the summary to this JSON file")
+    p.add_argument("--timeout-s", type=float, default=900.0,
+                   help="time limit of the fingerprint profiling, and of each tensor-parallel measurement (default 900)")
     return p.parse_args(argv)
 
 
@@ -451,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             only = (lambda v: _variant_of_key(estimator.variant_key(v)) in wanted) if wanted else None
             local = profile_locally(model_dir, devices, prompt_lengths=a.prompt_lengths, output_lengths=a.output_lengths,
                                     repeats=a.fp_repeats, warmup=a.warmup, context_tokens=a.context_tokens, work_dir=work,
-                                    variants_filter=only, log=log)
+                                    variants_filter=only, log=log, timeout_s=a.timeout_s)
             cmap = local.cmap
             prompt_lengths, output_lengths = a.prompt_lengths, a.output_lengths
             log(f"fingerprints profiled in {local.result.gpu_seconds:.1f} GPU-seconds; {len(cmap.estimates)} configurations estimated")
@@ -468,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.limit:
             chosen = chosen[: a.limit]
         comps = validate(model_dir, cmap, chosen, devices, prompt_lengths=prompt_lengths, output_lengths=output_lengths,
-                         repeats=a.repeats, warmup=a.warmup, log=log)
+                         repeats=a.repeats, warmup=a.warmup, log=log, timeout_s=a.timeout_s)
     except IServeError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2

@@ -204,3 +204,20 @@ def test_ranks_take_a_local_decision_together(spawn_ranks):
     bucket, and ranks that decided differently would run unpaired collectives and hang."""
     results = spawn_ranks(_agree_rank, 2, [True, False])
     assert results == {0: [False, True], 1: [False, True]}
+
+
+def test_local_checks_run_no_collectives():
+    """The fused decode check runs each rank's layer without collectives (``TensorParallel.local``):
+    a rank that failed part-way through it left the other waiting in a layer's all-reduce (Llama-2-7B
+    2:4 at TP=2 on two H200s). Inside, nothing reaches torch.distributed (no group exists here)."""
+    from iserve.gpu_agent.engine.model import TensorParallel
+
+    tp = TensorParallel(rank=1, size=2, group=object())
+    t = torch.ones(2, 3)
+    with tp.local():
+        assert tp.all_reduce(t) is t and torch.equal(t, torch.ones(2, 3))
+        assert tp.all_gather_columns(t) is t
+    assert tp.collectives
+    with pytest.raises(ValueError), tp.local():
+        raise ValueError("a failed check")
+    assert tp.collectives  # restored after a failure too

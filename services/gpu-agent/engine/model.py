@@ -59,6 +59,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -173,11 +174,28 @@ class TensorParallel:
         count = n // self.size
         return self.rank * count, count
 
+    @contextmanager
+    def local(self):
+        """Within: no collectives; each rank computes its own partial sums. For checks that compare two
+        computations on this rank alone (the fused decode check): a collective inside a check can
+        hang the ranks when one of them leaves the check early (an exception) and the other does not
+        (two H200s, Llama-2-7B 2:4 at TP=2: one rank waited in a layer's all-reduce, the other in the
+        agreement after the check)."""
+        was = self.collectives
+        self.collectives = False
+        try:
+            yield self
+        finally:
+            self.collectives = was
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over the ranks, in place."""
+        """Sum ``t`` over the ranks, in place when ``t`` is contiguous (use the returned tensor). A 2:4
+        sparse product comes out transposed (not contiguous), and NCCL refuses such a tensor: on
+        the ranks that add no residual (all but rank 0) the row-parallel output is that product."""
         if self.collectives:
             import torch.distributed as dist
 
+            t = t.contiguous()
             dist.all_reduce(t, group=self.group)
         return t
 

@@ -68,8 +68,10 @@ Prompts are random token ids from a seeded generator, so runs are reproducible.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
+import signal
 import socket
 from contextlib import nullcontext as _nullcontext
 import statistics
@@ -901,6 +903,9 @@ def _tp_rank_main(rank: int, size: int, port: int, job_bytes: bytes, devices: li
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A rank that hangs (a collective its peers never join) shows where: the parent signals SIGUSR1
+    # before it kills a rank that overran the job's time limit, and every thread's stack goes to stderr.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         job = decoder(ProfileJob).decode(job_bytes)
         device = devices[rank]
@@ -979,8 +984,10 @@ def _measure_tp(job: ProfileJob, devices: list[str], variants: list[ProfileVaria
         while len(results) < size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                _dump_stacks(procs)
                 keys = ", ".join(_variant_key(v) for v in variants)
-                raise TimeoutError(f"tensor-parallel profiling of {keys} took longer than {timeout_s:.0f} s")
+                codes = ", ".join(f"rank {r} {'alive' if p.exitcode is None else f'exited {p.exitcode}'}" for r, p in enumerate(procs))
+                raise TimeoutError(f"tensor-parallel profiling of {keys} took longer than {timeout_s:.0f} s ({codes})")
             try:
                 rank, out, allreduce, error = queue.get(timeout=min(remaining, 5.0))
             except Exception:  # queue.Empty: check that the ranks are alive
@@ -992,10 +999,11 @@ def _measure_tp(job: ProfileJob, devices: list[str], variants: list[ProfileVaria
                 raise RuntimeError(f"rank {rank} of the TP={size} measurement: {error}")
             results[rank] = (out, allreduce)
     finally:
-        for p in procs:
-            p.join(timeout=30)
+        for p in procs:  # ranks that sent their results exit on their own; the others are killed
+            p.join(timeout=30 if len(results) == size else 0.5)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
     lead, allreduce = results[0]
     merged: dict[str, list[FingerprintMeasurement] | str] = {}
     for key, value in lead.items():
@@ -1013,6 +1021,18 @@ def _measure_tp(job: ProfileJob, devices: list[str], variants: list[ProfileVaria
                     m.reserved_peak_bytes = max(m.reserved_peak_bytes, o.reserved_peak_bytes)
         merged[key] = ms
     return merged, allreduce
+
+
+def _dump_stacks(procs) -> None:
+    """Ask live rank processes for their threads' stacks (on their stderr) before they are killed."""
+    alive = [p for p in procs if p.is_alive() and p.pid]
+    for p in alive:
+        try:
+            os.kill(p.pid, signal.SIGUSR1)
+        except OSError:
+            pass
+    if alive:
+        time.sleep(1.0)
 
 
 def _measure_tp_variant(job: ProfileJob, devices: list[str], variant: ProfileVariant, timeout_s: float):
@@ -1071,6 +1091,8 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
             remaining = job.timeout_s - (time.perf_counter() - t0)  # the job's time limit covers all of them
             if remaining <= 0:
                 raise TimeoutError(f"the profiling job ran out of its {job.timeout_s:.0f} s before {_variant_key(variant)}")
+            if log:
+                log(f"measuring the fingerprints as {_variant_key(variant)} on {', '.join(devices[:tp])}")
             merged, ar = _measure_tp(job, devices, [variant], remaining)
             if ar[1] > 0:
                 allreduce = ar

@@ -348,17 +348,20 @@ def _fused_layer_gap(stage: Stage, n: int) -> float:
     decode, after a prefill of positions ``0..n-2`` (cache rows of layer 0, which every later prefill
     overwrites): the L2 of their difference relative to the reference's update (output less input),
     so that a wrong attention or MLP cannot hide behind the residual. The input is seeded, so TP
-    ranks feed the same one."""
+    ranks feed the same one. On a TP rank it runs without collectives (``TensorParallel.local``):
+    both decodes see the same partial sums, and a rank that fails part-way cannot leave another
+    waiting in a collective; only rank 0 adds the residual, so the others' update is the output."""
     layer = stage.layers[0]
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n, stage.arch.hidden_size, generator=g).to(device=stage.device, dtype=stage.dtype)
-    cos, sin = stage.cos[: n - 1].unsqueeze(1), stage.sin[: n - 1].unsqueeze(1)
-    layer.prefill(x[:-1], cos, sin, stage.cache, 0, None)
-    pos = torch.full((1,), n - 1, dtype=torch.long, device=stage.device)
-    one = stage.cos.index_select(0, pos).unsqueeze(1), stage.sin.index_select(0, pos).unsqueeze(1)
-    ref = layer.decode(x[-1:], one[0], one[1], stage.cache, 0, pos, n, None).float()
-    got = layer.decode_fused(x[-1:], stage.cos, stage.sin, stage.cache, 0, pos, stage.window or 0, stage.splits).float()
-    update = (ref - x[-1:].float()).norm()
+    with stage.tp.local():
+        cos, sin = stage.cos[: n - 1].unsqueeze(1), stage.sin[: n - 1].unsqueeze(1)
+        layer.prefill(x[:-1], cos, sin, stage.cache, 0, None)
+        pos = torch.full((1,), n - 1, dtype=torch.long, device=stage.device)
+        one = stage.cos.index_select(0, pos).unsqueeze(1), stage.sin.index_select(0, pos).unsqueeze(1)
+        ref = layer.decode(x[-1:], one[0], one[1], stage.cache, 0, pos, n, None).float()
+        got = layer.decode_fused(x[-1:], stage.cos, stage.sin, stage.cache, 0, pos, stage.window or 0, stage.splits).float()
+    update = (ref - x[-1:].float()).norm() if stage.tp.rank == 0 else ref.norm()
     return float((got - ref).norm() / update.clamp_min(1e-12))
 
 
@@ -395,16 +398,25 @@ class _TPControl:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.control)
         return bool(flag.item())
 
-    def agree(self, token_id: int, stop: bool) -> tuple[int, bool]:
-        """Every rank gets the leader's token and stop flag."""
+    def agree(self, token: torch.Tensor | None, stop: bool) -> tuple[int, bool]:
+        """Every rank gets the leader's token and stop flag. The leader's ``token`` (a ``[1]`` long
+        tensor on the last stage's device; followers pass None) goes into the flag on the device and
+        is broadcast from there, so each step waits on the host once, for the broadcast flag, not
+        also for the leader's own token first. ``self.token`` then holds the token on the device,
+        for the next decode step to read without a copy from the host."""
         import torch.distributed as dist
 
         if self.leader:
-            self.flag[0] = token_id
-            self.flag[1] = int(stop)
+            self.flag[:1].copy_(token.view(1))
+            self.flag[1].fill_(int(stop))
         dist.broadcast(self.flag, src=0, group=self.step)
-        token, flag = self.flag.tolist()
-        return int(token), bool(flag)
+        token_id, flag = self.flag.tolist()
+        return int(token_id), bool(flag)
+
+    @property
+    def token(self) -> torch.Tensor:
+        """The last agreed token, a ``[1]`` view of the flag on the device."""
+        return self.flag[:1]
 
 
 def _init_tp_groups(stages: int, tp_rank: int, tp_size: int, backend_of_stage: list[str]):
@@ -959,15 +971,17 @@ class Engine:
 
         timer = self._timer
         timer.start()
+        # On a tensor-parallel engine only the leader samples; every rank takes its token (TPControl.agree).
+        # From the second token on, the leader's cancellation decision rides along: asked after the
+        # previous token was streamed, as without TP (the token of the step that found it cancelled is dropped).
+        samples = tp is None or tp.leader
         logits = self._prefill(ids)
-        token = self._sample(logits, temperature, top_p, generator)
-        token_id = int(token.item())
+        token = self._sample(logits, temperature, top_p, generator) if samples else None
         cancel = False
-        if tp is not None:
-            # Every rank takes the leader's token. From the second token on, the leader's cancellation
-            # decision rides along: asked after the previous token was streamed, as without TP (the
-            # token of the step that found it cancelled is dropped).
-            token_id, cancel = tp.agree(token_id, False)
+        if tp is None:
+            token_id = int(token.item())
+        else:
+            token_id, cancel = tp.agree(token, False)
         result.ttft_ms = timer.stop()
 
         pos = len(ids)
@@ -988,14 +1002,13 @@ class Engine:
                 result.finish_reason = "cancelled"
                 break
             timer.start()
+            self._token.copy_(token.view(1) if tp is None else tp.token)
+            logits = self._decode(pos)
+            token = self._sample(logits, temperature, top_p, generator) if samples else None
             if tp is None:
-                self._token.copy_(token.view(1))
+                token_id = int(token.item())
             else:
-                self._token.fill_(token_id)
-            token = self._sample(self._decode(pos), temperature, top_p, generator)
-            token_id = int(token.item())
-            if tp is not None:
-                token_id, cancel = tp.agree(token_id, should_stop is not None and should_stop())
+                token_id, cancel = tp.agree(token, should_stop is not None and should_stop())
             result.step_ms.append(timer.stop())
             pos += 1
         return result
