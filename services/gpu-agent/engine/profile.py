@@ -906,6 +906,10 @@ def _tp_rank_main(rank: int, size: int, port: int, job_bytes: bytes, devices: li
     # A rank that hangs (a collective its peers never join) shows where: the parent signals SIGUSR1
     # before it kills a rank that overran the job's time limit, and every thread's stack goes to stderr.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def report(e: Exception) -> None:
+        queue.put((rank, {}, (0.0, 0.0), f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3)[-300:]}"))
+
     try:
         job = decoder(ProfileJob).decode(job_bytes)
         device = devices[rank]
@@ -914,27 +918,32 @@ def _tp_rank_main(rank: int, size: int, port: int, job_bytes: bytes, devices: li
             torch.cuda.set_device(torch.device(device))
             pin_to_gpu_cpus(device)
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=size)
-        try:
-            allreduce = measure_allreduce(device) if cuda else (0.0, 0.0)
-            protocol = protocol_of_job(job)
-            coord = dist.new_group(list(range(size)), backend="gloo")  # which engine the leader runs next
-            out: dict[str, list[bytes] | str] = {}
-            for vb in variants_bytes:
-                variant = decoder(ProfileVariant).decode(vb)
-                try:
-                    # The fingerprints of a variant together, timed interleaved as at TP=1.
-                    out[_variant_key(variant)] = [
-                        encode(m) for m in measure_models(job.fingerprint_paths, device, protocol=protocol, variant=variant,
-                                                          device_timing=job.device_timing, gpu_warmup_s=ENGINE_WARMUP_S,
-                                                          tp_rank=rank, tp_size=size, coord=coord)
-                    ]
-                except UnsupportedModel as e:  # raised alike on every rank, before any collective of the variant
-                    out[_variant_key(variant)] = e.message
-            queue.put((rank, out, allreduce, ""))
-        finally:
-            dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
-        queue.put((rank, {}, (0.0, 0.0), f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3)[-300:]}"))
+        report(e)
+        return
+    try:
+        allreduce = measure_allreduce(device) if cuda else (0.0, 0.0)
+        protocol = protocol_of_job(job)
+        coord = dist.new_group(list(range(size)), backend="gloo")  # which engine the leader runs next
+        out: dict[str, list[bytes] | str] = {}
+        for vb in variants_bytes:
+            variant = decoder(ProfileVariant).decode(vb)
+            try:
+                # The fingerprints of a variant together, timed interleaved as at TP=1.
+                out[_variant_key(variant)] = [
+                    encode(m) for m in measure_models(job.fingerprint_paths, device, protocol=protocol, variant=variant,
+                                                      device_timing=job.device_timing, gpu_warmup_s=ENGINE_WARMUP_S,
+                                                      tp_rank=rank, tp_size=size, coord=coord)
+                ]
+            except UnsupportedModel as e:  # raised alike on every rank, before any collective of the variant
+                out[_variant_key(variant)] = e.message
+        queue.put((rank, out, allreduce, ""))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which decides (and kills the other ranks)
+        # Reported before the group is destroyed: destroying it can wait on a peer that is stuck in a
+        # collective this rank left with the exception, and the parent would then see only a timeout.
+        report(e)
+    finally:
+        dist.destroy_process_group()
 
 
 def measure_allreduce(device: str, sizes: Sequence[int] = (8 << 10, 256 << 10, 4 << 20, 32 << 20)) -> tuple[float, float]:
