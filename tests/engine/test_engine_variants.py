@@ -359,9 +359,44 @@ def test_relocating_a_layer_copies_every_tensor_once_and_keeps_its_function(tmp_
     torch.testing.assert_close(engine.prefill(IDS[:9], all_positions=True), ref, rtol=0, atol=0)
 
 
+def test_relocating_rebuilds_a_tensor_subclass_around_copies_of_its_inner_tensors():
+    """The 2:4 weights are a tensor subclass (packed values and metadata, CUDA only); relocating a
+    layer that holds one must copy its inner tensors and rebuild it, not keep it in the build's pool.
+    Here with torch's two-tensor test subclass, which flattens the same way, on the CPU."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from iserve.gpu_agent.engine import model, quant
+
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    lin = quant.DenseLinear(torch.zeros(6, 8))
+    lin.w = TwoTensor(a, b)
+    x = torch.randn(3, 8)
+    ref = lin(x)
+    assert model._relocatable(lin, set())
+    copies: list[torch.Tensor] = []
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        copies.append(t.clone())
+        return copies[-1]
+
+    model._relocate(lin, {}, copy)
+    assert type(lin.w) is TwoTensor and lin.w.a is copies[0] and lin.w.b is copies[1]
+    assert torch.equal(lin.w.a, a) and torch.equal(lin.w.b, b)
+    out = lin(x)
+    torch.testing.assert_close(out.a, ref.a, rtol=0, atol=0)
+    torch.testing.assert_close(out.b, ref.b, rtol=0, atol=0)
+
+    class Opaque(torch.Tensor):  # a subclass that does not say what it holds cannot be relocated
+        pass
+
+    lin.w = torch.zeros(6, 8).as_subclass(Opaque)
+    assert not model._relocatable(lin, set())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kw", [dict(), dict(weight_quant="int8"), dict(weight_quant="int4"), dict(pruning="structured")])
+@pytest.mark.parametrize("kw", [dict(), dict(weight_quant="int8"), dict(weight_quant="int4"), dict(pruning="structured"),
+                                dict(pruning="2:4"), dict(weight_quant="int8", pruning="2:4")])
 def test_cuda_layers_are_built_compact(tmp_path, kw):
     """Built through a private pool and copied out, a converted model reserves little beyond what it
     allocates (was 1.1-1.6 GiB on a Llama-2-13B in int8/int4), and computes what an engine built

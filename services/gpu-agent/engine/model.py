@@ -604,9 +604,10 @@ def build_compact(device: torch.device, build: Callable[[], Any], *, compact: bo
     measured on an H100; docs/fingerprint.md) and that 1- and 2-layer fingerprints do not show.
     Copied out this way, the kept tensors sit next to each other and the temporaries' memory goes
     back to the driver. The copy costs one device-to-device pass over the layer's final bytes.
-    Not on CPU, without ``torch.cuda.MemPool``, or with ``compact=False`` (2:4 semi-structured
-    weights are a tensor subclass that is not copied like a plain tensor): then it only empties the
-    allocator's cache after ``build``.
+    A tensor subclass that says what it holds (``__tensor_flatten__``: the 2:4 semi-structured
+    weights, packed values and metadata) is rebuilt around copies of its inner tensors. Not on CPU,
+    without ``torch.cuda.MemPool``, or with ``compact=False``: then it only empties the allocator's
+    cache after ``build``.
     """
     if not compact or device.type != "cuda" or not hasattr(torch.cuda, "MemPool") or not hasattr(torch.cuda, "use_mem_pool"):
         out = build()
@@ -615,8 +616,8 @@ def build_compact(device: torch.device, build: Callable[[], Any], *, compact: bo
     pool = torch.cuda.MemPool()
     with torch.cuda.use_mem_pool(pool, device):
         out = build()
-    if not _plain_tensors_only(out, set()):
-        raise RuntimeError("build_compact: the layer holds a tensor subclass; build it with compact=False")
+    if not _relocatable(out, set()):
+        raise RuntimeError("build_compact: the layer holds a tensor subclass without __tensor_flatten__; build it with compact=False")
     _relocate(out, {})
     del pool  # the build's tensors were freed as their references went (no cycles hold them)
     release_cached(device)
@@ -643,8 +644,38 @@ def _plain_tensors_only(obj: Any, seen: set[int]) -> bool:
     return all(_plain_tensors_only(v, seen) for _, v in _children(obj))
 
 
+def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """The tensors a wrapper subclass holds (``__tensor_flatten__``), or None for one that does not say."""
+    if not hasattr(type(t), "__tensor_flatten__"):
+        return None
+    names, _ = t.__tensor_flatten__()
+    return [getattr(t, n) for n in names]
+
+
+def _relocatable(obj: Any, seen: set[int]) -> bool:
+    """Whether ``_relocate`` can copy every tensor ``obj`` holds: plain tensors, and subclasses
+    whose inner tensors are plain (one level, as the 2:4 format is)."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is torch.Tensor:
+            return True
+        inner = _inner_tensors(obj)
+        return inner is not None and all(type(x) is torch.Tensor for x in inner)
+    if id(obj) in seen:
+        return True
+    seen.add(id(obj))
+    return all(_relocatable(v, seen) for _, v in _children(obj))
+
+
 def _copy_cuda(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.is_cuda else t
+
+
+def _copy_tensor(t: torch.Tensor, copy: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``copy(t)`` for a plain tensor; a wrapper subclass rebuilt around copies of its inner tensors."""
+    if type(t) is torch.Tensor or not hasattr(type(t), "__tensor_flatten__"):
+        return copy(t)
+    names, meta = t.__tensor_flatten__()
+    return type(t).__tensor_unflatten__({n: copy(getattr(t, n)) for n in names}, meta, t.size(), t.stride())
 
 
 def _relocate(obj: Any, memo: dict[int, Any], copy: Callable[[torch.Tensor], torch.Tensor] = _copy_cuda) -> Any:
@@ -654,7 +685,7 @@ def _relocate(obj: Any, memo: dict[int, Any], copy: Callable[[torch.Tensor], tor
     if id(obj) in memo:
         return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
-        memo[id(obj)] = copy(obj)
+        memo[id(obj)] = _copy_tensor(obj, copy)
     elif isinstance(obj, tuple):
         memo[id(obj)] = tuple(_relocate(v, memo, copy) for v in obj) if type(obj) is tuple else obj
     else:
@@ -719,8 +750,7 @@ class Stage:
         for i in range(first_layer, first_layer + num_layers):
             # One layer at a time, so that fusing and converting never hold more than one layer twice.
             p = layer_prefix(i, arch)
-            self.layers.append(build_compact(device, lambda p=p: self._build_layer(load([p + n for n in names], strip=p), fmt, pruning),
-                                             compact=not fmt.sparse_24))
+            self.layers.append(build_compact(device, lambda p=p: self._build_layer(load([p + n for n in names], strip=p), fmt, pruning)))
         # The final norm (LayerNorm families: weight and bias) and the LM head (some with a bias).
         self.norm = self.norm_bias = self.lm_head = self.lm_head_bias = None
         if self.is_last:
