@@ -372,7 +372,7 @@ def test_relocating_rebuilds_a_tensor_subclass_around_copies_of_its_inner_tensor
     lin.w = TwoTensor(a, b)
     x = torch.randn(3, 8)
     ref = lin(x)
-    assert model._relocatable(lin, set())
+    assert model._relocatable(lin)
     copies: list[torch.Tensor] = []
 
     def copy(t: torch.Tensor) -> torch.Tensor:
@@ -390,7 +390,7 @@ def test_relocating_rebuilds_a_tensor_subclass_around_copies_of_its_inner_tensor
         pass
 
     lin.w = torch.zeros(6, 8).as_subclass(Opaque)
-    assert not model._relocatable(lin, set())
+    assert not model._relocatable(lin)
 
 
 @pytest.mark.gpu

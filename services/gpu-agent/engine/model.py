@@ -616,7 +616,7 @@ def build_compact(device: torch.device, build: Callable[[], Any], *, compact: bo
     pool = torch.cuda.MemPool()
     with torch.cuda.use_mem_pool(pool, device):
         out = build()
-    if not _relocatable(out, set()):
+    if not _relocatable(out):
         raise RuntimeError("build_compact: the layer holds a tensor subclass without __tensor_flatten__; build it with compact=False")
     _relocate(out, {})
     del pool  # the build's tensors were freed as their references went (no cycles hold them)
@@ -635,35 +635,41 @@ def _children(obj: Any) -> list[tuple[Any, Any]]:
     return []
 
 
-def _plain_tensors_only(obj: Any, seen: set[int]) -> bool:
+def _every_tensor(obj: Any, ok: Callable[[torch.Tensor], bool], seen: set[int] | None = None) -> bool:
+    """Whether ``ok`` holds for every tensor ``obj`` holds (through engine objects, lists, tuples, dicts)."""
     if isinstance(obj, torch.Tensor):
-        return type(obj) is torch.Tensor
+        return ok(obj)
+    seen = set() if seen is None else seen
     if id(obj) in seen:
         return True
     seen.add(id(obj))
-    return all(_plain_tensors_only(v, seen) for _, v in _children(obj))
+    return all(_every_tensor(v, ok, seen) for _, v in _children(obj))
 
 
-def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor] | None:
-    """The tensors a wrapper subclass holds (``__tensor_flatten__``), or None for one that does not say."""
-    if not hasattr(type(t), "__tensor_flatten__"):
+def _is_plain(t: torch.Tensor) -> bool:
+    return type(t) is torch.Tensor
+
+
+def _flattened(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any] | None:
+    """A wrapper subclass's inner tensors by name and its metadata (``__tensor_flatten__``), or None
+    for a plain tensor or a subclass that does not say what it holds."""
+    if _is_plain(t) or not hasattr(type(t), "__tensor_flatten__"):
         return None
-    names, _ = t.__tensor_flatten__()
-    return [getattr(t, n) for n in names]
+    names, meta = t.__tensor_flatten__()
+    return {n: getattr(t, n) for n in names}, meta
 
 
-def _relocatable(obj: Any, seen: set[int]) -> bool:
-    """Whether ``_relocate`` can copy every tensor ``obj`` holds: plain tensors, and subclasses
-    whose inner tensors are plain (one level, as the 2:4 format is)."""
-    if isinstance(obj, torch.Tensor):
-        if type(obj) is torch.Tensor:
-            return True
-        inner = _inner_tensors(obj)
-        return inner is not None and all(type(x) is torch.Tensor for x in inner)
-    if id(obj) in seen:
+def _relocatable_tensor(t: torch.Tensor) -> bool:
+    """Plain, or a subclass whose inner tensors are plain (one level, as the 2:4 format is)."""
+    if _is_plain(t):
         return True
-    seen.add(id(obj))
-    return all(_relocatable(v, seen) for _, v in _children(obj))
+    flat = _flattened(t)
+    return flat is not None and all(_is_plain(x) for x in flat[0].values())
+
+
+def _relocatable(obj: Any) -> bool:
+    """Whether ``_relocate`` can copy every tensor ``obj`` holds."""
+    return _every_tensor(obj, _relocatable_tensor)
 
 
 def _copy_cuda(t: torch.Tensor) -> torch.Tensor:
@@ -672,10 +678,11 @@ def _copy_cuda(t: torch.Tensor) -> torch.Tensor:
 
 def _copy_tensor(t: torch.Tensor, copy: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``copy(t)`` for a plain tensor; a wrapper subclass rebuilt around copies of its inner tensors."""
-    if type(t) is torch.Tensor or not hasattr(type(t), "__tensor_flatten__"):
+    flat = _flattened(t)
+    if flat is None:
         return copy(t)
-    names, meta = t.__tensor_flatten__()
-    return type(t).__tensor_unflatten__({n: copy(getattr(t, n)) for n in names}, meta, t.size(), t.stride())
+    inner, meta = flat
+    return type(t).__tensor_unflatten__({n: copy(x) for n, x in inner.items()}, meta, t.size(), t.stride())
 
 
 def _relocate(obj: Any, memo: dict[int, Any], copy: Callable[[torch.Tensor], torch.Tensor] = _copy_cuda) -> Any:
@@ -802,7 +809,7 @@ class Stage:
             raise BadRequest(f"replay depth must be at least 1, not {depth}.")
         real = self.unique_layers()
         extra = max(0, depth - len(real))
-        copies = distinct and extra > 0 and all(_plain_tensors_only(x, set()) for x in real) and self._room_for(real, extra, depth)
+        copies = distinct and extra > 0 and all(_every_tensor(x, _is_plain) for x in real) and self._room_for(real, extra, depth)
         layers = []
         for i in range(depth):
             layer = real[i % len(real)]
