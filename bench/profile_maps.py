@@ -37,7 +37,7 @@ profiling job each, and a variant starts only if the model's median variant time
 share, so a model cut short still has its main formats; cut variants are excluded in the map with
 the reason. Each map is written as soon as its model is done, and ``profile_maps.json`` (the
 summary) after every model. Estimated cost on an H100: about 6 GPU-seconds per variant with 3
-repeats (issue 4's benchmark, docs/results/2026-11-22-h100-issue4-bench-fingerprint.json), 18
+repeats (the fingerprint benchmark, results/2026-11-22-h100-fingerprint-runs1-4/run1.json), 18
 variants per model, plus 5-20 s per model to write the sparse checkpoint and the fingerprints.
 
 Usage (on an H100)::

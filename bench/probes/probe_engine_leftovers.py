@@ -5,12 +5,12 @@ still allocated after each. With a new CUDA side stream per graph capture, every
 (two cuBLAS workspaces) until PyTorch's pool of 32 streams wrapped; with the runner's one warm-up
 stream per device only the first load leaves anything; with ``--prime`` the streams' workspaces
 are made first (``runner.prime_streams``, what profiling does before its first memory baseline)
-and the first load should leave nothing either. Usage: ``python bench/probe_engine_leftovers.py [--prime]``.
+and the first load should leave nothing either. Usage: ``python bench/probes/probe_engine_leftovers.py [--prime]``.
 """
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _importable import ensure_importable  # noqa: E402
 
 ensure_importable()

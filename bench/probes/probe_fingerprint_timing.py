@@ -1,4 +1,4 @@
-"""Diagnostic for the fingerprint method (issue 4): where an engine load's time goes, and whether
+"""Diagnostic for the fingerprint method: where an engine load's time goes, and whether
 the device time of a decode step, timed over many back-to-back steps, extrapolates from the 1- and
 2-layer fingerprints to the model in a straight line.
 
@@ -13,7 +13,7 @@ prints one row per variant:
 * the line through the two fingerprints at the model's depth against the replayed and full models;
 * the full model's wall TPOT through ``generate`` (what a request pays), to see the host's gap.
 
-GPU only. Usage: ``python bench/probe_fingerprint_timing.py --out DIR [--models llama-2-7b,llama-2-13b]``.
+GPU only. Usage: ``python bench/probes/probe_fingerprint_timing.py --out DIR [--models llama-2-7b,llama-2-13b]``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _importable import ensure_importable  # noqa: E402
 
 ensure_importable()

@@ -1,10 +1,10 @@
 """Where a fingerprint profiling job's GPU-seconds go (load, warm-up, timed passes per engine), with
-and without the replayed deep run. Diagnostic; prints a table. Usage: python bench/probe_profile_cost.py OUT"""
+and without the replayed deep run. Diagnostic; prints a table. Usage: python bench/probes/probe_profile_cost.py OUT"""
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _importable import ensure_importable  # noqa: E402
 
 ensure_importable()

@@ -3,15 +3,18 @@
 reference variant's ratio of its deep-run estimate to its own 1+2-layer estimate (or add their
 difference), then compare with the full model. References: the variant itself (what runs now), the
 fp16 variant, the variant with the same weight format, with the same weight and KV formats, with
-the same weight format and pruning. Usage: python bench/probe_shared_deep_run.py [RUN.json ...]
-(default: the four files of runs 10 and 11 under docs/results)."""
+the same weight format and pruning. Usage: python bench/probes/probe_shared_deep_run.py [RUN.json ...]
+(default: the four files of runs 10 and 11 under results/)."""
 import json
 import statistics
 import sys
 from pathlib import Path
 
-R = Path(__file__).resolve().parent.parent / "docs/results/2026-11-22-h100-issue4-bench-fingerprint-"
-DEFAULT = [f"{R}run10-llama-2-7b.json", f"{R}run10-llama-3-8b.json", f"{R}run10-llama-2-13b.json", f"{R}run11-llama-2-13b.json"]
+R = Path(__file__).resolve().parents[2] / "results"
+DEFAULT = [
+    *(f"{R}/2026-11-22-h100-fingerprint-run10/run10-{m}.json" for m in ("llama-2-7b", "llama-3-8b", "llama-2-13b")),
+    f"{R}/2026-11-22-h100-fingerprint-run11/run11-llama-2-13b.json",
+]
 
 
 def load(paths):

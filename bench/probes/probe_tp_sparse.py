@@ -1,14 +1,14 @@
 """Where does a 2:4 (semi-structured sparse) engine at TP=2 stop? Diagnostic for the TP=2 profiling
 hang of Llama-2-7B 2:4 on two H200s: two NCCL ranks each load a 2-layer Llama-2-7B-shaped model
 (random weights) as 2:4 with and without CUDA graphs, print every phase with a timestamp, and dump
-their stacks and exit if a phase takes longer than LIMIT_S. Usage: python bench/probe_tp_sparse.py"""
+their stacks and exit if a phase takes longer than LIMIT_S. Usage: python bench/probes/probe_tp_sparse.py"""
 import faulthandler
 import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _importable import ensure_importable  # noqa: E402
 
 ensure_importable()
