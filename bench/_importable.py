@@ -3,7 +3,7 @@ bench scripts from an uninstalled copy of the tree), for this process AND the pr
 (``iserve up``'s services run as ``python -m iserve.<service>``, the GPU agent's workers likewise).
 
 pyproject.toml maps the package ``iserve`` to ``shared/`` and its subpackages to other folders
-(``PACKAGE_DIRS``). ``ensure_importable`` builds that layout as a folder of symbolic links in a
+(``package_dirs``). ``ensure_importable`` builds that layout as a folder of symbolic links in a
 temporary directory (``<tmp>/iserve/`` holding links to ``shared/``'s files and to the subpackage
 folders), puts it first on ``sys.path`` and on ``PYTHONPATH``, and imports ``probe``. Where
 ``iserve`` is already importable (an installed or editable checkout) nothing is changed.
@@ -18,18 +18,16 @@ import importlib
 import os
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIRS = {  # pyproject.toml's [tool.setuptools.package-dir]
-    "iserve": "shared",
-    "iserve.fingerprint": "services/fingerprint",
-    "iserve.deployer": "services/deployer",
-    "iserve.scheduler": "services/scheduler",
-    "iserve.gpu_agent": "services/gpu-agent",
-    "iserve.gpu_agent.engine": "services/gpu-agent/engine",
-    "iserve.loadgen": "loadgen",
-}
+
+
+def package_dirs(root: Path = ROOT) -> dict[str, str]:
+    """pyproject.toml's ``[tool.setuptools.package-dir]``: package name -> folder."""
+    with open(root / "pyproject.toml", "rb") as f:
+        return dict(tomllib.load(f)["tool"]["setuptools"]["package-dir"])
 
 
 def make_shim(dest: str | Path | None = None, root: Path = ROOT) -> Path:
@@ -38,8 +36,9 @@ def make_shim(dest: str | Path | None = None, root: Path = ROOT) -> Path:
     base = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="iserve-shim-"))
     pkg = base / "iserve"
     pkg.mkdir(parents=True, exist_ok=True)
-    subs = {name.split(".")[1]: rel for name, rel in PACKAGE_DIRS.items() if name.count(".") == 1}
-    for entry in (root / PACKAGE_DIRS["iserve"]).iterdir():
+    dirs = package_dirs(root)
+    subs = {name.split(".")[1]: rel for name, rel in dirs.items() if name.count(".") == 1}
+    for entry in (root / dirs["iserve"]).iterdir():
         if entry.name == "__pycache__" or entry.name in subs:
             continue
         link = pkg / entry.name
