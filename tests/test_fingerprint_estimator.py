@@ -14,6 +14,7 @@ import pytest
 
 from iserve.checkpoint import layer_tensor_shapes, other_tensor_shapes
 from iserve.fingerprint import estimator as est
+from iserve.fingerprint.estimator.latency import _fit_steps
 from iserve.messages import (
     ArchSpec,
     ConfigEstimate,
@@ -219,7 +220,7 @@ def test_nnls_is_exact_when_feasible_and_never_negative():
     assert (coef >= 0).all() and coef[1] == 0.0
     # an unconstrained fit would give a negative per-position slope from this noise; ours is 0
     points = [(n, x, n * 1.0 + 0.5 + (0.01 if x == 10 else 0.0)) for n in (1, 2) for x in (10, 500)]
-    (a_l, b_l), (a_o, b_o) = est._fit_steps(points)
+    (a_l, b_l), (a_o, b_o) = _fit_steps(points)
     assert b_l >= 0 and b_o >= 0 and a_l == pytest.approx(1.0, abs=0.02)
 
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iserve.checkpoint import arch_from_config, expected_tensors, scan_checkpoint, weight_breakdown
+from iserve.checkpoint import arch_from_config, expected_tensors, layer_tensor_shapes, scan_checkpoint, weight_breakdown
 from iserve.errors import CheckpointError, UnsupportedModel
 from iserve.fingerprint import estimator as est
 from iserve.fingerprint.generator import make_fingerprints
 from iserve.gpu_agent.engine import Engine
 from iserve.gpu_agent.engine.profile import variant_kwargs
-from iserve.messages import ProfileVariant
+from iserve.messages import Configuration, ProfileVariant
 from iserve.modelmaker import make_checkpoint, preset_config
 
 torch.set_num_threads(1)
@@ -230,8 +230,8 @@ def test_every_variant_runs_and_stores_what_the_estimator_says(model, variant):
     if variant.weight_quant == "fp16":
         assert per_layer == (lw.linear_bytes + lw.other_bytes) * 2
     else:  # int8 values + fp32 row scales + fp32 norms and biases
-        rows = sum(s[0] for s in est.layer_tensor_shapes(est.pruned_arch(ck.arch, variant.pruning)).values() if len(s) == 2)
+        rows = sum(s[0] for s in layer_tensor_shapes(est.pruned_arch(ck.arch, variant.pruning)).values() if len(s) == 2)
         assert per_layer == lw.linear_bytes - rows * 2 + rows * 4 + lw.other_bytes * 2
     if variant.kv_quant == "int8":
-        kv = est.kv_cache_bytes_per_layer(ck.arch, est.Configuration(kv_quant="int8"), 64)
+        kv = est.kv_cache_bytes_per_layer(ck.arch, Configuration(kv_quant="int8"), 64)
         assert engine.kv_cache_bytes() == ck.arch.num_layers * (kv + kv // (ck.arch.head_dim + 2) * 2)  # fp32 scales on the CPU
