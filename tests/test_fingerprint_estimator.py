@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 import pytest
-
 from iserve.checkpoint import layer_tensor_shapes, other_tensor_shapes
 from iserve.fingerprint import estimator as est
+from iserve.fingerprint.estimator.latency import _fit_steps
 from iserve.messages import (
     ArchSpec,
     ConfigEstimate,
@@ -140,8 +140,13 @@ def test_host_and_device_timelines_extrapolate_a_launch_bound_fingerprint_to_a_d
     assert wall32 < dev32 * 1.05
 
     [e] = est.fit_estimates(arch, w, ms, [Configuration()], context_tokens=2048)
-    [naive] = est.fit_estimates(arch, w, [msgspec.structs.replace(m, ttft_device=[], decode_device=[], tpot_device_ms=0.0) for m in ms],
-                                [Configuration()], context_tokens=2048)
+    [naive] = est.fit_estimates(
+        arch,
+        w,
+        [msgspec.structs.replace(m, ttft_device=[], decode_device=[], tpot_device_ms=0.0) for m in ms],
+        [Configuration()],
+        context_tokens=2048,
+    )
     assert e.tpot_host_ms and e.ttft_host_ms and not naive.tpot_host_ms
     for p, o in runs + [(200, 100), (1500, 300)]:
         truth = np.mean([simulate_model(32, tokens=1, position=x)[0] for x in range(p, p + o - 1)])
@@ -197,12 +202,20 @@ def test_host_bound_models_keep_the_host_line():
     runs = [(64, 8), (16, 16)]
     ms = []
     for n in (1, 2):
-        m = FingerprintMeasurement(num_layers=n, variant=ProfileVariant(), tpot_ms=cheap(n, 1, 0)[0], decode_steps=1, peak_bytes=2**31,
-                                   ttft=[PromptTiming(prompt_tokens=p, ttft_ms=cheap(n, p, p)[0]) for p in (16, 32, 64)],
-                                   ttft_device=[PromptTiming(prompt_tokens=p, ttft_ms=cheap(n, p, p)[1]) for p in (16, 32, 64)],
-                                   tpot_device_ms=cheap(n, 1, 0)[1])
+        m = FingerprintMeasurement(
+            num_layers=n,
+            variant=ProfileVariant(),
+            tpot_ms=cheap(n, 1, 0)[0],
+            decode_steps=1,
+            peak_bytes=2**31,
+            ttft=[PromptTiming(prompt_tokens=p, ttft_ms=cheap(n, p, p)[0]) for p in (16, 32, 64)],
+            ttft_device=[PromptTiming(prompt_tokens=p, ttft_ms=cheap(n, p, p)[1]) for p in (16, 32, 64)],
+            tpot_device_ms=cheap(n, 1, 0)[1],
+        )
         m.decode = [DecodeTiming(position=x, step_ms=cheap(n, 1, x)[0]) for p, o in runs for x in range(p, p + o - 1)]
-        m.decode_device = [DecodeTiming(position=x, step_ms=cheap(n, 1, x)[1]) for p, o in runs for x in range(p, p + o - 1)]
+        m.decode_device = [
+            DecodeTiming(position=x, step_ms=cheap(n, 1, x)[1]) for p, o in runs for x in range(p, p + o - 1)
+        ]
         ms.append(m)
     [e] = est.fit_estimates(arch, w, ms, [Configuration()], context_tokens=512)
     assert e.tpot_for(64, 8) == pytest.approx(cheap(32, 1, 64)[0], rel=0.01)
@@ -219,7 +232,7 @@ def test_nnls_is_exact_when_feasible_and_never_negative():
     assert (coef >= 0).all() and coef[1] == 0.0
     # an unconstrained fit would give a negative per-position slope from this noise; ours is 0
     points = [(n, x, n * 1.0 + 0.5 + (0.01 if x == 10 else 0.0)) for n in (1, 2) for x in (10, 500)]
-    (a_l, b_l), (a_o, b_o) = est._fit_steps(points)
+    (a_l, b_l), (a_o, b_o) = _fit_steps(points)
     assert b_l >= 0 and b_o >= 0 and a_l == pytest.approx(1.0, abs=0.02)
 
 
@@ -234,8 +247,12 @@ def test_tpot_for_is_the_exact_mean_of_the_larger_of_two_lines():
     base = dict(config=Configuration(), ttft_base_ms=1.0, ttft_per_token_ms=0.01, layer_bytes=1, first_stage_bytes=1,
                 last_stage_bytes=1, gpu_overhead_bytes=1, total_bytes=1, num_layers=1)
     for _ in range(300):
-        e = ConfigEstimate(**base, tpot_ms=rnd.uniform(0, 10), tpot_per_position_ms=rnd.choice([0.0, rnd.uniform(0, 0.01)]),
-                           tpot_host_ms=[rnd.uniform(0, 10), rnd.choice([0.0, rnd.uniform(0, 0.01)])])
+        e = ConfigEstimate(
+            **base,
+            tpot_ms=rnd.uniform(0, 10),
+            tpot_per_position_ms=rnd.choice([0.0, rnd.uniform(0, 0.01)]),
+            tpot_host_ms=[rnd.uniform(0, 10), rnd.choice([0.0, rnd.uniform(0, 0.01)])],
+        )
         p, o = rnd.randrange(0, 3000), rnd.randrange(1, 800)
         assert e.tpot_for(p, o) == pytest.approx(_mean_of_max_brute(e, p, o), rel=1e-9)
         assert e.latency_ms(p, o) == pytest.approx(e.ttft_ms(p) + (o - 1) * e.tpot_for(p, o), rel=1e-9)
@@ -246,7 +263,9 @@ def test_tpot_for_is_the_exact_mean_of_the_larger_of_two_lines():
     assert host.ttft_ms(10) == 50.0 and host.ttft_ms(10_000) == pytest.approx(1.0 + 100.0)
 
 
-def _measure(arch, w, v: ProfileVariant, n: int, *, step=0.2, other=1.0, ctx=512, kv_per_token=None) -> FingerprintMeasurement:
+def _measure(
+    arch, w, v: ProfileVariant, n: int, *, step=0.2, other=1.0, ctx=512, kv_per_token=None
+) -> FingerprintMeasurement:
     weights = est.fingerprint_weight_bytes(arch, w, v, n)
     cfg = Configuration(tp=v.tp, weight_quant=v.weight_quant, kv_quant=v.kv_quant, pruning=v.pruning)
     kv = n * (kv_per_token * ctx if kv_per_token else est.kv_cache_bytes_per_layer(arch, cfg, ctx))
@@ -288,9 +307,20 @@ def test_unmeasured_tensor_parallel_variants_come_from_the_communication_model()
     with pytest.raises(ValueError, match="not profiled"):
         est.fit_estimates(arch, w, ms, [Configuration(tp=2)], context_tokens=2048)  # no comm model: excluded
 
-    cmap = est.build_configuration_map(model="m", gpu_type="NVIDIA H100 80GB HBM3", arch=arch, weights=w, measurements=ms,
-                                       capabilities={}, gpu_memory_bytes=80 * 2**30, max_gpus=2, context_tokens=2048,
-                                       cost=ProfilingCost(), comm=comm, configs=configs[:2])
+    cmap = est.build_configuration_map(
+        model="m",
+        gpu_type="NVIDIA H100 80GB HBM3",
+        arch=arch,
+        weights=w,
+        measurements=ms,
+        capabilities={},
+        gpu_memory_bytes=80 * 2**30,
+        max_gpus=2,
+        context_tokens=2048,
+        cost=ProfilingCost(),
+        comm=comm,
+        configs=configs[:2],
+    )
     assert [x.method for x in cmap.estimates] == ["fingerprint", "fingerprint+comm"]
     assert "200 GB/s" in cmap.cost.comm_model
     assert est.default_comm("NVIDIA H100 80GB HBM3").bus_gbps > est.default_comm("NVIDIA RTX A6000").bus_gbps
@@ -299,7 +329,9 @@ def test_unmeasured_tensor_parallel_variants_come_from_the_communication_model()
 def test_measured_tensor_parallel_variants_are_used_as_measured():
     arch = _arch(32, 8)
     w = _weights(arch)
-    ms = [_measure(arch, w, ProfileVariant(), n) for n in (1, 2)] + [_measure(arch, w, ProfileVariant(tp=2), n, step=0.15) for n in (1, 2)]
+    ms = [_measure(arch, w, ProfileVariant(), n) for n in (1, 2)] + [
+        _measure(arch, w, ProfileVariant(tp=2), n, step=0.15) for n in (1, 2)
+    ]
     [two] = est.fit_estimates(arch, w, ms, [Configuration(tp=2)], context_tokens=2048, comm=est.CommModel(10, 200))
     assert two.method == "fingerprint" and two.tpot_ms == pytest.approx(32 * 0.15 + 1.0)
 
@@ -317,16 +349,27 @@ def test_family_limits_exclude_with_the_family_named():
             "by_family": {"falcon": {"weight_quant": ["fp16"]}}}
     supported, excluded = est.split_supported([Configuration(), Configuration(weight_quant="int8")], caps, arch=arch)
     assert supported == [Configuration()]
-    assert excluded[0].reason == "the torch engine does not implement int8 weight quantization for the falcon family yet"
+    assert (
+        excluded[0].reason == "the torch engine does not implement int8 weight quantization for the falcon family yet"
+    )
 
 
 def test_translate_map_to_another_gpu_type():
     arch = _arch(32, 8)
     w = _weights(arch)
     ms = [_measure(arch, w, ProfileVariant(), n) for n in (1, 2)]
-    cmap = est.build_configuration_map(model="m", gpu_type="NVIDIA H100 80GB HBM3", arch=arch, weights=w, measurements=ms,
-                                       capabilities={}, gpu_memory_bytes=80 * 2**30, max_gpus=1, context_tokens=2048,
-                                       configs=[Configuration()])
+    cmap = est.build_configuration_map(
+        model="m",
+        gpu_type="NVIDIA H100 80GB HBM3",
+        arch=arch,
+        weights=w,
+        measurements=ms,
+        capabilities={},
+        gpu_memory_bytes=80 * 2**30,
+        max_gpus=1,
+        context_tokens=2048,
+        configs=[Configuration()],
+    )
     h200 = est.translate_map(cmap, "NVIDIA H200", 141 * 2**30)
     [a], [b] = cmap.estimates, h200.estimates
     assert b.tpot_ms == pytest.approx(a.tpot_ms * 3350 / 4800)
@@ -381,8 +424,9 @@ def test_a_deep_run_with_the_serving_graphs_sets_how_memory_outside_the_allocato
     assert per_gpu(grown) - per_gpu(plain) == pytest.approx(30 * 7 * 2**20, abs=2**20)
     assert per_gpu(fewer) == per_gpu(plain) and per_gpu(lower) == per_gpu(plain)
     # a pipeline stage of half the layers carries half of the growth beyond the fingerprints'
-    assert grown.stage_bytes(16, first=True, last=False) - plain.stage_bytes(16, first=True, last=False) == pytest.approx(
-        (16 - 1.5) * 7 * 2**20 * 30 / 30.5, abs=2**20)
+    assert grown.stage_bytes(16, first=True, last=False) - plain.stage_bytes(
+        16, first=True, last=False
+    ) == pytest.approx((16 - 1.5) * 7 * 2**20 * 30 / 30.5, abs=2**20)
 
 
 def test_a_device_time_above_its_wall_time_counts_as_the_wall_time():
@@ -433,15 +477,26 @@ def test_a_deep_run_sets_both_latencies_by_the_wall_lines():
     arch = _arch()
     w = _weights(arch)
     prompts, runs = [128, 512, 1024], [(1024, 8), (512, 32)]
-    ms = [msgspec.structs.replace(simulated_measurement(arch, w, n, prompts, runs, graphs=True), decode_graphs=True) for n in (1, 2)]
+    ms = [
+        msgspec.structs.replace(simulated_measurement(arch, w, n, prompts, runs, graphs=True), decode_graphs=True)
+        for n in (1, 2)
+    ]
 
     def model_step(x):  # the model's steps pay 0.1 ms more host gap than the fingerprints' (seen on an H100)
         return simulate_model(32, tokens=1, position=x, graphs=True)[0] + 0.1
 
     deep_decode = [DecodeTiming(position=x, step_ms=model_step(x)) for p, o in runs for x in range(p, p + 8)]
-    deep = FingerprintMeasurement(num_layers=32, variant=ProfileVariant(), tpot_ms=float(np.median([d.step_ms for d in deep_decode])),
-                                  ttft=[PromptTiming(prompt_tokens=p, ttft_ms=simulate_model(32, tokens=p, position=p)[0]) for p in prompts],
-                                  decode_steps=len(deep_decode), decode=deep_decode, peak_bytes=0, replayed_from=2, decode_graphs=True)
+    deep = FingerprintMeasurement(
+        num_layers=32,
+        variant=ProfileVariant(),
+        tpot_ms=float(np.median([d.step_ms for d in deep_decode])),
+        ttft=[PromptTiming(prompt_tokens=p, ttft_ms=simulate_model(32, tokens=p, position=p)[0]) for p in prompts],
+        decode_steps=len(deep_decode),
+        decode=deep_decode,
+        peak_bytes=0,
+        replayed_from=2,
+        decode_graphs=True,
+    )
     [with_deep] = est.fit_estimates(arch, w, ms + [deep], [Configuration()], context_tokens=2048)
     [pair] = est.fit_estimates(arch, w, ms, [Configuration()], context_tokens=2048)
     assert not with_deep.tpot_host_ms and not with_deep.ttft_host_ms  # one line each, the wall's

@@ -11,28 +11,53 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from iserve.checkpoint import arch_from_config, expected_tensors, scan_checkpoint, weight_breakdown
+from iserve.checkpoint import arch_from_config, expected_tensors, layer_tensor_shapes, scan_checkpoint, weight_breakdown
 from iserve.errors import CheckpointError, UnsupportedModel
 from iserve.fingerprint import estimator as est
 from iserve.fingerprint.generator import make_fingerprints
 from iserve.gpu_agent.engine import Engine
 from iserve.gpu_agent.engine.profile import variant_kwargs
-from iserve.messages import ProfileVariant
+from iserve.messages import Configuration, ProfileVariant
 from iserve.modelmaker import make_checkpoint, preset_config
+from safetensors.torch import load_file
 
 torch.set_num_threads(1)
 
 
 def test_real_configs_parse_to_the_published_shapes():
     falcon = arch_from_config(preset_config("falcon-7b"))
-    assert (falcon.family, falcon.num_layers, falcon.hidden_size, falcon.num_attention_heads, falcon.num_kv_heads) == ("falcon", 32, 4544, 71, 1)
-    assert (falcon.head_dim, falcon.intermediate_size, falcon.qkv_layout, falcon.tie_embeddings, falcon.layer_norms) == (64, 18176, "grouped", True, 1)
+    assert (falcon.family, falcon.num_layers, falcon.hidden_size, falcon.num_attention_heads, falcon.num_kv_heads) == (
+        "falcon",
+        32,
+        4544,
+        71,
+        1,
+    )
+    assert (
+        falcon.head_dim,
+        falcon.intermediate_size,
+        falcon.qkv_layout,
+        falcon.tie_embeddings,
+        falcon.layer_norms,
+    ) == (64, 18176, "grouped", True, 1)
     gptj = arch_from_config(preset_config("gpt-j-6b"))
-    assert (gptj.num_layers, gptj.hidden_size, gptj.head_dim, gptj.rotary_dim, gptj.rotary_interleaved, gptj.activation) == (28, 4096, 256, 64, True, "gelu_tanh")
+    assert (
+        gptj.num_layers,
+        gptj.hidden_size,
+        gptj.head_dim,
+        gptj.rotary_dim,
+        gptj.rotary_interleaved,
+        gptj.activation,
+    ) == (28, 4096, 256, 64, True, "gelu_tanh")
     neox = arch_from_config(preset_config("gpt-neox-20b"))
-    assert (neox.num_layers, neox.hidden_size, neox.head_dim, neox.rotary_dim, neox.qkv_layout, neox.parallel_residual) == (44, 6144, 96, 24, "per_head", True)
+    assert (
+        neox.num_layers,
+        neox.hidden_size,
+        neox.head_dim,
+        neox.rotary_dim,
+        neox.qkv_layout,
+        neox.parallel_residual,
+    ) == (44, 6144, 96, 24, "per_head", True)
     # the parameter counts of the published models
     for preset, billions in (("falcon-7b", 6.92), ("gpt-j-6b", 6.05), ("gpt-neox-20b", 20.55), ("pythia-6.9b", 6.86)):
         arch = arch_from_config(preset_config(preset))
@@ -52,7 +77,11 @@ def test_real_configs_parse_to_the_published_shapes():
         ({**preset_config("gpt-j-6b"), "rotary_dim": 63}, CheckpointError, "rotary dimension"),
         ({**preset_config("gpt-neox-20b"), "num_attention_heads": 7}, CheckpointError, "divisible"),
         ({**preset_config("gpt-neox-20b"), "hidden_act": "relu6"}, UnsupportedModel, "activation"),
-        ({"model_type": "bart", "architectures": ["BartForConditionalGeneration"], "is_encoder_decoder": True}, UnsupportedModel, "decoder-only"),
+        (
+            {"model_type": "bart", "architectures": ["BartForConditionalGeneration"], "is_encoder_decoder": True},
+            UnsupportedModel,
+            "decoder-only",
+        ),
         ({"model_type": "bloom", "architectures": ["BloomForCausalLM"]}, UnsupportedModel, "not supported"),
     ],
 )
@@ -65,10 +94,15 @@ def test_bad_configs_are_refused_with_a_reason(cfg, exc, words):
 def model(request, tmp_path_factory) -> Path:
     preset, overrides = request.param, {}
     if preset == "tiny-falcon-mq":  # Falcon-7B's layout: multi-query, one norm, old architecture
-        preset, overrides = "tiny-falcon", {"new_decoder_architecture": False, "multi_query": True, "num_kv_heads": None}
+        preset, overrides = (
+            "tiny-falcon",
+            {"new_decoder_architecture": False, "multi_query": True, "num_kv_heads": None},
+        )
     if preset == "tiny-neox-seq":  # NeoX without the parallel residual
         preset, overrides = "tiny-neox", {"use_parallel_residual": False}
-    return make_checkpoint(tmp_path_factory.mktemp(request.param) / "m", preset, num_layers=3, seed=3, std=0.1, overrides=overrides)
+    return make_checkpoint(
+        tmp_path_factory.mktemp(request.param) / "m", preset, num_layers=3, seed=3, std=0.1, overrides=overrides
+    )
 
 
 def test_fingerprints_of_every_family(model, tmp_path):
@@ -129,7 +163,7 @@ def reference_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = arch_from_config(cfg)
     W = {k: v.double() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
-    H, nh, d, eps = arch.hidden_size, arch.num_attention_heads, arch.head_dim, arch.rms_norm_eps
+    nh, d, eps = arch.num_attention_heads, arch.head_dim, arch.rms_norm_eps
     kvh = arch.num_kv_heads
     r = arch.rotary_dim or d
     T = len(ids)
@@ -139,8 +173,16 @@ def reference_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
     elif fam == "gptj":
         pre, emb, lnf, head = "transformer.h.{}.", "transformer.wte.weight", "transformer.ln_f", "lm_head"
     else:
-        pre, emb, lnf, head = "gpt_neox.layers.{}.", "gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm", "embed_out"
+        pre, emb, lnf, head = (
+            "gpt_neox.layers.{}.",
+            "gpt_neox.embed_in.weight",
+            "gpt_neox.final_layer_norm",
+            "embed_out",
+        )
     h = W[emb][ids]
+    out_b: torch.Tensor | float
+    up_b: torch.Tensor | float
+    down_b: torch.Tensor | float
     for layer in range(arch.num_layers):
         p = pre.format(layer)
         g = lambda n: W[p + n]  # noqa: E731
@@ -150,11 +192,18 @@ def reference_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
             q, k, v = (a_in @ g(f"attn.{n}_proj.weight").T for n in "qkv")
             q, k, v = (x.view(T, nh, d) for x in (q, k, v))
             out_w, out_b = g("attn.out_proj.weight"), 0.0
-            up, up_b, down, down_b = g("mlp.fc_in.weight"), g("mlp.fc_in.bias"), g("mlp.fc_out.weight"), g("mlp.fc_out.bias")
+            up, up_b, down, down_b = (
+                g("mlp.fc_in.weight"),
+                g("mlp.fc_in.bias"),
+                g("mlp.fc_out.weight"),
+                g("mlp.fc_out.bias"),
+            )
             parallel, second_norm = True, None
         elif fam == "gpt_neox":
             a_in = _ln(h, g("input_layernorm.weight"), g("input_layernorm.bias"), eps)
-            qkv = (a_in @ g("attention.query_key_value.weight").T + gb("attention.query_key_value.bias")).view(T, nh, 3, d)
+            qkv = (a_in @ g("attention.query_key_value.weight").T + gb("attention.query_key_value.bias")).view(
+                T, nh, 3, d
+            )
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             out_w, out_b = g("attention.dense.weight"), gb("attention.dense.bias")
             up, up_b = g("mlp.dense_h_to_4h.weight"), gb("mlp.dense_h_to_4h.bias")
@@ -188,6 +237,7 @@ def reference_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
             h = h + attn_out + (_act(arch.activation, m_in @ up.T + up_b) @ down.T + down_b)
         else:
             h = h + attn_out
+            assert second_norm is not None
             m_in = _ln(h, g(second_norm + ".weight"), g(second_norm + ".bias"), eps)
             h = h + _act(arch.activation, m_in @ up.T + up_b) @ down.T + down_b
     h = _ln(h, W[lnf + ".weight"], W[lnf + ".bias"], eps)
@@ -224,14 +274,23 @@ def test_every_variant_runs_and_stores_what_the_estimator_says(model, variant):
     # fp32 on the CPU: the estimator's 16-bit bytes times 2, except int8 values (1 byte) and their scales
     lw = est.layer_weights(ck.arch, w, variant.weight_quant, variant.pruning)
     served = engine.weight_bytes()
-    per_layer = (served - sum(t.numel() * 4 for t in (engine.stages[0].embed, engine.stages[0].norm, engine.stages[0].norm_bias)
-                              if t is not None) - (0 if ck.arch.tie_embeddings else engine.stages[0].lm_head.numel() * 4)
-                 - (engine.stages[0].lm_head_bias.numel() * 4 if engine.stages[0].lm_head_bias is not None else 0)) // ck.arch.num_layers
+    per_layer = (
+        served
+        - sum(
+            t.numel() * 4
+            for t in (engine.stages[0].embed, engine.stages[0].norm, engine.stages[0].norm_bias)
+            if t is not None
+        )
+        - (0 if ck.arch.tie_embeddings else engine.stages[0].lm_head.numel() * 4)
+        - (engine.stages[0].lm_head_bias.numel() * 4 if engine.stages[0].lm_head_bias is not None else 0)
+    ) // ck.arch.num_layers
     if variant.weight_quant == "fp16":
         assert per_layer == (lw.linear_bytes + lw.other_bytes) * 2
     else:  # int8 values + fp32 row scales + fp32 norms and biases
-        rows = sum(s[0] for s in est.layer_tensor_shapes(est.pruned_arch(ck.arch, variant.pruning)).values() if len(s) == 2)
+        rows = sum(s[0] for s in layer_tensor_shapes(est.pruned_arch(ck.arch, variant.pruning)).values() if len(s) == 2)
         assert per_layer == lw.linear_bytes - rows * 2 + rows * 4 + lw.other_bytes * 2
     if variant.kv_quant == "int8":
-        kv = est.kv_cache_bytes_per_layer(ck.arch, est.Configuration(kv_quant="int8"), 64)
-        assert engine.kv_cache_bytes() == ck.arch.num_layers * (kv + kv // (ck.arch.head_dim + 2) * 2)  # fp32 scales on the CPU
+        kv = est.kv_cache_bytes_per_layer(ck.arch, Configuration(kv_quant="int8"), 64)
+        assert engine.kv_cache_bytes() == ck.arch.num_layers * (
+            kv + kv // (ck.arch.head_dim + 2) * 2
+        )  # fp32 scales on the CPU
