@@ -19,7 +19,6 @@ Every flag that names the NATS server also reads ``ISERVE_NATS_URL``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -29,12 +28,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import errors
-from .messages import ConfigEstimate, Intent
+from .messages import Intent
+from .runtime import run_async
+from .tables import ESTIMATE_COLUMNS, GIB, estimates_table, fmt_gib
 
 console = Console()
 err_console = Console(stderr=True)
 
-GIB = 2**30
 SERVICES = {
     "gpu-agent": "iserve.gpu_agent.__main__",
     "fingerprint": "iserve.fingerprint.__main__",
@@ -59,27 +59,10 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("ISERVE_DATA_DIR", str(Path.home() / ".iserve")))
 
 
-def run_async(coro) -> int:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
-
-
 async def _client(url: str):
     from .client import Client
 
     return await Client.connect(url)
-
-
-# ---------------------------------------------------------------------------------------------------
-# tables
-
-
-def fmt_gib(b: int | float) -> str:
-    return f"{b / GIB:.2f}"
 
 
 def intent_from_args(a: argparse.Namespace) -> Intent:
@@ -91,40 +74,6 @@ def intent_from_args(a: argparse.Namespace) -> Intent:
         prompt_tokens=a.prompt_tokens,
         output_tokens=a.output_tokens,
     )
-
-
-ESTIMATE_COLUMNS = ["config", "gpus", "ttft_ms", "tpot_ms", "latency_ms", "total_gib", "per_gpu_gib"]
-
-
-def estimate_row(e: ConfigEstimate, prompt: int, output: int) -> dict[str, float | str]:
-    c = e.config
-    per_stage_layers = -(-e.num_layers // c.pp)
-    per_gpu = e.stage_bytes(per_stage_layers, first=True, last=c.pp == 1)
-    return {
-        "config": c.key(),
-        "gpus": c.gpus,
-        "ttft_ms": e.ttft_ms(prompt),
-        "tpot_ms": e.tpot_ms,
-        "latency_ms": e.latency_ms(prompt, output),
-        "total_gib": e.total_bytes / GIB,
-        "per_gpu_gib": per_gpu / GIB,
-    }
-
-
-def estimates_table(estimates: list[ConfigEstimate], *, prompt: int, output: int, sort: str = "latency_ms", limit: int = 0, title: str = "") -> Table:
-    rows = [estimate_row(e, prompt, output) for e in estimates]
-    rows.sort(key=lambda r: (r[sort], r["config"]))
-    if limit:
-        rows = rows[:limit]
-    t = Table(title=title)
-    for col in ESTIMATE_COLUMNS:
-        if col == "config":
-            t.add_column(col, no_wrap=True, min_width=28)
-        else:
-            t.add_column(col.replace("_gib", " GiB").replace("_ms", " ms").replace("_", " "), justify="right")
-    for r in rows:
-        t.add_row(*[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in ESTIMATE_COLUMNS])
-    return t
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,7 +94,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         log_level=a.log_level,
     )
     stack = Stack(opts).start()
-    console.print(f"[bold]iserve up[/]: NATS at {stack.url} (export ISERVE_NATS_URL={stack.url}); data in {opts.data_dir}. Ctrl-C stops everything.")
+    console.print(f"[bold]iserve up[/]: NATS at {stack.url} (export ISERVE_NATS_URL={stack.url}); "
+                  f"data in {opts.data_dir}. Ctrl-C stops everything.")
     try:
         stack.wait()
     finally:
@@ -160,7 +110,8 @@ def cmd_make_model(a: argparse.Namespace) -> int:
     from .modelmaker import make_checkpoint
 
     path = make_checkpoint(a.out_dir, a.preset, num_layers=a.layers, seed=a.seed, dtype=a.dtype, shards=a.shards)
-    console.print(f"wrote {a.preset} checkpoint ({'all' if a.layers is None else a.layers} layers, random weights) to {path}")
+    console.print(f"wrote {a.preset} checkpoint ({'all' if a.layers is None else a.layers} layers, random weights) "
+                  f"to {path}")
     return 0
 
 
@@ -171,7 +122,8 @@ async def _register(a: argparse.Namespace) -> int:
         verb = "registered" if info.created else "already registered"
         console.print(
             f"{verb} [bold]{r.name}[/]: {r.arch.model_type}, {r.arch.num_layers} layers, hidden {r.arch.hidden_size}, "
-            f"{r.arch.num_attention_heads}/{r.arch.num_kv_heads} heads, {r.weights.checkpoint_bytes / GIB:.2f} GiB; status {r.status}"
+            f"{r.arch.num_attention_heads}/{r.arch.num_kv_heads} heads, {r.weights.checkpoint_bytes / GIB:.2f} GiB; "
+            f"status {r.status}"
         )
         if a.wait:
             console.print("profiling its fingerprints…")
@@ -186,15 +138,18 @@ async def _register(a: argparse.Namespace) -> int:
 
 async def _deploy(a: argparse.Namespace) -> int:
     async with await _client(a.nats_url) as c:
-        rep = await c.deploy(a.model, intent_from_args(a), placement=a.placement, context_tokens=a.context_tokens, gpu_type=a.gpu_type)
+        rep = await c.deploy(a.model, intent_from_args(a), placement=a.placement, context_tokens=a.context_tokens,
+                             gpu_type=a.gpu_type)
         d = rep.deployment
         console.print(f"deployment [bold]{d.deployment_id}[/]: {d.config.key()} on {d.gpu_type}")
         console.print(f"  why: {escape(rep.why)}")
         for g in d.gpus:
-            console.print(f"  {g.agent_id} GPU {g.gpu_index}: layers {g.first_layer}-{g.first_layer + g.num_layers - 1} ({g.num_layers}), {fmt_gib(g.memory_bytes)} GiB")
+            console.print(f"  {g.agent_id} GPU {g.gpu_index}: layers {g.first_layer}-"
+                          f"{g.first_layer + g.num_layers - 1} ({g.num_layers}), {fmt_gib(g.memory_bytes)} GiB")
         console.print(
-            f"  estimated latency {rep.latency_ms:.1f} ms for {d.intent.prompt_tokens}+{d.intent.output_tokens} tokens, "
-            f"memory {fmt_gib(d.estimate.total_bytes)} GiB, cost {rep.cost:.4g} ({d.intent.cost_model}); decided in {rep.decision_ms:.2f} ms"
+            f"  estimated latency {rep.latency_ms:.1f} ms for {d.intent.prompt_tokens}+{d.intent.output_tokens} "
+            f"tokens, memory {fmt_gib(d.estimate.total_bytes)} GiB, cost {rep.cost:.4g} ({d.intent.cost_model}); "
+            f"decided in {rep.decision_ms:.2f} ms"
         )
         for rj in rep.rejected[:5]:
             console.print(f"  [dim]not {rj.config}: {escape(rj.reason)}[/]")
@@ -204,7 +159,7 @@ async def _deploy(a: argparse.Namespace) -> int:
             console.print(f"  [dim]ruled out {rj.config}: {escape(rj.reason)}[/]")
         if a.wait:
             await c.wait_ready(d.deployment_id, timeout=a.timeout)
-            console.print(f"  [green]ready[/]")
+            console.print("  [green]ready[/]")
     return 0
 
 
@@ -221,7 +176,8 @@ async def _generate(a: argparse.Namespace) -> int:
     async with await _client(a.nats_url) as c:
         s = CompletionStream()
         async for chunk in c.generate(
-            a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed, ignore_eos=a.ignore_eos, stream=s
+            a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed,
+            ignore_eos=a.ignore_eos, stream=s
         ):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
@@ -229,7 +185,8 @@ async def _generate(a: argparse.Namespace) -> int:
         done = s.completion
         if done is not None:
             err_console.print(
-                f"[dim]{done.completion_tokens} tokens ({done.finish_reason}); queue {done.queue_ms:.1f} ms, TTFT {done.ttft_ms:.1f} ms, "
+                f"[dim]{done.completion_tokens} tokens ({done.finish_reason}); queue {done.queue_ms:.1f} ms, "
+                f"TTFT {done.ttft_ms:.1f} ms, "
                 f"TPOT {done.tpot_ms:.2f} ms, end-to-end {done.e2e_ms:.1f} ms on {done.deployment_id}[/]"
             )
     return 0
@@ -243,7 +200,8 @@ async def _status(a: argparse.Namespace) -> int:
             t.add_column(col)
         for g in loads:
             t.add_row(
-                g.agent_id, str(g.gpu_index), g.gpu_type + (" (sim)" if g.simulated else ""), fmt_gib(g.total_bytes), fmt_gib(g.free_bytes),
+                g.agent_id, str(g.gpu_index), g.gpu_type + (" (sim)" if g.simulated else ""), fmt_gib(g.total_bytes),
+                fmt_gib(g.free_bytes),
                 f"{g.busy_fraction:.2f} ({g.window_s:.0f}s)", f"{g.util_percent:.0f}", ", ".join(g.workers),
             )
         console.print(t)
@@ -256,7 +214,9 @@ async def _status(a: argparse.Namespace) -> int:
         for col in ("name", "type", "layers", "GiB", "status", "profiled on"):
             t.add_column(col)
         for m in models:
-            t.add_row(m.name, m.arch.model_type, str(m.arch.num_layers), fmt_gib(m.weights.checkpoint_bytes), escape(m.status + (f": {m.status_reason}" if m.status_reason else "")), ", ".join(m.profiled_gpu_types))
+            t.add_row(m.name, m.arch.model_type, str(m.arch.num_layers), fmt_gib(m.weights.checkpoint_bytes),
+                      escape(m.status + (f": {m.status_reason}" if m.status_reason else "")),
+                      ", ".join(m.profiled_gpu_types))
         console.print(t)
         try:
             deps = (await c.deployments()).deployments
@@ -273,7 +233,8 @@ async def _status(a: argparse.Namespace) -> int:
         for d in deps:
             q = queues.get(d.deployment_id)
             t.add_row(
-                d.deployment_id, d.model, d.config.key(), " ".join(f"{g.agent_id}/{g.gpu_index}({g.num_layers})" for g in d.gpus),
+                d.deployment_id, d.model, d.config.key(),
+                " ".join(f"{g.agent_id}/{g.gpu_index}({g.num_layers})" for g in d.gpus),
                 escape(d.status + (f": {d.reason}" if d.reason else "")),
                 str(q.queue_depth + q.in_flight) if q else "-", str(q.completed) if q else "-",
                 f"{q.ttft_ms_p50:.1f}" if q else "-", f"{q.e2e_ms_p50:.1f}" if q else "-",
@@ -289,7 +250,8 @@ async def _profile_show(a: argparse.Namespace) -> int:
             f"{cmap.model} on {cmap.gpu_type} (measured on {cmap.device}; context {cmap.context_tokens}; "
             f"latency for {a.prompt_tokens}+{a.output_tokens} tokens)"
         )
-        console.print(estimates_table(cmap.estimates, prompt=a.prompt_tokens, output=a.output_tokens, sort=a.sort, limit=a.limit, title=title))
+        console.print(estimates_table(cmap.estimates, prompt=a.prompt_tokens, output=a.output_tokens, sort=a.sort,
+                                      limit=a.limit, title=title))
         if cmap.excluded and a.show_excluded:
             t = Table(title="Excluded configurations")
             t.add_column("config")
@@ -298,9 +260,11 @@ async def _profile_show(a: argparse.Namespace) -> int:
                 t.add_row(x.config.key(), escape(x.reason))
             console.print(t)
         elif cmap.excluded:
-            console.print(f"[dim]{len(cmap.excluded)} configurations excluded (--show-excluded lists them with reasons)[/]")
+            console.print(f"[dim]{len(cmap.excluded)} configurations excluded "
+                          "(--show-excluded lists them with reasons)[/]")
         cost = cmap.cost
-        console.print(f"profiling cost: {cost.gpu_seconds:.1f} GPU-seconds, peak {fmt_gib(cost.peak_bytes)} GiB; fingerprints are {', '.join(f'{x:.2%}' for x in cost.fingerprint_fraction)} of the model")
+        console.print(f"profiling cost: {cost.gpu_seconds:.1f} GPU-seconds, peak {fmt_gib(cost.peak_bytes)} GiB; "
+                      f"fingerprints are {', '.join(f'{x:.2%}' for x in cost.fingerprint_fraction)} of the model")
     return 0
 
 
@@ -313,10 +277,14 @@ def add_nats(p: argparse.ArgumentParser) -> None:
 
 
 def add_intent(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--intent", default="min-cost", choices=["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo", "cost-budget"], help="what to optimize (default min-cost)")
-    p.add_argument("--cost-model", default="mem-x-latency", choices=["mem-x-latency", "memory", "gpu-hours"], help="how cost is counted (paper section 4.1)")
+    p.add_argument("--intent", default="min-cost",
+                   choices=["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo", "cost-budget"],
+                   help="what to optimize (default min-cost)")
+    p.add_argument("--cost-model", default="mem-x-latency", choices=["mem-x-latency", "memory", "gpu-hours"],
+                   help="how cost is counted (paper section 4.1)")
     p.add_argument("--slo-ms", type=float, default=None, help="latency SLO for --intent latency-slo")
-    p.add_argument("--budget", type=float, default=None, help="cost budget for --intent cost-budget, in --cost-model units")
+    p.add_argument("--budget", type=float, default=None,
+                   help="cost budget for --intent cost-budget, in --cost-model units")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length latency is estimated for")
     p.add_argument("--output-tokens", type=int, default=128, help="output length latency is estimated for")
 
@@ -326,12 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("up", help="start NATS and every service; Ctrl-C stops them")
-    s.add_argument("--nats-url", default=os.environ.get("ISERVE_NATS_URL", ""), help="use this NATS server instead of an embedded one")
-    s.add_argument("--nats-port", type=int, default=int(os.environ.get("ISERVE_NATS_PORT", "4222")), help="port of the embedded NATS server")
-    s.add_argument("--data-dir", default=str(default_data_dir()), help="JetStream data, fingerprints, logs [env ISERVE_DATA_DIR]")
-    s.add_argument("--simulate-gpus", default=os.environ.get("ISERVE_SIMULATE_GPUS", ""), help="e.g. 8x48GB: simulated GPUs whose workers compute on the CPU")
+    s.add_argument("--nats-url", default=os.environ.get("ISERVE_NATS_URL", ""),
+                   help="use this NATS server instead of an embedded one")
+    s.add_argument("--nats-port", type=int, default=int(os.environ.get("ISERVE_NATS_PORT", "4222")),
+                   help="port of the embedded NATS server")
+    s.add_argument("--data-dir", default=str(default_data_dir()),
+                   help="JetStream data, fingerprints, logs [env ISERVE_DATA_DIR]")
+    s.add_argument("--simulate-gpus", default=os.environ.get("ISERVE_SIMULATE_GPUS", ""),
+                   help="e.g. 8x48GB: simulated GPUs whose workers compute on the CPU")
     s.add_argument("--gpu-type", default=os.environ.get("ISERVE_GPU_TYPE", ""), help="type name of the simulated GPUs")
-    s.add_argument("--placement", default=os.environ.get("ISERVE_PLACEMENT", "hybrid"), choices=["hybrid", "least-loaded", "packing"],
+    s.add_argument("--placement", default=os.environ.get("ISERVE_PLACEMENT", "hybrid"),
+                   choices=["hybrid", "least-loaded", "packing"],
                    help="the deployer's GPU placement policy [env ISERVE_PLACEMENT]")
     s.add_argument("--theta", type=float, default=os.environ.get("ISERVE_THETA", "0.5"),
                    help="hybrid placement: GPUs with load below theta are packable [env ISERVE_THETA]")
@@ -360,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("deploy", help="deploy a profiled model with an intent")
     s.add_argument("model")
     add_intent(s)
-    s.add_argument("--placement", default="", choices=["", "hybrid", "least-loaded", "packing"], help="placement policy (default: the deployer's)")
-    s.add_argument("--context-tokens", type=int, default=0, help="the deployment's context (KV cache) in tokens; 0: the profile's")
+    s.add_argument("--placement", default="", choices=["", "hybrid", "least-loaded", "packing"],
+                   help="placement policy (default: the deployer's)")
+    s.add_argument("--context-tokens", type=int, default=0,
+                   help="the deployment's context (KV cache) in tokens; 0: the profile's")
     s.add_argument("--gpu-type", default="", help="deploy on this GPU type only (default: the best of those profiled)")
     s.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait until the worker is ready")
     s.add_argument("--timeout", type=float, default=600.0)

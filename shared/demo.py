@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .messages import Intent
+from .runtime import run_async
+from .tables import estimates_table
 
 console = Console()
 
@@ -40,19 +42,21 @@ def has_nvidia_gpu() -> bool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default="", help="keep the stack's data here (default: a temporary folder, removed afterwards)")
+    p.add_argument("--data-dir", default="",
+                   help="keep the stack's data here (default: a temporary folder, removed afterwards)")
     p.add_argument("--nats-port", type=int, default=0, help="port of the embedded NATS server (default: a free one)")
-    p.add_argument("--simulate-gpus", default=os.environ.get("ISERVE_SIMULATE_GPUS", ""), help="simulated GPUs, e.g. 4x24GB (default: real GPUs if any, else 4x24GB)")
+    p.add_argument("--simulate-gpus", default=os.environ.get("ISERVE_SIMULATE_GPUS", ""),
+                   help="simulated GPUs, e.g. 4x24GB (default: real GPUs if any, else 4x24GB)")
     p.add_argument("--preset", default="tiny-llama", help="architecture of the demo model (random weights)")
     p.add_argument("--layers", type=int, default=8, help="hidden layers of the demo model")
-    p.add_argument("--intent", default="min-latency", choices=["min-latency", "min-cost", "min-memory", "min-gpu-hours"])
+    p.add_argument("--intent", default="min-latency",
+                   choices=["min-latency", "min-cost", "min-memory", "min-gpu-hours"])
     p.add_argument("--prompt", default="The three components of iServe are")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
 
 
 async def flow(url: str, model_dir: Path, a: argparse.Namespace) -> None:
-    from .cli import estimates_table
     from .client import Client, CompletionStream
 
     async with await Client.connect(url, "iserve-demo") as c:
@@ -73,27 +77,33 @@ async def flow(url: str, model_dir: Path, a: argparse.Namespace) -> None:
         if not loads:
             raise RuntimeError("the services did not come up within 60 s; see the logs in the data folder")
         kind = "simulated" if loads[0].simulated else "real"
-        console.print(f"NATS at {url}; {len(loads)} {kind} GPU(s) of type {loads[0].gpu_type}, {loads[0].total_bytes / 2**30:.0f} GiB each")
+        console.print(f"NATS at {url}; {len(loads)} {kind} GPU(s) of type {loads[0].gpu_type}, "
+                      f"{loads[0].total_bytes / 2**30:.0f} GiB each")
 
         console.rule("[bold]2. register")
         info = await c.register(str(model_dir))
         r = info.record
-        console.print(f"registered {r.name}: {r.arch.model_type}, {r.arch.num_layers} layers, {r.weights.checkpoint_bytes / 2**20:.1f} MiB of weights")
+        console.print(f"registered {r.name}: {r.arch.model_type}, {r.arch.num_layers} layers, "
+                      f"{r.weights.checkpoint_bytes / 2**20:.1f} MiB of weights")
 
         console.rule("[bold]3. profile fingerprints")
         t0 = time.monotonic()
         done = await c.wait_profiled(r.name, timeout=a.timeout)
         cmap = await c.profile(r.name, done.gpu_type)
         console.print(
-            f"profiled 1- and 2-layer fingerprints ({', '.join(f'{x:.1%}' for x in cmap.cost.fingerprint_fraction)} of the model) on {cmap.device} "
-            f"in {time.monotonic() - t0:.1f} s: {len(cmap.estimates)} configurations estimated, {len(cmap.excluded)} excluded with reasons"
+            "profiled 1- and 2-layer fingerprints "
+            f"({', '.join(f'{x:.1%}' for x in cmap.cost.fingerprint_fraction)} of the model) on {cmap.device} "
+            f"in {time.monotonic() - t0:.1f} s: {len(cmap.estimates)} configurations estimated, "
+            f"{len(cmap.excluded)} excluded with reasons"
         )
-        console.print(estimates_table(cmap.estimates, prompt=512, output=128, limit=8, title="fastest estimated configurations (512 in, 128 out)"))
+        console.print(estimates_table(cmap.estimates, prompt=512, output=128, limit=8,
+                                      title="fastest estimated configurations (512 in, 128 out)"))
 
         console.rule(f"[bold]4. deploy with intent {a.intent}")
         rep = await c.deploy(r.name, Intent(kind=a.intent))
         d = rep.deployment
-        console.print(f"chose [bold]{d.config.key()}[/] on {', '.join(f'{g.agent_id}/GPU{g.gpu_index} ({g.num_layers} layers)' for g in d.gpus)}")
+        placed = ', '.join(f'{g.agent_id}/GPU{g.gpu_index} ({g.num_layers} layers)' for g in d.gpus)
+        console.print(f"chose [bold]{d.config.key()}[/] on {placed}")
         console.print(f"why: {escape(rep.why)}")
         await c.wait_ready(d.deployment_id, timeout=a.timeout)
         console.print(f"worker {d.worker_id} is ready")
@@ -107,6 +117,7 @@ async def flow(url: str, model_dir: Path, a: argparse.Namespace) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         comp = s.completion
+        assert comp is not None, "the stream ended without its completion"
         console.print(
             f"{comp.completion_tokens} tokens streamed; TTFT {comp.ttft_ms:.1f} ms, TPOT {comp.tpot_ms:.2f} ms, "
             f"end-to-end {comp.e2e_ms:.1f} ms (estimated TPOT for this configuration: {d.estimate.tpot_ms:.2f} ms)"
@@ -141,8 +152,6 @@ def run(a: argparse.Namespace) -> int:
     stack = Stack(opts).start()
     code = 0
     try:
-        from .cli import run_async
-
         run_async(asyncio.wait_for(flow(stack.url, model_dir, a), a.timeout))
         console.rule("[bold]done")
     except KeyboardInterrupt:

@@ -1,11 +1,14 @@
-"""How every service process runs: uvloop, SIGINT/SIGTERM set a stop event, resources in an
-``AsyncExitStack`` so that they close in reverse order whatever happens."""
+"""How every process runs its event loop: uvloop when installed; a service's SIGINT/SIGTERM set a stop
+event, its resources in an ``AsyncExitStack`` so that they close in reverse order whatever happens."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
@@ -65,3 +68,13 @@ def service_main(
     except Exception as e:  # configuration or connection problems: one clear line, exit 1
         print(f"{name}: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one coroutine to completion on uvloop (when installed) and return its result."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)

@@ -1,5 +1,5 @@
 """The deployer: answers ``deploy.request`` with the best feasible configuration for the intent on the
-GPUs free now (``planner.plan``), launches its worker through the GPU agent, and keeps every
+GPUs free now (``planner.plan_gpu_types``), launches its worker through the GPU agent, and keeps every
 deployment's record durable in JetStream (bucket ``iserve_deployments``).
 
 GPU state comes from the agents' per-second ``gpu.load`` reports. Between a launch and the first
@@ -16,9 +16,6 @@ from dataclasses import dataclass
 
 import msgspec
 import structlog
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-
 from iserve import bus, errors, subjects
 from iserve.messages import (
     ConfigurationMap,
@@ -44,9 +41,12 @@ from iserve.messages import (
     encode,
     now,
 )
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from . import planner
 from .config import DeployerConfig
+from .placement import POLICIES, GpuState
 
 log = structlog.get_logger()
 
@@ -74,7 +74,8 @@ class DeployerService:
         self.deployments = await bus.TypedKV.open(self.nc, subjects.BUCKET_DEPLOYMENTS, DeploymentRecord)
         self._subs += [
             await bus.serve(self.nc, subjects.DEPLOY_REQUEST, DeployRequest, self.handle_deploy, queue="deployer"),
-            await bus.serve(self.nc, subjects.UNDEPLOY_REQUEST, UndeployRequest, self.handle_undeploy, queue="deployer"),
+            await bus.serve(self.nc, subjects.UNDEPLOY_REQUEST, UndeployRequest, self.handle_undeploy,
+                            queue="deployer"),
             await bus.serve(self.nc, subjects.DEPLOYMENT_LIST, ListDeployments, self.handle_list, queue="deployer"),
             await self.nc.subscribe(subjects.GPU_LOAD_ALL, cb=self._on_gpu_load),
             await self.nc.subscribe(subjects.WORKER_READY, cb=self._on_worker_ready),
@@ -84,7 +85,8 @@ class DeployerService:
         self._started = time.monotonic()
         t = asyncio.create_task(self._reconcile_loop())
         self._tasks.add(t)
-        log.info("deployer started", deployments=len(await self.deployments.values()), policy=self.cfg.placement, theta=self.cfg.theta)
+        log.info("deployer started", deployments=len(await self.deployments.values()), policy=self.cfg.placement,
+                 theta=self.cfg.theta)
 
     async def close(self) -> None:
         for s in self._subs:
@@ -112,7 +114,7 @@ class DeployerService:
                 if not p:
                     self.pending.pop(wid, None)
 
-    def gpu_states(self) -> list[planner.GpuState]:
+    def gpu_states(self) -> list[GpuState]:
         fresh = time.monotonic() - self.cfg.gpu_stale_s
         pending: dict[tuple[str, int], int] = {}
         for per_gpu in self.pending.values():
@@ -124,7 +126,7 @@ class DeployerService:
                 continue
             g = seen.load
             out.append(
-                planner.GpuState(
+                GpuState(
                     agent_id=g.agent_id,
                     gpu_index=g.gpu_index,
                     gpu_type=g.gpu_type,
@@ -148,59 +150,36 @@ class DeployerService:
             if existing is not None and existing.status in ("launching", "ready"):
                 return DeployReply(deployment=existing, why="already deployed (idempotent retry)")
             if existing is not None and existing.model != req.model:
-                raise errors.Conflict(f"deployment id {req.deployment_id!r} belongs to model {existing.model!r}; choose another id.")
+                raise errors.Conflict(f"deployment id {req.deployment_id!r} belongs to model {existing.model!r}; "
+                                      "choose another id.")
         policy = req.placement or self.cfg.placement
-        if policy not in planner.POLICIES:
-            raise errors.BadRequest(f"unknown placement policy {policy!r}; use one of {', '.join(planner.POLICIES)}.")
+        if policy not in POLICIES:
+            raise errors.BadRequest(f"unknown placement policy {policy!r}; use one of {', '.join(POLICIES)}.")
         record = await self.models.get(req.model)
         if record is None:
-            raise errors.NotFound(f"model {req.model!r} is not registered; register it first with `iserve register PATH`.")
+            raise errors.NotFound(f"model {req.model!r} is not registered; "
+                                  "register it first with `iserve register PATH`.")
         if record.status == "failed":
-            raise errors.NotReady(f"model {req.model!r} failed to profile ({record.status_reason}); fix the cause and register it again.")
+            raise errors.NotReady(f"model {req.model!r} failed to profile ({record.status_reason}); "
+                                  "fix the cause and register it again.")
         if not record.profiled_gpu_types:
-            raise errors.NotReady(f"model {req.model!r} is still being profiled; wait for profile.done (see `iserve status`).")
+            raise errors.NotReady(f"model {req.model!r} is still being profiled; "
+                                  "wait for profile.done (see `iserve status`).")
         types = [t for t in record.profiled_gpu_types if not req.gpu_type or t == req.gpu_type]
         if not types:
-            raise errors.NotFound(f"model {req.model!r} has no profile for GPU type {req.gpu_type!r}; profiled: {', '.join(record.profiled_gpu_types)}.")
+            raise errors.NotFound(f"model {req.model!r} has no profile for GPU type {req.gpu_type!r}; "
+                                  f"profiled: {', '.join(record.profiled_gpu_types)}.")
         if req.context_tokens < 0:
-            raise errors.BadRequest(f"context_tokens must be 0 (the profile's context) or a positive number of tokens, not {req.context_tokens}.")
-        all_gpus = self.gpu_states()
+            raise errors.BadRequest("context_tokens must be 0 (the profile's context) or a positive number of tokens, "
+                                    f"not {req.context_tokens}.")
+        gpus = self.gpu_states()
         t0 = time.perf_counter()
-        best: tuple[planner.Decision, ConfigurationMap] | None = None
-        misses: list[str] = []
-        short_context: list[str] = []
-        for gpu_type in types:
-            cmap = await self.profiles.get(bus.kv_key(req.model, gpu_type))
-            gpus = [g for g in all_gpus if g.gpu_type == gpu_type]
-            if cmap is None:
-                misses.append(f"the {gpu_type} profile is missing")
-                continue
-            if req.context_tokens > cmap.context_tokens:
-                # the map's memory (KV cache) holds for its own context only: a longer one is not estimated
-                short_context.append(f"the {gpu_type} profile is for a context of {cmap.context_tokens} tokens")
-                continue
-            if not gpus:
-                misses.append(f"no {gpu_type} GPU reported load in the last {self.cfg.gpu_stale_s:.0f} s")
-                continue
-            try:
-                d = planner.plan(cmap.estimates, req.intent, gpus, policy=policy, theta=self.cfg.theta)
-            except errors.Infeasible as e:
-                misses.append(f"{gpu_type}: {e.message}")
-                continue
-            if best is None or planner.score(d, req.intent) < planner.score(best[0], req.intent):
-                best = (d, cmap)
+        profiles = {t: await self.profiles.get(bus.kv_key(req.model, t)) for t in types}
+        choice = planner.plan_gpu_types(profiles, req.intent, gpus, policy=policy, theta=self.cfg.theta,
+                                        stale_s=self.cfg.gpu_stale_s, model=req.model,
+                                        context_tokens=req.context_tokens)
         decision_ms = (time.perf_counter() - t0) * 1000.0
-        if best is None and short_context and not misses:
-            raise errors.BadRequest(
-                f"context_tokens {req.context_tokens} is longer than {req.model} was profiled for ({'; '.join(short_context)}); "
-                "ask for at most that, or profile the model again with a fingerprint service started with a larger --context-tokens."
-            )
-        misses += short_context
-        if best is None:
-            if all(m.startswith("no ") for m in misses):
-                raise errors.Unavailable("; ".join(misses) + "; start a GPU agent (`iserve up` starts one).")
-            raise errors.Infeasible("; ".join(misses))
-        decision, cmap = best
+        decision, cmap = choice.decision, choice.profile
         # the worker's KV cache: the profile's context, or the shorter one asked for (the estimate,
         # made for the profile's context, then over-reserves a little; never under-reserves)
         context = req.context_tokens or cmap.context_tokens
@@ -233,11 +212,13 @@ class DeployerService:
             model=req.model,
             model_path=record.path,
             config=dep.config,
-            stages=[StageSpec(gpu_index=a.gpu_index, first_layer=a.first_layer, num_layers=a.num_layers, memory_bytes=a.memory_bytes) for a in decision.assignments],
+            stages=[StageSpec(gpu_index=a.gpu_index, first_layer=a.first_layer, num_layers=a.num_layers,
+                              memory_bytes=a.memory_bytes) for a in decision.assignments],
             context_tokens=context,
         )
         try:
-            await bus.request(self.nc, subjects.agent_launch(agent_id), launch, LaunchReply, timeout=self.cfg.launch_timeout_s)
+            await bus.request(self.nc, subjects.agent_launch(agent_id), launch, LaunchReply,
+                              timeout=self.cfg.launch_timeout_s)
         except errors.IServeError as e:
             self.pending.pop(worker_id, None)
             dep.status = "failed"
@@ -267,9 +248,11 @@ class DeployerService:
     async def _changed(self, dep: DeploymentRecord) -> None:
         await self.nc.publish(subjects.DEPLOYMENT_CHANGED, encode(DeploymentChanged(deployment=dep)))
 
-    async def _set_status(self, deployment_id: str, status: str, reason: str = "", *, only_from: tuple[str, ...] = ()) -> None:
+    async def _set_status(self, deployment_id: str, status: str, reason: str = "", *,
+                          only_from: tuple[str, ...] = ()) -> None:
         dep = await self.deployments.get(deployment_id)
-        if dep is None or (only_from and dep.status not in only_from) or (dep.status == status and dep.reason == reason):
+        if (dep is None or (only_from and dep.status not in only_from)
+                or (dep.status == status and dep.reason == reason)):
             return  # (a failed deployment that could not be re-placed keeps "failed" and gets the longer reason)
         dep.status = status  # type: ignore[assignment]
         dep.reason = reason
@@ -321,13 +304,14 @@ class DeployerService:
         tries = [t for t in self._replacements.get(deployment_id, []) if now_m - t < 600] + [now_m]
         self._replacements[deployment_id] = tries
         if len(tries) > self.cfg.max_replacements:
-            await self._set_status(deployment_id, "failed", f"{why}; not re-placed: {len(tries) - 1} re-placements in 10 minutes already")
+            await self._set_status(deployment_id, "failed",
+                                   f"{why}; not re-placed: {len(tries) - 1} re-placements in 10 minutes already")
             return
         dep = await self.deployments.get(deployment_id)
         if dep is None or dep.status != "failed":
             return
-        req = DeployRequest(model=dep.model, intent=dep.intent, placement=dep.placement_policy, deployment_id=deployment_id,
-                            context_tokens=dep.context_tokens)
+        req = DeployRequest(model=dep.model, intent=dep.intent, placement=dep.placement_policy,
+                            deployment_id=deployment_id, context_tokens=dep.context_tokens)
         try:
             async with self.lock:
                 rep = await self._deploy(req)
@@ -360,7 +344,8 @@ class DeployerService:
                 if age > 3 * self.cfg.gpu_stale_s:
                     await self._set_status(dep.deployment_id, "failed", f"agent {dep.agent_id} stopped reporting")
             elif dep.worker_id not in workers and dep.worker_id not in self.pending and age > 3 * self.cfg.gpu_stale_s:
-                await self._set_status(dep.deployment_id, "failed", f"worker {dep.worker_id} is no longer running on agent {dep.agent_id}")
+                await self._set_status(dep.deployment_id, "failed",
+                                       f"worker {dep.worker_id} is no longer running on agent {dep.agent_id}")
 
     # ------------------------------------------------------------------ undeploy and list
 
@@ -370,7 +355,8 @@ class DeployerService:
             raise errors.NotFound(f"no deployment {req.deployment_id!r}; list them with `iserve status`.")
         stopped = False
         try:
-            r = await bus.request(self.nc, subjects.agent_stop(dep.agent_id), StopWorker(worker_id=dep.worker_id), StopReply, timeout=30.0)
+            r = await bus.request(self.nc, subjects.agent_stop(dep.agent_id), StopWorker(worker_id=dep.worker_id),
+                                  StopReply, timeout=30.0)
             stopped = r.stopped
         except errors.Unavailable:
             log.warning("agent unavailable on undeploy; removing the record", agent_id=dep.agent_id)
