@@ -95,12 +95,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _pct(xs: list[float], q: float) -> float:
-    from iserve.loadgen.records import _pct as pct  # the percentile every run summary uses
-
-    return pct(xs, q) if xs else math.nan
-
-
 def _err(sim: float, live: float) -> float:
     return (sim - live) / live if live > 0 and not math.isnan(sim) else math.nan
 
@@ -187,6 +181,7 @@ class SimVsLive:
         """The slice of the compressed trace to replay (see the module docstring)."""
         from iserve.loadgen import simulator as sim
         from iserve.loadgen.traces import compress, load_trace, slice_trace, stats
+        from iserve.stats import percentile
 
         full = compress(load_trace(self.a.trace), interval_s=self.a.interval_s, aggregate=self.aggregate, rate=self.a.rate,
                         seed=self.a.seed)
@@ -203,7 +198,7 @@ class SimVsLive:
             busy = sum(r.worker_e2e_ms for r in done) / 1000.0
             end = max((r.end_s for r in res.requests), default=0.0)
             info.update(offered_util=busy / (duration * n_gpus), drain_s=max(0.0, end - duration),
-                        sim_e2e_p50_ms=_pct([r.e2e_ms for r in done], 50), sim_e2e_p95_ms=_pct([r.e2e_ms for r in done], 95),
+                        sim_e2e_p50_ms=percentile([r.e2e_ms for r in done], 50), sim_e2e_p95_ms=percentile([r.e2e_ms for r in done], 95),
                         interarrival_cv=stats(window).interarrival_cv)
             info["ok"] = info["drain_s"] <= 0.1 * duration and info["offered_util"] <= 0.95 and len(done) == len(window)
             return info
@@ -220,14 +215,14 @@ class SimVsLive:
         return {**best, "how": how, "candidates": len(cands)}
 
     def sim_spec(self, maps: dict, names: list[str], trace, intent, n_gpus: int, *, system: str, forced=None, assignment=None):
-        from iserve.loadgen import simulator as sim
+        from iserve.loadgen.simulation import SimSpec
 
         first = maps[names[0]]
-        return sim.SimSpec(models=[(n, maps[n]) for n in names], trace=list(trace), system=system, intent=intent, gpus=n_gpus,
-                           gpu_type=first.gpu_type, gpu_memory_bytes=first.gpu_memory_bytes, deploy_every_s=0.0,
-                           deploy_batch=len(names), max_context=self.max_context, seed=self.a.seed, forced=forced or {},
-                           assignment=assignment, trace_label=self.a.trace, rate=self.a.rate, interval_s=self.a.interval_s,
-                           aggregate=self.aggregate)
+        return SimSpec(models=[(n, maps[n]) for n in names], trace=list(trace), system=system, intent=intent, gpus=n_gpus,
+                       gpu_type=first.gpu_type, gpu_memory_bytes=first.gpu_memory_bytes, deploy_every_s=0.0,
+                       deploy_batch=len(names), max_context=self.max_context, seed=self.a.seed, forced=forced or {},
+                       assignment=assignment, trace_label=self.a.trace, rate=self.a.rate, interval_s=self.a.interval_s,
+                       aggregate=self.aggregate)
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -372,6 +367,7 @@ class SimVsLive:
         """Simulate exactly the live requests and print the table (see the module docstring)."""
         from iserve.loadgen import simulator as sim
         from iserve.loadgen.traces import TraceRequest, fit_lengths
+        from iserve.stats import percentile
 
         reqs = sorted(live.requests, key=lambda r: (r.arrival_s, r.index))
         trace = [TraceRequest(arrival_s=r.arrival_s, context_tokens=r.trace_context_tokens, generated_tokens=r.trace_generated_tokens,
@@ -405,9 +401,9 @@ class SimVsLive:
             use = [(lr, sr) for lr, sr in pairs if not multi or (lr.output_tokens > 1 and sr.output_tokens > 1)]
             lv = [getattr(lr, field) for lr, _ in use]
             sv = [getattr(sr, field) for _, sr in use]
-            row = {"metric": label, "field": field, "requests": len(use)}
+            row: dict = {"metric": label, "field": field, "requests": len(use)}
             for q in (50, 95):
-                row[f"live_p{q}_ms"], row[f"sim_p{q}_ms"] = _pct(lv, q), _pct(sv, q)
+                row[f"live_p{q}_ms"], row[f"sim_p{q}_ms"] = percentile(lv, q), percentile(sv, q)
                 row[f"error_p{q}"] = _err(row[f"sim_p{q}_ms"], row[f"live_p{q}_ms"])
             rows.append(row)
             table.append([label, str(len(use)), _fmt(row["live_p50_ms"]), _fmt(row["sim_p50_ms"]), _fmt_pct(row["error_p50"]),

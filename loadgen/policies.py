@@ -1,5 +1,5 @@
 """The systems the trace simulator compares, each as a deployment policy over the deployer's own pure
-decision functions (:mod:`iserve.deployer.planner`, :mod:`iserve.deployer.baselines`).
+decision functions (:mod:`iserve.deployer.planner`, :mod:`.baselines`).
 
 A system answers one question, when a model's deployment is requested: which deployments (zero, one,
 or several data-parallel replicas) to make now, given the model's configuration map, the intent and
@@ -24,10 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from iserve.deployer import baselines, planner
+from iserve.deployer import planner
 from iserve.deployer.planner import Decision, GpuState
 from iserve.errors import Infeasible
 from iserve.messages import ConfigEstimate, Configuration, ConfigurationMap, Intent
+
+from . import baselines
 
 SYSTEMS = ("iserve", "max-tp", "max-pp", "accelerate", "alpaserve", "alpaserve*")
 ALL_SYSTEMS = SYSTEMS + ("oracle",)

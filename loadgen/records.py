@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
-import numpy as np
 
 from iserve.messages import Intent
+from iserve.stats import percentile
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -250,7 +250,7 @@ def _read_lines(path: Path, kind: type) -> list:
     if not path.exists():
         return []
     data = path.read_bytes()
-    dec = msgspec.json.Decoder(kind)
+    dec: msgspec.json.Decoder = msgspec.json.Decoder(kind)
     lines = data.split(b"\n")
     out = []
     for i, line in enumerate(lines):
@@ -303,10 +303,6 @@ class Summary(msgspec.Struct, kw_only=True):
     clipped: int
 
 
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs, dtype=float), q)) if xs else 0.0
-
-
 def summarize(records: list[RequestRecord]) -> Summary:
     """Count, errors, end-to-end percentiles (over successful requests), median TTFT and TPOT, SLO
     attainment (over requests with an SLO that were not cancelled) and requests per model."""
@@ -321,11 +317,11 @@ def summarize(records: list[RequestRecord]) -> Summary:
         ok=len(ok),
         errors=sum(r.status in ("error", "timeout") for r in records),
         cancelled=sum(r.status == "cancelled" for r in records),
-        e2e_p50_ms=_pct(e2e, 50),
-        e2e_p95_ms=_pct(e2e, 95),
-        e2e_p99_ms=_pct(e2e, 99),
-        ttft_p50_ms=_pct([r.ttft_ms for r in ok], 50),
-        tpot_p50_ms=_pct([r.tpot_ms for r in ok if r.output_tokens > 1], 50),
+        e2e_p50_ms=percentile(e2e, 50, empty=0.0),
+        e2e_p95_ms=percentile(e2e, 95, empty=0.0),
+        e2e_p99_ms=percentile(e2e, 99, empty=0.0),
+        ttft_p50_ms=percentile([r.ttft_ms for r in ok], 50, empty=0.0),
+        tpot_p50_ms=percentile([r.tpot_ms for r in ok if r.output_tokens > 1], 50, empty=0.0),
         slo_requests=len(with_slo),
         slo_attainment=(sum(bool(r.slo_met) for r in with_slo) / len(with_slo)) if with_slo else None,
         per_model=dict(sorted(per_model.items())),

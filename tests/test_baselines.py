@@ -1,4 +1,4 @@
-"""The paper's baselines as deployment policies (services/deployer/baselines.py): valid decisions
+"""The paper's baselines as deployment policies (loadgen/baselines.py): valid decisions
 (memory never exceeded, every layer exactly once) that follow each baseline's definition."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from iserve.deployer import baselines
 from iserve.deployer.planner import GIB, Decision, GpuState, plan
 from iserve.errors import BadRequest, Infeasible
+from iserve.loadgen import baselines
 from iserve.messages import ConfigEstimate, Configuration, Intent
 
 INTENT = Intent(kind="min-latency", prompt_tokens=100, output_tokens=11)

@@ -12,7 +12,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from iserve.loadgen import slo, traces
+from iserve import slo
+from iserve.loadgen import traces
 from iserve.loadgen.config import parse
 from iserve.loadgen.records import (
     DeploymentEvent,
@@ -99,7 +100,7 @@ def test_load_trace_from_a_path(tmp_path):
 
 
 def synthetic(n_per_interval: list[int], interval_s: float) -> list[TraceRequest]:
-    out = []
+    out: list[TraceRequest] = []
     for k, n in enumerate(n_per_interval):
         for j in range(n):
             out.append(TraceRequest(arrival_s=k * interval_s + (j + 0.5) * interval_s / n, context_tokens=100, generated_tokens=10, index=len(out)))

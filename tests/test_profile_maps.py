@@ -17,6 +17,7 @@ WIDE = {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4,
 
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -59,6 +60,7 @@ def test_profile_maps_tiny_writes_maps_the_simulator_reads(tmp_path, capsys):
     assert not (tmp_path / "work" / "tiny-llama").exists()  # checkpoints are deleted per model
 
     from iserve.loadgen import simulator as sim
+    from iserve.loadgen.simulation import SimSpec
     from iserve.loadgen.traces import TraceRequest
     from iserve.messages import Intent
 
@@ -69,7 +71,7 @@ def test_profile_maps_tiny_writes_maps_the_simulator_reads(tmp_path, capsys):
     assert {e.config.weight_quant for e in cm.estimates} == {"fp16", "int8"}
     assert any("not profiled" in x.reason for x in cm.excluded)  # variants beyond --max-variants are excluded with a reason
     trace = [TraceRequest(arrival_s=0.1 * i, context_tokens=40, generated_tokens=8, index=i) for i in range(20)]
-    spec = sim.SimSpec(models=[("tiny-llama", maps["tiny-llama"]), ("tiny-falcon", maps["tiny-falcon"])], trace=trace, gpus=2,
+    spec = SimSpec(models=[("tiny-llama", maps["tiny-llama"]), ("tiny-falcon", maps["tiny-falcon"])], trace=trace, gpus=2,
                        gpu_memory_bytes=cm.gpu_memory_bytes, deploy_every_s=0.0, deploy_batch=2,
                        intent=Intent(kind="min-latency", prompt_tokens=40, output_tokens=8))
     res = sim.simulate(spec)

@@ -1,87 +1,6 @@
-"""The paper's baselines (section 8) as deployment policies, pure like :mod:`planner`: no I/O, no clock.
-
-Each per-model baseline takes what :func:`planner.plan` takes (a model's configuration estimates, the
-free GPUs as :class:`~planner.GpuState`, an :class:`~iserve.messages.Intent`) and returns a
-:class:`~planner.Decision`, so the trace simulator can swap systems without knowing them. The intent
-only sets the request size that ``Decision.latency_ms`` and ``Decision.cost`` are computed for: the
-baselines do not optimise for it (that is the point of the comparison). Feasibility, GPU selection and
-the (uneven) layer split are the planner's own (:class:`planner.ClusterView`, :func:`planner.arrange`),
-so a baseline never overcommits memory and places every layer exactly once.
-
-``iserve``
-    :func:`planner.plan` itself: rank by intent, first feasible, load-aware placement.
-
-``max_tp`` (paper: TensorRT-LLM_TP, "deploys LLMs with the maximum TP degree", no quantization or
-    pruning)
-    Among the fp16, fp16-KV, unpruned estimates: the largest TP degree (the estimator only lists TP
-    degrees that divide the attention and KV heads), with PP = 1 unless the model only fits with
-    more stages (then the smallest PP that fits). Ordered ``(-tp, pp)``, first that fits.
-
-``max_pp`` (paper: TensorRT-LLM_PP, "the maximum PP degree", the transformers default, i.e.
-    ``device_map="auto"`` spreading the layers over every GPU)
-    TP = 1, fp16, PP = ``min(GPUs, layers)`` (the largest PP the map lists); if the free memory
-    cannot take that many stages (a GPU too full for even one layer), the largest PP that fits.
-
-``accelerate`` (paper: Accelerate's FSDP, "sharding the LLM state across GPUs", no compression)
-    Memory: every model sharded over ALL ``G`` GPUs of the host, modelled as layer sharding: the
-    memory layout of TP = 1, PP = ``G`` fp16 (each GPU holds about ``1/G`` of the weights and KV cache,
-    uneven where GPUs are fragmented), plus one unsharded layer of weights per GPU for the all-gather
-    buffer. Latency: FSDP keeps only a shard of each layer on each rank, so every forward pass (the
-    prefill, then every decode step) all-gathers each layer's full weights before using it; with a
-    ring all-gather each rank receives ``(G - 1) / G`` of the weight bytes over its link. The penalty
-    added to the TTFT and to every TPOT is therefore::
-
-        gather_ms = (G - 1) / G * weight_bytes / allgather_bytes_per_s * 1000
-
-    on top of the unsharded single-GPU latency (the TP = 1, PP = 1 estimate: each rank computes the
-    whole layer once it is gathered). ``allgather_bytes_per_s`` defaults to 25 GB/s, a PCIe 4.0 x16
-    link, since on the paper's testbed (8 x RTX A6000) only pairs of GPUs share an NVLink bridge and
-    an 8-way ring crosses PCIe; a faster fabric is one argument away. ``weight_bytes`` is the model's
-    weights at fp16, derived from the map (:func:`weight_bytes`). The request runs on all ``G``
-    GPUs (all ranks take part in every all-gather), which is where FSDP's contention comes from. If
-    the host cannot take ``G`` shards (memory), the largest number of GPUs that fits is used, with
-    the penalty for that many. Simplified: no CPU offloading (the paper notes Accelerate offloads
-    weights to CPU DRAM in the 21-model experiment; here a model that does not fit is not deployed),
-    and no overlap of the all-gather with compute (FSDP's prefetch would hide at most the compute
-    time, which is small next to the gather over PCIe).
-
-``alpaserve`` (paper: AlpaServe, "given the full trace beforehand", auto-selects parallelism for a
-    set of LLMs on a fixed cluster, may drop models; ``drop_models=False`` is AlpaServe*)
-    A whole-cluster plan made once, knowing every model and its request rate over the whole trace
-    (:func:`alpaserve`), following AlpaServe's (OSDI '23) structure:
-
-    1. **Buckets.** Models are bucketed by size (fp16 footprint at minimum parallelism): sorted
-       largest first, a new bucket starts when a model is smaller than ``1/bucket_ratio`` of its
-       bucket's largest. Buckets are merged (smallest first) until there are at most as many as GPUs.
-    2. **GPU split.** The GPUs (sorted by host and index) are cut into consecutive slices, one per
-       bucket (largest bucket first), every split of the cluster's ``G`` GPUs into non-empty slices.
-    3. **Groups and parallelism.** A bucket's slice of ``n`` GPUs is cut into ``n / s`` groups of ``s``
-       GPUs (every divisor ``s`` of ``n``; a group never spans hosts) and ONE ``(TP, PP)`` with
-       ``TP * PP = s`` is chosen for the whole bucket from the fp16 configurations every model of the
-       bucket has (AlpaServe searches parallelism only: no quantization, no pruning).
-    4. **Greedy placement.** Model replicas are added one at a time, each time the (model, group)
-       pair that raises the estimated SLO attainment most, while a replica fits the group's free
-       memory (layers split by :func:`planner.arrange`) and raises it: data-parallel replicas fill
-       spare groups. With ``drop_models`` this starts from an empty cluster, so a model whose replica
-       never pays off (or no longer fits) is left out, as AlpaServe may; without it (AlpaServe*)
-       every model is first placed once, highest load first, on the group where it hurts least, and
-       a split where some model fits nowhere loses to any split that places more models.
-    5. **Choice.** Steps 2-4 are searched exhaustively (splits x group sizes x parallelism, the
-       best split found by dynamic programming over buckets); the plan with the highest estimated
-       attainment wins.
-
-    Simplification: AlpaServe scores candidates by simulating the trace; here, to keep the search to
-    milliseconds, the score is a queueing approximation from the trace's per-model rates
-    (:func:`_replica_score`): requests are split evenly over a model's replicas; a replica is an
-    M/M/1 FCFS queue whose service time is the estimate's latency for the intent's request size,
-    stretched by ``1 / (1 - rho_others)`` for the other replicas sharing its group (processor
-    sharing), and meets the SLO with probability ``1 - exp(-(1 - u) * slo / S)``; a small
-    throughput term breaks ties between saturated options. The burstiness of the trace is therefore
-    not seen by the search (only its mean rates), one of the ways the paper says AlpaServe's greedy
-    search misses better placements.
-
-Units as in :mod:`planner`: bytes, milliseconds; rates in requests per second.
-"""
+"""The paper's baselines (section 8) as deployment policies, pure like the planner: no I/O, no clock.
+Each takes what :func:`iserve.deployer.planner.plan` takes and returns its ``Decision``s, so the
+simulator can swap systems; each baseline's definition is in docs/simulator.md#baselines."""
 
 from __future__ import annotations
 
@@ -91,10 +10,20 @@ from typing import Mapping, Sequence
 
 import msgspec
 
+from iserve.deployer.planner import (
+    ClusterView,
+    Decision,
+    GpuState,
+    arrange,
+    check_policy,
+    cost,
+    latency_ms,
+    plan,
+    validate_intent,
+)
 from iserve.errors import BadRequest, Infeasible
 from iserve.messages import ConfigEstimate, GpuAssignment, Intent, Rejection
-
-from .planner import ClusterView, Decision, GpuState, arrange, check_policy, cost, latency_ms, plan, validate_intent
+from iserve.slo import reference_estimate
 
 SYSTEMS = ("iserve", "max-tp", "max-pp", "accelerate", "alpaserve", "alpaserve*")
 
@@ -209,7 +138,7 @@ def fsdp_estimate(shard: ConfigEstimate, unsharded: ConfigEstimate, weights: int
                   allgather_bytes_per_s: float) -> ConfigEstimate:
     """Accelerate's FSDP over ``shard.config.pp`` GPUs: the memory of ``shard`` (layer sharding) plus
     one gathered layer per GPU, the latency of ``unsharded`` plus the all-gather of every weight on
-    every forward pass (see the module docstring)."""
+    every forward pass (docs/simulator.md#accelerate)."""
     g = shard.config.pp
     gather_ms = (g - 1) / g * weights / allgather_bytes_per_s * 1000.0 if g > 1 else 0.0
     overhead = shard.gpu_overhead_bytes + (layer_weights if g > 1 else 0)
@@ -321,7 +250,7 @@ class _BucketResult:
 
 
 class _AlpaSearch:
-    """The state of one :func:`alpaserve` search (see the module docstring for the algorithm)."""
+    """The state of one :func:`alpaserve` search (the algorithm: docs/simulator.md#alpaserve)."""
 
     def __init__(self, models: Mapping[str, Sequence[ConfigEstimate]], rates: Mapping[str, float],
                  gpus: Sequence[GpuState], intent: Intent, slo_ms: Mapping[str, float], drop: bool,
@@ -402,7 +331,7 @@ class _AlpaSearch:
         frees = [list(grp) for grp in groups]
         reps: list[tuple[str, int, float]] = []
         placed_info: list[tuple[str, int, ConfigEstimate, list[GpuAssignment]]] = []
-        held = [set() for _ in groups]
+        held: list[set[str]] = [set() for _ in groups]
         ests = {m: self.plain[m][cfg] for m in bucket.models}
 
         def fit(m: str, gi: int) -> list[GpuAssignment] | None:
@@ -431,7 +360,7 @@ class _AlpaSearch:
                     apply(m, best[1], best[2])
                     current = best[0]
         while True:
-            best = None
+            top = None
             for m in bucket.models:
                 s = self.service_s(m, ests[m])
                 for gi in range(len(groups)):
@@ -441,12 +370,12 @@ class _AlpaSearch:
                     if got is None:
                         continue
                     score = self.attained(reps + [(m, gi, s)])
-                    if best is None or score > best[0]:
-                        best = (score, m, gi, got)
-            if best is None or best[0] <= current + 1e-12:
+                    if top is None or score > top[0]:
+                        top = (score, m, gi, got)
+            if top is None or top[0] <= current + 1e-12:
                 break
-            current = best[0]
-            apply(best[1], best[2], best[3])
+            current = top[0]
+            apply(top[1], top[2], top[3])
         placed = len({r[0] for r in reps})
         alpa_groups = [AlpaGroup(bucket=-1, gpus=[(g.agent_id, g.gpu_index) for g in grp], tp=cfg[0], pp=cfg[1],
                                  models=[m for m, gi, _, _ in placed_info if gi == i]) for i, grp in enumerate(groups)]
@@ -498,8 +427,8 @@ class _AlpaSearch:
                     key = add(head.key, tail_key)
                     if out is None or key > out[0]:
                         out = (key, [head] + tail)
-            memo[(b, off)] = out
-            return out
+            memo[(b, off)] = out  # type: ignore[assignment]  # a bucket always gets at least one GPU
+            return out  # type: ignore[return-value]
 
         _, results = solve(0, 0)
         return results, sum(r.attained for r in results)
@@ -512,20 +441,18 @@ def alpaserve(models: Mapping[str, Sequence[ConfigEstimate]], trace_rates: Mappi
               gpus: Sequence[GpuState], drop_models: bool, *, intent: Intent | None = None,
               slo_ms: Mapping[str, float] | None = None, bucket_ratio: float = 2.0) -> AlpaServePlan:
     """AlpaServe (``drop_models=True``) or AlpaServe* (``False``): one plan for all ``models`` made
-    with their request rates over the whole trace known in advance (see the module docstring).
+    with their request rates over the whole trace known in advance (docs/simulator.md#alpaserve).
 
     ``trace_rates[m]`` is model ``m``'s mean request rate (requests/s) over the trace; ``slo_ms[m]``
     its latency SLO for a request of the intent's size (the paper: a multiple of its latency at
     minimum parallelism without quantization; default ``DEFAULT_SLO_SCALE`` times the latency of
-    :func:`iserve.loadgen.slo.reference_estimate`); ``intent`` sets that request size (use the
+    :func:`iserve.slo.reference_estimate`); ``intent`` sets that request size (use the
     trace's mean lengths; default 512 + 128 tokens). Every GPU in ``gpus`` is used (they are assumed
     free of other deployments; their free memory is respected). Returns the replicas per model as
     :class:`Decision` objects."""
     intent = intent if intent is not None else Intent(kind="min-latency")
     validate_intent(intent)
     if slo_ms is None:
-        from iserve.loadgen.slo import reference_estimate  # the SLO rule the replay and simulator use
-
         slo_ms = {m: DEFAULT_SLO_SCALE * latency_ms(reference_estimate(e), intent) for m, e in models.items() if e}
     if not models:
         raise BadRequest("alpaserve needs at least one model")
