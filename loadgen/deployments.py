@@ -155,9 +155,18 @@ class DeploymentSide:
                     continue
                 self._gpu_written[key] = ts
                 sample = GpuSample(
-                    t_s=0.0, agent_id=g.agent_id, gpu_index=g.gpu_index, total_bytes=g.total_bytes, used_bytes=g.used_bytes,
-                    busy_fraction=g.busy_fraction, util_percent=g.util_percent, workers=len(g.workers), gpu_type=g.gpu_type,
-                    free_bytes=g.free_bytes, window_s=g.window_s, simulated=g.simulated,
+                    t_s=0.0,
+                    agent_id=g.agent_id,
+                    gpu_index=g.gpu_index,
+                    total_bytes=g.total_bytes,
+                    used_bytes=g.used_bytes,
+                    busy_fraction=g.busy_fraction,
+                    util_percent=g.util_percent,
+                    workers=len(g.workers),
+                    gpu_type=g.gpu_type,
+                    free_bytes=g.free_bytes,
+                    window_s=g.window_s,
+                    simulated=g.simulated,
                 )
                 self._emit("gpu", sample, ts)
             await asyncio.sleep(self.cfg.sample_s)
@@ -169,9 +178,17 @@ class DeploymentSide:
             return
         self._seen_status[d.deployment_id] = status
         ev = DeploymentEvent(
-            t_s=0.0, model=d.model, deployment_id=d.deployment_id, config=config_key(d), gpus=gpu_list(d),
-            total_bytes=d.estimate.total_bytes, status=status, reason=reason or d.reason, gpu_type=d.gpu_type,
-            context_tokens=d.context_tokens, **extra,
+            t_s=0.0,
+            model=d.model,
+            deployment_id=d.deployment_id,
+            config=config_key(d),
+            gpus=gpu_list(d),
+            total_bytes=d.estimate.total_bytes,
+            status=status,
+            reason=reason or d.reason,
+            gpu_type=d.gpu_type,
+            context_tokens=d.context_tokens,
+            **extra,
         )
         self._emit("deployment", ev, self._now_unix())
 
@@ -211,7 +228,9 @@ class DeploymentSide:
             p = Path(m)
             if p.is_dir():
                 info = await self._guard(self.client.register(str(p.resolve()), timeout=120.0))
-                self.err.print(f"[dim]registered {info.record.name} ({'new' if info.created else 'already registered'})[/]")
+                self.err.print(
+                    f"[dim]registered {info.record.name} ({'new' if info.created else 'already registered'})[/]"
+                )
             else:
                 info = await self._guard(self.client.model(m))
             resolved[m] = info.record.name
@@ -258,7 +277,9 @@ class DeploymentSide:
             for d in (await c.deployments(model)).deployments:
                 if d.status == "ready":
                     ref = await self._reference(model, d.gpu_type) if self.cfg.slo_scale else None
-                    slot = ModelSlot(model, d.deployment_id, d.context_tokens, d.gpu_type, config_key(d), ref, ours=False)
+                    slot = ModelSlot(
+                        model, d.deployment_id, d.context_tokens, d.gpu_type, config_key(d), ref, ours=False
+                    )
                     self._add_slot(slot)
                     self._deployment_event(d, "ready", why="reused an existing deployment")
                     return slot
@@ -266,7 +287,11 @@ class DeploymentSide:
         # told apart: the reply's record is written instead, with the decision's details
         dep_id = f"{model}-{uuid.uuid4().hex[:8]}"
         self._awaiting_reply.add(dep_id)
-        self._emit("deployment", DeploymentEvent(t_s=0.0, model=model, deployment_id=dep_id, config="", status="requested"), self._now_unix())
+        self._emit(
+            "deployment",
+            DeploymentEvent(t_s=0.0, model=model, deployment_id=dep_id, config="", status="requested"),
+            self._now_unix(),
+        )
         try:
             intent = await self._intent(model)
             if self.writer is not None and not self._intent_recorded:
@@ -282,7 +307,11 @@ class DeploymentSide:
                     self.deployed.append((await asyncio.wait_for(pending, timeout=60.0)).deployment.deployment_id)
                 raise
         except errors.IServeError as e:
-            self._emit("deployment", DeploymentEvent(t_s=0.0, model=model, deployment_id=dep_id, config="", status="failed", reason=str(e)), self._now_unix())
+            self._emit(
+                "deployment",
+                DeploymentEvent(t_s=0.0, model=model, deployment_id=dep_id, config="", status="failed", reason=str(e)),
+                self._now_unix(),
+            )
             self.err.print(f"[yellow]deploying {model} failed:[/] {e}")
             return None
         finally:
@@ -316,7 +345,10 @@ class DeploymentSide:
             except errors.IServeError:
                 pass
             await asyncio.sleep(0.1)
-        self.err.print(f"[yellow]the scheduler does not list deployment {deployment_id} {timeout_s:.0f} s after it became ready; requests to it may be refused[/]")
+        self.err.print(
+            f"[yellow]the scheduler does not list deployment {deployment_id} {timeout_s:.0f} s after it became "
+            "ready; requests to it may be refused[/]"
+        )
 
     async def _deploy_later(self, model: str, at_s: float) -> None:
         if await self._sleep_until(at_s):

@@ -11,7 +11,8 @@ from iserve.messages import Configuration, ConfigurationMap
 
 from .metrics import objective
 from .policies import oracle_candidates
-from .simulation import SimResult, SimSpec, Simulation
+from .simspec import SimResult, SimSpec
+from .simulation import Simulation
 
 
 @dataclass

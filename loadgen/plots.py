@@ -108,8 +108,8 @@ def plot_fig11(ms: list[RunMetrics], path: Path) -> None:
         ax.set_title(f"{trace} trace: GPUs used")
         ax.set_ylabel("GPUs")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    keep = [(h, l) for h, l in zip(handles, labels) if not l.endswith(" p95")]
-    fig.legend([h for h, _ in keep], [l for _, l in keep], loc="lower center", ncol=min(7, len(keep)), fontsize=8)
+    keep = [(h, lab) for h, lab in zip(handles, labels) if not lab.endswith(" p95")]
+    fig.legend([h for h, _ in keep], [lab for _, lab in keep], loc="lower center", ncol=min(7, len(keep)), fontsize=8)
     fig.suptitle("Fig. 11: min-latency intent")
     _save(fig, path, bottom=0.05)
 
@@ -135,10 +135,10 @@ def plot_fig13(ms: list[RunMetrics], path: Path) -> None:
             ax.set_ylabel(ylabel)
     handles, labels = [], []
     for ax in axes.flat:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
                 handles.append(h)
-                labels.append(l)
+                labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(7, len(labels)), fontsize=8)
     fig.suptitle("Fig. 13: cost, memory and GPU-hours intents")
     _save(fig, path, bottom=0.08 / len(traces))

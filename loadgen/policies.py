@@ -12,7 +12,7 @@ the GPUs as the deployer sees them (free memory, busy fraction over the 120 s wi
 ``max-pp``      TensorRT-LLM_PP: :func:`baselines.max_pp`
 ``accelerate``  Accelerate / FSDP: :func:`baselines.accelerate`
 ``alpaserve``   AlpaServe, one plan for every model made with the whole trace known, may drop models:
-                :func:`baselines.alpaserve` (``prepare`` is given the trace's per-model rates)
+                :func:`alpaserve.alpaserve` (``prepare`` is given the trace's per-model rates)
 ``alpaserve*``  the same, never dropping a model
 ``static``      a fixed configuration per model, placed by iServe's planner (what the oracle search
                 evaluates); a model without a fixed configuration gets iServe's decision
@@ -29,7 +29,7 @@ from iserve.deployer.planner import Decision, GpuState
 from iserve.errors import Infeasible
 from iserve.messages import ConfigEstimate, Configuration, ConfigurationMap, Intent
 
-from . import baselines
+from . import alpaserve, baselines
 
 SYSTEMS = ("iserve", "max-tp", "max-pp", "accelerate", "alpaserve", "alpaserve*")
 ALL_SYSTEMS = SYSTEMS + ("oracle",)
@@ -57,7 +57,7 @@ class System:
     allgather_bytes_per_s: float = baselines.DEFAULT_ALLGATHER_BYTES_PER_S
     forced: Mapping[str, Configuration] = field(default_factory=dict)
     plan_note: str = ""
-    _alpa: baselines.AlpaServePlan | None = None
+    _alpa: alpaserve.AlpaServePlan | None = None
 
     @property
     def needs_workload(self) -> bool:
@@ -67,7 +67,7 @@ class System:
         """Give the system the workload before the run; only AlpaServe uses it (its plan is made here)."""
         if not self.needs_workload:
             return
-        self._alpa = baselines.alpaserve(
+        self._alpa = alpaserve.alpaserve(
             {m: cmap.estimates for m, cmap in workload.maps.items()}, workload.rates, workload.gpus,
             drop_models=self.name == "alpaserve", intent=workload.intent, slo_ms=workload.slo_ms)
         self.plan_note = self._alpa.why

@@ -1,22 +1,5 @@
-"""The run format shared by the live replay, the trace simulator and the report.
-
-A run is a directory of four files, written as the run goes (every line is flushed when written, so a
-run stopped by Ctrl-C or killed still loads):
-
-==================== ==========================================================================
-``meta.json``        one ``RunMeta`` object (rewritten atomically, temp file + rename, when it changes)
-``requests.jsonl``   one ``RequestRecord`` per line, written when the request finishes (ok or not)
-``gpus.jsonl``       one ``GpuSample`` per line (each GPU about once a second)
-``deployments.jsonl`` one ``DeploymentEvent`` per line (requested, launching, ready, failed, stopped)
-==================== ==========================================================================
-
-Times ``*_s`` are seconds relative to the run's clock: 0 is the start of the trace replay
-(``RunMeta.t0_unix`` is that instant as a Unix time). Events before it (deploying the first model,
-GPU samples taken while it loads) have negative times. Durations ``*_ms`` are milliseconds.
-
-The format evolves like the wire contract: fields are only appended, with defaults; readers ignore
-fields they do not know. ``RunMeta.format_version`` is 1.
-"""
+"""The run format shared by the live replay, the trace simulator and the report: a directory of
+``meta.json`` and three JSON-lines files, flushed line by line (docs/simulator.md#run-directories)."""
 
 from __future__ import annotations
 
@@ -266,7 +249,7 @@ def _read_lines(path: Path, kind: type) -> list:
 
 
 def load_run(path: str | os.PathLike) -> Run:
-    """Read a run directory (see the module docstring)."""
+    """Read a run directory (docs/simulator.md#run-directories)."""
     p = Path(path)
     meta_path = p / META
     if not meta_path.is_file():

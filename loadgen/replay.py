@@ -1,26 +1,6 @@
-"""Live trace replay against a running iServe (``python -m iserve.loadgen``, ``iserve loadgen``).
-
-What a run does, in order:
-
-1. Loads the trace, compresses it (``traces.compress``: intervals, aggregation, rate factor) and
-   slices it (``--start-s``, ``--duration-s``, ``--max-requests``); loads the prompts.
-2. Registers the ``--models`` given as checkpoint folders (names must already be registered) and
-   waits until each is profiled.
-3. Deploys the first model with the intent and waits until it is ready (with ``--deploy-every-s 0``:
-   every model). The run clock starts then: t = 0 is the start of the trace replay.
-4. Replays the trace **open loop**: every request is its own task, started at its arrival time,
-   never waiting for earlier ones (``--max-inflight`` is only a safety limit; a request held back by
-   it is sent late and its lag is recorded as ``arrival_s - scheduled_s``). Each request goes to a
-   model drawn uniformly among the models ready at its arrival (``traces.assignment_draws`` /
-   ``pick_model``), with its prompt padded or truncated to ContextTokens (capped at
-   ``--max-context``, and to what the deployment's context holds) and exactly GeneratedTokens
-   output tokens (``ignore_eos``).
-   Meanwhile the next model is deployed every ``--deploy-every-s`` seconds (paper: 5 minutes).
-5. Records every request, a sample of every GPU each ``--sample-s`` and every deployment change in
-   the run directory (``records.py``), flushed line by line.
-6. At the end (or on Ctrl-C: stop sending, cancel what is in flight, keep what was collected)
-   undeploys what it deployed (``--undeploy``), finishes ``meta.json`` and prints a summary.
-"""
+"""Live trace replay against a running iServe (``python -m iserve.loadgen``, ``iserve loadgen``): the
+client side, sending every request of the compressed trace open loop and recording it; what a run
+does, step by step: docs/simulator.md#the-live-replay."""
 
 from __future__ import annotations
 
@@ -58,6 +38,7 @@ from .traces import (
     trace_name,
 )
 
+
 @dataclass
 class RunResult:
     path: Path
@@ -73,7 +54,9 @@ class RunResult:
 
 def plan_trace(cfg: LoadgenConfig) -> list[TraceRequest]:
     """The requests to replay: the trace compressed, then sliced, then cut to ``max_requests``."""
-    trace = compress(load_trace(cfg.trace), interval_s=cfg.interval_s, aggregate=cfg.aggregate, rate=cfg.rate, seed=cfg.seed)
+    trace = compress(
+        load_trace(cfg.trace), interval_s=cfg.interval_s, aggregate=cfg.aggregate, rate=cfg.rate, seed=cfg.seed
+    )
     trace = slice_trace(trace, cfg.start_s, cfg.duration_s or None)
     if cfg.max_requests > 0:
         trace = trace[: cfg.max_requests]
@@ -103,7 +86,9 @@ def summary_table(s: Summary, *, title: str = "") -> Table:
     t.add_row("e2e p50 / p95 / p99 ms", f"{s.e2e_p50_ms:.1f} / {s.e2e_p95_ms:.1f} / {s.e2e_p99_ms:.1f}")
     t.add_row("TTFT p50 ms", f"{s.ttft_p50_ms:.1f}")
     t.add_row("TPOT p50 ms", f"{s.tpot_p50_ms:.2f}")
-    t.add_row("SLO attainment", f"{s.slo_attainment:.1%} of {s.slo_requests}" if s.slo_attainment is not None else "no SLO")
+    t.add_row(
+        "SLO attainment", f"{s.slo_attainment:.1%} of {s.slo_requests}" if s.slo_attainment is not None else "no SLO"
+    )
     t.add_row("clipped to the model's context", str(s.clipped))
     for model, n in s.per_model.items():
         t.add_row(f"requests to {model}", str(n))
@@ -143,9 +128,17 @@ class Replayer(DeploymentSide):
         assert self.client is not None and self.writer is not None and self.t0_mono is not None
         cfg = self.cfg
         slot = self._slot_for(model)
-        lengths = fit_lengths(req.context_tokens, req.generated_tokens, max_context=cfg.max_context, model_context=slot.context_tokens)
+        lengths = fit_lengths(
+            req.context_tokens, req.generated_tokens, max_context=cfg.max_context, model_context=slot.context_tokens
+        )
         try:
-            slo = slo_mod.request_slo_ms(lengths.prompt_tokens, lengths.output_tokens, fixed_ms=cfg.slo_ms, scale=cfg.slo_scale, reference=slot.reference)
+            slo = slo_mod.request_slo_ms(
+                lengths.prompt_tokens,
+                lengths.output_tokens,
+                fixed_ms=cfg.slo_ms,
+                scale=cfg.slo_scale,
+                reference=slot.reference,
+            )
         except ValueError as e:  # the profile gives no usable latency for these lengths: no SLO
             slo = 0.0
             self.slo_unavailable += 1
@@ -221,7 +214,9 @@ class Replayer(DeploymentSide):
             if sem is not None:
                 sem.release()
 
-    def _failed(self, rec: RequestRecord, stream: CompletionStream, tokens: int, status: str, code: str, message: str) -> None:
+    def _failed(
+        self, rec: RequestRecord, stream: CompletionStream, tokens: int, status: str, code: str, message: str
+    ) -> None:
         assert self.t0_mono is not None
         end = time.monotonic()
         rec.status = status  # type: ignore[assignment]
@@ -282,7 +277,7 @@ class Replayer(DeploymentSide):
     # ------------------------------------------------------------------ the whole run
 
     async def run(self) -> RunResult:
-        """Plan, register, deploy, replay, record, clean up (see the module docstring). The run
+        """Plan, register, deploy, replay, record, clean up (docs/simulator.md#the-live-replay). The run
         directory is valid at every moment; ``RunResult.interrupted`` says whether ``stop`` ended it."""
         cfg = self.cfg
         trace = plan_trace(cfg)
@@ -301,17 +296,35 @@ class Replayer(DeploymentSide):
             loads = await self.client.gpu_loads(1.2)
             base_intent = cfg.intent_for(self.intent_prompt, self.intent_output)
             meta = RunMeta(
-                kind="live", trace=trace_name(cfg.trace), rate=cfg.rate, interval_s=cfg.interval_s, aggregate=cfg.aggregate,
-                duration_s=max(r.arrival_s for r in trace), system=cfg.system, intent=base_intent, models=names,
-                gpu_type=loads[0].gpu_type if loads else "", gpu_count=len(loads), seed=cfg.seed, started_at=time.time(),
-                git_commit=git_commit(), command=cfg.command, start_s=cfg.start_s, requests=len(trace), max_context=cfg.max_context,
-                deploy_every_s=cfg.deploy_every_s, placement=cfg.placement, slo_ms=cfg.slo_ms or 0.0, slo_scale=cfg.slo_scale or 0.0,
+                kind="live",
+                trace=trace_name(cfg.trace),
+                rate=cfg.rate,
+                interval_s=cfg.interval_s,
+                aggregate=cfg.aggregate,
+                duration_s=max(r.arrival_s for r in trace),
+                system=cfg.system,
+                intent=base_intent,
+                models=names,
+                gpu_type=loads[0].gpu_type if loads else "",
+                gpu_count=len(loads),
+                seed=cfg.seed,
+                started_at=time.time(),
+                git_commit=git_commit(),
+                command=cfg.command,
+                start_s=cfg.start_s,
+                requests=len(trace),
+                max_context=cfg.max_context,
+                deploy_every_s=cfg.deploy_every_s,
+                placement=cfg.placement,
+                slo_ms=cfg.slo_ms or 0.0,
+                slo_scale=cfg.slo_scale or 0.0,
                 prompts=self.prompt_source,
             )
             self.writer = RunWriter(out_dir, meta)
             self.err.print(
                 f"replaying {st.count} requests of the {meta.trace} trace over {st.duration_s:.0f} s "
-                f"({st.mean_rate:.2f} req/s, inter-arrival CV {st.interarrival_cv:.2f}) on {len(loads)} GPU(s); run directory {out_dir}"
+                f"({st.mean_rate:.2f} req/s, inter-arrival CV {st.interarrival_cv:.2f}) on {len(loads)} GPU(s); run "
+                f"directory {out_dir}"
             )
             await self._listen()
             for d in (await self.client.deployments()).deployments:  # the cluster as it was
@@ -358,18 +371,24 @@ class Replayer(DeploymentSide):
                     self._start_clock()
                 notes = self.writer.meta.notes
                 if self.slo_unavailable:
-                    notes = f"{self.slo_unavailable} requests had no SLO: the reference estimate was not positive for their lengths. " + notes
+                    notes = (
+                        f"{self.slo_unavailable} requests had no SLO: the reference estimate was not positive for "
+                        "their lengths. "
+                        + notes
+                    )
                 if self.lagged:
                     notes = f"{self.lagged} requests were held back by --max-inflight {cfg.max_inflight}. " + notes
                 self.writer.update_meta(ended_at=time.time(), interrupted=interrupted, notes=notes.strip())
                 self.writer.close()
             await self.client.close()
         summary = summarize(self.records) if self.records else None
-        return RunResult(path=out_dir, summary=summary, interrupted=interrupted, planned=len(trace), records=self.records)
+        return RunResult(
+            path=out_dir, summary=summary, interrupted=interrupted, planned=len(trace), records=self.records
+        )
 
 
 async def run(cfg: LoadgenConfig, *, stop: asyncio.Event | None = None, console: Console | None = None) -> RunResult:
-    """Run one live replay (see the module docstring); ``stop`` ends it early, keeping the records.
+    """Run one live replay (docs/simulator.md#the-live-replay); ``stop`` ends it early, keeping the records.
     ``console`` receives the progress bar and messages (default: standard error)."""
     return await Replayer(cfg, stop=stop, console=console).run()
 
@@ -378,12 +397,23 @@ def dry_run(cfg: LoadgenConfig, console: Console) -> None:
     """Print the original and the compressed trace's statistics (no connection)."""
     original = load_trace(cfg.trace)
     planned = plan_trace(cfg)
-    t = Table(title=f"{trace_name(cfg.trace)} trace: interval {cfg.interval_s:g} s, aggregate {cfg.aggregate}, rate {cfg.rate:g}")
+    t = Table(
+        title=f"{trace_name(cfg.trace)} trace: interval {cfg.interval_s:g} s, aggregate {cfg.aggregate}, "
+        f"rate {cfg.rate:g}"
+    )
     for col in ("", "requests", "duration s", "req/s", "inter-arrival CV", "context median", "generated median"):
         t.add_column(col, justify="right")
     for label, tr in (("original", original), ("replayed", planned)):
         s = stats(tr)
-        t.add_row(label, str(s.count), f"{s.duration_s:.1f}", f"{s.mean_rate:.3f}", f"{s.interarrival_cv:.2f}", f"{s.context_median:.0f}", f"{s.generated_median:.0f}")
+        t.add_row(
+            label,
+            str(s.count),
+            f"{s.duration_s:.1f}",
+            f"{s.mean_rate:.3f}",
+            f"{s.interarrival_cv:.2f}",
+            f"{s.context_median:.0f}",
+            f"{s.generated_median:.0f}",
+        )
     console.print(t)
     if planned:
         clipped = [fit_lengths(r.context_tokens, r.generated_tokens, max_context=cfg.max_context) for r in planned]

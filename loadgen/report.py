@@ -94,34 +94,121 @@ def _sort_key(m: RunMetrics) -> tuple:
 
 
 def _fig11_table(ms: list[RunMetrics]) -> str:
-    rows = [[m.trace, f"{m.rate:g}", system_label(m.system), str(m.requests), str(m.failed), _ms(m.p50_ms), _ms(m.p95_ms),
-             _ms(m.mean_ms), _n(m.gpu_throughput), _n(m.token_throughput), str(m.gpus_used), _configs(m)]
-            for m in sorted(ms, key=_sort_key)]
-    return _table(["trace", "rate", "system", "requests", "failed", "p50", "p95", "mean", "req/GPU-s", "tok/GPU-s",
-                   "GPUs", "configurations"], rows)
+    rows = [
+        [
+            m.trace,
+            f"{m.rate:g}",
+            system_label(m.system),
+            str(m.requests),
+            str(m.failed),
+            _ms(m.p50_ms),
+            _ms(m.p95_ms),
+            _ms(m.mean_ms),
+            _n(m.gpu_throughput),
+            _n(m.token_throughput),
+            str(m.gpus_used),
+            _configs(m),
+        ]
+        for m in sorted(ms, key=_sort_key)
+    ]
+    return _table(
+        [
+            "trace",
+            "rate",
+            "system",
+            "requests",
+            "failed",
+            "p50",
+            "p95",
+            "mean",
+            "req/GPU-s",
+            "tok/GPU-s",
+            "GPUs",
+            "configurations",
+        ],
+        rows,
+    )
 
 
 def _fig13_table(ms: list[RunMetrics]) -> str:
-    rows = [[m.intent, m.trace, f"{m.rate:g}", system_label(m.system), str(m.failed), _n(m.cost_intent), _n(m.memory_gib),
-             _n(m.gpu_hours), _ms(m.p50_ms), _n(m.gpu_throughput), str(m.gpus_used), _configs(m)]
-            for m in sorted(ms, key=lambda m: (COST_INTENTS.index(m.intent) if m.intent in COST_INTENTS else 9,) + _sort_key(m))]
-    return _table(["intent", "trace", "rate", "system", "failed", "cost/request", "memory GiB", "GPU-hours", "p50",
-                   "req/GPU-s", "GPUs", "configurations"], rows)
+    rows = [
+        [
+            m.intent,
+            m.trace,
+            f"{m.rate:g}",
+            system_label(m.system),
+            str(m.failed),
+            _n(m.cost_intent),
+            _n(m.memory_gib),
+            _n(m.gpu_hours),
+            _ms(m.p50_ms),
+            _n(m.gpu_throughput),
+            str(m.gpus_used),
+            _configs(m),
+        ]
+        for m in sorted(
+            ms, key=lambda m: (COST_INTENTS.index(m.intent) if m.intent in COST_INTENTS else 9,) + _sort_key(m)
+        )
+    ]
+    return _table(
+        [
+            "intent",
+            "trace",
+            "rate",
+            "system",
+            "failed",
+            "cost/request",
+            "memory GiB",
+            "GPU-hours",
+            "p50",
+            "req/GPU-s",
+            "GPUs",
+            "configurations",
+        ],
+        rows,
+    )
 
 
 def _fig14_table(ms: list[RunMetrics]) -> str:
-    rows = [[f"{m.slo_scale:g}x", m.trace, f"{m.rate:g}", system_label(m.system), _pcts(m.slo_attainment), str(m.failed),
-             _ms(m.p50_ms), _ms(m.p95_ms), str(m.models_deployed), _configs(m)]
-            for m in sorted(ms, key=lambda m: (m.slo_scale,) + _sort_key(m))]
-    return _table(["SLO", "trace", "rate", "system", "attainment", "failed", "p50", "p95", "models", "configurations"], rows)
+    rows = [
+        [
+            f"{m.slo_scale:g}x",
+            m.trace,
+            f"{m.rate:g}",
+            system_label(m.system),
+            _pcts(m.slo_attainment),
+            str(m.failed),
+            _ms(m.p50_ms),
+            _ms(m.p95_ms),
+            str(m.models_deployed),
+            _configs(m),
+        ]
+        for m in sorted(ms, key=lambda m: (m.slo_scale,) + _sort_key(m))
+    ]
+    return _table(
+        ["SLO", "trace", "rate", "system", "attainment", "failed", "p50", "p95", "models", "configurations"], rows
+    )
 
 
 def _fig16_table(ms: list[RunMetrics]) -> str:
-    rows = [[m.intent, system_label(m.system), f"{m.models_deployed}/{m.models_requested}", _n(m.cluster_throughput),
-             _n(m.gpu_throughput), str(m.failed), _ms(m.p50_ms), _n(m.memory_gib), str(m.gpus_used)]
-            for m in sorted(ms, key=lambda m: (m.intent, system_key(m.system)))]
-    return _table(["intent", "system", "models deployed", "cluster req/s", "req/GPU-s", "failed", "p50", "memory GiB",
-                   "GPUs"], rows)
+    rows = [
+        [
+            m.intent,
+            system_label(m.system),
+            f"{m.models_deployed}/{m.models_requested}",
+            _n(m.cluster_throughput),
+            _n(m.gpu_throughput),
+            str(m.failed),
+            _ms(m.p50_ms),
+            _n(m.memory_gib),
+            str(m.gpus_used),
+        ]
+        for m in sorted(ms, key=lambda m: (m.intent, system_key(m.system)))
+    ]
+    return _table(
+        ["intent", "system", "models deployed", "cluster req/s", "req/GPU-s", "failed", "p50", "memory GiB", "GPUs"],
+        rows,
+    )
 
 
 def _versus(ms: list[RunMetrics]) -> str:
@@ -165,12 +252,39 @@ def _versus(ms: list[RunMetrics]) -> str:
             return txt + (f" ({m.failed} failed)" if m.failed and not slo else "")
 
         beats = "-" if best is None else ("yes" if rank(ours) <= rank(best) else "no")
-        rows.append([key[0], key[1], f"{key[2]:g}", key[3] + (f" {key[4]:g}x" if key[4] else ""), name, show(ours),
-                     show(oracle), gap(oracle), f"{system_label(best.system)}: {show(best)}" if best else "-", gap(best), beats])
+        rows.append(
+            [
+                key[0],
+                key[1],
+                f"{key[2]:g}",
+                key[3] + (f" {key[4]:g}x" if key[4] else ""),
+                name,
+                show(ours),
+                show(oracle),
+                gap(oracle),
+                f"{system_label(best.system)}: {show(best)}" if best else "-",
+                gap(best),
+                beats,
+            ]
+        )
     if not rows:
         return "No point has an iServe run."
-    return _table(["experiment", "trace", "rate", "intent", "metric", "iServe", "oracle", "iServe vs oracle",
-                   "best baseline", "iServe vs best", "iServe best?"], rows)
+    return _table(
+        [
+            "experiment",
+            "trace",
+            "rate",
+            "intent",
+            "metric",
+            "iServe",
+            "oracle",
+            "iServe vs oracle",
+            "best baseline",
+            "iServe vs best",
+            "iServe best?",
+        ],
+        rows,
+    )
 
 
 def _point_metric(m: RunMetrics) -> tuple[str, float, bool]:
@@ -239,16 +353,44 @@ def _per_baseline(ms: list[RunMetrics]) -> str:
             if exp == "fig11":
                 p50 = fmt([_change(a.p50_ms, b.p50_ms, False) for a, b in same], False)[0]
                 thr = fmt([_change(a.gpu_throughput, b.gpu_throughput, True) for a, b in same], True)[0]
-            rows.append([exp, intent + (f" {slo:g}x" if slo else ""), label, str(len(pairs)),
-                         f"{better}/{len(pairs)}", name, str(len(same)), ch, rng, p50, thr])
+            rows.append(
+                [
+                    exp,
+                    intent + (f" {slo:g}x" if slo else ""),
+                    label,
+                    str(len(pairs)),
+                    f"{better}/{len(pairs)}",
+                    name,
+                    str(len(same)),
+                    ch,
+                    rng,
+                    p50,
+                    thr,
+                ]
+            )
     if not rows:
         return "No point has an iServe run and another system's."
-    return _table(["experiment", "intent", "vs", "points", "iServe at least as good", "metric", "averaged over",
-                   "iServe vs it (mean)", "range", "p50 latency (mean)", "GPU throughput (mean)"], rows)
+    return _table(
+        [
+            "experiment",
+            "intent",
+            "vs",
+            "points",
+            "iServe at least as good",
+            "metric",
+            "averaged over",
+            "iServe vs it (mean)",
+            "range",
+            "p50 latency (mean)",
+            "GPU throughput (mean)",
+        ],
+        rows,
+    )
 
 
-def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, title: str = "iServe evaluation",
-                 extra: str = "") -> Path:
+def write_report(
+    run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, title: str = "iServe evaluation", extra: str = ""
+) -> Path:
     """Read the runs, write ``report.md`` and the figures' PNGs into ``out``; returns the report path."""
     paths = find_runs(run_dirs)
     if not paths:
@@ -260,10 +402,14 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
     for m in ms:
         groups.setdefault(m.experiment, []).append(m)
     kinds = sorted({m.kind for m in ms})
-    lines = [f"# {title}", "",
-             f"{len(ms)} run{'s' if len(ms) != 1 else ''} ({', '.join(kinds)}), {sum(m.requests for m in ms)} requests. "
-             "Metrics are defined in `loadgen/report.py`; latency is end-to-end (queueing included) over finished "
-             "requests, GPU throughput is finished requests per GPU-second of GPUs holding a deployment.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(ms)} run{'s' if len(ms) != 1 else ''} ({', '.join(kinds)}), {sum(m.requests for m in ms)} requests. "
+        "Metrics are defined in `docs/simulator.md`; latency is end-to-end (queueing included) over finished "
+        "requests, GPU throughput is finished requests per GPU-second of GPUs holding a deployment.",
+        "",
+    ]
     if extra:
         lines += [extra, ""]
     sections = [
@@ -280,22 +426,37 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
         lines += [f"## {heading}", "", f"![{key}]({png})", "", table(sel), ""]
     for key, sel in sorted(groups.items()):
         lines += [f"## Other runs: {key}", "", _fig11_table(sel), ""]
-    lines += ["## iServe against the oracle and the best baseline", "",
-              "Each point's own metric (mean latency, cost, memory, GPU-hours or SLO attainment); a negative gap is "
-              "better for iServe except for SLO attainment, where a positive one is.", "", _versus(ms), "",
-              "## iServe against each system, averaged over loads", "",
-              "Per experiment and intent, over the points (traces x rate scales) both systems ran: how often iServe "
-              "was at least as good on the point's metric (fewer failed requests first, except for SLO attainment), "
-              "and iServe's value against the other's: for a smaller-is-better metric (latency, cost, memory, "
-              "GPU-hours) the relative change (ours - theirs) / theirs, negative when iServe is better; for a "
-              "larger-is-better one (SLO attainment, Fig. 16's cluster throughput; Fig. 11's GPU throughput) the "
-              "ratio ours / theirs, above 1x when iServe is better. A smaller-is-better metric is averaged only over "
-              "the points where neither system failed a request (\"averaged over\"): a system that drops a model "
-              "is fast on the others; a point where either value is zero or missing is left out of the mean too. \"all baselines\" pools every baseline's points (not the oracle's), as the paper's "
-              "\"on average across loads compared to the baselines\".", "", _per_baseline(ms), "",
-              "## Runs", "", _table(["run", "kind", "system", "trace", "rate", "intent"],
-                                    [[m.path, m.kind, m.system, m.trace, f"{m.rate:g}", m.intent]
-                                     for m in sorted(ms, key=_sort_key)]), ""]
+    lines += [
+        "## iServe against the oracle and the best baseline",
+        "",
+        "Each point's own metric (mean latency, cost, memory, GPU-hours or SLO attainment); a negative gap is "
+        "better for iServe except for SLO attainment, where a positive one is.",
+        "",
+        _versus(ms),
+        "",
+        "## iServe against each system, averaged over loads",
+        "",
+        "Per experiment and intent, over the points (traces x rate scales) both systems ran: how often iServe "
+        "was at least as good on the point's metric (fewer failed requests first, except for SLO attainment), "
+        "and iServe's value against the other's: for a smaller-is-better metric (latency, cost, memory, "
+        "GPU-hours) the relative change (ours - theirs) / theirs, negative when iServe is better; for a "
+        "larger-is-better one (SLO attainment, Fig. 16's cluster throughput; Fig. 11's GPU throughput) the "
+        "ratio ours / theirs, above 1x when iServe is better. A smaller-is-better metric is averaged only over "
+        'the points where neither system failed a request ("averaged over"): a system that drops a model '
+        "is fast on the others; a point where either value is zero or missing is left out of the mean too. \"all "
+        "baselines\" pools every baseline's points (not the oracle's), as the paper's "
+        '"on average across loads compared to the baselines".',
+        "",
+        _per_baseline(ms),
+        "",
+        "## Runs",
+        "",
+        _table(
+            ["run", "kind", "system", "trace", "rate", "intent"],
+            [[m.path, m.kind, m.system, m.trace, f"{m.rate:g}", m.intent] for m in sorted(ms, key=_sort_key)],
+        ),
+        "",
+    ]
     report = out / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report
@@ -306,8 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "sweep":
         return main_sweep(argv[1:])
-    ap = argparse.ArgumentParser(prog="iserve report", description="Tables and plots (report.md, fig*.png) of live "
-                                 "or simulated runs; 'iserve report sweep --help' simulates a whole evaluation.")
+    ap = argparse.ArgumentParser(
+        prog="iserve report",
+        description="Tables and plots (report.md, fig*.png) of live "
+        "or simulated runs; 'iserve report sweep --help' simulates a whole evaluation.",
+    )
     ap.add_argument("runs", nargs="+", help="run directories, or folders holding run directories")
     ap.add_argument("--out", required=True, help="folder for report.md and the PNGs")
     ap.add_argument("--title", default="iServe evaluation")
@@ -319,7 +483,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {path}")
     return 0
-
 
 
 def main_sweep(argv: list[str] | None = None) -> int:
@@ -342,11 +505,13 @@ def main_sweep(argv: list[str] | None = None) -> int:
     done, walls, failures = sweep.run_jobs(jobs, args, console)
     wall = time.perf_counter() - t0
     cmd = " ".join(shlex.quote(a) for a in ["iserve", "report", "sweep", *(sys.argv[2:] if argv is None else argv)])
-    extra = (f"Simulated sweep: {len(done)} runs in {wall:.1f} s wall ({sum(walls):.1f} s of simulation, "
-             f"{args.workers} worker{'s' if args.workers != 1 else ''}); models {' '.join(args.models)}; "
-             f"{args.gpus} x {gpu_label}; maps: {args.maps or 'synthetic (roofline)'}"
-             + (f"; each run replays the first {args.duration_s:g} s of the compressed trace" if args.duration_s else "")
-             + f".\n\nCommand: `{cmd}`")
+    extra = (
+        f"Simulated sweep: {len(done)} runs in {wall:.1f} s wall ({sum(walls):.1f} s of simulation, "
+        f"{args.workers} worker{'s' if args.workers != 1 else ''}); models {' '.join(args.models)}; "
+        f"{args.gpus} x {gpu_label}; maps: {args.maps or 'synthetic (roofline)'}"
+        + (f"; each run replays the first {args.duration_s:g} s of the compressed trace" if args.duration_s else "")
+        + f".\n\nCommand: `{cmd}`"
+    )
     if failures:
         extra += "\n\nFailed points:\n\n" + "\n".join(f"- {f}" for f in failures)
     if not done:

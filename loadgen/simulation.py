@@ -8,93 +8,55 @@ import math
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgspec
 
 from iserve import slo as slo_mod
-from iserve.deployer.planner import GIB, Decision, GpuState
+from iserve.deployer.planner import Decision, GpuState
 from iserve.errors import IServeError
-from iserve.messages import ConfigEstimate, Configuration, ConfigurationMap, Intent
+from iserve.messages import ConfigEstimate, Intent
 from iserve.scheduler.queues import FcfsQueues, Queued
 
 from .policies import System, Workload, make_system
-from .records import DeploymentEvent, GpuSample, RequestRecord, RequestStatus, Run, RunMeta, RunWriter
+from .records import DeploymentEvent, GpuSample, RequestRecord, RequestStatus, RunMeta
+from .simspec import SimResult, SimSpec
 from .traces import TraceRequest, assign_models, fit_lengths
-
-
-@dataclass
-class SimSpec:
-    """Everything one simulated run needs. ``models`` are (instance name, map) in deployment order."""
-
-    models: list[tuple[str, ConfigurationMap]]
-    trace: list[TraceRequest]
-    system: str = "iserve"
-    intent: Intent = field(default_factory=lambda: Intent(kind="min-latency"))
-    gpus: int = 8
-    gpu_type: str = "A6000"
-    gpu_memory_bytes: int = 48 * GIB
-    gpus_per_host: int = 0  # 0: one host
-    policy: str = "hybrid"
-    theta: float = 0.5
-    window_s: float = 120.0
-    deploy_every_s: float = 300.0
-    deploy_batch: int = 1
-    max_context: int = 1024
-    slo_scale: float = 0.0
-    sample_s: float = 10.0
-    timeout_s: float = 0.0  # a request still queued this long after arrival times out (0: never)
-    seed: int = 0
-    allgather_bytes_per_s: float = 25e9
-    forced: dict[str, Configuration] = field(default_factory=dict)  # system "static"/"oracle"
-    assignment: list[str] | None = None  # the model of each request (default: traces.assign_models)
-    # metadata only
-    trace_label: str = "synthetic"
-    rate: float = 0.0
-    interval_s: float = 0.0
-    aggregate: int = 1
-    notes: str = ""
-
-
-@dataclass
-class SimResult:
-    """A finished simulated run, in memory (``write`` puts it on disk as a run directory)."""
-
-    meta: RunMeta
-    requests: list[RequestRecord]
-    gpus: list[GpuSample]
-    deployments: list[DeploymentEvent]
-    choices: dict[str, list[str]]  # model -> configuration keys deployed (one per replica)
-    wall_s: float
-    events: int
-
-    def as_run(self, path: str | Path = "") -> Run:
-        return Run(path=Path(path), meta=self.meta, requests=self.requests, gpus=self.gpus, deployments=self.deployments)
-
-    def write(self, out_dir: str | Path, *, overwrite: bool = True) -> Path:
-        with RunWriter(out_dir, self.meta, overwrite=overwrite) as w:
-            for d in self.deployments:
-                w.deployment(d)
-            for g in self.gpus:
-                w.gpu(g)
-            for r in self.requests:
-                w.request(r)
-        return Path(out_dir)
 
 
 class _Req:
     __slots__ = ("i", "tr", "model", "prompt", "output", "clipped", "slo")
 
     def __init__(self, i: int, tr: TraceRequest, model: str, prompt: int, output: int, clipped: bool, slo: float):
-        self.i, self.tr, self.model, self.prompt, self.output, self.clipped, self.slo = i, tr, model, prompt, output, clipped, slo
+        self.i, self.tr, self.model, self.prompt, self.output, self.clipped, self.slo = (
+            i,
+            tr,
+            model,
+            prompt,
+            output,
+            clipped,
+            slo,
+        )
 
 
 class _Dep:
     """A deployment (replica) and the request it runs."""
 
-    __slots__ = ("id", "model", "est", "gpus", "config", "total_bytes", "req", "remaining", "rate", "last",
-                 "version", "start", "solo", "ttft_solo")
+    __slots__ = (
+        "id",
+        "model",
+        "est",
+        "gpus",
+        "config",
+        "total_bytes",
+        "req",
+        "remaining",
+        "rate",
+        "last",
+        "version",
+        "start",
+        "solo",
+        "ttft_solo",
+    )
 
     def __init__(self, dep_id: str, model: str, est: ConfigEstimate, gpus: tuple[int, ...]):
         self.id, self.model, self.est, self.gpus = dep_id, model, est, gpus
@@ -147,8 +109,13 @@ class Simulation:
         self.maps = dict(spec.models)
         self.names = [m for m, _ in spec.models]
         self.deploy_times = [(i // spec.deploy_batch) * spec.deploy_every_s for i in range(len(self.names))]
-        self.system = system or make_system(spec.system, policy=spec.policy, theta=spec.theta,
-                                            allgather_bytes_per_s=spec.allgather_bytes_per_s, forced=spec.forced)
+        self.system = system or make_system(
+            spec.system,
+            policy=spec.policy,
+            theta=spec.theta,
+            allgather_bytes_per_s=spec.allgather_bytes_per_s,
+            forced=spec.forced,
+        )
         self.queues: FcfsQueues[_Req] = FcfsQueues()
         self.deps: dict[str, _Dep] = {}
         self.heap: list[tuple[float, int, int, _Dep]] = []
@@ -175,8 +142,9 @@ class Simulation:
         self.reqs: list[_Req] = []
         for i, (tr, model) in enumerate(zip(spec.trace, assigned)):
             cmap = self.maps[model]
-            ln = fit_lengths(tr.context_tokens, tr.generated_tokens, max_context=spec.max_context,
-                             model_context=cmap.context_tokens)
+            ln = fit_lengths(
+                tr.context_tokens, tr.generated_tokens, max_context=spec.max_context, model_context=cmap.context_tokens
+            )
             slo = 0.0
             if spec.slo_scale > 0 and model in self.references:
                 slo = slo_mod.slo_ms(self.references[model], ln.prompt_tokens, ln.output_tokens, spec.slo_scale)
@@ -190,7 +158,9 @@ class Simulation:
             ref = self.references.get(model)
             scale = self.spec.slo_scale or 5.0
             if ref is not None:
-                return msgspec.structs.replace(intent, slo_ms=slo_mod.slo_ms(ref, intent.prompt_tokens, intent.output_tokens, scale))
+                return msgspec.structs.replace(
+                    intent, slo_ms=slo_mod.slo_ms(ref, intent.prompt_tokens, intent.output_tokens, scale)
+                )
         return intent
 
     def workload(self) -> Workload:
@@ -204,42 +174,84 @@ class Simulation:
         output = round(statistics.fmean(r.output for r in self.reqs)) if self.reqs else spec.intent.output_tokens
         intent = Intent(kind="min-latency", prompt_tokens=max(1, prompt), output_tokens=max(1, output))
         scale = spec.slo_scale or 5.0
-        slo = {m: slo_mod.slo_ms(self.references[m], intent.prompt_tokens, intent.output_tokens, scale)
-               for m in self.names if m in self.references}
-        return Workload(maps=self.maps, rates={m: c / span for m, c in counts.items()}, slo_ms=slo, intent=intent,
-                        gpus=self.gpu_states(0.0))
+        slo = {
+            m: slo_mod.slo_ms(self.references[m], intent.prompt_tokens, intent.output_tokens, scale)
+            for m in self.names
+            if m in self.references
+        }
+        return Workload(
+            maps=self.maps,
+            rates={m: c / span for m, c in counts.items()},
+            slo_ms=slo,
+            intent=intent,
+            gpus=self.gpu_states(0.0),
+        )
 
     # -- GPUs ---------------------------------------------------------------------------------------
 
     def gpu_states(self, now: float) -> list[GpuState]:
         w = self.spec.window_s
-        return [GpuState(agent_id=g.agent, gpu_index=g.index, gpu_type=self.spec.gpu_type, total_bytes=g.total,
-                         free_bytes=g.free, load=min(1.0, g.busy_between(now - w, now) / w)) for g in self.g]
+        return [
+            GpuState(
+                agent_id=g.agent,
+                gpu_index=g.index,
+                gpu_type=self.spec.gpu_type,
+                total_bytes=g.total,
+                free_bytes=g.free,
+                load=min(1.0, g.busy_between(now - w, now) / w),
+            )
+            for g in self.g
+        ]
 
     def _sample(self, t: float) -> None:
         w, p = self.spec.window_s, self.spec.sample_s
         for g in self.g:
             g.prune(t - max(w, p))
-            self.samples.append(GpuSample(
-                t_s=t, agent_id=g.agent, gpu_index=g.index, total_bytes=g.total, used_bytes=g.total - g.free,
-                busy_fraction=min(1.0, g.busy_between(t - w, t) / w), util_percent=100.0 * min(1.0, g.busy_between(t - p, t) / p),
-                workers=g.deps, gpu_type=self.spec.gpu_type, free_bytes=g.free, window_s=w, simulated=True))
+            self.samples.append(
+                GpuSample(
+                    t_s=t,
+                    agent_id=g.agent,
+                    gpu_index=g.index,
+                    total_bytes=g.total,
+                    used_bytes=g.total - g.free,
+                    busy_fraction=min(1.0, g.busy_between(t - w, t) / w),
+                    util_percent=100.0 * min(1.0, g.busy_between(t - p, t) / p),
+                    workers=g.deps,
+                    gpu_type=self.spec.gpu_type,
+                    free_bytes=g.free,
+                    window_s=w,
+                    simulated=True,
+                )
+            )
 
     # -- deployments --------------------------------------------------------------------------------
 
     def _deploy(self, model: str, now: float) -> None:
         cmap = self.maps[model]
         intent = self.intent_for(model)
-        self.dep_events.append(DeploymentEvent(t_s=now, model=model, deployment_id="", config="", status="requested",
-                                               gpu_type=self.spec.gpu_type))
+        self.dep_events.append(
+            DeploymentEvent(
+                t_s=now, model=model, deployment_id="", config="", status="requested", gpu_type=self.spec.gpu_type
+            )
+        )
         t0 = time.perf_counter()
         try:
             decisions = self.system.decide(model, cmap, intent, self.gpu_states(now))
         except IServeError as e:
             ms = (time.perf_counter() - t0) * 1000
             self.failed_models[model] = e.message
-            self.dep_events.append(DeploymentEvent(t_s=now, model=model, deployment_id="", config="", status="failed",
-                                                   reason=e.message, gpu_type=self.spec.gpu_type, decision_ms=ms))
+            self.dep_events.append(
+                DeploymentEvent(
+                    t_s=now,
+                    model=model,
+                    deployment_id="",
+                    config="",
+                    status="failed",
+                    reason=e.message,
+                    gpu_type=self.spec.gpu_type,
+                    decision_ms=ms,
+                )
+            )
             return
         ms = (time.perf_counter() - t0) * 1000
         for k, d in enumerate(decisions):
@@ -252,7 +264,9 @@ class Simulation:
             k = self.gpu_at[(a.agent_id, a.gpu_index)]
             g = self.g[k]
             if a.memory_bytes > g.free:
-                raise RuntimeError(f"{self.system.name} overcommitted {g.agent}/{g.index} with {d.estimate.config.key()}")
+                raise RuntimeError(
+                    f"{self.system.name} overcommitted {g.agent}/{g.index} with {d.estimate.config.key()}"
+                )
             g.free -= a.memory_bytes
             g.deps += 1
             gpus.append(k)
@@ -262,10 +276,22 @@ class Simulation:
         self.choices[model].append(dep.config)
         gl = [f"{a.agent_id}/{a.gpu_index}:{a.num_layers}" for a in d.assignments]
         for status in ("launching", "ready"):
-            self.dep_events.append(DeploymentEvent(
-                t_s=now, model=model, deployment_id=dep_id, config=dep.config, gpus=gl, total_bytes=d.estimate.total_bytes,
-                status=status, gpu_type=self.spec.gpu_type, why=d.why, decision_ms=decision_ms if status == "launching" else 0.0,
-                latency_ms=d.latency_ms, context_tokens=context))
+            self.dep_events.append(
+                DeploymentEvent(
+                    t_s=now,
+                    model=model,
+                    deployment_id=dep_id,
+                    config=dep.config,
+                    gpus=gl,
+                    total_bytes=d.estimate.total_bytes,
+                    status=status,
+                    gpu_type=self.spec.gpu_type,
+                    why=d.why,
+                    decision_ms=decision_ms if status == "launching" else 0.0,
+                    latency_ms=d.latency_ms,
+                    context_tokens=context,
+                )
+            )
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -290,8 +316,16 @@ class Simulation:
             # still queued at its deadline: the scheduler drops it with a timeout
             self.queues.finish(dep.id, item.request_id)
             r = item.payload
-            self._record_failure(r, r.tr.arrival_s, "timeout", f"queued for more than {self.spec.timeout_s:g} s",
-                                 end=item.deadline, status="timeout", deployment_id=dep.id, config=dep.config)
+            self._record_failure(
+                r,
+                r.tr.arrival_s,
+                "timeout",
+                f"queued for more than {self.spec.timeout_s:g} s",
+                end=item.deadline,
+                status="timeout",
+                deployment_id=dep.id,
+                config=dep.config,
+            )
         r = item.payload
         e = dep.est
         dep.req = r
@@ -344,26 +378,74 @@ class Simulation:
         first = dep.start + service * (dep.ttft_solo / dep.solo)
         arrival = r.tr.arrival_s
         e2e = (now - arrival) * 1000
-        self.requests.append(RequestRecord(
-            request_id=str(r.i), model=r.model, deployment_id=dep.id, arrival_s=arrival, start_s=dep.start,
-            first_token_s=first, end_s=now, queue_ms=(dep.start - arrival) * 1000, ttft_ms=(first - arrival) * 1000,
-            tpot_ms=((now - first) * 1000 / (r.output - 1)) if r.output > 1 else 0.0, e2e_ms=e2e,
-            prompt_tokens=r.prompt, output_tokens=r.output, slo_ms=r.slo, slo_met=slo_mod.slo_met(e2e, r.slo),
-            status="ok", index=r.tr.index, scheduled_s=arrival, trace_context_tokens=r.tr.context_tokens,
-            trace_generated_tokens=r.tr.generated_tokens, clipped=r.clipped, server_ttft_ms=(first - arrival) * 1000,
-            worker_ttft_ms=(first - dep.start) * 1000, worker_e2e_ms=service * 1000, config=dep.config))
+        self.requests.append(
+            RequestRecord(
+                request_id=str(r.i),
+                model=r.model,
+                deployment_id=dep.id,
+                arrival_s=arrival,
+                start_s=dep.start,
+                first_token_s=first,
+                end_s=now,
+                queue_ms=(dep.start - arrival) * 1000,
+                ttft_ms=(first - arrival) * 1000,
+                tpot_ms=((now - first) * 1000 / (r.output - 1)) if r.output > 1 else 0.0,
+                e2e_ms=e2e,
+                prompt_tokens=r.prompt,
+                output_tokens=r.output,
+                slo_ms=r.slo,
+                slo_met=slo_mod.slo_met(e2e, r.slo),
+                status="ok",
+                index=r.tr.index,
+                scheduled_s=arrival,
+                trace_context_tokens=r.tr.context_tokens,
+                trace_generated_tokens=r.tr.generated_tokens,
+                clipped=r.clipped,
+                server_ttft_ms=(first - arrival) * 1000,
+                worker_ttft_ms=(first - dep.start) * 1000,
+                worker_e2e_ms=service * 1000,
+                config=dep.config,
+            )
+        )
         self._start(dep, now)
 
-    def _record_failure(self, r: _Req, arrival: float, code: str, message: str, *, end: float | None = None,
-                        status: RequestStatus = "error", deployment_id: str = "", config: str = "") -> None:
+    def _record_failure(
+        self,
+        r: _Req,
+        arrival: float,
+        code: str,
+        message: str,
+        *,
+        end: float | None = None,
+        status: RequestStatus = "error",
+        deployment_id: str = "",
+        config: str = "",
+    ) -> None:
         end = arrival if end is None else end
-        self.requests.append(RequestRecord(
-            request_id=str(r.i), model=r.model, deployment_id=deployment_id, arrival_s=arrival, end_s=end,
-            queue_ms=(end - arrival) * 1000 if status == "timeout" else 0.0, e2e_ms=(end - arrival) * 1000,
-            prompt_tokens=r.prompt, output_tokens=0, slo_ms=r.slo, slo_met=False if r.slo > 0 else None, status=status,
-            error_code=code, error_message=message, index=r.tr.index, scheduled_s=arrival,
-            trace_context_tokens=r.tr.context_tokens, trace_generated_tokens=r.tr.generated_tokens, clipped=r.clipped,
-            config=config))
+        self.requests.append(
+            RequestRecord(
+                request_id=str(r.i),
+                model=r.model,
+                deployment_id=deployment_id,
+                arrival_s=arrival,
+                end_s=end,
+                queue_ms=(end - arrival) * 1000 if status == "timeout" else 0.0,
+                e2e_ms=(end - arrival) * 1000,
+                prompt_tokens=r.prompt,
+                output_tokens=0,
+                slo_ms=r.slo,
+                slo_met=False if r.slo > 0 else None,
+                status=status,
+                error_code=code,
+                error_message=message,
+                index=r.tr.index,
+                scheduled_s=arrival,
+                trace_context_tokens=r.tr.context_tokens,
+                trace_generated_tokens=r.tr.generated_tokens,
+                clipped=r.clipped,
+                config=config,
+            )
+        )
 
     # -- the event loop -----------------------------------------------------------------------------
 
@@ -405,8 +487,15 @@ class Simulation:
         self._sample(next_sample)
         self.requests.sort(key=lambda r: (r.end_s, int(r.request_id)))
         meta = self._meta()
-        return SimResult(meta=meta, requests=self.requests, gpus=self.samples, deployments=self.dep_events,
-                         choices=self.choices, wall_s=time.perf_counter() - t_wall, events=self.events)
+        return SimResult(
+            meta=meta,
+            requests=self.requests,
+            gpus=self.samples,
+            deployments=self.dep_events,
+            choices=self.choices,
+            wall_s=time.perf_counter() - t_wall,
+            events=self.events,
+        )
 
     def _meta(self) -> RunMeta:
         spec = self.spec
@@ -415,8 +504,24 @@ class Simulation:
         if self.system.plan_note:
             notes = (notes + "; " if notes else "") + self.system.plan_note
         return RunMeta(
-            kind="simulated", trace=spec.trace_label, rate=spec.rate, interval_s=spec.interval_s, aggregate=spec.aggregate,
-            duration_s=span, system=spec.system, intent=spec.intent, models=list(self.names), gpu_type=spec.gpu_type,
-            gpu_count=spec.gpus, seed=spec.seed, requests=len(self.reqs), max_context=spec.max_context,
-            deploy_every_s=spec.deploy_every_s, placement=spec.policy, slo_scale=spec.slo_scale,
-            slo_ms=spec.intent.slo_ms or 0.0, notes=notes, format_version=1)
+            kind="simulated",
+            trace=spec.trace_label,
+            rate=spec.rate,
+            interval_s=spec.interval_s,
+            aggregate=spec.aggregate,
+            duration_s=span,
+            system=spec.system,
+            intent=spec.intent,
+            models=list(self.names),
+            gpu_type=spec.gpu_type,
+            gpu_count=spec.gpus,
+            seed=spec.seed,
+            requests=len(self.reqs),
+            max_context=spec.max_context,
+            deploy_every_s=spec.deploy_every_s,
+            placement=spec.policy,
+            slo_scale=spec.slo_scale,
+            slo_ms=spec.intent.slo_ms or 0.0,
+            notes=notes,
+            format_version=1,
+        )

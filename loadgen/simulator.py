@@ -25,7 +25,8 @@ from iserve.messages import ConfigurationMap, Intent
 from .oracle import oracle_search
 from .policies import ALL_SYSTEMS
 from .records import summarize
-from .simulation import SimResult, SimSpec, Simulation
+from .simspec import SimResult, SimSpec
+from .simulation import Simulation
 from .synthetic import synthetic_map
 from .traces import TraceRequest, compress, fit_lengths, load_trace, slice_trace, trace_name
 
@@ -134,42 +135,96 @@ def resolve_models(specs: Sequence[str], *, maps_dir: str | None, gpu_type: str,
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
     """Arguments shared by ``iserve simulate`` and ``iserve report sweep``."""
-    ap.add_argument("--maps", default="", help="directory of ConfigurationMap JSON files (real profiles); default: synthetic maps")
+    ap.add_argument("--maps", default="",
+                    help="directory of ConfigurationMap JSON files (real profiles); default: synthetic maps")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs in the cluster (default 8)")
     ap.add_argument("--gpus-per-host", type=int, default=0, help="GPUs per host (default: all on one host)")
     ap.add_argument("--gpu-type", default="A6000", help="GPU type (synthetic maps: A6000 or H100; default A6000)")
-    ap.add_argument("--gpu-memory-gib", type=float, default=0.0, help="memory per GPU in GiB (default: the maps' GPU memory)")
+    ap.add_argument(
+        "--gpu-memory-gib", type=float, default=0.0, help="memory per GPU in GiB (default: the maps' GPU memory)"
+    )
     ap.add_argument("--interval-s", type=float, default=60.0, help="trace compression interval (default 60 s)")
     ap.add_argument("--aggregate", type=int, default=1, help="adjacent intervals aggregated into one (default 1)")
-    ap.add_argument("--duration-s", type=float, default=0.0, help="replay only this much of the compressed trace (default: all)")
-    ap.add_argument("--policy", default="hybrid", choices=["hybrid", "least-loaded", "packing"], help="iServe's placement policy")
+    ap.add_argument(
+        "--duration-s", type=float, default=0.0, help="replay only this much of the compressed trace (default: all)"
+    )
+    ap.add_argument(
+        "--policy", default="hybrid", choices=["hybrid", "least-loaded", "packing"], help="iServe's placement policy"
+    )
     ap.add_argument("--theta", type=float, default=0.5, help="hybrid policy load threshold (default 0.5)")
     ap.add_argument("--max-context", type=int, default=1024, help="prompt cap in tokens (paper: 1K; default 1024)")
     ap.add_argument("--prompt-tokens", type=int, default=0, help="intent request size in (default: the trace's median)")
-    ap.add_argument("--output-tokens", type=int, default=0, help="intent request size out (default: the trace's median)")
+    ap.add_argument(
+        "--output-tokens", type=int, default=0, help="intent request size out (default: the trace's median)"
+    )
     ap.add_argument("--cost-model", default="mem-x-latency", choices=["mem-x-latency", "memory", "gpu-hours"])
-    ap.add_argument("--allgather-gbps", type=float, default=25.0, help="accelerate's all-gather bandwidth in GB/s (default 25, PCIe 4.0 x16)")
+    ap.add_argument(
+        "--allgather-gbps",
+        type=float,
+        default=25.0,
+        help="accelerate's all-gather bandwidth in GB/s (default 25, PCIe 4.0 x16)",
+    )
     ap.add_argument("--sample-s", type=float, default=10.0, help="GPU sample period in gpus.jsonl (default 10 s)")
-    ap.add_argument("--timeout-s", type=float, default=0.0, help="drop requests queued longer than this (default: never)")
+    ap.add_argument(
+        "--timeout-s", type=float, default=0.0, help="drop requests queued longer than this (default: never)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--oracle-candidates", type=int, default=6, help="oracle: configurations tried per model (default 6)")
-    ap.add_argument("--oracle-evals", type=int, default=40, help="oracle: most simulations the search spends (default 40)")
+    ap.add_argument(
+        "--oracle-candidates", type=int, default=6, help="oracle: configurations tried per model (default 6)"
+    )
+    ap.add_argument(
+        "--oracle-evals", type=int, default=40, help="oracle: most simulations the search spends (default 40)"
+    )
 
 
-def spec_from_args(args: argparse.Namespace, *, models: list[tuple[str, ConfigurationMap]], trace_label: str,
-                   trace: list[TraceRequest], system: str, intent_kind: str, rate: float, slo_scale: float,
-                   deploy_every_s: float, deploy_batch: int, notes: str = "") -> SimSpec:
+def spec_from_args(
+    args: argparse.Namespace,
+    *,
+    models: list[tuple[str, ConfigurationMap]],
+    trace_label: str,
+    trace: list[TraceRequest],
+    system: str,
+    intent_kind: str,
+    rate: float,
+    slo_scale: float,
+    deploy_every_s: float,
+    deploy_batch: int,
+    notes: str = "",
+) -> SimSpec:
     """A :class:`SimSpec` from parsed arguments and one point of a sweep."""
     p, o = median_lengths(trace, args.max_context)
-    intent = Intent(kind=intent_kind, cost_model=args.cost_model, prompt_tokens=args.prompt_tokens or p,
-                    output_tokens=args.output_tokens or o)
+    intent = Intent(
+        kind=intent_kind,
+        cost_model=args.cost_model,
+        prompt_tokens=args.prompt_tokens or p,
+        output_tokens=args.output_tokens or o,
+    )
     mem = int(args.gpu_memory_gib * GIB) if args.gpu_memory_gib else models[0][1].gpu_memory_bytes
     return SimSpec(
-        models=models, trace=trace, system=system, intent=intent, gpus=args.gpus, gpu_type=models[0][1].gpu_type,
-        gpu_memory_bytes=mem, gpus_per_host=args.gpus_per_host, policy=args.policy, theta=args.theta,
-        deploy_every_s=deploy_every_s, deploy_batch=deploy_batch, max_context=args.max_context, slo_scale=slo_scale,
-        sample_s=args.sample_s, timeout_s=args.timeout_s, seed=args.seed, allgather_bytes_per_s=args.allgather_gbps * 1e9,
-        trace_label=trace_label, rate=rate, interval_s=args.interval_s, aggregate=args.aggregate, notes=notes)
+        models=models,
+        trace=trace,
+        system=system,
+        intent=intent,
+        gpus=args.gpus,
+        gpu_type=models[0][1].gpu_type,
+        gpu_memory_bytes=mem,
+        gpus_per_host=args.gpus_per_host,
+        policy=args.policy,
+        theta=args.theta,
+        deploy_every_s=deploy_every_s,
+        deploy_batch=deploy_batch,
+        max_context=args.max_context,
+        slo_scale=slo_scale,
+        sample_s=args.sample_s,
+        timeout_s=args.timeout_s,
+        seed=args.seed,
+        allgather_bytes_per_s=args.allgather_gbps * 1e9,
+        trace_label=trace_label,
+        rate=rate,
+        interval_s=args.interval_s,
+        aggregate=args.aggregate,
+        notes=notes,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,15 +232,31 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    ap = argparse.ArgumentParser(prog="iserve simulate", description="Simulate a GPU cluster serving a compressed Azure "
-                                 "trace with iServe's own deployer and scheduler decisions, or a baseline's.")
-    ap.add_argument("--models", nargs="+", default=["llama-2-70b", "falcon-40b:2", "llama-2-7b"],
-                    help="models to deploy in order; name:N deploys N instances (default: the paper's 70B, 2x40B, 7B)")
+    ap = argparse.ArgumentParser(
+        prog="iserve simulate",
+        description="Simulate a GPU cluster serving a compressed Azure "
+        "trace with iServe's own deployer and scheduler decisions, or a baseline's.",
+    )
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["llama-2-70b", "falcon-40b:2", "llama-2-7b"],
+        help="models to deploy in order; name:N deploys N instances (default: the paper's 70B, 2x40B, 7B)",
+    )
     ap.add_argument("--trace", default="code", help="code, conv or a CSV path (default code)")
     ap.add_argument("--rate", type=float, default=0.4, help="rate scale factor (paper: 0.1-0.4; default 0.4)")
     ap.add_argument("--system", default="iserve", choices=list(ALL_SYSTEMS))
-    ap.add_argument("--intent", default="min-latency", choices=["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo"])
-    ap.add_argument("--slo-scale", type=float, default=0.0, help="per-request SLO = scale x latency at minimum parallelism (paper: 2.5-7.5)")
+    ap.add_argument(
+        "--intent",
+        default="min-latency",
+        choices=["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo"],
+    )
+    ap.add_argument(
+        "--slo-scale",
+        type=float,
+        default=0.0,
+        help="per-request SLO = scale x latency at minimum parallelism (paper: 2.5-7.5)",
+    )
     ap.add_argument("--deploy-every-s", type=float, default=300.0, help="seconds between deployments (paper: 300)")
     ap.add_argument("--deploy-batch", type=int, default=1, help="models per deployment (paper's 21-model run: 2)")
     ap.add_argument("--out", required=True, help="run directory to write")
@@ -194,22 +265,43 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         models = resolve_models(args.models, maps_dir=args.maps or None, gpu_type=args.gpu_type, max_gpus=args.gpus)
-        trace = build_trace(args.trace, rate=args.rate, interval_s=args.interval_s, aggregate=args.aggregate,
-                            seed=args.seed, duration_s=args.duration_s)
+        trace = build_trace(
+            args.trace,
+            rate=args.rate,
+            interval_s=args.interval_s,
+            aggregate=args.aggregate,
+            seed=args.seed,
+            duration_s=args.duration_s,
+        )
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
-    spec = spec_from_args(args, models=models, trace_label=trace_name(args.trace), trace=trace, system=args.system,
-                          intent_kind=args.intent, rate=args.rate, slo_scale=args.slo_scale,
-                          deploy_every_s=args.deploy_every_s, deploy_batch=args.deploy_batch)
+    spec = spec_from_args(
+        args,
+        models=models,
+        trace_label=trace_name(args.trace),
+        trace=trace,
+        system=args.system,
+        intent_kind=args.intent,
+        rate=args.rate,
+        slo_scale=args.slo_scale,
+        deploy_every_s=args.deploy_every_s,
+        deploy_batch=args.deploy_batch,
+    )
     t0 = time.perf_counter()
     res = simulate(spec, oracle_candidates=args.oracle_candidates, oracle_evals=args.oracle_evals)
     wall = time.perf_counter() - t0
-    res.meta = msgspec.structs.replace(res.meta, command=["iserve", "simulate", *(argv if argv is not None else sys.argv[1:])],
-                                       started_at=time.time() - wall, ended_at=time.time())
+    res.meta = msgspec.structs.replace(
+        res.meta,
+        command=["iserve", "simulate", *(argv if argv is not None else sys.argv[1:])],
+        started_at=time.time() - wall,
+        ended_at=time.time(),
+    )
     res.write(args.out)
     s = summarize(res.requests)
-    t = Table(title=f"{spec.system} on {spec.trace_label} x{spec.rate:g}, {len(trace)} requests, simulated in {wall:.2f} s")
+    t = Table(
+        title=f"{spec.system} on {spec.trace_label} x{spec.rate:g}, {len(trace)} requests, simulated in {wall:.2f} s"
+    )
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("requests ok / failed", f"{s.ok} / {s.errors}")

@@ -7,10 +7,12 @@ import math
 
 import pytest
 
-from iserve.loadgen import metrics, report, simulator as sim
+from iserve.loadgen import metrics, report
+from iserve.loadgen import simulator as sim
 from iserve.loadgen.oracle import oracle_search
 from iserve.loadgen.records import DeploymentEvent, RequestRecord, Run, RunMeta, load_run
-from iserve.loadgen.simulation import SimSpec, Simulation
+from iserve.loadgen.simspec import SimSpec
+from iserve.loadgen.simulation import Simulation
 from iserve.messages import Intent
 
 GIB = 1 << 30
@@ -75,14 +77,28 @@ def runs_dir(tmp_path_factory):
                                 intent=Intent(kind=kind, prompt_tokens=1024, output_tokens=13),
                                 notes=f"experiment={exp}", **base)
                 Simulation(s).run().write(root / f"{exp}-{rate}-{kind}-{slo}-{system}")
-        s = SimSpec(models=models, trace=tr, system="oracle", rate=rate,
-                        intent=Intent(kind="min-latency", prompt_tokens=1024, output_tokens=13), notes="experiment=fig11", **base)
+        s = SimSpec(
+            models=models,
+            trace=tr,
+            system="oracle",
+            rate=rate,
+            intent=Intent(kind="min-latency", prompt_tokens=1024, output_tokens=13),
+            notes="experiment=fig11",
+            **base,
+        )
         oracle_search(s, candidates=2, max_evals=2).result.write(root / f"fig11-{rate}-oracle")
     tr = sim.build_trace("conv", rate=0.1, duration_s=300)
     for kind in ("min-latency", "min-memory"):
         for system in ("iserve", "max-pp"):
-            s = SimSpec(models=many, trace=tr, system=system, rate=0.1, deploy_batch=2,
-                            intent=Intent(kind=kind, prompt_tokens=512, output_tokens=128), **{**base, "trace_label": "conv"})
+            s = SimSpec(
+                models=many,
+                trace=tr,
+                system=system,
+                rate=0.1,
+                deploy_batch=2,
+                intent=Intent(kind=kind, prompt_tokens=512, output_tokens=128),
+                **{**base, "trace_label": "conv"},
+            )
             Simulation(s).run().write(root / f"scaling-{kind}-{system}")
     return root
 
@@ -118,10 +134,40 @@ def test_report_rejects_a_folder_without_runs(tmp_path):
 
 def test_sweep_runs_the_simulator_and_writes_the_report(tmp_path):
     out = tmp_path / "sweep"
-    rc = report.main(["sweep", "--out", str(out), "--experiments", "fig11", "fig14", "--traces", "code", "--rates", "0.2",
-                      "--systems", "iserve", "max-pp", "--oracle", "--oracle-evals", "2", "--oracle-candidates", "2",
-                      "--duration-s", "300", "--workers", "1", "--slo-scales", "5", "--models", "llama-2-7b:2",
-                      "--gpus", "4", "--deploy-every-s", "60"])
+    rc = report.main(
+        [
+            "sweep",
+            "--out",
+            str(out),
+            "--experiments",
+            "fig11",
+            "fig14",
+            "--traces",
+            "code",
+            "--rates",
+            "0.2",
+            "--systems",
+            "iserve",
+            "max-pp",
+            "--oracle",
+            "--oracle-evals",
+            "2",
+            "--oracle-candidates",
+            "2",
+            "--duration-s",
+            "300",
+            "--workers",
+            "1",
+            "--slo-scales",
+            "5",
+            "--models",
+            "llama-2-7b:2",
+            "--gpus",
+            "4",
+            "--deploy-every-s",
+            "60",
+        ]
+    )
     assert rc == 0
     runs = report.find_runs([out / "runs"])
     assert len(runs) == 3 + 3  # iserve, max-pp and the oracle, for each experiment
@@ -141,8 +187,15 @@ def test_per_baseline_summary_averages_over_loads(runs_dir, tmp_path):
     ms = [metrics.run_metrics(load_run(p)) for p in report.find_runs([runs_dir])]
     rows = [line.split(" | ") for line in report._per_baseline(ms).splitlines()[2:]]
     fig11_tp = next(r for r in rows if r[0] == "| fig11" and r[2] == "TensorRT-LLM_TP")
-    pairs = [(m, o) for m in ms for o in ms if m.experiment == o.experiment == "fig11" and m.system == "iserve"
-             and o.system == "max-tp" and m.rate == o.rate]
+    pairs = [
+        (m, o)
+        for m in ms
+        for o in ms
+        if m.experiment == o.experiment == "fig11"
+        and m.system == "iserve"
+        and o.system == "max-tp"
+        and m.rate == o.rate
+    ]
     assert fig11_tp[3] == str(len(pairs)) == "2"
     same = [(a, b) for a, b in pairs if a.failed == 0 and b.failed == 0]
     assert fig11_tp[6] == str(len(same)) and same
@@ -157,9 +210,32 @@ def test_per_baseline_summary_averages_over_loads(runs_dir, tmp_path):
 
 def test_sweep_writes_runs_elsewhere_and_records_the_command(tmp_path):
     out, runs = tmp_path / "report", tmp_path / "scratch"
-    rc = report.main(["sweep", "--out", str(out), "--runs", str(runs), "--experiments", "fig11", "--traces", "code",
-                      "--rates", "0.2", "--systems", "iserve", "max-tp", "--duration-s", "120", "--workers", "1",
-                      "--models", "llama-2-7b", "--gpus", "2"])
+    rc = report.main(
+        [
+            "sweep",
+            "--out",
+            str(out),
+            "--runs",
+            str(runs),
+            "--experiments",
+            "fig11",
+            "--traces",
+            "code",
+            "--rates",
+            "0.2",
+            "--systems",
+            "iserve",
+            "max-tp",
+            "--duration-s",
+            "120",
+            "--workers",
+            "1",
+            "--models",
+            "llama-2-7b",
+            "--gpus",
+            "2",
+        ]
+    )
     assert rc == 0
     assert len(report.find_runs([runs])) == 2 and not (out / "runs").exists()
     text = (out / "report.md").read_text()

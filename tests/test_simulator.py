@@ -13,7 +13,8 @@ from iserve.loadgen import simulator as sim
 from iserve.loadgen.metrics import objective
 from iserve.loadgen.oracle import oracle_search
 from iserve.loadgen.records import load_run
-from iserve.loadgen.simulation import SimSpec, Simulation
+from iserve.loadgen.simspec import SimSpec
+from iserve.loadgen.simulation import Simulation
 from iserve.loadgen.synthetic import synthetic_map
 from iserve.loadgen.traces import TraceRequest
 from iserve.messages import ConfigEstimate, Configuration, ConfigurationMap, Intent
@@ -21,18 +22,36 @@ from iserve.messages import ConfigEstimate, Configuration, ConfigurationMap, Int
 
 def flat_est(tp=1, pp=1, wq="fp16", *, layers=8, layer_gib=1.0, ttft_ms=100.0, tpot_ms=10.0) -> ConfigEstimate:
     lb = int(layer_gib * GIB / tp)
-    return ConfigEstimate(config=Configuration(tp=tp, pp=pp, weight_quant=wq), ttft_base_ms=ttft_ms, ttft_per_token_ms=0.0,
-                          tpot_ms=tpot_ms, layer_bytes=lb, first_stage_bytes=0, last_stage_bytes=0, gpu_overhead_bytes=0,
-                          total_bytes=tp * layers * lb, num_layers=layers)
+    return ConfigEstimate(
+        config=Configuration(tp=tp, pp=pp, weight_quant=wq),
+        ttft_base_ms=ttft_ms,
+        ttft_per_token_ms=0.0,
+        tpot_ms=tpot_ms,
+        layer_bytes=lb,
+        first_stage_bytes=0,
+        last_stage_bytes=0,
+        gpu_overhead_bytes=0,
+        total_bytes=tp * layers * lb,
+        num_layers=layers,
+    )
 
 
 def cmap(name: str, estimates: list[ConfigEstimate], memory_gib: int = 48) -> ConfigurationMap:
-    return ConfigurationMap(model=name, gpu_type="A6000", gpu_memory_bytes=memory_gib * GIB, max_gpus=8,
-                            context_tokens=4096, estimates=estimates)
+    return ConfigurationMap(
+        model=name,
+        gpu_type="A6000",
+        gpu_memory_bytes=memory_gib * GIB,
+        max_gpus=8,
+        context_tokens=4096,
+        estimates=estimates,
+    )
 
 
 def trace(arrivals, prompt=100, output=11) -> list[TraceRequest]:
-    return [TraceRequest(arrival_s=t, context_tokens=prompt, generated_tokens=output, index=i) for i, t in enumerate(arrivals)]
+    return [
+        TraceRequest(arrival_s=t, context_tokens=prompt, generated_tokens=output, index=i)
+        for i, t in enumerate(arrivals)
+    ]
 
 
 def spec(models, tr, **kw) -> SimSpec:
@@ -45,7 +64,9 @@ ONE_SECOND = flat_est(ttft_ms=100.0, tpot_ms=90.0)  # 100 + 10 x 90 = 1000 ms fo
 
 @pytest.fixture(scope="module")
 def paper_models():
-    return sim.resolve_models(["llama-2-70b", "falcon-40b:2", "llama-2-7b"], maps_dir=None, gpu_type="A6000", max_gpus=8)
+    return sim.resolve_models(
+        ["llama-2-70b", "falcon-40b:2", "llama-2-7b"], maps_dir=None, gpu_type="A6000", max_gpus=8
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,8 +98,9 @@ def test_processor_sharing_slows_co_located_requests_exactly():
     assert a.end_s == pytest.approx(1.5)  # 0.5 alone + 0.5 of work at half speed
     assert b.end_s == pytest.approx(2.0)  # 0.5 of work at half speed, then 0.5 alone
     # on two GPUs they do not share: each takes its solo time
-    res2 = Simulation(spec(models, tr, gpus=2, deploy_every_s=0.0, deploy_batch=2, policy="least-loaded",
-                               assignment=["a", "b"])).run()
+    res2 = Simulation(
+        spec(models, tr, gpus=2, deploy_every_s=0.0, deploy_batch=2, policy="least-loaded", assignment=["a", "b"])
+    ).run()
     assert sorted(r.e2e_ms for r in res2.requests) == pytest.approx([1000.0, 1000.0])
 
 
@@ -88,10 +110,14 @@ def test_processor_sharing_uses_the_most_contended_gpu():
     solo = ONE_SECOND
     models = [("wide", cmap("wide", [wide])), ("solo", cmap("solo", [solo]))]
     tr = trace([0.0, 0.0])
-    res = Simulation(spec(models, tr, gpus=2, deploy_every_s=0.0, deploy_batch=2, policy="packing",
-                              assignment=["wide", "solo"])).run()
+    res = Simulation(
+        spec(models, tr, gpus=2, deploy_every_s=0.0, deploy_batch=2, policy="packing", assignment=["wide", "solo"])
+    ).run()
     deps = {d.model: {g.split(":")[0] for g in d.gpus} for d in res.deployments if d.status == "ready"}
-    assert deps == {"wide": {"sim0/0", "sim0/1"}, "solo": {"sim0/0"}} or deps == {"wide": {"sim0/0", "sim0/1"}, "solo": {"sim0/1"}}
+    assert deps == {"wide": {"sim0/0", "sim0/1"}, "solo": {"sim0/0"}} or deps == {
+        "wide": {"sim0/0", "sim0/1"},
+        "solo": {"sim0/1"},
+    }
     for r in res.requests:
         assert r.e2e_ms == pytest.approx(2000.0)  # both at rate 1/2 for the whole second of work
 
