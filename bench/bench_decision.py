@@ -23,14 +23,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
-
-import msgspec
 import statistics
 import time
+
+import msgspec
 
 from iserve.deployer.planner import GIB, ClusterView, GpuState, plan
 from iserve.errors import Infeasible
 from iserve.messages import ConfigEstimate, Configuration, Intent
+from iserve.stats import percentile
 
 # Llama-2-70B-like shape
 LAYERS, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 80, 8192, 28672, 64, 8, 128, 32000
@@ -130,8 +131,7 @@ def main() -> None:
                          for e in make_estimates(1000)]
         for name, intent in intents.items():
             times, outcome = time_plan(estimates, intent, gpus, args.reps)
-            times.sort()
-            p99 = times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+            p99 = percentile(times, 99)
             rows.append((scenario, name, len(estimates), len(gpus), statistics.median(times), p99, outcome))
 
     header = ("scenario", "intent", "configs", "GPUs", "median ms", "p99 ms", "target", "decision")

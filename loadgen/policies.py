@@ -1,5 +1,5 @@
 """The systems the trace simulator compares, each as a deployment policy over the deployer's own pure
-decision functions (:mod:`iserve.deployer.planner`, :mod:`iserve.deployer.baselines`).
+decision functions (:mod:`iserve.deployer.planner`, :mod:`.baselines`).
 
 A system answers one question, when a model's deployment is requested: which deployments (zero, one,
 or several data-parallel replicas) to make now, given the model's configuration map, the intent and
@@ -12,7 +12,7 @@ the GPUs as the deployer sees them (free memory, busy fraction over the 120 s wi
 ``max-pp``      TensorRT-LLM_PP: :func:`baselines.max_pp`
 ``accelerate``  Accelerate / FSDP: :func:`baselines.accelerate`
 ``alpaserve``   AlpaServe, one plan for every model made with the whole trace known, may drop models:
-                :func:`baselines.alpaserve` (``prepare`` is given the trace's per-model rates)
+                :func:`alpaserve.alpaserve` (``prepare`` is given the trace's per-model rates)
 ``alpaserve*``  the same, never dropping a model
 ``static``      a fixed configuration per model, placed by iServe's planner (what the oracle search
                 evaluates); a model without a fixed configuration gets iServe's decision
@@ -24,10 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from iserve.deployer import baselines, planner
+from iserve.deployer import planner
 from iserve.deployer.planner import Decision, GpuState
 from iserve.errors import Infeasible
 from iserve.messages import ConfigEstimate, Configuration, ConfigurationMap, Intent
+
+from . import alpaserve, baselines
 
 SYSTEMS = ("iserve", "max-tp", "max-pp", "accelerate", "alpaserve", "alpaserve*")
 ALL_SYSTEMS = SYSTEMS + ("oracle",)
@@ -55,7 +57,7 @@ class System:
     allgather_bytes_per_s: float = baselines.DEFAULT_ALLGATHER_BYTES_PER_S
     forced: Mapping[str, Configuration] = field(default_factory=dict)
     plan_note: str = ""
-    _alpa: baselines.AlpaServePlan | None = None
+    _alpa: alpaserve.AlpaServePlan | None = None
 
     @property
     def needs_workload(self) -> bool:
@@ -65,7 +67,7 @@ class System:
         """Give the system the workload before the run; only AlpaServe uses it (its plan is made here)."""
         if not self.needs_workload:
             return
-        self._alpa = baselines.alpaserve(
+        self._alpa = alpaserve.alpaserve(
             {m: cmap.estimates for m, cmap in workload.maps.items()}, workload.rates, workload.gpus,
             drop_models=self.name == "alpaserve", intent=workload.intent, slo_ms=workload.slo_ms)
         self.plan_note = self._alpa.why

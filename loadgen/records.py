@@ -1,22 +1,5 @@
-"""The run format shared by the live replay, the trace simulator and the report.
-
-A run is a directory of four files, written as the run goes (every line is flushed when written, so a
-run stopped by Ctrl-C or killed still loads):
-
-==================== ==========================================================================
-``meta.json``        one ``RunMeta`` object (rewritten atomically, temp file + rename, when it changes)
-``requests.jsonl``   one ``RequestRecord`` per line, written when the request finishes (ok or not)
-``gpus.jsonl``       one ``GpuSample`` per line (each GPU about once a second)
-``deployments.jsonl`` one ``DeploymentEvent`` per line (requested, launching, ready, failed, stopped)
-==================== ==========================================================================
-
-Times ``*_s`` are seconds relative to the run's clock: 0 is the start of the trace replay
-(``RunMeta.t0_unix`` is that instant as a Unix time). Events before it (deploying the first model,
-GPU samples taken while it loads) have negative times. Durations ``*_ms`` are milliseconds.
-
-The format evolves like the wire contract: fields are only appended, with defaults; readers ignore
-fields they do not know. ``RunMeta.format_version`` is 1.
-"""
+"""The run format shared by the live replay, the trace simulator and the report: a directory of
+``meta.json`` and three JSON-lines files, flushed line by line (docs/simulator.md#run-directories)."""
 
 from __future__ import annotations
 
@@ -26,9 +9,9 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
-import numpy as np
 
 from iserve.messages import Intent
+from iserve.stats import percentile
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -250,7 +233,7 @@ def _read_lines(path: Path, kind: type) -> list:
     if not path.exists():
         return []
     data = path.read_bytes()
-    dec = msgspec.json.Decoder(kind)
+    dec: msgspec.json.Decoder = msgspec.json.Decoder(kind)
     lines = data.split(b"\n")
     out = []
     for i, line in enumerate(lines):
@@ -266,7 +249,7 @@ def _read_lines(path: Path, kind: type) -> list:
 
 
 def load_run(path: str | os.PathLike) -> Run:
-    """Read a run directory (see the module docstring)."""
+    """Read a run directory (docs/simulator.md#run-directories)."""
     p = Path(path)
     meta_path = p / META
     if not meta_path.is_file():
@@ -303,10 +286,6 @@ class Summary(msgspec.Struct, kw_only=True):
     clipped: int
 
 
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs, dtype=float), q)) if xs else 0.0
-
-
 def summarize(records: list[RequestRecord]) -> Summary:
     """Count, errors, end-to-end percentiles (over successful requests), median TTFT and TPOT, SLO
     attainment (over requests with an SLO that were not cancelled) and requests per model."""
@@ -321,11 +300,11 @@ def summarize(records: list[RequestRecord]) -> Summary:
         ok=len(ok),
         errors=sum(r.status in ("error", "timeout") for r in records),
         cancelled=sum(r.status == "cancelled" for r in records),
-        e2e_p50_ms=_pct(e2e, 50),
-        e2e_p95_ms=_pct(e2e, 95),
-        e2e_p99_ms=_pct(e2e, 99),
-        ttft_p50_ms=_pct([r.ttft_ms for r in ok], 50),
-        tpot_p50_ms=_pct([r.tpot_ms for r in ok if r.output_tokens > 1], 50),
+        e2e_p50_ms=percentile(e2e, 50, empty=0.0),
+        e2e_p95_ms=percentile(e2e, 95, empty=0.0),
+        e2e_p99_ms=percentile(e2e, 99, empty=0.0),
+        ttft_p50_ms=percentile([r.ttft_ms for r in ok], 50, empty=0.0),
+        tpot_p50_ms=percentile([r.tpot_ms for r in ok if r.output_tokens > 1], 50, empty=0.0),
         slo_requests=len(with_slo),
         slo_attainment=(sum(bool(r.slo_met) for r in with_slo) / len(with_slo)) if with_slo else None,
         per_model=dict(sorted(per_model.items())),

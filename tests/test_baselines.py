@@ -1,4 +1,4 @@
-"""The paper's baselines as deployment policies (services/deployer/baselines.py): valid decisions
+"""The paper's baselines as deployment policies (loadgen/baselines.py): valid decisions
 (memory never exceeded, every layer exactly once) that follow each baseline's definition."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from iserve.deployer import baselines
 from iserve.deployer.planner import GIB, Decision, GpuState, plan
 from iserve.errors import BadRequest, Infeasible
+from iserve.loadgen import alpaserve, baselines
 from iserve.messages import ConfigEstimate, Configuration, Intent
 
 INTENT = Intent(kind="min-latency", prompt_tokens=100, output_tokens=11)
@@ -21,9 +21,16 @@ def est(tp=1, pp=1, wq="fp16", kv="fp16", pr="none", *, layers=32, layer_gib=1.0
     lb = int(layer_gib * GIB / tp)
     return ConfigEstimate(
         config=Configuration(tp=tp, pp=pp, weight_quant=wq, kv_quant=kv, pruning=pr),
-        ttft_base_ms=ttft, ttft_per_token_ms=0.0, tpot_ms=tpot, layer_bytes=lb, first_stage_bytes=first,
-        last_stage_bytes=last, gpu_overhead_bytes=overhead, total_bytes=tp * (pp * overhead + layers * lb + first + last),
-        num_layers=layers)
+        ttft_base_ms=ttft,
+        ttft_per_token_ms=0.0,
+        tpot_ms=tpot,
+        layer_bytes=lb,
+        first_stage_bytes=first,
+        last_stage_bytes=last,
+        gpu_overhead_bytes=overhead,
+        total_bytes=tp * (pp * overhead + layers * lb + first + last),
+        num_layers=layers,
+    )
 
 
 def model(layers=32, layer_gib=1.0, tps=(1, 2, 4), max_gpus=8, quant=True, **kw) -> list[ConfigEstimate]:
@@ -39,8 +46,12 @@ def model(layers=32, layer_gib=1.0, tps=(1, 2, 4), max_gpus=8, quant=True, **kw)
 
 def host(frees_gib, agent="h0", loads=None, total_gib=48) -> list[GpuState]:
     loads = loads or [0.0] * len(frees_gib)
-    return [GpuState(agent_id=agent, gpu_index=i, gpu_type="A6000", total_bytes=total_gib * GIB, free_bytes=int(f * GIB),
-                     load=l) for i, (f, l) in enumerate(zip(frees_gib, loads))]
+    return [
+        GpuState(
+            agent_id=agent, gpu_index=i, gpu_type="A6000", total_bytes=total_gib * GIB, free_bytes=int(f * GIB), load=ld
+        )
+        for i, (f, ld) in enumerate(zip(frees_gib, loads))
+    ]
 
 
 def check_valid(d: Decision, gpus: list[GpuState]) -> None:
@@ -53,7 +64,7 @@ def check_valid(d: Decision, gpus: list[GpuState]) -> None:
     free = {(g.agent_id, g.gpu_index): g.free_bytes for g in gpus}
     for a in d.assignments:
         assert a.memory_bytes <= free[(a.agent_id, a.gpu_index)]
-    stages = [d.assignments[s * c.tp:(s + 1) * c.tp] for s in range(c.pp)]
+    stages = [d.assignments[s * c.tp : (s + 1) * c.tp] for s in range(c.pp)]
     start = 0
     for s, ranks in enumerate(stages):
         assert len({(a.first_layer, a.num_layers) for a in ranks}) == 1  # every rank holds the stage's layers
@@ -130,8 +141,18 @@ def test_accelerate_shards_over_all_gpus_with_the_allgather_penalty():
     ests = []
     for pp in range(1, 9):
         ests.append(est(1, pp, layers=layers, layer_gib=layer_gib, first=GIB // 2, last=GIB // 2, overhead=GIB // 4))
-        ests.append(est(1, pp, kv="int8", layers=layers, layer_gib=layer_gib - kv_gib / 2, first=GIB // 2, last=GIB // 2,
-                        overhead=GIB // 4))
+        ests.append(
+            est(
+                1,
+                pp,
+                kv="int8",
+                layers=layers,
+                layer_gib=layer_gib - kv_gib / 2,
+                first=GIB // 2,
+                last=GIB // 2,
+                overhead=GIB // 4,
+            )
+        )
     weights, layer_w = baselines.weight_bytes(ests, ests[0])
     assert layer_w == int(layer_gib * GIB) - int(kv_gib * GIB)
     assert weights == layers * layer_w + GIB
@@ -192,11 +213,17 @@ def _alpa(drop: bool, rates=None):
     models = _alpa_models()
     rates = rates or {"big": 0.01, "small-a": 1.0, "small-b": 1.0}
     slo = {"big": 2000.0, "small-a": 400.0, "small-b": 400.0}
-    return baselines.alpaserve(models, rates, host([48] * 4), drop_models=drop,
-                               intent=Intent(kind="min-latency", prompt_tokens=100, output_tokens=20), slo_ms=slo)
+    return alpaserve.alpaserve(
+        models,
+        rates,
+        host([48] * 4),
+        drop_models=drop,
+        intent=Intent(kind="min-latency", prompt_tokens=100, output_tokens=20),
+        slo_ms=slo,
+    )
 
 
-def _check_plan_memory(p: baselines.AlpaServePlan, gpus: list[GpuState]) -> None:
+def _check_plan_memory(p: alpaserve.AlpaServePlan, gpus: list[GpuState]) -> None:
     used = {(g.agent_id, g.gpu_index): 0 for g in gpus}
     for reps in p.replicas.values():
         for d in reps:
@@ -230,8 +257,12 @@ def test_alpaserve_may_drop_a_model_and_alpaserve_star_never_does():
 def test_alpaserve_picks_one_parallelism_per_group_in_fp16():
     p = _alpa(drop=False)
     for grp in p.groups:
-        held = [d for m in grp.models for d in p.replicas[m]
-                if {(a.agent_id, a.gpu_index) for a in d.assignments} == set(grp.gpus)]
+        held = [
+            d
+            for m in grp.models
+            for d in p.replicas[m]
+            if {(a.agent_id, a.gpu_index) for a in d.assignments} == set(grp.gpus)
+        ]
         assert {(d.estimate.config.tp, d.estimate.config.pp) for d in held} <= {(grp.tp, grp.pp)}
     for reps in p.replicas.values():
         assert all(baselines.is_plain(d.estimate) for d in reps)
@@ -242,8 +273,14 @@ def test_alpaserve_picks_one_parallelism_per_group_in_fp16():
 
 def test_alpaserve_with_room_for_all_keeps_every_model_and_replicates_busy_ones():
     small = model(layers=24, layer_gib=0.5, tps=(1, 2), max_gpus=4, quant=False, ttft=50.0)
-    p = baselines.alpaserve({"a": small, "b": small}, {"a": 3.0, "b": 0.1}, host([48] * 4), drop_models=True,
-                            intent=INTENT, slo_ms={"a": 500.0, "b": 500.0})
+    p = alpaserve.alpaserve(
+        {"a": small, "b": small},
+        {"a": 3.0, "b": 0.1},
+        host([48] * 4),
+        drop_models=True,
+        intent=INTENT,
+        slo_ms={"a": 500.0, "b": 500.0},
+    )
     assert p.dropped == []
     assert len(p.replicas["a"]) >= len(p.replicas["b"]) >= 1
     _check_plan_memory(p, host([48] * 4))
@@ -251,7 +288,7 @@ def test_alpaserve_with_room_for_all_keeps_every_model_and_replicates_busy_ones(
 
 def test_alpaserve_slos_default_to_a_multiple_of_minimum_parallelism():
     with pytest.raises(BadRequest, match="SLO"):
-        baselines.alpaserve(_alpa_models(), {}, host([48] * 4), drop_models=True, intent=INTENT, slo_ms={})
+        alpaserve.alpaserve(_alpa_models(), {}, host([48] * 4), drop_models=True, intent=INTENT, slo_ms={})
     rates = {"big": 0.01, "small-a": 1.0, "small-b": 1.0}
-    p = baselines.alpaserve(_alpa_models(), rates, host([48] * 4), False)
+    p = alpaserve.alpaserve(_alpa_models(), rates, host([48] * 4), False)
     assert p.dropped == [] and 0 <= p.attainment <= 1

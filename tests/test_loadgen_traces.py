@@ -12,7 +12,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from iserve.loadgen import slo, traces
+from iserve import slo
+from iserve.loadgen import traces
 from iserve.loadgen.config import parse
 from iserve.loadgen.records import (
     DeploymentEvent,
@@ -63,7 +64,9 @@ def test_parse_rejects_bad_input_naming_the_line():
     with pytest.raises(ValueError, match="header"):
         traces.parse_trace("when,in,out\n2023-11-16 18:17:03.1,1,1")
     with pytest.raises(ValueError, match="line 3"):
-        traces.parse_trace("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.1,1,1\n2023-11-16 18:17:04.x,1,1")
+        traces.parse_trace(
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.1,1,1\n2023-11-16 18:17:04.x,1,1"
+        )
     with pytest.raises(ValueError, match="line 2"):
         traces.parse_trace("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.1,1")
     with pytest.raises(FileNotFoundError):
@@ -99,10 +102,17 @@ def test_load_trace_from_a_path(tmp_path):
 
 
 def synthetic(n_per_interval: list[int], interval_s: float) -> list[TraceRequest]:
-    out = []
+    out: list[TraceRequest] = []
     for k, n in enumerate(n_per_interval):
         for j in range(n):
-            out.append(TraceRequest(arrival_s=k * interval_s + (j + 0.5) * interval_s / n, context_tokens=100, generated_tokens=10, index=len(out)))
+            out.append(
+                TraceRequest(
+                    arrival_s=k * interval_s + (j + 0.5) * interval_s / n,
+                    context_tokens=100,
+                    generated_tokens=10,
+                    index=len(out),
+                )
+            )
     return out
 
 
@@ -140,8 +150,12 @@ def test_compress_on_the_real_traces_keeps_counts_and_burstiness(code, conv):
     assert traces.stats(comp).mean_rate == pytest.approx(rate * agg * traces.stats(code).mean_rate, rel=0.05)
     # the bursty code trace stays far burstier than the steady conversation trace
     for seed in range(3):
-        cv_code = traces.stats(traces.compress(code, interval_s=interval, aggregate=agg, rate=rate, seed=seed)).interarrival_cv
-        cv_conv = traces.stats(traces.compress(conv, interval_s=interval, aggregate=agg, rate=rate, seed=seed)).interarrival_cv
+        cv_code = traces.stats(
+            traces.compress(code, interval_s=interval, aggregate=agg, rate=rate, seed=seed)
+        ).interarrival_cv
+        cv_conv = traces.stats(
+            traces.compress(conv, interval_s=interval, aggregate=agg, rate=rate, seed=seed)
+        ).interarrival_cv
         assert cv_code > 4.0 and cv_code > 3 * cv_conv
         assert 0.9 < cv_conv < 1.3
     # aggregation alone leaves the CV exactly as it was (it only rescales time)
@@ -156,7 +170,9 @@ def test_slice_and_stats():
     assert len(s) == 4 and s[0].arrival_s == pytest.approx(1.25) and s[0].index == 4
     assert len(traces.slice_trace(t, 5.0)) == 10 and len(traces.slice_trace(t, 5.0, 0)) == 10
     st = traces.stats(t)
-    assert st.count == 12 and st.duration_s == pytest.approx(27.5) and st.interarrival_cv == pytest.approx(0.0, abs=1e-9)
+    assert (
+        st.count == 12 and st.duration_s == pytest.approx(27.5) and st.interarrival_cv == pytest.approx(0.0, abs=1e-9)
+    )
     assert st.mean_rate == pytest.approx(12 / 27.5) and st.context_median == 100
     assert traces.stats([]).count == 0 and traces.interarrival_cv([1.0, 2.0]) == 0.0
 
@@ -184,7 +200,9 @@ def test_assign_models_is_uniform_deterministic_and_respects_availability():
 
 def test_fit_lengths_caps_and_clips():
     assert traces.fit_lengths(4808, 10) == traces.Lengths(prompt_tokens=1024, output_tokens=10, clipped=False)
-    assert traces.fit_lengths(500, 10, max_context=0) == traces.Lengths(prompt_tokens=500, output_tokens=10, clipped=False)
+    assert traces.fit_lengths(500, 10, max_context=0) == traces.Lengths(
+        prompt_tokens=500, output_tokens=10, clipped=False
+    )
     x = traces.fit_lengths(4808, 10, model_context=256)
     assert (x.prompt_tokens, x.output_tokens, x.clipped) == (246, 10, True)
     y = traces.fit_lengths(100, 600, model_context=256)
@@ -196,11 +214,15 @@ def test_fit_lengths_caps_and_clips():
 
 def test_prompts_from_files_and_builtin(tmp_path, monkeypatch):
     sharegpt = tmp_path / "s.json"
-    sharegpt.write_text(json.dumps([
-        {"id": "a", "conversations": [{"from": "human", "value": "first?"}, {"from": "gpt", "value": "no"}]},
-        {"id": "b", "conversations": [{"from": "gpt", "value": "skip"}, {"from": "human", "value": "second"}]},
-        {"id": "c", "conversations": []},
-    ]))
+    sharegpt.write_text(
+        json.dumps(
+            [
+                {"id": "a", "conversations": [{"from": "human", "value": "first?"}, {"from": "gpt", "value": "no"}]},
+                {"id": "b", "conversations": [{"from": "gpt", "value": "skip"}, {"from": "human", "value": "second"}]},
+                {"id": "c", "conversations": []},
+            ]
+        )
+    )
     assert traces.load_prompts(sharegpt) == ["first?", "second"]
     jl = tmp_path / "p.jsonl"
     jl.write_text('{"prompt": "x"}\n\n{"text": "y"}\n')
@@ -234,8 +256,16 @@ def test_sharegpt_sample_loads_when_present():
 
 def est(tp, pp, wq="fp16", tpot=10.0):
     return ConfigEstimate(
-        config=Configuration(tp=tp, pp=pp, weight_quant=wq), ttft_base_ms=5.0, ttft_per_token_ms=0.1, tpot_ms=tpot,
-        layer_bytes=1, first_stage_bytes=1, last_stage_bytes=1, gpu_overhead_bytes=1, total_bytes=10, num_layers=4,
+        config=Configuration(tp=tp, pp=pp, weight_quant=wq),
+        ttft_base_ms=5.0,
+        ttft_per_token_ms=0.1,
+        tpot_ms=tpot,
+        layer_bytes=1,
+        first_stage_bytes=1,
+        last_stage_bytes=1,
+        gpu_overhead_bytes=1,
+        total_bytes=10,
+        num_layers=4,
     )
 
 
@@ -247,7 +277,9 @@ def test_slo_reference_is_minimum_parallelism_fp16():
     # fp16 needs two GPUs: the reference is fp16 on two, not a quantized configuration on one
     assert slo.reference_estimate([est(2, 1), est(1, 1, "int4")]).config == Configuration(tp=2, pp=1)
     # no uncompressed configuration at all: the fewest GPUs of any kind
-    assert slo.reference_estimate([est(2, 1, "int8"), est(1, 1, "int4")]).config == Configuration(tp=1, pp=1, weight_quant="int4")
+    assert slo.reference_estimate([est(2, 1, "int8"), est(1, 1, "int4")]).config == Configuration(
+        tp=1, pp=1, weight_quant="int4"
+    )
     assert slo.request_slo_ms(100, 11, fixed_ms=700) == 700
     assert slo.request_slo_ms(100, 11, scale=2.5, reference=ref) == slo.slo_ms(ref, 100, 11, 2.5)
     assert slo.request_slo_ms(100, 11) == 0 and slo.request_slo_ms(100, 11, scale=2.5) == 0
@@ -262,13 +294,35 @@ def test_slo_reference_is_minimum_parallelism_fp16():
 
 
 def meta() -> RunMeta:
-    return RunMeta(kind="simulated", trace="code", rate=0.2, interval_s=60, aggregate=4, duration_s=100.0, intent=Intent(kind="min-latency"), models=["m"], seed=3)
+    return RunMeta(
+        kind="simulated",
+        trace="code",
+        rate=0.2,
+        interval_s=60,
+        aggregate=4,
+        duration_s=100.0,
+        intent=Intent(kind="min-latency"),
+        models=["m"],
+        seed=3,
+    )
 
 
 def rec(i: int, **kw) -> RequestRecord:
     base = dict(
-        request_id=f"r{i}", model="m" if i % 2 else "n", deployment_id="d", arrival_s=float(i), start_s=i + 0.1, first_token_s=i + 0.2,
-        end_s=i + 1.0, queue_ms=100.0, ttft_ms=200.0, tpot_ms=10.0, e2e_ms=1000.0 + i, prompt_tokens=50, output_tokens=10, slo_ms=1005.0,
+        request_id=f"r{i}",
+        model="m" if i % 2 else "n",
+        deployment_id="d",
+        arrival_s=float(i),
+        start_s=i + 0.1,
+        first_token_s=i + 0.2,
+        end_s=i + 1.0,
+        queue_ms=100.0,
+        ttft_ms=200.0,
+        tpot_ms=10.0,
+        e2e_ms=1000.0 + i,
+        prompt_tokens=50,
+        output_tokens=10,
+        slo_ms=1005.0,
     )
     base.update(kw)
     r = RequestRecord(**base)
@@ -282,8 +336,29 @@ def test_run_round_trip_and_a_run_cut_short_still_loads(tmp_path):
     with RunWriter(d, meta()) as w:
         for i in range(10):
             w.request(rec(i))
-        w.gpu(GpuSample(t_s=0.5, agent_id="a", gpu_index=0, total_bytes=100, used_bytes=40, busy_fraction=0.2, util_percent=50, workers=1))
-        w.deployment(DeploymentEvent(t_s=-3.0, model="m", deployment_id="d", config="tp1-pp1-wfp16-kvfp16-pnone", gpus=["a/0:4"], total_bytes=40, status="ready"))
+        w.gpu(
+            GpuSample(
+                t_s=0.5,
+                agent_id="a",
+                gpu_index=0,
+                total_bytes=100,
+                used_bytes=40,
+                busy_fraction=0.2,
+                util_percent=50,
+                workers=1,
+            )
+        )
+        w.deployment(
+            DeploymentEvent(
+                t_s=-3.0,
+                model="m",
+                deployment_id="d",
+                config="tp1-pp1-wfp16-kvfp16-pnone",
+                gpus=["a/0:4"],
+                total_bytes=40,
+                status="ready",
+            )
+        )
         w.update_meta(ended_at=123.0)
     run = load_run(d)
     assert run.meta.ended_at == 123.0 and run.meta.intent.kind == "min-latency" and run.meta.format_version == 1

@@ -17,6 +17,7 @@ WIDE = {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4,
 
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -24,8 +25,13 @@ def _load(name: str):
 
 def test_sparse_checkpoint_gives_the_dense_fingerprints_and_takes_little_disk(tmp_path):
     dense = make_checkpoint(tmp_path / "dense", "tiny-llama", num_layers=12, overrides=WIDE, seed=3)
-    sparse = make_checkpoint(tmp_path / "sparse", "tiny-llama", num_layers=12, overrides=WIDE, seed=3, dense_layers=2, shards=2)
-    ck_d, ck_s = checkpoint.scan_checkpoint(dense), checkpoint.scan_checkpoint(sparse)  # a valid checkpoint: every tensor listed
+    sparse = make_checkpoint(
+        tmp_path / "sparse", "tiny-llama", num_layers=12, overrides=WIDE, seed=3, dense_layers=2, shards=2
+    )
+    ck_d, ck_s = (
+        checkpoint.scan_checkpoint(dense),
+        checkpoint.scan_checkpoint(sparse),
+    )  # a valid checkpoint: every tensor listed
     assert set(ck_s.tensors) == set(ck_d.tensors) and ck_s.data_bytes == ck_d.data_bytes
     apparent, on_disk = disk_bytes(sparse)
     layer_bytes = sum(e.nbytes for n, e in ck_d.tensors.items() if n.startswith("model.layers.5."))
@@ -45,7 +51,9 @@ def test_sparse_checkpoint_gives_the_dense_fingerprints_and_takes_little_disk(tm
 def test_profile_maps_tiny_writes_maps_the_simulator_reads(tmp_path, capsys):
     bench = _load("profile_maps")
     out = tmp_path / "out"
-    rc = bench.main(["--tiny", "--out", str(out), "--work-dir", str(tmp_path / "work"), "--max-variants", "2", "--budget-s", "120"])
+    rc = bench.main(
+        ["--tiny", "--out", str(out), "--work-dir", str(tmp_path / "work"), "--max-variants", "2", "--budget-s", "120"]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "iServe configuration maps" in text and "tiny-llama" in text and "tiny-falcon" in text
@@ -59,6 +67,7 @@ def test_profile_maps_tiny_writes_maps_the_simulator_reads(tmp_path, capsys):
     assert not (tmp_path / "work" / "tiny-llama").exists()  # checkpoints are deleted per model
 
     from iserve.loadgen import simulator as sim
+    from iserve.loadgen.simspec import SimSpec
     from iserve.loadgen.traces import TraceRequest
     from iserve.messages import Intent
 
@@ -67,10 +76,18 @@ def test_profile_maps_tiny_writes_maps_the_simulator_reads(tmp_path, capsys):
     cm = maps["tiny-llama"]
     assert cm.max_gpus == 8 and cm.context_tokens == 128
     assert {e.config.weight_quant for e in cm.estimates} == {"fp16", "int8"}
-    assert any("not profiled" in x.reason for x in cm.excluded)  # variants beyond --max-variants are excluded with a reason
+    assert any(
+        "not profiled" in x.reason for x in cm.excluded
+    )  # variants beyond --max-variants are excluded with a reason
     trace = [TraceRequest(arrival_s=0.1 * i, context_tokens=40, generated_tokens=8, index=i) for i in range(20)]
-    spec = sim.SimSpec(models=[("tiny-llama", maps["tiny-llama"]), ("tiny-falcon", maps["tiny-falcon"])], trace=trace, gpus=2,
-                       gpu_memory_bytes=cm.gpu_memory_bytes, deploy_every_s=0.0, deploy_batch=2,
-                       intent=Intent(kind="min-latency", prompt_tokens=40, output_tokens=8))
+    spec = SimSpec(
+        models=[("tiny-llama", maps["tiny-llama"]), ("tiny-falcon", maps["tiny-falcon"])],
+        trace=trace,
+        gpus=2,
+        gpu_memory_bytes=cm.gpu_memory_bytes,
+        deploy_every_s=0.0,
+        deploy_batch=2,
+        intent=Intent(kind="min-latency", prompt_tokens=40, output_tokens=8),
+    )
     res = sim.simulate(spec)
     assert len(res.requests) == 20 and all(r.status == "ok" for r in res.requests)

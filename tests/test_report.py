@@ -7,8 +7,12 @@ import math
 
 import pytest
 
-from iserve.loadgen import report, simulator as sim
+from iserve.loadgen import metrics, report
+from iserve.loadgen import simulator as sim
+from iserve.loadgen.oracle import oracle_search
 from iserve.loadgen.records import DeploymentEvent, RequestRecord, Run, RunMeta, load_run
+from iserve.loadgen.simspec import SimSpec
+from iserve.loadgen.simulation import Simulation
 from iserve.messages import Intent
 
 GIB = 1 << 30
@@ -35,7 +39,7 @@ def test_metrics_are_computed_from_the_records():
         RequestRecord(request_id="2", model="b", arrival_s=10.0, end_s=10.0, status="error", error_code="not_deployed",
                       slo_ms=3000.0, slo_met=False),
     ]
-    m = report.run_metrics(_run(reqs, deps))
+    m = metrics.run_metrics(_run(reqs, deps))
     assert (m.requests, m.ok, m.failed) == (3, 2, 1)
     assert m.gpus_used == 2
     assert m.gpu_seconds == pytest.approx(100.0 + 100.0)  # GPU 0 from 0, GPU 1 from 0 (a) to the end at 100 s
@@ -50,11 +54,11 @@ def test_metrics_are_computed_from_the_records():
     assert m.models_deployed == 2 and m.configs == {"a": ["tp2-pp1"], "b": ["tp1-pp1"]}
     # the objective follows the intent
     run = _run(reqs, deps)
-    assert report.objective(run, Intent(kind="min-cost")) == (1, pytest.approx(40.0))  # mean GiB x s
-    assert report.objective(run, Intent(kind="min-memory")) == (1, pytest.approx(30.0))
-    assert report.objective(run, Intent(kind="min-latency")) == (1, pytest.approx(3000.0))
-    assert report.objective(run, Intent(kind="min-cost", cost_model="memory"))[1] == pytest.approx(15.0)
-    assert report.objective(run, Intent(kind="latency-slo", slo_ms=1.0)) == (0, pytest.approx(2 / 3))
+    assert metrics.objective(run, Intent(kind="min-cost")) == (1, pytest.approx(40.0))  # mean GiB x s
+    assert metrics.objective(run, Intent(kind="min-memory")) == (1, pytest.approx(30.0))
+    assert metrics.objective(run, Intent(kind="min-latency")) == (1, pytest.approx(3000.0))
+    assert metrics.objective(run, Intent(kind="min-cost", cost_model="memory"))[1] == pytest.approx(15.0)
+    assert metrics.objective(run, Intent(kind="latency-slo", slo_ms=1.0)) == (0, pytest.approx(2 / 3))
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +73,33 @@ def runs_dir(tmp_path_factory):
         for system in ("iserve", "max-tp", "alpaserve"):
             for kind, slo, exp in [("min-latency", 0.0, "fig11"), ("min-memory", 0.0, "fig13"),
                                    ("latency-slo", 2.5, "fig14"), ("latency-slo", 7.5, "fig14")]:
-                s = sim.SimSpec(models=models, trace=tr, system=system, rate=rate, slo_scale=slo,
+                s = SimSpec(models=models, trace=tr, system=system, rate=rate, slo_scale=slo,
                                 intent=Intent(kind=kind, prompt_tokens=1024, output_tokens=13),
                                 notes=f"experiment={exp}", **base)
-                sim.Simulation(s).run().write(root / f"{exp}-{rate}-{kind}-{slo}-{system}")
-        s = sim.SimSpec(models=models, trace=tr, system="oracle", rate=rate,
-                        intent=Intent(kind="min-latency", prompt_tokens=1024, output_tokens=13), notes="experiment=fig11", **base)
-        sim.oracle_search(s, candidates=2, max_evals=2).result.write(root / f"fig11-{rate}-oracle")
+                Simulation(s).run().write(root / f"{exp}-{rate}-{kind}-{slo}-{system}")
+        s = SimSpec(
+            models=models,
+            trace=tr,
+            system="oracle",
+            rate=rate,
+            intent=Intent(kind="min-latency", prompt_tokens=1024, output_tokens=13),
+            notes="experiment=fig11",
+            **base,
+        )
+        oracle_search(s, candidates=2, max_evals=2).result.write(root / f"fig11-{rate}-oracle")
     tr = sim.build_trace("conv", rate=0.1, duration_s=300)
     for kind in ("min-latency", "min-memory"):
         for system in ("iserve", "max-pp"):
-            s = sim.SimSpec(models=many, trace=tr, system=system, rate=0.1, deploy_batch=2,
-                            intent=Intent(kind=kind, prompt_tokens=512, output_tokens=128), **{**base, "trace_label": "conv"})
-            sim.Simulation(s).run().write(root / f"scaling-{kind}-{system}")
+            s = SimSpec(
+                models=many,
+                trace=tr,
+                system=system,
+                rate=0.1,
+                deploy_batch=2,
+                intent=Intent(kind=kind, prompt_tokens=512, output_tokens=128),
+                **{**base, "trace_label": "conv"},
+            )
+            Simulation(s).run().write(root / f"scaling-{kind}-{system}")
     return root
 
 
@@ -99,12 +117,12 @@ def test_report_has_every_table_and_non_empty_pngs(runs_dir, tmp_path):
     assert "| SLO | trace | rate | system | attainment |" in text
     assert "models deployed" in text
     # every latency number in the Fig. 11 table is a computed one
-    iserve = report.run_metrics(load_run(next(runs_dir.glob("fig11-0.2-min-latency-0.0-iserve"))))
+    iserve = metrics.run_metrics(load_run(next(runs_dir.glob("fig11-0.2-min-latency-0.0-iserve"))))
     assert report._ms(iserve.p50_ms) in text
 
 
 def test_fig16_counts_models_deployed(runs_dir):
-    ms = [report.run_metrics(load_run(p)) for p in report.find_runs([runs_dir]) if "scaling" in p.name]
+    ms = [metrics.run_metrics(load_run(p)) for p in report.find_runs([runs_dir]) if "scaling" in p.name]
     assert ms and all(m.experiment == "fig16" for m in ms)
     assert all(m.models_requested == 14 and 1 <= m.models_deployed <= 14 for m in ms)
     assert all(m.cluster_throughput > 0 for m in ms)
@@ -116,17 +134,47 @@ def test_report_rejects_a_folder_without_runs(tmp_path):
 
 def test_sweep_runs_the_simulator_and_writes_the_report(tmp_path):
     out = tmp_path / "sweep"
-    rc = report.main(["sweep", "--out", str(out), "--experiments", "fig11", "fig14", "--traces", "code", "--rates", "0.2",
-                      "--systems", "iserve", "max-pp", "--oracle", "--oracle-evals", "2", "--oracle-candidates", "2",
-                      "--duration-s", "300", "--workers", "1", "--slo-scales", "5", "--models", "llama-2-7b:2",
-                      "--gpus", "4", "--deploy-every-s", "60"])
+    rc = report.main(
+        [
+            "sweep",
+            "--out",
+            str(out),
+            "--experiments",
+            "fig11",
+            "fig14",
+            "--traces",
+            "code",
+            "--rates",
+            "0.2",
+            "--systems",
+            "iserve",
+            "max-pp",
+            "--oracle",
+            "--oracle-evals",
+            "2",
+            "--oracle-candidates",
+            "2",
+            "--duration-s",
+            "300",
+            "--workers",
+            "1",
+            "--slo-scales",
+            "5",
+            "--models",
+            "llama-2-7b:2",
+            "--gpus",
+            "4",
+            "--deploy-every-s",
+            "60",
+        ]
+    )
     assert rc == 0
     runs = report.find_runs([out / "runs"])
     assert len(runs) == 3 + 3  # iserve, max-pp and the oracle, for each experiment
     text = (out / "report.md").read_text()
     assert "Simulated sweep: 6 runs" in text and "Fig. 11" in text and "Fig. 14" in text
     assert (out / "fig11.png").stat().st_size > 0 and (out / "fig14.png").stat().st_size > 0
-    m = [report.run_metrics(load_run(p)) for p in runs]
+    m = [metrics.run_metrics(load_run(p)) for p in runs]
     assert {x.system for x in m} == {"iserve", "max-pp", "oracle"}
     assert all(not math.isnan(x.p50_ms) for x in m)
 
@@ -136,11 +184,18 @@ def test_per_baseline_summary_averages_over_loads(runs_dir, tmp_path):
     assert report.main([str(runs_dir), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "## iServe against each system, averaged over loads" in text
-    ms = [report.run_metrics(load_run(p)) for p in report.find_runs([runs_dir])]
+    ms = [metrics.run_metrics(load_run(p)) for p in report.find_runs([runs_dir])]
     rows = [line.split(" | ") for line in report._per_baseline(ms).splitlines()[2:]]
     fig11_tp = next(r for r in rows if r[0] == "| fig11" and r[2] == "TensorRT-LLM_TP")
-    pairs = [(m, o) for m in ms for o in ms if m.experiment == o.experiment == "fig11" and m.system == "iserve"
-             and o.system == "max-tp" and m.rate == o.rate]
+    pairs = [
+        (m, o)
+        for m in ms
+        for o in ms
+        if m.experiment == o.experiment == "fig11"
+        and m.system == "iserve"
+        and o.system == "max-tp"
+        and m.rate == o.rate
+    ]
     assert fig11_tp[3] == str(len(pairs)) == "2"
     same = [(a, b) for a, b in pairs if a.failed == 0 and b.failed == 0]
     assert fig11_tp[6] == str(len(same)) and same
@@ -155,9 +210,32 @@ def test_per_baseline_summary_averages_over_loads(runs_dir, tmp_path):
 
 def test_sweep_writes_runs_elsewhere_and_records_the_command(tmp_path):
     out, runs = tmp_path / "report", tmp_path / "scratch"
-    rc = report.main(["sweep", "--out", str(out), "--runs", str(runs), "--experiments", "fig11", "--traces", "code",
-                      "--rates", "0.2", "--systems", "iserve", "max-tp", "--duration-s", "120", "--workers", "1",
-                      "--models", "llama-2-7b", "--gpus", "2"])
+    rc = report.main(
+        [
+            "sweep",
+            "--out",
+            str(out),
+            "--runs",
+            str(runs),
+            "--experiments",
+            "fig11",
+            "--traces",
+            "code",
+            "--rates",
+            "0.2",
+            "--systems",
+            "iserve",
+            "max-tp",
+            "--duration-s",
+            "120",
+            "--workers",
+            "1",
+            "--models",
+            "llama-2-7b",
+            "--gpus",
+            "2",
+        ]
+    )
     assert rc == 0
     assert len(report.find_runs([runs])) == 2 and not (out / "runs").exists()
     text = (out / "report.md").read_text()

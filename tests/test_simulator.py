@@ -10,31 +10,53 @@ import pytest
 
 from iserve.deployer.planner import GIB
 from iserve.loadgen import simulator as sim
+from iserve.loadgen.metrics import objective
+from iserve.loadgen.oracle import oracle_search
 from iserve.loadgen.records import load_run
-from iserve.loadgen.report import objective
+from iserve.loadgen.simspec import SimSpec
+from iserve.loadgen.simulation import Simulation
+from iserve.loadgen.synthetic import synthetic_map
 from iserve.loadgen.traces import TraceRequest
 from iserve.messages import ConfigEstimate, Configuration, ConfigurationMap, Intent
 
 
 def flat_est(tp=1, pp=1, wq="fp16", *, layers=8, layer_gib=1.0, ttft_ms=100.0, tpot_ms=10.0) -> ConfigEstimate:
     lb = int(layer_gib * GIB / tp)
-    return ConfigEstimate(config=Configuration(tp=tp, pp=pp, weight_quant=wq), ttft_base_ms=ttft_ms, ttft_per_token_ms=0.0,
-                          tpot_ms=tpot_ms, layer_bytes=lb, first_stage_bytes=0, last_stage_bytes=0, gpu_overhead_bytes=0,
-                          total_bytes=tp * layers * lb, num_layers=layers)
+    return ConfigEstimate(
+        config=Configuration(tp=tp, pp=pp, weight_quant=wq),
+        ttft_base_ms=ttft_ms,
+        ttft_per_token_ms=0.0,
+        tpot_ms=tpot_ms,
+        layer_bytes=lb,
+        first_stage_bytes=0,
+        last_stage_bytes=0,
+        gpu_overhead_bytes=0,
+        total_bytes=tp * layers * lb,
+        num_layers=layers,
+    )
 
 
 def cmap(name: str, estimates: list[ConfigEstimate], memory_gib: int = 48) -> ConfigurationMap:
-    return ConfigurationMap(model=name, gpu_type="A6000", gpu_memory_bytes=memory_gib * GIB, max_gpus=8,
-                            context_tokens=4096, estimates=estimates)
+    return ConfigurationMap(
+        model=name,
+        gpu_type="A6000",
+        gpu_memory_bytes=memory_gib * GIB,
+        max_gpus=8,
+        context_tokens=4096,
+        estimates=estimates,
+    )
 
 
 def trace(arrivals, prompt=100, output=11) -> list[TraceRequest]:
-    return [TraceRequest(arrival_s=t, context_tokens=prompt, generated_tokens=output, index=i) for i, t in enumerate(arrivals)]
+    return [
+        TraceRequest(arrival_s=t, context_tokens=prompt, generated_tokens=output, index=i)
+        for i, t in enumerate(arrivals)
+    ]
 
 
-def spec(models, tr, **kw) -> sim.SimSpec:
+def spec(models, tr, **kw) -> SimSpec:
     kw.setdefault("intent", Intent(kind="min-latency", prompt_tokens=100, output_tokens=11))
-    return sim.SimSpec(models=models, trace=tr, **kw)
+    return SimSpec(models=models, trace=tr, **kw)
 
 
 ONE_SECOND = flat_est(ttft_ms=100.0, tpot_ms=90.0)  # 100 + 10 x 90 = 1000 ms for 100+11 tokens
@@ -42,7 +64,9 @@ ONE_SECOND = flat_est(ttft_ms=100.0, tpot_ms=90.0)  # 100 + 10 x 90 = 1000 ms fo
 
 @pytest.fixture(scope="module")
 def paper_models():
-    return sim.resolve_models(["llama-2-70b", "falcon-40b:2", "llama-2-7b"], maps_dir=None, gpu_type="A6000", max_gpus=8)
+    return sim.resolve_models(
+        ["llama-2-70b", "falcon-40b:2", "llama-2-7b"], maps_dir=None, gpu_type="A6000", max_gpus=8
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,7 +75,7 @@ def paper_models():
 
 def test_a_lone_request_takes_its_estimate_and_queues_fcfs():
     m = [("a", cmap("a", [ONE_SECOND]))]
-    res = sim.Simulation(spec(m, trace([0.0, 0.2, 0.4, 5.0]), gpus=1)).run()
+    res = Simulation(spec(m, trace([0.0, 0.2, 0.4, 5.0]), gpus=1)).run()
     by = {r.request_id: r for r in res.requests}
     assert [r.status for r in res.requests] == ["ok"] * 4
     assert by["0"].e2e_ms == pytest.approx(1000.0) and by["0"].queue_ms == 0.0
@@ -68,14 +92,15 @@ def test_processor_sharing_slows_co_located_requests_exactly():
     # both deployed at t=0 on one GPU; a at 0, b at 0.5: a runs alone 0.5 s, then both at rate 1/2
     tr = trace([0.0, 0.5])
     s = spec(models, tr, gpus=1, deploy_every_s=0.0, deploy_batch=2, assignment=["a", "b"])
-    res = sim.Simulation(s).run()
+    res = Simulation(s).run()
     by_model = {r.model: r for r in res.requests}
     a, b = by_model["a"], by_model["b"]
     assert a.end_s == pytest.approx(1.5)  # 0.5 alone + 0.5 of work at half speed
     assert b.end_s == pytest.approx(2.0)  # 0.5 of work at half speed, then 0.5 alone
     # on two GPUs they do not share: each takes its solo time
-    res2 = sim.Simulation(spec(models, tr, gpus=2, deploy_every_s=0.0, deploy_batch=2, policy="least-loaded",
-                               assignment=["a", "b"])).run()
+    res2 = Simulation(
+        spec(models, tr, gpus=2, deploy_every_s=0.0, deploy_batch=2, policy="least-loaded", assignment=["a", "b"])
+    ).run()
     assert sorted(r.e2e_ms for r in res2.requests) == pytest.approx([1000.0, 1000.0])
 
 
@@ -85,17 +110,21 @@ def test_processor_sharing_uses_the_most_contended_gpu():
     solo = ONE_SECOND
     models = [("wide", cmap("wide", [wide])), ("solo", cmap("solo", [solo]))]
     tr = trace([0.0, 0.0])
-    res = sim.Simulation(spec(models, tr, gpus=2, deploy_every_s=0.0, deploy_batch=2, policy="packing",
-                              assignment=["wide", "solo"])).run()
+    res = Simulation(
+        spec(models, tr, gpus=2, deploy_every_s=0.0, deploy_batch=2, policy="packing", assignment=["wide", "solo"])
+    ).run()
     deps = {d.model: {g.split(":")[0] for g in d.gpus} for d in res.deployments if d.status == "ready"}
-    assert deps == {"wide": {"sim0/0", "sim0/1"}, "solo": {"sim0/0"}} or deps == {"wide": {"sim0/0", "sim0/1"}, "solo": {"sim0/1"}}
+    assert deps == {"wide": {"sim0/0", "sim0/1"}, "solo": {"sim0/0"}} or deps == {
+        "wide": {"sim0/0", "sim0/1"},
+        "solo": {"sim0/1"},
+    }
     for r in res.requests:
         assert r.e2e_ms == pytest.approx(2000.0)  # both at rate 1/2 for the whole second of work
 
 
 def test_queueing_under_high_load_and_conservation(paper_models):
     tr = sim.build_trace("code", rate=0.4, duration_s=900)
-    res = sim.Simulation(spec(paper_models, tr, system="iserve")).run()
+    res = Simulation(spec(paper_models, tr, system="iserve")).run()
     ids = [r.request_id for r in res.requests]
     assert sorted(ids, key=int) == [str(i) for i in range(len(tr))]  # every request exactly once
     assert all(r.status == "ok" for r in res.requests)
@@ -119,9 +148,9 @@ def test_queueing_under_high_load_and_conservation(paper_models):
 
 def test_determinism_with_a_seed(paper_models):
     tr = sim.build_trace("conv", rate=0.2, duration_s=600)
-    a = sim.Simulation(spec(paper_models, tr, seed=3)).run()
-    b = sim.Simulation(spec(paper_models, tr, seed=3)).run()
-    c = sim.Simulation(spec(paper_models, tr, seed=4)).run()
+    a = Simulation(spec(paper_models, tr, seed=3)).run()
+    b = Simulation(spec(paper_models, tr, seed=3)).run()
+    c = Simulation(spec(paper_models, tr, seed=4)).run()
     enc = msgspec.json.encode
     assert enc(a.requests) == enc(b.requests)
     assert enc(a.gpus) == enc(b.gpus)
@@ -130,7 +159,7 @@ def test_determinism_with_a_seed(paper_models):
 
 def test_timeouts_drop_requests_queued_too_long():
     m = [("a", cmap("a", [ONE_SECOND]))]
-    res = sim.Simulation(spec(m, trace([0.0] * 10), gpus=1, timeout_s=3.5)).run()
+    res = Simulation(spec(m, trace([0.0] * 10), gpus=1, timeout_s=3.5)).run()
     statuses = sorted(r.status for r in res.requests)
     assert len(res.requests) == 10
     assert statuses.count("ok") == 4 and statuses.count("timeout") == 6  # started at 0, 1, 2, 3 s
@@ -142,11 +171,11 @@ def test_load_aware_hybrid_placement_sees_the_busy_window():
     models = [("a", cmap("a", [small])), ("b", cmap("b", [small]))]
     # a is deployed at 0 and kept busy for 200 s; b at 200 s: hybrid sees GPU 0 loaded above theta
     busy = trace([float(t) for t in range(200)])
-    res = sim.Simulation(spec(models, busy, gpus=2, deploy_every_s=200.0, policy="hybrid", theta=0.5)).run()
+    res = Simulation(spec(models, busy, gpus=2, deploy_every_s=200.0, policy="hybrid", theta=0.5)).run()
     ready = {d.model: d.gpus for d in res.deployments if d.status == "ready"}
     assert ready["a"] != ready["b"]
     idle = trace([0.0])
-    res2 = sim.Simulation(spec(models, idle, gpus=2, deploy_every_s=200.0, policy="hybrid", theta=0.5)).run()
+    res2 = Simulation(spec(models, idle, gpus=2, deploy_every_s=200.0, policy="hybrid", theta=0.5)).run()
     ready2 = {d.model: d.gpus for d in res2.deployments if d.status == "ready"}
     assert ready2["a"] == ready2["b"]  # an idle GPU is packable: packed together
 
@@ -160,7 +189,7 @@ def test_one_hour_trace_at_rate_04_runs_in_well_under_a_minute(paper_models, nam
     tr = sim.build_trace(name, rate=0.4)
     assert tr[-1].arrival_s > 3000
     t0 = time.process_time()
-    res = sim.Simulation(spec(paper_models, tr, system="iserve")).run()
+    res = Simulation(spec(paper_models, tr, system="iserve")).run()
     cpu = time.process_time() - t0
     assert len(res.requests) == len(tr)
     assert cpu < 60.0, f"{len(tr)} requests took {cpu:.1f} s of CPU"
@@ -173,7 +202,7 @@ def test_one_hour_trace_at_rate_04_runs_in_well_under_a_minute(paper_models, nam
 @pytest.mark.parametrize("system", ["max-tp", "max-pp", "accelerate", "alpaserve", "alpaserve*"])
 def test_every_system_runs_and_writes_a_loadable_run(paper_models, system, tmp_path):
     tr = sim.build_trace("code", rate=0.2, duration_s=1200)
-    res = sim.Simulation(spec(paper_models, tr, system=system, slo_scale=5.0)).run()
+    res = Simulation(spec(paper_models, tr, system=system, slo_scale=5.0)).run()
     assert len(res.requests) == len(tr)
     out = res.write(tmp_path / system)
     run = load_run(out)
@@ -193,7 +222,7 @@ def test_every_system_runs_and_writes_a_loadable_run(paper_models, system, tmp_p
 
 def test_alpaserve_plans_with_the_whole_trace(paper_models):
     tr = sim.build_trace("code", rate=0.4, duration_s=1800)
-    s = sim.Simulation(spec(paper_models, tr, system="alpaserve"))
+    s = Simulation(spec(paper_models, tr, system="alpaserve"))
     w = s.workload()
     assert sum(w.rates.values()) == pytest.approx(len(tr) / tr[-1].arrival_s)
     res = s.run()
@@ -203,12 +232,12 @@ def test_alpaserve_plans_with_the_whole_trace(paper_models):
 def test_static_system_deploys_the_fixed_configuration(paper_models):
     tr = sim.build_trace("code", rate=0.1, duration_s=600)
     cfg = Configuration(tp=2, pp=1, weight_quant="int8")
-    res = sim.Simulation(spec(paper_models, tr, system="static", forced={"llama-2-7b": cfg})).run()
+    res = Simulation(spec(paper_models, tr, system="static", forced={"llama-2-7b": cfg})).run()
     assert res.choices["llama-2-7b"] == [cfg.key()]
 
 
 def test_synthetic_maps_come_from_the_estimator():
-    m = sim.synthetic_map("llama-2-7b")
+    m = synthetic_map("llama-2-7b")
     keys = {e.config.key(): e for e in m.estimates}
     fp16, int4 = keys["tp1-pp1-wfp16-kvfp16-pnone"], keys["tp1-pp1-wint4-kvfp16-pnone"]
     assert int4.total_bytes < fp16.total_bytes / 2 and int4.tpot_ms < fp16.tpot_ms
@@ -225,8 +254,8 @@ def test_synthetic_maps_come_from_the_estimator():
 def test_oracle_is_never_worse_than_iserves_own_choice(paper_models, kind):
     tr = sim.build_trace("code", rate=0.3, duration_s=1200)
     s = spec(paper_models, tr, intent=Intent(kind=kind, prompt_tokens=1024, output_tokens=13))
-    iserve_run = sim.Simulation(s).run()
-    o = sim.oracle_search(s, candidates=3, max_evals=6)
+    iserve_run = Simulation(s).run()
+    o = oracle_search(s, candidates=3, max_evals=6)
     assert o.start_objective == objective(iserve_run.as_run(), s.intent)
     assert o.objective <= o.start_objective
     assert objective(o.result.as_run(), s.intent) == o.objective

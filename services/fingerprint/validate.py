@@ -43,6 +43,7 @@ from iserve.messages import (
     ProfileResult,
     ProfilingCost,
 )
+from iserve.stats import percentile
 
 from . import estimator, generator
 
@@ -106,22 +107,13 @@ def compare(est: ConfigEstimate, m: FingerprintMeasurement, decode_runs: Sequenc
     return c
 
 
-def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def summarize(comparisons: Sequence[Comparison]) -> dict[str, dict[str, float]]:
     """Median and p90 of the absolute relative errors, per kind, over every point of every
     measured configuration."""
     out = {}
     for what in ("ttft", "tpot", "memory"):
         errs = [e for c in comparisons for e in c.errors(what)]
-        out[what] = {"median": _pct(errs, 0.5), "p90": _pct(errs, 0.9), "max": max(errs) if errs else math.nan, "points": len(errs)}
+        out[what] = {"median": percentile(errs, 50), "p90": percentile(errs, 90), "max": max(errs) if errs else math.nan, "points": len(errs)}
     return out
 
 

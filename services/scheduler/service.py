@@ -40,6 +40,7 @@ from iserve.messages import (
     decoder,
     encode,
 )
+from iserve.stats import percentile
 
 from .config import SchedulerConfig
 from .queues import FcfsQueues, Queued
@@ -65,13 +66,6 @@ class ReplicaStats:
             lst.append(v)
             if len(lst) > keep:
                 del lst[: len(lst) - keep]
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(int(q * (len(s) - 1) + 0.5), len(s) - 1)]
 
 
 class SchedulerService:
@@ -243,7 +237,7 @@ class SchedulerService:
                     ttft_ms_p50=statistics.median(s.ttft_ms) if s.ttft_ms else 0.0,
                     tpot_ms_p50=statistics.median(s.tpot_ms) if s.tpot_ms else 0.0,
                     e2e_ms_p50=statistics.median(s.e2e_ms) if s.e2e_ms else 0.0,
-                    e2e_ms_p99=pct(s.e2e_ms, 0.99),
+                    e2e_ms_p99=percentile(s.e2e_ms, 99, empty=0.0),
                     cancelled=s.cancelled,
                     timed_out=s.timed_out,
                 )

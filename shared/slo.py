@@ -19,7 +19,11 @@ def reference_estimate(estimates: Sequence[ConfigEstimate]) -> ConfigEstimate:
     configuration of any kind is used, so an SLO can always be set."""
     if not estimates:
         raise ValueError("the configuration map has no estimates")
-    plain = [e for e in estimates if e.config.weight_quant == "fp16" and e.config.kv_quant == "fp16" and e.config.pruning == "none"]
+    plain = [
+        e
+        for e in estimates
+        if e.config.weight_quant == "fp16" and e.config.kv_quant == "fp16" and e.config.pruning == "none"
+    ]
     pool = plain or list(estimates)
     return min(pool, key=lambda e: (e.config.gpus, e.config.tp, e.config.pp, e.config.key()))
 
@@ -33,14 +37,20 @@ def slo_ms(estimate: ConfigEstimate, prompt_tokens: int, output_tokens: int, sca
     latency = estimate.latency_ms(prompt_tokens, output_tokens)
     if not latency > 0:
         raise ValueError(
-            f"the estimated latency of {estimate.config.key()} for {prompt_tokens}+{output_tokens} tokens is {latency:.1f} ms; "
+            f"the estimated latency of {estimate.config.key()} for {prompt_tokens}+{output_tokens} tokens is "
+            f"{latency:.1f} ms; "
             "no SLO can be scaled from it (re-profile with prompt lengths covering this one)"
         )
     return scale * latency
 
 
 def request_slo_ms(
-    prompt_tokens: int, output_tokens: int, *, fixed_ms: float | None = None, scale: float | None = None, reference: ConfigEstimate | None = None
+    prompt_tokens: int,
+    output_tokens: int,
+    *,
+    fixed_ms: float | None = None,
+    scale: float | None = None,
+    reference: ConfigEstimate | None = None,
 ) -> float:
     """A request's SLO: ``fixed_ms`` when given, else ``scale`` times the ``reference`` estimate's
     latency for its lengths, else 0 (no SLO). Raises ``ValueError`` as ``slo_ms`` does."""
