@@ -28,7 +28,10 @@ import time
 
 import msgspec
 
-from iserve.deployer.planner import GIB, ClusterView, GpuState, plan
+from iserve.deployer.feasibility import ClusterView
+from iserve.deployer.placement import GpuState
+from iserve.deployer.planner import plan
+from iserve.deployer.units import GIB
 from iserve.errors import Infeasible
 from iserve.messages import ConfigEstimate, Configuration, Intent
 from iserve.stats import percentile

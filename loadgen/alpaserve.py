@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
-from iserve.deployer.planner import Decision, GpuState, arrange, cost, latency_ms, validate_intent
+from iserve.deployer.placement import GpuState, arrange
+from iserve.deployer.planner import Decision
+from iserve.deployer.ranking import cost, latency_ms, validate_intent
 from iserve.errors import BadRequest, Infeasible
 from iserve.messages import ConfigEstimate, GpuAssignment, Intent
 from iserve.slo import reference_estimate

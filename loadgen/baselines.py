@@ -11,16 +11,10 @@ from typing import Sequence
 
 import msgspec
 
-from iserve.deployer.planner import (
-    ClusterView,
-    Decision,
-    GpuState,
-    check_policy,
-    cost,
-    latency_ms,
-    plan,
-    validate_intent,
-)
+from iserve.deployer.feasibility import ClusterView
+from iserve.deployer.placement import GpuState, check_policy
+from iserve.deployer.planner import Decision, plan
+from iserve.deployer.ranking import cost, latency_ms, validate_intent
 from iserve.errors import BadRequest, Infeasible
 from iserve.messages import ConfigEstimate, GpuAssignment, Intent, Rejection
 

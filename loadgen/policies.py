@@ -24,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from iserve.deployer import planner
-from iserve.deployer.planner import Decision, GpuState
+from iserve.deployer import planner, ranking
+from iserve.deployer.placement import GpuState
+from iserve.deployer.planner import Decision
 from iserve.errors import Infeasible
 from iserve.messages import ConfigEstimate, Configuration, ConfigurationMap, Intent
 
@@ -128,13 +129,13 @@ def oracle_candidates(estimates: Sequence[ConfigEstimate], intent: Intent, k: in
     distinct (GPU count, estimated latency) (so PP variants of equal latency do not crowd out other
     choices), plus the best-ranked configuration of every GPU count (placement and contention differ
     with the number of GPUs). In rank order."""
-    ranked, _ = planner.rank(list(estimates), _unbounded(intent))
+    ranked, _ = ranking.rank(list(estimates), _unbounded(intent))
     out: list[Configuration] = []
     seen: set[tuple[int, float]] = set()
     per_count: dict[int, Configuration] = {}
     for e in ranked:
         per_count.setdefault(e.config.gpus, e.config)
-        sig = (e.config.gpus, round(planner.latency_ms(e, intent), 3))
+        sig = (e.config.gpus, round(ranking.latency_ms(e, intent), 3))
         if sig in seen or len(out) >= k:
             continue
         seen.add(sig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iserve.deployer.planner import GIB
+from iserve.deployer.units import GIB
 from iserve.messages import Configuration, ConfigurationMap, Intent
 
 from .records import DeploymentEvent, GpuSample, RequestRecord, Run, RunMeta, RunWriter

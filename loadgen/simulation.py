@@ -12,7 +12,8 @@ from collections import deque
 import msgspec
 
 from iserve import slo as slo_mod
-from iserve.deployer.planner import Decision, GpuState
+from iserve.deployer.placement import GpuState
+from iserve.deployer.planner import Decision
 from iserve.errors import IServeError
 from iserve.messages import ConfigEstimate, Intent
 from iserve.scheduler.queues import FcfsQueues, Queued

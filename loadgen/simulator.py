@@ -19,7 +19,7 @@ from typing import Sequence
 
 import msgspec
 
-from iserve.deployer.planner import GIB
+from iserve.deployer.units import GIB
 from iserve.messages import ConfigurationMap, Intent
 
 from .oracle import oracle_search

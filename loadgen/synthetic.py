@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 from iserve.checkpoint import layer_tensor_shapes, other_tensor_shapes
-from iserve.deployer.planner import GIB
+from iserve.deployer.units import GIB
 from iserve.fingerprint import estimator as est_mod
 from iserve.messages import (
     ArchSpec,

@@ -7,7 +7,9 @@ import itertools
 
 import pytest
 
-from iserve.deployer.planner import GIB, Decision, GpuState, plan
+from iserve.deployer.placement import GpuState
+from iserve.deployer.planner import Decision, plan
+from iserve.deployer.units import GIB
 from iserve.errors import BadRequest, Infeasible
 from iserve.loadgen import alpaserve, baselines
 from iserve.messages import ConfigEstimate, Configuration, Intent

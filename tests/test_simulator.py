@@ -8,7 +8,7 @@ import time
 import msgspec
 import pytest
 
-from iserve.deployer.planner import GIB
+from iserve.deployer.units import GIB
 from iserve.loadgen import simulator as sim
 from iserve.loadgen.metrics import objective
 from iserve.loadgen.oracle import oracle_search
