@@ -138,7 +138,7 @@ def default_devices() -> list[str]:
 
 
 def engine_capabilities() -> dict:
-    from iserve.gpu_agent.engine import CAPABILITIES
+    from iserve.gpu_agent.engine.capabilities import CAPABILITIES
 
     return dict(CAPABILITIES)
 
@@ -184,7 +184,7 @@ def profile_locally(
 ) -> LocalProfile:
     """Generate ``model_dir``'s fingerprints under ``work_dir``, profile them on ``devices`` (the
     fingerprint service's job, run in this process) and estimate every configuration."""
-    from iserve.gpu_agent.engine.profile import run_profile_job
+    from iserve.gpu_agent.profiling import run_profile_job
 
     t0 = time.perf_counter()
     ck = checkpoint.scan_checkpoint(model_dir)
@@ -225,7 +225,7 @@ def local_map(ck: checkpoint.Checkpoint, infos: Sequence[generator.FingerprintIn
     """The configuration map of ``ck`` for up to ``max_gpus`` GPUs of ``devices[0]``'s type from a
     profiling ``result`` made here (``profile_locally``'s last step; also for results merged from
     several jobs). TP degrees above what was measured come from the communication model."""
-    from iserve.gpu_agent.engine.profile import gpu_type_of
+    from iserve.gpu_agent.profiling import gpu_type_of
 
     sizes, fractions = generator.fingerprint_cost_fields(list(infos))
     gpu_type = gpu_type_of(devices[0])
@@ -271,31 +271,31 @@ def measure_configuration(model_dir: str | Path, config: Configuration, devices:
     """Measure the full model as ``config`` (PP=1; TP on ``devices[:tp]``) with the profiling
     protocol, wall time only. Raises ``UnsupportedModel`` when the engine cannot run it."""
     from iserve.errors import BadRequest
-    from iserve.gpu_agent.engine import profile
+    from iserve.gpu_agent import profiling
 
     if config.pp != 1:
         raise BadRequest(f"{config.key()}: validation measures PP=1 configurations (PP reuses PP=1 latency; see docs/fingerprint.md).")
-    protocol = profile.Protocol(prompt_lengths=tuple(prompt_lengths), output_lengths=tuple(output_lengths), repeats=repeats,
-                                warmup=warmup, device_repeats=0, context_tokens=context_tokens)
+    protocol = profiling.Protocol(prompt_lengths=tuple(prompt_lengths), output_lengths=tuple(output_lengths),
+                                  repeats=repeats, warmup=warmup, device_repeats=0, context_tokens=context_tokens)
     variant = estimator.variant_of(config)
     if config.tp == 1:
-        warm = profile.ENGINE_WARMUP_S if gpu_warmup_s is None else gpu_warmup_s  # as each fingerprint gets
-        return profile.measure_model(model_dir, devices[0], protocol=protocol, variant=variant, device_timing=False,
-                                     gpu_warmup_s=warm)
+        warm = profiling.ENGINE_WARMUP_S if gpu_warmup_s is None else gpu_warmup_s  # as each fingerprint gets
+        return profiling.measure_model(model_dir, devices[0], protocol=protocol, variant=variant, device_timing=False,
+                                       gpu_warmup_s=warm)
     if len(devices) < config.tp:
         raise BadRequest(f"{config.key()} needs {config.tp} devices; pass --devices with {config.tp}.")
     job = ProfileJob(job_id="validate", model=Path(model_dir).name, fingerprint_paths=[str(model_dir)], gpu_index=0,
                      variants=[variant], prompt_lengths=list(prompt_lengths), output_lengths=list(output_lengths), repeats=repeats,
                      warmup=warmup, context_tokens=context_tokens, device_timing=False, timeout_s=timeout_s)
-    ms, _ = profile._measure_tp_variant(job, list(devices), variant, timeout_s)
+    ms, _ = profiling.measure_tp_variant(job, list(devices), variant, timeout_s)
     return ms[0]
 
 
 def _decode_runs(prompt_lengths: Sequence[int], output_lengths: Sequence[int], context: int) -> list[tuple[int, int]]:
-    from iserve.gpu_agent.engine import profile
+    from iserve.gpu_agent.profiling import Protocol
 
-    return profile.Protocol(prompt_lengths=tuple(prompt_lengths), output_lengths=tuple(output_lengths),
-                            context_tokens=context).decode_runs()
+    return Protocol(prompt_lengths=tuple(prompt_lengths), output_lengths=tuple(output_lengths),
+                    context_tokens=context).decode_runs()
 
 
 def validate(model_dir: str | Path, cmap: ConfigurationMap, estimates: Sequence[ConfigEstimate], devices: Sequence[str], *,
