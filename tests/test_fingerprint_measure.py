@@ -33,7 +33,8 @@ def fps(tmp_path_factory) -> list[Path]:
 
 def test_protocol_checks_and_decode_runs():
     assert PROTOCOL.decode_runs() == [(32, 3), (16, 6)]
-    assert profiling.Protocol(prompt_lengths=(128, 512, 1024), output_lengths=(8, 32, 64)).decode_runs() == [(1024, 8), (512, 32), (128, 64)]
+    decode_runs = profiling.Protocol(prompt_lengths=(128, 512, 1024), output_lengths=(8, 32, 64)).decode_runs()
+    assert decode_runs == [(1024, 8), (512, 32), (128, 64)]
     with pytest.raises(BadRequest, match="2 or more"):
         profiling.Protocol(prompt_lengths=(8,), output_lengths=(1,))
     with pytest.raises(BadRequest, match="exceeds"):
@@ -88,8 +89,10 @@ def test_the_device_pass_times_batches_queued_behind_a_spin(fps, monkeypatch):
     from iserve.gpu_agent.engine.runner import Engine
 
     real_prefill, real_decode = Engine.queue_prefill, Engine.queue_decode
-    monkeypatch.setattr(Engine, "queue_prefill", lambda self, ids: (queued.append(("p", len(ids))), real_prefill(self, ids))[1])
-    monkeypatch.setattr(Engine, "queue_decode", lambda self, pos: (queued.append(("d", pos)), real_decode(self, pos))[1])
+    monkeypatch.setattr(Engine, "queue_prefill",
+                        lambda self, ids: (queued.append(("p", len(ids))), real_prefill(self, ids))[1])
+    monkeypatch.setattr(Engine, "queue_decode",
+                        lambda self, pos: (queued.append(("d", pos)), real_decode(self, pos))[1])
     m = profiling.measure_model(fps[0], "cpu", protocol=PROTOCOL, num_layers=1, clock_factory=factory)
     assert [t.prompt_tokens for t in m.ttft_device] == [8, 16, 32]
     # each decode run is device-timed at its first and its last position: (32, 3) feeds 32..33, (16, 6) 16..20
@@ -99,7 +102,8 @@ def test_the_device_pass_times_batches_queued_behind_a_spin(fps, monkeypatch):
     assert PROTOCOL.device_repeats == min(PROTOCOL.repeats, protocol_mod.DEVICE_REPEATS) == 2
     spins = clocks[0].spun
     assert len(spins) == 2 * (3 + 4)
-    assert queued.count(("p", 8)) == 2 * timing_mod.DEVICE_PREFILLS and queued.count(("d", 20)) == 2 * timing_mod.DEVICE_STEPS
+    assert queued.count(("p", 8)) == 2 * timing_mod.DEVICE_PREFILLS
+    assert queued.count(("d", 20)) == 2 * timing_mod.DEVICE_STEPS
     # a spin outlasts the batch's wall time twice over
     assert min(spins) >= 2 * timing_mod.DEVICE_PREFILLS * min(t.ttft_ms for t in m.ttft)
 
@@ -125,7 +129,8 @@ def test_a_deep_run_on_one_process_captures_the_protocols_prefills_and_cuts_its_
 
     monkeypatch.setattr(measure_mod, "load_engine", spy)
     monkeypatch.setattr(timing_mod, "DEEP_STEPS", 2)
-    proto = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=4, warmup=1, context_tokens=64, replay_depth=5)
+    proto = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=4, warmup=1,
+                               context_tokens=64, replay_depth=5)
     ms = profiling.measure_models(fps, "cpu", protocol=proto, device_timing=False)
     assert [m.num_layers for m in ms] == [1, 2, 5] and ms[2].replayed_from == 2
     assert [kw.get("prefill_lengths") for kw in loads] == [None, None, [8, 16, 32]]
@@ -137,14 +142,17 @@ def test_a_deep_run_on_one_process_captures_the_protocols_prefills_and_cuts_its_
 
 
 def test_measure_fingerprint_keeps_its_signature(fps):
-    m = profiling.measure_fingerprint(fps[0], "cpu", num_layers=1, prompt_lengths=[8, 16], output_lengths=[3, 5], repeats=1,
+    m = profiling.measure_fingerprint(fps[0], "cpu", num_layers=1, prompt_lengths=[8, 16], output_lengths=[3, 5],
+                                      repeats=1,
                                     warmup=0, context_tokens=32, variant=ProfileVariant(kv_quant="int8"))
     assert m.variant.kv_quant == "int8" and len(m.ttft) == 2
 
 
 def _job(paths, variants, **kw) -> ProfileJob:
-    return ProfileJob(job_id="j1", model="tiny", fingerprint_paths=[str(p) for p in paths], gpu_index=0, variants=variants,
-                      prompt_lengths=[8, 16], output_lengths=[3, 5], repeats=1, warmup=0, context_tokens=32, gpu_warmup_s=0.0, **kw)
+    return ProfileJob(job_id="j1", model="tiny", fingerprint_paths=[str(p) for p in paths], gpu_index=0,
+                      variants=variants,
+                      prompt_lengths=[8, 16], output_lengths=[3, 5], repeats=1, warmup=0, context_tokens=32,
+                      gpu_warmup_s=0.0, **kw)
 
 
 def test_profile_job_measures_variants_and_reports_the_ones_it_cannot(fps, tmp_path, monkeypatch):
@@ -156,7 +164,8 @@ def test_profile_job_measures_variants_and_reports_the_ones_it_cannot(fps, tmp_p
         return real(model_dir, device, context_tokens, variant, **kw)
 
     monkeypatch.setattr(measure_mod, "load_engine", picky)
-    variants = [ProfileVariant(), ProfileVariant(weight_quant="int4"), ProfileVariant(tp=2), ProfileVariant(pruning="structured")]
+    variants = [ProfileVariant(), ProfileVariant(weight_quant="int4"), ProfileVariant(tp=2),
+                ProfileVariant(pruning="structured")]
     job = _job(fps, variants)
     (tmp_path / "job.json").write_bytes(encode(job))
     result = profiling.run_profile_job_file(tmp_path / "job.json", tmp_path / "result.json", ["cpu"])
@@ -187,7 +196,8 @@ def test_tensor_parallel_variants_run_on_spawned_ranks(fps):
     got = {(m.variant, m.num_layers): m for m in result.measurements}
     assert set(got) == {(v, n) for v in variants[:3] for n in (1, 2)}
     tp2 = got[ProfileVariant(tp=2), 2]
-    assert tp2.tp == 2 and tp2.ttft and tp2.decode and tp2.kv_cache_bytes == got[ProfileVariant(), 2].kv_cache_bytes // 2
+    assert tp2.tp == 2 and tp2.ttft and tp2.decode
+    assert tp2.kv_cache_bytes == got[ProfileVariant(), 2].kv_cache_bytes // 2
     assert result.skipped == {"tp4-wfp16-kvfp16-pnone": "needs 4 GPUs, the profiling job had 2"}
     assert result.gpu_seconds > result.wall_seconds  # the second rank's device time counts too
 
@@ -256,17 +266,20 @@ def test_replayed_depth_adds_a_deep_run_of_the_deepest_fingerprint(fps):
     from iserve import checkpoint
     from iserve.fingerprint import estimator
 
-    protocol = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, context_tokens=64, replay_depth=6)
+    protocol = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, context_tokens=64,
+                                  replay_depth=6)
     ms = profiling.measure_models(fps, "cpu", protocol=protocol, num_layers=[1, 2])
     assert [(m.num_layers, m.replayed_from) for m in ms] == [(1, 0), (2, 0), (6, 2)]
     assert ms[2].weight_bytes == ms[1].weight_bytes and ms[2].kv_cache_bytes == 3 * ms[1].kv_cache_bytes
     assert ms[2].ttft and ms[2].decode
     # The deep run is as long as a full model's pass: DEEP_REPEATS rounds, not the pair's.
-    protocol5 = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=5, context_tokens=64, replay_depth=6)
+    protocol5 = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=5, context_tokens=64,
+                                   replay_depth=6)
     calls = []
     real = timing_mod._run_wall
     try:
-        timing_mod._run_wall = lambda engine, ids, n, sink=None: calls.append((len(engine.stages[0].layers), sink is not None)) or real(engine, ids, n, sink)
+        timing_mod._run_wall = lambda engine, ids, n, sink=None: (
+            calls.append((len(engine.stages[0].layers), sink is not None)) or real(engine, ids, n, sink))
         profiling.measure_models(fps, "cpu", protocol=protocol5, num_layers=[1, 2])
     finally:
         timing_mod._run_wall = real
@@ -277,14 +290,16 @@ def test_replayed_depth_adds_a_deep_run_of_the_deepest_fingerprint(fps):
     with_deep = estimator.fit_variant(arch, weights, ms)
     pair = estimator.fit_variant(arch, weights, ms[:2])
     assert with_deep.fingerprint_layers == (1, 2)
-    assert (with_deep.activation_layer_bytes, with_deep.overhead_bytes) == (pair.activation_layer_bytes, pair.overhead_bytes)
+    assert (with_deep.activation_layer_bytes, with_deep.overhead_bytes) == (pair.activation_layer_bytes,
+                                                                            pair.overhead_bytes)
     with pytest.raises(ValueError, match="two depths"):
         estimator.fit_variant(arch, weights, [ms[0], ms[2]])  # memory needs two loaded depths
     with pytest.raises(BadRequest, match="replay_depth"):
         profiling.Protocol(prompt_lengths=(8, 16), output_lengths=(3,), replay_depth=-1)
     assert ms[2].replay_copies == 0
     # replay_distinct (from the job): the deep run's 4 replayed layers are copies; the pair is as before.
-    job = ProfileJob(job_id="j", model="m", fingerprint_paths=[str(f) for f in fps], gpu_index=0, prompt_lengths=[8, 16, 32],
+    job = ProfileJob(job_id="j", model="m", fingerprint_paths=[str(f) for f in fps], gpu_index=0,
+                     prompt_lengths=[8, 16, 32],
                      output_lengths=[3, 6], repeats=2, context_tokens=64, replay_depth=6, replay_distinct=True)
     distinct = profiling.measure_models(fps, "cpu", protocol=profiling.protocol_of_job(job), num_layers=[1, 2])
     assert [(m.num_layers, m.replayed_from, m.replay_copies) for m in distinct] == [(1, 0, 0), (2, 0, 0), (6, 2, 4)]
