@@ -38,7 +38,8 @@ def run_meta(device: str) -> dict:
 
     import torch
 
-    from iserve.gpu_agent.engine.profile import gpu_type_of
+    from iserve.gpu_agent.profiling import gpu_type_of
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "gpu": gpu_type_of(device),
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": gpu_type_of(device),
             "device": device, "torch": torch.__version__, "python": platform.python_version()}

@@ -197,7 +197,7 @@ class Bench:
         return self.deadline - time.monotonic()
 
     def _meta(self) -> dict:
-        from iserve.gpu_agent.engine import CAPABILITIES
+        from iserve.gpu_agent.engine.capabilities import CAPABILITIES
 
         return {
             **run_meta(self.device),
@@ -345,13 +345,13 @@ class Bench:
         ``variant`` and generates a few tokens."""
         from iserve import checkpoint
         from iserve.fingerprint import generator
-        from iserve.gpu_agent.engine import profile
+        from iserve.gpu_agent.profiling import load_engine
 
         if self.a.tiny or (model_dir, variant) in self._warmed:
             return
         t = time.perf_counter()
         infos = generator.make_fingerprints(checkpoint.scan_checkpoint(model_dir), fp_dir)
-        engine = profile.load_engine(infos[0].path, self.device, self.context, variant)
+        engine = load_engine(infos[0].path, self.device, self.context, variant)
         try:
             engine.generate(list(range(3, 3 + max(self.prompts))), max_tokens=4, ignore_eos=True)
         finally:

@@ -286,7 +286,7 @@ class SimVsLive:
         from iserve.client import Client
         from iserve.fingerprint.config import FingerprintConfig
         from iserve.fingerprint.service import FingerprintService
-        from iserve.gpu_agent.engine import CAPABILITIES
+        from iserve.gpu_agent.engine.capabilities import CAPABILITIES
         from iserve.loadgen import replay
         from iserve.loadgen.config import LoadgenConfig
         from iserve.loadgen.records import load_run

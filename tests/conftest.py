@@ -54,12 +54,12 @@ def spawn_ranks():
     ``(rank, result)`` from each, and fail the test with the text of a rank that put a string."""
     import multiprocessing as mp
 
-    from iserve.gpu_agent.engine.profile import _free_port
+    from iserve.gpu_agent.profiling.tp_ranks import free_port
 
     def run(target, size: int, *args) -> dict:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=target, args=(r, size, port, *args, queue)) for r in range(size)]
         for p in procs:
             p.start()

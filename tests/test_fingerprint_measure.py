@@ -1,4 +1,4 @@
-"""The profiler's measurement method (``iserve.gpu_agent.engine.profile``), on the CPU: the protocol,
+"""The profiler's measurement method (``iserve.gpu_agent.profiling``), on the CPU: the protocol,
 wall times per prompt length and per decode position, the device pass (with a stand-in clock),
 memory and GPU-seconds, and profiling jobs with variants the engine refuses."""
 
@@ -12,13 +12,17 @@ import pytest
 import torch
 
 from iserve.errors import BadRequest, CheckpointError, UnsupportedModel
-from iserve.gpu_agent.engine import profile
+from iserve.gpu_agent import profiling
+from iserve.gpu_agent.profiling import job as job_mod
+from iserve.gpu_agent.profiling import measure as measure_mod
+from iserve.gpu_agent.profiling import protocol as protocol_mod
+from iserve.gpu_agent.profiling import timing as timing_mod
 from iserve.messages import FingerprintMeasurement, ProfileJob, ProfileResult, ProfileVariant, decoder, encode
 from iserve.modelmaker import make_checkpoint
 
 torch.set_num_threads(1)
 
-PROTOCOL = profile.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, warmup=1, context_tokens=64)
+PROTOCOL = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, warmup=1, context_tokens=64)
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +33,18 @@ def fps(tmp_path_factory) -> list[Path]:
 
 def test_protocol_checks_and_decode_runs():
     assert PROTOCOL.decode_runs() == [(32, 3), (16, 6)]
-    assert profile.Protocol(prompt_lengths=(128, 512, 1024), output_lengths=(8, 32, 64)).decode_runs() == [(1024, 8), (512, 32), (128, 64)]
+    decode_runs = profiling.Protocol(prompt_lengths=(128, 512, 1024), output_lengths=(8, 32, 64)).decode_runs()
+    assert decode_runs == [(1024, 8), (512, 32), (128, 64)]
     with pytest.raises(BadRequest, match="2 or more"):
-        profile.Protocol(prompt_lengths=(8,), output_lengths=(1,))
+        profiling.Protocol(prompt_lengths=(8,), output_lengths=(1,))
     with pytest.raises(BadRequest, match="exceeds"):
-        profile.Protocol(prompt_lengths=(60,), output_lengths=(8,), context_tokens=64)
+        profiling.Protocol(prompt_lengths=(60,), output_lengths=(8,), context_tokens=64)
     with pytest.raises(BadRequest):
-        profile.Protocol(prompt_lengths=(), output_lengths=(4,))
+        profiling.Protocol(prompt_lengths=(), output_lengths=(4,))
 
 
 def test_measure_model_wall_times_memory_and_cost(fps):
-    m = profile.measure_model(fps[1], "cpu", protocol=PROTOCOL, num_layers=2)
+    m = profiling.measure_model(fps[1], "cpu", protocol=PROTOCOL, num_layers=2)
     assert m.num_layers == 2 and m.variant == ProfileVariant() and m.timer == "perf_counter"
     assert [t.prompt_tokens for t in m.ttft] == [8, 16, 32] and all(t.ttft_ms > 0 for t in m.ttft)
     # one median per position fed by a decode step: (32, 3) feeds 32, 33; (16, 6) feeds 16..20
@@ -49,7 +54,7 @@ def test_measure_model_wall_times_memory_and_cost(fps):
     assert m.kv_cache_bytes == 2 * 2 * 2 * 64 * 32 * 4 and m.context_tokens == 64  # fp32 cache on the CPU
     assert m.peak_bytes > m.weight_bytes + m.kv_cache_bytes and m.gpu_seconds > 0
     with pytest.raises(CheckpointError, match="2-layer"):
-        profile.measure_model(fps[0], "cpu", protocol=PROTOCOL, num_layers=2)
+        profiling.measure_model(fps[0], "cpu", protocol=PROTOCOL, num_layers=2)
 
 
 class FakeClock:
@@ -84,28 +89,31 @@ def test_the_device_pass_times_batches_queued_behind_a_spin(fps, monkeypatch):
     from iserve.gpu_agent.engine.runner import Engine
 
     real_prefill, real_decode = Engine.queue_prefill, Engine.queue_decode
-    monkeypatch.setattr(Engine, "queue_prefill", lambda self, ids: (queued.append(("p", len(ids))), real_prefill(self, ids))[1])
-    monkeypatch.setattr(Engine, "queue_decode", lambda self, pos: (queued.append(("d", pos)), real_decode(self, pos))[1])
-    m = profile.measure_model(fps[0], "cpu", protocol=PROTOCOL, num_layers=1, clock_factory=factory)
+    monkeypatch.setattr(Engine, "queue_prefill",
+                        lambda self, ids: (queued.append(("p", len(ids))), real_prefill(self, ids))[1])
+    monkeypatch.setattr(Engine, "queue_decode",
+                        lambda self, pos: (queued.append(("d", pos)), real_decode(self, pos))[1])
+    m = profiling.measure_model(fps[0], "cpu", protocol=PROTOCOL, num_layers=1, clock_factory=factory)
     assert [t.prompt_tokens for t in m.ttft_device] == [8, 16, 32]
     # each decode run is device-timed at its first and its last position: (32, 3) feeds 32..33, (16, 6) 16..20
     assert [d.position for d in m.decode_device] == [16, 20, 32, 33]
     assert m.tpot_device_ms > 0 and m.timer == "perf_counter+cuda_events"
     # at most DEVICE_REPEATS samples; each sample is one spin and a batch queued back to back
-    assert PROTOCOL.device_repeats == min(PROTOCOL.repeats, profile.DEVICE_REPEATS) == 2
+    assert PROTOCOL.device_repeats == min(PROTOCOL.repeats, protocol_mod.DEVICE_REPEATS) == 2
     spins = clocks[0].spun
     assert len(spins) == 2 * (3 + 4)
-    assert queued.count(("p", 8)) == 2 * profile.DEVICE_PREFILLS and queued.count(("d", 20)) == 2 * profile.DEVICE_STEPS
+    assert queued.count(("p", 8)) == 2 * timing_mod.DEVICE_PREFILLS
+    assert queued.count(("d", 20)) == 2 * timing_mod.DEVICE_STEPS
     # a spin outlasts the batch's wall time twice over
-    assert min(spins) >= 2 * profile.DEVICE_PREFILLS * min(t.ttft_ms for t in m.ttft)
+    assert min(spins) >= 2 * timing_mod.DEVICE_PREFILLS * min(t.ttft_ms for t in m.ttft)
 
 
 def test_jobs_time_the_device_when_asked_and_without_a_deep_run():
     job = ProfileJob(job_id="j", model="m", fingerprint_paths=[], gpu_index=0, variants=[], prompt_lengths=[8, 16],
                      output_lengths=[3, 5], repeats=7, warmup=1, context_tokens=64)
-    assert profile.protocol_of_job(job).device_repeats == profile.DEVICE_REPEATS == 3
-    assert profile.protocol_of_job(msgspec.structs.replace(job, device_timing=False)).device_repeats == 0
-    deep = profile.protocol_of_job(msgspec.structs.replace(job, replay_depth=32))
+    assert profiling.protocol_of_job(job).device_repeats == protocol_mod.DEVICE_REPEATS == 3
+    assert profiling.protocol_of_job(msgspec.structs.replace(job, device_timing=False)).device_repeats == 0
+    deep = profiling.protocol_of_job(msgspec.structs.replace(job, replay_depth=32))
     assert deep.device_repeats == 0 and deep.replay_depth == 32 and deep.repeats == 7
 
 
@@ -113,49 +121,54 @@ def test_a_deep_run_on_one_process_captures_the_protocols_prefills_and_cuts_its_
     """The replayed deep run captures only the prefill graphs of the protocol's prompt lengths and
     cuts each decode run to ``DEEP_STEPS`` steps, for ``DEEP_REPEATS`` rounds."""
     loads = []
-    real = profile.load_engine
+    real = measure_mod.load_engine
 
     def spy(*a, **kw):
         loads.append(kw)
         return real(*a, **kw)
 
-    monkeypatch.setattr(profile, "load_engine", spy)
-    monkeypatch.setattr(profile, "DEEP_STEPS", 2)
-    proto = profile.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=4, warmup=1, context_tokens=64, replay_depth=5)
-    ms = profile.measure_models(fps, "cpu", protocol=proto, device_timing=False)
+    monkeypatch.setattr(measure_mod, "load_engine", spy)
+    monkeypatch.setattr(timing_mod, "DEEP_STEPS", 2)
+    proto = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=4, warmup=1,
+                               context_tokens=64, replay_depth=5)
+    ms = profiling.measure_models(fps, "cpu", protocol=proto, device_timing=False)
     assert [m.num_layers for m in ms] == [1, 2, 5] and ms[2].replayed_from == 2
     assert [kw.get("prefill_lengths") for kw in loads] == [None, None, [8, 16, 32]]
     deep = ms[2]
     assert [t.prompt_tokens for t in deep.ttft] == [8, 16, 32]
     # (32, 3) -> 3 tokens: steps feeding 32, 33; (16, 6) cut to 3 tokens: 16, 17
     assert [d.position for d in deep.decode] == [16, 17, 32, 33]
-    assert deep.decode_steps == profile.DEEP_REPEATS * 4
+    assert deep.decode_steps == timing_mod.DEEP_REPEATS * 4
 
 
 def test_measure_fingerprint_keeps_its_signature(fps):
-    m = profile.measure_fingerprint(fps[0], "cpu", num_layers=1, prompt_lengths=[8, 16], output_lengths=[3, 5], repeats=1,
+    m = profiling.measure_fingerprint(fps[0], "cpu", num_layers=1, prompt_lengths=[8, 16], output_lengths=[3, 5],
+                                      repeats=1,
                                     warmup=0, context_tokens=32, variant=ProfileVariant(kv_quant="int8"))
     assert m.variant.kv_quant == "int8" and len(m.ttft) == 2
 
 
 def _job(paths, variants, **kw) -> ProfileJob:
-    return ProfileJob(job_id="j1", model="tiny", fingerprint_paths=[str(p) for p in paths], gpu_index=0, variants=variants,
-                      prompt_lengths=[8, 16], output_lengths=[3, 5], repeats=1, warmup=0, context_tokens=32, gpu_warmup_s=0.0, **kw)
+    return ProfileJob(job_id="j1", model="tiny", fingerprint_paths=[str(p) for p in paths], gpu_index=0,
+                      variants=variants,
+                      prompt_lengths=[8, 16], output_lengths=[3, 5], repeats=1, warmup=0, context_tokens=32,
+                      gpu_warmup_s=0.0, **kw)
 
 
 def test_profile_job_measures_variants_and_reports_the_ones_it_cannot(fps, tmp_path, monkeypatch):
-    real = profile.load_engine
+    real = measure_mod.load_engine
 
     def picky(model_dir, device, context_tokens, variant, **kw):
         if variant.weight_quant == "int4":
             raise UnsupportedModel("int4 needs a CUDA device here")
         return real(model_dir, device, context_tokens, variant, **kw)
 
-    monkeypatch.setattr(profile, "load_engine", picky)
-    variants = [ProfileVariant(), ProfileVariant(weight_quant="int4"), ProfileVariant(tp=2), ProfileVariant(pruning="structured")]
+    monkeypatch.setattr(measure_mod, "load_engine", picky)
+    variants = [ProfileVariant(), ProfileVariant(weight_quant="int4"), ProfileVariant(tp=2),
+                ProfileVariant(pruning="structured")]
     job = _job(fps, variants)
     (tmp_path / "job.json").write_bytes(encode(job))
-    result = profile.run_profile_job_file(tmp_path / "job.json", tmp_path / "result.json", ["cpu"])
+    result = profiling.run_profile_job_file(tmp_path / "job.json", tmp_path / "result.json", ["cpu"])
     assert decoder(ProfileResult).decode((tmp_path / "result.json").read_bytes()) == result
     assert {(m.variant, m.num_layers) for m in result.measurements} == {(ProfileVariant(), 1), (ProfileVariant(), 2),
                                                                        (ProfileVariant(pruning="structured"), 1),
@@ -170,20 +183,21 @@ def test_profile_job_errors_other_than_unsupported_propagate(fps):
     """A broken fingerprint fails the whole job (the agent reports it; the service retries on
     another GPU), unlike a variant the engine refuses."""
     with pytest.raises(BadRequest):
-        profile.run_profile_job(_job(fps, [ProfileVariant()]), [])
+        profiling.run_profile_job(_job(fps, [ProfileVariant()]), [])
     with pytest.raises(CheckpointError):
-        profile.run_profile_job(_job([fps[0].parent / "missing"], [ProfileVariant()]), ["cpu"])
+        profiling.run_profile_job(_job([fps[0].parent / "missing"], [ProfileVariant()]), ["cpu"])
 
 
 def test_tensor_parallel_variants_run_on_spawned_ranks(fps):
     """TP variants of one degree share one set of rank processes (gloo on the CPU here); rank 0
     times, the memory is the largest rank's; a degree above the devices given is reported."""
     variants = [ProfileVariant(), ProfileVariant(tp=2), ProfileVariant(tp=2, kv_quant="int8"), ProfileVariant(tp=4)]
-    result = profile.run_profile_job(_job(fps, variants), ["cpu", "cpu"])
+    result = profiling.run_profile_job(_job(fps, variants), ["cpu", "cpu"])
     got = {(m.variant, m.num_layers): m for m in result.measurements}
     assert set(got) == {(v, n) for v in variants[:3] for n in (1, 2)}
     tp2 = got[ProfileVariant(tp=2), 2]
-    assert tp2.tp == 2 and tp2.ttft and tp2.decode and tp2.kv_cache_bytes == got[ProfileVariant(), 2].kv_cache_bytes // 2
+    assert tp2.tp == 2 and tp2.ttft and tp2.decode
+    assert tp2.kv_cache_bytes == got[ProfileVariant(), 2].kv_cache_bytes // 2
     assert result.skipped == {"tp4-wfp16-kvfp16-pnone": "needs 4 GPUs, the profiling job had 2"}
     assert result.gpu_seconds > result.wall_seconds  # the second rank's device time counts too
 
@@ -192,14 +206,14 @@ def test_the_fingerprint_pair_is_timed_interleaved(fps, monkeypatch):
     """Both fingerprints stay loaded and take turns within every repeat, so drift between them
     does not enter their difference (the per-layer cost)."""
     calls = []
-    real = profile._run_wall
+    real = timing_mod._run_wall
 
     def spy(engine, ids, max_tokens, sink=None):
         calls.append((engine.arch.num_layers, len(ids), max_tokens, sink is not None))
         return real(engine, ids, max_tokens, sink)
 
-    monkeypatch.setattr(profile, "_run_wall", spy)
-    m1, m2 = profile.measure_models(fps, "cpu", protocol=PROTOCOL, num_layers=[1, 2])
+    monkeypatch.setattr(timing_mod, "_run_wall", spy)
+    m1, m2 = profiling.measure_models(fps, "cpu", protocol=PROTOCOL, num_layers=[1, 2])
     assert (m1.num_layers, m2.num_layers) == (1, 2) and m1.decode and m2.ttft
     timed = [c[0] for c in calls if c[3]]  # the timed runs hand tokens to the sink
     per_engine = 3 + 2  # prompt lengths + decode runs
@@ -215,14 +229,14 @@ def _tp_pair_rank(rank: int, size: int, port: int, paths: list[str], queue) -> N
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
         calls = []
-        real = profile._run_wall
+        real = timing_mod._run_wall
 
         def spy(engine, ids, max_tokens, sink=None):
             calls.append((engine.arch.num_layers, sink is not None))
             return real(engine, ids, max_tokens, sink)
 
-        profile._run_wall = spy
-        ms = profile.measure_models(paths, "cpu", protocol=PROTOCOL, variant=ProfileVariant(tp=2), num_layers=[1, 2],
+        timing_mod._run_wall = spy
+        ms = profiling.measure_models(paths, "cpu", protocol=PROTOCOL, variant=ProfileVariant(tp=2), num_layers=[1, 2],
                                     tp_rank=rank, tp_size=size)
         queue.put((rank, ([c[0] for c in calls if c[1]], [encode(m) for m in ms])))
         dist.destroy_process_group()
@@ -252,37 +266,42 @@ def test_replayed_depth_adds_a_deep_run_of_the_deepest_fingerprint(fps):
     from iserve import checkpoint
     from iserve.fingerprint import estimator
 
-    protocol = profile.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, context_tokens=64, replay_depth=6)
-    ms = profile.measure_models(fps, "cpu", protocol=protocol, num_layers=[1, 2])
+    protocol = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, context_tokens=64,
+                                  replay_depth=6)
+    ms = profiling.measure_models(fps, "cpu", protocol=protocol, num_layers=[1, 2])
     assert [(m.num_layers, m.replayed_from) for m in ms] == [(1, 0), (2, 0), (6, 2)]
     assert ms[2].weight_bytes == ms[1].weight_bytes and ms[2].kv_cache_bytes == 3 * ms[1].kv_cache_bytes
     assert ms[2].ttft and ms[2].decode
     # The deep run is as long as a full model's pass: DEEP_REPEATS rounds, not the pair's.
-    protocol5 = profile.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=5, context_tokens=64, replay_depth=6)
+    protocol5 = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=5, context_tokens=64,
+                                   replay_depth=6)
     calls = []
-    real = profile._run_wall
+    real = timing_mod._run_wall
     try:
-        profile._run_wall = lambda engine, ids, n, sink=None: calls.append((len(engine.stages[0].layers), sink is not None)) or real(engine, ids, n, sink)
-        profile.measure_models(fps, "cpu", protocol=protocol5, num_layers=[1, 2])
+        timing_mod._run_wall = lambda engine, ids, n, sink=None: (
+            calls.append((len(engine.stages[0].layers), sink is not None)) or real(engine, ids, n, sink))
+        profiling.measure_models(fps, "cpu", protocol=protocol5, num_layers=[1, 2])
     finally:
-        profile._run_wall = real
+        timing_mod._run_wall = real
     timed = [n for n, s in calls if s]
-    assert timed.count(6) == profile.DEEP_REPEATS * (3 + 2) and timed.count(1) == timed.count(2) == 5 * 5
+    assert timed.count(6) == timing_mod.DEEP_REPEATS * (3 + 2) and timed.count(1) == timed.count(2) == 5 * 5
     ck = checkpoint.scan_checkpoint(fps[1])
     arch, weights = ck.arch, checkpoint.weight_breakdown(ck)
     with_deep = estimator.fit_variant(arch, weights, ms)
     pair = estimator.fit_variant(arch, weights, ms[:2])
     assert with_deep.fingerprint_layers == (1, 2)
-    assert (with_deep.activation_layer_bytes, with_deep.overhead_bytes) == (pair.activation_layer_bytes, pair.overhead_bytes)
+    assert (with_deep.activation_layer_bytes, with_deep.overhead_bytes) == (pair.activation_layer_bytes,
+                                                                            pair.overhead_bytes)
     with pytest.raises(ValueError, match="two depths"):
         estimator.fit_variant(arch, weights, [ms[0], ms[2]])  # memory needs two loaded depths
     with pytest.raises(BadRequest, match="replay_depth"):
-        profile.Protocol(prompt_lengths=(8, 16), output_lengths=(3,), replay_depth=-1)
+        profiling.Protocol(prompt_lengths=(8, 16), output_lengths=(3,), replay_depth=-1)
     assert ms[2].replay_copies == 0
     # replay_distinct (from the job): the deep run's 4 replayed layers are copies; the pair is as before.
-    job = ProfileJob(job_id="j", model="m", fingerprint_paths=[str(f) for f in fps], gpu_index=0, prompt_lengths=[8, 16, 32],
+    job = ProfileJob(job_id="j", model="m", fingerprint_paths=[str(f) for f in fps], gpu_index=0,
+                     prompt_lengths=[8, 16, 32],
                      output_lengths=[3, 6], repeats=2, context_tokens=64, replay_depth=6, replay_distinct=True)
-    distinct = profile.measure_models(fps, "cpu", protocol=profile.protocol_of_job(job), num_layers=[1, 2])
+    distinct = profiling.measure_models(fps, "cpu", protocol=profiling.protocol_of_job(job), num_layers=[1, 2])
     assert [(m.num_layers, m.replayed_from, m.replay_copies) for m in distinct] == [(1, 0, 0), (2, 0, 0), (6, 2, 4)]
     assert distinct[2].weight_bytes > ms[2].weight_bytes
 
@@ -307,11 +326,11 @@ def test_on_a_gpu_a_job_times_batches_and_deep_steps_and_its_tensor_cache_change
     its decode runs, and the fused decode is on."""
     job = _job(fps, [ProfileVariant()], replay_depth=6)
     job = msgspec.structs.replace(job, repeats=2, context_tokens=64, gpu_warmup_s=0.2)
-    plain = profile.run_profile_job(msgspec.structs.replace(job, replay_depth=0), ["cuda:0"])
+    plain = profiling.run_profile_job(msgspec.structs.replace(job, replay_depth=0), ["cuda:0"])
     assert all(m.ttft_device and m.decode_device and m.timer == "perf_counter+cuda_events" for m in plain.measurements)
-    cached = profile.run_profile_job(job, ["cuda:0"])
-    monkeypatch.setattr(profile, "CACHE_ROOM", 10**12)  # no room: every engine reads its files
-    read = profile.run_profile_job(job, ["cuda:0"])
+    cached = profiling.run_profile_job(job, ["cuda:0"])
+    monkeypatch.setattr(job_mod, "CACHE_ROOM", 10**12)  # no room: every engine reads its files
+    read = profiling.run_profile_job(job, ["cuda:0"])
     assert [m.num_layers for m in cached.measurements] == [1, 2, 6]
     for a, b in zip(cached.measurements[:2], read.measurements[:2]):
         assert a.peak_bytes == pytest.approx(b.peak_bytes, abs=2 << 20)
@@ -329,7 +348,7 @@ def test_a_tp_measurement_that_overruns_names_its_variant_and_shows_the_ranks_st
     # Rounds without end: at the time limit both ranks are timing (their start takes a few seconds).
     job = msgspec.structs.replace(_job(fps, [ProfileVariant(tp=2)]), repeats=1_000_000, timeout_s=25.0)
     with pytest.raises(TimeoutError, match="tp2-wfp16-kvfp16-pnone"):
-        profile.run_profile_job(job, ["cpu", "cpu"])
+        profiling.run_profile_job(job, ["cpu", "cpu"])
     err = capfd.readouterr().err
     assert err.count("most recent call first") >= 2, err[-2000:]  # faulthandler's dumps, from both ranks' stderr
     assert "_tp_rank_main" in err

@@ -1,5 +1,6 @@
 """``python -m iserve.fingerprint``: run the fingerprint service."""
 
+from iserve.gpu_agent.engine.capabilities import CAPABILITIES
 from iserve.runtime import service_main
 
 from .config import parse
@@ -7,9 +8,7 @@ from .service import FingerprintService
 
 
 async def build(cfg, nc):
-    from iserve.gpu_agent.engine import CAPABILITIES  # what the workers can run decides what is profiled
-
-    return FingerprintService(cfg, nc, CAPABILITIES)
+    return FingerprintService(cfg, nc, CAPABILITIES)  # what the workers can run decides what is profiled
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -346,9 +346,9 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 
 def profile_main(args: argparse.Namespace) -> None:
-    """Measure every fingerprint of the job as every variant (``profile.run_profile_job_file``: each
+    """Measure every fingerprint of the job as every variant (``profiling.run_profile_job_file``: each
     variant is loaded for real through ``Engine.load``; TP variants use the first ``tp`` devices)."""
-    from iserve.gpu_agent.engine.profile import run_profile_job_file
+    from iserve.gpu_agent.profiling import run_profile_job_file
 
     run_profile_job_file(args.job, args.result, args.devices.split(","), log=lambda text: log.info(text))
 

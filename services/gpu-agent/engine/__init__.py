@@ -1,54 +1,36 @@
-"""iServe's torch inference engine: Llama-family, Mixtral, Falcon, GPT-J and GPT-NeoX decoders with pipeline stages.
+"""iServe's torch inference engine: Llama-family, Mixtral and parallel-residual decoders with
+pipeline and tensor-parallel stages (see docs/engine.md).
 
-Public API:
-
-* ``Engine.load(model_dir, stages, context_tokens, seed=0, *, dtype=None, weight_quant="fp16",
-  kv_quant="fp16", pruning="none", cuda_graphs=True, tp_rank=0, tp_size=1)`` -> ``Engine``;
-  ``Engine.generate(...)`` -> ``GenerationResult`` (see ``runner.py``; layers and variants in
-  ``model.py``, weight formats in ``quant.py``, CUDA decode kernels in ``kernels.py``).
-* ``trtllm.TrtLlmEngine``: the same worker interface on TensorRT-LLM, used where it is installed
-  (``trtllm.use_trtllm``).
-* ``load_tokenizer(model_dir, arch)`` -> ``Tokenizer`` (see ``tokenizer.py``).
-* ``measure_fingerprint(...)`` -> ``FingerprintMeasurement`` and ``gpu_type_of(device)`` (``profile.py``).
-* ``CAPABILITIES``: what this engine can run today (every value below runs on CPU and CUDA; see
-  docs/engine.md). It is the single source of truth that the GPU agent reports and that
-  ``Engine.load`` / ``measure_fingerprint`` check against.
+Importing the package imports no submodule (and no torch): ``Engine``, ``load_tokenizer`` and the
+other names below load their submodule on first use. ``capabilities.CAPABILITIES`` says what runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
-# The CUDA caching allocator with expandable segments maps memory page by page, so what a converted
-# layer leaves free inside a segment can be returned (``model.release_cached``) instead of pinning
-# the whole segment: without it, int8 / 2:4 / structured-pruned Llama-2-7B reserved 1-2.2 GiB more
-# than it allocated on an H100 (docs/fingerprint.md). Read when CUDA first initialises; a value the
-# operator set wins.
+# Read when CUDA first initialises, so set before any submodule can start it; a value the operator
+# set wins. Expandable segments let a converted layer's freed memory go back (``model.release_cached``):
+# see docs/fingerprint.md.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-# Defined before the submodules are imported: runner.py and profile.py read it from here.
-CAPABILITIES: dict[str, list] = {
-    "tp": [1, 2, 4, 8],
-    "weight_quant": ["fp16", "int8", "int4"],
-    "kv_quant": ["fp16", "int8"],
-    "pruning": ["none", "2:4", "structured"],
-    "families": ["llama", "mixtral", "falcon", "gptj", "gpt_neox"],
+_LAZY = {  # name -> the submodule that defines it
+    "CAPABILITIES": "capabilities",
+    "Engine": "runner",
+    "GenerationResult": "runner",
+    "Stage": "model",
+    "ByteTokenizer": "tokenizer",
+    "StreamDecoder": "tokenizer",
+    "Tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
 }
 
-from .model import Stage  # noqa: E402
-from .profile import gpu_type_of, measure_fingerprint  # noqa: E402
-from .runner import Engine, GenerationResult  # noqa: E402
-from .tokenizer import ByteTokenizer, StreamDecoder, Tokenizer, load_tokenizer  # noqa: E402
 
-__all__ = [
-    "CAPABILITIES",
-    "ByteTokenizer",
-    "Engine",
-    "GenerationResult",
-    "Stage",
-    "StreamDecoder",
-    "Tokenizer",
-    "gpu_type_of",
-    "load_tokenizer",
-    "measure_fingerprint",
-]
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)
