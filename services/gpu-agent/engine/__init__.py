@@ -35,9 +35,9 @@ CAPABILITIES: dict[str, list] = {
     "families": ["llama", "mixtral", "falcon", "gptj", "gpt_neox"],
 }
 
-from .model import Stage  # noqa: E402
 from .profile import gpu_type_of, measure_fingerprint  # noqa: E402
 from .runner import Engine, GenerationResult  # noqa: E402
+from .stage import Stage  # noqa: E402
 from .tokenizer import ByteTokenizer, StreamDecoder, Tokenizer, load_tokenizer  # noqa: E402
 
 __all__ = [
