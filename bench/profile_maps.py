@@ -4,7 +4,7 @@ For each model shape (default: the simulator's default scenario, Llama-2-70B, Fa
 Llama-2-7B, then Llama-2-13B, Llama-3-8B and Mistral-7B with what time is left): write a random-weight
 checkpoint, cut its 1- and 2-layer fingerprints (the fingerprint service's generator), profile every
 one-GPU variant (weight format x KV format x pruning) with the service's own job code
-(``validate.profile_locally``, which runs ``engine.profile.run_profile_job`` in this process), and
+(``validate.profile_locally``, which runs ``profiling.run_profile_job`` in this process), and
 estimate every configuration on up to ``--max-gpus`` (8) GPUs of this GPU's type. One
 ``ConfigurationMap`` JSON per model goes to ``OUT/maps/<model>.json``, the format
 ``loadgen.simulator.load_maps`` reads (``iserve simulate --maps OUT/maps``).

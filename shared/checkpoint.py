@@ -1,30 +1,7 @@
 """Reading and validating a model checkpoint: ``config.json`` plus safetensors shards.
 
-Only headers are read here (a few KB per shard), never the tensor data, so validating a 13B checkpoint
-costs milliseconds. ``load_tensors`` reads just the tensors it is asked for.
-
-A checkpoint is valid when: ``config.json`` parses and names a supported decoder-only architecture
-with consistent sizes; every shard's header parses, its tensors' byte ranges match their dtype and
-shape and lie inside the file (a truncated file fails here); and every tensor the architecture needs
-is present with the right shape.
-
-Families (``ArchSpec.family``) and where their tensors live:
-
-=========  ==========================================  ====================================================
-family     model_type in config.json                   tensors (per layer ``i``)
-=========  ==========================================  ====================================================
-llama      llama, mistral, qwen2                       ``model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, RMSNorm
-mixtral    mixtral                                     as llama, MLP = ``block_sparse_moe.gate`` + ``experts.{e}.w{1,2,3}``
-falcon     falcon (RefinedWeb, RefinedWebModel)        ``transformer.h.{i}.self_attention.query_key_value`` (fused, grouped), ``dense``,
-                                                       ``mlp.dense_h_to_4h``/``dense_4h_to_h``, LayerNorm, parallel attention
-gptj       gptj                                        ``transformer.h.{i}.attn.{q,k,v,out}_proj``, ``mlp.fc_in``/``fc_out`` (biased),
-                                                       one LayerNorm ``ln_1``, parallel residual, partial interleaved RoPE
-gpt_neox   gpt_neox (Pythia, GPT-NeoX-20B)             ``gpt_neox.layers.{i}.attention.query_key_value`` (fused per head), ``dense``,
-                                                       ``mlp.dense_h_to_4h``/``dense_4h_to_h``, two LayerNorms, partial RoPE
-=========  ==========================================  ====================================================
-
-Only decoder-only models are accepted: an encoder-decoder config (T5, BART, ...) is refused with a
-sentence saying so, and so is an architecture whose layers we cannot describe (e.g. Falcon with ALiBi).
+Scanning reads only headers (a few KB per shard); ``load_tensors`` reads the tensors asked for. Validity rules and each family's tensor layout:
+docs/engine-internals.md#checkpoints.
 """
 
 from __future__ import annotations
@@ -33,30 +10,13 @@ import hashlib
 import json
 import math
 import os
-import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, UnsupportedModel
 from .messages import ArchSpec, WeightBreakdown
-
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
+from .shards import DTYPE_BYTES, TensorEntry, read_safetensors_header
 
 # config.json model_type -> family whose tensor layout we know
 MODEL_TYPES = {
@@ -88,40 +48,22 @@ LAYOUTS: dict[str, FamilyLayout] = {
     "llama": _LLAMA_LAYOUT,
     "mixtral": _LLAMA_LAYOUT,
     "falcon": FamilyLayout(
-        "transformer.h.{i}.", "transformer.word_embeddings.weight", ("transformer.ln_f.weight", "transformer.ln_f.bias"), "lm_head.weight"
+        "transformer.h.{i}.", "transformer.word_embeddings.weight",
+        ("transformer.ln_f.weight", "transformer.ln_f.bias"), "lm_head.weight"
     ),
     "gptj": FamilyLayout(
-        "transformer.h.{i}.", "transformer.wte.weight", ("transformer.ln_f.weight", "transformer.ln_f.bias"), "lm_head.weight", "lm_head.bias"
+        "transformer.h.{i}.", "transformer.wte.weight", ("transformer.ln_f.weight", "transformer.ln_f.bias"),
+        "lm_head.weight", "lm_head.bias"
     ),
     "gpt_neox": FamilyLayout(
-        "gpt_neox.layers.{i}.", "gpt_neox.embed_in.weight", ("gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"),
+        "gpt_neox.layers.{i}.", "gpt_neox.embed_in.weight",
+        ("gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"),
         "embed_out.weight",
     ),
 }
 
 # config.json keys that hold the number of hidden layers, by family (the first one present is used)
 LAYER_KEYS = {"gptj": ("n_layer", "num_hidden_layers"), "falcon": ("num_hidden_layers", "n_layer")}
-
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: str  # absolute path of the shard
-    begin: int  # byte offset of the data in the file
-    end: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
 
 @dataclass
 class Checkpoint:
@@ -143,14 +85,20 @@ class Checkpoint:
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     d = Path(model_dir)
     if not d.is_dir():
-        raise CheckpointError(f"{d} is not a directory: pass the folder that holds config.json and the *.safetensors files.")
+        raise CheckpointError(
+            f"{d} is not a directory: pass the folder that holds config.json and the *.safetensors files."
+        )
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointError(f"{d} has no config.json: a checkpoint folder needs the model's config.json beside its safetensors files.")
+        raise CheckpointError(
+            f"{d} has no config.json: a checkpoint folder needs the model's config.json beside its safetensors files."
+        )
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); restore the file the model was published with.") from None
+        raise CheckpointError(
+            f"{cfg_path} is not valid JSON ({e}); restore the file the model was published with."
+        ) from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path} must hold a JSON object.")
     return cfg
@@ -181,7 +129,10 @@ def _activation(name: Any, model_type: str) -> str:
     table = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
              "gelu_pytorch_tanh": "gelu_tanh"}
     if name not in table:
-        raise UnsupportedModel(f"activation {name!r} of model_type {model_type!r} is not supported; supported: {', '.join(sorted(table))}.")
+        raise UnsupportedModel(
+            f"activation {name!r} of model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(sorted(table))}."
+        )
     return table[name]
 
 
@@ -214,7 +165,10 @@ def _family_fields(cfg: dict[str, Any], family: str, model_type: str) -> dict[st
         )
     if family == "falcon":
         if cfg.get("alibi"):
-            raise UnsupportedModel("Falcon checkpoints with ALiBi position biases (alibi: true) are not supported; iServe runs rotary Falcon models.")
+            raise UnsupportedModel(
+                "Falcon checkpoints with ALiBi position biases (alibi: true) are not supported; "
+                "iServe runs rotary Falcon models."
+            )
         if cfg.get("apply_residual_connection_post_layernorm"):
             raise UnsupportedModel("Falcon with apply_residual_connection_post_layernorm=true is not supported.")
         hidden = _need_int(cfg, "hidden_size")
@@ -226,7 +180,9 @@ def _family_fields(cfg: dict[str, Any], family: str, model_type: str) -> dict[st
             kv = 1
         else:
             kv = heads
-        norms = int(cfg.get("num_ln_in_parallel_attn") or 2) if new_arch else (1 if cfg.get("parallel_attn", True) else 2)
+        norms = (
+            int(cfg.get("num_ln_in_parallel_attn") or 2) if new_arch else (1 if cfg.get("parallel_attn", True) else 2)
+        )
         bias = bool(cfg.get("bias", False))
         return dict(
             num_layers=_need_int(cfg, "num_hidden_layers", "n_layer"),
@@ -315,11 +271,11 @@ def arch_from_config(cfg: dict[str, Any]) -> ArchSpec:
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     if model_type not in MODEL_TYPES:
-        if any(isinstance(a, str) and ("Encoder" in a or "Seq2Seq" in a or "ConditionalGeneration" in a) for a in archs) or cfg.get(
-            "is_encoder_decoder"
-        ):
+        seq2seq = ("Encoder", "Seq2Seq", "ConditionalGeneration")
+        if any(isinstance(a, str) and any(w in a for w in seq2seq) for a in archs) or cfg.get("is_encoder_decoder"):
             raise UnsupportedModel(
-                f"model_type {model_type!r} ({', '.join(map(str, archs))}) is not a decoder-only LLM; iServe serves decoder-only models."
+                f"model_type {model_type!r} ({', '.join(map(str, archs))}) is not a decoder-only LLM; "
+                "iServe serves decoder-only models."
             )
         raise UnsupportedModel(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(MODEL_TYPES))}."
@@ -334,18 +290,25 @@ def arch_from_config(cfg: dict[str, Any]) -> ArchSpec:
     if hidden % heads and not explicit_head_dim:
         raise CheckpointError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}; fix config.json.")
     if heads % kv_heads:
-        raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}; fix config.json.")
+        raise CheckpointError(
+            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}; fix config.json."
+        )
     rotary_dim = f.get("rotary_dim", 0)
     if rotary_dim == head_dim:
         f["rotary_dim"] = 0
     elif rotary_dim and (rotary_dim > head_dim or rotary_dim % 2):
-        raise CheckpointError(f"rotary dimension {rotary_dim} must be even and at most the head dimension {head_dim}; fix config.json.")
+        raise CheckpointError(
+            f"rotary dimension {rotary_dim} must be even and at most the head dimension {head_dim}; fix config.json."
+        )
     num_experts = int(cfg.get("num_local_experts") or 0) if family == "mixtral" else 0
     if family == "mixtral" and num_experts < 1:
         raise CheckpointError("a Mixtral config.json needs num_local_experts >= 1.")
     experts_per_token = int(cfg.get("num_experts_per_tok") or 0) if num_experts else 0
     if num_experts and not 1 <= experts_per_token <= num_experts:
-        raise CheckpointError(f"num_experts_per_tok {experts_per_token} must be between 1 and num_local_experts {num_experts}; fix config.json.")
+        raise CheckpointError(
+            f"num_experts_per_tok {experts_per_token} must be between 1 and num_local_experts {num_experts}; "
+            "fix config.json."
+        )
     return ArchSpec(
         family=family,
         model_type=model_type,
@@ -363,8 +326,9 @@ def config_with_layers(cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
     """A copy of ``cfg`` with its number of hidden layers set to ``num_layers`` (under the key its
     family uses: ``n_layer`` for GPT-J, ``num_hidden_layers`` otherwise)."""
     out = dict(cfg)
-    family = MODEL_TYPES.get(out.get("model_type"), "llama")
-    keys = [k for k in LAYER_KEYS.get(family, ("num_hidden_layers",)) if k in out] or [LAYER_KEYS.get(family, ("num_hidden_layers",))[0]]
+    family = MODEL_TYPES.get(str(out.get("model_type")), "llama")
+    names = LAYER_KEYS.get(family, ("num_hidden_layers",))
+    keys = [k for k in names if k in out] or [names[0]]
     for k in keys:
         out[k] = int(num_layers)
     return out
@@ -474,7 +438,7 @@ def layer_tensor_shapes(arch: ArchSpec) -> dict[str, tuple[int, ...]]:
 
 def other_tensor_shapes(arch: ArchSpec) -> dict[str, tuple[int, ...]]:
     """Tensors outside the hidden layers, in checkpoint order: embedding, final norm, LM head."""
-    shapes = {embed_name(arch): (arch.vocab_size, arch.hidden_size)}
+    shapes: dict[str, tuple[int, ...]] = {embed_name(arch): (arch.vocab_size, arch.hidden_size)}
     for n in final_norm_names(arch):
         shapes[n] = (arch.hidden_size,)
     for n in head_names(arch):
@@ -494,52 +458,6 @@ def expected_tensors(arch: ArchSpec) -> dict[str, tuple[int, ...]]:
 # safetensors headers
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], bytes]:
-    """Parse one shard's header and check every tensor's byte range; returns entries and raw header."""
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-        with open(p, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{p.name} is {size} bytes, too short to be a safetensors file; re-copy it.")
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(f"{p.name} has a corrupt safetensors header (declared {n} bytes in a {size}-byte file); re-copy it.")
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {p}: {e.strerror}.") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{p.name} has a corrupt safetensors header (not JSON); re-copy the file.") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{p.name} has a corrupt safetensors header; re-copy the file.")
-    data_start = 8 + n
-    data_len = size - data_start
-    entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = info["dtype"]
-            shape = tuple(int(x) for x in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{p.name}: tensor {name!r} has a malformed header entry; re-copy the file.") from None
-        if dtype not in DTYPE_BYTES:
-            raise CheckpointError(f"{p.name}: tensor {name!r} has unknown dtype {dtype!r}.")
-        want = math.prod(shape) * DTYPE_BYTES[dtype]
-        if end - begin != want or begin < 0:
-            raise CheckpointError(f"{p.name}: tensor {name!r} spans {end - begin} bytes but {dtype}{list(shape)} needs {want}; the file is corrupt.")
-        if end > data_len:
-            raise CheckpointError(
-                f"{p.name} is truncated: tensor {name!r} ends at byte {data_start + end} of a {size}-byte file; re-copy or re-download it."
-            )
-        entries[name] = TensorEntry(name, dtype, shape, str(p.resolve()), data_start + begin, data_start + end)
-    return entries, raw
-
-
 def scan_checkpoint(model_dir: str | os.PathLike, *, validate: bool = True) -> Checkpoint:
     """Read config.json and every shard header; with ``validate`` check the architecture's tensors."""
     d = Path(model_dir).resolve()
@@ -556,7 +474,9 @@ def scan_checkpoint(model_dir: str | os.PathLike, *, validate: bool = True) -> C
             raise CheckpointError(f"{index.name} is not valid JSON; restore it or delete it.") from None
         missing_files = sorted({f for f in weight_map.values() if not (d / f).is_file()})
         if missing_files:
-            raise CheckpointError(f"shards named in {index.name} are missing: {', '.join(missing_files[:5])}; copy every shard.")
+            raise CheckpointError(
+                f"shards named in {index.name} are missing: {', '.join(missing_files[:5])}; copy every shard."
+            )
     tensors: dict[str, TensorEntry] = {}
     h = hashlib.sha256()
     h.update(json.dumps(cfg, sort_keys=True).encode())
@@ -565,7 +485,10 @@ def scan_checkpoint(model_dir: str | os.PathLike, *, validate: bool = True) -> C
         entries, raw = read_safetensors_header(f)
         for name in entries:
             if name in tensors:
-                raise CheckpointError(f"tensor {name!r} appears in two shards ({Path(tensors[name].file).name}, {f.name}); remove the stale shard.")
+                raise CheckpointError(
+                    f"tensor {name!r} appears in two shards ({Path(tensors[name].file).name}, {f.name}); "
+                    "remove the stale shard."
+                )
         tensors.update(entries)
         h.update(f.name.encode())
         h.update(raw)
@@ -592,16 +515,23 @@ def validate_tensors(ck: Checkpoint) -> None:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(
-            f"checkpoint lacks {len(missing)} tensor(s) its config.json needs: {', '.join(missing[:3])}{more}; the shards are incomplete or do not match config.json."
+            f"checkpoint lacks {len(missing)} tensor(s) its config.json needs: {', '.join(missing[:3])}{more}; "
+            "the shards are incomplete or do not match config.json."
         )
     for name, shape in want.items():
         got = ck.tensors[name].shape
         if got != shape:
-            raise CheckpointError(f"tensor {name!r} has shape {list(got)} but config.json implies {list(shape)}; the config and weights do not match.")
+            raise CheckpointError(
+                f"tensor {name!r} has shape {list(got)} but config.json implies {list(shape)}; "
+                "the config and weights do not match."
+            )
     dtypes = {ck.tensors[n].dtype for n in want}
     bad = dtypes - {"F16", "BF16", "F32"}
     if bad:
-        raise UnsupportedModel(f"weights stored as {', '.join(sorted(bad))} are not supported; provide fp16, bf16 or fp32 weights (iServe quantizes itself).")
+        raise UnsupportedModel(
+            f"weights stored as {', '.join(sorted(bad))} are not supported; "
+            "provide fp16, bf16 or fp32 weights (iServe quantizes itself)."
+        )
 
 
 def weight_breakdown(ck: Checkpoint) -> WeightBreakdown:
@@ -622,48 +552,13 @@ def weight_breakdown(ck: Checkpoint) -> WeightBreakdown:
     )
 
 
-class TensorCache:
-    """Checkpoint tensors read once and kept on one device, for a process that builds the same small
-    checkpoints many times: a profiling job builds each fingerprint once per variant, and with the
-    cache active (``with cache.active():``) ``load_tensors`` hands out copies of the cached tensors
-    instead of reading the files again. Copies, so that an engine owns its weights (and its memory
-    is measured) exactly as if it had read them."""
-
-    def __init__(self, device: str):
-        self.device = str(device)
-        self._tensors: dict[tuple[str, str], Any] = {}
-
-    def add(self, ck: Checkpoint) -> None:
-        """Read every tensor of ``ck`` onto the device."""
-        self._tensors.update({(ck.tensors[n].file, n): t for n, t in _read(ck, list(ck.tensors), self.device).items()})
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors.values())
-
-    def clear(self) -> None:
-        self._tensors.clear()
-
-    def get(self, ck: Checkpoint, name: str, device: str) -> Any | None:
-        t = self._tensors.get((ck.tensors[name].file, name)) if str(device) == self.device else None
-        return None if t is None else t.clone()
-
-    @contextmanager
-    def active(self) -> Iterator["TensorCache"]:
-        global _ACTIVE_CACHE
-        before, _ACTIVE_CACHE = _ACTIVE_CACHE, self
-        try:
-            yield self
-        finally:
-            _ACTIVE_CACHE = before
-
-
-_ACTIVE_CACHE: TensorCache | None = None
-
-
-def _read(ck: Checkpoint, names: list[str], device: str) -> dict[str, Any]:
+def load_tensors(ck: Checkpoint, names: list[str], device: str = "cpu") -> dict[str, Any]:
+    """Read only ``names`` from the shards (safetensors memory-maps; nothing else is read)."""
     from safetensors import safe_open
 
+    for n in names:
+        if n not in ck.tensors:
+            raise CheckpointError(f"tensor {n!r} is not in the checkpoint at {ck.path}.")
     by_file: dict[str, list[str]] = {}
     for n in names:
         by_file.setdefault(ck.tensors[n].file, []).append(n)
@@ -672,23 +567,4 @@ def _read(ck: Checkpoint, names: list[str], device: str) -> dict[str, Any]:
         with safe_open(f, framework="pt", device=device) as sf:
             for n in ns:
                 out[n] = sf.get_tensor(n)
-    return out
-
-
-def load_tensors(ck: Checkpoint, names: list[str], device: str = "cpu") -> dict[str, Any]:
-    """Read only ``names`` from the shards (safetensors memory-maps; nothing else is read), or copy
-    them from the active ``TensorCache``."""
-    for n in names:
-        if n not in ck.tensors:
-            raise CheckpointError(f"tensor {n!r} is not in the checkpoint at {ck.path}.")
-    cache = _ACTIVE_CACHE
-    out: dict[str, Any] = {}
-    if cache is not None:
-        for n in names:
-            t = cache.get(ck, n, device)
-            if t is not None:
-                out[n] = t
-    missing = [n for n in names if n not in out]
-    if missing:
-        out.update(_read(ck, missing, device))
     return {n: out[n] for n in names}

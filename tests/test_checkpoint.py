@@ -165,39 +165,3 @@ def test_integer_weights_are_unsupported(model):
             save_file(t, f)
     with pytest.raises(errors.UnsupportedModel, match="not supported"):
         checkpoint.scan_checkpoint(model)
-
-
-def test_load_tensors_reads_only_requested(model):
-    ck = checkpoint.scan_checkpoint(model)
-    got = checkpoint.load_tensors(ck, ["model.norm.weight"])
-    assert list(got) == ["model.norm.weight"] and got["model.norm.weight"].shape == (ck.arch.hidden_size,)
-    with pytest.raises(errors.CheckpointError):
-        checkpoint.load_tensors(ck, ["nope"])
-
-
-def test_an_active_tensor_cache_serves_copies_without_reading_the_files(model, monkeypatch):
-    import torch
-
-    ck = checkpoint.scan_checkpoint(model)
-    cache = checkpoint.TensorCache("cpu")
-    cache.add(ck)
-    assert cache.nbytes == ck.data_bytes
-    names = ["model.norm.weight", "model.embed_tokens.weight"]
-    reads = []
-    real = checkpoint._read
-    monkeypatch.setattr(checkpoint, "_read", lambda c, ns, d: reads.append(list(ns)) or real(c, ns, d))
-    with cache.active():
-        got = checkpoint.load_tensors(ck, names)
-        again = checkpoint.load_tensors(ck, names)
-    assert reads == []  # both calls served from the cache
-    assert list(got) == names
-    plain = checkpoint.load_tensors(ck, names)  # inactive again: read
-    assert reads[-1] == names
-    for n in names:
-        assert torch.equal(got[n], plain[n])
-        assert got[n].data_ptr() != again[n].data_ptr()  # each call gets its own copy
-    assert cache.get(ck, "model.norm.weight", "cuda:0") is None  # another device than the cache's: read from the files
-    with pytest.raises(errors.CheckpointError, match="nope"), cache.active():
-        checkpoint.load_tensors(ck, ["nope"])
-    cache.clear()
-    assert cache.nbytes == 0

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from iserve.checkpoint import arch_from_config, expected_tensors, layer_tensor_shapes, scan_checkpoint, weight_breakdown
 from iserve.errors import CheckpointError, UnsupportedModel
 from iserve.fingerprint import estimator as est
 from iserve.fingerprint.generator import make_fingerprints
 from iserve.gpu_agent.engine import Engine
-from iserve.gpu_agent.engine.profile import variant_kwargs
+from iserve.gpu_agent.profiling import variant_kwargs
 from iserve.messages import Configuration, ProfileVariant
 from iserve.modelmaker import make_checkpoint, preset_config
-from safetensors.torch import load_file
 
 torch.set_num_threads(1)
 

@@ -19,7 +19,7 @@ from test_services import Cluster
 from iserve.client import Client
 from iserve.fingerprint.config import FingerprintConfig
 from iserve.fingerprint.service import FingerprintService
-from iserve.gpu_agent.engine import CAPABILITIES
+from iserve.gpu_agent.engine.capabilities import CAPABILITIES
 from iserve.loadgen import replay, traces
 from iserve.loadgen.config import LoadgenConfig
 from iserve.loadgen.records import load_run

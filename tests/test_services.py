@@ -22,7 +22,7 @@ from iserve.deployer.service import DeployerService
 from iserve.fingerprint.config import FingerprintConfig
 from iserve.fingerprint.service import FingerprintService
 from iserve.gpu_agent.config import AgentConfig
-from iserve.gpu_agent.engine import CAPABILITIES
+from iserve.gpu_agent.engine.capabilities import CAPABILITIES
 
 # The service tests profile on the CPU: measuring all of the engine's variants there takes about a
 # minute per model, so they profile the fp16 variants only (the variants are covered in tests/engine).
@@ -229,7 +229,16 @@ async def test_dead_worker_without_replacement_is_marked_failed(cluster, client,
 
 
 async def test_request_timeouts_cancellation_and_vanished_clients(nats_server, client, nc, tiny_model, tmp_path):
-    from iserve.messages import Accepted, CancelRequest, Completion, ErrorReply, InferRequest, StreamMessage, decoder, encode
+    from iserve.messages import (
+        Accepted,
+        CancelRequest,
+        Completion,
+        ErrorReply,
+        InferRequest,
+        StreamMessage,
+        decoder,
+        encode,
+    )
 
     async with Cluster(nats_server.url, tmp_path, context_tokens=2048):
         name, _ = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))

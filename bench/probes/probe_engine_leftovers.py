@@ -4,7 +4,7 @@ Loads and closes a 2-layer tiny Llama 40 times on cuda:0 (one generation each) a
 still allocated after each. With a new CUDA side stream per graph capture, every load left 64 MiB
 (two cuBLAS workspaces) until PyTorch's pool of 32 streams wrapped; with the runner's one warm-up
 stream per device only the first load leaves anything; with ``--prime`` the streams' workspaces
-are made first (``runner.prime_streams``, what profiling does before its first memory baseline)
+are made first (``graphs.prime_streams``, what profiling does before its first memory baseline)
 and the first load should leave nothing either. Usage: ``python bench/probes/probe_engine_leftovers.py [--prime]``.
 """
 import sys
@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 import iserve.gpu_agent.engine  # noqa: E402,F401
 from iserve.gpu_agent.engine import Engine  # noqa: E402
-from iserve.gpu_agent.engine.runner import prime_streams  # noqa: E402
+from iserve.gpu_agent.engine.graphs import prime_streams  # noqa: E402
 from iserve.modelmaker import make_checkpoint  # noqa: E402
 
 model = make_checkpoint("/tmp/probe-leftovers", "tiny-llama", num_layers=2)

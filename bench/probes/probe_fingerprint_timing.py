@@ -33,8 +33,10 @@ import torch  # noqa: E402
 import iserve.gpu_agent.engine  # noqa: E402,F401
 from iserve import checkpoint  # noqa: E402
 from iserve.fingerprint import generator  # noqa: E402
-from iserve.gpu_agent.engine import model as model_mod  # noqa: E402
-from iserve.gpu_agent.engine import profile, runner  # noqa: E402
+from iserve.gpu_agent import profiling  # noqa: E402
+from iserve.gpu_agent.engine import graphs, loading, runner  # noqa: E402
+from iserve.gpu_agent.engine import stage as stage_mod  # noqa: E402
+from iserve.gpu_agent.profiling import timing  # noqa: E402
 from iserve.messages import ProfileVariant  # noqa: E402
 from iserve.modelmaker import make_checkpoint  # noqa: E402
 
@@ -63,17 +65,17 @@ def _timed(name, fn):
     return wrap
 
 
-runner._StageGraphs.__init__ = _timed("decode_graphs", runner._StageGraphs.__init__)
-runner._PrefillGraphs.__init__ = _timed("prefill_graphs", runner._PrefillGraphs.__init__)
+graphs.DecodeGraphs.__init__ = _timed("decode_graphs", graphs.DecodeGraphs.__init__)
+graphs.PrefillGraphs.__init__ = _timed("prefill_graphs", graphs.PrefillGraphs.__init__)
 runner.Engine._enable_fused = _timed("fused_check", runner.Engine._enable_fused)
-runner.load_tokenizer = _timed("tokenizer", runner.load_tokenizer)
-model_mod.Stage.__init__ = _timed("build_stage", model_mod.Stage.__init__)
+loading.load_tokenizer = _timed("tokenizer", loading.load_tokenizer)
+stage_mod.Stage.__init__ = _timed("build_stage", stage_mod.Stage.__init__)
 
 
 def load(path, variant: ProfileVariant, replay: int = 0, distinct: bool = False):
     _phases.clear()
     t = time.perf_counter()
-    engine = profile.load_engine(path, "cuda:0", CONTEXT, variant, replay_layers=replay, replay_distinct=distinct)
+    engine = profiling.load_engine(path, "cuda:0", CONTEXT, variant, replay_layers=replay, replay_distinct=distinct)
     torch.cuda.synchronize()
     total = time.perf_counter() - t
     phases = dict(_phases)
@@ -106,7 +108,7 @@ def wall_tpot_ms(engine, prompt: int = 512, outputs: int = 32, reps: int = 3) ->
     ids = torch.randint(3, engine.arch.vocab_size, (prompt,), generator=g).tolist()
     steps: list[float] = []
     for _ in range(reps + 1):
-        _, s = profile._run_wall(engine, ids, outputs)
+        _, s = timing._run_wall(engine, ids, outputs)
         steps += s
     return statistics.median(steps[outputs - 1:])  # the first run is a warm-up
 
@@ -134,7 +136,7 @@ def main() -> int:
     deadline = time.monotonic() + a.budget_s
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    clock = profile.DeviceClock(torch.device("cuda:0"))
+    clock = profiling.DeviceClock(torch.device("cuda:0"))
     results: list[dict] = []
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
     for spec in a.models.split(";"):

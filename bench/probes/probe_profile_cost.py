@@ -11,7 +11,8 @@ ensure_importable()
 import iserve.gpu_agent.engine  # noqa: E402,F401
 from iserve import checkpoint  # noqa: E402
 from iserve.fingerprint import generator  # noqa: E402
-from iserve.gpu_agent.engine import profile  # noqa: E402
+from iserve.gpu_agent import profiling  # noqa: E402
+from iserve.gpu_agent.profiling import measure, timing  # noqa: E402
 from iserve.messages import ProfileVariant  # noqa: E402
 from iserve.modelmaker import make_checkpoint  # noqa: E402
 
@@ -32,15 +33,15 @@ def timed(name, fn):
     return wrap
 
 
-profile.load_engine = timed("load_engine", profile.load_engine)
-profile._warm_up = timed("warm_up", profile._warm_up)
-profile._wall_pass = timed("wall_pass", profile._wall_pass)
-profile._device_pass = timed("device_pass", profile._device_pass)
+measure.load_engine = timed("load_engine", measure.load_engine)
+measure.warm_up = timed("warm_up", measure.warm_up)
+timing._wall_pass = timed("wall_pass", timing._wall_pass)
+timing._device_pass = timed("device_pass", timing._device_pass)
 for replay in (0, 32, 32):
     for variant in (ProfileVariant(), ProfileVariant(weight_quant="int4")):
         phases.clear()
-        proto = profile.Protocol(prompt_lengths=(128, 512, 1024), output_lengths=(8, 32), repeats=7, context_tokens=2048, replay_depth=replay)
+        proto = profiling.Protocol(prompt_lengths=(128, 512, 1024), output_lengths=(8, 32), repeats=7, context_tokens=2048, replay_depth=replay)
         t = time.perf_counter()
-        profile.measure_models(paths, "cuda:0", protocol=proto, variant=variant)
+        profiling.measure_models(paths, "cuda:0", protocol=proto, variant=variant)
         total = time.perf_counter() - t
         print(f"replay {replay:2d} {variant.weight_quant}: total {total:6.2f} s | " + ", ".join(f"{n} {s:.2f}" for n, s in phases), flush=True)

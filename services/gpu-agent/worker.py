@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from nats.aio.msg import Msg
@@ -48,6 +49,9 @@ from iserve.settings import common_flags, flag
 
 from .gpus import pin_to_gpu_cpus
 
+if TYPE_CHECKING:
+    from iserve.gpu_agent.engine.protocol import InferenceEngine
+
 log = structlog.get_logger()
 
 
@@ -67,7 +71,7 @@ def fit_prompt(ids: list[int], n: int, *, keep_first: bool) -> list[int]:
 
 
 class WorkerServer:
-    def __init__(self, nc, spec: LaunchWorker, engine, agent_id: str, device: str):
+    def __init__(self, nc, spec: LaunchWorker, engine: InferenceEngine, agent_id: str, device: str):
         self.nc = nc
         self.spec = spec
         self.engine = engine
@@ -215,7 +219,7 @@ class WorkerServer:
         )
 
 
-def warm_up(engine) -> None:
+def warm_up(engine: InferenceEngine) -> None:
     """One short generation before announcing ready, so that the first real request does not pay
     for CUDA kernel loading and library initialization (measured: ~200 ms of TTFT on an H100)."""
     ids = engine.tokenizer.encode("warm up", add_bos=True)
@@ -246,7 +250,7 @@ def rank_stages(spec: LaunchWorker, devices: list[str], tp_rank: int, tp_size: i
     return [(devices[i], st.first_layer, st.num_layers) for i, st in enumerate(mine)]
 
 
-def load_engine(spec: LaunchWorker, args: argparse.Namespace):
+def load_engine(spec: LaunchWorker, args: argparse.Namespace) -> InferenceEngine:
     """Load the model: on TensorRT-LLM when it is selected (``engine.trtllm.use_trtllm``; it runs its
     own ranks), else this rank's share on the torch engine, joining the tensor-parallel group first
     when ``tp > 1``."""
@@ -280,6 +284,8 @@ def follower_main(args: argparse.Namespace) -> None:
     """Ranks 1..tp-1 of a tensor-parallel worker: load the shard, then follow rank 0 until it closes."""
     import threading
 
+    from iserve.gpu_agent.engine import Engine
+
     spec = decoder(LaunchWorker).decode(Path(args.spec).read_bytes())
     structlog.contextvars.bind_contextvars(worker_id=spec.worker_id, deployment_id=spec.deployment_id, tp_rank=args.tp_rank)
     parent = os.getppid()
@@ -292,6 +298,7 @@ def follower_main(args: argparse.Namespace) -> None:
 
     threading.Thread(target=watchdog, daemon=True).start()
     engine = load_engine(spec, args)
+    assert isinstance(engine, Engine)  # TensorRT-LLM runs its own ranks: a follower holds the torch engine
     log.info("tensor-parallel rank loaded", devices=args.devices)
     runs = engine.follow()
     log.info("tensor-parallel rank released by rank 0", generations=runs)

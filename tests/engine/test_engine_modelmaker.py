@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from iserve.checkpoint import arch_from_config, expected_tensors, load_tensors, scan_checkpoint
+from iserve.checkpoint import arch_from_config, expected_tensors, scan_checkpoint
+from iserve.gpu_agent.engine.tensors import load_tensors
 from iserve.modelmaker import PRESETS, main, make_checkpoint
 
 # Parameter counts of the published models, to check that the presets have their real shapes.
@@ -85,7 +86,8 @@ def test_dtype_overrides_and_mixtral(tmp_path):
         "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
         "num_local_experts": 3, "vocab_size": 300}, num_layers=2)
     ck = scan_checkpoint(path)
-    assert (ck.arch.family, ck.arch.num_experts, ck.arch.num_layers, ck.arch.torch_dtype) == ("mixtral", 3, 2, "bfloat16")
+    got = (ck.arch.family, ck.arch.num_experts, ck.arch.num_layers, ck.arch.torch_dtype)
+    assert got == ("mixtral", 3, 2, "bfloat16")
     assert {t.dtype for t in ck.tensors.values()} == {"BF16"}
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from iserve.errors import BadRequest, CheckpointError, PromptTooLong, UnsupportedModel
-from iserve.gpu_agent.engine import CAPABILITIES, Engine, measure_fingerprint
-from iserve.gpu_agent.engine.profile import gpu_type_of
+from iserve.gpu_agent.engine.capabilities import CAPABILITIES
+from iserve.gpu_agent.engine.runner import Engine
+from iserve.gpu_agent.profiling import gpu_type_of, measure_fingerprint
 from iserve.messages import FingerprintMeasurement, ProfileVariant
 from iserve.modelmaker import make_checkpoint
 

@@ -34,13 +34,15 @@ def _rank(rank: int, size: int, port: int, path: str, stages_of_rank: list, conf
         cuda = stages[0][0].startswith("cuda")
         if cuda:
             torch.cuda.set_device(stages[0][0])
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-        out = []
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=size)
+        out: list = []
         for kw in configs:
             engine = Engine.load(path, stages, 96, tp_rank=rank, tp_size=size, **kw)
             if rank == 0:
                 res = _run(engine)
-                stopped = engine.generate(IDS, max_tokens=8, ignore_eos=True, should_stop=iter([False, False, True]).__next__)
+                stopped = engine.generate(IDS, max_tokens=8, ignore_eos=True,
+                                          should_stop=iter([False, False, True]).__next__)
                 out.append((res, stopped.tokens, stopped.finish_reason, engine.weight_bytes(),
                             (engine.graphs_captured, engine.prefill_graph_tokens)))
                 engine.close()
@@ -91,7 +93,8 @@ def test_tp2_on_two_gpus_gives_the_tokens_of_tp1(model, spawn_ranks):
     results = _spawn(spawn_ranks, model, [[("cuda:0", 0, 4)], [("cuda:1", 0, 4)]], configs)
     for i, kw in enumerate(configs):
         (greedy, sampled), _, _, _, graphs = results[0][i]
-        assert graphs == ([True], 64)  # decode and prefill (the 37-token prompt padded to 64) replay graphs with NCCL in them
+        # Decode and prefill (the 37-token prompt padded to 64) replay graphs with NCCL in them.
+        assert graphs == ([True], 64)
         one = Engine.load(model, [("cuda:0", 0, 4)], 96, **kw)
         assert (greedy, sampled) == _run(one), kw
 
@@ -120,9 +123,11 @@ async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path):
     )
 
     nc = await bus.connect(nats_server.url, "test")
-    cfg = AgentConfig(nats_url=nats_server.url, log_level="warning", log_json=True, agent_id="a0", simulate_gpus="2x24GB",
-                      gpu_type="sim", interval_s=0.5, load_window_s=120, work_dir=tmp_path / "agent", profile_timeout_s=60)
-    agent = AgentService(cfg, await bus.connect(nats_server.url, "agent"), SimulatedGpus(parse_simulated("2x24GB"), "sim"))
+    cfg = AgentConfig(nats_url=nats_server.url, log_level="warning", log_json=True, agent_id="a0",
+                      simulate_gpus="2x24GB", gpu_type="sim", interval_s=0.5, load_window_s=120,
+                      work_dir=tmp_path / "agent", profile_timeout_s=60)
+    gpus = SimulatedGpus(parse_simulated("2x24GB"), "sim")
+    agent = AgentService(cfg, await bus.connect(nats_server.url, "agent"), gpus)
     await agent.start()
     ready: asyncio.Queue = asyncio.Queue()
     exited: asyncio.Queue = asyncio.Queue()
@@ -151,7 +156,8 @@ async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path):
         inbox = nc.new_inbox()
         await nc.subscribe(inbox, cb=on_chunk)
         req = InferRequest(request_id="r1", model="tiny", prompt="The quick brown fox", max_tokens=8, ignore_eos=True)
-        await bus.request(nc, subjects.worker_generate("w-tp"), GenerateRequest(request=req, stream_to=inbox), Accepted, timeout=60)
+        await bus.request(nc, subjects.worker_generate("w-tp"), GenerateRequest(request=req, stream_to=inbox), Accepted,
+                          timeout=60)
         done = None
         while done is None:
             data = await asyncio.wait_for(chunks.get(), 60)
@@ -186,12 +192,12 @@ def test_tp2_on_cpu_gives_the_tokens_of_tp1_for_other_families(preset, tmp_path,
 def _agree_rank(rank: int, size: int, port: int, votes: list[bool], queue) -> None:
     import torch.distributed as dist
 
-    from iserve.gpu_agent.engine.runner import _TPControl
+    from iserve.gpu_agent.engine.tp import TPControl
 
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
         control = dist.new_group(list(range(size)), backend="gloo")
-        tp = _TPControl(rank, size, control, control, torch.device("cpu"))
+        tp = TPControl(rank, size, control, control, torch.device("cpu"))
         queue.put((rank, [tp.all_agree(votes[rank]), tp.all_agree(True)]))
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - reported to the test
@@ -210,7 +216,7 @@ def test_local_checks_run_no_collectives():
     """The fused decode check runs each rank's layer without collectives (``TensorParallel.local``):
     a rank that failed part-way through it left the other waiting in a layer's all-reduce (Llama-2-7B
     2:4 at TP=2 on two H200s). Inside, nothing reaches torch.distributed (no group exists here)."""
-    from iserve.gpu_agent.engine.model import TensorParallel
+    from iserve.gpu_agent.engine.tp import TensorParallel
 
     tp = TensorParallel(rank=1, size=2, group=object())
     t = torch.ones(2, 3)

@@ -14,11 +14,12 @@ import torch
 from iserve.checkpoint import scan_checkpoint
 from iserve.errors import BadRequest, UnsupportedModel
 from iserve.gpu_agent.engine import Engine, kernels, quant
-from iserve.gpu_agent.engine.model import pruned_counts
-from iserve.gpu_agent.engine.runner import graph_buckets, prefill_buckets
+from iserve.gpu_agent.engine.graphs import graph_buckets, prefill_buckets
+from iserve.gpu_agent.engine.pruning import pruned_counts
 from iserve.modelmaker import make_checkpoint
 
 IDS = list(range(3, 43))
+NEEDS_TRITON = "needs Triton (a CUDA GPU, or TRITON_INTERPRET=1 with triton installed)"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def test_int8_and_int4_round_trip():
     deq = quant.dequantize_int4(q4, sc, z, torch.float32)
     assert float((deq - w).abs().max()) <= float(sc.max()) / 2 + 1e-5
     x = torch.randn(3, 256)
-    torch.testing.assert_close(quant.Int8Linear(w, torch.float32)(x), x @ (q.float() * s[:, None]).T, rtol=1e-4, atol=1e-4)
+    want = x @ (q.float() * s[:, None]).T
+    torch.testing.assert_close(quant.Int8Linear(w, torch.float32)(x), want, rtol=1e-4, atol=1e-4)
     lin4 = quant.Int4Linear(w, torch.float32)
     torch.testing.assert_close(lin4(x), x @ deq.T, rtol=1e-5, atol=1e-5)
     # An input size that is not a multiple of the group is padded with zero columns.
@@ -120,13 +122,14 @@ def test_structured_pruning_matches_the_estimator_and_keeps_strong_heads(tiny, t
 
     arch = scan_checkpoint(tiny).arch
     shaped = pruned_arch(arch, "structured")
-    assert pruned_counts(arch, "structured") == (shaped.num_attention_heads, shaped.num_kv_heads, shaped.intermediate_size)
+    want = (shaped.num_attention_heads, shaped.num_kv_heads, shaped.intermediate_size)
+    assert pruned_counts(arch, "structured") == want
     small = make_checkpoint(tmp_path / "m", "tiny-llama", num_layers=1)  # 4 heads, 2 KV heads
     shaped = pruned_arch(scan_checkpoint(small).arch, "structured")
     assert pruned_counts(scan_checkpoint(small).arch, "structured") == (shaped.num_attention_heads, shaped.num_kv_heads,
                                                                          shaped.intermediate_size)
     # The weakest KV group is the one removed.
-    from iserve.gpu_agent.engine.model import prune_structured
+    from iserve.gpu_agent.engine.pruning import prune_structured
 
     layer = {k[len("model.layers.0."):]: v for k, v in _layer_tensors(tiny).items()}
     d = arch.head_dim
@@ -143,7 +146,8 @@ def test_structured_pruning_matches_the_estimator_and_keeps_strong_heads(tiny, t
 def _layer_tensors(path):
     from safetensors.torch import load_file
 
-    return {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items() if k.startswith("model.layers.0.")}
+    tensors = load_file(str(path / "model.safetensors"))
+    return {k: v.float() for k, v in tensors.items() if k.startswith("model.layers.0.")}
 
 
 def test_bad_variants(tiny):
@@ -205,10 +209,11 @@ def test_a_prompt_padded_at_its_end_gives_its_own_logits_and_cache(fp32):
         for p, w in zip(range(30, 34), steps_want):
             stage.pos.fill_(p)
             # Over the whole cache, masked: rows past the position (the junk's, then none) are left out.
-            torch.testing.assert_close(stage.decode(torch.tensor([IDS[p]]), kv_len=64, masked=True), w, rtol=1e-5, atol=1e-5)
+            got = stage.decode(torch.tensor([IDS[p]]), kv_len=64, masked=True)
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not kernels.available(), reason="needs Triton (a CUDA GPU, or TRITON_INTERPRET=1 with triton installed)")
+@pytest.mark.skipif(not kernels.available(), reason=NEEDS_TRITON)
 def test_triton_gemv_matches_reference():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tune = dev == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
@@ -223,7 +228,8 @@ def test_triton_gemv_matches_reference():
         torch.testing.assert_close(kernels.gemv(x, w, tune=tune), x @ w.T, rtol=1e-4, atol=1e-4)
         nw = torch.rand(K, device=dev) + 0.5
         normed = torch.nn.functional.rms_norm(x, (K,), nw, 1e-5)
-        torch.testing.assert_close(kernels.gemv(x, w, None, r, norm=(nw, 1e-5), tune=tune), normed @ w.T + r, rtol=1e-4, atol=1e-4)
+        got = kernels.gemv(x, w, None, r, norm=(nw, 1e-5), tune=tune)
+        torch.testing.assert_close(got, normed @ w.T + r, rtol=1e-4, atol=1e-4)
         gu = torch.randn(M, 2 * K, device=dev)
         act = torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]
         torch.testing.assert_close(kernels.gemv(gu, q, s, swiglu=True, tune=tune), act @ (q.float() * s[:, None]).T,
@@ -271,11 +277,13 @@ def test_captured_prefill_equals_eager(tiny):
     for n in (1, 30, 64, 65, 250, 512, 576, 577):
         ids = (IDS * 13)[:n]
         torch.testing.assert_close(graphs.prefill(ids), eager.prefill(ids), rtol=0, atol=3e-2)
-        assert graphs.generate(ids, max_tokens=6, ignore_eos=True).tokens == eager.generate(ids, max_tokens=6, ignore_eos=True).tokens
+        want = eager.generate(ids, max_tokens=6, ignore_eos=True).tokens
+        assert graphs.generate(ids, max_tokens=6, ignore_eos=True).tokens == want
     split = Engine.load(tiny, [("cuda:0", 0, 1), ("cuda:0", 1, 3)], context_tokens=600)
     assert split.prefill_graph_tokens == 576
     ids = (IDS * 3)[:100]
-    assert split.generate(ids, max_tokens=8, ignore_eos=True).tokens == eager.generate(ids, max_tokens=8, ignore_eos=True).tokens
+    want = eager.generate(ids, max_tokens=8, ignore_eos=True).tokens
+    assert split.generate(ids, max_tokens=8, ignore_eos=True).tokens == want
 
 
 @pytest.mark.gpu
@@ -284,14 +292,16 @@ def test_captured_prefill_equals_eager(tiny):
     (dict(weight_quant="int8"), "int8 triton gemv (decode) / dequant+cublas (prefill)", 0.02),
     (dict(weight_quant="int4"), "torch._weight_int4pack_mm (tinygemm, bf16)", 0.05),
     (dict(kv_quant="int8"), "dense", 0.02),
-    (dict(pruning="2:4"), None, 0.08),  # measured 0.052 on H100 and H200: CUTLASS's sparse kernel vs the dense pruned matmul
+    # 2:4: measured 0.052 on H100 and H200, CUTLASS's sparse kernel vs the dense pruned matmul.
+    (dict(pruning="2:4"), None, 0.08),
     (dict(pruning="structured"), "dense", 0.02),
 ])
 def test_cuda_variants_match_cpu_reference(tiny, kw, kernel, max_rel):
     """The CUDA kernels compute the same function as the CPU reference math of the same format, in the
     same dtype (so that quantization and pruning see the same rounded weights)."""
     gpu = Engine.load(tiny, [("cuda:0", 0, 4)], context_tokens=64, **kw)
-    cpu = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, dtype=str(gpu.stages[0].dtype).removeprefix("torch."), **kw)
+    dtype = str(gpu.stages[0].dtype).removeprefix("torch.")
+    cpu = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, dtype=dtype, **kw)
     if kernel is not None:
         assert set(gpu.kernels()) == {kernel}
     ref = cpu.prefill(IDS, all_positions=True)
@@ -305,12 +315,12 @@ def test_cuda_variants_match_cpu_reference(tiny, kw, kernel, max_rel):
     assert len(gpu.generate(IDS, max_tokens=8, ignore_eos=True).tokens) == 8
 
 
-@pytest.mark.skipif(not kernels.available(), reason="needs Triton (a CUDA GPU, or TRITON_INTERPRET=1 with triton installed)")
+@pytest.mark.skipif(not kernels.available(), reason=NEEDS_TRITON)
 @pytest.mark.parametrize("kw", [dict(), dict(kv_quant="int8"), dict(weight_quant="int8", pruning="structured")])
 def test_fused_decode_kernels_match_the_reference_path(tiny, monkeypatch, kw):
     """The fused Triton decode (RMSNorm, RoPE + cache write, split-K attention, SwiGLU) against the
     plain torch decode, through the engine (on the CPU this runs Triton's interpreter)."""
-    from iserve.gpu_agent.engine.model import Stage
+    from iserve.gpu_agent.engine.stage import Stage
 
     dev = "cuda:0" if torch.cuda.is_available() else "cpu"
     plain = Engine.load(tiny, [(dev, 0, 4)], context_tokens=64, cuda_graphs=False, **kw)
@@ -337,7 +347,7 @@ def test_relocating_a_layer_copies_every_tensor_once_and_keeps_its_function(tmp_
     must reach every tensor (through linears, MLPs, experts, tuples of norms), copy a shared one
     once, and leave the layer computing the same thing. Here on the CPU with a copy function that
     clones every tensor (on a GPU it clones the CUDA ones)."""
-    from iserve.gpu_agent.engine import model
+    from iserve.gpu_agent.engine import compact
 
     path = make_checkpoint(tmp_path / preset, preset, num_layers=2, seed=5)
     engine = Engine.load(path, [("cpu", 0, 2)], context_tokens=32, **kw)
@@ -350,7 +360,7 @@ def test_relocating_a_layer_copies_every_tensor_once_and_keeps_its_function(tmp_
         copies.append(t.clone())
         return copies[-1]
 
-    model._relocate(layer, {}, copy)
+    compact._relocate(layer, {}, copy)
     after = layer.tensors()
     assert len(after) == len(before) and all(a is not b for a, b in zip(after, before))
     assert all(torch.equal(a, b) for a, b in zip(after, before))
@@ -365,21 +375,21 @@ def test_relocating_rebuilds_a_tensor_subclass_around_copies_of_its_inner_tensor
     Here with torch's two-tensor test subclass, which flattens the same way, on the CPU."""
     from torch.testing._internal.two_tensor import TwoTensor
 
-    from iserve.gpu_agent.engine import model, quant
+    from iserve.gpu_agent.engine import compact, quant
 
     a, b = torch.randn(6, 8), torch.randn(6, 8)
     lin = quant.DenseLinear(torch.zeros(6, 8))
     lin.w = TwoTensor(a, b)
     x = torch.randn(3, 8)
     ref = lin(x)
-    assert model._relocatable(lin)
+    assert compact._relocatable(lin)
     copies: list[torch.Tensor] = []
 
     def copy(t: torch.Tensor) -> torch.Tensor:
         copies.append(t.clone())
         return copies[-1]
 
-    model._relocate(lin, {}, copy)
+    compact._relocate(lin, {}, copy)
     assert type(lin.w) is TwoTensor and lin.w.a is copies[0] and lin.w.b is copies[1]
     assert torch.equal(lin.w.a, a) and torch.equal(lin.w.b, b)
     out = lin(x)
@@ -390,18 +400,19 @@ def test_relocating_rebuilds_a_tensor_subclass_around_copies_of_its_inner_tensor
         pass
 
     lin.w = torch.zeros(6, 8).as_subclass(Opaque)
-    assert not model._relocatable(lin)
+    assert not compact._relocatable(lin)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kw", [dict(), dict(weight_quant="int8"), dict(weight_quant="int4"), dict(pruning="structured"),
-                                dict(pruning="2:4"), dict(weight_quant="int8", pruning="2:4")])
+@pytest.mark.parametrize("kw", [dict(), dict(weight_quant="int8"), dict(weight_quant="int4"),
+                                dict(pruning="structured"), dict(pruning="2:4"),
+                                dict(weight_quant="int8", pruning="2:4")])
 def test_cuda_layers_are_built_compact(tmp_path, kw):
     """Built through a private pool and copied out, a converted model reserves little beyond what it
     allocates (was 1.1-1.6 GiB on a Llama-2-13B in int8/int4), and computes what an engine built
     without the pool computes."""
-    from iserve.gpu_agent.engine import model
+    from iserve.gpu_agent.engine import stage
 
     path = make_checkpoint(tmp_path / "m", "tiny-llama", num_layers=12, seed=2,
                            overrides={"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8,
@@ -417,12 +428,16 @@ def test_cuda_layers_are_built_compact(tmp_path, kw):
     assert gap < 24 << 20, f"reserved exceeds allocated by {gap / 2**20:.1f} MiB"
     out = engine.prefill(IDS, all_positions=True)
     engine.close()
-    real = model.build_compact
+    real = stage.build_compact
+
+    def not_compact(device, build, compact=True):
+        return real(device, build, compact=False)
+
     try:
-        model.build_compact = lambda device, build, compact=True: real(device, build, compact=False)
+        stage.build_compact = not_compact
         plain = Engine.load(path, [("cuda:0", 0, 12)], context_tokens=128, cuda_graphs=False, **kw)
     finally:
-        model.build_compact = real
+        stage.build_compact = real
     torch.testing.assert_close(out, plain.prefill(IDS, all_positions=True), rtol=0, atol=0)
     plain.close()
 
@@ -460,8 +475,10 @@ def test_replayed_stage_with_distinct_copies_computes_the_same(tiny, kw):
     assert stage.layers[4].tp is stage.layers[0].tp
     assert deep.weight_bytes() > shared.weight_bytes() and deep.kv_cache_bytes() == shared.kv_cache_bytes()
     torch.testing.assert_close(deep.prefill(IDS), shared.prefill(IDS), rtol=0, atol=0)
-    assert deep.generate(IDS, max_tokens=4, ignore_eos=True).tokens == shared.generate(IDS, max_tokens=4, ignore_eos=True).tokens
-    assert Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, replay_layers=3, replay_distinct=True).stages[0].replay_copies == 0
+    want = shared.generate(IDS, max_tokens=4, ignore_eos=True).tokens
+    assert deep.generate(IDS, max_tokens=4, ignore_eos=True).tokens == want
+    three = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, replay_layers=3, replay_distinct=True)
+    assert three.stages[0].replay_copies == 0
 
 
 def test_the_fused_check_compares_one_layer_per_stage_and_refuses_a_wrong_kernel(tiny, monkeypatch):
@@ -469,9 +486,9 @@ def test_the_fused_check_compares_one_layer_per_stage_and_refuses_a_wrong_kernel
     stage's first layer (not at the logits, where a deep model amplifies rounding differences of two
     correct kernels); a kernel that computes something else is refused with a reason. On the CPU the
     fused kernel is stood in for by the reference decode (the GPU test above runs the real one)."""
-    from iserve.gpu_agent.engine import model
+    from iserve.gpu_agent.engine import layers, stage
 
-    monkeypatch.setattr(model.Stage, "can_fuse", property(lambda self: True))
+    monkeypatch.setattr(stage.Stage, "can_fuse", property(lambda self: True))
     calls = []
 
     def faithful(self, x, cos, sin, cache, layer, pos, window, splits):
@@ -479,10 +496,10 @@ def test_the_fused_check_compares_one_layer_per_stage_and_refuses_a_wrong_kernel
         one = cos.index_select(0, pos).unsqueeze(1), sin.index_select(0, pos).unsqueeze(1)
         return self.decode(x, one[0], one[1], cache, layer, pos, int(pos) + 1, None)
 
-    monkeypatch.setattr(model.DecoderLayer, "decode_fused", faithful)
+    monkeypatch.setattr(layers.DecoderLayer, "decode_fused", faithful)
     ok = Engine.load(tiny, [("cpu", 0, 2), ("cpu", 2, 2)], context_tokens=64, cuda_graphs=False)
     assert ok.fused_decode == [True, True] and ok.fused_error == "" and calls == [0, 0]  # one layer of each stage
-    monkeypatch.setattr(model.DecoderLayer, "decode_fused", lambda self, x, *a: x + 1.5 * (faithful(self, x, *a) - x))
+    monkeypatch.setattr(layers.DecoderLayer, "decode_fused", lambda self, x, *a: x + 1.5 * (faithful(self, x, *a) - x))
     wrong = Engine.load(tiny, [("cpu", 0, 4)], context_tokens=64, cuda_graphs=False)
     assert wrong.fused_decode == [False] and "differs from the reference by 0.5" in wrong.fused_error
 

@@ -11,7 +11,7 @@ import importlib
 import os
 
 # Read when CUDA first initialises, so set before any submodule can start it; a value the operator
-# set wins. Expandable segments let a converted layer's freed memory go back (``model.release_cached``):
+# set wins. Expandable segments let a converted layer's freed memory go back (``compact.release_cached``):
 # see docs/fingerprint.md.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
@@ -19,7 +19,7 @@ _LAZY = {  # name -> the submodule that defines it
     "CAPABILITIES": "capabilities",
     "Engine": "runner",
     "GenerationResult": "runner",
-    "Stage": "model",
+    "Stage": "stage",
     "ByteTokenizer": "tokenizer",
     "StreamDecoder": "tokenizer",
     "Tokenizer": "tokenizer",

@@ -89,7 +89,7 @@ class Linear(abc.ABC):
     in_features = 0
     # Whether rows of padding cost little: at a few hundred rows the kernel reads its weights once
     # whatever the row count, so a prompt padded to a captured prefill graph's length runs about as
-    # fast (``runner.prefill_buckets``).
+    # fast (``graphs.prefill_buckets``).
     pads_cheaply = True
 
     @abc.abstractmethod
@@ -148,7 +148,8 @@ class Int8Linear(Linear):
         self.cuda = w.device.type == "cuda"
         if self.cuda and not kernels.available():
             raise RuntimeError("int8 weights on CUDA need Triton (the `triton` package), which does not import here")
-        self.kernel = "int8 triton gemv (decode) / dequant+cublas (prefill)" if self.cuda else "torch._weight_int8pack_mm"
+        cuda_kernel = "int8 triton gemv (decode) / dequant+cublas (prefill)"
+        self.kernel = cuda_kernel if self.cuda else "torch._weight_int8pack_mm"
 
     def _dequantized(self) -> torch.Tensor:
         return self.q.to(self.dtype) * self.scale[:, None]

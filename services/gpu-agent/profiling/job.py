@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext as _nullcontext
 from pathlib import Path
 
 import msgspec
 import torch
 
-from iserve.checkpoint import TensorCache, scan_checkpoint
+from iserve.checkpoint import scan_checkpoint
 from iserve.errors import BadRequest, UnsupportedModel
+from iserve.gpu_agent.engine.tensors import TensorCache
 from iserve.messages import FingerprintMeasurement, ProfileJob, ProfileResult, ProfileVariant, decoder, encode
 
 from .measure import measure_models
@@ -101,20 +101,19 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
     one_gpu = [v for v in job.variants if v.tp == 1]
     cache = _fingerprint_cache(job.fingerprint_paths, devices[0]) if one_gpu else None
     try:
-        with cache.active() if cache is not None else _nullcontext():
-            for variant in one_gpu:
-                key = variant_key(variant)
-                try:
-                    ms = measure_models(job.fingerprint_paths, devices[0], protocol=protocol, variant=variant,
-                                        device_timing=job.device_timing, seed=0)
-                except UnsupportedModel as e:
-                    skipped[key] = e.message
-                    continue
-                measurements += ms
-                if log:
-                    for path, m in zip(job.fingerprint_paths, ms):
-                        log(f"measured {Path(path).name} as {key}: TPOT {m.tpot_ms:.3f} ms "
-                            f"(device {m.tpot_device_ms:.3f} ms)")
+        for variant in one_gpu:
+            key = variant_key(variant)
+            try:
+                ms = measure_models(job.fingerprint_paths, devices[0], protocol=protocol, variant=variant,
+                                    device_timing=job.device_timing, seed=0, tensors=cache)
+            except UnsupportedModel as e:
+                skipped[key] = e.message
+                continue
+            measurements += ms
+            if log:
+                for path, m in zip(job.fingerprint_paths, ms):
+                    log(f"measured {Path(path).name} as {key}: TPOT {m.tpot_ms:.3f} ms "
+                        f"(device {m.tpot_device_ms:.3f} ms)")
     finally:
         cache_bytes = cache.nbytes if cache is not None else 0
         if cache is not None:

@@ -13,6 +13,7 @@ from iserve.checkpoint import scan_checkpoint
 from iserve.errors import BadRequest, CheckpointError, UnsupportedModel
 from iserve.gpu_agent.engine.capabilities import CAPABILITIES
 from iserve.gpu_agent.engine.runner import Engine
+from iserve.gpu_agent.engine.tensors import TensorCache
 from iserve.messages import DecodeTiming, FingerprintMeasurement, ProfileVariant, PromptTiming
 
 from .memory import Baseline, NvmlProbe, activation_bytes_estimate
@@ -45,10 +46,12 @@ def _check_variant(variant: ProfileVariant) -> None:
 
 def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant: ProfileVariant, *,
                 seed: int = 0, tp_rank: int = 0, tp_size: int = 1, replay_layers: int = 0,
-                replay_distinct: bool = False, prefill_lengths: Sequence[int] | None = None):
+                replay_distinct: bool = False, prefill_lengths: Sequence[int] | None = None,
+                tensors: TensorCache | None = None):
     """Load ``model_dir`` as one stage on ``device`` as ``variant``, the way a worker does
     (``prefill_lengths``: capture only the prefill graphs of these prompt lengths, for a deep run
-    whose capture of every length would cost more than its timing)."""
+    whose capture of every length would cost more than its timing; ``tensors``: cached copies of the
+    checkpoint's tensors)."""
     _check_variant(variant)
     kwargs: dict = variant_kwargs(variant)
     if tp_size > 1:
@@ -57,6 +60,8 @@ def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant
         kwargs.update(replay_layers=replay_layers, replay_distinct=replay_distinct)
     if prefill_lengths is not None:
         kwargs.update(prefill_graph_lengths=list(prefill_lengths))
+    if tensors is not None:
+        kwargs.update(tensors=tensors)
     ck = scan_checkpoint(model_dir)
     try:
         return Engine.load(model_dir, [(device, 0, ck.arch.num_layers)], context_tokens, seed, **kwargs)
@@ -95,7 +100,7 @@ class _Loaded:
 
     def __init__(self, model_dir, device: str, protocol: Protocol, variant: ProfileVariant, *, seed: int,
                  tp_rank: int, tp_size: int, gpu_warmup_s: float, index: int = 0, coord=None,
-                 replay_layers: int = 0):
+                 replay_layers: int = 0, tensors: TensorCache | None = None):
         self.t_start = time.perf_counter()
         self.probe = NvmlProbe(torch.device(device))
         self.base = Baseline(torch.device(device), self.probe)
@@ -106,7 +111,8 @@ class _Loaded:
                                   tp_size=tp_size, replay_layers=replay_layers,
                                   replay_distinct=protocol.replay_distinct,
                                   prefill_lengths=(sorted(set(protocol.prompt_lengths))
-                                                   if self.deep and tp_size == 1 else None))
+                                                   if self.deep and tp_size == 1 else None),
+                                  tensors=tensors)
         self.num_layers = replay_layers or self.engine.arch.num_layers
         self.replayed_from = self.engine.stages[0].replayed_from  # replay_layers loads one stage
         self.runner = Announced(self.engine, index, coord) if coord is not None and tp_rank == 0 else self.engine
@@ -213,6 +219,7 @@ def measure_models(
     tp_rank: int = 0,
     tp_size: int = 1,
     coord=None,
+    tensors: TensorCache | None = None,
 ) -> list[FingerprintMeasurement]:
     """Measure several checkpoints of one architecture as ``variant`` on ``device`` together: each
     is loaded in turn and its memory taken as it loads and warms up (with the others' memory told
@@ -224,7 +231,8 @@ def measure_models(
     With ``tp_size > 1`` every rank calls this with the same arguments and its ``tp_rank``
     (``torch.distributed`` initialized); ``coord`` is a gloo group of the ranks (made here when not
     given). Rank 0 times, interleaved exactly as at TP=1; the other ranks follow its generations.
-    Every rank returns its measurements, with its own memory; only rank 0's carry timings."""
+    Every rank returns its measurements, with its own memory; only rank 0's carry timings.
+    ``tensors``: the job's tensor cache, which the engines copy their weights from."""
     variant = variant or ProfileVariant(tp=tp_size)
     for i, d in enumerate(model_dirs):
         _check_model(d, protocol, num_layers[i] if num_layers is not None else None)
@@ -244,7 +252,8 @@ def measure_models(
     try:
         for i, (d, replay) in enumerate(plan):
             loaded.append(_Loaded(d, device, protocol, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size,
-                                  gpu_warmup_s=gpu_warmup_s, index=i, coord=coord, replay_layers=replay))
+                                  gpu_warmup_s=gpu_warmup_s, index=i, coord=coord, replay_layers=replay,
+                                  tensors=tensors))
 
         def after_run() -> None:
             for item in loaded:

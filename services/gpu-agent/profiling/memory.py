@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from iserve.gpu_agent.engine.runner import prime_streams
+from iserve.gpu_agent.engine.graphs import prime_streams
 from iserve.messages import ArchSpec
 
 

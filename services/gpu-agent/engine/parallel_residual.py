@@ -1,35 +1,8 @@
-"""Falcon, GPT-J and GPT-NeoX decoders for the torch engine.
+"""Falcon, GPT-J and GPT-NeoX: the parallel-residual families, as ``ParallelResidualStage`` of the torch engine.
 
-These families differ from Llama in their layers only: LayerNorm with a bias instead of RMSNorm, a
-plain GELU MLP with biases instead of SwiGLU, attention and MLP in parallel off the same residual
-(GPT-J, NeoX, Falcon), fused q/k/v tensors in the family's own order (Falcon's per KV group,
-NeoX's per head), and RoPE on the leading ``rotary_dim`` dimensions of each head (NeoX 25%, GPT-J
-64 of 256), GPT-J rotating interleaved pairs ``(2i, 2i+1)``. Everything else is the engine's own:
-``OtherStage`` is a ``model.Stage`` (same prefill/decode passes, CUDA-graph capture, pipeline and
-tensor-parallel plumbing; not the fused Triton decode kernels, which are written for the Llama
-layers), its layers store their projections through ``model.LayerFormat``
-(fp16, int8, int4, 2:4 like the Llama layers) and keep K/V in ``model.KVCache`` (16-bit or int8).
-
-Tensor layouts (names relative to the layer; ``iserve.checkpoint`` validates them):
-
-* Falcon: ``self_attention.query_key_value`` ``[(heads + 2 kv) d, h]`` grouped per KV head as
-  ``[g query heads, k, v]`` (new decoder architecture and multi-query), or ``[heads, 3, d]`` per head
-  (old multi-head); ``self_attention.dense``; ``mlp.dense_h_to_4h`` / ``dense_4h_to_h``; norms
-  ``ln_attn`` + ``ln_mlp`` (new architecture), or ``input_layernorm`` (+ ``post_attention_layernorm``
-  when attention and MLP run one after the other).
-* GPT-J: ``attn.{q,k,v,out}_proj`` (no biases), ``mlp.fc_in`` / ``fc_out`` (biases), one norm ``ln_1``.
-* GPT-NeoX: ``attention.query_key_value`` ``[heads, 3, d]`` per head, ``attention.dense``,
-  ``mlp.dense_h_to_4h`` / ``dense_4h_to_h``, ``input_layernorm`` and ``post_attention_layernorm``.
-
-Structured pruning follows the estimator's rule (``pruned_arch``) with the Llama layers' scoring:
-the weakest 25% of KV groups (or of the query heads of each group when there are fewer than 4 KV
-heads) by squared weight norm, and the weakest 25% of FFN channels.
-
-``OtherStage`` overrides only ``Stage``'s two family hooks (how a layer is built from its tensors, and
-the RoPE tables); ``Stage`` loads the embedding, final norm and LM head of any family through the
-checkpoint's layout (with the LayerNorm and head biases these families have). ``Engine.load``
-(``runner.py``) builds an ``OtherStage`` instead of a ``Stage`` for the families in ``FAMILIES``;
-``CAPABILITIES["families"]`` lists them.
+Their layers differ from Llama's (LayerNorm with biases, a GELU MLP, attention and MLP off the same
+residual, fused q/k/v in the family's order, partial RoPE); everything else is ``stage.Stage``'s.
+See docs/engine-internals.md#parallel-residual-families.
 """
 
 from __future__ import annotations
@@ -43,8 +16,12 @@ from iserve.checkpoint import Checkpoint
 from iserve.errors import UnsupportedModel
 from iserve.messages import ArchSpec
 
-from .model import KVCache, LayerFormat, Stage, TensorParallel, pruned_counts
+from .kv_cache import KVCache
+from .layers import LayerFormat
+from .pruning import pruned_counts
 from .quant import Linear
+from .stage import Stage
+from .tp import TensorParallel
 
 FAMILIES = ("falcon", "gptj", "gpt_neox")
 
@@ -57,7 +34,9 @@ def rotary_width(arch: ArchSpec) -> int:
     return arch.rotary_dim or arch.head_dim
 
 
-def rope_tables(arch: ArchSpec, positions: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    arch: ArchSpec, positions: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and signed ``sin`` tables ``[positions, r]`` (``r`` = the rotary width) for ``apply_rope``.
 
     Half-split (NeoX, Falcon): pairs ``(i, i + r/2)``, tables ``(c, c)`` and ``(-s, s)``.
@@ -85,7 +64,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     if interleaved:
         swapped = rot.unflatten(-1, (r // 2, 2)).flip(-1).flatten(-2)
     else:
-        swapped = torch.cat((rot[..., r // 2:], rot[..., : r // 2]), dim=-1)
+        swapped = torch.cat((rot[..., r // 2 :], rot[..., : r // 2]), dim=-1)
     rotated = torch.addcmul(rot * cos, swapped, sin)
     if r == x.shape[-1]:
         return rotated
@@ -126,7 +105,11 @@ def canonical_layer(arch: ArchSpec, t: dict[str, torch.Tensor]) -> dict[str, Any
         if arch.qkv_layout == "grouped":
             g = heads // kv
             x = w.reshape(kv, g + 2, d, *tail)
-            return x[:, :g].reshape(heads * d, *tail), x[:, g].reshape(kv * d, *tail), x[:, g + 1].reshape(kv * d, *tail)
+            return (
+                x[:, :g].reshape(heads * d, *tail),
+                x[:, g].reshape(kv * d, *tail),
+                x[:, g + 1].reshape(kv * d, *tail),
+            )
         x = w.reshape(heads, 3, d, *tail)  # per head
         return x[:, 0].reshape(heads * d, *tail), x[:, 1].reshape(heads * d, *tail), x[:, 2].reshape(heads * d, *tail)
 
@@ -151,7 +134,7 @@ def canonical_layer(arch: ArchSpec, t: dict[str, torch.Tensor]) -> dict[str, Any
         c["ln1"], c["ln2"] = norm("input_layernorm"), norm("post_attention_layernorm")
         qkv, dense = "attention.query_key_value", "attention.dense"
     else:
-        raise UnsupportedModel(f"arch_other does not implement the {arch.family} family.")
+        raise UnsupportedModel(f"the parallel-residual layers do not implement the {arch.family} family.")
     c["q"], c["k"], c["v"] = split_fused(t[qkv + ".weight"])
     if qkv + ".bias" in t:
         c["bq"], c["bk"], c["bv"] = split_fused(t[qkv + ".bias"])
@@ -187,7 +170,7 @@ def prune_structured(arch: ArchSpec, c: dict[str, Any]) -> dict[str, Any]:
     else:
         kv_idx = torch.arange(kv, device=q.device)
         keep = kept_heads // kv
-        q_idx = torch.cat([j * group + _keep_largest(q_score[j * group:(j + 1) * group], keep) for j in range(kv)])
+        q_idx = torch.cat([j * group + _keep_largest(q_score[j * group : (j + 1) * group], keep) for j in range(kv)])
     rows = lambda idx: (idx[:, None] * d + torch.arange(d, device=idx.device)[None, :]).reshape(-1)  # noqa: E731
     q_rows, kv_rows = rows(q_idx), rows(kv_idx)
     out = dict(c)
@@ -206,7 +189,7 @@ def prune_structured(arch: ArchSpec, c: dict[str, Any]) -> dict[str, Any]:
 # the layer
 
 
-class OtherLayer:
+class ParallelResidualLayer:
     """One Falcon / GPT-J / GPT-NeoX block on one tensor-parallel rank.
 
     Parallel residual: ``x + attn(ln1(x)) + mlp(ln2(x) or ln1(x))``, one all-reduce for both halves;
@@ -247,15 +230,21 @@ class OtherLayer:
         own += [b for b in (self.b_qkv, self.b_up, self.bo, self.b_down) if b is not None]
         return own + [x for lin in self.linears() for x in lin.tensors()]
 
-    def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T = h.shape[0]
         qkv = self.qkv(h)
         if self.b_qkv is not None:
             qkv = qkv + self.b_qkv
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, self.heads + self.kv_heads, self.head_dim), cos, sin,
-                        self.interleaved)
-        v = qkv[:, self.q_size + self.kv_size:].view(T, self.kv_heads, self.head_dim)
-        return qk[:, : self.heads], qk[:, self.heads:], v
+        qk = apply_rope(
+            qkv[:, : self.q_size + self.kv_size].view(T, self.heads + self.kv_heads, self.head_dim),
+            cos,
+            sin,
+            self.interleaved,
+        )
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.kv_heads, self.head_dim)
+        return qk[:, : self.heads], qk[:, self.heads :], v
 
     def _mlp_hidden(self, h: torch.Tensor) -> torch.Tensor:
         y = self.up(h)
@@ -286,8 +275,15 @@ class OtherLayer:
         m = self._mlp_hidden(layer_norm(x, self.ln2, self.eps))
         return self.tp.all_reduce(self._row(self.down, self._base(x, self.b_down), m))
 
-    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def prefill(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         T = x.shape[0]
         h1 = layer_norm(x, self.ln1, self.eps)
         q, k, v = self._qkv(h1, cos, sin)
@@ -296,12 +292,22 @@ class OtherLayer:
         if self.groups > 1:
             k = k.repeat_interleave(self.groups, dim=0)
             v = v.repeat_interleave(self.groups, dim=0)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                                             attn_mask=mask, is_causal=mask is None)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, is_causal=mask is None
+        )
         return self._finish(x, h1, out[0].transpose(0, 1).reshape(T, self.q_size))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
-               pos: torch.Tensor, kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def decode(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        pos: torch.Tensor,
+        kv_len: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         h1 = layer_norm(x, self.ln1, self.eps)
         q, k, v = self._qkv(h1, cos, sin)
         cache.write_at(layer, pos, k.transpose(0, 1), v.transpose(0, 1))
@@ -315,23 +321,27 @@ class OtherLayer:
 # the stage
 
 
-class OtherStage(Stage):
-    """A ``model.Stage`` of a Falcon, GPT-J or GPT-NeoX model: same constructor arguments, same
+class ParallelResidualStage(Stage):
+    """A ``stage.Stage`` of a Falcon, GPT-J or GPT-NeoX model: same constructor arguments, same
     passes; only the tensors, the layers, the final LayerNorm and the (biased) LM head differ."""
 
     def __init__(self, ck: Checkpoint, device: torch.device, first_layer: int, num_layers: int, **kwargs: Any):
         if ck.arch.family not in FAMILIES:
-            raise UnsupportedModel(f"OtherStage runs the {', '.join(FAMILIES)} families, not {ck.arch.family}.")
+            raise UnsupportedModel(
+                f"ParallelResidualStage runs the {', '.join(FAMILIES)} families, not {ck.arch.family}."
+            )
         super().__init__(ck, device, first_layer, num_layers, **kwargs)
 
-    def _build_layer(self, t: dict[str, torch.Tensor], fmt: LayerFormat, pruning: str) -> OtherLayer:
+    def _build_layer(self, t: dict[str, torch.Tensor], fmt: LayerFormat, pruning: str) -> ParallelResidualLayer:
         c = canonical_layer(self.arch, t)
         del t
         if pruning == "structured":
             c = prune_structured(self.arch, c)
-        return OtherLayer(self.arch, c, fmt, self.tp)
+        return ParallelResidualLayer(self.arch, c, fmt, self.tp)
 
-    def _rope_tables(self, positions: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_tables(
+        self, positions: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_tables(self.arch, positions, device, dtype)
 
     @property
@@ -341,10 +351,22 @@ class OtherStage(Stage):
     def _output(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_last:
             return x
-        logits = F.linear(layer_norm(x, (self.norm, self.norm_bias), self.arch.rms_norm_eps), self.lm_head, self.lm_head_bias)
+        # The last stage holds the final LayerNorm and the head.
+        assert self.norm is not None and self.norm_bias is not None and self.lm_head is not None
+        logits = F.linear(
+            layer_norm(x, (self.norm, self.norm_bias), self.arch.rms_norm_eps), self.lm_head, self.lm_head_bias
+        )
         if self.tp.collectives:
             logits = self.tp.all_gather_columns(logits)[:, : self.arch.vocab_size]
         return logits.float()
 
 
-__all__ = ["FAMILIES", "OtherLayer", "OtherStage", "apply_rope", "canonical_layer", "prune_structured", "rope_tables"]
+__all__ = [
+    "FAMILIES",
+    "ParallelResidualLayer",
+    "ParallelResidualStage",
+    "apply_rope",
+    "canonical_layer",
+    "prune_structured",
+    "rope_tables",
+]

@@ -1,0 +1,57 @@
+"""Reading checkpoint tensors onto a device, optionally from a ``TensorCache`` of tensors read once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iserve import checkpoint
+from iserve.checkpoint import Checkpoint
+from iserve.errors import CheckpointError
+
+
+class TensorCache:
+    """Checkpoint tensors read once and kept on one device, for a process that builds the same small
+    checkpoints many times: a profiling job builds each fingerprint once per variant, and with the
+    cache passed (``Engine.load(..., tensors=cache)``) ``load_tensors`` hands out copies of the cached
+    tensors instead of reading the files again. Copies, so that an engine owns its weights (and its
+    memory is measured) exactly as if it had read them."""
+
+    def __init__(self, device: str):
+        self.device = str(device)
+        self._tensors: dict[tuple[str, str], Any] = {}
+
+    def add(self, ck: Checkpoint) -> None:
+        """Read every tensor of ``ck`` onto the device."""
+        self._tensors.update({(ck.tensors[n].file, n): t for n, t in checkpoint.load_tensors(ck, list(ck.tensors), self.device).items()})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def clear(self) -> None:
+        self._tensors.clear()
+
+    def get(self, ck: Checkpoint, name: str, device: str) -> Any | None:
+        t = self._tensors.get((ck.tensors[name].file, name)) if str(device) == self.device else None
+        return None if t is None else t.clone()
+
+
+def load_tensors(
+    ck: Checkpoint, names: list[str], device: str = "cpu", *, cache: TensorCache | None = None
+) -> dict[str, Any]:
+    """``names`` of ``ck`` on ``device``: copies from ``cache`` where it holds them, the rest read from
+    the shards (``checkpoint.load_tensors``)."""
+    if cache is None:
+        return checkpoint.load_tensors(ck, names, device)
+    for n in names:
+        if n not in ck.tensors:
+            raise CheckpointError(f"tensor {n!r} is not in the checkpoint at {ck.path}.")
+    out: dict[str, Any] = {}
+    for n in names:
+        t = cache.get(ck, n, device)
+        if t is not None:
+            out[n] = t
+    missing = [n for n in names if n not in out]
+    if missing:
+        out.update(checkpoint.load_tensors(ck, missing, device))
+    return {n: out[n] for n in names}
