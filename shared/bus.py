@@ -20,6 +20,7 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from . import errors
@@ -63,13 +64,15 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
         holder.append(nc)
         return nc
     except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as e:
-        raise errors.Unavailable(f"cannot reach NATS at {url} ({e}); start one with `iserve up` or pass --nats-url.") from None
+        raise errors.Unavailable(
+            f"cannot reach NATS at {url} ({e}); start one with `iserve up` or pass --nats-url.") from None
 
 
 def bad_request_reply(kind: type, subject: str, err: Exception) -> ErrorReply:
     return ErrorReply(
         code=errors.BadRequest.code,
-        message=f"malformed {kind.__name__ if isinstance(kind, type) else 'message'} on {subject}: {err}; send a message that matches iserve.messages.",
+        message=f"malformed {kind.__name__ if isinstance(kind, type) else 'message'} on {subject}: {err}; "
+        "send a message that matches iserve.messages.",
     )
 
 
@@ -106,7 +109,8 @@ def serve(
             reply = e.to_reply()
         except Exception as e:  # a bug: keep serving, tell the caller
             log.exception("handler failed", subject=msg.subject)
-            reply = ErrorReply(code=errors.InternalError.code, message=f"internal error handling {msg.subject}: {type(e).__name__}: {e}")
+            reply = ErrorReply(code=errors.InternalError.code,
+                               message=f"internal error handling {msg.subject}: {type(e).__name__}: {e}")
         if reply is not None:
             try:
                 await reply_to(nc, msg, reply)
@@ -131,7 +135,8 @@ async def request(nc: NATS, subject: str, msg: msgspec.Struct, kind: type[Rep], 
     except nats.errors.NoRespondersError:
         raise errors.Unavailable(f"nobody serves {subject}; is the service running (`iserve status`)?") from None
     except nats.errors.TimeoutError:
-        raise errors.Timeout(f"no reply on {subject} within {timeout:.0f} s; the service may be overloaded or stuck.") from None
+        raise errors.Timeout(
+            f"no reply on {subject} within {timeout:.0f} s; the service may be overloaded or stuck.") from None
     try:
         reply = decoder(kind | ErrorReply).decode(resp.data)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
@@ -150,7 +155,7 @@ class Stream:
         self.inbox = nc.new_inbox()
         self.idle_timeout = idle_timeout
         self.completion: Completion | None = None
-        self._sub = None
+        self._sub: Subscription | None = None
 
     async def open(self) -> "Stream":
         self._sub = await self.nc.subscribe(self.inbox)
@@ -171,7 +176,8 @@ class Stream:
             try:
                 msg = await self._sub.next_msg(timeout=self.idle_timeout)
             except nats.errors.TimeoutError:
-                raise errors.Timeout(f"the stream went silent for {self.idle_timeout:.0f} s; the worker may be stuck.") from None
+                raise errors.Timeout(
+                    f"the stream went silent for {self.idle_timeout:.0f} s; the worker may be stuck.") from None
             if not msg.data:  # the scheduler's "are you still there" probe
                 continue
             try:

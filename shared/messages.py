@@ -8,15 +8,73 @@ Rules (see docs/architecture.md):
 * Append-only: a new field always has a default, fields are never renamed or retyped, and unknown
   fields are ignored on decode, so an older service reads a newer message and the other way round.
 * Nested value types (``Configuration``, ``StageSpec``, ...) are untagged structs.
+* Closed vocabularies are ``Literal`` aliases defined once below (``values(IntentKind)`` lists one);
+  counts, token lengths, SLOs and budgets carry ``msgspec.Meta`` bounds. The decoder rejects a value
+  outside them with its path, e.g. "Expected `int` >= 1 - at `$.max_tokens`".
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast, get_args
 
 import msgspec
+from msgspec import Meta
+
+# ---------------------------------------------------------------------------------------------------
+# vocabularies and bounded numbers
+
+
+def values(alias: Any) -> tuple[str, ...]:
+    """The strings of a ``Literal`` alias, in their declared order (nested aliases flattened)."""
+    return get_args(alias)
+
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Probability = Annotated[float, Meta(gt=0, le=1)]  # a fraction that must keep something, e.g. top_p
+
+# Architecture families whose tensor layout iServe knows (config.json's model_type maps onto one).
+Family = Literal["llama", "mixtral", "falcon", "gptj", "gpt_neox"]
+NormType = Literal["rms", "layer"]  # RMSNorm, or LayerNorm with bias
+Activation = Literal["silu", "gelu", "gelu_tanh"]  # MLP activation; "gelu" is the exact one
+QkvLayout = Literal["separate", "grouped", "per_head"]  # q/k/v tensors, or one fused: Falcon, NeoX
+ModelStatus = Literal["registered", "profiling", "profiled", "failed"]
+
+WeightQuant = Literal["fp16", "int8", "int4"]
+KvQuant = Literal["fp16", "int8"]
+Pruning = Literal["none", "2:4", "structured"]
+# How an estimate was obtained: fitted on fingerprints (L2/M2), TP modelled from TP=1 plus the
+# communication model, measured, or any of those moved to another GPU type; "accelerate-fsdp" is a baseline.
+EstimateMethod = Literal[
+    "fingerprint", "fingerprint+comm", "measured",
+    "fingerprint+translated", "fingerprint+comm+translated", "measured+translated",
+    "accelerate-fsdp",
+]
+ProfileStatus = Literal["ok", "failed"]
+
+WorkerState = Literal["loading", "idle", "busy"]
+
+IntentKind = Literal["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo", "cost-budget"]
+CostModel = Literal["mem-x-latency", "memory", "gpu-hours"]
+PlacementPolicy = Literal["hybrid", "least-loaded", "packing"]
+PlacementChoice = Literal["", PlacementPolicy]  # "": the deployer's own setting
+DeploymentStatus = Literal["launching", "ready", "failed", "stopped"]
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+FAMILIES = values(Family)
+WEIGHT_QUANTS = values(WeightQuant)
+KV_QUANTS = values(KvQuant)
+PRUNINGS = values(Pruning)
+ESTIMATE_METHODS = values(EstimateMethod)
+INTENT_KINDS = values(IntentKind)
+COST_MODELS = values(CostModel)
+PLACEMENT_POLICIES = values(PlacementPolicy)
+
 
 # ---------------------------------------------------------------------------------------------------
 # base types
@@ -40,6 +98,13 @@ def now() -> float:
     return time.time()
 
 
+# The codes of ``iserve.errors``; ``ErrorReply.code`` stays ``str`` so an older client reads a newer code.
+ErrorCode = Literal[
+    "bad_request", "not_found", "conflict", "bad_checkpoint", "unsupported_model", "infeasible",
+    "prompt_too_long", "not_ready", "unavailable", "timeout", "worker_died", "cancelled", "internal",
+]
+
+
 class ErrorReply(Message):
     """A failed request. ``code`` is machine-readable (see ``iserve.errors``); ``message`` is one
     sentence that says what went wrong and what to do about it."""
@@ -56,34 +121,34 @@ class ErrorReply(Message):
 class ArchSpec(msgspec.Struct, kw_only=True):
     """What iServe needs to know of a decoder-only architecture, read from ``config.json``."""
 
-    family: str  # "llama" (llama, mistral, qwen2), "falcon", "gptj", "gpt_neox", "mixtral"
+    family: Family  # "llama" also covers mistral and qwen2
     model_type: str  # config.json's model_type, as written
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_position: int
+    num_layers: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_attention_heads: PositiveInt
+    num_kv_heads: PositiveInt
+    head_dim: PositiveInt
+    vocab_size: PositiveInt
+    max_position: PositiveInt
     tie_embeddings: bool = False
     torch_dtype: str = "float16"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False
-    num_experts: int = 0
-    experts_per_token: int = 0
+    num_experts: NonNegInt = 0
+    experts_per_token: NonNegInt = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     # Appended for Falcon, GPT-J and GPT-NeoX; the defaults describe the Llama family.
-    norm_type: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm with bias); its epsilon is rms_norm_eps
-    activation: str = "silu"  # MLP activation: "silu", "gelu" (exact) or "gelu_tanh"
+    norm_type: NormType = "rms"  # its epsilon is rms_norm_eps
+    activation: Activation = "silu"
     gated_mlp: bool = True  # act(gate(x)) * up(x) (Llama) rather than act(up(x)) with biases (GPT-style)
     parallel_residual: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) in one step (GPT-J, NeoX, Falcon)
     layer_norms: int = 2  # normalization layers per hidden layer (1: attention and MLP share one)
-    qkv_layout: str = "separate"  # "separate" q/k/v tensors, or one fused tensor: "grouped" (Falcon), "per_head" (NeoX)
-    rotary_dim: int = 0  # leading dimensions of each head that RoPE rotates; 0: the whole head
+    qkv_layout: QkvLayout = "separate"
+    rotary_dim: NonNegInt = 0  # leading dimensions of each head that RoPE rotates; 0: the whole head
     rotary_interleaved: bool = False  # GPT-J's pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
     attention_out_bias: bool = False
     mlp_bias: bool = False
@@ -113,7 +178,7 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     weights: WeightBreakdown
     digest: str  # sha256 of config.json and every safetensors header: identity of the checkpoint
     has_tokenizer: bool = False
-    status: Literal["registered", "profiling", "profiled", "failed"] = "registered"
+    status: ModelStatus = "registered"
     status_reason: str = ""
     profiled_gpu_types: list[str] = []
     registered_at: float = 0.0
@@ -150,16 +215,11 @@ class ModelList(Message):
 # configurations and their estimates
 
 
-WeightQuant = Literal["fp16", "int8", "int4"]
-KvQuant = Literal["fp16", "int8"]
-Pruning = Literal["none", "2:4", "structured"]
-
-
 class Configuration(msgspec.Struct, frozen=True, kw_only=True):
     """One deployment configuration (paper section 3): parallelism, quantization and pruning."""
 
-    tp: int = 1
-    pp: int = 1
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
     weight_quant: WeightQuant = "fp16"
     kv_quant: KvQuant = "fp16"
     pruning: Pruning = "none"
@@ -195,7 +255,7 @@ class ConfigEstimate(msgspec.Struct, kw_only=True):
     gpu_overhead_bytes: int
     total_bytes: int
     num_layers: int
-    method: str = "fingerprint"  # how it was obtained: "fingerprint" (L2/M2), "fingerprint+comm" or "measured"
+    method: EstimateMethod = "fingerprint"
     # Appended (see docs/fingerprint.md). A step's cost grows with the tokens attention reads: the
     # decode step that feeds position ``pos`` costs ``tpot_ms + tpot_per_position_ms * pos`` on the
     # device. The host can be the bound instead (an engine that launches kernels one by one): then
@@ -282,7 +342,8 @@ class ProfilingCost(msgspec.Struct, kw_only=True):
     fingerprint_fraction: list[float] = []  # ... as a fraction of the full checkpoint
     nvml_peak_bytes: int = 0  # the largest process memory NVML saw while profiling (0: not available)
     measured_variants: int = 0  # variants measured on fingerprints
-    comm_model: str = ""  # the model of TP variants not measured, e.g. "collective = 12.0 us + 2(t-1)/t * bytes / 300 GB/s (default)"
+    # the model of TP variants not measured, e.g. "collective = 12.0 us + 2(t-1)/t * bytes / 300 GB/s (default)"
+    comm_model: str = ""
 
 
 class ConfigurationMap(Message):
@@ -303,7 +364,7 @@ class ConfigurationMap(Message):
 class ProfileDone(Message):
     model: str
     gpu_type: str
-    status: Literal["ok", "failed"]
+    status: ProfileStatus
     reason: str = ""
     configurations: int = 0
     excluded: int = 0
@@ -322,28 +383,28 @@ class ProfileVariant(msgspec.Struct, frozen=True, kw_only=True):
     weight_quant: WeightQuant = "fp16"
     kv_quant: KvQuant = "fp16"
     pruning: Pruning = "none"
-    tp: int = 1
+    tp: PositiveInt = 1
 
 
 class ProfileJob(Message):
     job_id: str
     model: str
     fingerprint_paths: list[str]  # checkpoints with 1 and 2 hidden layers
-    gpu_index: int
+    gpu_index: NonNegInt
     variants: list[ProfileVariant] = msgspec.field(default_factory=lambda: [ProfileVariant()])
-    prompt_lengths: list[int] = msgspec.field(default_factory=lambda: [32, 128])
-    output_lengths: list[int] = msgspec.field(default_factory=lambda: [8, 24])
-    repeats: int = 3
-    warmup: int = 1
-    context_tokens: int = 512
-    timeout_s: float = 600.0
+    prompt_lengths: list[PositiveInt] = msgspec.field(default_factory=lambda: [32, 128])
+    output_lengths: list[PositiveInt] = msgspec.field(default_factory=lambda: [8, 24])
+    repeats: PositiveInt = 3
+    warmup: NonNegInt = 1
+    context_tokens: PositiveInt = 512
+    timeout_s: PositiveFloat = 600.0
     # Appended: more GPUs of the agent for tensor-parallel variants (gpu_index first); empty: one GPU.
-    gpu_indices: list[int] = []
+    gpu_indices: list[NonNegInt] = []
     device_timing: bool = True  # also time the device alone (see docs/fingerprint.md)
-    gpu_warmup_s: float = 1.0  # keep the GPU busy this long before the first timed run
+    gpu_warmup_s: NonNegFloat = 1.0  # keep the GPU busy this long before the first timed run
     # Appended: also time the deepest fingerprint replayed to this many layers (0: not); see
     # docs/fingerprint.md ("replayed depth").
-    replay_depth: int = 0
+    replay_depth: NonNegInt = 0
     # Appended: the replayed layers get tensors of their own where the GPU has room (a model's
     # memory footprint in the deep run); see docs/fingerprint.md.
     replay_distinct: bool = False
@@ -441,10 +502,10 @@ class GpuLoad(Message):
 class StageSpec(msgspec.Struct, kw_only=True):
     """One pipeline stage: a contiguous block of layers on one GPU."""
 
-    gpu_index: int
-    first_layer: int
-    num_layers: int
-    memory_bytes: int = 0  # estimated bytes this stage holds on its GPU
+    gpu_index: NonNegInt
+    first_layer: NonNegInt
+    num_layers: PositiveInt
+    memory_bytes: NonNegInt = 0  # estimated bytes this stage holds on its GPU
 
 
 class LaunchWorker(Message):
@@ -454,7 +515,7 @@ class LaunchWorker(Message):
     model_path: str
     config: Configuration
     stages: list[StageSpec]
-    context_tokens: int = 2048
+    context_tokens: PositiveInt = 2048
     seed: int = 0
 
 
@@ -496,7 +557,7 @@ class WorkerExited(Message):
 class WorkerHeartbeat(Message):
     worker_id: str
     deployment_id: str
-    state: Literal["loading", "idle", "busy"]
+    state: WorkerState
     busy_seconds: float  # monotonic total of seconds spent computing
     requests_done: int = 0
     ts: float = 0.0
@@ -506,28 +567,24 @@ class WorkerHeartbeat(Message):
 # deployment
 
 
-IntentKind = Literal["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo", "cost-budget"]
-CostModel = Literal["mem-x-latency", "memory", "gpu-hours"]
-
-
 class Intent(msgspec.Struct, kw_only=True):
     """What the application developer wants (paper section 4.1). Latency is computed for a request of
     ``prompt_tokens`` in and ``output_tokens`` out."""
 
     kind: IntentKind = "min-cost"
     cost_model: CostModel = "mem-x-latency"
-    slo_ms: float | None = None  # for latency-slo
-    budget: float | None = None  # for cost-budget, in the units of ``cost_model``
-    prompt_tokens: int = 512
-    output_tokens: int = 128
+    slo_ms: PositiveFloat | None = None  # for latency-slo
+    budget: PositiveFloat | None = None  # for cost-budget, in the units of ``cost_model``
+    prompt_tokens: PositiveInt = 512
+    output_tokens: PositiveInt = 128
 
 
 class DeployRequest(Message):
     model: str
     intent: Intent = msgspec.field(default_factory=Intent)
-    placement: str = ""  # "", "hybrid", "least-loaded", "packing": empty means the deployer's setting
+    placement: PlacementChoice = ""
     deployment_id: str = ""  # optional, makes retries idempotent
-    context_tokens: int = 0  # 0: the profile's context length
+    context_tokens: NonNegInt = 0  # 0: the profile's context length
     gpu_type: str = ""  # empty: any GPU type the model was profiled for
 
 
@@ -552,12 +609,12 @@ class DeploymentRecord(msgspec.Struct, kw_only=True):
     config: Configuration
     estimate: ConfigEstimate
     intent: Intent
-    placement_policy: str
+    placement_policy: PlacementPolicy
     gpus: list[GpuAssignment]
     agent_id: str
     worker_id: str
     context_tokens: int
-    status: Literal["launching", "ready", "failed", "stopped"] = "launching"
+    status: DeploymentStatus = "launching"
     reason: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -605,13 +662,13 @@ class InferRequest(Message):
     request_id: str
     model: str
     prompt: str
-    max_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
+    max_tokens: PositiveInt = 64
+    temperature: NonNegFloat = 0.0  # 0: greedy
+    top_p: Probability = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (trace replay)
-    prompt_tokens: int = 0  # >0: pad or truncate the tokenized prompt to this many tokens
-    timeout_s: float = 300.0
+    prompt_tokens: NonNegInt = 0  # >0: pad or truncate the tokenized prompt to this many tokens
+    timeout_s: PositiveFloat = 300.0
     deployment_id: str = ""  # empty: any deployment of the model
     stream_to: str = ""  # inbox that receives TokenChunk* then Completion | ErrorReply
 
@@ -643,7 +700,7 @@ class Completion(Message):
     """The last message of a stream. ``step_ms`` holds every decode step's time."""
 
     request_id: str
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     text: str
@@ -704,4 +761,4 @@ def decoder(kind: Any) -> msgspec.json.Decoder:
 
 
 def decode(data: bytes, kind: type[T]) -> T:
-    return decoder(kind).decode(data)
+    return decoder(cast(Any, kind)).decode(data)

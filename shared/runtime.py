@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
 from typing import Any, TypeVar
+
+from nats.aio.client import Client as NATS
+
+from . import bus, logs
+from .service import Service
 
 T = TypeVar("T")
 
@@ -38,28 +45,23 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
 def service_main(
     name: str,
-    parse: Callable[[list[str] | None], object],
-    build: Callable[[object, object], Awaitable[object]],
+    parse: Callable[[list[str] | None], Any],
+    build: Callable[[Any, NATS], Awaitable[Service]],
     argv: list[str] | None = None,
 ) -> None:
     """The whole life of a service process: parse flags (env twins included), configure logging,
     connect to NATS, ``build(cfg, nc)`` the service, ``start()`` it, wait for SIGINT/SIGTERM, then
     ``close()`` it and drain the connection, in that order."""
-    import sys
-    from contextlib import AsyncExitStack
-
-    from . import bus, logs
-
     cfg = parse(argv)
 
     async def amain(stop: asyncio.Event) -> None:
-        log = logs.configure(name, level=getattr(cfg, "log_level", None), json=getattr(cfg, "log_json", None))
+        log = logs.configure(name, level=cfg.log_level, json=cfg.log_json)
         async with AsyncExitStack() as stack:
-            nc = await bus.connect(cfg.nats_url, name)  # type: ignore[attr-defined]
+            nc = await bus.connect(cfg.nats_url, name)
             stack.push_async_callback(nc.drain)
             service = await build(cfg, nc)
-            stack.push_async_callback(service.close)  # type: ignore[attr-defined]
-            await service.start()  # type: ignore[attr-defined]
+            stack.push_async_callback(service.close)
+            await service.start()
             await stop.wait()
             log.info(f"{name} stopping")
 

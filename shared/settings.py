@@ -1,14 +1,23 @@
-"""Command-line flags with environment-variable twins.
+"""Command-line flags with environment-variable twins, generated from config dataclasses.
 
-Every flag ``--foo-bar`` of a service also reads ``ISERVE_FOO_BAR`` (the flag wins); ``--help`` shows
-both and the default. Services declare their flags in their ``config.py`` with ``flag(...)``.
+A service's config is a dataclass whose fields are declared with ``option(default, help=...)``; each
+becomes a flag ``--field-name`` that also reads ``ISERVE_FIELD_NAME`` (the flag wins), and ``--help``
+shows both and the default. A ``Literal`` field type gives the flag its choices.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from typing import Any, Callable
+import types
+import typing
+from pathlib import PurePath
+from typing import Any, Callable, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+C = TypeVar("C")
 
 
 def env_name(flag: str) -> str:
@@ -30,10 +39,11 @@ def flag(
     default: Any = None,
     type: Callable[[str], Any] = str,
     help: str = "",
-    choices: list[str] | None = None,
+    choices: typing.Sequence[str] | None = None,
+    env: str = "",
 ) -> None:
-    """Add ``--name`` whose default comes from ``ISERVE_NAME`` when set."""
-    env = env_name(name)
+    """Add ``--name`` whose default comes from ``ISERVE_NAME`` (or ``env``) when set."""
+    env = env or env_name(name)
     conv = _parse_bool if type is bool else type
     raw = os.environ.get(env)
     value = default
@@ -44,7 +54,8 @@ def flag(
             parser.error(f"environment variable {env}={raw!r} is invalid: {e}")
         if choices and value not in choices:  # argparse checks only values given as flags
             parser.error(f"environment variable {env}={raw!r} is invalid: use one of {', '.join(choices)}")
-    kwargs: dict[str, Any] = {"default": value, "help": f"{help} [env {env}; default {default!r}]"}
+    shown = str(default) if isinstance(default, PurePath) else default
+    kwargs: dict[str, Any] = {"default": value, "help": f"{help} [env {env}; default {shown!r}]"}
     if type is bool:
         kwargs["type"] = _parse_bool
         kwargs["nargs"] = "?"
@@ -52,12 +63,67 @@ def flag(
     else:
         kwargs["type"] = conv
     if choices:
-        kwargs["choices"] = choices
+        kwargs["choices"] = list(choices)
     parser.add_argument(name, **kwargs)
+
+
+def option(default: Any, *, help: str, flag: str = "", env: str = "", type: Callable[[str], Any] | None = None) -> Any:
+    """A config field that is also a flag: ``--<field-name>`` unless ``flag`` names it, its
+    environment twin derived from the flag unless ``env`` names it, its parser from the field's type
+    unless ``type`` is given. A list default is copied for each instance."""
+    meta = {"help": help, "flag": flag, "env": env, "type": type}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _parser_of(hint: Any) -> tuple[Callable[[str], Any], tuple[str, ...] | None]:
+    """The string parser and the choices of a field's type (``X | None`` is read as ``X``)."""
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if get_origin(hint) is Literal:
+        return str, get_args(hint)
+    if hint in (bool, int, float, str):
+        return hint, None
+    if isinstance(hint, type) and issubclass(hint, PurePath):
+        return hint, None
+    raise TypeError(f"no flag parser for {hint!r}; pass option(type=...)")
+
+
+def options(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that are flags, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add a flag for each ``option`` field of ``cls``, with the field's default."""
+    hints = get_type_hints(cls)
+    for f in options(cls):
+        conv, choices = (f.metadata["type"], None) if f.metadata["type"] else _parser_of(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        flag(parser, _flag_name(f), default=default, type=conv, help=f.metadata["help"], choices=choices,
+             env=f.metadata["env"])
+
+
+def from_args(cls: type[C], args: argparse.Namespace, **extra: Any) -> C:
+    """An instance of ``cls`` from parsed flags (``extra`` sets fields that are not flags)."""
+    values = {f.name: getattr(args, _flag_name(f).lstrip("-").replace("-", "_")) for f in options(cls)}
+    return cls(**values, **extra)
+
+
+@dataclasses.dataclass
+class ServiceConfig:
+    """Flags every service has."""
+
+    nats_url: str = option("nats://127.0.0.1:4222", help="NATS server URL")
+    log_level: LogLevel = option("info", help="log level")
+    log_json: bool | None = option(None, help="JSON log lines (default: JSON unless stderr is a TTY)")
 
 
 def common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every service has."""
-    flag(parser, "--nats-url", default="nats://127.0.0.1:4222", help="NATS server URL")
-    flag(parser, "--log-level", default="info", help="log level", choices=["debug", "info", "warning", "error"])
-    flag(parser, "--log-json", default=None, type=bool, help="JSON log lines (default: JSON unless stderr is a TTY)")
+    add_flags(parser, ServiceConfig)

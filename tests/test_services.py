@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NATS
 
 from iserve import bus, errors, subjects
 from iserve.client import Client, CompletionStream
@@ -23,16 +24,17 @@ from iserve.fingerprint.config import FingerprintConfig
 from iserve.fingerprint.service import FingerprintService
 from iserve.gpu_agent.config import AgentConfig
 from iserve.gpu_agent.engine.capabilities import CAPABILITIES
-
-# The service tests profile on the CPU: measuring all of the engine's variants there takes about a
-# minute per model, so they profile the fp16 variants only (the variants are covered in tests/engine).
-TEST_CAPABILITIES = {**CAPABILITIES, "tp": [1], "weight_quant": ["fp16"], "kv_quant": ["fp16"], "pruning": ["none"]}
 from iserve.gpu_agent.gpus import SimulatedGpus
 from iserve.gpu_agent.load import parse_simulated
 from iserve.gpu_agent.service import AgentService
 from iserve.messages import Intent
 from iserve.scheduler.config import SchedulerConfig
 from iserve.scheduler.service import SchedulerService
+from iserve.service import Service
+
+# The service tests profile on the CPU: measuring all of the engine's variants there takes about a
+# minute per model, so they profile the fp16 variants only (the variants are covered in tests/engine).
+TEST_CAPABILITIES = {**CAPABILITIES, "tp": [1], "weight_quant": ["fp16"], "kv_quant": ["fp16"], "pruning": ["none"]}
 
 
 class Cluster:
@@ -43,8 +45,8 @@ class Cluster:
         self.tmp = tmp
         self.gpus = gpus
         self.context_tokens = context_tokens
-        self.conns = []
-        self.services: dict[str, object] = {}
+        self.conns: list[NATS] = []
+        self.services: dict[str, Service] = {}
 
     async def _conn(self, name):
         c = await bus.connect(self.url, name)
@@ -61,14 +63,17 @@ class Cluster:
             svc = AgentService(cfg, await self._conn("agent"), SimulatedGpus(parse_simulated(self.gpus), "sim-gpu"))
         elif name == "fingerprint":
             cfg = FingerprintConfig(
-                work_dir=self.tmp / "fp", context_tokens=self.context_tokens, prompt_lengths=[16, 64], output_lengths=[4, 12],
+                work_dir=self.tmp / "fp", context_tokens=self.context_tokens, prompt_lengths=[16, 64],
+                output_lengths=[4, 12],
                 repeats=2, warmup=1, gpu_wait_s=20, **common,
             )
             svc = FingerprintService(cfg, await self._conn("fingerprint"), TEST_CAPABILITIES)
         elif name == "deployer":
-            svc = DeployerService(DeployerConfig(reconcile_s=0.5, gpu_stale_s=2.0, **common), await self._conn("deployer"))
+            svc = DeployerService(DeployerConfig(reconcile_s=0.5, gpu_stale_s=2.0, **common),
+                                  await self._conn("deployer"))
         else:
-            svc = SchedulerService(SchedulerConfig(refresh_s=0.5, client_check_s=0.2, **common), await self._conn("scheduler"))
+            svc = SchedulerService(SchedulerConfig(refresh_s=0.5, client_check_s=0.2, **common),
+                                   await self._conn("scheduler"))
         await svc.start()
         self.services[name] = svc
         return svc
@@ -244,7 +249,8 @@ async def test_request_timeouts_cancellation_and_vanished_clients(nats_server, c
         name, _ = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
-        long = InferRequest(request_id="long", model=name, prompt="x", max_tokens=2000, ignore_eos=True, stream_to=inbox)
+        long = InferRequest(request_id="long", model=name, prompt="x", max_tokens=2000, ignore_eos=True,
+                            stream_to=inbox)
         await bus.request(nc, subjects.INFER, long, Accepted)
         await sub.next_msg(timeout=30)  # it runs
         dec = decoder(StreamMessage)
@@ -258,7 +264,8 @@ async def test_request_timeouts_cancellation_and_vanished_clients(nats_server, c
         # queued behind it, a request with a short timeout is dropped by the scheduler (queue depth 1)
         late_inbox = nc.new_inbox()
         late_sub = await nc.subscribe(late_inbox)
-        late = InferRequest(request_id="late", model=name, prompt="x", max_tokens=2, timeout_s=0.5, stream_to=late_inbox)
+        late = InferRequest(request_id="late", model=name, prompt="x", max_tokens=2, timeout_s=0.5,
+                            stream_to=late_inbox)
         accepted = await bus.request(nc, subjects.INFER, late, Accepted)
         assert accepted.queue_depth == 1
         err = await next_message(late_sub)
@@ -290,7 +297,8 @@ async def test_request_timeouts_cancellation_and_vanished_clients(nats_server, c
         # a client that vanishes mid-stream without a word: the scheduler notices and cancels its request
         gone_inbox = nc.new_inbox()
         gone_sub = await nc.subscribe(gone_inbox)
-        gone = InferRequest(request_id="gone", model=name, prompt="x", max_tokens=2000, ignore_eos=True, stream_to=gone_inbox)
+        gone = InferRequest(request_id="gone", model=name, prompt="x", max_tokens=2000, ignore_eos=True,
+                            stream_to=gone_inbox)
         await bus.request(nc, subjects.INFER, gone, Accepted)
         await gone_sub.next_msg(timeout=30)  # the first token arrived ...
         await gone_sub.unsubscribe()  # ... and the client vanished
@@ -379,7 +387,8 @@ async def test_malformed_messages_get_bad_request(cluster, nc, subject):
     from iserve.messages import ErrorReply, decode
 
     # not JSON, an unknown message type, the wrong JSON shape, a message that belongs elsewhere
-    for payload in (b"not json", b'{"type":"nope"}', b"[1, 2]", b'{"type":"token_chunk","request_id":"r","index":0,"token_id":1,"text":""}'):
+    chunk = b'{"type":"token_chunk","request_id":"r","index":0,"token_id":1,"text":""}'
+    for payload in (b"not json", b'{"type":"nope"}', b"[1, 2]", chunk):
         resp = await nc.request(subject, payload, timeout=5)
         reply = decode(resp.data, ErrorReply)
         assert reply.code == "bad_request" and subject in reply.message
@@ -502,112 +511,3 @@ async def test_a_hung_worker_is_killed_and_a_deployment_that_cannot_be_re_placed
     assert rep.deployment.worker_id not in agent.workers
     with pytest.raises(errors.NotReady):
         await collect(client, name, "anyone?", max_tokens=2)
-
-
-class ScriptedGpus(SimulatedGpus):
-    """One GPU whose readings come as NVML would give them (hardware memory use and utilization),
-    so the agent's NVML path runs without a GPU."""
-
-    simulated = False
-
-    def __init__(self):
-        super().__init__([8 << 30], "H100")
-        self.used = 1 << 30
-        self.util = 50.0
-
-    def read(self):
-        from iserve.gpu_agent.gpus import GpuReading
-
-        return [GpuReading(0, "H100", 8 << 30, self.used, self.util)]
-
-
-async def test_agent_publishes_nvml_memory_utilization_and_the_busy_window(nats_server, nc, tmp_path):
-    from iserve.messages import GpuLoad, decode
-
-    conn = await bus.connect(nats_server.url, "agent")
-    gpus = ScriptedGpus()
-    cfg = AgentConfig(nats_url=nats_server.url, log_level="warning", log_json=True, agent_id="n0", simulate_gpus="",
-                      gpu_type="", interval_s=0.1, load_window_s=1.0, work_dir=tmp_path / "agent", profile_timeout_s=60)
-    agent = AgentService(cfg, conn, gpus)
-    seen: list[GpuLoad] = []
-
-    async def on_load(msg):
-        seen.append(decode(msg.data, GpuLoad))
-
-    sub = await nc.subscribe(subjects.gpu_load("n0", 0), cb=on_load)
-    await agent.start()
-    try:
-        await asyncio.sleep(1.5)  # more than the 1 s window
-        g = seen[-1]
-        assert (g.total_bytes, g.used_bytes, g.free_bytes) == (8 << 30, 1 << 30, 7 << 30)
-        assert g.util_percent == 50.0 and not g.simulated and g.window_s == 1.0
-        assert g.busy_fraction == pytest.approx(0.5, abs=0.05)  # busy half of every second in the window
-        assert len(seen) >= 10  # one report per interval
-        gpus.util = 0.0
-        await asyncio.sleep(1.5)
-        assert seen[-1].busy_fraction < 0.05  # the window slid past the busy seconds
-    finally:
-        await sub.unsubscribe()
-        await agent.close()
-        await conn.drain()
-
-
-async def test_deployer_sees_the_busy_window_and_memory_others_hold(nats_server, nc):
-    from iserve.messages import GpuLoad, encode
-
-    gib = 1 << 30
-    conn = await bus.connect(nats_server.url, "deployer")
-    svc = DeployerService(DeployerConfig(nats_url=nats_server.url, log_level="warning", log_json=True, gpu_stale_s=1.0), conn)
-    await svc.start()
-
-    async def report(index, free, busy, workers=()):
-        g = GpuLoad(agent_id="h", gpu_index=index, gpu_type="T", total_bytes=80 * gib, used_bytes=80 * gib - free,
-                    free_bytes=free, busy_fraction=busy, window_s=120.0, workers=list(workers))
-        await nc.publish(subjects.gpu_load("h", index), encode(g))
-        await nc.flush()
-
-    try:
-        await report(0, 60 * gib, 0.9, ["another-model"])
-        await report(1, 80 * gib, 0.1)
-
-        async def both():
-            return len(svc.gpu_states()) == 2
-
-        await wait_for(both, "the deployer to see both GPUs")
-        states = {g.gpu_index: g for g in svc.gpu_states()}
-        assert (states[0].load, states[0].free_bytes) == (0.9, 60 * gib)  # load = busy fraction of the window
-        assert (states[1].load, states[1].free_bytes) == (0.1, 80 * gib)
-        # a launch no report shows yet still holds its memory ...
-        svc.pending["w-new"] = {("h", 1): 10 * gib}
-        assert {g.gpu_index: g.free_bytes for g in svc.gpu_states()}[1] == 70 * gib
-        # ... until the agent's report includes the worker (and its reservation)
-        await report(1, 70 * gib, 0.1, ["w-new"])
-
-        async def settled():
-            return "w-new" not in svc.pending
-
-        await wait_for(settled, "the pending launch to be settled")
-        assert {g.gpu_index: g.free_bytes for g in svc.gpu_states()}[1] == 70 * gib
-        # GPUs that stop reporting are left out of decisions
-        await asyncio.sleep(1.2)
-        assert svc.gpu_states() == []
-    finally:
-        await svc.close()
-        await conn.drain()
-
-
-async def test_kv_listing_reads_the_bucket_not_a_racy_watch(nc):
-    """``TypedKV.values`` (the deployment list the scheduler trusts) lists every live key, leaves
-    deleted ones out, and does not come back empty while keys exist, even when asked many times at
-    once (nats-py's watch-based ``keys()`` can)."""
-    from iserve.messages import Rejection
-
-    kv = await bus.TypedKV.open(nc, "iserve_test_listing", Rejection)
-    assert await kv.values() == []
-    for i in range(5):
-        await kv.put(f"k{i}", Rejection(config=f"c{i}", reason="r"))
-    await kv.delete("k0")
-    await kv.put("k1", Rejection(config="c1", reason="updated"))
-    listings = await asyncio.gather(*(kv.values() for _ in range(20)))
-    for got in listings:
-        assert sorted((r.config, r.reason) for r in got) == [("c1", "updated"), ("c2", "r"), ("c3", "r"), ("c4", "r")]

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import msgspec
 import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
 from iserve import bus, errors, subjects
 from iserve.messages import (
     ConfigurationMap,
@@ -41,8 +44,7 @@ from iserve.messages import (
     encode,
     now,
 )
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
+from iserve.service import Service
 
 from . import planner
 from .config import DeployerConfig
@@ -57,46 +59,34 @@ class SeenGpu:
     at: float  # monotonic time of the report
 
 
-class DeployerService:
+class DeployerService(Service):
     def __init__(self, cfg: DeployerConfig, nc: NATS):
+        super().__init__(nc)
         self.cfg = cfg
-        self.nc = nc
         self.gpus: dict[tuple[str, int], SeenGpu] = {}
         self.pending: dict[str, dict[tuple[str, int], int]] = {}  # worker id -> per-GPU bytes not yet reported
         self.lock = asyncio.Lock()
-        self._subs: list = []
-        self._tasks: set[asyncio.Task] = set()
         self._replacements: dict[str, list[float]] = {}
 
-    async def start(self) -> None:
+    async def setup(self) -> None:
         self.models = await bus.TypedKV.open(self.nc, subjects.BUCKET_MODELS, ModelRecord)
         self.profiles = await bus.TypedKV.open(self.nc, subjects.BUCKET_PROFILES, ConfigurationMap)
         self.deployments = await bus.TypedKV.open(self.nc, subjects.BUCKET_DEPLOYMENTS, DeploymentRecord)
-        self._subs += [
-            await bus.serve(self.nc, subjects.DEPLOY_REQUEST, DeployRequest, self.handle_deploy, queue="deployer"),
-            await bus.serve(self.nc, subjects.UNDEPLOY_REQUEST, UndeployRequest, self.handle_undeploy,
-                            queue="deployer"),
-            await bus.serve(self.nc, subjects.DEPLOYMENT_LIST, ListDeployments, self.handle_list, queue="deployer"),
-            await self.nc.subscribe(subjects.GPU_LOAD_ALL, cb=self._on_gpu_load),
-            await self.nc.subscribe(subjects.WORKER_READY, cb=self._on_worker_ready),
-            await self.nc.subscribe(subjects.WORKER_EXITED, cb=self._on_worker_exited),
-            await self.nc.subscribe(subjects.WORKER_HEARTBEAT + ".>", cb=self._on_heartbeat),
-        ]
+
+    async def subscribe(self) -> None:
+        await self.serve(subjects.DEPLOY_REQUEST, DeployRequest, self.handle_deploy, queue="deployer")
+        await self.serve(subjects.UNDEPLOY_REQUEST, UndeployRequest, self.handle_undeploy, queue="deployer")
+        await self.serve(subjects.DEPLOYMENT_LIST, ListDeployments, self.handle_list, queue="deployer")
+        await self.listen(subjects.GPU_LOAD_ALL, self._on_gpu_load)
+        await self.listen(subjects.WORKER_READY, self._on_worker_ready)
+        await self.listen(subjects.WORKER_EXITED, self._on_worker_exited)
+        await self.listen(subjects.WORKER_HEARTBEAT + ".>", self._on_heartbeat)
+
+    async def started(self) -> None:
         self._started = time.monotonic()
-        t = asyncio.create_task(self._reconcile_loop())
-        self._tasks.add(t)
+        self.spawn(self._reconcile_loop())
         log.info("deployer started", deployments=len(await self.deployments.values()), policy=self.cfg.placement,
                  theta=self.cfg.theta)
-
-    async def close(self) -> None:
-        for s in self._subs:
-            try:
-                await s.unsubscribe()
-            except Exception:
-                pass
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ cluster state
 
@@ -293,9 +283,7 @@ class DeployerService:
         reason = f"worker exited with code {ev.exit_code}: {ev.reason}"
         await self._set_status(ev.deployment_id, "failed", reason, only_from=("launching", "ready"))
         if self.cfg.replace_failed:
-            t = asyncio.create_task(self._replace(ev.deployment_id, reason))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
+            self.spawn(self._replace(ev.deployment_id, reason))
 
     async def _replace(self, deployment_id: str, why: str) -> None:
         """Re-place a deployment whose worker died: same model, intent and id, decided afresh on the

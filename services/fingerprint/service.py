@@ -52,6 +52,7 @@ from iserve.messages import (
     encode,
     now,
 )
+from iserve.service import Service
 
 from . import estimator, generator
 from .config import FingerprintConfig
@@ -78,38 +79,34 @@ def model_name_for(path: str, name: str) -> str:
     return n
 
 
-class FingerprintService:
+class FingerprintService(Service):
     def __init__(self, cfg: FingerprintConfig, nc: NATS, capabilities: dict):
+        super().__init__(nc)
         self.cfg = cfg
-        self.nc = nc
         self.capabilities = capabilities
         self.gpus: dict[tuple[str, int], SeenGpu] = {}
         self.profiling: dict[str, asyncio.Task] = {}
         self.register_lock = asyncio.Lock()
-        self._subs: list = []
 
-    async def start(self) -> None:
+    async def setup(self) -> None:
         self.models = await bus.TypedKV.open(self.nc, subjects.BUCKET_MODELS, ModelRecord)
         self.profiles = await bus.TypedKV.open(self.nc, subjects.BUCKET_PROFILES, ConfigurationMap)
-        self._subs += [
-            await bus.serve(self.nc, subjects.MODEL_REGISTER, RegisterModel, self.handle_register, queue="fingerprint"),
-            await bus.serve(self.nc, subjects.MODEL_GET, GetModel, self.handle_get, queue="fingerprint"),
-            await bus.serve(self.nc, subjects.MODEL_LIST, ListModels, self.handle_list, queue="fingerprint"),
-            await bus.serve(self.nc, subjects.PROFILE_GET, GetProfile, self.handle_get_profile, queue="fingerprint"),
-            await self.nc.subscribe(subjects.GPU_LOAD_ALL, cb=self._on_gpu_load),
-        ]
+
+    async def subscribe(self) -> None:
+        await self.serve(subjects.MODEL_REGISTER, RegisterModel, self.handle_register, queue="fingerprint")
+        await self.serve(subjects.MODEL_GET, GetModel, self.handle_get, queue="fingerprint")
+        await self.serve(subjects.MODEL_LIST, ListModels, self.handle_list, queue="fingerprint")
+        await self.serve(subjects.PROFILE_GET, GetProfile, self.handle_get_profile, queue="fingerprint")
+        await self.listen(subjects.GPU_LOAD_ALL, self._on_gpu_load)
+
+    async def started(self) -> None:
         # resume work a previous run did not finish
         for rec in await self.models.values():
             if rec.status in ("registered", "profiling"):
                 self._start_profiling(rec.name)
         log.info("fingerprint service started", models=len(await self.models.keys()))
 
-    async def close(self) -> None:
-        for s in self._subs:
-            try:
-                await s.unsubscribe()
-            except Exception:
-                pass
+    async def stopping(self) -> None:
         for t in self.profiling.values():
             t.cancel()
         await asyncio.gather(*self.profiling.values(), return_exceptions=True)
@@ -218,6 +215,7 @@ class FingerprintService:
                             rec = await self._update(name, profiled_gpu_types=sorted({*rec.profiled_gpu_types, gpu_type}), status="profiled")
                         continue
                     rec = await self._update(name, status="profiling", status_reason="")
+                    assert rec is not None  # None only if the record vanished: the run fails, as before
                     cmap = await self._profile_on(rec, gpu_type)
                     # the map first, then the record that points to it: a crash in between only redoes work
                     await self.profiles.put(bus.kv_key(name, gpu_type), cmap)

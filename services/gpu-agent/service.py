@@ -34,7 +34,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from iserve import bus, errors, subjects
+from iserve import errors, subjects
 from iserve.messages import (
     GpuLoad,
     LaunchReply,
@@ -48,6 +48,7 @@ from iserve.messages import (
     decoder,
     encode,
 )
+from iserve.service import Service
 
 from .config import AgentConfig
 from .gpus import GpuReading, Gpus
@@ -128,62 +129,48 @@ def log_tail(path: Path, lines: int = 5, max_chars: int = 600) -> str:
     return tail[-max_chars:]
 
 
-class AgentService:
+class AgentService(Service):
     def __init__(self, cfg: AgentConfig, nc: NATS, gpus: Gpus):
+        super().__init__(nc)
         self.cfg = cfg
-        self.nc = nc
         self.gpus = gpus
         # The workers and profiling runs it starts read it from their environment (gpus.pin_to_gpu_cpus).
         os.environ["ISERVE_PIN_CPUS"] = "1" if cfg.pin_cpus else "0"
         self.workers: dict[str, WorkerProc] = {}
         self.windows: dict[int, BusyWindow] = {}
         self._prev_busy: dict[int, dict[str, float]] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._subs: list = []
         self.readings: list[GpuReading] = []
         (cfg.work_dir / "workers").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def setup(self) -> None:
         self.readings = await asyncio.to_thread(self.gpus.read)
         self.windows = {r.index: BusyWindow(self.cfg.load_window_s) for r in self.readings}
+
+    async def subscribe(self) -> None:
         aid = self.cfg.agent_id
-        self._subs += [
-            await bus.serve(self.nc, subjects.agent_launch(aid), LaunchWorker, self.handle_launch),
-            await bus.serve(self.nc, subjects.agent_stop(aid), StopWorker, self.handle_stop),
-            await bus.serve(self.nc, subjects.agent_profile(aid), ProfileJob, self.handle_profile),
-            await self.nc.subscribe(subjects.WORKER_HEARTBEAT + ".>", cb=self._on_heartbeat),
-        ]
-        # Subscriptions go out asynchronously; after the flush the server has them, so a launch
-        # sent right after start() finds this agent (CI once got "no responders" without it).
-        await self.nc.flush()
-        self._spawn(self._publish_loop())
+        await self.serve(subjects.agent_launch(aid), LaunchWorker, self.handle_launch)
+        await self.serve(subjects.agent_stop(aid), StopWorker, self.handle_stop)
+        await self.serve(subjects.agent_profile(aid), ProfileJob, self.handle_profile)
+        await self.listen(subjects.WORKER_HEARTBEAT + ".>", self._on_heartbeat)
+
+    async def started(self) -> None:
+        self.spawn(self._publish_loop())
         log.info(
             "gpu agent started",
-            agent_id=aid,
+            agent_id=self.cfg.agent_id,
             gpus=len(self.readings),
             gpu_type=self.readings[0].gpu_type if self.readings else "",
             simulated=self.gpus.simulated,
         )
 
-    async def close(self) -> None:
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
+    async def stopping(self) -> None:
         await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())), return_exceptions=True)
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.gpus.close()
 
-    def _spawn(self, coro) -> asyncio.Task:
-        t = asyncio.create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
+    async def close(self) -> None:
+        await super().close()
+        self.gpus.close()
 
     # ------------------------------------------------------------------ load reports
 
@@ -324,7 +311,7 @@ class AgentService:
         w = WorkerProc(worker_id, deployment_id, gpu_indices, reserved, procs[0], log_path, mode,
                        followers=procs[1:], follower_logs=logs[1:])
         self.workers[worker_id] = w
-        self._spawn(self._watch(w))
+        self.spawn(self._watch(w))
         return w
 
     async def _watch(self, w: WorkerProc) -> None:

@@ -40,6 +40,7 @@ from iserve.messages import (
     decoder,
     encode,
 )
+from iserve.service import Service
 from iserve.stats import percentile
 
 from .config import SchedulerConfig
@@ -68,48 +69,37 @@ class ReplicaStats:
                 del lst[: len(lst) - keep]
 
 
-class SchedulerService:
+class SchedulerService(Service):
     def __init__(self, cfg: SchedulerConfig, nc: NATS):
+        super().__init__(nc)
         self.cfg = cfg
-        self.nc = nc
         self.queues: FcfsQueues[InferRequest] = FcfsQueues()
         self.deployments: dict[str, DeploymentRecord] = {}
         self.stats: dict[str, ReplicaStats] = {}
         self.wakeups: dict[str, asyncio.Event] = {}
         self.runners: dict[str, asyncio.Task] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._subs: list = []
         self.models_kv: bus.TypedKV[ModelRecord] | None = None
         self._missing: dict[str, int] = {}  # deployment id -> listings in a row that lacked it
 
-    async def start(self) -> None:
+    async def setup(self) -> None:
         self.models_kv = await bus.TypedKV.open(self.nc, subjects.BUCKET_MODELS, ModelRecord)
-        self._subs += [
-            await bus.serve(self.nc, subjects.INFER, InferRequest, self.handle_infer, queue="scheduler"),
-            await bus.serve(self.nc, subjects.INFER_CANCEL, CancelRequest, self.handle_cancel),
-            await bus.serve(self.nc, subjects.SCHEDULER_STATS, GetSchedulerStats, self.handle_stats),
-            await self.nc.subscribe(subjects.DEPLOYMENT_CHANGED, cb=self._on_deployment_changed),
-        ]
+
+    async def subscribe(self) -> None:
+        await self.serve(subjects.INFER, InferRequest, self.handle_infer, queue="scheduler")
+        await self.serve(subjects.INFER_CANCEL, CancelRequest, self.handle_cancel)
+        await self.serve(subjects.SCHEDULER_STATS, GetSchedulerStats, self.handle_stats)
+        await self.listen(subjects.DEPLOYMENT_CHANGED, self._on_deployment_changed)
+
+    async def started(self) -> None:
         await self.refresh_deployments()
-        self._spawn(self._refresh_loop())
-        self._spawn(self._expire_loop())
+        self.spawn(self._refresh_loop())
+        self.spawn(self._expire_loop())
         log.info("scheduler started", deployments=len(self.deployments))
 
-    async def close(self) -> None:
-        for s in self._subs:
-            try:
-                await s.unsubscribe()
-            except Exception:
-                pass
-        for t in list(self._tasks) + list(self.runners.values()):
+    async def stopping(self) -> None:
+        for t in self.runners.values():
             t.cancel()
-        await asyncio.gather(*self._tasks, *self.runners.values(), return_exceptions=True)
-
-    def _spawn(self, coro) -> asyncio.Task:
-        t = asyncio.create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
+        await asyncio.gather(*self.runners.values(), return_exceptions=True)
 
     # ------------------------------------------------------------------ deployments
 
@@ -138,7 +128,7 @@ class SchedulerService:
             if other is not None:
                 self.wakeups[other.deployment_id].set()
             else:
-                self._spawn(self._send_error(q.payload, errors.Unavailable(f"{why}; no other replica of {q.model} is ready.")))
+                self.spawn(self._send_error(q.payload, errors.Unavailable(f"{why}; no other replica of {q.model} is ready.")))
 
     async def refresh_deployments(self) -> None:
         try:
@@ -194,6 +184,7 @@ class SchedulerService:
             replica = self.queues.enqueue(item, req.deployment_id)
         if replica is None:
             await self._explain_no_replica(req)
+        assert replica is not None  # _explain_no_replica raised otherwise
         self.wakeups[replica.deployment_id].set()
         return Accepted(request_id=req.request_id, deployment_id=replica.deployment_id, queue_depth=len(replica.queue))
 
