@@ -20,7 +20,7 @@ from typing import Sequence
 import msgspec
 
 from iserve.deployer.units import GIB
-from iserve.messages import ConfigurationMap, Intent
+from iserve.messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, ConfigurationMap, Intent
 
 from .oracle import oracle_search
 from .policies import ALL_SYSTEMS
@@ -149,7 +149,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
         "--duration-s", type=float, default=0.0, help="replay only this much of the compressed trace (default: all)"
     )
     ap.add_argument(
-        "--policy", default="hybrid", choices=["hybrid", "least-loaded", "packing"], help="iServe's placement policy"
+        "--policy", default="hybrid", choices=PLACEMENT_POLICIES, help="iServe's placement policy"
     )
     ap.add_argument("--theta", type=float, default=0.5, help="hybrid policy load threshold (default 0.5)")
     ap.add_argument("--max-context", type=int, default=1024, help="prompt cap in tokens (paper: 1K; default 1024)")
@@ -157,7 +157,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--output-tokens", type=int, default=0, help="intent request size out (default: the trace's median)"
     )
-    ap.add_argument("--cost-model", default="mem-x-latency", choices=["mem-x-latency", "memory", "gpu-hours"])
+    ap.add_argument("--cost-model", default="mem-x-latency", choices=COST_MODELS)
     ap.add_argument(
         "--allgather-gbps",
         type=float,
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--intent",
         default="min-latency",
-        choices=["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo"],
+        choices=[k for k in INTENT_KINDS if k != "cost-budget"],
     )
     ap.add_argument(
         "--slo-scale",

@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import errors
-from .messages import Intent
+from .messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, Intent, PlacementChoice, values
 from .runtime import run_async
 from .tables import ESTIMATE_COLUMNS, GIB, estimates_table, fmt_gib
 
@@ -278,9 +278,9 @@ def add_nats(p: argparse.ArgumentParser) -> None:
 
 def add_intent(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intent", default="min-cost",
-                   choices=["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo", "cost-budget"],
+                   choices=INTENT_KINDS,
                    help="what to optimize (default min-cost)")
-    p.add_argument("--cost-model", default="mem-x-latency", choices=["mem-x-latency", "memory", "gpu-hours"],
+    p.add_argument("--cost-model", default="mem-x-latency", choices=COST_MODELS,
                    help="how cost is counted (paper section 4.1)")
     p.add_argument("--slo-ms", type=float, default=None, help="latency SLO for --intent latency-slo")
     p.add_argument("--budget", type=float, default=None,
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. 8x48GB: simulated GPUs whose workers compute on the CPU")
     s.add_argument("--gpu-type", default=os.environ.get("ISERVE_GPU_TYPE", ""), help="type name of the simulated GPUs")
     s.add_argument("--placement", default=os.environ.get("ISERVE_PLACEMENT", "hybrid"),
-                   choices=["hybrid", "least-loaded", "packing"],
+                   choices=PLACEMENT_POLICIES,
                    help="the deployer's GPU placement policy [env ISERVE_PLACEMENT]")
     s.add_argument("--theta", type=float, default=os.environ.get("ISERVE_THETA", "0.5"),
                    help="hybrid placement: GPUs with load below theta are packable [env ISERVE_THETA]")
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("deploy", help="deploy a profiled model with an intent")
     s.add_argument("model")
     add_intent(s)
-    s.add_argument("--placement", default="", choices=["", "hybrid", "least-loaded", "packing"],
+    s.add_argument("--placement", default="", choices=values(PlacementChoice),
                    help="placement policy (default: the deployer's)")
     s.add_argument("--context-tokens", type=int, default=0,
                    help="the deployment's context (KV cache) in tokens; 0: the profile's")

@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from .messages import Intent
+from .messages import INTENT_KINDS, Intent
 from .runtime import run_async
 from .tables import estimates_table
 
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny-llama", help="architecture of the demo model (random weights)")
     p.add_argument("--layers", type=int, default=8, help="hidden layers of the demo model")
     p.add_argument("--intent", default="min-latency",
-                   choices=["min-latency", "min-cost", "min-memory", "min-gpu-hours"])
+                   choices=[k for k in INTENT_KINDS if k not in ("latency-slo", "cost-budget")])
     p.add_argument("--prompt", default="The three components of iServe are")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")

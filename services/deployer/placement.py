@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from iserve.errors import BadRequest, InternalError
-from iserve.messages import ConfigEstimate, GpuAssignment
+from iserve.messages import PLACEMENT_POLICIES, ConfigEstimate, GpuAssignment
 
 from .memory import fits_sorted, layer_capacity, split_layers
 
-POLICIES = ("least-loaded", "packing", "hybrid")
+POLICIES = PLACEMENT_POLICIES
 
 
 @dataclass(frozen=True)

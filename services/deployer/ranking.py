@@ -9,12 +9,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from iserve.errors import BadRequest
-from iserve.messages import ConfigEstimate, Intent, Rejection
+from iserve.messages import COST_MODELS, INTENT_KINDS, ConfigEstimate, Intent, Rejection
 
 from .units import GIB, num
-
-INTENT_KINDS = ("min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo", "cost-budget")
-COST_MODELS = ("mem-x-latency", "memory", "gpu-hours")
 
 COST_UNITS = {"mem-x-latency": "GiB-s", "memory": "GiB", "gpu-hours": "GPU-h"}
 

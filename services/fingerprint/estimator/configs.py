@@ -7,11 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-from iserve.messages import ArchSpec, Configuration, ExcludedConfig, ProfileVariant
-
-WEIGHT_QUANTS: tuple[str, ...] = ("fp16", "int8", "int4")
-KV_QUANTS: tuple[str, ...] = ("fp16", "int8")
-PRUNINGS: tuple[str, ...] = ("none", "2:4", "structured")
+from iserve.messages import KV_QUANTS, PRUNINGS, WEIGHT_QUANTS, ArchSpec, Configuration, ExcludedConfig, ProfileVariant
 
 _KNOB_WORDS: dict[str, str | dict[str, str]] = {
     "weight_quant": "{} weight quantization",

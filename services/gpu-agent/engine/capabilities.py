@@ -6,10 +6,12 @@ Every value runs on CPU and CUDA (see docs/engine.md).
 
 from __future__ import annotations
 
+from iserve.messages import FAMILIES, KV_QUANTS, PRUNINGS, WEIGHT_QUANTS
+
 CAPABILITIES: dict[str, list] = {
     "tp": [1, 2, 4, 8],
-    "weight_quant": ["fp16", "int8", "int4"],
-    "kv_quant": ["fp16", "int8"],
-    "pruning": ["none", "2:4", "structured"],
-    "families": ["llama", "mixtral", "falcon", "gptj", "gpt_neox"],
+    "weight_quant": list(WEIGHT_QUANTS),
+    "kv_quant": list(KV_QUANTS),
+    "pruning": list(PRUNINGS),
+    "families": list(FAMILIES),
 }
