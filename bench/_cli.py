@@ -40,6 +40,10 @@ def run_meta(device: str) -> dict:
 
     from iserve.gpu_agent.profiling import gpu_type_of
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": gpu_type_of(device),
-            "device": device, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": gpu_type_of(device),
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }

@@ -61,7 +61,9 @@ def ensure_importable(probe: str = "iserve.fingerprint.validate", *, script: str
     except ImportError as e:
         missing = getattr(e, "name", "") or ""
         if missing and not missing.startswith("iserve"):
-            raise SystemExit(f"{script} needs the Python package {missing!r} (pip install it, or carry its wheel): {e}") from None
+            raise SystemExit(
+                f"{script} needs the Python package {missing!r} (pip install it, or carry its wheel): {e}"
+            ) from None
     for name in [m for m in sys.modules if m == "iserve" or m.startswith("iserve.")]:
         del sys.modules[name]  # a half-imported attempt
     shim = make_shim()

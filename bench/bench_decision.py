@@ -65,11 +65,21 @@ def make_estimates(count: int = 1000) -> list[ConfigEstimate]:
         tpot = (LAYERS * w_layer + last) / HBM_BYTES_PER_MS + 0.04 * (pp - 1) + 0.012 * LAYERS * (tp > 1)
         tpot *= {"fp16": 1.0, "int8": 1.08, "int4": 1.15}[wq] if tp == 1 else 1.0
         prefill_per_token = 2 * (LAYERS * linear * PRUNE[pr]) / (tp * FLOPS_PER_MS)
-        out.append(ConfigEstimate(
-            config=Configuration(tp=tp, pp=pp, weight_quant=wq, kv_quant=kv, pruning=pr),
-            ttft_base_ms=8.0 + 0.3 * pp + 0.5 * tp, ttft_per_token_ms=prefill_per_token,
-            ttft_per_token2_ms=1e-6, tpot_ms=tpot, layer_bytes=layer_bytes, first_stage_bytes=first,
-            last_stage_bytes=last, gpu_overhead_bytes=overhead, total_bytes=total, num_layers=LAYERS))
+        out.append(
+            ConfigEstimate(
+                config=Configuration(tp=tp, pp=pp, weight_quant=wq, kv_quant=kv, pruning=pr),
+                ttft_base_ms=8.0 + 0.3 * pp + 0.5 * tp,
+                ttft_per_token_ms=prefill_per_token,
+                ttft_per_token2_ms=1e-6,
+                tpot_ms=tpot,
+                layer_bytes=layer_bytes,
+                first_stage_bytes=first,
+                last_stage_bytes=last,
+                gpu_overhead_bytes=overhead,
+                total_bytes=total,
+                num_layers=LAYERS,
+            )
+        )
     out.sort(key=lambda e: (e.config.gpus, e.config.key()))
     return out[:count]
 
@@ -89,8 +99,11 @@ def make_cluster(scenario: str, rng: random.Random, hosts: int = 8, per_host: in
                 free, load = int(rng.uniform(0.2, 1.5) * GIB), rng.uniform(0.5, 1.0)
             else:
                 raise ValueError(scenario)
-            gpus.append(GpuState(agent_id=f"host{h}", gpu_index=i, gpu_type="H100", total_bytes=total,
-                                 free_bytes=free, load=load))
+            gpus.append(
+                GpuState(
+                    agent_id=f"host{h}", gpu_index=i, gpu_type="H100", total_bytes=total, free_bytes=free, load=load
+                )
+            )
     return gpus
 
 
@@ -130,16 +143,19 @@ def main() -> None:
         gpus = make_cluster(scenario, random.Random(args.seed))
         if scenario == "worst-case":
             view = ClusterView(gpus)
-            estimates = [msgspec.structs.replace(e, tpot_ms=e.tpot_ms * 20) if view.fits(e) else e
-                         for e in make_estimates(1000)]
+            estimates = [
+                msgspec.structs.replace(e, tpot_ms=e.tpot_ms * 20) if view.fits(e) else e for e in make_estimates(1000)
+            ]
         for name, intent in intents.items():
             times, outcome = time_plan(estimates, intent, gpus, args.reps)
             p99 = percentile(times, 99)
             rows.append((scenario, name, len(estimates), len(gpus), statistics.median(times), p99, outcome))
 
     header = ("scenario", "intent", "configs", "GPUs", "median ms", "p99 ms", "target", "decision")
-    table = [header] + [(s, i, str(c), str(g), f"{m:.2f}", f"{p:.2f}", "< 20 ms " + ("ok" if p < 20 else "MISSED"), o)
-                        for s, i, c, g, m, p, o in rows]
+    table = [header] + [
+        (s, i, str(c), str(g), f"{m:.2f}", f"{p:.2f}", "< 20 ms " + ("ok" if p < 20 else "MISSED"), o)
+        for s, i, c, g, m, p, o in rows
+    ]
     widths = [max(len(r[k]) for r in table) for k in range(len(header))]
     for n, r in enumerate(table):
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())

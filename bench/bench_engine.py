@@ -95,7 +95,9 @@ def copy_bandwidth() -> float:
 # random-weight checkpoints, made on the GPU
 
 
-def make_model(preset: str, out: Path, *, std: float = 0.02, seed: int = 0, shard_bytes: int = 4 * GIB) -> tuple[Path, int]:
+def make_model(
+    preset: str, out: Path, *, std: float = 0.02, seed: int = 0, shard_bytes: int = 4 * GIB
+) -> tuple[Path, int]:
     """Write ``preset``'s shapes with random weights (norms 1.0) as safetensors shards; returns the
     folder and the number of parameters."""
     from safetensors.torch import save_file
@@ -144,8 +146,9 @@ def make_model(preset: str, out: Path, *, std: float = 0.02, seed: int = 0, shar
 # our engine
 
 
-def bench_engine(path: Path, name: str, kwargs: dict, prompt: list[int], quality_seq: list[int],
-                 ref_logits: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
+def bench_engine(
+    path: Path, name: str, kwargs: dict, prompt: list[int], quality_seq: list[int], ref_logits: torch.Tensor | None
+) -> tuple[dict, torch.Tensor | None]:
     from iserve.gpu_agent.engine import Engine
 
     torch.cuda.synchronize()
@@ -156,10 +159,17 @@ def bench_engine(path: Path, name: str, kwargs: dict, prompt: list[int], quality
     load_s = time.perf_counter() - t0
     load_peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    row: dict = dict(variant=name, load_s=round(load_s, 1), weights_gib=engine.weight_bytes() / GIB,
-                     kv_cache_gib=engine.kv_cache_bytes() / GIB, kernels=engine.kernels(),
-                     cuda_graphs=engine.graphs_captured, fused_decode=engine.fused_decode, fused_error=engine.fused_error,
-                     dtype=str(engine.stages[0].dtype))
+    row: dict = dict(
+        variant=name,
+        load_s=round(load_s, 1),
+        weights_gib=engine.weight_bytes() / GIB,
+        kv_cache_gib=engine.kv_cache_bytes() / GIB,
+        kernels=engine.kernels(),
+        cuda_graphs=engine.graphs_captured,
+        fused_decode=engine.fused_decode,
+        fused_error=engine.fused_error,
+        dtype=str(engine.stages[0].dtype),
+    )
     eager = not any(engine.graphs_captured)
     for _ in range(2):  # warm-up: clocks, caches, first-use costs
         engine.generate(prompt, max_tokens=16, ignore_eos=True)
@@ -221,10 +231,14 @@ def bench_hf(path: Path, prompt: list[int]) -> dict:
     gen(8)
     ttft = statistics.median(gen(1) for _ in range(3))
     total = statistics.median(gen(OUT_TOKENS + 1) for _ in range(2))
-    row = dict(variant=f"HF transformers {transformers.__version__} eager fp16", ttft_ms=ttft,
-               tpot_ms=(total - ttft) / OUT_TOKENS, load_s=round(load_s, 1),
-               serve_peak_gib=torch.cuda.max_memory_allocated() / GIB,
-               attn=getattr(model.config, "_attn_implementation", "?"))
+    row = dict(
+        variant=f"HF transformers {transformers.__version__} eager fp16",
+        ttft_ms=ttft,
+        tpot_ms=(total - ttft) / OUT_TOKENS,
+        load_s=round(load_s, 1),
+        serve_peak_gib=torch.cuda.max_memory_allocated() / GIB,
+        attn=getattr(model.config, "_attn_implementation", "?"),
+    )
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -242,18 +256,27 @@ def micro() -> list[dict]:
     from iserve.gpu_agent.engine import kernels, quant
 
     rows = []
-    shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008), "lm_head": (32000, 4096)}
+    shapes = {
+        "qkv": (12288, 4096),
+        "o": (4096, 4096),
+        "gate_up": (22016, 4096),
+        "down": (4096, 11008),
+        "lm_head": (32000, 4096),
+    }
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        ref = (x.float() @ w.float().t())
+        ref = x.float() @ w.float().t()
         cands = {"fp16 cublas": (lambda: F.linear(x, w), 2 * n * k)}
         if kernels.available():
             cands["fp16 triton gemv"] = (lambda: kernels.gemv(x, w), 2 * n * k)
         i8 = quant.Int8Linear(w, torch.float16)
         cands["int8 triton gemv"] = (lambda: i8(x), n * k + 2 * n)
         sc32 = i8.scale.float()
-        cands["int8 torch._weight_int8pack_mm (fp32 in)"] = (lambda: torch._weight_int8pack_mm(x.float(), i8.q, sc32), n * k)
+        cands["int8 torch._weight_int8pack_mm (fp32 in)"] = (
+            lambda: torch._weight_int8pack_mm(x.float(), i8.q, sc32),
+            n * k,
+        )
         i4 = quant.Int4Linear(w.bfloat16(), torch.bfloat16)
         xb = x.bfloat16()
         cands["int4 tinygemm"] = (lambda: i4(xb), n * k // 2 + 4 * n * k // 128)
@@ -273,7 +296,15 @@ def micro() -> list[dict]:
                         fn()
                 us = cuda_ms(g.replay, 10) * 1e3 / 20
                 err = float((y.float() - ref).norm() / ref.norm())
-                rows.append(dict(shape=name, kernel=kname, us=round(us, 2), gbps=round(nbytes / us / 1e3, 1), rel_err=round(err, 4)))
+                rows.append(
+                    dict(
+                        shape=name,
+                        kernel=kname,
+                        us=round(us, 2),
+                        gbps=round(nbytes / us / 1e3, 1),
+                        rel_err=round(err, 4),
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - reported in the table
                 rows.append(dict(shape=name, kernel=kname, error=f"{type(e).__name__}: {e}"[:200]))
         del w, x, i8, i4
@@ -309,15 +340,21 @@ def _teacher_forced(engine, seq: list[int], *, lockstep: bool = False) -> torch.
 def _logit_gap(got: torch.Tensor, ref: torch.Tensor) -> dict:
     got, ref = got.float().cpu(), ref.float().cpu()
     rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
-    return dict(rel_l2=float((got - ref).norm() / ref.norm()), rel_l2_max_step=float(rel.max()),
-                max_abs=float((got - ref).abs().max()), top1_agree=float((got.argmax(-1) == ref.argmax(-1)).float().mean()))
+    return dict(
+        rel_l2=float((got - ref).norm() / ref.norm()),
+        rel_l2_max_step=float(rel.max()),
+        max_abs=float((got - ref).abs().max()),
+        top1_agree=float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+    )
 
 
 def _tp_device(rank: int) -> str:
     return f"cuda:{rank}" if torch.cuda.is_available() else "cpu"  # the CPU (gloo) only to check this script
 
 
-def _tp_rank(rank: int, size: int, port: int, path: str, prompt: list[int], qseq: list[int], ref_dir: str, queue) -> None:
+def _tp_rank(
+    rank: int, size: int, port: int, path: str, prompt: list[int], qseq: list[int], ref_dir: str, queue
+) -> None:
     import torch.distributed as dist
 
     from iserve.gpu_agent.engine import Engine
@@ -325,17 +362,26 @@ def _tp_rank(rank: int, size: int, port: int, path: str, prompt: list[int], qseq
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size
+    )
     try:
         results = {}
         for dtype in TP_DTYPES:
-            engine = Engine.load(path, [(_tp_device(rank), 0, engine_layers(Path(path)))], CONTEXT, tp_rank=rank, tp_size=size,
-                                 dtype=dtype)
+            engine = Engine.load(
+                path,
+                [(_tp_device(rank), 0, engine_layers(Path(path)))],
+                CONTEXT,
+                tp_rank=rank,
+                tp_size=size,
+                dtype=dtype,
+            )
             logits = _teacher_forced(engine, qseq, lockstep=True)
             if rank == 0:
                 ref = torch.load(Path(ref_dir) / f"{dtype}.pt")
-                row = _tp_run(engine, prompt) | dict(graphs=engine.graphs_captured, fused=engine.fused_decode,
-                                                      fused_error=engine.fused_error)
+                row = _tp_run(engine, prompt) | dict(
+                    graphs=engine.graphs_captured, fused=engine.fused_decode, fused_error=engine.fused_error
+                )
                 row["vs_tp1"] = _logit_gap(logits, ref["logits"])
                 results[dtype] = row
                 engine.close()
@@ -355,8 +401,9 @@ def _tp_run(engine, prompt: list[int]) -> dict:
     engine.generate(prompt, max_tokens=8, ignore_eos=True)
     greedy = engine.generate(prompt, max_tokens=64, ignore_eos=True)
     sampled = engine.generate(prompt, max_tokens=64, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)
-    return dict(greedy=greedy.tokens, sampled=sampled.tokens, tpot_ms=statistics.median(greedy.step_ms),
-                ttft_ms=greedy.ttft_ms)
+    return dict(
+        greedy=greedy.tokens, sampled=sampled.tokens, tpot_ms=statistics.median(greedy.step_ms), ttft_ms=greedy.ttft_ms
+    )
 
 
 def tp_check(path: Path, prompt: list[int], qseq: list[int], size: int, work: Path) -> dict:
@@ -392,7 +439,10 @@ def tp_check(path: Path, prompt: list[int], qseq: list[int], size: int, work: Pa
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_tp_rank, args=(r, size, port, str(path), prompt, qseq, str(work), queue)) for r in range(size)]
+    procs = [
+        ctx.Process(target=_tp_rank, args=(r, size, port, str(path), prompt, qseq, str(work), queue))
+        for r in range(size)
+    ]
     for p in procs:
         p.start()
     got = queue.get(timeout=500)
@@ -404,10 +454,14 @@ def tp_check(path: Path, prompt: list[int], qseq: list[int], size: int, work: Pa
     for dtype in TP_DTYPES:
         a, b = tp1[dtype], got[dtype]
         out["summary"][dtype] = dict(
-            same_greedy=a["greedy"] == b["greedy"], same_sampled=a["sampled"] == b["sampled"],
+            same_greedy=a["greedy"] == b["greedy"],
+            same_sampled=a["sampled"] == b["sampled"],
             first_greedy_mismatch=next((i for i, (x, y) in enumerate(zip(a["greedy"], b["greedy"])) if x != y), None),
-            tp_vs_tp1=b["vs_tp1"], tp1_eager_vs_graphs=a["eager_vs_graphs"],
-            tpot_ms=(a["tpot_ms"], b["tpot_ms"]), ttft_ms=(a["ttft_ms"], b["ttft_ms"]))
+            tp_vs_tp1=b["vs_tp1"],
+            tp1_eager_vs_graphs=a["eager_vs_graphs"],
+            tpot_ms=(a["tpot_ms"], b["tpot_ms"]),
+            ttft_ms=(a["ttft_ms"], b["ttft_ms"]),
+        )
     return out
 
 
@@ -422,15 +476,19 @@ def fmt_table(env: dict, models: list[dict]) -> str:
     ]
     for m in models:
         floor = m["floor_ms"]
-        lines.append(f"| {m['model']} | HBM floor (fp16 weights / copy bandwidth) | | {floor:.2f} | 1.00 | {m['fp16_gib']:.2f} | | | |")
+        lines.append(
+            f"| {m['model']} | HBM floor (fp16 weights / copy bandwidth) | | {floor:.2f} | 1.00 | {m['fp16_gib']:.2f} | | | |"
+        )
         for r in m["rows"]:
             if "error" in r:
                 lines.append(f"| {m['model']} | {r['variant']} | failed: {r['error'][:120]} | | | | | | |")
                 continue
-            q = (f"{r['rel_l2']:.4f} | {r['top1_agree'] * 100:.1f}%" if "rel_l2" in r else "- | -")
+            q = f"{r['rel_l2']:.4f} | {r['top1_agree'] * 100:.1f}%" if "rel_l2" in r else "- | -"
             w = f"{r['weights_gib']:.2f}" if "weights_gib" in r else ""
-            lines.append(f"| {m['model']} | {r['variant']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {r['tpot_ms'] / floor:.2f} "
-                         f"| {w} | {r['serve_peak_gib']:.2f} | {q} |")
+            lines.append(
+                f"| {m['model']} | {r['variant']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {r['tpot_ms'] / floor:.2f} "
+                f"| {w} | {r['serve_peak_gib']:.2f} | {q} |"
+            )
     return "\n".join(lines)
 
 
@@ -447,8 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(gpu=torch.cuda.get_device_name(0), date=datetime.date.today().isoformat(), torch=torch.__version__,
-               command=" ".join(["python3", "bench/bench_engine.py", *sys.argv[1:]]))
+    env = dict(
+        gpu=torch.cuda.get_device_name(0),
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        command=" ".join(["python3", "bench/bench_engine.py", *sys.argv[1:]]),
+    )
     try:
         import triton
 

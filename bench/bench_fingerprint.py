@@ -79,7 +79,9 @@ def ensure_importable() -> None:
         if name in sys.modules:
             continue
         path = ROOT / rel
-        spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+        spec = importlib.util.spec_from_file_location(
+            name, path / "__init__.py", submodule_search_locations=[str(path)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -107,17 +109,34 @@ TINY_MODELS = [
     ("tiny-falcon", 6, False),
 ]
 # Extra models measure these configurations only (the required ones measure every one that fits).
-EXTRA_CONFIGS = ("tp1-pp1-wfp16-kvfp16-pnone", "tp1-pp1-wint8-kvfp16-pnone", "tp1-pp1-wint4-kvfp16-pnone",
-                 "tp1-pp1-wfp16-kvint8-pnone")
+EXTRA_CONFIGS = (
+    "tp1-pp1-wfp16-kvfp16-pnone",
+    "tp1-pp1-wint8-kvfp16-pnone",
+    "tp1-pp1-wint4-kvfp16-pnone",
+    "tp1-pp1-wfp16-kvint8-pnone",
+)
 HOST_GPUS = 8  # the host of the projected GPU-seconds ratio
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script; timings mean nothing)")
-    p.add_argument("--models", default="", help="comma-separated presets, optionally PRESET:LAYERS (default: the list for the mode)")
-    p.add_argument("--budget-s", type=float, default=0.0, help="stop starting work after this many seconds (default 510 GPU, 600 tiny)")
-    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="output folder (default $OUT, else ./bench-out)")
+    p.add_argument(
+        "--tiny", action="store_true", help="tiny shapes on the CPU (checks the script; timings mean nothing)"
+    )
+    p.add_argument(
+        "--models",
+        default="",
+        help="comma-separated presets, optionally PRESET:LAYERS (default: the list for the mode)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="stop starting work after this many seconds (default 510 GPU, 600 tiny)",
+    )
+    p.add_argument(
+        "--out", default=os.environ.get("OUT", "bench-out"), help="output folder (default $OUT, else ./bench-out)"
+    )
     p.add_argument("--work-dir", default="", help="where checkpoints and fingerprints go (default /tmp/iserve-bench)")
     p.add_argument("--max-configs", type=int, default=0, help="at most this many full-model configurations per model")
     p.add_argument("--configs", default="", help="only these configuration keys (comma-separated), for every model")
@@ -125,12 +144,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-lengths", default="", help="comma-separated (default 128,512,1024; tiny 16,32,64)")
     p.add_argument("--output-lengths", default="", help="comma-separated (default 8,32; tiny 4,12)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each full-model run (default 3)")
-    p.add_argument("--fp-repeats", type=int, default=7, help="timed repeats of each fingerprint run (default 7: they are cheap)")
+    p.add_argument(
+        "--fp-repeats", type=int, default=7, help="timed repeats of each fingerprint run (default 7: they are cheap)"
+    )
     p.add_argument("--context-tokens", type=int, default=0, help="default 2048 (tiny 128)")
-    p.add_argument("--replay-distinct", action="store_true",
-                   help="the deep run's replayed layers get tensors of their own (the model's memory footprint; an experiment)")
-    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
-                   help="print one summary over these runs' bench_fingerprint.json files (later files replace earlier configurations)")
+    p.add_argument(
+        "--replay-distinct",
+        action="store_true",
+        help="the deep run's replayed layers get tensors of their own (the model's memory footprint; an experiment)",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="print one summary over these runs' bench_fingerprint.json files (later files replace earlier configurations)",
+    )
     return p.parse_args(argv)
 
 
@@ -157,8 +186,13 @@ def config_order(arch) -> list:
 def _comparison(d: dict):
     from iserve.fingerprint import validate
 
-    return validate.Comparison(config=d["config"], points=[validate.Point(**p) for p in d["points"]],
-                               gpu_seconds=d.get("gpu_seconds", 0.0), note=d.get("note", ""), measured=d.get("measured", {}))
+    return validate.Comparison(
+        config=d["config"],
+        points=[validate.Point(**p) for p in d["points"]],
+        gpu_seconds=d.get("gpu_seconds", 0.0),
+        note=d.get("note", ""),
+        measured=d.get("measured", {}),
+    )
 
 
 def _fmt_pct(x: float) -> str:
@@ -202,9 +236,14 @@ class Bench:
         return {
             **run_meta(self.device),
             "capabilities": CAPABILITIES,
-            "protocol": {"prompt_lengths": self.prompts, "output_lengths": self.outputs, "repeats": self.a.repeats,
-                         "fingerprint_repeats": self.a.fp_repeats, "context_tokens": self.context,
-                         "replay_distinct": self.a.replay_distinct},
+            "protocol": {
+                "prompt_lengths": self.prompts,
+                "output_lengths": self.outputs,
+                "repeats": self.a.repeats,
+                "fingerprint_repeats": self.a.fp_repeats,
+                "context_tokens": self.context,
+                "replay_distinct": self.a.replay_distinct,
+            },
         }
 
     # -- one model -------------------------------------------------------------------------------
@@ -221,9 +260,20 @@ class Bench:
         name = preset + (f"@{layers}L" if layers else "")
         arch = checkpoint.arch_from_config(preset_config(preset, num_layers=layers))
         self.fractions: list[float] = []
-        res: dict = {"model": name, "family": arch.family, "layers": arch.num_layers, "hidden": arch.hidden_size,
-                     "heads": arch.num_attention_heads, "kv_heads": arch.num_kv_heads, "experts": arch.num_experts,
-                     "configs": [], "comparisons": [], "naive": [], "no_replay": [], "fingerprint_gpu_seconds": {}}
+        res: dict = {
+            "model": name,
+            "family": arch.family,
+            "layers": arch.num_layers,
+            "hidden": arch.hidden_size,
+            "heads": arch.num_attention_heads,
+            "kv_heads": arch.num_kv_heads,
+            "experts": arch.num_experts,
+            "configs": [],
+            "comparisons": [],
+            "naive": [],
+            "no_replay": [],
+            "fingerprint_gpu_seconds": {},
+        }
         dtype = "bfloat16" if arch.torch_dtype == "bfloat16" else "float16"
         ckpt_bytes = sum(math.prod(s) for s in checkpoint.expected_tensors(arch).values()) * 2
         res["checkpoint_gib"] = round(ckpt_bytes / 2**30, 2)
@@ -256,7 +306,9 @@ class Bench:
             cost_guess = 0.0
             for config in order:
                 if time.monotonic() + cost_guess * 1.15 > model_deadline:
-                    res["comparisons"].append({"config": config.key(), "points": [], "gpu_seconds": 0.0, "note": "skipped: out of time"})
+                    res["comparisons"].append(
+                        {"config": config.key(), "points": [], "gpu_seconds": 0.0, "note": "skipped: out of time"}
+                    )
                     continue
                 t0 = time.perf_counter()
                 c, naive, plain, fp_seconds = self._one_config(arch, model_dir, config, profiled)
@@ -292,17 +344,32 @@ class Bench:
         for v in sorted(variants, key=lambda v: (v.weight_quant, v.kv_quant, v.pruning)):
             self._warm_kernels(arch, model_dir, fp_dir, v)
         local = validate.profile_locally(
-            model_dir, [self.device], prompt_lengths=self.prompts, output_lengths=self.outputs, repeats=self.a.fp_repeats, warmup=1,
-            context_tokens=self.context, work_dir=fp_dir, max_gpus=1, variants_filter=lambda v: v in variants,
-            replay_distinct=self.a.replay_distinct, gpu_warmup_s=0.0 if self.a.tiny else 1.0,
+            model_dir,
+            [self.device],
+            prompt_lengths=self.prompts,
+            output_lengths=self.outputs,
+            repeats=self.a.fp_repeats,
+            warmup=1,
+            context_tokens=self.context,
+            work_dir=fp_dir,
+            max_gpus=1,
+            variants_filter=lambda v: v in variants,
+            replay_distinct=self.a.replay_distinct,
+            gpu_warmup_s=0.0 if self.a.tiny else 1.0,
             log=lambda s: print(s, file=self.details, flush=True),
         )
         self.fractions = [round(f, 4) for f in local.cmap.cost.fingerprint_fraction]
         measured = sum(m.gpu_seconds for m in local.result.measurements)
-        summary = {"variants": len(variants), "gpu_seconds": round(local.result.gpu_seconds, 2),
-                   "in_measurements": round(measured, 2), "peak_bytes": local.result.peak_bytes}
-        self.log(f"  profiled {len(variants)} variants in one job: {local.result.gpu_seconds:.1f} GPU-s "
-                 f"({measured:.1f} in measurements, the rest reading and warm-up)")
+        summary = {
+            "variants": len(variants),
+            "gpu_seconds": round(local.result.gpu_seconds, 2),
+            "in_measurements": round(measured, 2),
+            "peak_bytes": local.result.peak_bytes,
+        }
+        self.log(
+            f"  profiled {len(variants)} variants in one job: {local.result.gpu_seconds:.1f} GPU-s "
+            f"({measured:.1f} in measurements, the rest reading and warm-up)"
+        )
         return local.cmap, local.result, summary
 
     def _one_config(self, arch, model_dir: Path, config, profiled: tuple):
@@ -323,13 +390,28 @@ class Bench:
             self.log(f"  {config.key()}: {why}")
             return validate.Comparison(config=config.key(), note=f"not estimated: {why}"), None, None, fp_seconds
         if est not in validate.fitting_configs(cmap, memory_bytes=validate.device_memory_bytes(self.device)):
-            return validate.Comparison(config=config.key(), note="estimated not to fit this GPU"), None, None, fp_seconds
-        [c] = validate.validate(model_dir, cmap, [est], [self.device], prompt_lengths=self.prompts, output_lengths=self.outputs,
-                                repeats=self.a.repeats, warmup=1)
+            return (
+                validate.Comparison(config=config.key(), note="estimated not to fit this GPU"),
+                None,
+                None,
+                fp_seconds,
+            )
+        [c] = validate.validate(
+            model_dir,
+            cmap,
+            [est],
+            [self.device],
+            prompt_lengths=self.prompts,
+            output_lengths=self.outputs,
+            repeats=self.a.repeats,
+            warmup=1,
+        )
         if c.note:
             self.log(f"  {c.config}: {c.note}")
             return c, None, None, fp_seconds
-        c.measured["fingerprints"] = [msgspec.to_builtins(m) for m in result.measurements if m.variant == variant]  # for diagnosis
+        c.measured["fingerprints"] = [
+            msgspec.to_builtins(m) for m in result.measurements if m.variant == variant
+        ]  # for diagnosis
         naive = self._wall_only(arch, model_dir, result, cmap, c)
         plain = self._no_replay(arch, model_dir, result, cmap, c)
         worst = ", ".join(f"{w} {_fmt_pct(max(c.errors(w)))}" for w in ("ttft", "tpot", "memory"))
@@ -357,13 +439,18 @@ class Bench:
         finally:
             engine.close()
         self._warmed.add((model_dir, variant))
-        self.kernel_warmup_s[f"{model_dir.name}:{variant.weight_quant}-{variant.kv_quant}-{variant.pruning}"] = round(time.perf_counter() - t, 2)
+        self.kernel_warmup_s[f"{model_dir.name}:{variant.weight_quant}-{variant.kv_quant}-{variant.pruning}"] = round(
+            time.perf_counter() - t, 2
+        )
 
     def _wall_only(self, arch, model_dir: Path, result, cmap, c):
         """The same fingerprint runs extrapolated on wall time alone (plain L2), against the same truth."""
         import msgspec
 
-        wall_only = [msgspec.structs.replace(m, ttft_device=[], decode_device=[], tpot_device_ms=0.0) for m in result.measurements]
+        wall_only = [
+            msgspec.structs.replace(m, ttft_device=[], decode_device=[], tpot_device_ms=0.0)
+            for m in result.measurements
+        ]
         return self._refit(arch, model_dir, wall_only, cmap, c)
 
     def _no_replay(self, arch, model_dir: Path, result, cmap, c):
@@ -379,7 +466,9 @@ class Bench:
 
         ck = checkpoint.scan_checkpoint(model_dir)
         config = next(e.config for e in cmap.estimates if e.config.key() == c.config)
-        [e] = estimator.fit_estimates(arch, checkpoint.weight_breakdown(ck), measurements, [config], context_tokens=cmap.context_tokens)
+        [e] = estimator.fit_estimates(
+            arch, checkpoint.weight_breakdown(ck), measurements, [config], context_tokens=cmap.context_tokens
+        )
         pts = []
         for p in c.points:
             if p.what == "ttft":
@@ -402,15 +491,24 @@ class Bench:
         res["fingerprint_fraction"] = self.fractions
         fp = sum(res["fingerprint_gpu_seconds"].get(c.config, 0.0) for c in measured)
         full = sum(c.gpu_seconds for c in measured)
-        res["gpu_seconds"] = {"fingerprints": round(fp, 2), "full_model": round(full, 2), "ratio": round(full / fp, 2) if fp else None,
-                              "projected_ratio_8gpu_host": self._projected_ratio(arch, res["fingerprint_gpu_seconds"], measured)}
+        res["gpu_seconds"] = {
+            "fingerprints": round(fp, 2),
+            "full_model": round(full, 2),
+            "ratio": round(full / fp, 2) if fp else None,
+            "projected_ratio_8gpu_host": self._projected_ratio(arch, res["fingerprint_gpu_seconds"], measured),
+        }
         s = res["summary"]
-        self.log(f"{res['model']}: {len(measured)}/{len(res['configs'])} configurations measured; |error| median TTFT "
-                 f"{_fmt_pct(s['ttft']['median'])} TPOT {_fmt_pct(s['tpot']['median'])} memory {_fmt_pct(s['memory']['median'])}; "
-                 f"GPU-s {fp:.1f} vs {full:.1f}")
+        self.log(
+            f"{res['model']}: {len(measured)}/{len(res['configs'])} configurations measured; |error| median TTFT "
+            f"{_fmt_pct(s['ttft']['median'])} TPOT {_fmt_pct(s['tpot']['median'])} memory {_fmt_pct(s['memory']['median'])}; "
+            f"GPU-s {fp:.1f} vs {full:.1f}"
+        )
         print(f"\n{res['model']}", file=self.details)
-        validate.print_table(["config", "what", "at", "estimated", "measured", "unit", "error", "GPU-s"],
-                             validate.report_rows([_comparison(c) for c in res["comparisons"]]), out=self.details)
+        validate.print_table(
+            ["config", "what", "at", "estimated", "measured", "unit", "error", "GPU-s"],
+            validate.report_rows([_comparison(c) for c in res["comparisons"]]),
+            out=self.details,
+        )
 
     def _projected_ratio(self, arch, fp_by_config: dict[str, float], measured: list) -> float | None:
         """Full-model GPU-seconds for every configuration of an 8-GPU host whose one-GPU variant was
@@ -433,8 +531,10 @@ class Bench:
     # -- all -------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.log(f"bench_fingerprint on {self.meta['gpu']} ({self.device}), torch {self.meta['torch']}, "
-                 f"budget {self.deadline - self.t0:.0f} s")
+        self.log(
+            f"bench_fingerprint on {self.meta['gpu']} ({self.device}), torch {self.meta['torch']}, "
+            f"budget {self.deadline - self.t0:.0f} s"
+        )
         try:
             models = model_list(self.a.models, TINY_MODELS if self.a.tiny else GPU_MODELS)
             for i, (preset, layers, required) in enumerate(models):
@@ -442,7 +542,7 @@ class Bench:
                     self.results.append({"model": preset, "note": "skipped: out of time"})
                     continue
                 # The required models share what is left evenly; extras take whatever remains.
-                later_required = sum(1 for _, _, r in models[i + 1:] if r)
+                later_required = sum(1 for _, _, r in models[i + 1 :] if r)
                 share = self.left() / (1 + later_required) if required else self.left()
                 self.results.append(self.run_model(preset, layers, required, time.monotonic() + share))
                 self.write_json()
@@ -456,8 +556,13 @@ class Bench:
         return 0 if measured else 1
 
     def write_json(self) -> None:
-        doc = {"meta": self.meta, "elapsed_s": round(time.monotonic() - self.t0, 1), "models": self.results,
-               "overall": self.overall(), "kernel_warmup_s": self.kernel_warmup_s}
+        doc = {
+            "meta": self.meta,
+            "elapsed_s": round(time.monotonic() - self.t0, 1),
+            "models": self.results,
+            "overall": self.overall(),
+            "kernel_warmup_s": self.kernel_warmup_s,
+        }
         tmp = self.out / "bench_fingerprint.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         tmp.replace(self.out / "bench_fingerprint.json")
@@ -477,7 +582,11 @@ class Bench:
         out = validate.summarize(comps)
         out["wall_only"] = validate.summarize(naive)
         out["no_replay"] = validate.summarize(plain)
-        out["gpu_seconds"] = {"fingerprints": round(fp, 1), "full_model": round(full, 1), "ratio": round(full / fp, 2) if fp else None}
+        out["gpu_seconds"] = {
+            "fingerprints": round(fp, 1),
+            "full_model": round(full, 1),
+            "ratio": round(full / fp, 2) if fp else None,
+        }
         return out
 
     def print_summary(self) -> None:
@@ -487,44 +596,93 @@ class Bench:
         for r in self.results:
             s = r.get("summary")
             if not s or not s["ttft"]["points"]:
-                rows.append([r["model"], r.get("family", ""), "-", (r.get("note") or r.get("error", "") or "nothing measured")[:70],
-                             "", "", "", "", "", "", "", ""])
+                rows.append(
+                    [
+                        r["model"],
+                        r.get("family", ""),
+                        "-",
+                        (r.get("note") or r.get("error", "") or "nothing measured")[:70],
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
                 continue
             w = r.get("summary_wall_only", {})
             nr = r.get("summary_no_replay", {})
             g = r.get("gpu_seconds", {})
             n = sum(1 for c in r["comparisons"] if not c.get("note"))
             skipped = sum(1 for c in r["comparisons"] if c.get("note", "").startswith("skipped"))
-            rows.append([
-                r["model"], r["family"], f"{n}/{len(r['configs'])}" + (f" ({skipped} cut)" if skipped else ""),
-                f"{_fmt_pct(s['ttft']['median'])} / {_fmt_pct(s['ttft']['p90'])}",
-                f"{_fmt_pct(s['tpot']['median'])} / {_fmt_pct(s['tpot']['p90'])}",
-                f"{_fmt_pct(s['memory']['median'])} / {_fmt_pct(s['memory']['p90'])}",
-                f"{_fmt_pct(w.get('ttft', {}).get('median'))} / {_fmt_pct(w.get('tpot', {}).get('median'))}",
-                f"{_fmt_pct(nr.get('ttft', {}).get('median'))} / {_fmt_pct(nr.get('tpot', {}).get('median'))}",
-                f"{g.get('fingerprints', 0):.1f}", f"{g.get('full_model', 0):.1f}",
-                f"{g.get('ratio') or 0:.1f}x", f"{g.get('projected_ratio_8gpu_host') or 0:.0f}x",
-            ])
+            rows.append(
+                [
+                    r["model"],
+                    r["family"],
+                    f"{n}/{len(r['configs'])}" + (f" ({skipped} cut)" if skipped else ""),
+                    f"{_fmt_pct(s['ttft']['median'])} / {_fmt_pct(s['ttft']['p90'])}",
+                    f"{_fmt_pct(s['tpot']['median'])} / {_fmt_pct(s['tpot']['p90'])}",
+                    f"{_fmt_pct(s['memory']['median'])} / {_fmt_pct(s['memory']['p90'])}",
+                    f"{_fmt_pct(w.get('ttft', {}).get('median'))} / {_fmt_pct(w.get('tpot', {}).get('median'))}",
+                    f"{_fmt_pct(nr.get('ttft', {}).get('median'))} / {_fmt_pct(nr.get('tpot', {}).get('median'))}",
+                    f"{g.get('fingerprints', 0):.1f}",
+                    f"{g.get('full_model', 0):.1f}",
+                    f"{g.get('ratio') or 0:.1f}x",
+                    f"{g.get('projected_ratio_8gpu_host') or 0:.0f}x",
+                ]
+            )
         o = self.overall()
         w, nr = o["wall_only"], o["no_replay"]
-        rows.append(["ALL", "", str(o["memory"]["points"]) + " cfgs",
-                     f"{_fmt_pct(o['ttft']['median'])} / {_fmt_pct(o['ttft']['p90'])}",
-                     f"{_fmt_pct(o['tpot']['median'])} / {_fmt_pct(o['tpot']['p90'])}",
-                     f"{_fmt_pct(o['memory']['median'])} / {_fmt_pct(o['memory']['p90'])}",
-                     f"{_fmt_pct(w['ttft']['median'])} / {_fmt_pct(w['tpot']['median'])}",
-                     f"{_fmt_pct(nr['ttft']['median'])} / {_fmt_pct(nr['tpot']['median'])}",
-                     f"{o['gpu_seconds']['fingerprints']:.1f}", f"{o['gpu_seconds']['full_model']:.1f}",
-                     f"{o['gpu_seconds']['ratio'] or 0:.1f}x", ""])
+        rows.append(
+            [
+                "ALL",
+                "",
+                str(o["memory"]["points"]) + " cfgs",
+                f"{_fmt_pct(o['ttft']['median'])} / {_fmt_pct(o['ttft']['p90'])}",
+                f"{_fmt_pct(o['tpot']['median'])} / {_fmt_pct(o['tpot']['p90'])}",
+                f"{_fmt_pct(o['memory']['median'])} / {_fmt_pct(o['memory']['p90'])}",
+                f"{_fmt_pct(w['ttft']['median'])} / {_fmt_pct(w['tpot']['median'])}",
+                f"{_fmt_pct(nr['ttft']['median'])} / {_fmt_pct(nr['tpot']['median'])}",
+                f"{o['gpu_seconds']['fingerprints']:.1f}",
+                f"{o['gpu_seconds']['full_model']:.1f}",
+                f"{o['gpu_seconds']['ratio'] or 0:.1f}x",
+                "",
+            ]
+        )
         print()
-        print(f"iServe fingerprint benchmark, {self.meta['date']}, {self.meta['gpu']}, torch {self.meta['torch']}; "
-              f"prompts {self.prompts}, outputs {self.outputs}, repeats {self.a.repeats} (fingerprints {self.a.fp_repeats}), "
-              f"context {self.context}")
-        print("|error| as median / p90 over every (configuration, prompt length | decode run); 'wall-only' = the same fingerprint "
-              "runs extrapolated on wall time alone (plain L2); '1+2 only' = without the replayed deep run")
-        validate.print_table(["model", "family", "configs", "TTFT err", "TPOT err", "memory err", "wall-only TTFT/TPOT", "1+2 only TTFT/TPOT",
-                              "FP GPU-s", "full GPU-s", "ratio", "8-GPU map"], rows)
-        print(f"targets: median TTFT/TPOT <= 2%, memory <= 1%, ratio >= 10x; elapsed {time.monotonic() - self.t0:.0f} s; "
-              f"JSON: {self.out / 'bench_fingerprint.json'}")
+        print(
+            f"iServe fingerprint benchmark, {self.meta['date']}, {self.meta['gpu']}, torch {self.meta['torch']}; "
+            f"prompts {self.prompts}, outputs {self.outputs}, repeats {self.a.repeats} (fingerprints {self.a.fp_repeats}), "
+            f"context {self.context}"
+        )
+        print(
+            "|error| as median / p90 over every (configuration, prompt length | decode run); 'wall-only' = the same fingerprint "
+            "runs extrapolated on wall time alone (plain L2); '1+2 only' = without the replayed deep run"
+        )
+        validate.print_table(
+            [
+                "model",
+                "family",
+                "configs",
+                "TTFT err",
+                "TPOT err",
+                "memory err",
+                "wall-only TTFT/TPOT",
+                "1+2 only TTFT/TPOT",
+                "FP GPU-s",
+                "full GPU-s",
+                "ratio",
+                "8-GPU map",
+            ],
+            rows,
+        )
+        print(
+            f"targets: median TTFT/TPOT <= 2%, memory <= 1%, ratio >= 10x; elapsed {time.monotonic() - self.t0:.0f} s; "
+            f"JSON: {self.out / 'bench_fingerprint.json'}"
+        )
 
 
 def _merged_models(paths: list[str]) -> tuple[dict, list[dict]]:
@@ -538,15 +696,21 @@ def _merged_models(paths: list[str]) -> tuple[dict, list[dict]]:
         for m in doc["models"]:
             if "comparisons" not in m:
                 continue
-            cur = merged.setdefault(m["model"], {**m, "comparisons": [], "naive": [], "no_replay": [], "fingerprint_gpu_seconds": {},
-                                                 "configs": []})
+            cur = merged.setdefault(
+                m["model"],
+                {**m, "comparisons": [], "naive": [], "no_replay": [], "fingerprint_gpu_seconds": {}, "configs": []},
+            )
             cur["configs"] = sorted(set(cur["configs"]) | set(m["configs"]))
             measured = {c["config"] for c in m["comparisons"] if not c.get("note")}
             for key in ("comparisons", "naive", "no_replay"):
-                cur[key] = [c for c in cur[key] if c["config"] not in measured] + [c for c in m[key] if c["config"] in measured]
+                cur[key] = [c for c in cur[key] if c["config"] not in measured] + [
+                    c for c in m[key] if c["config"] in measured
+                ]
             tried = {c["config"] for c in cur["comparisons"]}
             cur["comparisons"] += [c for c in m["comparisons"] if c["config"] not in tried]
-            cur["fingerprint_gpu_seconds"].update({k: v for k, v in m["fingerprint_gpu_seconds"].items() if k in measured})
+            cur["fingerprint_gpu_seconds"].update(
+                {k: v for k, v in m["fingerprint_gpu_seconds"].items() if k in measured}
+            )
     return meta, list(merged.values())
 
 
@@ -556,7 +720,9 @@ def merge(a: argparse.Namespace) -> int:
     from iserve.modelmaker import preset_config
 
     meta, models = _merged_models(a.merge)
-    bench = Bench(parse_args(["--device", "cpu", "--out", a.out, "--work-dir", a.work_dir or str(Path(a.out) / "work")]))  # no GPU work
+    bench = Bench(
+        parse_args(["--device", "cpu", "--out", a.out, "--work-dir", a.work_dir or str(Path(a.out) / "work")])
+    )  # no GPU work
     bench.meta = meta
     protocol = meta.get("protocol", {})
     bench.prompts, bench.outputs = protocol.get("prompt_lengths", []), protocol.get("output_lengths", [])
@@ -564,7 +730,9 @@ def merge(a: argparse.Namespace) -> int:
     bench.a.repeats, bench.a.fp_repeats = protocol.get("repeats", 0), protocol.get("fingerprint_repeats", 0)
     for res in models:
         preset, _, layers = res["model"].partition("@")
-        arch = checkpoint.arch_from_config(preset_config(preset, num_layers=int(layers.removesuffix("L")) if layers else None))
+        arch = checkpoint.arch_from_config(
+            preset_config(preset, num_layers=int(layers.removesuffix("L")) if layers else None)
+        )
         bench.fractions = res.get("fingerprint_fraction", [])
         bench._finish_model(res, arch)
         bench.results.append(res)

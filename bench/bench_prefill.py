@@ -45,7 +45,9 @@ VARIANTS = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (checks the script; timings mean nothing)")
+    p.add_argument(
+        "--tiny", action="store_true", help="a tiny model on the CPU (checks the script; timings mean nothing)"
+    )
     p.add_argument("--models", default="", help="presets (default llama-2-7b,llama-3-8b,llama-2-13b; tiny: tiny-llama)")
     p.add_argument("--variants", default="fp16,kv-int8,int8,int4")
     p.add_argument("--first-only", default="int8,int4", help="variants run on the first model only")
@@ -62,7 +64,9 @@ def _time(engine, ids: list[int]) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def bench_variant(path: Path, device: str, name: str, kwargs: dict, prompts: list[int], repeats: int, context: int) -> list[dict]:
+def bench_variant(
+    path: Path, device: str, name: str, kwargs: dict, prompts: list[int], repeats: int, context: int
+) -> list[dict]:
     import torch
 
     from iserve.gpu_agent.engine import Engine
@@ -86,11 +90,20 @@ def bench_variant(path: Path, device: str, name: str, kwargs: dict, prompts: lis
             finally:
                 gc.enable()
             mg, me = statistics.median(t_graph), statistics.median(t_eager)
-            rows.append({"variant": name, "prompt": p, "padded_to": graphs._prefill_length(p) or p,
-                         "graph_ms": round(mg, 3), "eager_ms": round(me, 3), "speedup": round(me / mg, 3),
-                         "graph_spread": round((max(t_graph) - min(t_graph)) / mg, 4),
-                         "eager_spread": round((max(t_eager) - min(t_eager)) / me, 4),
-                         "captured": graphs.prefill_graph_tokens, "capture_error": graphs.prefill_graph_error})
+            rows.append(
+                {
+                    "variant": name,
+                    "prompt": p,
+                    "padded_to": graphs._prefill_length(p) or p,
+                    "graph_ms": round(mg, 3),
+                    "eager_ms": round(me, 3),
+                    "speedup": round(me / mg, 3),
+                    "graph_spread": round((max(t_graph) - min(t_graph)) / mg, 4),
+                    "eager_spread": round((max(t_eager) - min(t_eager)) / me, 4),
+                    "captured": graphs.prefill_graph_tokens,
+                    "capture_error": graphs.prefill_graph_error,
+                }
+            )
             print(f"  {name} {p:5d} tokens: graph {mg:8.3f} ms  eager {me:8.3f} ms  x{me / mg:.2f}", flush=True)
     finally:
         graphs.close()
@@ -110,17 +123,21 @@ def _layers(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     ensure_importable()
-    import iserve.gpu_agent.engine  # noqa: F401 - before CUDA starts: the engine sets the allocator's options
     import torch
 
+    import iserve.gpu_agent.engine  # noqa: F401 - before CUDA starts: the engine sets the allocator's options
     from iserve.fingerprint import validate
     from iserve.modelmaker import make_checkpoint
 
     device = torch_device(a.device, a.tiny)
     if a.tiny:
         torch.set_num_threads(1)
-    models = model_list(a.models, [("tiny-llama", 4, True)] if a.tiny else
-                        [("llama-2-7b", None, True), ("llama-3-8b", None, True), ("llama-2-13b", None, True)])
+    models = model_list(
+        a.models,
+        [("tiny-llama", 4, True)]
+        if a.tiny
+        else [("llama-2-7b", None, True), ("llama-3-8b", None, True), ("llama-2-13b", None, True)],
+    )
     prompts = int_list(a.prompts, [8, 40] if a.tiny else [16, 128, 200, 256, 512, 1024])
     variants = [v for v in a.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -141,17 +158,43 @@ def main(argv: list[str] | None = None) -> int:
                 if i > 0 and v in first_only:
                     continue
                 print(f"{preset} {v}", flush=True)
-                rows = bench_variant(path, device, v, VARIANTS[v], prompts, a.repeats, context=2048 if not a.tiny else 64)
+                rows = bench_variant(
+                    path, device, v, VARIANTS[v], prompts, a.repeats, context=2048 if not a.tiny else 64
+                )
                 results += [{"model": preset} | r for r in rows]
         finally:
             shutil.rmtree(path, ignore_errors=True)
         (out / "bench_prefill.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
 
-    print(f"\nTTFT, eager vs captured prefill, {meta['date']}, {meta['gpu']}, torch {meta['torch']}; median of {a.repeats} "
-          "generate(max_tokens=1), host wall; spread = (max - min) / median")
-    head = ["model", "variant", "prompt", "padded", "graph ms", "eager ms", "eager/graph", "graph spread", "eager spread"]
-    table = [[r["model"], r["variant"], str(r["prompt"]), str(r["padded_to"]), f"{r['graph_ms']:.2f}", f"{r['eager_ms']:.2f}",
-              f"{r['speedup']:.2f}x", f"{100 * r['graph_spread']:.1f}%", f"{100 * r['eager_spread']:.1f}%"] for r in results]
+    print(
+        f"\nTTFT, eager vs captured prefill, {meta['date']}, {meta['gpu']}, torch {meta['torch']}; median of {a.repeats} "
+        "generate(max_tokens=1), host wall; spread = (max - min) / median"
+    )
+    head = [
+        "model",
+        "variant",
+        "prompt",
+        "padded",
+        "graph ms",
+        "eager ms",
+        "eager/graph",
+        "graph spread",
+        "eager spread",
+    ]
+    table = [
+        [
+            r["model"],
+            r["variant"],
+            str(r["prompt"]),
+            str(r["padded_to"]),
+            f"{r['graph_ms']:.2f}",
+            f"{r['eager_ms']:.2f}",
+            f"{r['speedup']:.2f}x",
+            f"{100 * r['graph_spread']:.1f}%",
+            f"{100 * r['eager_spread']:.1f}%",
+        ]
+        for r in results
+    ]
     validate.print_table(head, table)
     errors = {r["capture_error"] for r in results if r["capture_error"]}
     for e in errors:

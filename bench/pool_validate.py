@@ -1,6 +1,7 @@
 """Pool the `iserve validate --json` files of several runs: per configuration the worst |error| of
 TTFT, TPOT and memory, then the median and p90 |error| over all points. Usage:
 python bench/pool_validate.py RUN.json [RUN.json ...]"""
+
 import json
 import statistics
 import sys
@@ -28,13 +29,18 @@ def main(paths: list[str]) -> int:
                 errors[p["what"]].append(abs(e))
                 if abs(e) >= abs(worst.get(p["what"], 0.0)):
                     worst[p["what"]] = e
-            print(f"{run:<10} {c['config']:<34} " + " ".join(f"{100 * worst.get(w, 0):>+9.2f}%" for w in ("ttft", "tpot"))
-                  + f" {100 * worst.get('memory', 0):>+7.2f}%")
+            print(
+                f"{run:<10} {c['config']:<34} "
+                + " ".join(f"{100 * worst.get(w, 0):>+9.2f}%" for w in ("ttft", "tpot"))
+                + f" {100 * worst.get('memory', 0):>+7.2f}%"
+            )
     print()
     for what, xs in errors.items():
         if xs:
-            print(f"{what:<7} |error| median {100 * statistics.median(xs):.2f}%  p90 {100 * p90(xs):.2f}%  "
-                  f"max {100 * max(xs):.2f}%  ({len(xs)} points)")
+            print(
+                f"{what:<7} |error| median {100 * statistics.median(xs):.2f}%  p90 {100 * p90(xs):.2f}%  "
+                f"max {100 * max(xs):.2f}%  ({len(xs)} points)"
+            )
     return 0
 
 

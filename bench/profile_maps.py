@@ -78,29 +78,52 @@ GPU_MODELS = [  # (preset, layers or None, required): the simulator's default sc
 ]
 TINY_MODELS = [("tiny-llama", 8, True), ("tiny-falcon", 6, False)]
 VARIANT_GUESS_S = {"gpu": 6.0, "tiny": 1.0}  # before a model's first variant is timed
-KNOB_ORDER = {"weight_quant": ("fp16", "int8", "int4"), "kv_quant": ("fp16", "int8"), "pruning": ("none", "structured", "2:4")}
+KNOB_ORDER = {
+    "weight_quant": ("fp16", "int8", "int4"),
+    "kv_quant": ("fp16", "int8"),
+    "pruning": ("none", "structured", "2:4"),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT", "maps-out"), help="output folder (default $OUT, else ./maps-out)")
-    p.add_argument("--budget-s", type=float, default=0.0, help="start no work after this many seconds (default 540; tiny 300)")
-    p.add_argument("--models", default="", help="comma-separated presets, optionally PRESET:LAYERS (default: the list for the mode)")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script; timings mean nothing)")
+    p.add_argument(
+        "--out", default=os.environ.get("OUT", "maps-out"), help="output folder (default $OUT, else ./maps-out)"
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=0.0, help="start no work after this many seconds (default 540; tiny 300)"
+    )
+    p.add_argument(
+        "--models",
+        default="",
+        help="comma-separated presets, optionally PRESET:LAYERS (default: the list for the mode)",
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help="tiny shapes on the CPU (checks the script; timings mean nothing)"
+    )
     p.add_argument("--device", default="", help="torch device (default cuda:0, or cpu with --tiny)")
-    p.add_argument("--max-gpus", type=int, default=8, help="configurations on up to this many GPUs of this type (default 8)")
+    p.add_argument(
+        "--max-gpus", type=int, default=8, help="configurations on up to this many GPUs of this type (default 8)"
+    )
     p.add_argument("--repeats", type=int, default=0, help="timed repeats of each fingerprint run (default 3; tiny 1)")
-    p.add_argument("--max-variants", type=int, default=-1, help="at most this many variants per model (default all; tiny 3)")
+    p.add_argument(
+        "--max-variants", type=int, default=-1, help="at most this many variants per model (default all; tiny 3)"
+    )
     p.add_argument("--prompt-lengths", default="", help="comma-separated (default 128,512,1024; tiny 16,32,64)")
     p.add_argument("--output-lengths", default="", help="comma-separated (default 16,64, the service's; tiny 4,12)")
-    p.add_argument("--context-tokens", type=int, default=0, help="context the maps are estimated for (default 2048; tiny 128)")
-    p.add_argument("--work-dir", default="", help="checkpoints and fingerprints (default /tmp/iserve-maps; deleted per model)")
+    p.add_argument(
+        "--context-tokens", type=int, default=0, help="context the maps are estimated for (default 2048; tiny 128)"
+    )
+    p.add_argument(
+        "--work-dir", default="", help="checkpoints and fingerprints (default /tmp/iserve-maps; deleted per model)"
+    )
     return p.parse_args(argv)
 
 
 def coverage_order(variants: list) -> list:
     """Variants with fewer non-default knobs first (fp16; each format alone; pairs; triples), then by
     knob value order, so a model cut short by time still has every single format."""
+
     def key(v):
         idx = [KNOB_ORDER[k].index(getattr(v, k)) if getattr(v, k) in KNOB_ORDER[k] else 9 for k in KNOB_ORDER]
         return (sum(i > 0 for i in idx), [i == 0 for i in idx], idx)  # then weight format, KV format, pruning
@@ -142,11 +165,17 @@ class ProfileMaps:
 
     def _meta(self) -> dict:
         return {
-            **run_meta(self.device), "max_gpus": self.a.max_gpus, "budget_s": round(self.deadline - self.t0),
-            "protocol": {"prompt_lengths": self.prompts, "output_lengths": self.outputs, "repeats": self.repeats,
-                         "context_tokens": self.context},
+            **run_meta(self.device),
+            "max_gpus": self.a.max_gpus,
+            "budget_s": round(self.deadline - self.t0),
+            "protocol": {
+                "prompt_lengths": self.prompts,
+                "output_lengths": self.outputs,
+                "repeats": self.repeats,
+                "context_tokens": self.context,
+            },
             "checkpoints": f"random weights, sparse: only the embedding, final norm, LM head and layers 0-{DENSE_LAYERS - 1} "
-                           "are written, the rest are filesystem holes (zeros); fingerprints read only those tensors",
+            "are written, the rest are filesystem holes (zeros); fingerprints read only those tensors",
             "filesystem_holes": self.holes_ok,
             "tp": "TP=1 measured; TP>1 derived from TP=1 by the estimator's communication model (fingerprint+comm)",
         }
@@ -164,8 +193,15 @@ class ProfileMaps:
 
         name = preset
         arch = checkpoint.arch_from_config(preset_config(preset, num_layers=layers))
-        res: dict = {"model": name, "family": arch.family, "layers": arch.num_layers, "hidden": arch.hidden_size,
-                     "variants": [], "variants_total": 0, "variants_profiled": 0}
+        res: dict = {
+            "model": name,
+            "family": arch.family,
+            "layers": arch.num_layers,
+            "hidden": arch.hidden_size,
+            "variants": [],
+            "variants_total": 0,
+            "variants_profiled": 0,
+        }
         t_model = time.perf_counter()
         dtype = "bfloat16" if arch.torch_dtype == "bfloat16" else "float16"
         dense = dense_tensor_names(arch, DENSE_LAYERS)
@@ -174,35 +210,51 @@ class ProfileMaps:
         setup_guess = (1.0 if self.a.tiny else 5.0) + dense_bytes / 1e9 * (3.0 if not self.a.tiny else 1.0)
         guess = VARIANT_GUESS_S[self.mode]
         if time.monotonic() + setup_guess + guess > min(model_deadline, self.deadline):
-            res["note"] = f"skipped: {min(model_deadline, self.deadline) - time.monotonic():.0f} s left for it, about {setup_guess + guess:.0f} s needed"
+            res["note"] = (
+                f"skipped: {min(model_deadline, self.deadline) - time.monotonic():.0f} s left for it, about {setup_guess + guess:.0f} s needed"
+            )
             self.log(f"{name}: {res['note']}")
             return res
         free = shutil.disk_usage(self.work).free
         if not self.holes_ok and sum(_numel(x) for x in shapes.values()) * 2 > free / 2:
-            res["note"] = f"skipped: {self.work} does not keep filesystem holes, and the dense checkpoint does not fit its disk"
+            res["note"] = (
+                f"skipped: {self.work} does not keep filesystem holes, and the dense checkpoint does not fit its disk"
+            )
             self.log(f"{name}: {res['note']}")
             return res
         if free < dense_bytes * 3 + 2**30:
-            res["note"] = f"skipped: {_gib(free)} GiB of disk free, the sparse checkpoint and fingerprints need about {_gib(dense_bytes * 3)}"
+            res["note"] = (
+                f"skipped: {_gib(free)} GiB of disk free, the sparse checkpoint and fingerprints need about {_gib(dense_bytes * 3)}"
+            )
             self.log(f"{name}: {res['note']}")
             return res
         model_dir, fp_dir = self.work / name, self.work / f"{name}-fingerprints"
         try:
             t = time.perf_counter()
             gen_device = "cpu" if torch.device(self.device).type == "cpu" else self.device
-            make_checkpoint(model_dir, preset, num_layers=layers, dtype=dtype, device=gen_device, dense_layers=DENSE_LAYERS)
+            make_checkpoint(
+                model_dir, preset, num_layers=layers, dtype=dtype, device=gen_device, dense_layers=DENSE_LAYERS
+            )
             apparent, on_disk = disk_bytes(model_dir)
-            res.update(make_checkpoint_s=round(time.perf_counter() - t, 1), checkpoint_bytes=apparent, checkpoint_disk_bytes=on_disk)
+            res.update(
+                make_checkpoint_s=round(time.perf_counter() - t, 1),
+                checkpoint_bytes=apparent,
+                checkpoint_disk_bytes=on_disk,
+            )
             ck = checkpoint.scan_checkpoint(model_dir)
             read = {n for k in generator.FINGERPRINT_LAYERS for n in generator.fingerprint_tensor_names(ck, k)}
             if not read <= set(dense):
-                raise RuntimeError(f"the fingerprint generator reads tensors the sparse checkpoint left as holes: {sorted(read - set(dense))[:3]}")
+                raise RuntimeError(
+                    f"the fingerprint generator reads tensors the sparse checkpoint left as holes: {sorted(read - set(dense))[:3]}"
+                )
             t = time.perf_counter()
             infos = generator.make_fingerprints(ck, fp_dir)
             res["fingerprints_s"] = round(time.perf_counter() - t, 1)
             res["fingerprint_bytes"] = [i.bytes for i in infos]
-            self.log(f"{name}: sparse checkpoint {_gib(apparent)} GiB ({_gib(on_disk)} GiB on disk) in {res['make_checkpoint_s']} s, "
-                     f"fingerprints {' + '.join(_gib(i.bytes) for i in infos)} GiB in {res['fingerprints_s']} s")
+            self.log(
+                f"{name}: sparse checkpoint {_gib(apparent)} GiB ({_gib(on_disk)} GiB on disk) in {res['make_checkpoint_s']} s, "
+                f"fingerprints {' + '.join(_gib(i.bytes) for i in infos)} GiB in {res['fingerprints_s']} s"
+            )
 
             caps = validate.engine_capabilities()
             configs = estimator.enumerate_configurations(ck.arch, self.a.max_gpus)
@@ -227,10 +279,20 @@ class ProfileMaps:
                 entry: dict = {"variant": key}
                 try:
                     local = validate.profile_locally(
-                        model_dir, [self.device], prompt_lengths=self.prompts, output_lengths=self.outputs, repeats=self.repeats,
-                        warmup=1, context_tokens=self.context, work_dir=fp_dir, name=name, capabilities=caps,
-                        max_gpus=self.a.max_gpus, gpu_warmup_s=(1.0 if self.first_job and not self.a.tiny else 0.0),
-                        variants_filter=lambda x, want=v: x == want)
+                        model_dir,
+                        [self.device],
+                        prompt_lengths=self.prompts,
+                        output_lengths=self.outputs,
+                        repeats=self.repeats,
+                        warmup=1,
+                        context_tokens=self.context,
+                        work_dir=fp_dir,
+                        name=name,
+                        capabilities=caps,
+                        max_gpus=self.a.max_gpus,
+                        gpu_warmup_s=(1.0 if self.first_job and not self.a.tiny else 0.0),
+                        variants_filter=lambda x, want=v: x == want,
+                    )
                     self.first_job = False
                     r = local.result
                     measurements += r.measurements
@@ -261,24 +323,55 @@ class ProfileMaps:
                 res["variants"].append(entry)
                 self.log(f"{name}: [{i + 1}/{len(variants)}] {key}: {what}; {took:.1f} s")
             if not measurements:
-                raise RuntimeError("no variant could be profiled: " + "; ".join(f"{k}: {w}" for k, w in skipped.items()))
-            merged = ProfileResult(job_id="profile-maps", device=self.device, gpu_type=self.meta["gpu"], measurements=measurements,
-                                   gpu_seconds=gpu_s, wall_seconds=wall_s, peak_bytes=peak, skipped=skipped, nvml_peak_bytes=nvml_peak)
-            cmap = validate.local_map(ck, infos, merged, [self.device], name=name, capabilities=caps, max_gpus=self.a.max_gpus,
-                                      context_tokens=min(self.context, ck.arch.max_position))
+                raise RuntimeError(
+                    "no variant could be profiled: " + "; ".join(f"{k}: {w}" for k, w in skipped.items())
+                )
+            merged = ProfileResult(
+                job_id="profile-maps",
+                device=self.device,
+                gpu_type=self.meta["gpu"],
+                measurements=measurements,
+                gpu_seconds=gpu_s,
+                wall_seconds=wall_s,
+                peak_bytes=peak,
+                skipped=skipped,
+                nvml_peak_bytes=nvml_peak,
+            )
+            cmap = validate.local_map(
+                ck,
+                infos,
+                merged,
+                [self.device],
+                name=name,
+                capabilities=caps,
+                max_gpus=self.a.max_gpus,
+                context_tokens=min(self.context, ck.arch.max_position),
+            )
             path = self.maps_dir / f"{name}.json"
             tmp = path.with_name(path.name + ".tmp")  # not *.json: load_maps must never see half a map
             tmp.write_bytes(msgspec.json.format(msgspec.json.encode(cmap), indent=1))
             tmp.replace(path)
             tp_methods = sorted({e.method for e in cmap.estimates if e.config.tp > 1})
-            res.update(map=str(path), estimates=len(cmap.estimates), excluded=len(cmap.excluded),
-                       configurations=len(cmap.estimates) + len(cmap.excluded), gpu_seconds=round(gpu_s, 1),
-                       comm_model=cmap.cost.comm_model, tp_methods=tp_methods, gpu_type=cmap.gpu_type)
+            res.update(
+                map=str(path),
+                estimates=len(cmap.estimates),
+                excluded=len(cmap.excluded),
+                configurations=len(cmap.estimates) + len(cmap.excluded),
+                gpu_seconds=round(gpu_s, 1),
+                comm_model=cmap.cost.comm_model,
+                tp_methods=tp_methods,
+                gpu_type=cmap.gpu_type,
+            )
             fastest = min(cmap.estimates, key=lambda e: e.latency_ms(512, 128), default=None)
             if fastest is not None:
-                res["fastest_512_128"] = {"config": fastest.config.key(), "latency_ms": round(fastest.latency_ms(512, 128), 1)}
-            self.log(f"{name}: map {path.name}: {len(cmap.estimates)} configurations estimated, {len(cmap.excluded)} excluded; "
-                     f"{res['variants_profiled']}/{res['variants_total']} variants, {gpu_s:.1f} GPU-s")
+                res["fastest_512_128"] = {
+                    "config": fastest.config.key(),
+                    "latency_ms": round(fastest.latency_ms(512, 128), 1),
+                }
+            self.log(
+                f"{name}: map {path.name}: {len(cmap.estimates)} configurations estimated, {len(cmap.excluded)} excluded; "
+                f"{res['variants_profiled']}/{res['variants_total']} variants, {gpu_s:.1f} GPU-s"
+            )
         except Exception as e:  # noqa: BLE001 - one model's failure must not lose the others
             res["error"] = f"{type(e).__name__}: {e}"
             res["traceback"] = traceback.format_exc(limit=8)
@@ -295,12 +388,14 @@ class ProfileMaps:
     # -- all -------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.log(f"profile_maps on {self.meta['gpu']} ({self.device}), budget {self.deadline - self.t0:.0f} s, "
-                 f"repeats {self.repeats}, up to {self.a.max_gpus} GPUs per configuration")
+        self.log(
+            f"profile_maps on {self.meta['gpu']} ({self.device}), budget {self.deadline - self.t0:.0f} s, "
+            f"repeats {self.repeats}, up to {self.a.max_gpus} GPUs per configuration"
+        )
         try:
             models = model_list(self.a.models, TINY_MODELS if self.a.tiny else GPU_MODELS)
             for i, (preset, layers, required) in enumerate(models):
-                later = [r for _, _, r in models[i + 1:]]
+                later = [r for _, _, r in models[i + 1 :]]
                 # required models share what is left evenly; the others share what the required ones leave
                 share = self.left() / (1 + sum(later)) if required else self.left() / (1 + len(later))
                 self.results.append(self.run_model(preset, layers, time.monotonic() + share))
@@ -323,20 +418,56 @@ class ProfileMaps:
 
         rows = []
         for r in self.results:
-            ck = f"{_gib(r['checkpoint_bytes'])} / {_gib(r['checkpoint_disk_bytes'])}" if "checkpoint_bytes" in r else "-"
+            ck = (
+                f"{_gib(r['checkpoint_bytes'])} / {_gib(r['checkpoint_disk_bytes'])}"
+                if "checkpoint_bytes" in r
+                else "-"
+            )
             if r.get("map"):
-                rows.append([r["model"], f"{r['variants_profiled']}/{r['variants_total']}",
-                             f"{r['estimates']} of {r['configurations']}", f"{r['gpu_seconds']:.1f}", f"{r['wall_s']:.0f}", ck,
-                             r.get("fastest_512_128", {}).get("config", "")])
+                rows.append(
+                    [
+                        r["model"],
+                        f"{r['variants_profiled']}/{r['variants_total']}",
+                        f"{r['estimates']} of {r['configurations']}",
+                        f"{r['gpu_seconds']:.1f}",
+                        f"{r['wall_s']:.0f}",
+                        ck,
+                        r.get("fastest_512_128", {}).get("config", ""),
+                    ]
+                )
             else:
-                rows.append([r["model"], "-", "-", "-", f"{r.get('wall_s', 0):.0f}", ck, (r.get("note") or r.get("error", ""))[:80]])
+                rows.append(
+                    [
+                        r["model"],
+                        "-",
+                        "-",
+                        "-",
+                        f"{r.get('wall_s', 0):.0f}",
+                        ck,
+                        (r.get("note") or r.get("error", ""))[:80],
+                    ]
+                )
         print()
-        print(f"iServe configuration maps, {self.meta['date']}, {self.meta['gpu']}, torch {self.meta['torch']}; prompts {self.prompts}, "
-              f"outputs {self.outputs}, repeats {self.repeats}, context {self.context}; TP>1 from the communication model")
-        validate.print_table(["model", "variants", "configs estimated", "GPU-s", "wall s", "ckpt GiB (apparent / disk)",
-                              "fastest at 512+128 (or why not)"], rows)
-        print(f"elapsed {time.monotonic() - self.t0:.0f} s; maps: {self.maps_dir} (iserve simulate --maps {self.maps_dir}); "
-              f"summary: {self.out / 'profile_maps.json'}")
+        print(
+            f"iServe configuration maps, {self.meta['date']}, {self.meta['gpu']}, torch {self.meta['torch']}; prompts {self.prompts}, "
+            f"outputs {self.outputs}, repeats {self.repeats}, context {self.context}; TP>1 from the communication model"
+        )
+        validate.print_table(
+            [
+                "model",
+                "variants",
+                "configs estimated",
+                "GPU-s",
+                "wall s",
+                "ckpt GiB (apparent / disk)",
+                "fastest at 512+128 (or why not)",
+            ],
+            rows,
+        )
+        print(
+            f"elapsed {time.monotonic() - self.t0:.0f} s; maps: {self.maps_dir} (iserve simulate --maps {self.maps_dir}); "
+            f"summary: {self.out / 'profile_maps.json'}"
+        )
 
 
 def _holes_supported(folder: Path) -> bool:

@@ -26,7 +26,11 @@ async def amain(cfg: LoadgenConfig, console: Console) -> int:
     result = await run(cfg, stop=stop)  # progress and messages on standard error
     if result.summary is not None:
         state = "stopped early" if result.interrupted else "done"
-        console.print(summary_table(result.summary, title=f"{state}: {result.summary.count} of {result.planned} requests recorded"))
+        console.print(
+            summary_table(
+                result.summary, title=f"{state}: {result.summary.count} of {result.planned} requests recorded"
+            )
+        )
     else:
         console.print(f"no request was sent ({'stopped early' if result.interrupted else 'nothing to replay'})")
     console.print(f"run directory: {result.path}", soft_wrap=True, markup=False, highlight=False)

@@ -40,8 +40,9 @@ def layer_split(d_assignments: list[GpuAssignment], tp: int) -> str:
     return "/".join(str(a.num_layers) for a in d_assignments[::tp])
 
 
-def _decide(ordered: Sequence[ConfigEstimate], intent: Intent, gpus: Sequence[GpuState], *, rule: str,
-            policy: str, theta: float) -> Decision:
+def _decide(
+    ordered: Sequence[ConfigEstimate], intent: Intent, gpus: Sequence[GpuState], *, rule: str, policy: str, theta: float
+) -> Decision:
     """Take the first of ``ordered`` (the baseline's preference order) that fits the free GPUs and
     place it with ``policy`` on load-unaware GPU states; the better-preferred ones that did not fit
     become rejections. Raises :class:`Infeasible` when none fits."""
@@ -49,8 +50,10 @@ def _decide(ordered: Sequence[ConfigEstimate], intent: Intent, gpus: Sequence[Gp
     check_policy(policy, theta)
     view = ClusterView(_load_unaware(gpus))
     if not ordered:
-        raise Infeasible(f"{rule}: the configuration map lists no configuration this baseline deploys "
-                         "(fp16 weights and KV cache, no pruning); profile the model without compression too")
+        raise Infeasible(
+            f"{rule}: the configuration map lists no configuration this baseline deploys "
+            "(fp16 weights and KV cache, no pruning); profile the model without compression too"
+        )
     misses: list[ConfigEstimate] = []
     for est in ordered:
         if not view.fits(est):
@@ -59,7 +62,7 @@ def _decide(ordered: Sequence[ConfigEstimate], intent: Intent, gpus: Sequence[Gp
         placed = view.place(est, policy, theta)
         if placed is None:  # fits() said yes, so this cannot happen; keep the error explicit
             raise Infeasible(f"{rule}: {est.config.key()} fits the free GPUs but could not be placed")
-        fitting = 1 + sum(view.fits(e) for e in ordered[len(misses) + 1:])
+        fitting = 1 + sum(view.fits(e) for e in ordered[len(misses) + 1 :])
         lat = latency_ms(est, intent)
         gpus_txt = ",".join(str(a.gpu_index) for a in placed.assignments)
         why = (

@@ -25,41 +25,57 @@ def _out(text: str) -> Path | None:
 
 @dataclass
 class LoadgenConfig(ServiceConfig):
-    models: list[str] = option([], type=_models, help="comma-separated checkpoint folders (registered and profiled "
-                                                      "first) or names already registered")
+    models: list[str] = option(
+        [],
+        type=_models,
+        help="comma-separated checkpoint folders (registered and profiled first) or names already registered",
+    )
     trace: str = option("code", help="'code' or 'conv' (the shipped Azure traces) or a CSV path of the same format")
-    out: Path | None = option(None, type=_out, help="run directory (default runs/<trace>-<time>); must not hold "
-                                                     "a run already")
+    out: Path | None = option(
+        None, type=_out, help="run directory (default runs/<trace>-<time>); must not hold a run already"
+    )
     interval_s: float = option(60.0, help="compression: interval length in seconds")
-    aggregate: int = option(1, help="compression: adjacent intervals merged into one (time runs this many times "
-                                    "faster)")
-    rate: float = option(0.2, help="compression: fraction of requests kept in each interval, in (0, 1] "
-                                   "(paper 0.1-0.4)")
+    aggregate: int = option(
+        1, help="compression: adjacent intervals merged into one (time runs this many times faster)"
+    )
+    rate: float = option(0.2, help="compression: fraction of requests kept in each interval, in (0, 1] (paper 0.1-0.4)")
     start_s: float = option(0.0, help="replay the compressed trace from this second")
     duration_s: float = option(0.0, help="replay this many seconds of the compressed trace (0: to its end)")
     max_requests: int = option(0, help="replay at most this many requests (0: all)")
     seed: int = option(0, help="seed of compression and model assignment")
-    deploy_every_s: float = option(300.0, help="deploy the next model this many seconds after the previous one "
-                                               "(paper: 5 minutes; 0: all before the replay)")
+    deploy_every_s: float = option(
+        300.0,
+        help="deploy the next model this many seconds after the previous one "
+        "(paper: 5 minutes; 0: all before the replay)",
+    )
     intent: IntentKind = option("min-cost", help="deployment intent")
     cost_model: CostModel = option("mem-x-latency", help="how cost is counted (paper section 4.1)")
-    slo_ms: float | None = option(None, type=float, help="latency SLO of every request (and of --intent "
-                                                         "latency-slo)")
-    slo_scale: float | None = option(None, type=float, help="SLO per request = this x the model's estimated "
-                                                            "latency at minimum parallelism, fp16 (paper 2.5-7.5)")
+    slo_ms: float | None = option(None, type=float, help="latency SLO of every request (and of --intent latency-slo)")
+    slo_scale: float | None = option(
+        None,
+        type=float,
+        help="SLO per request = this x the model's estimated latency at minimum parallelism, fp16 (paper 2.5-7.5)",
+    )
     budget: float | None = option(None, type=float, help="cost budget for --intent cost-budget")
-    prompt_tokens: int = option(0, help="prompt length the intent's latency is estimated for (0: median of the "
-                                        "replayed requests)")
-    output_tokens: int = option(0, help="output length the intent's latency is estimated for (0: median of the "
-                                        "replayed requests)")
+    prompt_tokens: int = option(
+        0, help="prompt length the intent's latency is estimated for (0: median of the replayed requests)"
+    )
+    output_tokens: int = option(
+        0, help="output length the intent's latency is estimated for (0: median of the replayed requests)"
+    )
     placement: PlacementChoice = option("", help="placement policy (default: the deployer's)")
-    prompts: str = option("", help="prompt file (ShareGPT JSON, JSONL or one per line); default: the ShareGPT "
-                                   "sample in ../shared/data if present, else built-in synthetic prompts")
+    prompts: str = option(
+        "",
+        help="prompt file (ShareGPT JSON, JSONL or one per line); default: the ShareGPT "
+        "sample in ../shared/data if present, else built-in synthetic prompts",
+    )
     max_context: int = option(DEFAULT_MAX_CONTEXT, help="cap of ContextTokens (paper: 1K tokens; 0: no cap)")
-    max_inflight: int = option(2000, help="safety limit on requests in flight; a request beyond it waits to be "
-                                          "sent (its lag is recorded); 0: no limit")
-    request_timeout_s: float = option(600.0, help="a request not finished within this many seconds counts as "
-                                                  "timed out")
+    max_inflight: int = option(
+        2000,
+        help="safety limit on requests in flight; a request beyond it waits to be "
+        "sent (its lag is recorded); 0: no limit",
+    )
+    request_timeout_s: float = option(600.0, help="a request not finished within this many seconds counts as timed out")
     sample_s: float = option(1.0, help="seconds between GPU samples")
     ready_timeout_s: float = option(900.0, help="how long profiling and a deployment may take")
     reuse_deployments: bool = option(False, help="use a model's ready deployment instead of deploying it again")

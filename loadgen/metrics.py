@@ -55,7 +55,6 @@ class RunMetrics:
     configs: dict[str, list[str]] = field(default_factory=dict)
 
 
-
 def experiment_of(run: Run) -> str:
     """The run's experiment: the sweep's ``experiment=NAME`` tag, else inferred from its shape."""
     m = re.search(r"experiment=([\w.-]+)", run.meta.notes or "")
@@ -133,20 +132,37 @@ def run_metrics(run: Run) -> RunMetrics:
     for _, (_, _, _, model, cfg) in sorted(deps.items(), key=lambda kv: kv[1][0]):
         configs.setdefault(model, []).append(cfg)
     return RunMetrics(
-        path=str(run.path), kind=meta.kind, system=meta.system, trace=meta.trace, rate=meta.rate,
-        intent=meta.intent.kind, cost_model=cost_model, slo_scale=meta.slo_scale, experiment=experiment_of(run),
-        models_requested=len(meta.models), models_deployed=len({d[3] for d in deps.values()}),
-        requests=len(reqs), ok=len(ok), failed=len(reqs) - len(ok) - sum(r.status == "cancelled" for r in reqs),
-        p50_ms=percentile(e2e, 50), p95_ms=percentile(e2e, 95), p99_ms=percentile(e2e, 99),
+        path=str(run.path),
+        kind=meta.kind,
+        system=meta.system,
+        trace=meta.trace,
+        rate=meta.rate,
+        intent=meta.intent.kind,
+        cost_model=cost_model,
+        slo_scale=meta.slo_scale,
+        experiment=experiment_of(run),
+        models_requested=len(meta.models),
+        models_deployed=len({d[3] for d in deps.values()}),
+        requests=len(reqs),
+        ok=len(ok),
+        failed=len(reqs) - len(ok) - sum(r.status == "cancelled" for r in reqs),
+        p50_ms=percentile(e2e, 50),
+        p95_ms=percentile(e2e, 95),
+        p99_ms=percentile(e2e, 99),
         mean_ms=statistics.fmean(e2e) if e2e else math.nan,
         slo_attainment=(sum(bool(r.slo_met) for r in with_slo) / len(with_slo)) if with_slo else None,
-        gpus_used=gpus_used, gpu_seconds=gpu_seconds,
+        gpus_used=gpus_used,
+        gpu_seconds=gpu_seconds,
         gpu_throughput=len(ok) / gpu_seconds if gpu_seconds > 0 else 0.0,
         token_throughput=sum(r.output_tokens for r in ok) / gpu_seconds if gpu_seconds > 0 else 0.0,
-        cluster_throughput=len(ok) / span, span_s=span,
+        cluster_throughput=len(ok) / span,
+        span_s=span,
         cost_gib_s=statistics.fmean(costs) if costs else math.nan,
         cost_intent=statistics.fmean(intent_costs) if intent_costs else math.nan,
-        memory_gib=sum(d[1] for d in deps.values()) / GIB, gpu_hours=gh, configs=configs)
+        memory_gib=sum(d[1] for d in deps.values()) / GIB,
+        gpu_hours=gh,
+        configs=configs,
+    )
 
 
 def objective(run: Run, intent: Intent) -> tuple[int, float]:
@@ -175,8 +191,9 @@ def objective(run: Run, intent: Intent) -> tuple[int, float]:
 def _intent_cost(run: Run, cost_model: str) -> float:
     """The mean per-request cost of a run under another cost model than its intent's."""
     meta = msgspec.structs.replace(run.meta, intent=msgspec.structs.replace(run.meta.intent, cost_model=cost_model))
-    return run_metrics(Run(path=run.path, meta=meta, requests=run.requests, gpus=run.gpus,
-                           deployments=run.deployments)).cost_intent
+    return run_metrics(
+        Run(path=run.path, meta=meta, requests=run.requests, gpus=run.gpus, deployments=run.deployments)
+    ).cost_intent
 
 
 def intent_metric(m: RunMetrics) -> tuple[str, float, bool]:
@@ -190,4 +207,3 @@ def intent_metric(m: RunMetrics) -> tuple[str, float, bool]:
     if m.intent == "min-gpu-hours":
         return "GPU-hours", m.gpu_hours, False
     return "mean latency ms", m.mean_ms, False
-

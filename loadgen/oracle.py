@@ -66,16 +66,27 @@ def oracle_search(spec: SimSpec, *, candidates: int = 6, max_evals: int = 40) ->
                 evals += 1
                 obj = objective(res.as_run(), spec.intent)
                 if obj < best_obj:
-                    history.append(f"{model}: {choice[model].key() if model in choice else 'none'} -> {cfg.key()} "
-                                   f"({_fmt_obj(best_obj)} -> {_fmt_obj(obj)})")
+                    history.append(
+                        f"{model}: {choice[model].key() if model in choice else 'none'} -> {cfg.key()} "
+                        f"({_fmt_obj(best_obj)} -> {_fmt_obj(obj)})"
+                    )
                     choice, best_obj, best_res, improved = trial, obj, res, True
-    note = (f"oracle: coordinate descent from iServe's choices over {sum(len(c) for c in cands.values())} candidates, "
-            f"{evals} simulations; objective {_fmt_obj(start_obj)} -> {_fmt_obj(best_obj)}; fixed "
-            + ", ".join(f"{m}={c.key()}" for m, c in choice.items()))
-    best_res.meta = msgspec.structs.replace(best_res.meta, system="oracle",
-                                            notes=(spec.notes + "; " if spec.notes else "") + note)
-    return OracleResult(result=best_res, choices=choice, start_objective=start_obj, objective=best_obj,
-                        evaluations=evals, history=history)
+    note = (
+        f"oracle: coordinate descent from iServe's choices over {sum(len(c) for c in cands.values())} candidates, "
+        f"{evals} simulations; objective {_fmt_obj(start_obj)} -> {_fmt_obj(best_obj)}; fixed "
+        + ", ".join(f"{m}={c.key()}" for m, c in choice.items())
+    )
+    best_res.meta = msgspec.structs.replace(
+        best_res.meta, system="oracle", notes=(spec.notes + "; " if spec.notes else "") + note
+    )
+    return OracleResult(
+        result=best_res,
+        choices=choice,
+        start_objective=start_obj,
+        objective=best_obj,
+        evaluations=evals,
+        history=history,
+    )
 
 
 def _with(spec: SimSpec, **changes) -> SimSpec:

@@ -8,11 +8,23 @@ from pathlib import Path
 from .metrics import RunMetrics
 
 SYSTEM_ORDER = ("iserve", "oracle", "max-tp", "max-pp", "accelerate", "alpaserve", "alpaserve*")
-SYSTEM_LABEL = {"iserve": "iServe", "oracle": "oracle (static, trace known)", "max-tp": "TensorRT-LLM_TP",
-                "max-pp": "TensorRT-LLM_PP", "accelerate": "Accelerate (FSDP)", "alpaserve": "AlpaServe",
-                "alpaserve*": "AlpaServe*"}
-INTENT_SHORT = {"min-latency": "l", "min-cost": "c", "min-gpu-hours": "g", "min-memory": "m", "latency-slo": "slo",
-                "cost-budget": "b"}
+SYSTEM_LABEL = {
+    "iserve": "iServe",
+    "oracle": "oracle (static, trace known)",
+    "max-tp": "TensorRT-LLM_TP",
+    "max-pp": "TensorRT-LLM_PP",
+    "accelerate": "Accelerate (FSDP)",
+    "alpaserve": "AlpaServe",
+    "alpaserve*": "AlpaServe*",
+}
+INTENT_SHORT = {
+    "min-latency": "l",
+    "min-cost": "c",
+    "min-gpu-hours": "g",
+    "min-memory": "m",
+    "latency-slo": "slo",
+    "cost-budget": "b",
+}
 
 
 def system_key(system: str) -> tuple[int, str]:
@@ -50,10 +62,18 @@ def _lines(ax, ms: list[RunMetrics], value, *, style: str = "-", label_suffix: s
             continue
         ours, oracle = system == "iserve", system == "oracle"
         # the oracle often coincides with iServe (it starts from iServe's choices): drawn on top, thin, with crosses
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o" if ours else "x" if oracle else "s",
-                color=_color(system), label=system_label(system) + label_suffix, linewidth=2.2 if ours else 1.2,
-                zorder=4 if oracle else 3 if ours else 2, markersize=6 if ours or oracle else 4,
-                markerfacecolor=_color(system) if ours else "none")
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            style,
+            marker="o" if ours else "x" if oracle else "s",
+            color=_color(system),
+            label=system_label(system) + label_suffix,
+            linewidth=2.2 if ours else 1.2,
+            zorder=4 if oracle else 3 if ours else 2,
+            markersize=6 if ours or oracle else 4,
+            markerfacecolor=_color(system) if ours else "none",
+        )
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("rate scale")
@@ -117,9 +137,11 @@ def plot_fig11(ms: list[RunMetrics], path: Path) -> None:
 def plot_fig13(ms: list[RunMetrics], path: Path) -> None:
     plt = _plt()
     traces = sorted({m.trace for m in ms})
-    cols = [("min-cost", "cost per request (GiB-s)", lambda m: m.cost_intent),
-            ("min-memory", "memory (GiB)", lambda m: m.memory_gib),
-            ("min-gpu-hours", "GPU-hours", lambda m: m.gpu_hours)]
+    cols = [
+        ("min-cost", "cost per request (GiB-s)", lambda m: m.cost_intent),
+        ("min-memory", "memory (GiB)", lambda m: m.memory_gib),
+        ("min-gpu-hours", "GPU-hours", lambda m: m.gpu_hours),
+    ]
     fig, axes = plt.subplots(len(traces), 3, figsize=(16, 4.2 * len(traces)), squeeze=False)
     for r, trace in enumerate(traces):
         for c, (intent, ylabel, value) in enumerate(cols):
@@ -153,8 +175,11 @@ def plot_fig14(ms: list[RunMetrics], path: Path) -> None:
     for r, trace in enumerate(traces):
         for c, scale in enumerate(picked):
             ax = axes[r][c]
-            _lines(ax, [m for m in ms if m.trace == trace and m.slo_scale == scale],
-                   lambda m: 100 * m.slo_attainment if m.slo_attainment is not None else math.nan)
+            _lines(
+                ax,
+                [m for m in ms if m.trace == trace and m.slo_scale == scale],
+                lambda m: 100 * m.slo_attainment if m.slo_attainment is not None else math.nan,
+            )
             tight = "tight" if scale == picked[0] and len(picked) > 1 else "loose" if len(picked) > 1 else ""
             ax.set_title(f"{trace} trace: {tight} SLO ({scale:g}x)".replace(":  ", ": "))
             ax.set_ylabel("SLO attainment (%)")
@@ -171,8 +196,12 @@ def plot_fig16(ms: list[RunMetrics], path: Path) -> None:
     systems = sorted({m.system for m in ms}, key=system_key)
     fig, axes = plt.subplots(2, 1, figsize=(max(7, 1.6 * len(intents) * max(1, len(systems)) / 2), 8), squeeze=False)
     width = 0.8 / max(1, len(systems))
-    for row, (ylabel, value) in enumerate([("models deployed", lambda m: m.models_deployed),
-                                           ("cluster throughput (requests/s)", lambda m: m.cluster_throughput)]):
+    for row, (ylabel, value) in enumerate(
+        [
+            ("models deployed", lambda m: m.models_deployed),
+            ("cluster throughput (requests/s)", lambda m: m.cluster_throughput),
+        ]
+    ):
         ax = axes[row][0]
         for j, system in enumerate(systems):
             xs, ys = [], []
@@ -192,4 +221,3 @@ def plot_fig16(ms: list[RunMetrics], path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(7, len(labels)), fontsize=8)
     _save(fig, path, bottom=0.05)
-

@@ -69,8 +69,13 @@ class System:
         if not self.needs_workload:
             return
         self._alpa = alpaserve.alpaserve(
-            {m: cmap.estimates for m, cmap in workload.maps.items()}, workload.rates, workload.gpus,
-            drop_models=self.name == "alpaserve", intent=workload.intent, slo_ms=workload.slo_ms)
+            {m: cmap.estimates for m, cmap in workload.maps.items()},
+            workload.rates,
+            workload.gpus,
+            drop_models=self.name == "alpaserve",
+            intent=workload.intent,
+            slo_ms=workload.slo_ms,
+        )
         self.plan_note = self._alpa.why
 
     def decide(self, model: str, cmap: ConfigurationMap, intent: Intent, gpus: list[GpuState]) -> list[Decision]:
@@ -109,19 +114,29 @@ def _unbounded(intent: Intent) -> Intent:
     """A fixed configuration is deployed whatever the intent's SLO or budget says (the oracle has
     already judged it on the whole trace), so those limits are lifted for the plan."""
     if intent.kind in ("latency-slo", "cost-budget"):
-        return Intent(kind="min-latency", cost_model=intent.cost_model, prompt_tokens=intent.prompt_tokens,
-                      output_tokens=intent.output_tokens)
+        return Intent(
+            kind="min-latency",
+            cost_model=intent.cost_model,
+            prompt_tokens=intent.prompt_tokens,
+            output_tokens=intent.output_tokens,
+        )
     return intent
 
 
-def make_system(name: str, *, policy: str = "hybrid", theta: float = 0.5,
-                allgather_bytes_per_s: float = baselines.DEFAULT_ALLGATHER_BYTES_PER_S,
-                forced: Mapping[str, Configuration] | None = None) -> System:
+def make_system(
+    name: str,
+    *,
+    policy: str = "hybrid",
+    theta: float = 0.5,
+    allgather_bytes_per_s: float = baselines.DEFAULT_ALLGATHER_BYTES_PER_S,
+    forced: Mapping[str, Configuration] | None = None,
+) -> System:
     """A :class:`System` by name (see the module docstring)."""
     if name not in ALL_SYSTEMS and name != "static":
         raise ValueError(f"unknown system {name!r}; choose one of {', '.join(ALL_SYSTEMS)}")
-    return System(name=name, policy=policy, theta=theta, allgather_bytes_per_s=allgather_bytes_per_s,
-                  forced=dict(forced or {}))
+    return System(
+        name=name, policy=policy, theta=theta, allgather_bytes_per_s=allgather_bytes_per_s, forced=dict(forced or {})
+    )
 
 
 def oracle_candidates(estimates: Sequence[ConfigEstimate], intent: Intent, k: int) -> list[Configuration]:

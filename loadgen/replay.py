@@ -373,8 +373,7 @@ class Replayer(DeploymentSide):
                 if self.slo_unavailable:
                     notes = (
                         f"{self.slo_unavailable} requests had no SLO: the reference estimate was not positive for "
-                        "their lengths. "
-                        + notes
+                        "their lengths. " + notes
                     )
                 if self.lagged:
                     notes = f"{self.lagged} requests were held back by --max-inflight {cfg.max_inflight}. " + notes

@@ -42,7 +42,6 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return uniq
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # formatting
 
@@ -82,7 +81,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -443,7 +441,7 @@ def write_report(
         "larger-is-better one (SLO attainment, Fig. 16's cluster throughput; Fig. 11's GPU throughput) the "
         "ratio ours / theirs, above 1x when iServe is better. A smaller-is-better metric is averaged only over "
         'the points where neither system failed a request ("averaged over"): a system that drops a model '
-        "is fast on the others; a point where either value is zero or missing is left out of the mean too. \"all "
+        'is fast on the others; a point where either value is zero or missing is left out of the mean too. "all '
         "baselines\" pools every baseline's points (not the oracle's), as the paper's "
         '"on average across loads compared to the baselines".',
         "",

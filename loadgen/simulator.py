@@ -38,6 +38,7 @@ def simulate(spec: SimSpec, *, oracle_candidates: int = 6, oracle_evals: int = 4
         return oracle_search(spec, candidates=oracle_candidates, max_evals=oracle_evals).result
     return Simulation(spec).run()
 
+
 def load_maps(directory: str | Path) -> dict[str, ConfigurationMap]:
     """Every ``*.json`` ConfigurationMap in ``directory``, by model name (several GPU types of one
     model: the last file wins; keep one GPU type per directory). Other JSON files there (a JSON
@@ -87,6 +88,7 @@ def expand_models(specs: Sequence[str]) -> list[tuple[str, str]]:
         raise ValueError(f"model instances must be unique: {names}")
     return out
 
+
 # ---------------------------------------------------------------------------------------------------
 # building a spec from arguments (shared with the sweep)
 
@@ -96,8 +98,17 @@ def _loaded(trace: str) -> tuple[TraceRequest, ...]:
     return tuple(load_trace(trace))
 
 
-def build_trace(trace: str, *, rate: float, interval_s: float = 60.0, aggregate: int = 1, seed: int = 0,
-                start_s: float = 0.0, duration_s: float = 0.0, max_requests: int = 0) -> list[TraceRequest]:
+def build_trace(
+    trace: str,
+    *,
+    rate: float,
+    interval_s: float = 60.0,
+    aggregate: int = 1,
+    seed: int = 0,
+    start_s: float = 0.0,
+    duration_s: float = 0.0,
+    max_requests: int = 0,
+) -> list[TraceRequest]:
     """Load (once per process), compress (paper: intervals, aggregation, rate factor) and slice a trace."""
     t = compress(_loaded(str(trace)), interval_s=interval_s, aggregate=aggregate, rate=rate, seed=seed)
     t = slice_trace(t, start_s, duration_s if duration_s > 0 else None)
@@ -110,12 +121,15 @@ def median_lengths(trace: Sequence[TraceRequest], max_context: int) -> tuple[int
     if not trace:
         return 512, 128
     lens = [fit_lengths(r.context_tokens, r.generated_tokens, max_context=max_context) for r in trace]
-    return (max(1, round(statistics.median(x.prompt_tokens for x in lens))),
-            max(1, round(statistics.median(x.output_tokens for x in lens))))
+    return (
+        max(1, round(statistics.median(x.prompt_tokens for x in lens))),
+        max(1, round(statistics.median(x.output_tokens for x in lens))),
+    )
 
 
-def resolve_models(specs: Sequence[str], *, maps_dir: str | None, gpu_type: str, max_gpus: int,
-                   context_tokens: int = 2048) -> list[tuple[str, ConfigurationMap]]:
+def resolve_models(
+    specs: Sequence[str], *, maps_dir: str | None, gpu_type: str, max_gpus: int, context_tokens: int = 2048
+) -> list[tuple[str, ConfigurationMap]]:
     """Instances and their maps: from ``maps_dir`` (by the map's model name) or synthetic."""
     loaded = load_maps(maps_dir) if maps_dir else {}
     cache: dict[str, ConfigurationMap] = {}
@@ -135,8 +149,9 @@ def resolve_models(specs: Sequence[str], *, maps_dir: str | None, gpu_type: str,
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
     """Arguments shared by ``iserve simulate`` and ``iserve report sweep``."""
-    ap.add_argument("--maps", default="",
-                    help="directory of ConfigurationMap JSON files (real profiles); default: synthetic maps")
+    ap.add_argument(
+        "--maps", default="", help="directory of ConfigurationMap JSON files (real profiles); default: synthetic maps"
+    )
     ap.add_argument("--gpus", type=int, default=8, help="GPUs in the cluster (default 8)")
     ap.add_argument("--gpus-per-host", type=int, default=0, help="GPUs per host (default: all on one host)")
     ap.add_argument("--gpu-type", default="A6000", help="GPU type (synthetic maps: A6000 or H100; default A6000)")
@@ -148,9 +163,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--duration-s", type=float, default=0.0, help="replay only this much of the compressed trace (default: all)"
     )
-    ap.add_argument(
-        "--policy", default="hybrid", choices=PLACEMENT_POLICIES, help="iServe's placement policy"
-    )
+    ap.add_argument("--policy", default="hybrid", choices=PLACEMENT_POLICIES, help="iServe's placement policy")
     ap.add_argument("--theta", type=float, default=0.5, help="hybrid policy load threshold (default 0.5)")
     ap.add_argument("--max-context", type=int, default=1024, help="prompt cap in tokens (paper: 1K; default 1024)")
     ap.add_argument("--prompt-tokens", type=int, default=0, help="intent request size in (default: the trace's median)")

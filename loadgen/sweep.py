@@ -52,24 +52,43 @@ def _run_job(job: Job, args: argparse.Namespace) -> tuple[str, float, str]:
     """Run one job (in a worker process); returns (run directory, wall seconds, one-line summary)."""
     mkey = (job.models, args.maps, args.gpu_type, args.gpus)
     if mkey not in _CACHE:
-        _CACHE[mkey] = resolve_models(list(job.models), maps_dir=args.maps or None, gpu_type=args.gpu_type,
-                                      max_gpus=args.gpus)
+        _CACHE[mkey] = resolve_models(
+            list(job.models), maps_dir=args.maps or None, gpu_type=args.gpu_type, max_gpus=args.gpus
+        )
     tkey = (job.trace, job.rate, args.interval_s, job.aggregate, args.seed, args.duration_s)
     if tkey not in _CACHE:
-        _CACHE[tkey] = build_trace(job.trace, rate=job.rate, interval_s=args.interval_s, aggregate=job.aggregate,
-                                   seed=args.seed, duration_s=args.duration_s)
+        _CACHE[tkey] = build_trace(
+            job.trace,
+            rate=job.rate,
+            interval_s=args.interval_s,
+            aggregate=job.aggregate,
+            seed=args.seed,
+            duration_s=args.duration_s,
+        )
     trace = _CACHE[tkey]
-    spec = spec_from_args(args, models=_CACHE[mkey], trace_label=trace_name(job.trace), trace=trace,
-                          system=job.system, intent_kind=job.intent, rate=job.rate, slo_scale=job.slo_scale,
-                          deploy_every_s=job.deploy_every_s, deploy_batch=job.deploy_batch,
-                          notes=f"experiment={job.experiment}")
+    spec = spec_from_args(
+        args,
+        models=_CACHE[mkey],
+        trace_label=trace_name(job.trace),
+        trace=trace,
+        system=job.system,
+        intent_kind=job.intent,
+        rate=job.rate,
+        slo_scale=job.slo_scale,
+        deploy_every_s=job.deploy_every_s,
+        deploy_batch=job.deploy_batch,
+        notes=f"experiment={job.experiment}",
+    )
     spec.aggregate = job.aggregate
     t0, started = time.perf_counter(), time.time()
     res = simulate(spec, oracle_candidates=args.oracle_candidates, oracle_evals=args.oracle_evals)
     wall = time.perf_counter() - t0
-    res.meta = msgspec.structs.replace(res.meta, started_at=started, ended_at=time.time(),
-                                       command=["iserve", "report", "sweep", f"experiment={job.experiment}",
-                                                job.name()])
+    res.meta = msgspec.structs.replace(
+        res.meta,
+        started_at=started,
+        ended_at=time.time(),
+        command=["iserve", "report", "sweep", f"experiment={job.experiment}", job.name()],
+    )
     res.write(job.out)
     ok = sum(r.status == "ok" for r in res.requests)
     return job.out, wall, f"{job.experiment} {job.name()}: {ok}/{len(res.requests)} ok in {wall:.1f} s"
@@ -94,8 +113,18 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
         if exp == "fig16":
             for intent in args.scaling_intents:
                 for system in [x for x in systems if x != "oracle"]:  # 21 models: too many for the search
-                    add(exp, system, args.scaling_trace, args.scaling_rate, intent, 0.0, args.scaling_models,
-                        args.scaling_every_s, 2, args.scaling_aggregate)
+                    add(
+                        exp,
+                        system,
+                        args.scaling_trace,
+                        args.scaling_rate,
+                        intent,
+                        0.0,
+                        args.scaling_models,
+                        args.scaling_every_s,
+                        2,
+                        args.scaling_aggregate,
+                    )
             continue
         intents = {"fig11": ["min-latency"], "fig13": list(COST_INTENTS), "fig14": ["latency-slo"]}[exp]
         slos = args.slo_scales if exp == "fig14" else [0.0]
@@ -104,40 +133,66 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
                 for intent in intents:
                     for slo in slos:
                         for system in systems:
-                            add(exp, system, trace, rate, intent, slo, args.models, args.deploy_every_s, 1,
-                                args.aggregate)
+                            add(
+                                exp,
+                                system,
+                                trace,
+                                rate,
+                                intent,
+                                slo,
+                                args.models,
+                                args.deploy_every_s,
+                                1,
+                                args.aggregate,
+                            )
     return jobs
-
 
 
 def parser() -> argparse.ArgumentParser:
     """The arguments of ``iserve report sweep``."""
-    ap = argparse.ArgumentParser(prog="iserve report sweep", description="Simulate the paper's evaluation (Fig. 11, "
-                                 "13, 14, 16) with iServe's own decisions and the baselines, then write the report.")
+    ap = argparse.ArgumentParser(
+        prog="iserve report sweep",
+        description="Simulate the paper's evaluation (Fig. 11, "
+        "13, 14, 16) with iServe's own decisions and the baselines, then write the report.",
+    )
     ap.add_argument("--out", required=True, help="folder for the report (and runs/, unless --runs)")
-    ap.add_argument("--runs", default="", help="folder for the run directories (default OUT/runs); e.g. a scratch "
-                    "folder, so that only the report lands in OUT")
+    ap.add_argument(
+        "--runs",
+        default="",
+        help="folder for the run directories (default OUT/runs); e.g. a scratch "
+        "folder, so that only the report lands in OUT",
+    )
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS) + ["oracle"])
-    ap.add_argument("--oracle", action="store_true",
-                    help="add the oracle (static configuration chosen with the trace known)")
-    ap.add_argument("--experiments", nargs="+", default=["fig11", "fig13", "fig14", "fig16"],
-                    choices=["fig11", "fig13", "fig14", "fig16"])
+    ap.add_argument(
+        "--oracle", action="store_true", help="add the oracle (static configuration chosen with the trace known)"
+    )
+    ap.add_argument(
+        "--experiments",
+        nargs="+",
+        default=["fig11", "fig13", "fig14", "fig16"],
+        choices=["fig11", "fig13", "fig14", "fig16"],
+    )
     ap.add_argument("--traces", nargs="+", default=["code", "conv"])
     ap.add_argument("--rates", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4])
-    ap.add_argument("--models", nargs="+", default=PAPER_MODELS,
-                    help="models of Fig. 11/13/14 (name:N for N instances)")
-    ap.add_argument("--deploy-every-s", type=float, default=300.0,
-                    help="one deployment every this many seconds (paper: 300)")
-    ap.add_argument("--slo-scales", nargs="+", type=float, default=[2.5, 7.5],
-                    help="SLO scales of Fig. 14 (paper: 2.5-7.5)")
+    ap.add_argument(
+        "--models", nargs="+", default=PAPER_MODELS, help="models of Fig. 11/13/14 (name:N for N instances)"
+    )
+    ap.add_argument(
+        "--deploy-every-s", type=float, default=300.0, help="one deployment every this many seconds (paper: 300)"
+    )
+    ap.add_argument(
+        "--slo-scales", nargs="+", type=float, default=[2.5, 7.5], help="SLO scales of Fig. 14 (paper: 2.5-7.5)"
+    )
     ap.add_argument("--scaling-models", nargs="+", default=SCALING_MODELS, help="models of Fig. 16 (default: 21)")
     ap.add_argument("--scaling-intents", nargs="+", default=["min-latency", "min-cost", "min-gpu-hours", "min-memory"])
     ap.add_argument("--scaling-trace", default="conv", help="Fig. 16's trace (paper: two conversation traces merged)")
     ap.add_argument("--scaling-rate", type=float, default=0.2, help="Fig. 16's rate scale (medium load)")
-    ap.add_argument("--scaling-aggregate", type=int, default=2,
-                    help="Fig. 16: intervals aggregated (2: two traces' worth)")
-    ap.add_argument("--scaling-every-s", type=float, default=180.0,
-                    help="Fig. 16: two models every this many seconds (paper: 180)")
+    ap.add_argument(
+        "--scaling-aggregate", type=int, default=2, help="Fig. 16: intervals aggregated (2: two traces' worth)"
+    )
+    ap.add_argument(
+        "--scaling-every-s", type=float, default=180.0, help="Fig. 16: two models every this many seconds (paper: 180)"
+    )
     ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="parallel simulations")
     add_common_args(ap)
     return ap
@@ -149,8 +204,15 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, console: Console) -> tup
     done: list[str] = []
     walls: list[float] = []
     failures: list[str] = []
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.fields[last]}"), console=console) as progress:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=console,
+    ) as progress:
         task = progress.add_task("simulating", total=len(jobs), last="")
         if args.workers <= 1:
             for job in jobs:

@@ -68,9 +68,18 @@ def synthetic_arch(name: str) -> tuple[ArchSpec, WeightBreakdown]:
         s = SYNTHETIC_MODELS[name]
     except KeyError:
         raise ValueError(f"unknown synthetic model {name!r}; choose one of {', '.join(SYNTHETIC_MODELS)}") from None
-    arch = ArchSpec(family="llama", model_type="llama", num_layers=s["layers"], hidden_size=s["hidden"],
-                    intermediate_size=s["ffn"], num_attention_heads=s["heads"], num_kv_heads=s["kv"],
-                    head_dim=s.get("head_dim", s["hidden"] // s["heads"]), vocab_size=s["vocab"], max_position=4096)
+    arch = ArchSpec(
+        family="llama",
+        model_type="llama",
+        num_layers=s["layers"],
+        hidden_size=s["hidden"],
+        intermediate_size=s["ffn"],
+        num_attention_heads=s["heads"],
+        num_kv_heads=s["kv"],
+        head_dim=s.get("head_dim", s["hidden"] // s["heads"]),
+        vocab_size=s["vocab"],
+        max_position=4096,
+    )
     layer, other = layer_tensor_shapes(arch), other_tensor_shapes(arch)
     w = WeightBreakdown(
         embed_params=math.prod(other["model.embed_tokens.weight"]),
@@ -118,13 +127,21 @@ def _measurement(arch: ArchSpec, w: WeightBreakdown, v, n: int, gpu: GpuSpec) ->
     weights = est_mod.fingerprint_weight_bytes(arch, w, v, n)
     kv = n * est_mod.kv_cache_bytes_per_layer(arch, cfg, _PROFILE_CONTEXT)
     return FingerprintMeasurement(
-        num_layers=n, variant=v, ttft=ttft, tpot_ms=(n * layer_tpot + other_tpot) * 1000, decode_steps=32,
-        peak_bytes=weights + kv + n * _ACT_LAYER_BYTES + _OVERHEAD_BYTES, weight_bytes=weights, kv_cache_bytes=kv,
-        timer="synthetic")
+        num_layers=n,
+        variant=v,
+        ttft=ttft,
+        tpot_ms=(n * layer_tpot + other_tpot) * 1000,
+        decode_steps=32,
+        peak_bytes=weights + kv + n * _ACT_LAYER_BYTES + _OVERHEAD_BYTES,
+        weight_bytes=weights,
+        kv_cache_bytes=kv,
+        timer="synthetic",
+    )
 
 
-def synthetic_map(model: str, *, gpu_type: str = "A6000", max_gpus: int = 8, context_tokens: int = 2048,
-                  name: str | None = None) -> ConfigurationMap:
+def synthetic_map(
+    model: str, *, gpu_type: str = "A6000", max_gpus: int = 8, context_tokens: int = 2048, name: str | None = None
+) -> ConfigurationMap:
     """A configuration map of a synthetic model on a synthetic GPU (docs/simulator.md#synthetic-maps),
     built by the real estimator from roofline fingerprint measurements."""
     gpu = GPU_SPECS.get(gpu_type)
@@ -135,6 +152,16 @@ def synthetic_map(model: str, *, gpu_type: str = "A6000", max_gpus: int = 8, con
     supported, _ = est_mod.split_supported(configs, {}, arch=arch)
     ms = [_measurement(arch, w, v, n, gpu) for v in est_mod.measurement_variants(supported) for n in (1, 2)]
     return est_mod.build_configuration_map(
-        model=name or model, gpu_type=gpu.name, arch=arch, weights=w, measurements=ms, capabilities={},
-        gpu_memory_bytes=gpu.memory_bytes, max_gpus=max_gpus, context_tokens=context_tokens,
-        configs=configs, cost=ProfilingCost(), device="synthetic")
+        model=name or model,
+        gpu_type=gpu.name,
+        arch=arch,
+        weights=w,
+        measurements=ms,
+        capabilities={},
+        gpu_memory_bytes=gpu.memory_bytes,
+        max_gpus=max_gpus,
+        context_tokens=context_tokens,
+        configs=configs,
+        cost=ProfilingCost(),
+        device="synthetic",
+    )

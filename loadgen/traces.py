@@ -104,7 +104,9 @@ def parse_trace(text: str, *, source: str = "<text>") -> list[TraceRequest]:
         return []
     t0_whole, t0_frac = min((r[0], r[1]) for r in rows)
     out = [
-        TraceRequest(arrival_s=(w - t0_whole).total_seconds() + (f - t0_frac), context_tokens=c, generated_tokens=g, index=i)
+        TraceRequest(
+            arrival_s=(w - t0_whole).total_seconds() + (f - t0_frac), context_tokens=c, generated_tokens=g, index=i
+        )
         for w, f, c, g, i in rows
     ]
     out.sort(key=lambda r: (r.arrival_s, r.index))
@@ -131,7 +133,9 @@ def trace_name(name_or_path: str | os.PathLike) -> str:
 # compression, slicing, statistics
 
 
-def compress(trace: Sequence[TraceRequest], *, interval_s: float = 60.0, aggregate: int = 1, rate: float = 1.0, seed: int = 0) -> list[TraceRequest]:
+def compress(
+    trace: Sequence[TraceRequest], *, interval_s: float = 60.0, aggregate: int = 1, rate: float = 1.0, seed: int = 0
+) -> list[TraceRequest]:
     """The paper's trace compression: discretize into intervals, aggregate adjacent intervals, scale
     by a rate factor. Exactly:
 
@@ -166,7 +170,12 @@ def compress(trace: Sequence[TraceRequest], *, interval_s: float = 60.0, aggrega
     for r in trace:
         g = math.floor(r.arrival_s / (interval_s * aggregate))
         offset = r.arrival_s - g * aggregate * interval_s
-        moved = TraceRequest(arrival_s=g * interval_s + offset / aggregate, context_tokens=r.context_tokens, generated_tokens=r.generated_tokens, index=r.index)
+        moved = TraceRequest(
+            arrival_s=g * interval_s + offset / aggregate,
+            context_tokens=r.context_tokens,
+            generated_tokens=r.generated_tokens,
+            index=r.index,
+        )
         groups.setdefault(g, []).append(moved)
     out: list[TraceRequest] = []
     for g in sorted(groups):
@@ -197,7 +206,12 @@ def slice_trace(trace: Sequence[TraceRequest], start_s: float, duration_s: float
     None or <= 0), with arrivals shifted so that ``start_s`` becomes 0."""
     end = math.inf if duration_s is None or duration_s <= 0 else start_s + duration_s
     return [
-        TraceRequest(arrival_s=r.arrival_s - start_s, context_tokens=r.context_tokens, generated_tokens=r.generated_tokens, index=r.index)
+        TraceRequest(
+            arrival_s=r.arrival_s - start_s,
+            context_tokens=r.context_tokens,
+            generated_tokens=r.generated_tokens,
+            index=r.index,
+        )
         for r in trace
         if start_s <= r.arrival_s < end
     ]
@@ -217,7 +231,9 @@ def interarrival_cv(arrivals: Sequence[float]) -> float:
 def stats(trace: Sequence[TraceRequest]) -> TraceStats:
     """Count, duration, mean arrival rate, inter-arrival CV and token medians of a trace."""
     if not trace:
-        return TraceStats(count=0, duration_s=0.0, mean_rate=0.0, interarrival_cv=0.0, context_median=0.0, generated_median=0.0)
+        return TraceStats(
+            count=0, duration_s=0.0, mean_rate=0.0, interarrival_cv=0.0, context_median=0.0, generated_median=0.0
+        )
     arrivals = [r.arrival_s for r in trace]
     duration = max(arrivals) - min(arrivals)
     return TraceStats(
@@ -248,7 +264,9 @@ def pick_model(u: float, available: Sequence[str]) -> str:
     return available[min(int(u * len(available)), len(available) - 1)]
 
 
-def assign_models(trace: Sequence[TraceRequest], models: Sequence[str], seed: int, *, available_from: Sequence[float] | None = None) -> list[str]:
+def assign_models(
+    trace: Sequence[TraceRequest], models: Sequence[str], seed: int, *, available_from: Sequence[float] | None = None
+) -> list[str]:
     """Assign each request to one of ``models`` uniformly at random (paper: "we randomly assign each
     query to a model"), deterministically for a ``seed``.
 
@@ -286,7 +304,9 @@ class Lengths(msgspec.Struct, frozen=True, kw_only=True):
     clipped: bool = False
 
 
-def fit_lengths(context_tokens: int, generated_tokens: int, *, max_context: int = DEFAULT_MAX_CONTEXT, model_context: int = 0) -> Lengths:
+def fit_lengths(
+    context_tokens: int, generated_tokens: int, *, max_context: int = DEFAULT_MAX_CONTEXT, model_context: int = 0
+) -> Lengths:
     """The lengths a trace request is replayed with.
 
     1. ``ContextTokens`` is capped at ``max_context`` (default 1024, as the paper caps inputs at 1K
@@ -344,7 +364,9 @@ def default_prompts_path() -> Path | None:
     env = os.environ.get("ISERVE_PROMPTS", "")
     if env:
         return Path(env)
-    candidate = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sharegpt_V3_filtered_500_mlenergy.json"
+    candidate = (
+        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sharegpt_V3_filtered_500_mlenergy.json"
+    )
     return candidate if candidate.is_file() else None
 
 

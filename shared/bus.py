@@ -65,7 +65,8 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
         return nc
     except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as e:
         raise errors.Unavailable(
-            f"cannot reach NATS at {url} ({e}); start one with `iserve up` or pass --nats-url.") from None
+            f"cannot reach NATS at {url} ({e}); start one with `iserve up` or pass --nats-url."
+        ) from None
 
 
 def bad_request_reply(kind: type, subject: str, err: Exception) -> ErrorReply:
@@ -109,8 +110,10 @@ def serve(
             reply = e.to_reply()
         except Exception as e:  # a bug: keep serving, tell the caller
             log.exception("handler failed", subject=msg.subject)
-            reply = ErrorReply(code=errors.InternalError.code,
-                               message=f"internal error handling {msg.subject}: {type(e).__name__}: {e}")
+            reply = ErrorReply(
+                code=errors.InternalError.code,
+                message=f"internal error handling {msg.subject}: {type(e).__name__}: {e}",
+            )
         if reply is not None:
             try:
                 await reply_to(nc, msg, reply)
@@ -136,7 +139,8 @@ async def request(nc: NATS, subject: str, msg: msgspec.Struct, kind: type[Rep], 
         raise errors.Unavailable(f"nobody serves {subject}; is the service running (`iserve status`)?") from None
     except nats.errors.TimeoutError:
         raise errors.Timeout(
-            f"no reply on {subject} within {timeout:.0f} s; the service may be overloaded or stuck.") from None
+            f"no reply on {subject} within {timeout:.0f} s; the service may be overloaded or stuck."
+        ) from None
     try:
         reply = decoder(kind | ErrorReply).decode(resp.data)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
@@ -177,7 +181,8 @@ class Stream:
                 msg = await self._sub.next_msg(timeout=self.idle_timeout)
             except nats.errors.TimeoutError:
                 raise errors.Timeout(
-                    f"the stream went silent for {self.idle_timeout:.0f} s; the worker may be stuck.") from None
+                    f"the stream went silent for {self.idle_timeout:.0f} s; the worker may be stuck."
+                ) from None
             if not msg.data:  # the scheduler's "are you still there" probe
                 continue
             try:
@@ -281,7 +286,7 @@ class TypedKV(Generic[T]):
                 return []
         prefix = f"$KV.{self._name}."
         info = await self._js.stream_info(f"KV_{self._name}", subjects_filter=f"{prefix}>")
-        return sorted(subject[len(prefix):] for subject in (info.state.subjects or {}))
+        return sorted(subject[len(prefix) :] for subject in (info.state.subjects or {}))
 
     async def values(self) -> list[T]:
         out = []

@@ -48,15 +48,21 @@ LAYOUTS: dict[str, FamilyLayout] = {
     "llama": _LLAMA_LAYOUT,
     "mixtral": _LLAMA_LAYOUT,
     "falcon": FamilyLayout(
-        "transformer.h.{i}.", "transformer.word_embeddings.weight",
-        ("transformer.ln_f.weight", "transformer.ln_f.bias"), "lm_head.weight"
+        "transformer.h.{i}.",
+        "transformer.word_embeddings.weight",
+        ("transformer.ln_f.weight", "transformer.ln_f.bias"),
+        "lm_head.weight",
     ),
     "gptj": FamilyLayout(
-        "transformer.h.{i}.", "transformer.wte.weight", ("transformer.ln_f.weight", "transformer.ln_f.bias"),
-        "lm_head.weight", "lm_head.bias"
+        "transformer.h.{i}.",
+        "transformer.wte.weight",
+        ("transformer.ln_f.weight", "transformer.ln_f.bias"),
+        "lm_head.weight",
+        "lm_head.bias",
     ),
     "gpt_neox": FamilyLayout(
-        "gpt_neox.layers.{i}.", "gpt_neox.embed_in.weight",
+        "gpt_neox.layers.{i}.",
+        "gpt_neox.embed_in.weight",
         ("gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"),
         "embed_out.weight",
     ),
@@ -64,6 +70,7 @@ LAYOUTS: dict[str, FamilyLayout] = {
 
 # config.json keys that hold the number of hidden layers, by family (the first one present is used)
 LAYER_KEYS = {"gptj": ("n_layer", "num_hidden_layers"), "falcon": ("num_hidden_layers", "n_layer")}
+
 
 @dataclass
 class Checkpoint:
@@ -126,12 +133,17 @@ def _opt_int(cfg: dict[str, Any], *keys: str) -> int | None:
 
 def _activation(name: Any, model_type: str) -> str:
     """Normalize config.json's activation name: "silu", "gelu" (exact) or "gelu_tanh"."""
-    table = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
-             "gelu_pytorch_tanh": "gelu_tanh"}
+    table = {
+        "silu": "silu",
+        "swish": "silu",
+        "gelu": "gelu",
+        "gelu_new": "gelu_tanh",
+        "gelu_fast": "gelu_tanh",
+        "gelu_pytorch_tanh": "gelu_tanh",
+    }
     if name not in table:
         raise UnsupportedModel(
-            f"activation {name!r} of model_type {model_type!r} is not supported; "
-            f"supported: {', '.join(sorted(table))}."
+            f"activation {name!r} of model_type {model_type!r} is not supported; supported: {', '.join(sorted(table))}."
         )
     return table[name]
 

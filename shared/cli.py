@@ -94,8 +94,10 @@ def cmd_up(a: argparse.Namespace) -> int:
         log_level=a.log_level,
     )
     stack = Stack(opts).start()
-    console.print(f"[bold]iserve up[/]: NATS at {stack.url} (export ISERVE_NATS_URL={stack.url}); "
-                  f"data in {opts.data_dir}. Ctrl-C stops everything.")
+    console.print(
+        f"[bold]iserve up[/]: NATS at {stack.url} (export ISERVE_NATS_URL={stack.url}); "
+        f"data in {opts.data_dir}. Ctrl-C stops everything."
+    )
     try:
         stack.wait()
     finally:
@@ -110,8 +112,9 @@ def cmd_make_model(a: argparse.Namespace) -> int:
     from .modelmaker import make_checkpoint
 
     path = make_checkpoint(a.out_dir, a.preset, num_layers=a.layers, seed=a.seed, dtype=a.dtype, shards=a.shards)
-    console.print(f"wrote {a.preset} checkpoint ({'all' if a.layers is None else a.layers} layers, random weights) "
-                  f"to {path}")
+    console.print(
+        f"wrote {a.preset} checkpoint ({'all' if a.layers is None else a.layers} layers, random weights) to {path}"
+    )
     return 0
 
 
@@ -138,14 +141,17 @@ async def _register(a: argparse.Namespace) -> int:
 
 async def _deploy(a: argparse.Namespace) -> int:
     async with await _client(a.nats_url) as c:
-        rep = await c.deploy(a.model, intent_from_args(a), placement=a.placement, context_tokens=a.context_tokens,
-                             gpu_type=a.gpu_type)
+        rep = await c.deploy(
+            a.model, intent_from_args(a), placement=a.placement, context_tokens=a.context_tokens, gpu_type=a.gpu_type
+        )
         d = rep.deployment
         console.print(f"deployment [bold]{d.deployment_id}[/]: {d.config.key()} on {d.gpu_type}")
         console.print(f"  why: {escape(rep.why)}")
         for g in d.gpus:
-            console.print(f"  {g.agent_id} GPU {g.gpu_index}: layers {g.first_layer}-"
-                          f"{g.first_layer + g.num_layers - 1} ({g.num_layers}), {fmt_gib(g.memory_bytes)} GiB")
+            console.print(
+                f"  {g.agent_id} GPU {g.gpu_index}: layers {g.first_layer}-"
+                f"{g.first_layer + g.num_layers - 1} ({g.num_layers}), {fmt_gib(g.memory_bytes)} GiB"
+            )
         console.print(
             f"  estimated latency {rep.latency_ms:.1f} ms for {d.intent.prompt_tokens}+{d.intent.output_tokens} "
             f"tokens, memory {fmt_gib(d.estimate.total_bytes)} GiB, cost {rep.cost:.4g} ({d.intent.cost_model}); "
@@ -176,8 +182,13 @@ async def _generate(a: argparse.Namespace) -> int:
     async with await _client(a.nats_url) as c:
         s = CompletionStream()
         async for chunk in c.generate(
-            a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed,
-            ignore_eos=a.ignore_eos, stream=s
+            a.model,
+            a.prompt,
+            max_tokens=a.max_tokens,
+            temperature=a.temperature,
+            seed=a.seed,
+            ignore_eos=a.ignore_eos,
+            stream=s,
         ):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
@@ -200,9 +211,14 @@ async def _status(a: argparse.Namespace) -> int:
             t.add_column(col)
         for g in loads:
             t.add_row(
-                g.agent_id, str(g.gpu_index), g.gpu_type + (" (sim)" if g.simulated else ""), fmt_gib(g.total_bytes),
+                g.agent_id,
+                str(g.gpu_index),
+                g.gpu_type + (" (sim)" if g.simulated else ""),
+                fmt_gib(g.total_bytes),
                 fmt_gib(g.free_bytes),
-                f"{g.busy_fraction:.2f} ({g.window_s:.0f}s)", f"{g.util_percent:.0f}", ", ".join(g.workers),
+                f"{g.busy_fraction:.2f} ({g.window_s:.0f}s)",
+                f"{g.util_percent:.0f}",
+                ", ".join(g.workers),
             )
         console.print(t)
         try:
@@ -214,9 +230,14 @@ async def _status(a: argparse.Namespace) -> int:
         for col in ("name", "type", "layers", "GiB", "status", "profiled on"):
             t.add_column(col)
         for m in models:
-            t.add_row(m.name, m.arch.model_type, str(m.arch.num_layers), fmt_gib(m.weights.checkpoint_bytes),
-                      escape(m.status + (f": {m.status_reason}" if m.status_reason else "")),
-                      ", ".join(m.profiled_gpu_types))
+            t.add_row(
+                m.name,
+                m.arch.model_type,
+                str(m.arch.num_layers),
+                fmt_gib(m.weights.checkpoint_bytes),
+                escape(m.status + (f": {m.status_reason}" if m.status_reason else "")),
+                ", ".join(m.profiled_gpu_types),
+            )
         console.print(t)
         try:
             deps = (await c.deployments()).deployments
@@ -233,11 +254,15 @@ async def _status(a: argparse.Namespace) -> int:
         for d in deps:
             q = queues.get(d.deployment_id)
             t.add_row(
-                d.deployment_id, d.model, d.config.key(),
+                d.deployment_id,
+                d.model,
+                d.config.key(),
                 " ".join(f"{g.agent_id}/{g.gpu_index}({g.num_layers})" for g in d.gpus),
                 escape(d.status + (f": {d.reason}" if d.reason else "")),
-                str(q.queue_depth + q.in_flight) if q else "-", str(q.completed) if q else "-",
-                f"{q.ttft_ms_p50:.1f}" if q else "-", f"{q.e2e_ms_p50:.1f}" if q else "-",
+                str(q.queue_depth + q.in_flight) if q else "-",
+                str(q.completed) if q else "-",
+                f"{q.ttft_ms_p50:.1f}" if q else "-",
+                f"{q.e2e_ms_p50:.1f}" if q else "-",
             )
         console.print(t)
     return 0
@@ -250,8 +275,11 @@ async def _profile_show(a: argparse.Namespace) -> int:
             f"{cmap.model} on {cmap.gpu_type} (measured on {cmap.device}; context {cmap.context_tokens}; "
             f"latency for {a.prompt_tokens}+{a.output_tokens} tokens)"
         )
-        console.print(estimates_table(cmap.estimates, prompt=a.prompt_tokens, output=a.output_tokens, sort=a.sort,
-                                      limit=a.limit, title=title))
+        console.print(
+            estimates_table(
+                cmap.estimates, prompt=a.prompt_tokens, output=a.output_tokens, sort=a.sort, limit=a.limit, title=title
+            )
+        )
         if cmap.excluded and a.show_excluded:
             t = Table(title="Excluded configurations")
             t.add_column("config")
@@ -260,11 +288,14 @@ async def _profile_show(a: argparse.Namespace) -> int:
                 t.add_row(x.config.key(), escape(x.reason))
             console.print(t)
         elif cmap.excluded:
-            console.print(f"[dim]{len(cmap.excluded)} configurations excluded "
-                          "(--show-excluded lists them with reasons)[/]")
+            console.print(
+                f"[dim]{len(cmap.excluded)} configurations excluded (--show-excluded lists them with reasons)[/]"
+            )
         cost = cmap.cost
-        console.print(f"profiling cost: {cost.gpu_seconds:.1f} GPU-seconds, peak {fmt_gib(cost.peak_bytes)} GiB; "
-                      f"fingerprints are {', '.join(f'{x:.2%}' for x in cost.fingerprint_fraction)} of the model")
+        console.print(
+            f"profiling cost: {cost.gpu_seconds:.1f} GPU-seconds, peak {fmt_gib(cost.peak_bytes)} GiB; "
+            f"fingerprints are {', '.join(f'{x:.2%}' for x in cost.fingerprint_fraction)} of the model"
+        )
     return 0
 
 
@@ -277,14 +308,14 @@ def add_nats(p: argparse.ArgumentParser) -> None:
 
 
 def add_intent(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--intent", default="min-cost",
-                   choices=INTENT_KINDS,
-                   help="what to optimize (default min-cost)")
-    p.add_argument("--cost-model", default="mem-x-latency", choices=COST_MODELS,
-                   help="how cost is counted (paper section 4.1)")
+    p.add_argument("--intent", default="min-cost", choices=INTENT_KINDS, help="what to optimize (default min-cost)")
+    p.add_argument(
+        "--cost-model", default="mem-x-latency", choices=COST_MODELS, help="how cost is counted (paper section 4.1)"
+    )
     p.add_argument("--slo-ms", type=float, default=None, help="latency SLO for --intent latency-slo")
-    p.add_argument("--budget", type=float, default=None,
-                   help="cost budget for --intent cost-budget, in --cost-model units")
+    p.add_argument(
+        "--budget", type=float, default=None, help="cost budget for --intent cost-budget, in --cost-model units"
+    )
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length latency is estimated for")
     p.add_argument("--output-tokens", type=int, default=128, help="output length latency is estimated for")
 
@@ -294,20 +325,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("up", help="start NATS and every service; Ctrl-C stops them")
-    s.add_argument("--nats-url", default=os.environ.get("ISERVE_NATS_URL", ""),
-                   help="use this NATS server instead of an embedded one")
-    s.add_argument("--nats-port", type=int, default=int(os.environ.get("ISERVE_NATS_PORT", "4222")),
-                   help="port of the embedded NATS server")
-    s.add_argument("--data-dir", default=str(default_data_dir()),
-                   help="JetStream data, fingerprints, logs [env ISERVE_DATA_DIR]")
-    s.add_argument("--simulate-gpus", default=os.environ.get("ISERVE_SIMULATE_GPUS", ""),
-                   help="e.g. 8x48GB: simulated GPUs whose workers compute on the CPU")
+    s.add_argument(
+        "--nats-url",
+        default=os.environ.get("ISERVE_NATS_URL", ""),
+        help="use this NATS server instead of an embedded one",
+    )
+    s.add_argument(
+        "--nats-port",
+        type=int,
+        default=int(os.environ.get("ISERVE_NATS_PORT", "4222")),
+        help="port of the embedded NATS server",
+    )
+    s.add_argument(
+        "--data-dir", default=str(default_data_dir()), help="JetStream data, fingerprints, logs [env ISERVE_DATA_DIR]"
+    )
+    s.add_argument(
+        "--simulate-gpus",
+        default=os.environ.get("ISERVE_SIMULATE_GPUS", ""),
+        help="e.g. 8x48GB: simulated GPUs whose workers compute on the CPU",
+    )
     s.add_argument("--gpu-type", default=os.environ.get("ISERVE_GPU_TYPE", ""), help="type name of the simulated GPUs")
-    s.add_argument("--placement", default=os.environ.get("ISERVE_PLACEMENT", "hybrid"),
-                   choices=PLACEMENT_POLICIES,
-                   help="the deployer's GPU placement policy [env ISERVE_PLACEMENT]")
-    s.add_argument("--theta", type=float, default=os.environ.get("ISERVE_THETA", "0.5"),
-                   help="hybrid placement: GPUs with load below theta are packable [env ISERVE_THETA]")
+    s.add_argument(
+        "--placement",
+        default=os.environ.get("ISERVE_PLACEMENT", "hybrid"),
+        choices=PLACEMENT_POLICIES,
+        help="the deployer's GPU placement policy [env ISERVE_PLACEMENT]",
+    )
+    s.add_argument(
+        "--theta",
+        type=float,
+        default=os.environ.get("ISERVE_THETA", "0.5"),
+        help="hybrid placement: GPUs with load below theta are packable [env ISERVE_THETA]",
+    )
     s.add_argument("--log-level", default=os.environ.get("ISERVE_LOG_LEVEL", "info"))
 
     s = sub.add_parser("demo", help="start the stack, make/register/profile/deploy a model, stream a completion, stop")
@@ -333,10 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("deploy", help="deploy a profiled model with an intent")
     s.add_argument("model")
     add_intent(s)
-    s.add_argument("--placement", default="", choices=values(PlacementChoice),
-                   help="placement policy (default: the deployer's)")
-    s.add_argument("--context-tokens", type=int, default=0,
-                   help="the deployment's context (KV cache) in tokens; 0: the profile's")
+    s.add_argument(
+        "--placement", default="", choices=values(PlacementChoice), help="placement policy (default: the deployer's)"
+    )
+    s.add_argument(
+        "--context-tokens", type=int, default=0, help="the deployment's context (KV cache) in tokens; 0: the profile's"
+    )
     s.add_argument("--gpu-type", default="", help="deploy on this GPU type only (default: the best of those profiled)")
     s.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait until the worker is ready")
     s.add_argument("--timeout", type=float, default=600.0)

@@ -1,12 +1,12 @@
 """A small async client of the iServe services, used by the CLI, the demo, loadgen and the tests.
 
-    async with Client.connect(url) as c:
-        info = await c.register("/models/llama")
-        done = await c.wait_profiled(info.record.name)
-        rep = await c.deploy("llama", Intent(kind="min-latency"))
-        await c.wait_ready(rep.deployment.deployment_id)
-        async for chunk in c.generate("llama", "Hello"):
-            print(chunk.text, end="")
+async with Client.connect(url) as c:
+    info = await c.register("/models/llama")
+    done = await c.wait_profiled(info.record.name)
+    rep = await c.deploy("llama", Intent(kind="min-latency"))
+    await c.wait_ready(rep.deployment.deployment_id)
+    async for chunk in c.generate("llama", "Hello"):
+        print(chunk.text, end="")
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ class Client:
     # ------------------------------------------------------------------ models
 
     async def register(self, path: str, name: str = "", *, timeout: float = 60.0) -> ModelInfo:
-        return await bus.request(self.nc, subjects.MODEL_REGISTER, RegisterModel(path=path, name=name), ModelInfo, timeout=timeout)
+        return await bus.request(
+            self.nc, subjects.MODEL_REGISTER, RegisterModel(path=path, name=name), ModelInfo, timeout=timeout
+        )
 
     async def model(self, name: str) -> ModelInfo:
         return await bus.request(self.nc, subjects.MODEL_GET, GetModel(name=name), ModelInfo)
@@ -81,7 +83,9 @@ class Client:
         return await bus.request(self.nc, subjects.MODEL_LIST, ListModels(), ModelList)
 
     async def profile(self, model: str, gpu_type: str = "") -> ConfigurationMap:
-        return await bus.request(self.nc, subjects.PROFILE_GET, GetProfile(model=model, gpu_type=gpu_type), ConfigurationMap)
+        return await bus.request(
+            self.nc, subjects.PROFILE_GET, GetProfile(model=model, gpu_type=gpu_type), ConfigurationMap
+        )
 
     async def wait_profiled(self, model: str, *, timeout: float = 900.0) -> ProfileDone:
         """Wait for the model's profile.done (or return at once if it is already profiled)."""
@@ -118,14 +122,35 @@ class Client:
 
     # ------------------------------------------------------------------ deployments
 
-    async def deploy(self, model: str, intent: Intent | None = None, *, placement: str = "", deployment_id: str = "",
-                     context_tokens: int = 0, gpu_type: str = "", timeout: float = 60.0) -> DeployReply:
-        req = DeployRequest(model=model, intent=intent or Intent(), placement=placement, deployment_id=deployment_id,
-                            context_tokens=context_tokens, gpu_type=gpu_type)
+    async def deploy(
+        self,
+        model: str,
+        intent: Intent | None = None,
+        *,
+        placement: str = "",
+        deployment_id: str = "",
+        context_tokens: int = 0,
+        gpu_type: str = "",
+        timeout: float = 60.0,
+    ) -> DeployReply:
+        req = DeployRequest(
+            model=model,
+            intent=intent or Intent(),
+            placement=placement,
+            deployment_id=deployment_id,
+            context_tokens=context_tokens,
+            gpu_type=gpu_type,
+        )
         return await bus.request(self.nc, subjects.DEPLOY_REQUEST, req, DeployReply, timeout=timeout)
 
     async def undeploy(self, deployment_id: str) -> UndeployReply:
-        return await bus.request(self.nc, subjects.UNDEPLOY_REQUEST, UndeployRequest(deployment_id=deployment_id), UndeployReply, timeout=60.0)
+        return await bus.request(
+            self.nc,
+            subjects.UNDEPLOY_REQUEST,
+            UndeployRequest(deployment_id=deployment_id),
+            UndeployReply,
+            timeout=60.0,
+        )
 
     async def deployments(self, model: str = "") -> DeploymentList:
         return await bus.request(self.nc, subjects.DEPLOYMENT_LIST, ListDeployments(model=model), DeploymentList)

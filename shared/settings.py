@@ -105,8 +105,15 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in options(cls):
         conv, choices = (f.metadata["type"], None) if f.metadata["type"] else _parser_of(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        flag(parser, _flag_name(f), default=default, type=conv, help=f.metadata["help"], choices=choices,
-             env=f.metadata["env"])
+        flag(
+            parser,
+            _flag_name(f),
+            default=default,
+            type=conv,
+            help=f.metadata["help"],
+            choices=choices,
+            env=f.metadata["env"],
+        )
 
 
 def from_args(cls: type[C], args: argparse.Namespace, **extra: Any) -> C:

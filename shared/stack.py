@@ -72,8 +72,14 @@ class Stack:
             agent += ["--gpu-type", self.opts.gpu_type]
         self.children = [
             Child("gpu-agent", agent),
-            Child("fingerprint", py + ["iserve.fingerprint", "--fingerprint-dir", str(d / "fingerprints"), *self.opts.fingerprint_args]),
-            Child("deployer", py + ["iserve.deployer", "--placement", self.opts.placement, "--theta", str(self.opts.theta)]),
+            Child(
+                "fingerprint",
+                py + ["iserve.fingerprint", "--fingerprint-dir", str(d / "fingerprints"), *self.opts.fingerprint_args],
+            ),
+            Child(
+                "deployer",
+                py + ["iserve.deployer", "--placement", self.opts.placement, "--theta", str(self.opts.theta)],
+            ),
             Child("scheduler", py + ["iserve.scheduler"]),
         ]
         self.children = [c for c in self.children if c.name in self.opts.services]

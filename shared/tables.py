@@ -30,8 +30,15 @@ def estimate_row(e: ConfigEstimate, prompt: int, output: int) -> dict[str, float
     }
 
 
-def estimates_table(estimates: list[ConfigEstimate], *, prompt: int, output: int, sort: str = "latency_ms",
-                    limit: int = 0, title: str = "") -> Table:
+def estimates_table(
+    estimates: list[ConfigEstimate],
+    *,
+    prompt: int,
+    output: int,
+    sort: str = "latency_ms",
+    limit: int = 0,
+    title: str = "",
+) -> Table:
     """The estimates as table rows sorted by ``sort`` (then the configuration key), at most ``limit``."""
     rows = [estimate_row(e, prompt, output) for e in estimates]
     rows.sort(key=lambda r: (r[sort], r["config"]))

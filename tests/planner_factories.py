@@ -6,6 +6,7 @@ import itertools
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
 from iserve.deployer.memory import split_layers, stage_capacity
 from iserve.deployer.placement import GpuState
 from iserve.deployer.units import GIB
@@ -15,16 +16,38 @@ from iserve.messages import ConfigEstimate, Configuration, GpuAssignment, Intent
 # factories
 
 
-def est(tp=1, pp=1, wq="fp16", kv="fp16", pr="none", *, layers=32, layer_bytes=GIB, first=0, last=0,
-        overhead=0, ttft=100.0, per_tok=0.0, tpot=10.0, total=None) -> ConfigEstimate:
+def est(
+    tp=1,
+    pp=1,
+    wq="fp16",
+    kv="fp16",
+    pr="none",
+    *,
+    layers=32,
+    layer_bytes=GIB,
+    first=0,
+    last=0,
+    overhead=0,
+    ttft=100.0,
+    per_tok=0.0,
+    tpot=10.0,
+    total=None,
+) -> ConfigEstimate:
     """A configuration estimate; ``total_bytes`` defaults to the sum over all ``tp * pp`` GPUs."""
     if total is None:
         total = tp * (pp * overhead + layers * layer_bytes + first + last)
     return ConfigEstimate(
         config=Configuration(tp=tp, pp=pp, weight_quant=wq, kv_quant=kv, pruning=pr),
-        ttft_base_ms=ttft, ttft_per_token_ms=per_tok, tpot_ms=tpot, layer_bytes=layer_bytes,
-        first_stage_bytes=first, last_stage_bytes=last, gpu_overhead_bytes=overhead, total_bytes=total,
-        num_layers=layers)
+        ttft_base_ms=ttft,
+        ttft_per_token_ms=per_tok,
+        tpot_ms=tpot,
+        layer_bytes=layer_bytes,
+        first_stage_bytes=first,
+        last_stage_bytes=last,
+        gpu_overhead_bytes=overhead,
+        total_bytes=total,
+        num_layers=layers,
+    )
 
 
 def gpu(agent="a", index=0, free=80 * GIB, load=0.0, total=80 * GIB) -> GpuState:
@@ -59,7 +82,7 @@ def brute_fits(e: ConfigEstimate, gpus: list[GpuState]) -> bool:
         for perm in itertools.permutations(mine, tp * pp):
             caps = []
             for s in range(pp):
-                group = perm[s * tp:(s + 1) * tp]
+                group = perm[s * tp : (s + 1) * tp]
                 caps.append(min(stage_capacity(e, g.free_bytes, first=s == 0, last=s == pp - 1) for g in group))
             if split_layers(n, caps) is not None:
                 return True
@@ -97,7 +120,7 @@ def check_assignments(e: ConfigEstimate, gpus: list[GpuState], got: list[GpuAssi
     free = {(g.agent_id, g.gpu_index): g.free_bytes for g in gpus}
     start = 0
     for s in range(pp):
-        stage = got[s * tp:(s + 1) * tp]
+        stage = got[s * tp : (s + 1) * tp]
         assert len({(a.first_layer, a.num_layers) for a in stage}) == 1, "ranks of a stage differ"
         a0 = stage[0]
         assert a0.first_layer == start and a0.num_layers >= 1
@@ -117,8 +140,16 @@ def clusters(draw):
     gpus = []
     for a in range(draw(st.integers(1, 3))):
         for i in range(draw(st.integers(1, 4))):
-            gpus.append(GpuState(agent_id=f"h{a}", gpu_index=i, gpu_type="T", total_bytes=64,
-                                 free_bytes=draw(st.integers(0, 64)), load=draw(st.sampled_from(LOADS))))
+            gpus.append(
+                GpuState(
+                    agent_id=f"h{a}",
+                    gpu_index=i,
+                    gpu_type="T",
+                    total_bytes=64,
+                    free_bytes=draw(st.integers(0, 64)),
+                    load=draw(st.sampled_from(LOADS)),
+                )
+            )
     return gpus
 
 
@@ -129,21 +160,36 @@ def estimate_sets(draw):
     picks = draw(st.lists(st.sampled_from(space), min_size=1, max_size=7, unique=True))
     out = []
     for tp, pp, wq in picks:
-        out.append(est(tp, pp, wq, layers=layers, layer_bytes=draw(st.integers(0, 12)),
-                       first=draw(st.integers(0, 12)), last=draw(st.integers(0, 12)),
-                       overhead=draw(st.integers(0, 6)), ttft=draw(st.integers(1, 50)) * 1.0,
-                       tpot=draw(st.integers(1, 20)) * 1.0))
+        out.append(
+            est(
+                tp,
+                pp,
+                wq,
+                layers=layers,
+                layer_bytes=draw(st.integers(0, 12)),
+                first=draw(st.integers(0, 12)),
+                last=draw(st.integers(0, 12)),
+                overhead=draw(st.integers(0, 6)),
+                ttft=draw(st.integers(1, 50)) * 1.0,
+                tpot=draw(st.integers(1, 20)) * 1.0,
+            )
+        )
     return out
 
 
 @st.composite
 def intents(draw):
-    kind = draw(st.sampled_from(["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo",
-                                 "cost-budget"]))
-    return Intent(kind=kind, cost_model=draw(st.sampled_from(["mem-x-latency", "memory", "gpu-hours"])),
-                  slo_ms=draw(st.integers(100, 3000)) * 1.0, budget=draw(st.sampled_from([1e-4, 1e-3, 0.5, 3.0])),
-                  prompt_tokens=draw(st.integers(1, 64)), output_tokens=draw(st.integers(1, 128)))
+    kind = draw(
+        st.sampled_from(["min-latency", "min-cost", "min-memory", "min-gpu-hours", "latency-slo", "cost-budget"])
+    )
+    return Intent(
+        kind=kind,
+        cost_model=draw(st.sampled_from(["mem-x-latency", "memory", "gpu-hours"])),
+        slo_ms=draw(st.integers(100, 3000)) * 1.0,
+        budget=draw(st.sampled_from([1e-4, 1e-3, 0.5, 3.0])),
+        prompt_tokens=draw(st.integers(1, 64)),
+        output_tokens=draw(st.integers(1, 128)),
+    )
 
 
 PROPS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-

@@ -17,8 +17,21 @@ from iserve.messages import ConfigEstimate, Configuration, Intent
 INTENT = Intent(kind="min-latency", prompt_tokens=100, output_tokens=11)
 
 
-def est(tp=1, pp=1, wq="fp16", kv="fp16", pr="none", *, layers=32, layer_gib=1.0, first=0, last=0, overhead=0,
-        ttft=100.0, tpot=10.0) -> ConfigEstimate:
+def est(
+    tp=1,
+    pp=1,
+    wq="fp16",
+    kv="fp16",
+    pr="none",
+    *,
+    layers=32,
+    layer_gib=1.0,
+    first=0,
+    last=0,
+    overhead=0,
+    ttft=100.0,
+    tpot=10.0,
+) -> ConfigEstimate:
     """A configuration estimate whose per-rank layer bytes shrink with TP (``layer_gib / tp``)."""
     lb = int(layer_gib * GIB / tp)
     return ConfigEstimate(

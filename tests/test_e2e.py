@@ -20,7 +20,9 @@ ISERVE = [sys.executable, "-c", "from iserve.cli import main; main()"]
 
 
 def iserve(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*ISERVE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*ISERVE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -52,7 +54,18 @@ def test_up_cli_and_clean_shutdown(tmp_path):
     url = f"nats://127.0.0.1:{port}"
     env = {"ISERVE_NATS_URL": url}
     up = subprocess.Popen(
-        [*ISERVE, "up", "--data-dir", str(data), "--nats-port", str(port), "--simulate-gpus", "2x16GB", "--log-level", "warning"],
+        [
+            *ISERVE,
+            "up",
+            "--data-dir",
+            str(data),
+            "--nats-port",
+            str(port),
+            "--simulate-gpus",
+            "2x16GB",
+            "--log-level",
+            "warning",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -88,7 +101,18 @@ def test_up_cli_and_clean_shutdown(tmp_path):
 
     # JetStream kept the registered model and its profile across a full restart
     up2 = subprocess.Popen(
-        [*ISERVE, "up", "--data-dir", str(data), "--nats-port", str(port), "--simulate-gpus", "2x16GB", "--log-level", "warning"],
+        [
+            *ISERVE,
+            "up",
+            "--data-dir",
+            str(data),
+            "--nats-port",
+            str(port),
+            "--simulate-gpus",
+            "2x16GB",
+            "--log-level",
+            "warning",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "ISERVE_NATS_URL": ""},

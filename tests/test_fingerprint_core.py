@@ -245,7 +245,10 @@ def test_split_supported_gives_every_exclusion_a_reason():
     assert all((c.tp, c.weight_quant, c.kv_quant, c.pruning) == (1, "fp16", "fp16", "none") for c in supported)
     reasons = {e.config: e.reason for e in excluded}
     assert all(reasons.values())
-    assert reasons[Configuration(weight_quant="int8")] == "the torch engine does not implement int8 weight quantization yet"
+    assert (
+        reasons[Configuration(weight_quant="int8")]
+        == "the torch engine does not implement int8 weight quantization yet"
+    )
     assert reasons[Configuration(tp=2, kv_quant="int8")] == (
         "the torch engine does not implement tensor parallelism of degree 2 or int8 KV-cache quantization yet"
     )
@@ -328,7 +331,9 @@ def _truth_ttft(n: int, p: int, layer=TTFT_LAYER, other=TTFT_OTHER) -> float:
 
 
 def _measure(arch, w, variant: ProfileVariant, n: int, prompts, *, slope=1.0, nvml=0) -> FingerprintMeasurement:
-    cfg = Configuration(tp=variant.tp, weight_quant=variant.weight_quant, kv_quant=variant.kv_quant, pruning=variant.pruning)
+    cfg = Configuration(
+        tp=variant.tp, weight_quant=variant.weight_quant, kv_quant=variant.kv_quant, pruning=variant.pruning
+    )
     kv = n * est.kv_cache_bytes_per_layer(arch, cfg, PROFILE_CONTEXT)
     weights = est.fingerprint_weight_bytes(arch, w, variant, n)
     return FingerprintMeasurement(
@@ -351,7 +356,10 @@ def test_fit_estimates_recovers_a_linear_ground_truth_exactly():
     prompts = [32, 128, 512, 1024]
     ms = [_measure(arch, w, v, n, prompts) for n in (1, 2)]
     # the fingerprint weights the estimator subtracts are the plain fp16 bytes
-    assert ms[0].weight_bytes == (w.embed_params + w.head_params + w.final_norm_params + w.layer_linear_params + w.layer_other_params) * 2
+    assert (
+        ms[0].weight_bytes
+        == (w.embed_params + w.head_params + w.final_norm_params + w.layer_linear_params + w.layer_other_params) * 2
+    )
 
     [e] = est.fit_estimates(arch, w, ms, [Configuration()], context_tokens=4096, gpu_memory_bytes=80 * 2**30)
     L = 32
@@ -370,14 +378,19 @@ def test_fit_estimates_recovers_a_linear_ground_truth_exactly():
     assert e.first_stage_bytes == w.embed_params * 2
     assert e.last_stage_bytes == (w.head_params + w.final_norm_params) * 2
     assert e.gpu_overhead_bytes == OVERHEAD
-    full_model_peak = OVERHEAD + L * (layer_w + kv_4096 + ACT_LAYER) + (w.embed_params + w.head_params + w.final_norm_params) * 2
+    full_model_peak = (
+        OVERHEAD + L * (layer_w + kv_4096 + ACT_LAYER) + (w.embed_params + w.head_params + w.final_norm_params) * 2
+    )
     assert e.stage_bytes(L, first=True, last=True) == full_model_peak == e.total_bytes
 
     # two prompt lengths: a line in p, still exact where the truth is a line
     lin = dict(layer=(TTFT_LAYER[0], TTFT_LAYER[1], 0.0), other=(TTFT_OTHER[0], TTFT_OTHER[1], 0.0))
     ms2 = [_measure(arch, w, v, n, [64, 256]) for n in (1, 2)]
     for m in ms2:
-        m.ttft = [PromptTiming(prompt_tokens=t.prompt_tokens, ttft_ms=_truth_ttft(m.num_layers, t.prompt_tokens, **lin)) for t in m.ttft]
+        m.ttft = [
+            PromptTiming(prompt_tokens=t.prompt_tokens, ttft_ms=_truth_ttft(m.num_layers, t.prompt_tokens, **lin))
+            for t in m.ttft
+        ]
     [e2] = est.fit_estimates(arch, w, ms2, [Configuration()], context_tokens=4096)
     assert e2.ttft_per_token2_ms == 0.0
     assert e2.ttft_ms(3000) == pytest.approx(_truth_ttft(L, 3000, **lin), rel=1e-9)
@@ -386,7 +399,12 @@ def test_fit_estimates_recovers_a_linear_ground_truth_exactly():
 def test_estimates_follow_variant_quantization_context_and_tp():
     arch = _arch(32, 8, layers=32)
     w = _weights(arch)
-    variants = [ProfileVariant(), ProfileVariant(kv_quant="int8"), ProfileVariant(weight_quant="int4"), ProfileVariant(tp=2)]
+    variants = [
+        ProfileVariant(),
+        ProfileVariant(kv_quant="int8"),
+        ProfileVariant(weight_quant="int4"),
+        ProfileVariant(tp=2),
+    ]
     ms = [_measure(arch, w, v, n, [32, 128, 512], slope=1 + i) for i, v in enumerate(variants) for n in (1, 2)]
     configs = [Configuration(), Configuration(kv_quant="int8"), Configuration(weight_quant="int4"), Configuration(tp=2)]
     base, kv8, w4, tp2 = est.fit_estimates(arch, w, ms, configs, context_tokens=4096)
@@ -483,8 +501,14 @@ def test_build_configuration_map_excludes_with_reasons():
     all_configs = est.enumerate_configurations(arch, 8)
     assert len(cmap.estimates) + len(cmap.excluded) == len(all_configs)
     assert sorted(e.config.pp for e in cmap.estimates) == list(range(1, 9))
-    not_measured = [x for x in cmap.excluded if x.config.kv_quant == "int8" and x.config.tp == 1
-                    and x.config.weight_quant == "fp16" and x.config.pruning == "none"]
+    not_measured = [
+        x
+        for x in cmap.excluded
+        if x.config.kv_quant == "int8"
+        and x.config.tp == 1
+        and x.config.weight_quant == "fp16"
+        and x.config.pruning == "none"
+    ]
     assert len(not_measured) == 8 and all("not profiled" in x.reason for x in not_measured)
     assert all(x.reason for x in cmap.excluded)
     assert cmap.cost.gpu_seconds == 12.5 and cmap.context_tokens == 4096 and cmap.gpu_type == "H100"

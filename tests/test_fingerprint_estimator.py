@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 import pytest
+
 from iserve.checkpoint import layer_tensor_shapes, other_tensor_shapes
 from iserve.fingerprint import estimator as est
 from iserve.fingerprint.estimator.latency import _fit_steps
@@ -28,9 +29,19 @@ from iserve.messages import (
 
 
 def _arch(heads=32, kv=32, layers=32, hidden=4096, ffn=11008, vocab=32000, **kw) -> ArchSpec:
-    return ArchSpec(family=kw.pop("family", "llama"), model_type=kw.pop("model_type", "llama"), num_layers=layers,
-                    hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads, num_kv_heads=kv,
-                    head_dim=hidden // heads, vocab_size=vocab, max_position=4096, **kw)
+    return ArchSpec(
+        family=kw.pop("family", "llama"),
+        model_type=kw.pop("model_type", "llama"),
+        num_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_attention_heads=heads,
+        num_kv_heads=kv,
+        head_dim=hidden // heads,
+        vocab_size=vocab,
+        max_position=4096,
+        **kw,
+    )
 
 
 def _weights(arch: ArchSpec) -> WeightBreakdown:
@@ -76,8 +87,22 @@ def layer_kernels(tokens: int, position: int) -> list[Kernel]:
     gemm = lambda base, per_tok: Kernel(8, base + per_tok * tokens)  # noqa: E731
     small = Kernel(8, 2 + 0.004 * tokens)
     attn = Kernel(9, 6 + 0.006 * position + 0.00004 * tokens * tokens)
-    return [small, gemm(40, 0.12), small, small, small, small, small, attn, gemm(14, 0.04), small,
-            gemm(75, 0.25), small, small, gemm(38, 0.13)]
+    return [
+        small,
+        gemm(40, 0.12),
+        small,
+        small,
+        small,
+        small,
+        small,
+        attn,
+        gemm(14, 0.04),
+        small,
+        gemm(75, 0.25),
+        small,
+        small,
+        gemm(38, 0.13),
+    ]
 
 
 def head_kernels(tokens: int) -> list[Kernel]:
@@ -102,8 +127,9 @@ def simulate_model(layers: int, *, tokens: int, position: int, graphs: bool = Fa
     return simulate(ks, pre_us=20 + 0.01 * tokens, post_us=40)
 
 
-def simulated_measurement(arch, w, layers: int, prompts: list[int], runs: list[tuple[int, int]], *, device=True,
-                          graphs=False) -> FingerprintMeasurement:
+def simulated_measurement(
+    arch, w, layers: int, prompts: list[int], runs: list[tuple[int, int]], *, device=True, graphs=False
+) -> FingerprintMeasurement:
     ttft, ttft_dev = [], []
     for p in prompts:
         wall, dev = simulate_model(layers, tokens=p, position=p)
@@ -117,8 +143,14 @@ def simulated_measurement(arch, w, layers: int, prompts: list[int], runs: list[t
             decode_dev.append(DecodeTiming(position=x, step_ms=dev))
     weights = est.fingerprint_weight_bytes(arch, w, ProfileVariant(), layers)
     m = FingerprintMeasurement(
-        num_layers=layers, variant=ProfileVariant(), ttft=ttft, tpot_ms=float(np.median([d.step_ms for d in decode])),
-        decode_steps=len(decode), decode=decode, peak_bytes=weights + 2**30, weight_bytes=weights,
+        num_layers=layers,
+        variant=ProfileVariant(),
+        ttft=ttft,
+        tpot_ms=float(np.median([d.step_ms for d in decode])),
+        decode_steps=len(decode),
+        decode=decode,
+        peak_bytes=weights + 2**30,
+        weight_bytes=weights,
     )
     if device:
         m.ttft_device = ttft_dev
@@ -171,7 +203,6 @@ def test_graph_captured_decode_is_extrapolated_within_a_percent():
         assert e.tpot_for(p, o) == pytest.approx(truth, rel=0.01), (p, o)
 
 
-
 def test_graph_captured_decode_ignores_host_jitter_in_the_wall_slope():
     """A captured decode step has no per-layer host work: jitter that makes the 2-layer fingerprint's
     wall steps slower must not be multiplied by the layer count (seen on an H100: +15-20%)."""
@@ -189,6 +220,7 @@ def test_graph_captured_decode_ignores_host_jitter_in_the_wall_slope():
         truth = np.mean([simulate_model(32, tokens=1, position=x, graphs=True)[0] for x in range(p, p + o - 1)])
         assert e.tpot_for(p, o) == pytest.approx(truth, rel=0.01), (p, o)
         assert unflagged.tpot_for(p, o) > truth * 1.05  # the jitter, times 31 layers
+
 
 def test_host_bound_models_keep_the_host_line():
     """Where every layer is host-bound (tiny GEMMs), the wall-time extrapolation is the answer."""
@@ -244,8 +276,17 @@ def _mean_of_max_brute(e: ConfigEstimate, p: int, o: int) -> float:
 
 def test_tpot_for_is_the_exact_mean_of_the_larger_of_two_lines():
     rnd = random.Random(1)
-    base = dict(config=Configuration(), ttft_base_ms=1.0, ttft_per_token_ms=0.01, layer_bytes=1, first_stage_bytes=1,
-                last_stage_bytes=1, gpu_overhead_bytes=1, total_bytes=1, num_layers=1)
+    base = dict(
+        config=Configuration(),
+        ttft_base_ms=1.0,
+        ttft_per_token_ms=0.01,
+        layer_bytes=1,
+        first_stage_bytes=1,
+        last_stage_bytes=1,
+        gpu_overhead_bytes=1,
+        total_bytes=1,
+        num_layers=1,
+    )
     for _ in range(300):
         e = ConfigEstimate(
             **base,
@@ -270,9 +311,15 @@ def _measure(
     cfg = Configuration(tp=v.tp, weight_quant=v.weight_quant, kv_quant=v.kv_quant, pruning=v.pruning)
     kv = n * (kv_per_token * ctx if kv_per_token else est.kv_cache_bytes_per_layer(arch, cfg, ctx))
     return FingerprintMeasurement(
-        num_layers=n, variant=v, tpot_ms=n * step + other, decode_steps=8, peak_bytes=weights + kv + 600 * 2**20,
+        num_layers=n,
+        variant=v,
+        tpot_ms=n * step + other,
+        decode_steps=8,
+        peak_bytes=weights + kv + 600 * 2**20,
         ttft=[PromptTiming(prompt_tokens=p, ttft_ms=n * (0.5 + 0.01 * p) + 2 + 0.001 * p) for p in (128, 512, 1024)],
-        weight_bytes=weights, kv_cache_bytes=kv, context_tokens=ctx,
+        weight_bytes=weights,
+        kv_cache_bytes=kv,
+        context_tokens=ctx,
     )
 
 
@@ -345,8 +392,12 @@ def test_measurement_variants_fold_tp_beyond_the_profiling_gpus_into_tp1():
 
 def test_family_limits_exclude_with_the_family_named():
     arch = _arch(family="falcon", model_type="falcon", norm_type="layer", gated_mlp=False)
-    caps = {"tp": [1, 2], "weight_quant": ["fp16", "int8"], "families": ["llama", "falcon"],
-            "by_family": {"falcon": {"weight_quant": ["fp16"]}}}
+    caps = {
+        "tp": [1, 2],
+        "weight_quant": ["fp16", "int8"],
+        "families": ["llama", "falcon"],
+        "by_family": {"falcon": {"weight_quant": ["fp16"]}},
+    }
     supported, excluded = est.split_supported([Configuration(), Configuration(weight_quant="int8")], caps, arch=arch)
     assert supported == [Configuration()]
     assert (
@@ -419,7 +470,7 @@ def test_a_deep_run_with_the_serving_graphs_sets_how_memory_outside_the_allocato
     [plain] = est.fit_estimates(arch, w, ms, [cfg], context_tokens=512)
     [grown] = est.fit_estimates(arch, w, ms + [deep(40, 7 * 2**20)], [cfg], context_tokens=512)
     [fewer] = est.fit_estimates(arch, w, ms + [deep(3, 7 * 2**20)], [cfg], context_tokens=512)
-    [lower] = est.fit_estimates(arch, w, ms + [deep(40, -2**20)], [cfg], context_tokens=512)
+    [lower] = est.fit_estimates(arch, w, ms + [deep(40, -(2**20))], [cfg], context_tokens=512)
     per_gpu = lambda e: e.stage_bytes(32, first=True, last=True)  # noqa: E731
     assert per_gpu(grown) - per_gpu(plain) == pytest.approx(30 * 7 * 2**20, abs=2**20)
     assert per_gpu(fewer) == per_gpu(plain) and per_gpu(lower) == per_gpu(plain)

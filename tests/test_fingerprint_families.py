@@ -65,8 +65,17 @@ def test_real_configs_parse_to_the_published_shapes():
         params = sum(math.prod(s) for s in expected_tensors(arch).values())
         assert params / 1e9 == pytest.approx(billions, abs=0.02), preset
     # the original RefinedWeb config of Falcon-7B (n_head, n_layer keys)
-    rw = {"model_type": "RefinedWebModel", "hidden_size": 4544, "n_head": 71, "n_layer": 32, "vocab_size": 65024,
-          "multi_query": True, "parallel_attn": True, "bias": False, "alibi": False}
+    rw = {
+        "model_type": "RefinedWebModel",
+        "hidden_size": 4544,
+        "n_head": 71,
+        "n_layer": 32,
+        "vocab_size": 65024,
+        "multi_query": True,
+        "parallel_attn": True,
+        "bias": False,
+        "alibi": False,
+    }
     a = arch_from_config(rw)
     assert (a.family, a.num_layers, a.num_kv_heads) == ("falcon", 32, 1)
 
@@ -232,7 +241,7 @@ def reference_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
             ks = torch.stack([_rotate(k[t, kv_i], t, r, arch.rope_theta, arch.rotary_interleaved) for t in range(T)])
             scores = qs @ ks.T / math.sqrt(d)
             scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
-            attn[:, head_i * d:(head_i + 1) * d] = torch.softmax(scores, -1) @ v[:, kv_i]
+            attn[:, head_i * d : (head_i + 1) * d] = torch.softmax(scores, -1) @ v[:, kv_i]
         attn_out = attn @ out_w.T + out_b
         if parallel:
             h = h + attn_out + (_act(arch.activation, m_in @ up.T + up_b) @ down.T + down_b)
@@ -262,9 +271,17 @@ def test_engine_matches_the_reference(model):
     assert len(res.tokens) == 4 and res.tokens[0] == int(ref[-1].argmax())
 
 
-@pytest.mark.parametrize("variant", [ProfileVariant(weight_quant="int8"), ProfileVariant(weight_quant="int4"),
-                                     ProfileVariant(kv_quant="int8"), ProfileVariant(pruning="2:4"),
-                                     ProfileVariant(pruning="structured")], ids=lambda v: est.variant_key(v))
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ProfileVariant(weight_quant="int8"),
+        ProfileVariant(weight_quant="int4"),
+        ProfileVariant(kv_quant="int8"),
+        ProfileVariant(pruning="2:4"),
+        ProfileVariant(pruning="structured"),
+    ],
+    ids=lambda v: est.variant_key(v),
+)
 def test_every_variant_runs_and_stores_what_the_estimator_says(model, variant):
     ck = scan_checkpoint(model)
     w = weight_breakdown(ck)

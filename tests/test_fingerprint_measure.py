@@ -89,10 +89,12 @@ def test_the_device_pass_times_batches_queued_behind_a_spin(fps, monkeypatch):
     from iserve.gpu_agent.engine.runner import Engine
 
     real_prefill, real_decode = Engine.queue_prefill, Engine.queue_decode
-    monkeypatch.setattr(Engine, "queue_prefill",
-                        lambda self, ids: (queued.append(("p", len(ids))), real_prefill(self, ids))[1])
-    monkeypatch.setattr(Engine, "queue_decode",
-                        lambda self, pos: (queued.append(("d", pos)), real_decode(self, pos))[1])
+    monkeypatch.setattr(
+        Engine, "queue_prefill", lambda self, ids: (queued.append(("p", len(ids))), real_prefill(self, ids))[1]
+    )
+    monkeypatch.setattr(
+        Engine, "queue_decode", lambda self, pos: (queued.append(("d", pos)), real_decode(self, pos))[1]
+    )
     m = profiling.measure_model(fps[0], "cpu", protocol=PROTOCOL, num_layers=1, clock_factory=factory)
     assert [t.prompt_tokens for t in m.ttft_device] == [8, 16, 32]
     # each decode run is device-timed at its first and its last position: (32, 3) feeds 32..33, (16, 6) 16..20
@@ -109,8 +111,18 @@ def test_the_device_pass_times_batches_queued_behind_a_spin(fps, monkeypatch):
 
 
 def test_jobs_time_the_device_when_asked_and_without_a_deep_run():
-    job = ProfileJob(job_id="j", model="m", fingerprint_paths=[], gpu_index=0, variants=[], prompt_lengths=[8, 16],
-                     output_lengths=[3, 5], repeats=7, warmup=1, context_tokens=64)
+    job = ProfileJob(
+        job_id="j",
+        model="m",
+        fingerprint_paths=[],
+        gpu_index=0,
+        variants=[],
+        prompt_lengths=[8, 16],
+        output_lengths=[3, 5],
+        repeats=7,
+        warmup=1,
+        context_tokens=64,
+    )
     assert profiling.protocol_of_job(job).device_repeats == protocol_mod.DEVICE_REPEATS == 3
     assert profiling.protocol_of_job(msgspec.structs.replace(job, device_timing=False)).device_repeats == 0
     deep = profiling.protocol_of_job(msgspec.structs.replace(job, replay_depth=32))
@@ -129,8 +141,9 @@ def test_a_deep_run_on_one_process_captures_the_protocols_prefills_and_cuts_its_
 
     monkeypatch.setattr(measure_mod, "load_engine", spy)
     monkeypatch.setattr(timing_mod, "DEEP_STEPS", 2)
-    proto = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=4, warmup=1,
-                               context_tokens=64, replay_depth=5)
+    proto = profiling.Protocol(
+        prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=4, warmup=1, context_tokens=64, replay_depth=5
+    )
     ms = profiling.measure_models(fps, "cpu", protocol=proto, device_timing=False)
     assert [m.num_layers for m in ms] == [1, 2, 5] and ms[2].replayed_from == 2
     assert [kw.get("prefill_lengths") for kw in loads] == [None, None, [8, 16, 32]]
@@ -142,17 +155,35 @@ def test_a_deep_run_on_one_process_captures_the_protocols_prefills_and_cuts_its_
 
 
 def test_measure_fingerprint_keeps_its_signature(fps):
-    m = profiling.measure_fingerprint(fps[0], "cpu", num_layers=1, prompt_lengths=[8, 16], output_lengths=[3, 5],
-                                      repeats=1,
-                                    warmup=0, context_tokens=32, variant=ProfileVariant(kv_quant="int8"))
+    m = profiling.measure_fingerprint(
+        fps[0],
+        "cpu",
+        num_layers=1,
+        prompt_lengths=[8, 16],
+        output_lengths=[3, 5],
+        repeats=1,
+        warmup=0,
+        context_tokens=32,
+        variant=ProfileVariant(kv_quant="int8"),
+    )
     assert m.variant.kv_quant == "int8" and len(m.ttft) == 2
 
 
 def _job(paths, variants, **kw) -> ProfileJob:
-    return ProfileJob(job_id="j1", model="tiny", fingerprint_paths=[str(p) for p in paths], gpu_index=0,
-                      variants=variants,
-                      prompt_lengths=[8, 16], output_lengths=[3, 5], repeats=1, warmup=0, context_tokens=32,
-                      gpu_warmup_s=0.0, **kw)
+    return ProfileJob(
+        job_id="j1",
+        model="tiny",
+        fingerprint_paths=[str(p) for p in paths],
+        gpu_index=0,
+        variants=variants,
+        prompt_lengths=[8, 16],
+        output_lengths=[3, 5],
+        repeats=1,
+        warmup=0,
+        context_tokens=32,
+        gpu_warmup_s=0.0,
+        **kw,
+    )
 
 
 def test_profile_job_measures_variants_and_reports_the_ones_it_cannot(fps, tmp_path, monkeypatch):
@@ -164,17 +195,26 @@ def test_profile_job_measures_variants_and_reports_the_ones_it_cannot(fps, tmp_p
         return real(model_dir, device, context_tokens, variant, **kw)
 
     monkeypatch.setattr(measure_mod, "load_engine", picky)
-    variants = [ProfileVariant(), ProfileVariant(weight_quant="int4"), ProfileVariant(tp=2),
-                ProfileVariant(pruning="structured")]
+    variants = [
+        ProfileVariant(),
+        ProfileVariant(weight_quant="int4"),
+        ProfileVariant(tp=2),
+        ProfileVariant(pruning="structured"),
+    ]
     job = _job(fps, variants)
     (tmp_path / "job.json").write_bytes(encode(job))
     result = profiling.run_profile_job_file(tmp_path / "job.json", tmp_path / "result.json", ["cpu"])
     assert decoder(ProfileResult).decode((tmp_path / "result.json").read_bytes()) == result
-    assert {(m.variant, m.num_layers) for m in result.measurements} == {(ProfileVariant(), 1), (ProfileVariant(), 2),
-                                                                       (ProfileVariant(pruning="structured"), 1),
-                                                                       (ProfileVariant(pruning="structured"), 2)}
-    assert result.skipped == {"tp1-wint4-kvfp16-pnone": "int4 needs a CUDA device here",
-                              "tp2-wfp16-kvfp16-pnone": "needs 2 GPUs, the profiling job had 1"}
+    assert {(m.variant, m.num_layers) for m in result.measurements} == {
+        (ProfileVariant(), 1),
+        (ProfileVariant(), 2),
+        (ProfileVariant(pruning="structured"), 1),
+        (ProfileVariant(pruning="structured"), 2),
+    }
+    assert result.skipped == {
+        "tp1-wint4-kvfp16-pnone": "int4 needs a CUDA device here",
+        "tp2-wfp16-kvfp16-pnone": "needs 2 GPUs, the profiling job had 1",
+    }
     assert result.gpu_type == "cpu" and result.gpu_seconds >= sum(m.gpu_seconds for m in result.measurements) * 0.99
     assert result.peak_bytes == max(m.peak_bytes for m in result.measurements)
 
@@ -236,8 +276,9 @@ def _tp_pair_rank(rank: int, size: int, port: int, paths: list[str], queue) -> N
             return real(engine, ids, max_tokens, sink)
 
         timing_mod._run_wall = spy
-        ms = profiling.measure_models(paths, "cpu", protocol=PROTOCOL, variant=ProfileVariant(tp=2), num_layers=[1, 2],
-                                    tp_rank=rank, tp_size=size)
+        ms = profiling.measure_models(
+            paths, "cpu", protocol=PROTOCOL, variant=ProfileVariant(tp=2), num_layers=[1, 2], tp_rank=rank, tp_size=size
+        )
         queue.put((rank, ([c[0] for c in calls if c[1]], [encode(m) for m in ms])))
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001 - reported to the test
@@ -266,20 +307,23 @@ def test_replayed_depth_adds_a_deep_run_of_the_deepest_fingerprint(fps):
     from iserve import checkpoint
     from iserve.fingerprint import estimator
 
-    protocol = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, context_tokens=64,
-                                  replay_depth=6)
+    protocol = profiling.Protocol(
+        prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, context_tokens=64, replay_depth=6
+    )
     ms = profiling.measure_models(fps, "cpu", protocol=protocol, num_layers=[1, 2])
     assert [(m.num_layers, m.replayed_from) for m in ms] == [(1, 0), (2, 0), (6, 2)]
     assert ms[2].weight_bytes == ms[1].weight_bytes and ms[2].kv_cache_bytes == 3 * ms[1].kv_cache_bytes
     assert ms[2].ttft and ms[2].decode
     # The deep run is as long as a full model's pass: DEEP_REPEATS rounds, not the pair's.
-    protocol5 = profiling.Protocol(prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=5, context_tokens=64,
-                                   replay_depth=6)
+    protocol5 = profiling.Protocol(
+        prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=5, context_tokens=64, replay_depth=6
+    )
     calls = []
     real = timing_mod._run_wall
     try:
         timing_mod._run_wall = lambda engine, ids, n, sink=None: (
-            calls.append((len(engine.stages[0].layers), sink is not None)) or real(engine, ids, n, sink))
+            calls.append((len(engine.stages[0].layers), sink is not None)) or real(engine, ids, n, sink)
+        )
         profiling.measure_models(fps, "cpu", protocol=protocol5, num_layers=[1, 2])
     finally:
         timing_mod._run_wall = real
@@ -290,17 +334,28 @@ def test_replayed_depth_adds_a_deep_run_of_the_deepest_fingerprint(fps):
     with_deep = estimator.fit_variant(arch, weights, ms)
     pair = estimator.fit_variant(arch, weights, ms[:2])
     assert with_deep.fingerprint_layers == (1, 2)
-    assert (with_deep.activation_layer_bytes, with_deep.overhead_bytes) == (pair.activation_layer_bytes,
-                                                                            pair.overhead_bytes)
+    assert (with_deep.activation_layer_bytes, with_deep.overhead_bytes) == (
+        pair.activation_layer_bytes,
+        pair.overhead_bytes,
+    )
     with pytest.raises(ValueError, match="two depths"):
         estimator.fit_variant(arch, weights, [ms[0], ms[2]])  # memory needs two loaded depths
     with pytest.raises(BadRequest, match="replay_depth"):
         profiling.Protocol(prompt_lengths=(8, 16), output_lengths=(3,), replay_depth=-1)
     assert ms[2].replay_copies == 0
     # replay_distinct (from the job): the deep run's 4 replayed layers are copies; the pair is as before.
-    job = ProfileJob(job_id="j", model="m", fingerprint_paths=[str(f) for f in fps], gpu_index=0,
-                     prompt_lengths=[8, 16, 32],
-                     output_lengths=[3, 6], repeats=2, context_tokens=64, replay_depth=6, replay_distinct=True)
+    job = ProfileJob(
+        job_id="j",
+        model="m",
+        fingerprint_paths=[str(f) for f in fps],
+        gpu_index=0,
+        prompt_lengths=[8, 16, 32],
+        output_lengths=[3, 6],
+        repeats=2,
+        context_tokens=64,
+        replay_depth=6,
+        replay_distinct=True,
+    )
     distinct = profiling.measure_models(fps, "cpu", protocol=profiling.protocol_of_job(job), num_layers=[1, 2])
     assert [(m.num_layers, m.replayed_from, m.replay_copies) for m in distinct] == [(1, 0, 0), (2, 0, 0), (6, 2, 4)]
     assert distinct[2].weight_bytes > ms[2].weight_bytes

@@ -10,8 +10,6 @@ import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
-
 from iserve import bus, errors, subjects
 from iserve.client import Client
 from iserve.fingerprint.config import FingerprintConfig
@@ -39,19 +37,39 @@ def synthetic_result(job: ProfileJob, *, skip_tp: bool = False) -> ProfileResult
             skipped[f"tp{v.tp}-w{v.weight_quant}-kv{v.kv_quant}-p{v.pruning}"] = "this engine build has no NCCL"
             continue
         for n in (1, 2):
-            ms.append(FingerprintMeasurement(
-                num_layers=n, variant=v, tpot_ms=0.5 * n / v.tp + 1.0, decode_steps=10, peak_bytes=(300 + 20 * n) * 2**20,
-                ttft=[PromptTiming(prompt_tokens=p, ttft_ms=n * (1 + 0.01 * p) + 2) for p in job.prompt_lengths],
-                decode=[DecodeTiming(position=x, step_ms=0.5 * n / v.tp + 1.0) for x in (16, 17, 64)],
-            ))
-    return ProfileResult(job_id=job.job_id, device="cuda:0", gpu_type=GPU_TYPE, measurements=ms, gpu_seconds=3.0, wall_seconds=3.0,
-                         peak_bytes=340 * 2**20, skipped=skipped)
+            ms.append(
+                FingerprintMeasurement(
+                    num_layers=n,
+                    variant=v,
+                    tpot_ms=0.5 * n / v.tp + 1.0,
+                    decode_steps=10,
+                    peak_bytes=(300 + 20 * n) * 2**20,
+                    ttft=[PromptTiming(prompt_tokens=p, ttft_ms=n * (1 + 0.01 * p) + 2) for p in job.prompt_lengths],
+                    decode=[DecodeTiming(position=x, step_ms=0.5 * n / v.tp + 1.0) for x in (16, 17, 64)],
+                )
+            )
+    return ProfileResult(
+        job_id=job.job_id,
+        device="cuda:0",
+        gpu_type=GPU_TYPE,
+        measurements=ms,
+        gpu_seconds=3.0,
+        wall_seconds=3.0,
+        peak_bytes=340 * 2**20,
+        skipped=skipped,
+    )
 
 
 class FakeAgent:
     """Publishes gpu.load for its GPUs and answers agent.<id>.profile with ``behave(job)``."""
 
-    def __init__(self, agent_id: str, gpus: int, behave: Callable[[ProfileJob], Awaitable[ProfileResult]], simulated: bool = False):
+    def __init__(
+        self,
+        agent_id: str,
+        gpus: int,
+        behave: Callable[[ProfileJob], Awaitable[ProfileResult]],
+        simulated: bool = False,
+    ):
         self.agent_id = agent_id
         self.gpus = gpus
         self.behave = behave
@@ -70,8 +88,17 @@ class FakeAgent:
     async def _loads(self) -> None:
         while True:
             for i in range(self.gpus):
-                load = GpuLoad(agent_id=self.agent_id, gpu_index=i, gpu_type=GPU_TYPE, total_bytes=24 * 2**30, used_bytes=0,
-                               free_bytes=24 * 2**30 - i, busy_fraction=0.0, window_s=60, simulated=self.simulated)
+                load = GpuLoad(
+                    agent_id=self.agent_id,
+                    gpu_index=i,
+                    gpu_type=GPU_TYPE,
+                    total_bytes=24 * 2**30,
+                    used_bytes=0,
+                    free_bytes=24 * 2**30 - i,
+                    busy_fraction=0.0,
+                    window_s=60,
+                    simulated=self.simulated,
+                )
                 await self.nc.publish(subjects.gpu_load(self.agent_id, i), encode(load))
             await asyncio.sleep(0.2)
 
@@ -82,9 +109,21 @@ class FakeAgent:
 
 
 async def _service(url: str, tmp: Path, **cfg) -> FingerprintService:
-    conf = FingerprintConfig(nats_url=url, log_level="warning", log_json=True, work_dir=tmp / "fp", context_tokens=256,
-                             prompt_lengths=[16, 32, 64], output_lengths=[4, 12], repeats=1, warmup=0, gpu_wait_s=10,
-                             profile_timeout_s=1.0, profile_reply_margin_s=0.5, **cfg)
+    conf = FingerprintConfig(
+        nats_url=url,
+        log_level="warning",
+        log_json=True,
+        work_dir=tmp / "fp",
+        context_tokens=256,
+        prompt_lengths=[16, 32, 64],
+        output_lengths=[4, 12],
+        repeats=1,
+        warmup=0,
+        gpu_wait_s=10,
+        profile_timeout_s=1.0,
+        profile_reply_margin_s=0.5,
+        **cfg,
+    )
     svc = FingerprintService(conf, await bus.connect(url, "fingerprint"), CAPS)
     await svc.start()
     return svc
@@ -128,9 +167,14 @@ async def test_a_failed_run_is_retried_once_on_another_gpu(nats_server, tmp_path
     # TP=2 measured on the agent's two GPUs; every 4-layer configuration on 2 GPUs is estimated
     assert jobs[1].gpu_indices == [1, 0] and {v.tp for v in jobs[1].variants} == {1, 2}
     assert cmap is not None and {e.config.key() for e in cmap.estimates} == {
-        "tp1-pp1-wfp16-kvfp16-pnone", "tp1-pp2-wfp16-kvfp16-pnone", "tp2-pp1-wfp16-kvfp16-pnone"}
+        "tp1-pp1-wfp16-kvfp16-pnone",
+        "tp1-pp2-wfp16-kvfp16-pnone",
+        "tp2-pp1-wfp16-kvfp16-pnone",
+    }
     assert all(e.method == "fingerprint" for e in cmap.estimates)
-    assert cmap.cost.gpu_seconds == 3.0 and cmap.cost.measured_variants == 2 and len(cmap.cost.fingerprint_fraction) == 2
+    assert (
+        cmap.cost.gpu_seconds == 3.0 and cmap.cost.measured_variants == 2 and len(cmap.cost.fingerprint_fraction) == 2
+    )
 
 
 async def test_two_failures_are_reported_and_nothing_is_stored(nats_server, tmp_path, tiny_model):

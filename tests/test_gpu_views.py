@@ -46,8 +46,18 @@ async def test_agent_publishes_nvml_memory_utilization_and_the_busy_window(nats_
 
     conn = await bus.connect(nats_server.url, "agent")
     gpus = ScriptedGpus()
-    cfg = AgentConfig(nats_url=nats_server.url, log_level="warning", log_json=True, agent_id="n0", simulate_gpus="",
-                      gpu_type="", interval_s=0.1, load_window_s=1.0, work_dir=tmp_path / "agent", profile_timeout_s=60)
+    cfg = AgentConfig(
+        nats_url=nats_server.url,
+        log_level="warning",
+        log_json=True,
+        agent_id="n0",
+        simulate_gpus="",
+        gpu_type="",
+        interval_s=0.1,
+        load_window_s=1.0,
+        work_dir=tmp_path / "agent",
+        profile_timeout_s=60,
+    )
     agent = AgentService(cfg, conn, gpus)
     seen: list[GpuLoad] = []
 
@@ -82,8 +92,17 @@ async def test_deployer_sees_the_busy_window_and_memory_others_hold(nats_server,
     await svc.start()
 
     async def report(index, free, busy, workers=()):
-        g = GpuLoad(agent_id="h", gpu_index=index, gpu_type="T", total_bytes=80 * gib, used_bytes=80 * gib - free,
-                    free_bytes=free, busy_fraction=busy, window_s=120.0, workers=list(workers))
+        g = GpuLoad(
+            agent_id="h",
+            gpu_index=index,
+            gpu_type="T",
+            total_bytes=80 * gib,
+            used_bytes=80 * gib - free,
+            free_bytes=free,
+            busy_fraction=busy,
+            window_s=120.0,
+            workers=list(workers),
+        )
         await nc.publish(subjects.gpu_load("h", index), encode(g))
         await nc.flush()
 

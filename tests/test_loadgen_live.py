@@ -33,8 +33,16 @@ class ReplayCluster(Cluster):
         if name != "fingerprint":
             return await super().start_service(name)
         cfg = FingerprintConfig(
-            nats_url=self.url, log_level="warning", log_json=True, work_dir=self.tmp / "fp", context_tokens=self.context_tokens,
-            prompt_lengths=[16, 64], output_lengths=[4, 12], repeats=1, warmup=1, gpu_wait_s=20,
+            nats_url=self.url,
+            log_level="warning",
+            log_json=True,
+            work_dir=self.tmp / "fp",
+            context_tokens=self.context_tokens,
+            prompt_lengths=[16, 64],
+            output_lengths=[4, 12],
+            repeats=1,
+            warmup=1,
+            gpu_wait_s=20,
         )
         caps = {**CAPABILITIES, "tp": [1], "weight_quant": ["fp16"], "kv_quant": ["fp16"], "pruning": ["none"]}
         svc = FingerprintService(cfg, await self._conn("fingerprint"), caps)
@@ -74,15 +82,27 @@ async def test_replay_records_every_request(nats_server, tiny_model, tmp_path):
     assert not result.interrupted and result.summary is not None
     run = load_run(tmp_path / "run")
     m = run.meta
-    assert m.kind == "live" and m.trace == "code" and m.aggregate == 30 and m.requests == 24 and m.models == ["tiny-a", "tiny-b"]
-    assert m.gpu_count == 2 and m.gpu_type == "sim-gpu" and m.ended_at > m.t0_unix > m.started_at > 0 and not m.interrupted
+    assert (
+        m.kind == "live"
+        and m.trace == "code"
+        and m.aggregate == 30
+        and m.requests == 24
+        and m.models == ["tiny-a", "tiny-b"]
+    )
+    assert (
+        m.gpu_count == 2 and m.gpu_type == "sim-gpu" and m.ended_at > m.t0_unix > m.started_at > 0 and not m.interrupted
+    )
     # the intent's lengths: the replayed requests' medians, fitted into the profiled context of 256
-    assert m.intent.kind == "min-latency" and m.intent.prompt_tokens + m.intent.output_tokens <= 256 and m.slo_ms == 60_000
+    assert (
+        m.intent.kind == "min-latency" and m.intent.prompt_tokens + m.intent.output_tokens <= 256 and m.slo_ms == 60_000
+    )
 
     # one record per request, all successful, with the exact token counts asked for
     by_index = {r.index: r for r in run.requests}
     assert len(run.requests) == 24 and set(by_index) == {r.index for r in planned}
-    assert all(r.status == "ok" for r in run.requests), [(r.status, r.error_message) for r in run.requests if r.status != "ok"]
+    assert all(r.status == "ok" for r in run.requests), [
+        (r.status, r.error_message) for r in run.requests if r.status != "ok"
+    ]
     for req in planned:
         r = by_index[req.index]
         want = traces.fit_lengths(req.context_tokens, req.generated_tokens, max_context=1024, model_context=256)
@@ -98,7 +118,9 @@ async def test_replay_records_every_request(nats_server, tiny_model, tmp_path):
         assert r.model in ("tiny-a", "tiny-b") and r.deployment_id and r.config.startswith("tp")
         assert r.slo_ms == 60_000 and r.slo_met is True
     # the random assignment used both models, exactly as the pure assignment function says
-    assert [by_index[req.index].model for req in planned] == traces.assign_models(planned, ["tiny-a", "tiny-b"], cfg.seed)
+    assert [by_index[req.index].model for req in planned] == traces.assign_models(
+        planned, ["tiny-a", "tiny-b"], cfg.seed
+    )
     assert set(result.summary.per_model) == {"tiny-a", "tiny-b"} and result.summary.ok == 24
 
     # GPU samples over time and the deployments' lives
@@ -124,13 +146,21 @@ async def test_cli_ctrl_c_keeps_what_was_collected(nats_server, tiny_model, tmp_
         ]  # fmt: skip
         env = {**os.environ, "ISERVE_NATS_URL": nats_server.url, "ISERVE_LOG_LEVEL": "warning"}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "iserve.loadgen", *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            sys.executable,
+            "-m",
+            "iserve.loadgen",
+            *argv,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         try:
+
             def progressed() -> bool:  # 5 requests done and the second replica requested (at t = 2 s)
                 requests, deployments = out / "requests.jsonl", out / "deployments.jsonl"
                 return (
-                    requests.exists() and requests.read_bytes().count(b"\n") >= 5
+                    requests.exists()
+                    and requests.read_bytes().count(b"\n") >= 5
                     and deployments.read_bytes().count(b'"status":"requested"') >= 2
                 )
 
@@ -155,4 +185,6 @@ async def test_cli_ctrl_c_keeps_what_was_collected(nats_server, tiny_model, tmp_
     done = [r for r in run.requests if r.status == "ok"]
     assert len(done) >= 5 and all(r.output_tokens == min(r.trace_generated_tokens, 255) for r in done)
     # models are deployed on schedule while the trace plays: the second replica was requested at t=2 s
-    assert [e.t_s for e in run.deployments if e.status == "requested"][1] >= 2.0 - 0.05  # --deploy-every-s 2; the two clocks may differ by a few ms
+    assert [e.t_s for e in run.deployments if e.status == "requested"][
+        1
+    ] >= 2.0 - 0.05  # --deploy-every-s 2; the two clocks may differ by a few ms

@@ -9,11 +9,14 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("modules", [
-    "iserve.fingerprint.service, iserve.fingerprint.__main__",
-    "iserve.fingerprint.validate",
-    "iserve.gpu_agent.engine, iserve.gpu_agent.engine.capabilities",
-])
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "iserve.fingerprint.service, iserve.fingerprint.__main__",
+        "iserve.fingerprint.validate",
+        "iserve.gpu_agent.engine, iserve.gpu_agent.engine.capabilities",
+    ],
+)
 def test_importing_imports_no_torch(modules):
     code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch was imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -21,8 +24,10 @@ def test_importing_imports_no_torch(modules):
 
 
 def test_the_planning_side_of_validate_reads_capabilities_without_torch():
-    code = ("import sys; from iserve.fingerprint import validate; "
-            "from iserve.gpu_agent.engine.capabilities import CAPABILITIES; "
-            "assert validate.engine_capabilities() == CAPABILITIES; assert 'torch' not in sys.modules")
+    code = (
+        "import sys; from iserve.fingerprint import validate; "
+        "from iserve.gpu_agent.engine.capabilities import CAPABILITIES; "
+        "assert validate.engine_capabilities() == CAPABILITIES; assert 'torch' not in sys.modules"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

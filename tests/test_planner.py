@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from planner_factories import ALL, PROPS, brute_fits, check_assignments, clusters, est, estimate_sets, host, intents
+
 from iserve.deployer.feasibility import ClusterView
 from iserve.deployer.planner import Decision, plan, score
 from iserve.deployer.ranking import rank
 from iserve.deployer.units import GIB
 from iserve.errors import Infeasible
 from iserve.messages import Intent
-from planner_factories import ALL, PROPS, brute_fits, check_assignments, clusters, est, estimate_sets, host, intents
 
 # ---------------------------------------------------------------------------------------------------
 # the whole plan
@@ -32,9 +33,11 @@ def test_plan_takes_best_ranked_that_fits_and_reports_better_ones():
     # hybrid packs: all GPUs idle, so the fuller GPU of host a comes first in the pipeline
     assert [(a.agent_id, a.gpu_index, a.num_layers) for a in d.assignments] == [("a", 1, 14), ("a", 0, 18)]
     assert d.fitting == 2 and d.latency_ms == pytest.approx(30 + 127 * 7)
-    assert d.why.startswith("min-latency: tp1-pp2-wfp16-kvfp16-pnone has the lowest estimated latency (919 ms for "
-                            "512+128 tokens) among the 2 configurations that fit the free GPUs; "
-                            "2 faster ones did not fit")
+    assert d.why.startswith(
+        "min-latency: tp1-pp2-wfp16-kvfp16-pnone has the lowest estimated latency (919 ms for "
+        "512+128 tokens) among the 2 configurations that fit the free GPUs; "
+        "2 faster ones did not fit"
+    )
     assert "layers 14/18" in d.why
 
 
@@ -130,8 +133,9 @@ def test_decision_time_for_1000_configurations_on_64_gpus_stays_in_milliseconds(
     bench = _bench_decision()
     gpus = bench.make_cluster("worst-case", random.Random(7))
     view = ClusterView(gpus)
-    estimates = [msgspec.structs.replace(e, tpot_ms=e.tpot_ms * 20) if view.fits(e) else e
-                 for e in bench.make_estimates(1000)]
+    estimates = [
+        msgspec.structs.replace(e, tpot_ms=e.tpot_ms * 20) if view.fits(e) else e for e in bench.make_estimates(1000)
+    ]
     assert len(estimates) == 1000 and len(gpus) == 64
     best = float("inf")
     for _ in range(5):
@@ -141,5 +145,3 @@ def test_decision_time_for_1000_configurations_on_64_gpus_stays_in_milliseconds(
     assert len(d.rejected) > 900 and d.fitting >= 1
     check_assignments(d.estimate, gpus, d.assignments)
     assert best < 100.0, f"plan() took {best:.1f} ms at best for 1,000 configurations on 64 GPUs"
-
-

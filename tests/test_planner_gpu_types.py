@@ -4,25 +4,40 @@ and keeps the decision that best meets the intent."""
 from __future__ import annotations
 
 import pytest
+from planner_factories import est, gpu
+
 from iserve.deployer.placement import GpuState
 from iserve.deployer.planner import plan, plan_gpu_types
 from iserve.deployer.units import GIB
 from iserve.errors import BadRequest, Infeasible, Unavailable
 from iserve.messages import ConfigEstimate, ConfigurationMap, Intent
-from planner_factories import est, gpu
 
 
 def cmap(gpu_type: str, *estimates: ConfigEstimate, context: int = 2048) -> ConfigurationMap:
-    return ConfigurationMap(model="m", gpu_type=gpu_type, gpu_memory_bytes=80 * GIB, max_gpus=8,
-                            context_tokens=context, estimates=list(estimates))
+    return ConfigurationMap(
+        model="m",
+        gpu_type=gpu_type,
+        gpu_memory_bytes=80 * GIB,
+        max_gpus=8,
+        context_tokens=context,
+        estimates=list(estimates),
+    )
 
 
 def gpus_of(gpu_type: str, agent: str, frees_gib: list[float]) -> list[GpuState]:
     out = []
     for i, f in enumerate(frees_gib):
         g = gpu(agent, i, int(f * GIB))
-        out.append(GpuState(agent_id=g.agent_id, gpu_index=g.gpu_index, gpu_type=gpu_type,
-                            total_bytes=g.total_bytes, free_bytes=g.free_bytes, load=g.load))
+        out.append(
+            GpuState(
+                agent_id=g.agent_id,
+                gpu_index=g.gpu_index,
+                gpu_type=gpu_type,
+                total_bytes=g.total_bytes,
+                free_bytes=g.free_bytes,
+                load=g.load,
+            )
+        )
     return out
 
 
@@ -82,15 +97,18 @@ def test_one_type_decides_as_plan_does():
 def test_no_gpus_of_any_profiled_type_is_unavailable():
     with pytest.raises(Unavailable) as info:
         choose({"A100": cmap("A100", est())}, gpus=gpus_of("H100", "h", [80]))
-    assert info.value.message == ("no A100 GPU reported load in the last 5 s; "
-                                  "start a GPU agent (`iserve up` starts one).")
+    assert info.value.message == (
+        "no A100 GPU reported load in the last 5 s; start a GPU agent (`iserve up` starts one)."
+    )
 
 
 def test_only_a_too_long_context_is_a_bad_request():
     with pytest.raises(BadRequest) as info:
         choose({"A100": cmap("A100", est(), context=512)}, context_tokens=1024)
-    assert info.value.message.startswith("context_tokens 1024 is longer than m was profiled for "
-                                         "(the A100 profile is for a context of 512 tokens); ask for at most that")
+    assert info.value.message.startswith(
+        "context_tokens 1024 is longer than m was profiled for "
+        "(the A100 profile is for a context of 512 tokens); ask for at most that"
+    )
 
 
 def test_every_type_infeasible_lists_each_reason():

@@ -8,12 +8,6 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from iserve.deployer.feasibility import ClusterView
-from iserve.deployer.memory import even_needs, even_stage_needs, shortfall_bytes, split_layers, stage_capacity
-from iserve.deployer.placement import arrange
-from iserve.deployer.planner import place
-from iserve.deployer.units import GIB
-from iserve.errors import BadRequest
 from planner_factories import (
     PROPS,
     brute_choice,
@@ -25,6 +19,13 @@ from planner_factories import (
     policy_order,
     used,
 )
+
+from iserve.deployer.feasibility import ClusterView
+from iserve.deployer.memory import even_needs, even_stage_needs, shortfall_bytes, split_layers, stage_capacity
+from iserve.deployer.placement import arrange
+from iserve.deployer.planner import place
+from iserve.deployer.units import GIB
+from iserve.errors import BadRequest
 
 
 def test_stage_capacity_counts_first_and_last_extras():
@@ -82,8 +83,11 @@ def test_split_layers_matches_brute_force(layers, caps):
     assert max(got) == min(max(s) for s in splits)  # the water-filling level is the least possible
     # among the most even splits, the later stages give up layers first
     level = max(got)
-    even = [list(s) for s in splits if max(s) == level and all(b == min(c, level) or b == level - 1
-                                                            for b, c in zip(s, caps))]
+    even = [
+        list(s)
+        for s in splits
+        if max(s) == level and all(b == min(c, level) or b == level - 1 for b, c in zip(s, caps))
+    ]
     assert got == max(even)
 
 
@@ -172,8 +176,12 @@ def test_tensor_parallel_stages_group_gpus_by_free_memory():
     # free 30, 10, 30, 10 GiB in policy order; tp=2 x pp=2 must pair 30+30 and 10+10 to hold 36 layers
     gpus = host("a", [30, 10, 30, 10], loads=[0.0, 0.1, 0.2, 0.3])
     got = place(est(2, 2, layers=36), gpus, policy="least-loaded", theta=0.5)
-    assert [(a.gpu_index, a.first_layer, a.num_layers) for a in got] == [(0, 0, 26), (2, 0, 26), (1, 26, 10),
-                                                                         (3, 26, 10)]
+    assert [(a.gpu_index, a.first_layer, a.num_layers) for a in got] == [
+        (0, 0, 26),
+        (2, 0, 26),
+        (1, 26, 10),
+        (3, 26, 10),
+    ]
 
 
 def test_first_and_last_roles_move_when_the_policy_order_cannot_hold_them():
@@ -204,7 +212,6 @@ def test_place_validates_its_inputs():
 
 def test_arrange_rejects_gpus_that_cannot_hold_the_model():
     assert arrange(est(1, 2, layers=32), host("a", [10, 10])) is None
-
 
 
 @PROPS
@@ -245,7 +252,6 @@ def test_hybrid_packs_when_it_can(estimates, gpus, theta):
             check_assignments(e, gpus, got)
 
 
-
 @PROPS
 @given(estimate_sets(), st.lists(st.integers(0, 64), min_size=6, max_size=6))
 def test_miss_shortfall_pairs_even_needs_with_the_freest_gpus(estimates, frees):
@@ -257,4 +263,5 @@ def test_miss_shortfall_pairs_even_needs_with_the_freest_gpus(estimates, frees):
         assert needs == [n for n in even_stage_needs(e) for _ in range(e.config.tp)]
         k = e.config.tp * e.config.pp
         assert shortfall_bytes(even_stage_needs(e), frees[:k], e.config.tp) == sum(
-            max(0, n - f) for n, f in zip(needs, frees[:k]))
+            max(0, n - f) for n, f in zip(needs, frees[:k])
+        )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from planner_factories import ALL, FAST_BIG, MID_4GPU, SLOW_SMALL, est, host
+
 from iserve.deployer.planner import plan
 from iserve.deployer.ranking import cost, latency_ms, rank
 from iserve.deployer.units import GIB
 from iserve.errors import BadRequest
 from iserve.messages import DeployRequest, Intent, decode
-from planner_factories import ALL, FAST_BIG, MID_4GPU, SLOW_SMALL, est, host
 
 # ---------------------------------------------------------------------------------------------------
 # metrics
@@ -24,7 +25,8 @@ def test_latency_and_cost_formulas():
     assert cost(e, Intent(cost_model="mem-x-latency", prompt_tokens=100, output_tokens=11)) == pytest.approx(40 * 0.45)
     assert cost(e, Intent(cost_model="memory", prompt_tokens=100, output_tokens=11)) == pytest.approx(40.0)
     assert cost(e, Intent(cost_model="gpu-hours", prompt_tokens=100, output_tokens=11)) == pytest.approx(
-        4 * 0.45 / 3600)
+        4 * 0.45 / 3600
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,5 +123,3 @@ def test_rank_rejects_unusable_intents(intent, words):
     with pytest.raises(BadRequest) as info:
         rank(ALL, intent)
     assert words in info.value.message
-
-

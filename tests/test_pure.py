@@ -8,12 +8,12 @@ import os
 import msgspec
 import pytest
 
-from iserve import errors, messages as m
+from iserve import errors
+from iserve import messages as m
 from iserve.gpu_agent.load import BusyWindow, busy_from_heartbeats, parse_simulated
 from iserve.gpu_agent.worker import fit_prompt
 from iserve.scheduler.queues import FcfsQueues, Queued
 from iserve.settings import flag
-
 
 # --- busy window (paper: load = busy seconds / window) ------------------------------------------
 
@@ -149,7 +149,13 @@ def test_placement_settings_and_agent_windows_have_env_twins(monkeypatch, capsys
     from iserve.deployer.config import parse as deployer_parse
     from iserve.gpu_agent.config import parse as agent_parse
 
-    for name in ("ISERVE_PLACEMENT", "ISERVE_THETA", "ISERVE_LOAD_WINDOW_S", "ISERVE_INTERVAL_S", "ISERVE_WORKER_STALE_S"):
+    for name in (
+        "ISERVE_PLACEMENT",
+        "ISERVE_THETA",
+        "ISERVE_LOAD_WINDOW_S",
+        "ISERVE_INTERVAL_S",
+        "ISERVE_WORKER_STALE_S",
+    ):
         monkeypatch.delenv(name, raising=False)
     cfg = deployer_parse([])
     assert (cfg.placement, cfg.theta) == ("hybrid", 0.5)
@@ -189,7 +195,9 @@ def test_nvml_gpus_read_memory_and_utilization(monkeypatch):
     fake.nvmlDeviceGetCount = lambda: 2
     fake.nvmlDeviceGetHandleByIndex = lambda i: i
     fake.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3" if h == 0 else "NVIDIA H100 80GB HBM3"
-    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * gib, used=(h + 1) * gib, free=(79 - h) * gib)
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
+        total=80 * gib, used=(h + 1) * gib, free=(79 - h) * gib
+    )
 
     def util(h):
         if h == 1:
@@ -200,8 +208,10 @@ def test_nvml_gpus_read_memory_and_utilization(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     gpus = NvmlGpus()
     assert not gpus.simulated
-    assert gpus.read() == [GpuReading(0, "NVIDIA H100 80GB HBM3", 80 * gib, gib, 37.0),
-                           GpuReading(1, "NVIDIA H100 80GB HBM3", 80 * gib, 2 * gib, 0.0)]
+    assert gpus.read() == [
+        GpuReading(0, "NVIDIA H100 80GB HBM3", 80 * gib, gib, 37.0),
+        GpuReading(1, "NVIDIA H100 80GB HBM3", 80 * gib, 2 * gib, 0.0),
+    ]
     assert gpus.visible_devices_env([1, 3]) == {"CUDA_VISIBLE_DEVICES": "1,3"} and gpus.device_for(3, 1) == "cuda:1"
     assert not discover("", "").simulated
     fake.nvmlDeviceGetCount = lambda: 0  # a driver without GPUs: the agent still runs, on a simulated one
@@ -242,8 +252,16 @@ def test_configuration_key_and_estimate_math():
     c = m.Configuration(tp=2, pp=4, weight_quant="int4", kv_quant="int8", pruning="2:4")
     assert c.key() == "tp2-pp4-wint4-kvint8-p24" and c.gpus == 8
     e = m.ConfigEstimate(
-        config=c, ttft_base_ms=10, ttft_per_token_ms=0.1, tpot_ms=5, layer_bytes=100, first_stage_bytes=1000,
-        last_stage_bytes=2000, gpu_overhead_bytes=50, total_bytes=0, num_layers=32,
+        config=c,
+        ttft_base_ms=10,
+        ttft_per_token_ms=0.1,
+        tpot_ms=5,
+        layer_bytes=100,
+        first_stage_bytes=1000,
+        last_stage_bytes=2000,
+        gpu_overhead_bytes=50,
+        total_bytes=0,
+        num_layers=32,
     )
     assert e.ttft_ms(100) == pytest.approx(20)
     assert e.latency_ms(100, 11) == pytest.approx(20 + 10 * 5)

@@ -19,25 +19,73 @@ GIB = 1 << 30
 
 
 def _run(requests, deployments, duration=100.0, intent=None) -> Run:
-    meta = RunMeta(kind="live", trace="code", rate=0.4, interval_s=60, aggregate=1, duration_s=duration,
-                   intent=intent or Intent(kind="min-cost"), models=["a", "b"])
+    meta = RunMeta(
+        kind="live",
+        trace="code",
+        rate=0.4,
+        interval_s=60,
+        aggregate=1,
+        duration_s=duration,
+        intent=intent or Intent(kind="min-cost"),
+        models=["a", "b"],
+    )
     return Run(path=report.Path("x"), meta=meta, requests=requests, deployments=deployments)
 
 
 def test_metrics_are_computed_from_the_records():
     deps = [
-        DeploymentEvent(t_s=0.0, model="a", deployment_id="a/1", config="tp2-pp1", gpus=["h/0:32", "h/1:32"],
-                        total_bytes=20 * GIB, status="ready"),
-        DeploymentEvent(t_s=50.0, model="b", deployment_id="b/1", config="tp1-pp1", gpus=["h/1:40"],
-                        total_bytes=10 * GIB, status="ready"),
+        DeploymentEvent(
+            t_s=0.0,
+            model="a",
+            deployment_id="a/1",
+            config="tp2-pp1",
+            gpus=["h/0:32", "h/1:32"],
+            total_bytes=20 * GIB,
+            status="ready",
+        ),
+        DeploymentEvent(
+            t_s=50.0,
+            model="b",
+            deployment_id="b/1",
+            config="tp1-pp1",
+            gpus=["h/1:40"],
+            total_bytes=10 * GIB,
+            status="ready",
+        ),
     ]
     reqs = [
-        RequestRecord(request_id="0", model="a", deployment_id="a/1", arrival_s=1.0, end_s=3.0, e2e_ms=2000.0,
-                      output_tokens=10, slo_ms=3000.0, slo_met=True),
-        RequestRecord(request_id="1", model="b", deployment_id="b/1", arrival_s=60.0, end_s=64.0, e2e_ms=4000.0,
-                      output_tokens=20, slo_ms=3000.0, slo_met=False),
-        RequestRecord(request_id="2", model="b", arrival_s=10.0, end_s=10.0, status="error", error_code="not_deployed",
-                      slo_ms=3000.0, slo_met=False),
+        RequestRecord(
+            request_id="0",
+            model="a",
+            deployment_id="a/1",
+            arrival_s=1.0,
+            end_s=3.0,
+            e2e_ms=2000.0,
+            output_tokens=10,
+            slo_ms=3000.0,
+            slo_met=True,
+        ),
+        RequestRecord(
+            request_id="1",
+            model="b",
+            deployment_id="b/1",
+            arrival_s=60.0,
+            end_s=64.0,
+            e2e_ms=4000.0,
+            output_tokens=20,
+            slo_ms=3000.0,
+            slo_met=False,
+        ),
+        RequestRecord(
+            request_id="2",
+            model="b",
+            arrival_s=10.0,
+            end_s=10.0,
+            status="error",
+            error_code="not_deployed",
+            slo_ms=3000.0,
+            slo_met=False,
+        ),
     ]
     m = metrics.run_metrics(_run(reqs, deps))
     assert (m.requests, m.ok, m.failed) == (3, 2, 1)
@@ -71,11 +119,22 @@ def runs_dir(tmp_path_factory):
     for rate in (0.1, 0.2):
         tr = sim.build_trace("code", rate=rate, duration_s=300)
         for system in ("iserve", "max-tp", "alpaserve"):
-            for kind, slo, exp in [("min-latency", 0.0, "fig11"), ("min-memory", 0.0, "fig13"),
-                                   ("latency-slo", 2.5, "fig14"), ("latency-slo", 7.5, "fig14")]:
-                s = SimSpec(models=models, trace=tr, system=system, rate=rate, slo_scale=slo,
-                                intent=Intent(kind=kind, prompt_tokens=1024, output_tokens=13),
-                                notes=f"experiment={exp}", **base)
+            for kind, slo, exp in [
+                ("min-latency", 0.0, "fig11"),
+                ("min-memory", 0.0, "fig13"),
+                ("latency-slo", 2.5, "fig14"),
+                ("latency-slo", 7.5, "fig14"),
+            ]:
+                s = SimSpec(
+                    models=models,
+                    trace=tr,
+                    system=system,
+                    rate=rate,
+                    slo_scale=slo,
+                    intent=Intent(kind=kind, prompt_tokens=1024, output_tokens=13),
+                    notes=f"experiment={exp}",
+                    **base,
+                )
                 Simulation(s).run().write(root / f"{exp}-{rate}-{kind}-{slo}-{system}")
         s = SimSpec(
             models=models,

@@ -57,23 +57,36 @@ class Cluster:
         common = dict(nats_url=self.url, log_level="warning", log_json=True)
         if name == "agent":
             cfg = AgentConfig(
-                agent_id="a0", simulate_gpus=self.gpus, gpu_type="sim-gpu", interval_s=0.25, load_window_s=120,
-                work_dir=self.tmp / "agent", profile_timeout_s=300, **common,
+                agent_id="a0",
+                simulate_gpus=self.gpus,
+                gpu_type="sim-gpu",
+                interval_s=0.25,
+                load_window_s=120,
+                work_dir=self.tmp / "agent",
+                profile_timeout_s=300,
+                **common,
             )
             svc = AgentService(cfg, await self._conn("agent"), SimulatedGpus(parse_simulated(self.gpus), "sim-gpu"))
         elif name == "fingerprint":
             cfg = FingerprintConfig(
-                work_dir=self.tmp / "fp", context_tokens=self.context_tokens, prompt_lengths=[16, 64],
+                work_dir=self.tmp / "fp",
+                context_tokens=self.context_tokens,
+                prompt_lengths=[16, 64],
                 output_lengths=[4, 12],
-                repeats=2, warmup=1, gpu_wait_s=20, **common,
+                repeats=2,
+                warmup=1,
+                gpu_wait_s=20,
+                **common,
             )
             svc = FingerprintService(cfg, await self._conn("fingerprint"), TEST_CAPABILITIES)
         elif name == "deployer":
-            svc = DeployerService(DeployerConfig(reconcile_s=0.5, gpu_stale_s=2.0, **common),
-                                  await self._conn("deployer"))
+            svc = DeployerService(
+                DeployerConfig(reconcile_s=0.5, gpu_stale_s=2.0, **common), await self._conn("deployer")
+            )
         else:
-            svc = SchedulerService(SchedulerConfig(refresh_s=0.5, client_check_s=0.2, **common),
-                                   await self._conn("scheduler"))
+            svc = SchedulerService(
+                SchedulerConfig(refresh_s=0.5, client_check_s=0.2, **common), await self._conn("scheduler")
+            )
         await svc.start()
         self.services[name] = svc
         return svc
@@ -249,8 +262,9 @@ async def test_request_timeouts_cancellation_and_vanished_clients(nats_server, c
         name, _ = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
-        long = InferRequest(request_id="long", model=name, prompt="x", max_tokens=2000, ignore_eos=True,
-                            stream_to=inbox)
+        long = InferRequest(
+            request_id="long", model=name, prompt="x", max_tokens=2000, ignore_eos=True, stream_to=inbox
+        )
         await bus.request(nc, subjects.INFER, long, Accepted)
         await sub.next_msg(timeout=30)  # it runs
         dec = decoder(StreamMessage)
@@ -264,8 +278,9 @@ async def test_request_timeouts_cancellation_and_vanished_clients(nats_server, c
         # queued behind it, a request with a short timeout is dropped by the scheduler (queue depth 1)
         late_inbox = nc.new_inbox()
         late_sub = await nc.subscribe(late_inbox)
-        late = InferRequest(request_id="late", model=name, prompt="x", max_tokens=2, timeout_s=0.5,
-                            stream_to=late_inbox)
+        late = InferRequest(
+            request_id="late", model=name, prompt="x", max_tokens=2, timeout_s=0.5, stream_to=late_inbox
+        )
         accepted = await bus.request(nc, subjects.INFER, late, Accepted)
         assert accepted.queue_depth == 1
         err = await next_message(late_sub)
@@ -297,8 +312,9 @@ async def test_request_timeouts_cancellation_and_vanished_clients(nats_server, c
         # a client that vanishes mid-stream without a word: the scheduler notices and cancels its request
         gone_inbox = nc.new_inbox()
         gone_sub = await nc.subscribe(gone_inbox)
-        gone = InferRequest(request_id="gone", model=name, prompt="x", max_tokens=2000, ignore_eos=True,
-                            stream_to=gone_inbox)
+        gone = InferRequest(
+            request_id="gone", model=name, prompt="x", max_tokens=2000, ignore_eos=True, stream_to=gone_inbox
+        )
         await bus.request(nc, subjects.INFER, gone, Accepted)
         await gone_sub.next_msg(timeout=30)  # the first token arrived ...
         await gone_sub.unsubscribe()  # ... and the client vanished
@@ -490,7 +506,8 @@ async def test_models_share_gpus_with_exact_memory_accounting(cluster, client, t
 
 
 async def test_a_hung_worker_is_killed_and_a_deployment_that_cannot_be_re_placed_fails_with_the_reason(
-        cluster, client, tiny_model, tmp_path):
+    cluster, client, tiny_model, tmp_path
+):
     import os
     import signal
 

@@ -28,14 +28,18 @@ def test_shim_makes_iserve_importable_for_child_processes(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(shim))  # the shim, not an installed copy
-    out = subprocess.run([sys.executable, "-m", "iserve.scheduler", "--help"], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "iserve.scheduler", "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "scheduler" in out.stdout
 
 
 def test_sim_vs_live_tiny_runs_both_ways_on_the_same_requests(tmp_path, capsys):
     bench = _load("sim_vs_live")
     out = tmp_path / "out"
-    rc = bench.main(["--tiny", "--out", str(out), "--work-dir", str(tmp_path / "work"), "--budget-s", "100", "--duration-s", "5"])
+    rc = bench.main(
+        ["--tiny", "--out", str(out), "--work-dir", str(tmp_path / "work"), "--budget-s", "100", "--duration-s", "5"]
+    )
     text = capsys.readouterr().out
     doc = json.loads((out / "sim_vs_live.json").read_text())
     assert rc == 0, doc.get("error") or text
@@ -52,6 +56,13 @@ def test_sim_vs_live_tiny_runs_both_ways_on_the_same_requests(tmp_path, capsys):
         assert r["live"]["e2e_ms"] > 0 and r["sim"]["e2e_ms"] > 0
     assert doc["slice"]["requests"] >= 10 and doc["slice"]["duration_s"] <= 5
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == ["live/deployments.jsonl", "live/gpus.jsonl", "live/meta.json", "live/requests.jsonl", "maps/tiny-llama.json",
-                     "sim_vs_live.json", "sim_vs_live.txt"]
+    assert files == [
+        "live/deployments.jsonl",
+        "live/gpus.jsonl",
+        "live/meta.json",
+        "live/requests.jsonl",
+        "maps/tiny-llama.json",
+        "sim_vs_live.json",
+        "sim_vs_live.txt",
+    ]
     assert not (tmp_path / "work").exists()

@@ -42,25 +42,40 @@ INFER = b'"type":"infer_request","request_id":"r","model":"m","prompt":"hi"'
 @pytest.mark.parametrize(
     ("payload", "kind", "error"),
     [
-        (b"{%s,\"max_tokens\":-1}" % INFER, InferRequest, "Expected `int` >= 1 - at `$.max_tokens`"),
-        (b"{%s,\"max_tokens\":0}" % INFER, InferRequest, "Expected `int` >= 1 - at `$.max_tokens`"),
-        (b"{%s,\"top_p\":0}" % INFER, InferRequest, "Expected `float` > 0.0 - at `$.top_p`"),
-        (b"{%s,\"top_p\":1.5}" % INFER, InferRequest, "Expected `float` <= 1.0 - at `$.top_p`"),
-        (b"{%s,\"temperature\":-0.1}" % INFER, InferRequest, "Expected `float` >= 0.0 - at `$.temperature`"),
-        (b"{%s,\"timeout_s\":0}" % INFER, InferRequest, "Expected `float` > 0.0 - at `$.timeout_s`"),
-        (b'{"model":"m","intent":{"kind":"fastest"}}', DeployRequest,
-         "Invalid enum value 'fastest' - at `$.intent.kind`"),
-        (b'{"model":"m","intent":{"cost_model":"euros"}}', DeployRequest,
-         "Invalid enum value 'euros' - at `$.intent.cost_model`"),
+        (b'{%s,"max_tokens":-1}' % INFER, InferRequest, "Expected `int` >= 1 - at `$.max_tokens`"),
+        (b'{%s,"max_tokens":0}' % INFER, InferRequest, "Expected `int` >= 1 - at `$.max_tokens`"),
+        (b'{%s,"top_p":0}' % INFER, InferRequest, "Expected `float` > 0.0 - at `$.top_p`"),
+        (b'{%s,"top_p":1.5}' % INFER, InferRequest, "Expected `float` <= 1.0 - at `$.top_p`"),
+        (b'{%s,"temperature":-0.1}' % INFER, InferRequest, "Expected `float` >= 0.0 - at `$.temperature`"),
+        (b'{%s,"timeout_s":0}' % INFER, InferRequest, "Expected `float` > 0.0 - at `$.timeout_s`"),
+        (
+            b'{"model":"m","intent":{"kind":"fastest"}}',
+            DeployRequest,
+            "Invalid enum value 'fastest' - at `$.intent.kind`",
+        ),
+        (
+            b'{"model":"m","intent":{"cost_model":"euros"}}',
+            DeployRequest,
+            "Invalid enum value 'euros' - at `$.intent.cost_model`",
+        ),
         (b'{"model":"m","intent":{"slo_ms":-5}}', DeployRequest, "Expected `float` > 0.0 - at `$.intent.slo_ms`"),
-        (b'{"model":"m","intent":{"prompt_tokens":0}}', DeployRequest,
-         "Expected `int` >= 1 - at `$.intent.prompt_tokens`"),
+        (
+            b'{"model":"m","intent":{"prompt_tokens":0}}',
+            DeployRequest,
+            "Expected `int` >= 1 - at `$.intent.prompt_tokens`",
+        ),
         (b'{"model":"m","placement":"random"}', DeployRequest, "Invalid enum value 'random' - at `$.placement`"),
         (b'{"model":"m","context_tokens":-1}', DeployRequest, "Expected `int` >= 0 - at `$.context_tokens`"),
-        (b'{"job_id":"j","model":"m","fingerprint_paths":[],"gpu_index":0,"variants":[{"weight_quant":"fp8"}]}',
-         ProfileJob, "Invalid enum value 'fp8' - at `$.variants[0].weight_quant`"),
-        (b'{"job_id":"j","model":"m","fingerprint_paths":[],"gpu_index":0,"prompt_lengths":[16,0]}',
-         ProfileJob, "Expected `int` >= 1 - at `$.prompt_lengths[1]`"),
+        (
+            b'{"job_id":"j","model":"m","fingerprint_paths":[],"gpu_index":0,"variants":[{"weight_quant":"fp8"}]}',
+            ProfileJob,
+            "Invalid enum value 'fp8' - at `$.variants[0].weight_quant`",
+        ),
+        (
+            b'{"job_id":"j","model":"m","fingerprint_paths":[],"gpu_index":0,"prompt_lengths":[16,0]}',
+            ProfileJob,
+            "Expected `int` >= 1 - at `$.prompt_lengths[1]`",
+        ),
         (b'{"config":{"tp":0}}', ConfigEstimate, "Expected `int` >= 1 - at `$.config.tp`"),
     ],
 )
@@ -71,10 +86,13 @@ def test_the_decoder_refuses_bad_values_with_their_path(payload, kind, error):
 
 
 def test_the_wire_strings_are_unchanged():
-    assert encode(Intent()) == (b'{"kind":"min-cost","cost_model":"mem-x-latency","slo_ms":null,"budget":null,'
-                                b'"prompt_tokens":512,"output_tokens":128}')
-    req = decode(b'{"model":"m","placement":"least-loaded","intent":{"kind":"latency-slo","slo_ms":200}}',
-                 DeployRequest)
+    assert encode(Intent()) == (
+        b'{"kind":"min-cost","cost_model":"mem-x-latency","slo_ms":null,"budget":null,'
+        b'"prompt_tokens":512,"output_tokens":128}'
+    )
+    req = decode(
+        b'{"model":"m","placement":"least-loaded","intent":{"kind":"latency-slo","slo_ms":200}}', DeployRequest
+    )
     assert (req.placement, req.intent.kind, req.intent.slo_ms) == ("least-loaded", "latency-slo", 200.0)
     assert decode(b'{"model":"m","placement":""}', DeployRequest).placement == ""
 
@@ -90,12 +108,13 @@ def test_vocabularies_are_listed_from_their_aliases():
 
 def test_a_bad_request_reply_carries_the_decoders_message():
     try:
-        decode(b"{%s,\"max_tokens\":-1}" % INFER, InferRequest)
+        decode(b'{%s,"max_tokens":-1}' % INFER, InferRequest)
     except msgspec.ValidationError as e:
         reply = bus.bad_request_reply(InferRequest, subjects.INFER, e)
     assert reply.code == "bad_request"
     assert reply.message.startswith(
-        f"malformed InferRequest on {subjects.INFER}: Expected `int` >= 1 - at `$.max_tokens`")
+        f"malformed InferRequest on {subjects.INFER}: Expected `int` >= 1 - at `$.max_tokens`"
+    )
 
 
 def test_flag_choices_come_from_the_aliases():
@@ -135,19 +154,29 @@ async def test_a_service_answers_a_bad_value_with_a_coded_error_and_keeps_servin
     await svc.start()
     try:
         for payload, path in (
-            (b'{"type":"deploy_request","model":"m","intent":{"kind":"fastest"}}',
-             "Invalid enum value 'fastest' - at `$.intent.kind`"),
-            (b'{"type":"deploy_request","model":"m","intent":{"output_tokens":-3}}',
-             "Expected `int` >= 1 - at `$.intent.output_tokens`"),
+            (
+                b'{"type":"deploy_request","model":"m","intent":{"kind":"fastest"}}',
+                "Invalid enum value 'fastest' - at `$.intent.kind`",
+            ),
+            (
+                b'{"type":"deploy_request","model":"m","intent":{"output_tokens":-3}}',
+                "Expected `int` >= 1 - at `$.intent.output_tokens`",
+            ),
         ):
             resp = await nc.request(subjects.DEPLOY_REQUEST, payload, timeout=5)
             reply = decode(resp.data, ErrorReply)
             assert reply.code == "bad_request"
-            assert reply.message == (f"malformed DeployRequest on {subjects.DEPLOY_REQUEST}: {path}; "
-                                     "send a message that matches iserve.messages.")
+            assert reply.message == (
+                f"malformed DeployRequest on {subjects.DEPLOY_REQUEST}: {path}; "
+                "send a message that matches iserve.messages."
+            )
         with pytest.raises(errors.BadRequest, match=r"at `\$.placement`"):
-            await bus.request(nc, subjects.DEPLOY_REQUEST, DeployRequest(model="m", placement="random"),  # type: ignore[arg-type]
-                              DeploymentList)
+            await bus.request(
+                nc,
+                subjects.DEPLOY_REQUEST,
+                DeployRequest(model="m", placement="random"),  # type: ignore[arg-type]
+                DeploymentList,
+            )
         assert await bus.request(nc, subjects.DEPLOYMENT_LIST, ListDeployments(), DeploymentList) == DeploymentList()
     finally:
         await svc.close()

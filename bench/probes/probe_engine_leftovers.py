@@ -7,6 +7,7 @@ stream per device only the first load leaves anything; with ``--prime`` the stre
 are made first (``graphs.prime_streams``, what profiling does before its first memory baseline)
 and the first load should leave nothing either. Usage: ``python bench/probes/probe_engine_leftovers.py [--prime]``.
 """
+
 import sys
 from pathlib import Path
 

@@ -15,6 +15,7 @@ prints one row per variant:
 
 GPU only. Usage: ``python bench/probes/probe_fingerprint_timing.py --out DIR [--models llama-2-7b,llama-2-13b]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,7 @@ def _timed(name, fn):
             return fn(*a, **k)
         finally:
             _phases[name] = _phases.get(name, 0.0) + time.perf_counter() - t
+
     return wrap
 
 
@@ -110,7 +112,7 @@ def wall_tpot_ms(engine, prompt: int = 512, outputs: int = 32, reps: int = 3) ->
     for _ in range(reps + 1):
         _, s = timing._run_wall(engine, ids, outputs)
         steps += s
-    return statistics.median(steps[outputs - 1:])  # the first run is a warm-up
+    return statistics.median(steps[outputs - 1 :])  # the first run is a warm-up
 
 
 def measure(path, variant, clock, *, replay=0, distinct=False, wall=False) -> dict:
@@ -128,8 +130,13 @@ def measure(path, variant, clock, *, replay=0, distinct=False, wall=False) -> di
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--models", default="llama-2-7b:fp16,int8,int4,kvint8,structured,p24;llama-2-13b:fp16,int4,int4-kvint8-structured")
-    ap.add_argument("--distinct", default="llama-2-13b", help="models whose replayed run is also timed with distinct copies")
+    ap.add_argument(
+        "--models",
+        default="llama-2-7b:fp16,int8,int4,kvint8,structured,p24;llama-2-13b:fp16,int4,int4-kvint8-structured",
+    )
+    ap.add_argument(
+        "--distinct", default="llama-2-13b", help="models whose replayed run is also timed with distinct copies"
+    )
     ap.add_argument("--budget-s", type=float, default=560)
     ap.add_argument("--work", default="/dev/shm/probe")
     a = ap.parse_args()
@@ -138,7 +145,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     clock = profiling.DeviceClock(torch.device("cuda:0"))
     results: list[dict] = []
-    print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    print(
+        f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        flush=True,
+    )
     for spec in a.models.split(";"):
         preset, variants = spec.split(":")
         t = time.perf_counter()
@@ -167,13 +177,19 @@ def main() -> int:
                 full = row["full"]["device"][p]
                 deep = row["deep"]["device"][p]
                 dd = row.get("deep_distinct", {}).get("device", {}).get(p)
-                print(f"{preset} {name:24s} pos {p:5d}: dev1 {d1:.4f} dev2 {d2:.4f} line@{L} {pred:7.3f} deep {deep:7.3f}"
-                      + (f" deep-distinct {dd:7.3f}" if dd else "")
-                      + f" full {full:7.3f} | line err {pred / full - 1:+.2%} deep err {deep / full - 1:+.2%}"
-                      + (f" distinct err {dd / full - 1:+.2%}" if dd else ""), flush=True)
+                print(
+                    f"{preset} {name:24s} pos {p:5d}: dev1 {d1:.4f} dev2 {d2:.4f} line@{L} {pred:7.3f} deep {deep:7.3f}"
+                    + (f" deep-distinct {dd:7.3f}" if dd else "")
+                    + f" full {full:7.3f} | line err {pred / full - 1:+.2%} deep err {deep / full - 1:+.2%}"
+                    + (f" distinct err {dd / full - 1:+.2%}" if dd else ""),
+                    flush=True,
+                )
             gap1 = row["fp1"]["wall_tpot"] - statistics.mean(row["fp1"]["device"].values())
-            print(f"{preset} {name:24s} wall TPOT fp1 {row['fp1']['wall_tpot']:.4f} fp2 {row['fp2']['wall_tpot']:.4f} "
-                  f"full {row['full']['wall_tpot']:.3f} (full device@512 {row['full']['device'][512]:.3f}; fp1 wall-device {gap1:.4f})", flush=True)
+            print(
+                f"{preset} {name:24s} wall TPOT fp1 {row['fp1']['wall_tpot']:.4f} fp2 {row['fp2']['wall_tpot']:.4f} "
+                f"full {row['full']['wall_tpot']:.3f} (full device@512 {row['full']['device'][512]:.3f}; fp1 wall-device {gap1:.4f})",
+                flush=True,
+            )
             for k in ("fp1", "fp2", "deep", "full"):
                 print(f"   load {k:5s}: " + ", ".join(f"{n} {s:.2f}" for n, s in row[k]["load"].items()), flush=True)
     return 0

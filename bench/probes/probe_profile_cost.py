@@ -1,5 +1,6 @@
 """Where a fingerprint profiling job's GPU-seconds go (load, warm-up, timed passes per engine), with
 and without the replayed deep run. Diagnostic; prints a table. Usage: python bench/probes/probe_profile_cost.py OUT"""
+
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ def timed(name, fn):
             return fn(*a, **k)
         finally:
             phases.append((name, time.perf_counter() - t))
+
     return wrap
 
 
@@ -40,8 +42,14 @@ timing._device_pass = timed("device_pass", timing._device_pass)
 for replay in (0, 32, 32):
     for variant in (ProfileVariant(), ProfileVariant(weight_quant="int4")):
         phases.clear()
-        proto = profiling.Protocol(prompt_lengths=(128, 512, 1024), output_lengths=(8, 32), repeats=7, context_tokens=2048, replay_depth=replay)
+        proto = profiling.Protocol(
+            prompt_lengths=(128, 512, 1024), output_lengths=(8, 32), repeats=7, context_tokens=2048, replay_depth=replay
+        )
         t = time.perf_counter()
         profiling.measure_models(paths, "cuda:0", protocol=proto, variant=variant)
         total = time.perf_counter() - t
-        print(f"replay {replay:2d} {variant.weight_quant}: total {total:6.2f} s | " + ", ".join(f"{n} {s:.2f}" for n, s in phases), flush=True)
+        print(
+            f"replay {replay:2d} {variant.weight_quant}: total {total:6.2f} s | "
+            + ", ".join(f"{n} {s:.2f}" for n, s in phases),
+            flush=True,
+        )

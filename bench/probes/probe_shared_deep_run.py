@@ -5,6 +5,7 @@ difference), then compare with the full model. References: the variant itself (w
 fp16 variant, the variant with the same weight format, with the same weight and KV formats, with
 the same weight format and pruning. Usage: python bench/probes/probe_shared_deep_run.py [RUN.json ...]
 (default: the four files of runs 10 and 11 under results/)."""
+
 import json
 import statistics
 import sys
@@ -71,8 +72,10 @@ def main(paths):
     for name, ref in refs.items():
         for mode in ("scale", "add"):
             e = evaluate(models, ref, mode)
-            print(f"{name:<30} {mode:<6} {100 * statistics.median(e['ttft']):>10.2f}% {100 * p90(e['ttft']):>6.2f}% "
-                  f"{100 * statistics.median(e['tpot']):>10.2f}% {100 * p90(e['tpot']):>6.2f}%")
+            print(
+                f"{name:<30} {mode:<6} {100 * statistics.median(e['ttft']):>10.2f}% {100 * p90(e['ttft']):>6.2f}% "
+                f"{100 * statistics.median(e['tpot']):>10.2f}% {100 * p90(e['tpot']):>6.2f}%"
+            )
     return 0
 
 

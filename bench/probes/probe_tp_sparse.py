@@ -2,6 +2,7 @@
 hang of Llama-2-7B 2:4 on two H200s: two NCCL ranks each load a 2-layer Llama-2-7B-shaped model
 (random weights) as 2:4 with and without CUDA graphs, print every phase with a timestamp, and dump
 their stacks and exit if a phase takes longer than LIMIT_S. Usage: python bench/probes/probe_tp_sparse.py"""
+
 import faulthandler
 import os
 import sys
@@ -36,14 +37,23 @@ def rank_main(rank: int, size: int) -> None:
     for graphs in (False, True):
         faulthandler.dump_traceback_later(LIMIT_S, exit=True)
         say(rank, t0, f"load 2:4 cuda_graphs={graphs}")
-        engine = Engine.load(MODEL, [(f"cuda:{rank}", 0, 2)], 2048, pruning="2:4", tp_rank=rank, tp_size=size,
-                             cuda_graphs=graphs)
-        say(rank, t0, f"loaded; fused={[s.fused for s in engine.stages]} fused_error={engine.fused_error!r} "
-                      f"graphs={getattr(engine, 'graphs_captured', '?')}")
+        engine = Engine.load(
+            MODEL, [(f"cuda:{rank}", 0, 2)], 2048, pruning="2:4", tp_rank=rank, tp_size=size, cuda_graphs=graphs
+        )
+        say(
+            rank,
+            t0,
+            f"loaded; fused={[s.fused for s in engine.stages]} fused_error={engine.fused_error!r} "
+            f"graphs={getattr(engine, 'graphs_captured', '?')}",
+        )
         if rank == 0:
             for p in (128, 1024):
                 r = engine.generate(list(range(3, 3 + p)), max_tokens=8, ignore_eos=True)
-                say(rank, t0, f"generated after {p}: ttft {r.ttft_ms:.2f} ms, steps {[round(s, 3) for s in r.step_ms[:3]]}")
+                say(
+                    rank,
+                    t0,
+                    f"generated after {p}: ttft {r.ttft_ms:.2f} ms, steps {[round(s, 3) for s in r.step_ms[:3]]}",
+                )
             engine.close()
         else:
             say(rank, t0, f"followed {engine.follow()} generations")
@@ -55,9 +65,8 @@ def rank_main(rank: int, size: int) -> None:
 
 
 if __name__ == "__main__":
-    from iserve.modelmaker import make_checkpoint
-
     import iserve.gpu_agent.engine  # noqa: F401
+    from iserve.modelmaker import make_checkpoint
 
     if not Path(MODEL, "config.json").exists():
         make_checkpoint(MODEL, "llama-2-7b", num_layers=2, dtype="float16", device="cuda")

@@ -21,8 +21,9 @@ class DeployerConfig(ServiceConfig):
 
 
 def parse(argv: list[str] | None = None) -> DeployerConfig:
-    p = argparse.ArgumentParser(prog="iserve deployer",
-                                description="Intent- and load-aware deployment of profiled models.")
+    p = argparse.ArgumentParser(
+        prog="iserve deployer", description="Intent- and load-aware deployment of profiled models."
+    )
     add_flags(p, DeployerConfig)
     a = p.parse_args(argv)
     if not 0.0 <= a.theta <= 1.0:

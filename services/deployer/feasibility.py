@@ -99,8 +99,10 @@ class ClusterView:
             elif k <= 4:
                 phrase = f"the best host, {agent}, has {gib_list(frees)} GiB free"
             else:
-                phrase = (f"the best host, {agent}, has {gib(sum(frees))} GiB free on its {k} freest GPUs "
-                          f"(the smallest {gib(frees[-1])} GiB)")
+                phrase = (
+                    f"the best host, {agent}, has {gib(sum(frees))} GiB free on its {k} freest GPUs "
+                    f"(the smallest {gib(frees[-1])} GiB)"
+                )
             got = self._best_cache[k] = (agent, frees, phrase)
         return got
 
@@ -124,8 +126,12 @@ class ClusterView:
             if k > self.max_gpus or c.pp > r.est.num_layers or k < 1:
                 bound = math.inf
             else:
-                need = c.tp * (c.pp * r.est.gpu_overhead_bytes + r.est.num_layers * r.est.layer_bytes
-                               + r.est.first_stage_bytes + r.est.last_stage_bytes)
+                need = c.tp * (
+                    c.pp * r.est.gpu_overhead_bytes
+                    + r.est.num_layers * r.est.layer_bytes
+                    + r.est.first_stage_bytes
+                    + r.est.last_stage_bytes
+                )
                 bound = max(0, need - sum(self.best_host(k)[1]))
             bounds.append((bound, i))
         bounds.sort()
@@ -148,8 +154,10 @@ class ClusterView:
         if c.pp > est.num_layers:
             return f"needs at least {c.pp} layers for pp={c.pp}, and the model has {est.num_layers}"
         if k > self.max_gpus:
-            return (f"needs {k} GPUs on one host (tp={c.tp} x pp={c.pp}), and no host has more than "
-                    f"{self.max_gpus} GPUs of this type")
+            return (
+                f"needs {k} GPUs on one host (tp={c.tp} x pp={c.pp}), and no host has more than "
+                f"{self.max_gpus} GPUs of this type"
+            )
         needs = even_stage_needs(est)
         lo, hi = gib(needs[-1]), gib(needs[0])
         _, frees, phrase = self.best_host(k)
@@ -158,8 +166,7 @@ class ClusterView:
         if k == 1:
             return f"needs 1 GPU with {hi} GiB free; {phrase}{tail}"
         each = f"{hi} GiB" if lo == hi else f"{lo} to {hi} GiB"
-        return (f"needs {k} GPUs on one host with {each} free each ({gib(c.tp * sum(needs))} GiB in all); "
-                f"{phrase}{tail}")
+        return f"needs {k} GPUs on one host with {each} free each ({gib(c.tp * sum(needs))} GiB in all); {phrase}{tail}"
 
     # -- placement -----------------------------------------------------------------------------------
 

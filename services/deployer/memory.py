@@ -139,7 +139,7 @@ def shortfall_bytes(stage_needs: list[int], frees: list[int], tp: int) -> int:
     short = 0
     j = 0
     for need in stage_needs:
-        for free in frees[j:j + tp]:
+        for free in frees[j : j + tp]:
             if need > free:
                 short += need - free
         j += tp
@@ -161,4 +161,3 @@ def even_needs(est: ConfigEstimate) -> list[int]:
     stages[-1] += est.last_stage_bytes
     stages.sort(reverse=True)
     return [b for b in stages for _ in range(tp)]
-

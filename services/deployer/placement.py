@@ -162,7 +162,7 @@ def arrange(est: ConfigEstimate, chosen: list[GpuState]) -> list[GpuAssignment] 
         raise ValueError(f"{c.key()} needs {tp * pp} GPUs, got {len(chosen)}")
     rank_of = {id(g): i for i, g in enumerate(chosen)}
     by_free = sorted(chosen, key=lambda g: (-g.free_bytes, rank_of[id(g)]))
-    groups = [sorted(by_free[s * tp:(s + 1) * tp], key=lambda g: rank_of[id(g)]) for s in range(pp)]
+    groups = [sorted(by_free[s * tp : (s + 1) * tp], key=lambda g: rank_of[id(g)]) for s in range(pp)]
     groups.sort(key=lambda grp: rank_of[id(grp[0])])
     weakest = [min(g.free_bytes for g in grp) for grp in groups]
     ov, lb, fb, bb = est.gpu_overhead_bytes, est.layer_bytes, est.first_stage_bytes, est.last_stage_bytes
@@ -176,8 +176,11 @@ def arrange(est: ConfigEstimate, chosen: list[GpuState]) -> list[GpuAssignment] 
         pairs = [(0, pp - 1)] + [(f, last) for f in range(pp) for last in range(pp) if f != last]
         for f, last in pairs:
             sequence = [f] + [s for s in range(pp) if s != f and s != last] + [last]
-            caps = ([layer_capacity(weakest[f], ov + fb, lb, n)] + [mid[s] for s in sequence[1:-1]]
-                    + [layer_capacity(weakest[last], ov + bb, lb, n)])
+            caps = (
+                [layer_capacity(weakest[f], ov + fb, lb, n)]
+                + [mid[s] for s in sequence[1:-1]]
+                + [layer_capacity(weakest[last], ov + bb, lb, n)]
+            )
             split = split_layers(n, caps)
             if split is not None:
                 break
@@ -188,7 +191,10 @@ def arrange(est: ConfigEstimate, chosen: list[GpuState]) -> list[GpuAssignment] 
     for pos, (s, nl) in enumerate(zip(sequence, split)):
         mem = est.stage_bytes(nl, first=pos == 0, last=pos == pp - 1)
         for g in groups[s]:
-            out.append(GpuAssignment(agent_id=g.agent_id, gpu_index=g.gpu_index, first_layer=start,
-                                     num_layers=nl, memory_bytes=mem))
+            out.append(
+                GpuAssignment(
+                    agent_id=g.agent_id, gpu_index=g.gpu_index, first_layer=start, num_layers=nl, memory_bytes=mem
+                )
+            )
         start += nl
     return out

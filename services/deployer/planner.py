@@ -48,8 +48,7 @@ class Decision:
 def score(decision: Decision, intent: Intent) -> tuple:
     """How well a decision meets the intent, comparable across decisions (smaller is better), with
     the same order as :func:`~.ranking.rank`; e.g. to pick between the plans for two GPU types."""
-    return order_key(intent.kind, decision.estimate, decision.latency_ms, decision.cost,
-                     decision.estimate.config.key())
+    return order_key(intent.kind, decision.estimate, decision.latency_ms, decision.cost, decision.estimate.config.key())
 
 
 def place(est: ConfigEstimate, gpus: list[GpuState], *, policy: str, theta: float) -> list[GpuAssignment] | str:
@@ -69,8 +68,14 @@ def place(est: ConfigEstimate, gpus: list[GpuState], *, policy: str, theta: floa
     return placed.assignments
 
 
-def plan(estimates: Sequence[ConfigEstimate], intent: Intent, gpus: Sequence[GpuState], *,
-         policy: str = "hybrid", theta: float = 0.5) -> Decision:
+def plan(
+    estimates: Sequence[ConfigEstimate],
+    intent: Intent,
+    gpus: Sequence[GpuState],
+    *,
+    policy: str = "hybrid",
+    theta: float = 0.5,
+) -> Decision:
     """The deployment controller's decision (paper section 6): rank the configurations by the intent
     (step I), take the first one in rank order that fits the free GPUs (step II), and place it with
     the policy (step III). Every better-ranked configuration that did not fit becomes a rejection with
@@ -120,8 +125,17 @@ class TypeChoice:
     profile: ConfigurationMap
 
 
-def plan_gpu_types(profiles: Mapping[str, ConfigurationMap | None], intent: Intent, gpus: Sequence[GpuState], *,
-                   policy: str, theta: float, stale_s: float, model: str = "", context_tokens: int = 0) -> TypeChoice:
+def plan_gpu_types(
+    profiles: Mapping[str, ConfigurationMap | None],
+    intent: Intent,
+    gpus: Sequence[GpuState],
+    *,
+    policy: str,
+    theta: float,
+    stale_s: float,
+    model: str = "",
+    context_tokens: int = 0,
+) -> TypeChoice:
     """:func:`plan` on every GPU type of ``profiles`` (``None``: that type's profile is missing) with
     its own GPUs out of ``gpus``, keeping the decision with the best :func:`score`; among equals the
     type listed first. ``context_tokens`` (0: the profile's) skips a profile made for a shorter
@@ -175,20 +189,27 @@ def _why(r: Ranked, intent: Intent, fitting: int, missed: int, filtered: int, pl
     if kind == "min-latency":
         head, better = f"has the lowest estimated latency ({lat}) {among}", "faster"
     elif kind == "min-cost":
-        head, better = (f"has the lowest estimated cost ({num(r.cost)} {unit} per request, {lat}) {among}",
-                        "cheaper")
+        head, better = (f"has the lowest estimated cost ({num(r.cost)} {unit} per request, {lat}) {among}", "cheaper")
     elif kind == "min-memory":
         head, better = f"has the smallest footprint ({gib(r.est.total_bytes)} GiB, {lat}) {among}", "smaller"
     elif kind == "min-gpu-hours":
         gh = gpu_hours(r.est, r.latency_ms)
-        head, better = (f"uses the fewest GPU-hours ({num(gh)} GPU-h per request: {r.est.config.gpus} GPUs "
-                        f"x {lat}) {among}", "leaner")
+        head, better = (
+            f"uses the fewest GPU-hours ({num(gh)} GPU-h per request: {r.est.config.gpus} GPUs x {lat}) {among}",
+            "leaner",
+        )
     elif kind == "latency-slo":
-        head, better = (f"is the cheapest ({num(r.cost)} {unit} per request, {lat}) of the {fitting} "
-                        f"that meet the {intent.slo_ms:.0f} ms SLO and fit the free GPUs", "cheaper")
+        head, better = (
+            f"is the cheapest ({num(r.cost)} {unit} per request, {lat}) of the {fitting} "
+            f"that meet the {intent.slo_ms:.0f} ms SLO and fit the free GPUs",
+            "cheaper",
+        )
     else:
-        head, better = (f"is the fastest ({lat}, {num(r.cost)} {unit} per request) of the {fitting} within "
-                        f"the budget of {num(intent.budget)} {unit} that fit the free GPUs", "faster")
+        head, better = (
+            f"is the fastest ({lat}, {num(r.cost)} {unit} per request) of the {fitting} within "
+            f"the budget of {num(intent.budget)} {unit} that fit the free GPUs",
+            "faster",
+        )
     parts = [f"{kind}: {r.key} {head}"]
     if missed:
         parts.append(f"{missed} {better} one{'s' if missed != 1 else ''} did not fit")
@@ -201,8 +222,9 @@ def _why(r: Ranked, intent: Intent, fitting: int, missed: int, filtered: int, pl
     return "; ".join(parts)
 
 
-def _infeasible_message(estimates: Sequence[ConfigEstimate], kept: list[Ranked], filtered: list[Ranked],
-                        intent: Intent, view: ClusterView) -> str:
+def _infeasible_message(
+    estimates: Sequence[ConfigEstimate], kept: list[Ranked], filtered: list[Ranked], intent: Intent, view: ClusterView
+) -> str:
     """One sentence for :class:`Infeasible`: what missed by the least, what to free, what to relax."""
     if not estimates:
         return "there are no configuration estimates to choose from; profile the model for this GPU type first"
@@ -215,16 +237,17 @@ def _infeasible_message(estimates: Sequence[ConfigEstimate], kept: list[Ranked],
         # the intent's limit rules some out: would relaxing it admit one that fits?
         fit = next((r for r in filtered if view.fits(r.est)), None)
         if fit is not None and slo:
-            relax = (f"raising slo_ms to {math.ceil(fit.latency_ms)} ms would admit {fit.key}, "
-                     "which fits the free GPUs")
+            relax = f"raising slo_ms to {math.ceil(fit.latency_ms)} ms would admit {fit.key}, which fits the free GPUs"
         elif fit is not None:
             relax = f"raising the budget to {num_up(fit.cost)} {unit} would admit {fit.key}, which fits the free GPUs"
     if not kept:
         limit = f"the latency SLO of {intent.slo_ms:.0f} ms" if slo else f"the budget of {num(intent.budget)} {unit}"
         near = filtered[0]
         what = f"takes {near.latency_ms:.0f} ms" if slo else f"costs {num(near.cost)} {unit}"
-        head = (f"none of the {len(filtered)} configurations meets {limit} for {intent.prompt_tokens}+"
-                f"{intent.output_tokens} tokens (the closest, {near.key}, {what})")
+        head = (
+            f"none of the {len(filtered)} configurations meets {limit} for {intent.prompt_tokens}+"
+            f"{intent.output_tokens} tokens (the closest, {near.key}, {what})"
+        )
         if relax:
             return f"{head}; {relax}"
         return f"{head}, and none of them fits the free GPUs either: {_free_advice(view, filtered)}"
@@ -239,4 +262,3 @@ def _free_advice(view: ClusterView, ranked: list[Ranked]) -> str:
     if math.isfinite(gap):
         return f"{text}; free that memory on {view.best_host(c.tp * c.pp)[0]}"
     return f"{text}; add a host with more GPUs of this type"
-

@@ -55,20 +55,26 @@ def validate_intent(intent: Intent) -> None:
     for name in ("prompt_tokens", "output_tokens"):
         value = getattr(intent, name)
         if not isinstance(value, int) or value < 1:
-            raise BadRequest(f"intent {name} must be a positive number of tokens (got {value!r}); set it to "
-                             "the typical request size the latency should be computed for")
+            raise BadRequest(
+                f"intent {name} must be a positive number of tokens (got {value!r}); set it to "
+                "the typical request size the latency should be computed for"
+            )
     if intent.kind == "latency-slo":
         slo = intent.slo_ms
         if slo is None or not math.isfinite(slo) or slo <= 0:
-            raise BadRequest(f"intent latency-slo needs slo_ms, a positive latency target in milliseconds for "
-                             f"a {intent.prompt_tokens}+{intent.output_tokens}-token request (got {slo!r}), "
-                             "e.g. slo_ms=2000")
+            raise BadRequest(
+                f"intent latency-slo needs slo_ms, a positive latency target in milliseconds for "
+                f"a {intent.prompt_tokens}+{intent.output_tokens}-token request (got {slo!r}), "
+                "e.g. slo_ms=2000"
+            )
     if intent.kind == "cost-budget":
         budget = intent.budget
         if budget is None or not math.isfinite(budget) or budget <= 0:
             unit = COST_UNITS[intent.cost_model]
-            raise BadRequest(f"intent cost-budget needs budget, the most one request may cost in {unit} "
-                             f"(cost_model {intent.cost_model}), as a positive number (got {budget!r})")
+            raise BadRequest(
+                f"intent cost-budget needs budget, the most one request may cost in {unit} "
+                f"(cost_model {intent.cost_model}), as a positive number (got {budget!r})"
+            )
 
 
 @dataclass(slots=True)
@@ -122,8 +128,10 @@ def order_key(kind: str, est: ConfigEstimate, lat_ms: float, cost_: float, key: 
 
 def filter_reason(r: Ranked, intent: Intent) -> str:
     if intent.kind == "latency-slo":
-        return (f"estimated latency {r.latency_ms:.0f} ms for {intent.prompt_tokens}+{intent.output_tokens} "
-                f"tokens exceeds the SLO of {intent.slo_ms:.0f} ms")
+        return (
+            f"estimated latency {r.latency_ms:.0f} ms for {intent.prompt_tokens}+{intent.output_tokens} "
+            f"tokens exceeds the SLO of {intent.slo_ms:.0f} ms"
+        )
     unit = COST_UNITS[intent.cost_model]
     return f"estimated cost {num(r.cost)} {unit} per request exceeds the budget of {num(intent.budget)} {unit}"
 
@@ -142,4 +150,3 @@ def rank(estimates: list[ConfigEstimate], intent: Intent) -> tuple[list[ConfigEs
     """
     kept, filtered = rank_with_metrics(estimates, intent)
     return [r.est for r in kept], [Rejection(config=r.key, reason=filter_reason(r, intent)) for r in filtered]
-

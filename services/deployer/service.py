@@ -85,8 +85,12 @@ class DeployerService(Service):
     async def started(self) -> None:
         self._started = time.monotonic()
         self.spawn(self._reconcile_loop())
-        log.info("deployer started", deployments=len(await self.deployments.values()), policy=self.cfg.placement,
-                 theta=self.cfg.theta)
+        log.info(
+            "deployer started",
+            deployments=len(await self.deployments.values()),
+            policy=self.cfg.placement,
+            theta=self.cfg.theta,
+        )
 
     # ------------------------------------------------------------------ cluster state
 
@@ -140,34 +144,49 @@ class DeployerService(Service):
             if existing is not None and existing.status in ("launching", "ready"):
                 return DeployReply(deployment=existing, why="already deployed (idempotent retry)")
             if existing is not None and existing.model != req.model:
-                raise errors.Conflict(f"deployment id {req.deployment_id!r} belongs to model {existing.model!r}; "
-                                      "choose another id.")
+                raise errors.Conflict(
+                    f"deployment id {req.deployment_id!r} belongs to model {existing.model!r}; choose another id."
+                )
         policy = req.placement or self.cfg.placement
         if policy not in POLICIES:
             raise errors.BadRequest(f"unknown placement policy {policy!r}; use one of {', '.join(POLICIES)}.")
         record = await self.models.get(req.model)
         if record is None:
-            raise errors.NotFound(f"model {req.model!r} is not registered; "
-                                  "register it first with `iserve register PATH`.")
+            raise errors.NotFound(
+                f"model {req.model!r} is not registered; register it first with `iserve register PATH`."
+            )
         if record.status == "failed":
-            raise errors.NotReady(f"model {req.model!r} failed to profile ({record.status_reason}); "
-                                  "fix the cause and register it again.")
+            raise errors.NotReady(
+                f"model {req.model!r} failed to profile ({record.status_reason}); fix the cause and register it again."
+            )
         if not record.profiled_gpu_types:
-            raise errors.NotReady(f"model {req.model!r} is still being profiled; "
-                                  "wait for profile.done (see `iserve status`).")
+            raise errors.NotReady(
+                f"model {req.model!r} is still being profiled; wait for profile.done (see `iserve status`)."
+            )
         types = [t for t in record.profiled_gpu_types if not req.gpu_type or t == req.gpu_type]
         if not types:
-            raise errors.NotFound(f"model {req.model!r} has no profile for GPU type {req.gpu_type!r}; "
-                                  f"profiled: {', '.join(record.profiled_gpu_types)}.")
+            raise errors.NotFound(
+                f"model {req.model!r} has no profile for GPU type {req.gpu_type!r}; "
+                f"profiled: {', '.join(record.profiled_gpu_types)}."
+            )
         if req.context_tokens < 0:
-            raise errors.BadRequest("context_tokens must be 0 (the profile's context) or a positive number of tokens, "
-                                    f"not {req.context_tokens}.")
+            raise errors.BadRequest(
+                "context_tokens must be 0 (the profile's context) or a positive number of tokens, "
+                f"not {req.context_tokens}."
+            )
         gpus = self.gpu_states()
         t0 = time.perf_counter()
         profiles = {t: await self.profiles.get(bus.kv_key(req.model, t)) for t in types}
-        choice = planner.plan_gpu_types(profiles, req.intent, gpus, policy=policy, theta=self.cfg.theta,
-                                        stale_s=self.cfg.gpu_stale_s, model=req.model,
-                                        context_tokens=req.context_tokens)
+        choice = planner.plan_gpu_types(
+            profiles,
+            req.intent,
+            gpus,
+            policy=policy,
+            theta=self.cfg.theta,
+            stale_s=self.cfg.gpu_stale_s,
+            model=req.model,
+            context_tokens=req.context_tokens,
+        )
         decision_ms = (time.perf_counter() - t0) * 1000.0
         decision, cmap = choice.decision, choice.profile
         # the worker's KV cache: the profile's context, or the shorter one asked for (the estimate,
@@ -202,13 +221,21 @@ class DeployerService(Service):
             model=req.model,
             model_path=record.path,
             config=dep.config,
-            stages=[StageSpec(gpu_index=a.gpu_index, first_layer=a.first_layer, num_layers=a.num_layers,
-                              memory_bytes=a.memory_bytes) for a in decision.assignments],
+            stages=[
+                StageSpec(
+                    gpu_index=a.gpu_index,
+                    first_layer=a.first_layer,
+                    num_layers=a.num_layers,
+                    memory_bytes=a.memory_bytes,
+                )
+                for a in decision.assignments
+            ],
             context_tokens=context,
         )
         try:
-            await bus.request(self.nc, subjects.agent_launch(agent_id), launch, LaunchReply,
-                              timeout=self.cfg.launch_timeout_s)
+            await bus.request(
+                self.nc, subjects.agent_launch(agent_id), launch, LaunchReply, timeout=self.cfg.launch_timeout_s
+            )
         except errors.IServeError as e:
             self.pending.pop(worker_id, None)
             dep.status = "failed"
@@ -238,11 +265,15 @@ class DeployerService(Service):
     async def _changed(self, dep: DeploymentRecord) -> None:
         await self.nc.publish(subjects.DEPLOYMENT_CHANGED, encode(DeploymentChanged(deployment=dep)))
 
-    async def _set_status(self, deployment_id: str, status: str, reason: str = "", *,
-                          only_from: tuple[str, ...] = ()) -> None:
+    async def _set_status(
+        self, deployment_id: str, status: str, reason: str = "", *, only_from: tuple[str, ...] = ()
+    ) -> None:
         dep = await self.deployments.get(deployment_id)
-        if (dep is None or (only_from and dep.status not in only_from)
-                or (dep.status == status and dep.reason == reason)):
+        if (
+            dep is None
+            or (only_from and dep.status not in only_from)
+            or (dep.status == status and dep.reason == reason)
+        ):
             return  # (a failed deployment that could not be re-placed keeps "failed" and gets the longer reason)
         dep.status = status  # type: ignore[assignment]
         dep.reason = reason
@@ -292,14 +323,20 @@ class DeployerService(Service):
         tries = [t for t in self._replacements.get(deployment_id, []) if now_m - t < 600] + [now_m]
         self._replacements[deployment_id] = tries
         if len(tries) > self.cfg.max_replacements:
-            await self._set_status(deployment_id, "failed",
-                                   f"{why}; not re-placed: {len(tries) - 1} re-placements in 10 minutes already")
+            await self._set_status(
+                deployment_id, "failed", f"{why}; not re-placed: {len(tries) - 1} re-placements in 10 minutes already"
+            )
             return
         dep = await self.deployments.get(deployment_id)
         if dep is None or dep.status != "failed":
             return
-        req = DeployRequest(model=dep.model, intent=dep.intent, placement=dep.placement_policy,
-                            deployment_id=deployment_id, context_tokens=dep.context_tokens)
+        req = DeployRequest(
+            model=dep.model,
+            intent=dep.intent,
+            placement=dep.placement_policy,
+            deployment_id=deployment_id,
+            context_tokens=dep.context_tokens,
+        )
         try:
             async with self.lock:
                 rep = await self._deploy(req)
@@ -332,8 +369,9 @@ class DeployerService(Service):
                 if age > 3 * self.cfg.gpu_stale_s:
                     await self._set_status(dep.deployment_id, "failed", f"agent {dep.agent_id} stopped reporting")
             elif dep.worker_id not in workers and dep.worker_id not in self.pending and age > 3 * self.cfg.gpu_stale_s:
-                await self._set_status(dep.deployment_id, "failed",
-                                       f"worker {dep.worker_id} is no longer running on agent {dep.agent_id}")
+                await self._set_status(
+                    dep.deployment_id, "failed", f"worker {dep.worker_id} is no longer running on agent {dep.agent_id}"
+                )
 
     # ------------------------------------------------------------------ undeploy and list
 
@@ -343,8 +381,9 @@ class DeployerService(Service):
             raise errors.NotFound(f"no deployment {req.deployment_id!r}; list them with `iserve status`.")
         stopped = False
         try:
-            r = await bus.request(self.nc, subjects.agent_stop(dep.agent_id), StopWorker(worker_id=dep.worker_id),
-                                  StopReply, timeout=30.0)
+            r = await bus.request(
+                self.nc, subjects.agent_stop(dep.agent_id), StopWorker(worker_id=dep.worker_id), StopReply, timeout=30.0
+            )
             stopped = r.stopped
         except errors.Unavailable:
             log.warning("agent unavailable on undeploy; removing the record", agent_id=dep.agent_id)

@@ -21,36 +21,55 @@ def int_list(text: str) -> list[int]:
 
 @dataclass
 class FingerprintConfig(ServiceConfig):
-    work_dir: Path = option(Path.home() / ".iserve" / "fingerprints", flag="--fingerprint-dir",
-                            help="where fingerprint checkpoints are written")
+    work_dir: Path = option(
+        Path.home() / ".iserve" / "fingerprints",
+        flag="--fingerprint-dir",
+        help="where fingerprint checkpoints are written",
+    )
     context_tokens: int = option(2048, help="context length the configuration maps (KV cache) are estimated for")
-    prompt_lengths: list[int] = option([128, 512, 1024], type=int_list,
-                                       help="prompt lengths TTFT is measured at (comma-separated; 3 or more fit "
-                                            "TTFT's quadratic term)")
-    output_lengths: list[int] = option([16, 64], type=int_list,
-                                       help="output lengths TPOT is measured over (comma-separated)")
-    repeats: int = option(7, help="timed repeats of each fingerprint run (medians kept; fingerprints are cheap "
-                                  "and their differences carry the per-layer cost)")
+    prompt_lengths: list[int] = option(
+        [128, 512, 1024],
+        type=int_list,
+        help="prompt lengths TTFT is measured at (comma-separated; 3 or more fit TTFT's quadratic term)",
+    )
+    output_lengths: list[int] = option(
+        [16, 64], type=int_list, help="output lengths TPOT is measured over (comma-separated)"
+    )
+    repeats: int = option(
+        7,
+        help="timed repeats of each fingerprint run (medians kept; fingerprints are cheap "
+        "and their differences carry the per-layer cost)",
+    )
     warmup: int = option(1, help="untimed warm-up rounds of every run")
-    device_timing: bool = option(True, help="also time the device alone on CUDA when there is no deep run "
-                                            "(--replay-depth 0); see docs/fingerprint.md")
+    device_timing: bool = option(
+        True,
+        help="also time the device alone on CUDA when there is no deep run (--replay-depth 0); see docs/fingerprint.md",
+    )
     gpu_warmup_s: float = option(1.0, help="seconds to keep the GPU busy before the first timed run")
-    replay_depth: int = option(-1, help="also time the 2-layer fingerprint with its layers replayed to this "
-                                        "depth: -1 the model's layer count, 0 off (see docs/fingerprint.md, "
-                                        "'replayed depth')")
-    replay_distinct: bool = option(False, help="give every replayed layer tensors of its own where the GPU has "
-                                               "room (the model's memory footprint; an experiment, see "
-                                               "docs/fingerprint.md)")
+    replay_depth: int = option(
+        -1,
+        help="also time the 2-layer fingerprint with its layers replayed to this "
+        "depth: -1 the model's layer count, 0 off (see docs/fingerprint.md, "
+        "'replayed depth')",
+    )
+    replay_distinct: bool = option(
+        False,
+        help="give every replayed layer tensors of its own where the GPU has "
+        "room (the model's memory footprint; an experiment, see "
+        "docs/fingerprint.md)",
+    )
     gpu_stale_s: float = option(5.0, help="ignore GPUs whose last gpu.load is older than this")
     gpu_wait_s: float = option(60.0, help="how long to wait for a GPU agent before failing a profile")
     profile_timeout_s: float = option(900.0, help="a profiling run longer than this is stopped")
-    profile_reply_margin_s: float = option(30.0, help="how much longer than --profile-timeout-s to wait for the "
-                                                      "agent's answer before trying another GPU")
+    profile_reply_margin_s: float = option(
+        30.0, help="how much longer than --profile-timeout-s to wait for the agent's answer before trying another GPU"
+    )
 
 
 def parse(argv: list[str] | None = None) -> FingerprintConfig:
-    p = argparse.ArgumentParser(prog="iserve fingerprint",
-                                description="Registers models and profiles their fingerprints.")
+    p = argparse.ArgumentParser(
+        prog="iserve fingerprint", description="Registers models and profiles their fingerprints."
+    )
     add_flags(p, FingerprintConfig)
     a = p.parse_args(argv)
     if max(a.prompt_lengths) + max(a.output_lengths) > a.context_tokens:

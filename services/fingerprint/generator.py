@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import iserve.checkpoint as checkpoint
-from iserve.checkpoint import DTYPE_BYTES, Checkpoint, config_with_layers, embed_name, layer_prefix, layer_tensor_shapes, other_tensor_shapes
+from iserve.checkpoint import (
+    DTYPE_BYTES,
+    Checkpoint,
+    config_with_layers,
+    embed_name,
+    layer_prefix,
+    layer_tensor_shapes,
+    other_tensor_shapes,
+)
 from iserve.errors import CheckpointError, UnsupportedModel
 
 FINGERPRINT_LAYERS = (1, 2)
@@ -145,7 +153,9 @@ def _write_tensors(ck: Checkpoint, names: list[str], dest: Path) -> int:
             t = checkpoint.load_tensors(ck, [e.name])[e.name].contiguous()
             data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
             if data.nbytes != e.nbytes:
-                raise CheckpointError(f"tensor {e.name!r} read back as {data.nbytes} bytes, its header says {e.nbytes}; the shard is corrupt.")
+                raise CheckpointError(
+                    f"tensor {e.name!r} read back as {data.nbytes} bytes, its header says {e.nbytes}; the shard is corrupt."
+                )
             f.write(data)
             del t, data
         f.flush()

@@ -60,8 +60,10 @@ from .config import FingerprintConfig
 log = structlog.get_logger()
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SIMULATED_TP = ("tensor parallelism is not profiled on simulated GPUs (their workers compute on the CPU, "
-                "where TP timings say nothing about GPUs)")
+SIMULATED_TP = (
+    "tensor parallelism is not profiled on simulated GPUs (their workers compute on the CPU, "
+    "where TP timings say nothing about GPUs)"
+)
 
 
 @dataclass
@@ -126,7 +128,9 @@ class FingerprintService(Service):
 
     async def handle_register(self, req: RegisterModel, _msg: Msg) -> ModelInfo:
         if not req.path:
-            raise errors.BadRequest("RegisterModel.path is empty; give the checkpoint folder (config.json + *.safetensors).")
+            raise errors.BadRequest(
+                "RegisterModel.path is empty; give the checkpoint folder (config.json + *.safetensors)."
+            )
         name = model_name_for(req.path, req.name)
         with structlog.contextvars.bound_contextvars(model=name):
             ck = await asyncio.to_thread(checkpoint.scan_checkpoint, req.path)
@@ -182,7 +186,9 @@ class FingerprintService(Service):
             cmap = await self.profiles.get(bus.kv_key(req.model, t))
             if cmap is not None:
                 return cmap
-        raise errors.NotReady(f"model {req.model!r} has no profile{' for ' + req.gpu_type if req.gpu_type else ''} yet (status: {rec.status}).")
+        raise errors.NotReady(
+            f"model {req.model!r} has no profile{' for ' + req.gpu_type if req.gpu_type else ''} yet (status: {rec.status})."
+        )
 
     # ------------------------------------------------------------------ profiling
 
@@ -212,15 +218,25 @@ class FingerprintService(Service):
                 for gpu_type in types:
                     if await self.profiles.get(bus.kv_key(name, gpu_type)) is not None:
                         if gpu_type not in rec.profiled_gpu_types:
-                            rec = await self._update(name, profiled_gpu_types=sorted({*rec.profiled_gpu_types, gpu_type}), status="profiled")
+                            rec = await self._update(
+                                name, profiled_gpu_types=sorted({*rec.profiled_gpu_types, gpu_type}), status="profiled"
+                            )
                         continue
                     rec = await self._update(name, status="profiling", status_reason="")
                     assert rec is not None  # None only if the record vanished: the run fails, as before
                     cmap = await self._profile_on(rec, gpu_type)
                     # the map first, then the record that points to it: a crash in between only redoes work
                     await self.profiles.put(bus.kv_key(name, gpu_type), cmap)
-                    rec = await self._update(name, status="profiled", profiled_gpu_types=sorted({*rec.profiled_gpu_types, gpu_type}))
-                    done = ProfileDone(model=name, gpu_type=gpu_type, status="ok", configurations=len(cmap.estimates), excluded=len(cmap.excluded))
+                    rec = await self._update(
+                        name, status="profiled", profiled_gpu_types=sorted({*rec.profiled_gpu_types, gpu_type})
+                    )
+                    done = ProfileDone(
+                        model=name,
+                        gpu_type=gpu_type,
+                        status="ok",
+                        configurations=len(cmap.estimates),
+                        excluded=len(cmap.excluded),
+                    )
                     await self.nc.publish(subjects.PROFILE_DONE, encode(done))
                     log.info(
                         "profile done",
@@ -235,7 +251,9 @@ class FingerprintService(Service):
                 reason = e.message if isinstance(e, errors.IServeError) else f"{type(e).__name__}: {e}"
                 log.error("profiling failed", error=reason)
                 await self._update(name, status="failed", status_reason=reason)
-                await self.nc.publish(subjects.PROFILE_DONE, encode(ProfileDone(model=name, gpu_type="", status="failed", reason=reason)))
+                await self.nc.publish(
+                    subjects.PROFILE_DONE, encode(ProfileDone(model=name, gpu_type="", status="failed", reason=reason))
+                )
 
     async def _wait_for_gpu_types(self) -> list[str]:
         deadline = time.monotonic() + self.cfg.gpu_wait_s
@@ -244,7 +262,9 @@ class FingerprintService(Service):
             if types:
                 return types
             if time.monotonic() > deadline:
-                raise errors.Unavailable(f"no GPU agent reported in {self.cfg.gpu_wait_s:.0f} s, so the model cannot be profiled; start one (`iserve up` does).")
+                raise errors.Unavailable(
+                    f"no GPU agent reported in {self.cfg.gpu_wait_s:.0f} s, so the model cannot be profiled; start one (`iserve up` does)."
+                )
             await asyncio.sleep(0.5)
 
     def _candidates(self, gpu_type: str, need_bytes: int) -> list[GpuLoad]:
@@ -255,7 +275,9 @@ class FingerprintService(Service):
     async def _profile_on(self, rec: ModelRecord, gpu_type: str) -> ConfigurationMap:
         ck = await asyncio.to_thread(checkpoint.scan_checkpoint, rec.path)
         if ck.digest != rec.digest:
-            raise errors.CheckpointError(f"the checkpoint at {rec.path} changed since it was registered; register it again.")
+            raise errors.CheckpointError(
+                f"the checkpoint at {rec.path} changed since it was registered; register it again."
+            )
         infos = await asyncio.to_thread(generator.make_fingerprints, ck, self.cfg.work_dir)
         same_type = [g for g in self.fresh_gpus() if g.gpu_type == gpu_type]
         per_host: dict[str, int] = {}
@@ -267,12 +289,16 @@ class FingerprintService(Service):
         supported, excluded = estimator.split_supported(configs, self.capabilities, arch=rec.arch)
         if not supported:
             why = excluded[0].reason if excluded else "no configuration"
-            raise errors.UnsupportedModel(f"the engine can run none of {rec.name}'s configurations on {gpu_type}: {why}.")
+            raise errors.UnsupportedModel(
+                f"the engine can run none of {rec.name}'s configurations on {gpu_type}: {why}."
+            )
         # A fingerprint needs its weights, a KV cache and working memory; ask for twice its size.
         need = 2 * max(i.bytes for i in infos) + 256 * 2**20
         cands = self._candidates(gpu_type, need)
         if not cands:
-            raise errors.Infeasible(f"no {gpu_type} GPU has {need / 2**30:.2f} GiB free to profile {rec.name}'s fingerprints; free some memory.")
+            raise errors.Infeasible(
+                f"no {gpu_type} GPU has {need / 2**30:.2f} GiB free to profile {rec.name}'s fingerprints; free some memory."
+            )
         job = ProfileJob(
             job_id=uuid.uuid4().hex[:12],
             model=rec.name,
@@ -303,10 +329,22 @@ class FingerprintService(Service):
             job.gpu_index = gpu.gpu_index
             job.gpu_indices = self._tp_gpus(gpu, cands)
             job.variants = estimator.measurement_variants(supported, max_tp=len(job.gpu_indices))
-            log.info("profiling", gpu_type=gpu_type, agent=gpu.agent_id, gpu=gpu.gpu_index, gpus=job.gpu_indices, variants=len(job.variants))
+            log.info(
+                "profiling",
+                gpu_type=gpu_type,
+                agent=gpu.agent_id,
+                gpu=gpu.gpu_index,
+                gpus=job.gpu_indices,
+                variants=len(job.variants),
+            )
             try:
-                result = await bus.request(self.nc, subjects.agent_profile(gpu.agent_id), job, ProfileResult,
-                                           timeout=job.timeout_s + self.cfg.profile_reply_margin_s)
+                result = await bus.request(
+                    self.nc,
+                    subjects.agent_profile(gpu.agent_id),
+                    job,
+                    ProfileResult,
+                    timeout=job.timeout_s + self.cfg.profile_reply_margin_s,
+                )
                 break
             except errors.IServeError as e:
                 attempts.append(f"{gpu.agent_id}/GPU {gpu.gpu_index}: {e.message}")

@@ -194,8 +194,10 @@ class AgentService(Service):
             silent = now - w.last_beat
             if silent <= stale:
                 continue
-            w.unhealthy = (f"no heartbeat for {silent:.0f} s (more than --worker-stale-s {stale:g}): the worker hung or lost "
-                           f"its NATS connection, so agent {self.cfg.agent_id} killed it")
+            w.unhealthy = (
+                f"no heartbeat for {silent:.0f} s (more than --worker-stale-s {stale:g}): the worker hung or lost "
+                f"its NATS connection, so agent {self.cfg.agent_id} killed it"
+            )
             log.error("worker unhealthy; killing it", worker_id=w.worker_id, silent_s=round(silent, 1))
             w.signal(kill=True)
             killed.append(w.worker_id)
@@ -260,7 +262,9 @@ class AgentService(Service):
         by_index = {r.index: r for r in self.readings}
         for i in indices:
             if i not in by_index:
-                raise errors.BadRequest(f"{what} names GPU {i}, but agent {self.cfg.agent_id} has GPUs 0..{len(by_index) - 1}.")
+                raise errors.BadRequest(
+                    f"{what} names GPU {i}, but agent {self.cfg.agent_id} has GPUs 0..{len(by_index) - 1}."
+                )
         if len(set(indices)) != len(indices):
             raise errors.BadRequest(f"{what} names a GPU twice ({indices}); each pipeline stage needs its own GPU.")
         for i, b in need.items():
@@ -270,8 +274,16 @@ class AgentService(Service):
                     f"{what} needs {b / 2**30:.2f} GiB on GPU {i} but only {free / 2**30:.2f} GiB is free; re-plan the deployment."
                 )
 
-    async def _spawn_worker(self, worker_id: str, deployment_id: str, mode: str, gpu_indices: list[int], reserved: dict[int, int],
-                            args: list[str], ranks: list[tuple[list[int], list[str]]] | None = None) -> WorkerProc:
+    async def _spawn_worker(
+        self,
+        worker_id: str,
+        deployment_id: str,
+        mode: str,
+        gpu_indices: list[int],
+        reserved: dict[int, int],
+        args: list[str],
+        ranks: list[tuple[list[int], list[str]]] | None = None,
+    ) -> WorkerProc:
         """Start a worker's process(es), all seeing ``gpu_indices``. ``ranks``: per process, the GPUs of
         its stages and its extra arguments (default: one process with every GPU, in order)."""
         log_path = self.cfg.work_dir / "workers" / f"{worker_id}.log"
@@ -302,14 +314,34 @@ class AgentService(Service):
             path.with_suffix(".error").unlink(missing_ok=True)
             logf = open(path, "ab")
             try:
-                procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=env))
+                procs.append(
+                    await asyncio.create_subprocess_exec(
+                        *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=env
+                    )
+                )
             finally:
                 logf.close()
             logs.append(path)
-            log.info("worker started", worker_id=worker_id, mode=mode, pid=procs[-1].pid, gpus=rank_gpus, devices=devices,
-                     rank=r)
-        w = WorkerProc(worker_id, deployment_id, gpu_indices, reserved, procs[0], log_path, mode,
-                       followers=procs[1:], follower_logs=logs[1:])
+            log.info(
+                "worker started",
+                worker_id=worker_id,
+                mode=mode,
+                pid=procs[-1].pid,
+                gpus=rank_gpus,
+                devices=devices,
+                rank=r,
+            )
+        w = WorkerProc(
+            worker_id,
+            deployment_id,
+            gpu_indices,
+            reserved,
+            procs[0],
+            log_path,
+            mode,
+            followers=procs[1:],
+            follower_logs=logs[1:],
+        )
         self.workers[worker_id] = w
         self.spawn(self._watch(w))
         return w
@@ -334,7 +366,14 @@ class AgentService(Service):
         if w.mode != "serve":
             return
         reason = "stopped on request" if w.expected_exit else (w.unhealthy or exit_reason(w))
-        log.log(20 if w.expected_exit else 40, "worker exited", worker_id=w.worker_id, exit_code=code, expected=w.expected_exit, reason=reason)
+        log.log(
+            20 if w.expected_exit else 40,
+            "worker exited",
+            worker_id=w.worker_id,
+            exit_code=code,
+            expected=w.expected_exit,
+            reason=reason,
+        )
         event = WorkerExited(
             worker_id=w.worker_id,
             deployment_id=w.deployment_id,
@@ -385,9 +424,16 @@ class AgentService(Service):
             ranks = None
             if tp > 1 and not trtllm_serves(req.config):
                 port = str(free_port())
-                ranks = [([st.gpu_index for st in req.stages[r::tp]], ["--tp-rank", str(r), "--tp-size", str(tp), "--dist-port", port])
-                         for r in range(tp)]
-            w = await self._spawn_worker(req.worker_id, req.deployment_id, "serve", indices, need, ["--spec", str(spec_path)], ranks)
+                ranks = [
+                    (
+                        [st.gpu_index for st in req.stages[r::tp]],
+                        ["--tp-rank", str(r), "--tp-size", str(tp), "--dist-port", port],
+                    )
+                    for r in range(tp)
+                ]
+            w = await self._spawn_worker(
+                req.worker_id, req.deployment_id, "serve", indices, need, ["--spec", str(spec_path)], ranks
+            )
             return LaunchReply(worker_id=req.worker_id, pid=w.proc.pid, agent_id=self.cfg.agent_id)
 
     async def handle_stop(self, req: StopWorker, _msg: Msg) -> StopReply:
@@ -417,7 +463,9 @@ class AgentService(Service):
                 await asyncio.wait_for(w.exited.wait(), timeout)
             except asyncio.TimeoutError:
                 await self._stop_worker(w)
-                raise errors.Timeout(f"profiling {job.model} on GPU {job.gpu_index} took longer than {timeout:.0f} s and was stopped.") from None
+                raise errors.Timeout(
+                    f"profiling {job.model} on GPU {job.gpu_index} took longer than {timeout:.0f} s and was stopped."
+                ) from None
             if w.exit_code != 0 or not result_path.is_file():
                 raise errors.WorkerDied(
                     f"the profiling worker for {job.model} exited with code {w.exit_code}: {exit_reason(w)}"

@@ -63,7 +63,7 @@ def fit_prompt(ids: list[int], n: int, *, keep_first: bool) -> list[int]:
     if len(ids) > n:
         return list(ids[:n])
     head = ids[:1] if keep_first and ids else []
-    body = ids[len(head):] or ids or [0]
+    body = ids[len(head) :] or ids or [0]
     out = list(head)
     while len(out) < n:
         out.extend(body[: n - len(out)])
@@ -139,7 +139,9 @@ class WorkerServer:
                     await self.nc.publish(req.stream_to, encode(e.to_reply()))
                 except Exception as e:
                     log.exception("generation failed")
-                    err = ErrorReply(code="internal", message=f"generation failed: {type(e).__name__}: {e}", request_id=r.request_id)
+                    err = ErrorReply(
+                        code="internal", message=f"generation failed: {type(e).__name__}: {e}", request_id=r.request_id
+                    )
                     await self.nc.publish(req.stream_to, encode(err))
                 finally:
                     self.cancelled.discard(r.request_id)
@@ -182,7 +184,9 @@ class WorkerServer:
                     break
                 text = decoder_.push(tid)
                 pieces.append(text)
-                await self.nc.publish(req.stream_to, encode(TokenChunk(request_id=r.request_id, index=index, token_id=tid, text=text)))
+                await self.nc.publish(
+                    req.stream_to, encode(TokenChunk(request_id=r.request_id, index=index, token_id=tid, text=text))
+                )
                 index += 1
             result = await job
             pieces.append(decoder_.flush())  # a dangling partial character, if any
@@ -239,12 +243,14 @@ async def exit_with_parent(stop: asyncio.Event) -> None:
 def rank_stages(spec: LaunchWorker, devices: list[str], tp_rank: int, tp_size: int) -> list[tuple[str, int, int]]:
     """This rank's pipeline stages ``(device, first_layer, num_layers)``: ``spec.stages[s * tp + r]``."""
     if tp_size < 1 or len(spec.stages) % tp_size:
-        raise errors.BadRequest(f"{len(spec.stages)} stage entries cannot be split over tensor-parallel degree {tp_size}.")
+        raise errors.BadRequest(
+            f"{len(spec.stages)} stage entries cannot be split over tensor-parallel degree {tp_size}."
+        )
     mine = spec.stages[tp_rank::tp_size]
     if len(devices) != len(mine):
         raise errors.BadRequest(f"{len(mine)} stages for rank {tp_rank} but {len(devices)} devices were given.")
     for s in range(len(mine)):
-        group = spec.stages[s * tp_size:(s + 1) * tp_size]
+        group = spec.stages[s * tp_size : (s + 1) * tp_size]
         if any((g.first_layer, g.num_layers) != (group[0].first_layer, group[0].num_layers) for g in group):
             raise errors.BadRequest(f"the tensor-parallel ranks of stage {s} do not hold the same layers.")
     return [(devices[i], st.first_layer, st.num_layers) for i, st in enumerate(mine)]
@@ -273,11 +279,25 @@ def load_engine(spec: LaunchWorker, args: argparse.Namespace) -> InferenceEngine
             pin_to_gpu_cpus(devices[0])  # as profiling's ranks do (ISERVE_PIN_CPUS=0: off)
         else:  # the ranks share this host's cores; oversubscribed, gloo's collectives stall for milliseconds
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp_size))
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{args.dist_port}",
-                                rank=args.tp_rank, world_size=args.tp_size, timeout=datetime.timedelta(seconds=600))
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            init_method=f"tcp://127.0.0.1:{args.dist_port}",
+            rank=args.tp_rank,
+            world_size=args.tp_size,
+            timeout=datetime.timedelta(seconds=600),
+        )
     c = spec.config
-    return Engine.load(spec.model_path, stages, spec.context_tokens, spec.seed, weight_quant=c.weight_quant,
-                       kv_quant=c.kv_quant, pruning=c.pruning, tp_rank=args.tp_rank, tp_size=args.tp_size)
+    return Engine.load(
+        spec.model_path,
+        stages,
+        spec.context_tokens,
+        spec.seed,
+        weight_quant=c.weight_quant,
+        kv_quant=c.kv_quant,
+        pruning=c.pruning,
+        tp_rank=args.tp_rank,
+        tp_size=args.tp_size,
+    )
 
 
 def follower_main(args: argparse.Namespace) -> None:
@@ -287,7 +307,9 @@ def follower_main(args: argparse.Namespace) -> None:
     from iserve.gpu_agent.engine import Engine
 
     spec = decoder(LaunchWorker).decode(Path(args.spec).read_bytes())
-    structlog.contextvars.bind_contextvars(worker_id=spec.worker_id, deployment_id=spec.deployment_id, tp_rank=args.tp_rank)
+    structlog.contextvars.bind_contextvars(
+        worker_id=spec.worker_id, deployment_id=spec.deployment_id, tp_rank=args.tp_rank
+    )
     parent = os.getppid()
 
     def watchdog() -> None:  # blocked in a collective, the main thread cannot notice its agent dying
@@ -314,7 +336,13 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
     try:
         server = None
         t0 = time.monotonic()
-        hb = WorkerHeartbeat(worker_id=spec.worker_id, deployment_id=spec.deployment_id, state="loading", busy_seconds=0.0, ts=time.time())
+        hb = WorkerHeartbeat(
+            worker_id=spec.worker_id,
+            deployment_id=spec.deployment_id,
+            state="loading",
+            busy_seconds=0.0,
+            ts=time.time(),
+        )
         await nc.publish(subjects.worker_heartbeat(spec.worker_id), encode(hb))
         engine = await asyncio.to_thread(load_engine, spec, args)
         await asyncio.to_thread(warm_up, engine)
@@ -337,9 +365,16 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
             load_seconds=load_s,
         )
         await nc.publish(subjects.WORKER_READY, encode(ready))
-        log.info("worker ready", load_s=round(load_s, 2), devices=devices, stages=[(s.first_layer, s.num_layers) for s in spec.stages],
-                 tp=args.tp_size, kernels=engine.kernels(), cuda_graphs=engine.graphs_captured,
-                 prefill_graph_tokens=engine.prefill_graph_tokens)
+        log.info(
+            "worker ready",
+            load_s=round(load_s, 2),
+            devices=devices,
+            stages=[(s.first_layer, s.num_layers) for s in spec.stages],
+            tp=args.tp_size,
+            kernels=engine.kernels(),
+            cuda_graphs=engine.graphs_captured,
+            prefill_graph_tokens=engine.prefill_graph_tokens,
+        )
         await stop.wait()
         hb_task.cancel()
         watchdog.cancel()
@@ -348,7 +383,7 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
     finally:
         await nc.drain()
         if engine is not None and args.tp_size > 1:
-            async with (server.lock if server is not None else asyncio.Lock()):  # not in the middle of a request
+            async with server.lock if server is not None else asyncio.Lock():  # not in the middle of a request
                 await asyncio.to_thread(engine.close)  # releases the other ranks
 
 
@@ -361,7 +396,9 @@ def profile_main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m iserve.gpu_agent.worker", description="A model worker (started by the GPU agent).")
+    p = argparse.ArgumentParser(
+        prog="python -m iserve.gpu_agent.worker", description="A model worker (started by the GPU agent)."
+    )
     p.add_argument("mode", choices=["serve", "profile"])
     common_flags(p)
     flag(p, "--agent-id", default="", help="the agent that started this worker")

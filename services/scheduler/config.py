@@ -18,7 +18,8 @@ class SchedulerConfig(ServiceConfig):
 
 
 def parse(argv: list[str] | None = None) -> SchedulerConfig:
-    p = argparse.ArgumentParser(prog="iserve scheduler",
-                                description="FCFS request scheduling per deployment, streaming tokens back.")
+    p = argparse.ArgumentParser(
+        prog="iserve scheduler", description="FCFS request scheduling per deployment, streaming tokens back."
+    )
     add_flags(p, SchedulerConfig)
     return from_args(SchedulerConfig, p.parse_args(argv))

@@ -113,7 +113,9 @@ class SchedulerService(Service):
                 self.runners[d.deployment_id] = asyncio.create_task(self._runner(d.deployment_id, ev))
             ev.set()
         else:
-            self._drop(d.deployment_id, f"deployment {d.deployment_id} is {d.status}" + (f": {d.reason}" if d.reason else ""))
+            self._drop(
+                d.deployment_id, f"deployment {d.deployment_id} is {d.status}" + (f": {d.reason}" if d.reason else "")
+            )
 
     def _drop(self, deployment_id: str, why: str) -> None:
         self.deployments.pop(deployment_id, None)
@@ -128,7 +130,9 @@ class SchedulerService(Service):
             if other is not None:
                 self.wakeups[other.deployment_id].set()
             else:
-                self.spawn(self._send_error(q.payload, errors.Unavailable(f"{why}; no other replica of {q.model} is ready.")))
+                self.spawn(
+                    self._send_error(q.payload, errors.Unavailable(f"{why}; no other replica of {q.model} is ready."))
+                )
 
     async def refresh_deployments(self) -> None:
         try:
@@ -168,7 +172,10 @@ class SchedulerService(Service):
 
     async def handle_infer(self, req: InferRequest, _msg: Msg) -> Accepted:
         if not req.stream_to:
-            raise errors.BadRequest("InferRequest.stream_to is empty; subscribe to an inbox and put its subject there.", request_id=req.request_id)
+            raise errors.BadRequest(
+                "InferRequest.stream_to is empty; subscribe to an inbox and put its subject there.",
+                request_id=req.request_id,
+            )
         if not req.request_id:
             raise errors.BadRequest("InferRequest.request_id is empty; give each request a unique id.")
         if req.max_tokens < 1:
@@ -190,10 +197,16 @@ class SchedulerService(Service):
 
     async def _explain_no_replica(self, req: InferRequest) -> None:
         if req.deployment_id:
-            raise errors.NotFound(f"deployment {req.deployment_id} of {req.model} is not ready; list deployments with `iserve status`.", request_id=req.request_id)
+            raise errors.NotFound(
+                f"deployment {req.deployment_id} of {req.model} is not ready; list deployments with `iserve status`.",
+                request_id=req.request_id,
+            )
         record = await self.models_kv.get(req.model) if self.models_kv else None
         if record is None:
-            raise errors.NotFound(f"model {req.model!r} is not registered; register it with `iserve register PATH`.", request_id=req.request_id)
+            raise errors.NotFound(
+                f"model {req.model!r} is not registered; register it with `iserve register PATH`.",
+                request_id=req.request_id,
+            )
         raise errors.NotReady(
             f"model {req.model!r} has no ready deployment; deploy it with `iserve deploy {req.model}` (or wait for a launch in progress).",
             request_id=req.request_id,
@@ -249,7 +262,12 @@ class SchedulerService(Service):
                 st = self.stats.setdefault(dep, ReplicaStats())
                 st.failed += 1
                 st.timed_out += 1
-                await self._send_error(q.payload, errors.Timeout(f"the request waited longer than its timeout of {q.payload.timeout_s:.0f} s in the queue."))
+                await self._send_error(
+                    q.payload,
+                    errors.Timeout(
+                        f"the request waited longer than its timeout of {q.payload.timeout_s:.0f} s in the queue."
+                    ),
+                )
 
     # ------------------------------------------------------------------ running requests
 
@@ -299,7 +317,9 @@ class SchedulerService(Service):
                 except errors.IServeError as e:
                     stats.failed += 1
                     if isinstance(e, errors.Unavailable):
-                        e = errors.WorkerDied(f"the worker of deployment {deployment_id} does not answer; it may have exited.")
+                        e = errors.WorkerDied(
+                            f"the worker of deployment {deployment_id} does not answer; it may have exited."
+                        )
                     await self._send_error(req, e)
                     return
                 await self._relay(sub, req, deployment_id, d.worker_id, item, stats)
@@ -322,25 +342,47 @@ class SchedulerService(Service):
             await asyncio.sleep(self.cfg.client_check_s)
             if await self.client_gone(req.stream_to):
                 log.info("client went away; cancelling", request_id=req.request_id)
-                await self.nc.publish(subjects.worker_cancel(worker_id), encode(CancelRequest(request_id=req.request_id)))
+                await self.nc.publish(
+                    subjects.worker_cancel(worker_id), encode(CancelRequest(request_id=req.request_id))
+                )
                 return
 
-    async def _relay(self, sub, req: InferRequest, deployment_id: str, worker_id: str, item: Queued[InferRequest], stats: ReplicaStats) -> None:
+    async def _relay(
+        self,
+        sub,
+        req: InferRequest,
+        deployment_id: str,
+        worker_id: str,
+        item: Queued[InferRequest],
+        stats: ReplicaStats,
+    ) -> None:
         watcher = asyncio.create_task(self._watch_client(req, worker_id))
         try:
             await self._relay_stream(sub, req, deployment_id, worker_id, item, stats)
         finally:
             watcher.cancel()
 
-    async def _relay_stream(self, sub, req: InferRequest, deployment_id: str, worker_id: str, item: Queued[InferRequest], stats: ReplicaStats) -> None:
+    async def _relay_stream(
+        self,
+        sub,
+        req: InferRequest,
+        deployment_id: str,
+        worker_id: str,
+        item: Queued[InferRequest],
+        stats: ReplicaStats,
+    ) -> None:
         dec = decoder(StreamMessage)
         while True:
             remaining = item.deadline - time.monotonic()
             if remaining <= 0:
-                await self.nc.publish(subjects.worker_cancel(worker_id), encode(CancelRequest(request_id=req.request_id)))
+                await self.nc.publish(
+                    subjects.worker_cancel(worker_id), encode(CancelRequest(request_id=req.request_id))
+                )
                 stats.failed += 1
                 stats.timed_out += 1
-                await self._send_error(req, errors.Timeout(f"the request exceeded its timeout of {req.timeout_s:.0f} s."))
+                await self._send_error(
+                    req, errors.Timeout(f"the request exceeded its timeout of {req.timeout_s:.0f} s.")
+                )
                 return
             try:
                 msg = await sub.next_msg(timeout=min(remaining, self.cfg.stream_idle_timeout_s))
@@ -348,7 +390,12 @@ class SchedulerService(Service):
                 if item.deadline - time.monotonic() <= 0:
                     continue
                 stats.failed += 1
-                await self._send_error(req, errors.WorkerDied(f"the worker of deployment {deployment_id} stopped streaming for {self.cfg.stream_idle_timeout_s:.0f} s."))
+                await self._send_error(
+                    req,
+                    errors.WorkerDied(
+                        f"the worker of deployment {deployment_id} stopped streaming for {self.cfg.stream_idle_timeout_s:.0f} s."
+                    ),
+                )
                 return
             await self.nc.publish(req.stream_to, msg.data)
             try:

@@ -82,9 +82,20 @@ def test_values_are_reproducible_and_independent_of_layout(tmp_path):
 
 
 def test_dtype_overrides_and_mixtral(tmp_path):
-    path = make_checkpoint(tmp_path / "mx", "mixtral-8x7b", dtype="bfloat16", overrides={
-        "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "num_local_experts": 3, "vocab_size": 300}, num_layers=2)
+    path = make_checkpoint(
+        tmp_path / "mx",
+        "mixtral-8x7b",
+        dtype="bfloat16",
+        overrides={
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_local_experts": 3,
+            "vocab_size": 300,
+        },
+        num_layers=2,
+    )
     ck = scan_checkpoint(path)
     got = (ck.arch.family, ck.arch.num_experts, ck.arch.num_layers, ck.arch.torch_dtype)
     assert got == ("mixtral", 3, 2, "bfloat16")
@@ -106,8 +117,21 @@ def test_bad_arguments(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    rc = main([str(tmp_path / "cli"), "--preset", "tiny-mixtral", "--layers", "1", "--seed", "3", "--shards", "2",
-               "--set", "num_local_experts=2"])
+    rc = main(
+        [
+            str(tmp_path / "cli"),
+            "--preset",
+            "tiny-mixtral",
+            "--layers",
+            "1",
+            "--seed",
+            "3",
+            "--shards",
+            "2",
+            "--set",
+            "num_local_experts=2",
+        ]
+    )
     assert rc == 0
     assert "wrote tiny-mixtral" in capsys.readouterr().out
     ck = scan_checkpoint(tmp_path / "cli")

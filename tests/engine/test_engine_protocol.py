@@ -14,8 +14,16 @@ MEMBERS = [n for n in vars(InferenceEngine) if not n.startswith("_")]
 
 
 def test_the_protocol_names_what_the_worker_uses():
-    assert sorted(MEMBERS) == ["close", "context_tokens", "generate", "graphs_captured", "kernels", "memory_bytes",
-                               "prefill_graph_tokens", "tokenizer"]
+    assert sorted(MEMBERS) == [
+        "close",
+        "context_tokens",
+        "generate",
+        "graphs_captured",
+        "kernels",
+        "memory_bytes",
+        "prefill_graph_tokens",
+        "tokenizer",
+    ]
 
 
 @pytest.mark.parametrize("cls", [Engine, TrtLlmEngine])

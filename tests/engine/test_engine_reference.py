@@ -35,7 +35,12 @@ def _inv_freq(cfg: dict, head_dim: int) -> list[float]:
     if not rs:
         return freqs
     assert rs["rope_type"] == "llama3"
-    factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    factor, lo, hi, old = (
+        rs["factor"],
+        rs["low_freq_factor"],
+        rs["high_freq_factor"],
+        rs["original_max_position_embeddings"],
+    )
     out = []
     for f in freqs:
         wavelen = 2 * math.pi / f
@@ -111,7 +116,9 @@ def reference_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
                     out[t] += weight * _swiglu(h[t], W[ep + "w1.weight"], W[ep + "w3.weight"], W[ep + "w2.weight"])
             x = x + out
         else:
-            x = x + _swiglu(h, W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"], W[p + "mlp.down_proj.weight"])
+            x = x + _swiglu(
+                h, W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"], W[p + "mlp.down_proj.weight"]
+            )
     x = _rms(x, W["model.norm.weight"], eps)
     head = W["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else W["lm_head.weight"]
     return x @ head.T
@@ -121,11 +128,28 @@ SMALL = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, 
 CASES = {
     "llama-gqa": ("tiny-llama", {**SMALL}),
     "llama-mha-tied": ("tiny-llama", {**SMALL, "num_key_value_heads": 4, "tie_word_embeddings": True}),
-    "qwen2-bias": ("tiny-llama", {**SMALL, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "rope_theta": 1e6}),
-    "llama3-rope": ("tiny-llama", {**SMALL, "rope_theta": 500000.0, "rope_scaling": {
-        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64}}),
-    "mistral-window": ("tiny-llama", {**SMALL, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 5}),
+    "qwen2-bias": (
+        "tiny-llama",
+        {**SMALL, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "rope_theta": 1e6},
+    ),
+    "llama3-rope": (
+        "tiny-llama",
+        {
+            **SMALL,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+    "mistral-window": (
+        "tiny-llama",
+        {**SMALL, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 5},
+    ),
     "mixtral": ("tiny-mixtral", {**SMALL, "num_local_experts": 4}),
 }
 
@@ -133,7 +157,9 @@ CASES = {
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     preset, overrides = CASES[request.param]
-    path = make_checkpoint(tmp_path_factory.mktemp(request.param), preset, num_layers=2, overrides=overrides, std=0.1, seed=4)
+    path = make_checkpoint(
+        tmp_path_factory.mktemp(request.param), preset, num_layers=2, overrides=overrides, std=0.1, seed=4
+    )
     ids = [1] + [3 + (7 * i * i + 11 * i) % 256 for i in range(11)]
     return request.param, path, ids
 
@@ -164,8 +190,12 @@ def test_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     for name in ("llama-gqa", "qwen2-bias", "llama3-rope", "mistral-window", "mixtral"):
         preset, overrides = CASES[name]
-        path = make_checkpoint(tmp_path / name, preset, num_layers=2, overrides=overrides, std=0.1, seed=4, dtype="float32")
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32, attn_implementation="eager")
+        path = make_checkpoint(
+            tmp_path / name, preset, num_layers=2, overrides=overrides, std=0.1, seed=4, dtype="float32"
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path), torch_dtype=torch.float32, attn_implementation="eager"
+        )
         ids = [1] + [3 + (7 * i * i + 11 * i) % 256 for i in range(11)]
         with torch.no_grad():
             want = model(torch.tensor([ids])).logits[0]

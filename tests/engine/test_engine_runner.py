@@ -28,8 +28,14 @@ def engine6(tiny6):
 
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("mixtral"), "tiny-mixtral", num_layers=3, std=0.08, seed=2,
-                           overrides={"num_local_experts": 3})
+    return make_checkpoint(
+        tmp_path_factory.mktemp("mixtral"),
+        "tiny-mixtral",
+        num_layers=3,
+        std=0.08,
+        seed=2,
+        overrides={"num_local_experts": 3},
+    )
 
 
 def test_properties(engine6):
@@ -63,12 +69,19 @@ def test_greedy_is_deterministic(tiny6, engine6):
 
 def test_uneven_stages_match_one_stage(tiny6, engine6):
     split = Engine.load(tiny6, [("cpu", 0, 3), ("cpu", 3, 2), ("cpu", 5, 1)], context_tokens=96)
-    assert [(s.is_first, s.is_last, s.num_layers) for s in split.stages] == [(True, False, 3), (False, False, 2), (False, True, 1)]
+    assert [(s.is_first, s.is_last, s.num_layers) for s in split.stages] == [
+        (True, False, 3),
+        (False, False, 2),
+        (False, True, 1),
+    ]
     assert split.stages[0].embed is not None and split.stages[0].lm_head is None
     assert split.stages[2].embed is None and split.stages[2].lm_head is not None
     ids = engine6.tokenizer.encode(PROMPT)
     assert torch.equal(split.prefill(ids), engine6.prefill(ids))
-    assert split.generate(ids, max_tokens=16, ignore_eos=True).tokens == engine6.generate(ids, max_tokens=16, ignore_eos=True).tokens
+    assert (
+        split.generate(ids, max_tokens=16, ignore_eos=True).tokens
+        == engine6.generate(ids, max_tokens=16, ignore_eos=True).tokens
+    )
     mem = split.memory_bytes()
     assert len(mem) == 3 and mem[0] > mem[1] > mem[2] > 0  # 3 layers + embedding > 2 layers > 1 layer + head
     assert split.kv_cache_bytes() == engine6.kv_cache_bytes()
@@ -136,15 +149,24 @@ def test_stop_cancel_and_streaming(engine6):
     finally:
         tok.eos_id = saved
     seen.clear()
-    res = engine6.generate(ids, max_tokens=50, ignore_eos=True, on_token=seen.append, should_stop=lambda: len(seen) >= 3)
+    res = engine6.generate(
+        ids, max_tokens=50, ignore_eos=True, on_token=seen.append, should_stop=lambda: len(seen) >= 3
+    )
     assert res.finish_reason == "cancelled" and res.tokens == seen and len(seen) == 3
     res = engine6.generate(ids, max_tokens=5, should_stop=lambda: True)
     assert res.finish_reason == "cancelled" and res.tokens == []
 
 
 def test_bad_stages(tiny6):
-    for stages in ([], [("cpu", 0, 3), ("cpu", 4, 2)], [("cpu", 0, 3), ("cpu", 2, 4)], [("cpu", 0, 5)],
-                   [("cpu", 0, 6), ("cpu", 6, 1)], [("cpu", 0, 0), ("cpu", 0, 6)], [("cpu", 1, 5)]):
+    for stages in (
+        [],
+        [("cpu", 0, 3), ("cpu", 4, 2)],
+        [("cpu", 0, 3), ("cpu", 2, 4)],
+        [("cpu", 0, 5)],
+        [("cpu", 0, 6), ("cpu", 6, 1)],
+        [("cpu", 0, 0), ("cpu", 0, 6)],
+        [("cpu", 1, 5)],
+    ):
         with pytest.raises(BadRequest):
             Engine.load(tiny6, stages, context_tokens=32)
     with pytest.raises(BadRequest):
@@ -203,9 +225,13 @@ def test_measure_fingerprint_cpu(tmp_path):
 
 
 def test_capabilities():
-    assert CAPABILITIES == {"tp": [1, 2, 4, 8], "weight_quant": ["fp16", "int8", "int4"], "kv_quant": ["fp16", "int8"],
-                            "pruning": ["none", "2:4", "structured"],
-                            "families": ["llama", "mixtral", "falcon", "gptj", "gpt_neox"]}
+    assert CAPABILITIES == {
+        "tp": [1, 2, 4, 8],
+        "weight_quant": ["fp16", "int8", "int4"],
+        "kv_quant": ["fp16", "int8"],
+        "pruning": ["none", "2:4", "structured"],
+        "families": ["llama", "mixtral", "falcon", "gptj", "gpt_neox"],
+    }
 
 
 @pytest.mark.gpu
@@ -237,8 +263,16 @@ def test_cuda_matches_cpu(tiny6, engine6):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_measure_fingerprint_cuda(tmp_path):
     fp = make_checkpoint(tmp_path / "fp1", num_layers=1)
-    m = measure_fingerprint(fp, "cuda:0", num_layers=1, prompt_lengths=[16, 64], output_lengths=[4, 8], repeats=2,
-                            warmup=1, context_tokens=128)
+    m = measure_fingerprint(
+        fp,
+        "cuda:0",
+        num_layers=1,
+        prompt_lengths=[16, 64],
+        output_lengths=[4, 8],
+        repeats=2,
+        warmup=1,
+        context_tokens=128,
+    )
     assert "cuda_events" in m.timer and m.tpot_ms > 0 and all(t.ttft_ms > 0 for t in m.ttft)
     assert m.peak_bytes >= m.weight_bytes + m.kv_cache_bytes
     assert gpu_type_of("cuda:0") == torch.cuda.get_device_name(0)

@@ -34,17 +34,26 @@ def _rank(rank: int, size: int, port: int, path: str, stages_of_rank: list, conf
         cuda = stages[0][0].startswith("cuda")
         if cuda:
             torch.cuda.set_device(stages[0][0])
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=size)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size
+        )
         out: list = []
         for kw in configs:
             engine = Engine.load(path, stages, 96, tp_rank=rank, tp_size=size, **kw)
             if rank == 0:
                 res = _run(engine)
-                stopped = engine.generate(IDS, max_tokens=8, ignore_eos=True,
-                                          should_stop=iter([False, False, True]).__next__)
-                out.append((res, stopped.tokens, stopped.finish_reason, engine.weight_bytes(),
-                            (engine.graphs_captured, engine.prefill_graph_tokens)))
+                stopped = engine.generate(
+                    IDS, max_tokens=8, ignore_eos=True, should_stop=iter([False, False, True]).__next__
+                )
+                out.append(
+                    (
+                        res,
+                        stopped.tokens,
+                        stopped.finish_reason,
+                        engine.weight_bytes(),
+                        (engine.graphs_captured, engine.prefill_graph_tokens),
+                    )
+                )
                 engine.close()
             else:
                 out.append(engine.follow())
@@ -66,9 +75,14 @@ def _spawn(spawn_ranks, path, stages_of_rank, configs) -> dict:
 def model(tmp_path_factory):
     # 16 heads in 8 KV groups (6 kept by structured pruning), an odd vocabulary (259) so the
     # vocab-parallel shards are padded.
-    return make_checkpoint(tmp_path_factory.mktemp("tp"), "tiny-llama", num_layers=4, std=0.06, seed=5,
-                           overrides={"hidden_size": 256, "num_attention_heads": 16, "num_key_value_heads": 8,
-                                      "intermediate_size": 256})
+    return make_checkpoint(
+        tmp_path_factory.mktemp("tp"),
+        "tiny-llama",
+        num_layers=4,
+        std=0.06,
+        seed=5,
+        overrides={"hidden_size": 256, "num_attention_heads": 16, "num_key_value_heads": 8, "intermediate_size": 256},
+    )
 
 
 def test_tp2_on_cpu_gives_the_tokens_of_tp1(model, spawn_ranks):
@@ -123,9 +137,18 @@ async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path):
     )
 
     nc = await bus.connect(nats_server.url, "test")
-    cfg = AgentConfig(nats_url=nats_server.url, log_level="warning", log_json=True, agent_id="a0",
-                      simulate_gpus="2x24GB", gpu_type="sim", interval_s=0.5, load_window_s=120,
-                      work_dir=tmp_path / "agent", profile_timeout_s=60)
+    cfg = AgentConfig(
+        nats_url=nats_server.url,
+        log_level="warning",
+        log_json=True,
+        agent_id="a0",
+        simulate_gpus="2x24GB",
+        gpu_type="sim",
+        interval_s=0.5,
+        load_window_s=120,
+        work_dir=tmp_path / "agent",
+        profile_timeout_s=60,
+    )
     gpus = SimulatedGpus(parse_simulated("2x24GB"), "sim")
     agent = AgentService(cfg, await bus.connect(nats_server.url, "agent"), gpus)
     await agent.start()
@@ -145,10 +168,18 @@ async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path):
     await nc.subscribe(subjects.WORKER_READY, cb=on_ready)
     await nc.subscribe(subjects.WORKER_EXITED, cb=on_exited)
     try:
-        launch = LaunchWorker(worker_id="w-tp", deployment_id="d-tp", model="tiny", model_path=str(model),
-                              config=Configuration(tp=2, pp=1), context_tokens=96,
-                              stages=[StageSpec(gpu_index=0, first_layer=0, num_layers=4),
-                                      StageSpec(gpu_index=1, first_layer=0, num_layers=4)])
+        launch = LaunchWorker(
+            worker_id="w-tp",
+            deployment_id="d-tp",
+            model="tiny",
+            model_path=str(model),
+            config=Configuration(tp=2, pp=1),
+            context_tokens=96,
+            stages=[
+                StageSpec(gpu_index=0, first_layer=0, num_layers=4),
+                StageSpec(gpu_index=1, first_layer=0, num_layers=4),
+            ],
+        )
         rep = await bus.request(nc, subjects.agent_launch("a0"), launch, LaunchReply, timeout=60)
         assert rep.worker_id == "w-tp" and len(agent.workers["w-tp"].procs) == 2
         r = await asyncio.wait_for(ready.get(), 120)
@@ -156,8 +187,9 @@ async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path):
         inbox = nc.new_inbox()
         await nc.subscribe(inbox, cb=on_chunk)
         req = InferRequest(request_id="r1", model="tiny", prompt="The quick brown fox", max_tokens=8, ignore_eos=True)
-        await bus.request(nc, subjects.worker_generate("w-tp"), GenerateRequest(request=req, stream_to=inbox), Accepted,
-                          timeout=60)
+        await bus.request(
+            nc, subjects.worker_generate("w-tp"), GenerateRequest(request=req, stream_to=inbox), Accepted, timeout=60
+        )
         done = None
         while done is None:
             data = await asyncio.wait_for(chunks.get(), 60)

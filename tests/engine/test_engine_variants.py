@@ -25,8 +25,14 @@ NEEDS_TRITON = "needs Triton (a CUDA GPU, or TRITON_INTERPRET=1 with triton inst
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """4 layers, 8 query heads in 4 KV groups (so structured pruning drops whole groups)."""
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny-llama", num_layers=4, std=0.05, seed=3,
-                           overrides={"num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 256})
+    return make_checkpoint(
+        tmp_path_factory.mktemp("tiny"),
+        "tiny-llama",
+        num_layers=4,
+        std=0.05,
+        seed=3,
+        overrides={"num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 256},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +77,17 @@ def test_int8_and_int4_round_trip():
     assert sum(t.numel() * t.element_size() for t in lin4.tensors()) < w.numel() * 4 / 4
 
 
-@pytest.mark.parametrize("kw,max_rel", [
-    (dict(weight_quant="int8"), 0.05),
-    (dict(weight_quant="int4"), 0.5),
-    (dict(kv_quant="int8"), 1e-6),  # prefill attends over its own 16/32-bit keys and values
-    (dict(pruning="2:4"), None),
-    (dict(pruning="structured"), None),
-    (dict(weight_quant="int8", kv_quant="int8", pruning="structured"), None),
-])
+@pytest.mark.parametrize(
+    "kw,max_rel",
+    [
+        (dict(weight_quant="int8"), 0.05),
+        (dict(weight_quant="int4"), 0.5),
+        (dict(kv_quant="int8"), 1e-6),  # prefill attends over its own 16/32-bit keys and values
+        (dict(pruning="2:4"), None),
+        (dict(pruning="structured"), None),
+        (dict(weight_quant="int8", kv_quant="int8", pruning="structured"), None),
+    ],
+)
 def test_variant_runs_and_decode_matches_prefill(tiny, fp32, kw, max_rel):
     e = Engine.load(tiny, [("cpu", 0, 2), ("cpu", 2, 2)], context_tokens=64, **kw)
     assert e.variant == {"weight_quant": "fp16", "kv_quant": "fp16", "pruning": "none", **kw}
@@ -126,16 +135,19 @@ def test_structured_pruning_matches_the_estimator_and_keeps_strong_heads(tiny, t
     assert pruned_counts(arch, "structured") == want
     small = make_checkpoint(tmp_path / "m", "tiny-llama", num_layers=1)  # 4 heads, 2 KV heads
     shaped = pruned_arch(scan_checkpoint(small).arch, "structured")
-    assert pruned_counts(scan_checkpoint(small).arch, "structured") == (shaped.num_attention_heads, shaped.num_kv_heads,
-                                                                         shaped.intermediate_size)
+    assert pruned_counts(scan_checkpoint(small).arch, "structured") == (
+        shaped.num_attention_heads,
+        shaped.num_kv_heads,
+        shaped.intermediate_size,
+    )
     # The weakest KV group is the one removed.
     from iserve.gpu_agent.engine.pruning import prune_structured
 
-    layer = {k[len("model.layers.0."):]: v for k, v in _layer_tensors(tiny).items()}
+    layer = {k[len("model.layers.0.") :]: v for k, v in _layer_tensors(tiny).items()}
     d = arch.head_dim
-    layer["self_attn.k_proj.weight"][2 * d:3 * d] *= 0.01
-    layer["self_attn.v_proj.weight"][2 * d:3 * d] *= 0.01
-    layer["self_attn.q_proj.weight"][4 * d:6 * d] *= 0.01
+    layer["self_attn.k_proj.weight"][2 * d : 3 * d] *= 0.01
+    layer["self_attn.v_proj.weight"][2 * d : 3 * d] *= 0.01
+    layer["self_attn.q_proj.weight"][4 * d : 6 * d] *= 0.01
     out = prune_structured(arch, layer)
     kept = out["self_attn.k_proj.weight"].view(3, d, -1)
     full = layer["self_attn.k_proj.weight"].view(4, d, -1)
@@ -232,8 +244,9 @@ def test_triton_gemv_matches_reference():
         torch.testing.assert_close(got, normed @ w.T + r, rtol=1e-4, atol=1e-4)
         gu = torch.randn(M, 2 * K, device=dev)
         act = torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]
-        torch.testing.assert_close(kernels.gemv(gu, q, s, swiglu=True, tune=tune), act @ (q.float() * s[:, None]).T,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            kernels.gemv(gu, q, s, swiglu=True, tune=tune), act @ (q.float() * s[:, None]).T, rtol=1e-4, atol=1e-4
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,14 +301,17 @@ def test_captured_prefill_equals_eager(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kw,kernel,max_rel", [
-    (dict(weight_quant="int8"), "int8 triton gemv (decode) / dequant+cublas (prefill)", 0.02),
-    (dict(weight_quant="int4"), "torch._weight_int4pack_mm (tinygemm, bf16)", 0.05),
-    (dict(kv_quant="int8"), "dense", 0.02),
-    # 2:4: measured 0.052 on H100 and H200, CUTLASS's sparse kernel vs the dense pruned matmul.
-    (dict(pruning="2:4"), None, 0.08),
-    (dict(pruning="structured"), "dense", 0.02),
-])
+@pytest.mark.parametrize(
+    "kw,kernel,max_rel",
+    [
+        (dict(weight_quant="int8"), "int8 triton gemv (decode) / dequant+cublas (prefill)", 0.02),
+        (dict(weight_quant="int4"), "torch._weight_int4pack_mm (tinygemm, bf16)", 0.05),
+        (dict(kv_quant="int8"), "dense", 0.02),
+        # 2:4: measured 0.052 on H100 and H200, CUTLASS's sparse kernel vs the dense pruned matmul.
+        (dict(pruning="2:4"), None, 0.08),
+        (dict(pruning="structured"), "dense", 0.02),
+    ],
+)
 def test_cuda_variants_match_cpu_reference(tiny, kw, kernel, max_rel):
     """The CUDA kernels compute the same function as the CPU reference math of the same format, in the
     same dtype (so that quantization and pruning see the same rounded weights)."""
@@ -340,8 +356,10 @@ def test_fused_decode_kernels_match_the_reference_path(tiny, monkeypatch, kw):
 # compact layer building
 
 
-@pytest.mark.parametrize("preset,kw", [("tiny-llama", dict(weight_quant="int8")), ("tiny-falcon", dict()),
-                                       ("tiny-mixtral", dict(pruning="structured"))])
+@pytest.mark.parametrize(
+    "preset,kw",
+    [("tiny-llama", dict(weight_quant="int8")), ("tiny-falcon", dict()), ("tiny-mixtral", dict(pruning="structured"))],
+)
 def test_relocating_a_layer_copies_every_tensor_once_and_keeps_its_function(tmp_path, preset, kw):
     """``build_compact`` copies each tensor a layer keeps out of the build's private pool. The walk
     must reach every tensor (through linears, MLPs, experts, tuples of norms), copy a shared one
@@ -405,18 +423,30 @@ def test_relocating_rebuilds_a_tensor_subclass_around_copies_of_its_inner_tensor
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kw", [dict(), dict(weight_quant="int8"), dict(weight_quant="int4"),
-                                dict(pruning="structured"), dict(pruning="2:4"),
-                                dict(weight_quant="int8", pruning="2:4")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(weight_quant="int8"),
+        dict(weight_quant="int4"),
+        dict(pruning="structured"),
+        dict(pruning="2:4"),
+        dict(weight_quant="int8", pruning="2:4"),
+    ],
+)
 def test_cuda_layers_are_built_compact(tmp_path, kw):
     """Built through a private pool and copied out, a converted model reserves little beyond what it
     allocates (was 1.1-1.6 GiB on a Llama-2-13B in int8/int4), and computes what an engine built
     without the pool computes."""
     from iserve.gpu_agent.engine import stage
 
-    path = make_checkpoint(tmp_path / "m", "tiny-llama", num_layers=12, seed=2,
-                           overrides={"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8,
-                                      "num_key_value_heads": 8})
+    path = make_checkpoint(
+        tmp_path / "m",
+        "tiny-llama",
+        num_layers=12,
+        seed=2,
+        overrides={"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8, "num_key_value_heads": 8},
+    )
     torch.cuda.empty_cache()
     base_alloc, base_res = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     engine = Engine.load(path, [("cuda:0", 0, 12)], context_tokens=128, cuda_graphs=False, **kw)

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
+
 from iserve.messages import KV_QUANTS, PRUNINGS, WEIGHT_QUANTS, ArchSpec, Configuration, ExcludedConfig, ProfileVariant
 
 _KNOB_WORDS: dict[str, str | dict[str, str]] = {

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from iserve.messages import FingerprintMeasurement
 
 Poly = tuple[float, float, float]  # c0 + c1 p + c2 p^2
@@ -203,9 +204,7 @@ class CommModel:
         return (self.alpha_us + 2.0 * (ranks - 1) / ranks * nbytes / (self.bus_gbps * 1e3)) / 1000.0
 
     def describe(self) -> str:
-        return (
-            f"collective = {self.alpha_us:.1f} us + 2(t-1)/t * bytes / {self.bus_gbps:.0f} GB/s ({self.source})"
-        )
+        return f"collective = {self.alpha_us:.1f} us + 2(t-1)/t * bytes / {self.bus_gbps:.0f} GB/s ({self.source})"
 
 
 # Intra-host collective defaults by GPU family: NVLink parts vs PCIe (small messages: NCCL latency).

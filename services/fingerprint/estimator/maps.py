@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
 from iserve.messages import (
     ArchSpec,
     ConfigEstimate,
@@ -80,8 +81,7 @@ def fit_estimates(
     """
     fits = fit_variants(arch, weights, measurements, gpu_memory_bytes=gpu_memory_bytes, memory_source=memory_source)
     return [
-        estimate_config(arch, weights, _fit_for(fits, c, arch, comm), c, context_tokens=context_tokens)
-        for c in configs
+        estimate_config(arch, weights, _fit_for(fits, c, arch, comm), c, context_tokens=context_tokens) for c in configs
     ]
 
 
@@ -178,15 +178,17 @@ def translate_map(
             reason = f"a stage of {per_stage} layers does not fit the {gpu_type}'s memory"
             excluded.append(ExcludedConfig(config=c, reason=reason))
             continue
-        estimates.append(msgspec.structs.replace(
-            e,
-            ttft_base_ms=e.ttft_base_ms * bw,
-            ttft_per_token_ms=e.ttft_per_token_ms * fl,
-            ttft_per_token2_ms=e.ttft_per_token2_ms * fl,
-            tpot_ms=e.tpot_ms * bw,
-            tpot_per_position_ms=e.tpot_per_position_ms * bw,
-            method=e.method + "+translated",
-        ))
+        estimates.append(
+            msgspec.structs.replace(
+                e,
+                ttft_base_ms=e.ttft_base_ms * bw,
+                ttft_per_token_ms=e.ttft_per_token_ms * fl,
+                ttft_per_token2_ms=e.ttft_per_token2_ms * fl,
+                tpot_ms=e.tpot_ms * bw,
+                tpot_per_position_ms=e.tpot_per_position_ms * bw,
+                method=e.method + "+translated",
+            )
+        )
     return msgspec.structs.replace(
         cmap,
         gpu_type=gpu_type,

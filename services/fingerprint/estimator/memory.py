@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
 from iserve.checkpoint import layer_tensor_shapes
 from iserve.messages import ArchSpec, Configuration, FingerprintMeasurement, ProfileVariant, WeightBreakdown
 
@@ -118,9 +119,7 @@ def kv_cache_bytes_per_layer(arch: ArchSpec, config: Configuration, context_toke
     return _ceil_div(per_token * context_tokens, config.tp)
 
 
-def fingerprint_weight_bytes(
-    arch: ArchSpec, weights: WeightBreakdown, variant: ProfileVariant, num_layers: int
-) -> int:
+def fingerprint_weight_bytes(arch: ArchSpec, weights: WeightBreakdown, variant: ProfileVariant, num_layers: int) -> int:
     """Exact weights on one rank of a ``num_layers``-layer fingerprint run at PP=1 as ``variant``."""
     lw = layer_weights(arch, weights, variant.weight_quant, variant.pruning)
     return (

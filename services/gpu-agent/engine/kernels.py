@@ -101,9 +101,19 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, heads: int, kv_heads: int,
-               head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
-               v_scale: torch.Tensor | None) -> torch.Tensor:
+def rope_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> torch.Tensor:
     """One token: rotate q and k of ``qkv [1, (heads + 2 kv_heads) * d]`` at position ``pos [1]`` (tables
     ``[context, d]``), store k and v at that row of ``k_cache, v_cache [kv_heads, context, d]`` (int8
     with per-row scales ``[kv_heads, context]`` when given); returns q ``[heads * d]``."""
@@ -113,8 +123,23 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
     quant = k_scale is not None
     ks = k_scale if quant else k_cache
     vs = v_scale if quant else v_cache
-    kernel[(heads + 2 * kv_heads,)](qkv, cos, sin, pos, q, k_cache, v_cache, ks, vs, heads, kv_heads,
-                                    k_cache.stride(0), ks.stride(0) if quant else 0, D=head_dim, QUANT=quant)
+    kernel[(heads + 2 * kv_heads,)](
+        qkv,
+        cos,
+        sin,
+        pos,
+        q,
+        k_cache,
+        v_cache,
+        ks,
+        vs,
+        heads,
+        kv_heads,
+        k_cache.stride(0),
+        ks.stride(0) if quant else 0,
+        D=head_dim,
+        QUANT=quant,
+    )
     return q
 
 
@@ -123,8 +148,16 @@ def attention_splits(kv_heads: int, context: int, block_n: int = 64) -> int:
     return max(1, min(64, -(-256 // kv_heads), -(-context // block_n)))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
-                     v_scale: torch.Tensor | None, pos: torch.Tensor, window: int, splits: int) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    pos: torch.Tensor,
+    window: int,
+    splits: int,
+) -> torch.Tensor:
     """Attention of one token's ``q [heads * d]`` over cache rows ``[0, pos]`` (the last ``window`` of
     them when ``window > 0``) of ``k_cache, v_cache [kv_heads, context, d]``; returns ``[1, heads * d]``."""
     partial, reduce = _decode_kernels()[3:5]
@@ -138,16 +171,43 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     quant = k_scale is not None
     ks = k_scale if quant else k_cache
     vs = v_scale if quant else v_cache
-    partial[(kv_heads, splits)](q, k_cache, v_cache, ks, vs, pos, m, l, acc, d ** -0.5, k_cache.stride(0),
-                                ks.stride(0) if quant else 0, window, splits, G=groups, GP=gp, D=d, BLOCK_N=64,
-                                QUANT=quant, num_warps=4)
+    partial[(kv_heads, splits)](
+        q,
+        k_cache,
+        v_cache,
+        ks,
+        vs,
+        pos,
+        m,
+        l,
+        acc,
+        d**-0.5,
+        k_cache.stride(0),
+        ks.stride(0) if quant else 0,
+        window,
+        splits,
+        G=groups,
+        GP=gp,
+        D=d,
+        BLOCK_N=64,
+        QUANT=quant,
+        num_warps=4,
+    )
     out = torch.empty(1, groups * kv_heads * d, dtype=q.dtype, device=dev)
     reduce[(kv_heads, groups)](m, l, acc, out, splits, G=groups, GP=gp, D=d, SP=_pow2(splits))
     return out
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-         *, norm: tuple[torch.Tensor, float] | None = None, swiglu: bool = False, tune: bool = True) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    *,
+    norm: tuple[torch.Tensor, float] | None = None,
+    swiglu: bool = False,
+    tune: bool = True,
+) -> torch.Tensor:
     """``f(x) @ w[N, K].T`` (``* scale[N]``) (``+ residual [M, N]``), in ``x``'s dtype.
 
     ``f``: with ``norm = (weight, eps)`` RMSNorm of each row of ``x [M, K]``; with ``swiglu``

@@ -239,8 +239,9 @@ def int8_row_scales(w: torch.Tensor, sparse_24: bool) -> torch.Tensor:
     return quantize_int8(prune_2_4(w) if sparse_24 else w)[1]
 
 
-def make_linear(w: torch.Tensor, weight_quant: str, sparse_24: bool, dtype: torch.dtype,
-                int8_scale: torch.Tensor | None = None) -> Linear:
+def make_linear(
+    w: torch.Tensor, weight_quant: str, sparse_24: bool, dtype: torch.dtype, int8_scale: torch.Tensor | None = None
+) -> Linear:
     """The ``Linear`` for dense weight ``w [out, in]`` (on its device, in ``dtype``); ``int8_scale``:
     see ``Int8Linear``."""
     if sparse_24:

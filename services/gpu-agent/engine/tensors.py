@@ -22,7 +22,9 @@ class TensorCache:
 
     def add(self, ck: Checkpoint) -> None:
         """Read every tensor of ``ck`` onto the device."""
-        self._tensors.update({(ck.tensors[n].file, n): t for n, t in checkpoint.load_tensors(ck, list(ck.tensors), self.device).items()})
+        self._tensors.update(
+            {(ck.tensors[n].file, n): t for n, t in checkpoint.load_tensors(ck, list(ck.tensors), self.device).items()}
+        )
 
     @property
     def nbytes(self) -> int:

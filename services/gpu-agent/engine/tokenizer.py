@@ -115,18 +115,18 @@ class HFStreamDecoder:
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        before = self._tok.decode(self._ids[self._prefix:self._read])
-        now = self._tok.decode(self._ids[self._prefix:])
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        now = self._tok.decode(self._ids[self._prefix :])
         if len(now) > len(before) and not now.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self._ids)
-            return now[len(before):]
+            return now[len(before) :]
         return ""
 
     def flush(self) -> str:
-        before = self._tok.decode(self._ids[self._prefix:self._read])
-        now = self._tok.decode(self._ids[self._prefix:])
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        now = self._tok.decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return now[len(before):]
+        return now[len(before) :]
 
 
 class HFTokenizer:
@@ -138,7 +138,9 @@ class HFTokenizer:
         try:
             self._tok = _Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a plain Exception for malformed files
-            raise CheckpointError(f"{path} cannot be loaded by the tokenizers library ({e}); restore the model's tokenizer.json.") from None
+            raise CheckpointError(
+                f"{path} cannot be loaded by the tokenizers library ({e}); restore the model's tokenizer.json."
+            ) from None
         self.bos_id = arch.bos_token_id
         self.eos_id = arch.eos_token_id
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

@@ -7,9 +7,27 @@ import triton.language as tl
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, s_ptr, r_ptr, y_ptr, nw_ptr, N, K, eps, stride_xm, stride_wn, stride_rm, stride_ym,
-                HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    r_ptr,
+    y_ptr,
+    nw_ptr,
+    N,
+    K,
+    eps,
+    stride_xm,
+    stride_wn,
+    stride_rm,
+    stride_ym,
+    HAS_SCALE: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    NORM: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """``y[m] = f(x[m]) @ w.T (* s) (+ r[m])``; ``f`` is RMSNorm with weight ``nw`` (NORM), or
     ``silu(x[:K]) * x[K:]`` of a ``[gate | up]`` row of width 2K (SWIGLU), or the identity."""
     pid_n = tl.program_id(0)
@@ -86,9 +104,23 @@ def store_row(dst_ptr, sdst_ptr, x, QUANT: tl.constexpr):
 
 
 @triton.jit
-def rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
-                      H, KV, stride_kh, stride_sh,
-                      D: tl.constexpr, QUANT: tl.constexpr):
+def rope_store_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    ks_ptr,
+    vs_ptr,
+    H,
+    KV,
+    stride_kh,
+    stride_sh,
+    D: tl.constexpr,
+    QUANT: tl.constexpr,
+):
     i = tl.program_id(0)
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
@@ -109,10 +141,27 @@ def rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, k
 
 
 @triton.jit
-def attn_partial_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
-                        sm_scale, stride_kh, stride_sh, WINDOW, S,
-                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                        QUANT: tl.constexpr):
+def attn_partial_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    ks_ptr,
+    vs_ptr,
+    pos_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    sm_scale,
+    stride_kh,
+    stride_sh,
+    WINDOW,
+    S,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QUANT: tl.constexpr,
+):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     n = tl.load(pos_ptr) + 1
@@ -136,7 +185,7 @@ def attn_partial_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pos_ptr, m_ptr, l_p
         sc = tl.dot(q, tl.trans(k.to(q.dtype)))
         if QUANT:
             sc = sc * tl.load(ks_ptr + kvh * stride_sh + offs, mask=ok, other=0.0).to(tl.float32)[None, :]
-            v = (v.to(tl.float32) * tl.load(vs_ptr + kvh * stride_sh + offs, mask=ok, other=0.0).to(tl.float32)[:, None])
+            v = v.to(tl.float32) * tl.load(vs_ptr + kvh * stride_sh + offs, mask=ok, other=0.0).to(tl.float32)[:, None]
         sc = tl.where(ok[None, :], sc * sm_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         p = tl.exp(sc - m_new[:, None])
@@ -151,8 +200,9 @@ def attn_partial_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pos_ptr, m_ptr, l_p
 
 
 @triton.jit
-def attn_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, S, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                       SP: tl.constexpr):
+def attn_reduce_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr, S, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr
+):
     kvh = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.arange(0, SP)

@@ -80,8 +80,13 @@ def llm_kwargs(model_path: str | Path, config: Configuration, context_tokens: in
     reason = unsupported_reason(config)
     if reason:
         raise UnsupportedModel(reason)
-    kw: dict[str, Any] = dict(model=str(model_path), tensor_parallel_size=config.tp, pipeline_parallel_size=config.pp,
-                              max_seq_len=context_tokens, max_batch_size=1)
+    kw: dict[str, Any] = dict(
+        model=str(model_path),
+        tensor_parallel_size=config.tp,
+        pipeline_parallel_size=config.pp,
+        max_seq_len=context_tokens,
+        max_batch_size=1,
+    )
     if config.weight_quant != "fp16" or config.kv_quant != "fp16":
         llmapi = importlib.import_module("tensorrt_llm.llmapi")
         algo = llmapi.QuantAlgo
@@ -152,23 +157,47 @@ class TrtLlmEngine:
             kw["top_k"] = 1  # greedy
         return llmapi.SamplingParams(**kw)
 
-    def generate(self, prompt_ids: Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, ignore_eos: bool = False, on_token: Callable[[int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        on_token: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
         """Stream one request through ``generate_async`` (run in this thread's own event loop)."""
         ids = list(prompt_ids)
-        return asyncio.run(self._generate(ids, self.sampling_params(max_tokens, temperature, top_p, seed, ignore_eos),
-                                          max_tokens, on_token, should_stop))
+        return asyncio.run(
+            self._generate(
+                ids,
+                self.sampling_params(max_tokens, temperature, top_p, seed, ignore_eos),
+                max_tokens,
+                on_token,
+                should_stop,
+            )
+        )
 
-    async def _generate(self, ids: list[int], params: Any, max_tokens: int, on_token: Callable[[int], None] | None,
-                        should_stop: Callable[[], bool] | None) -> GenerationResult:
-        result = GenerationResult(tokens=[], finish_reason="length", ttft_ms=0.0, prompt_tokens=len(ids), timer=self.timer)
+    async def _generate(
+        self,
+        ids: list[int],
+        params: Any,
+        max_tokens: int,
+        on_token: Callable[[int], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> GenerationResult:
+        result = GenerationResult(
+            tokens=[], finish_reason="length", ttft_ms=0.0, prompt_tokens=len(ids), timer=self.timer
+        )
         t0 = last = time.perf_counter()
         stream = self._llm.generate_async(ids, params, streaming=True)
         async for out in stream:
             seq = out.outputs[0]
             now = time.perf_counter()
-            new = list(seq.token_ids)[len(result.tokens):]
+            new = list(seq.token_ids)[len(result.tokens) :]
             # Tokens that arrive together share the interval since the last arrival (with the first
             # token, the prefill's interval is its TTFT; tokens arriving with it count 0).
             share = (now - last) * 1e3 / len(new) if new and result.tokens else 0.0

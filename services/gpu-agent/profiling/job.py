@@ -44,8 +44,9 @@ def _warm_gpu(device: str, seconds: float) -> None:
     del a
 
 
-def run_profile_job(job: ProfileJob, devices: Sequence[str], *,
-                    log: Callable[[str], None] | None = None) -> ProfileResult:
+def run_profile_job(
+    job: ProfileJob, devices: Sequence[str], *, log: Callable[[str], None] | None = None
+) -> ProfileResult:
     """Measure every fingerprint of ``job`` as every variant, on ``devices`` (``devices[0]`` for TP=1;
     ``devices[:tp]`` for a TP variant). A variant the engine refuses (``UnsupportedModel``), or that
     needs more devices than given, is listed in ``skipped`` with the reason; other errors propagate
@@ -78,8 +79,7 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
             by_tp.setdefault(variant.tp, []).append(variant)
     for tp, variants in sorted(by_tp.items()):
         if tp > len(devices):
-            skipped.update({variant_key(v): f"needs {tp} GPUs, the profiling job had {len(devices)}"
-                            for v in variants})
+            skipped.update({variant_key(v): f"needs {tp} GPUs, the profiling job had {len(devices)}" for v in variants})
             continue
         # Fresh rank processes per variant, as a serving worker is: what NCCL keeps outside the
         # allocator stays in a process (docs/profiling.md#tensor-parallelism).
@@ -87,7 +87,8 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
             remaining = job.timeout_s - (time.perf_counter() - t0)  # the job's time limit covers all of them
             if remaining <= 0:
                 raise TimeoutError(
-                    f"the profiling job ran out of its {job.timeout_s:.0f} s before {variant_key(variant)}")
+                    f"the profiling job ran out of its {job.timeout_s:.0f} s before {variant_key(variant)}"
+                )
             if log:
                 log(f"measuring the fingerprints as {variant_key(variant)} on {', '.join(devices[:tp])}")
             merged, ar = measure_tp(job, devices, [variant], remaining)
@@ -104,16 +105,25 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
         for variant in one_gpu:
             key = variant_key(variant)
             try:
-                ms = measure_models(job.fingerprint_paths, devices[0], protocol=protocol, variant=variant,
-                                    device_timing=job.device_timing, seed=0, tensors=cache)
+                ms = measure_models(
+                    job.fingerprint_paths,
+                    devices[0],
+                    protocol=protocol,
+                    variant=variant,
+                    device_timing=job.device_timing,
+                    seed=0,
+                    tensors=cache,
+                )
             except UnsupportedModel as e:
                 skipped[key] = e.message
                 continue
             measurements += ms
             if log:
                 for path, m in zip(job.fingerprint_paths, ms):
-                    log(f"measured {Path(path).name} as {key}: TPOT {m.tpot_ms:.3f} ms "
-                        f"(device {m.tpot_device_ms:.3f} ms)")
+                    log(
+                        f"measured {Path(path).name} as {key}: TPOT {m.tpot_ms:.3f} ms "
+                        f"(device {m.tpot_device_ms:.3f} ms)"
+                    )
     finally:
         cache_bytes = cache.nbytes if cache is not None else 0
         if cache is not None:
@@ -163,8 +173,9 @@ def _fingerprint_cache(paths: Sequence[str], device: str) -> TensorCache | None:
     return cache
 
 
-def run_profile_job_file(job_path: str | Path, result_path: str | Path, devices: Sequence[str],
-                         log: Callable[[str], None] | None = None) -> ProfileResult:
+def run_profile_job_file(
+    job_path: str | Path, result_path: str | Path, devices: Sequence[str], log: Callable[[str], None] | None = None
+) -> ProfileResult:
     """The worker's profile mode: read a ``ProfileJob``, run it, write the ``ProfileResult``
     atomically. Errors propagate for the worker to report."""
     job = decoder(ProfileJob).decode(Path(job_path).read_bytes())

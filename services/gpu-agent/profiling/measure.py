@@ -34,8 +34,12 @@ def variant_kwargs(variant: ProfileVariant) -> dict[str, str]:
 
 
 def _check_variant(variant: ProfileVariant) -> None:
-    for knob, value in (("tp", variant.tp), ("weight_quant", variant.weight_quant),
-                        ("kv_quant", variant.kv_quant), ("pruning", variant.pruning)):
+    for knob, value in (
+        ("tp", variant.tp),
+        ("weight_quant", variant.weight_quant),
+        ("kv_quant", variant.kv_quant),
+        ("pruning", variant.pruning),
+    ):
         allowed = CAPABILITIES.get(knob)
         if allowed is not None and value not in allowed:
             raise UnsupportedModel(
@@ -44,10 +48,20 @@ def _check_variant(variant: ProfileVariant) -> None:
             )
 
 
-def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant: ProfileVariant, *,
-                seed: int = 0, tp_rank: int = 0, tp_size: int = 1, replay_layers: int = 0,
-                replay_distinct: bool = False, prefill_lengths: Sequence[int] | None = None,
-                tensors: TensorCache | None = None):
+def load_engine(
+    model_dir: str | Path,
+    device: str,
+    context_tokens: int,
+    variant: ProfileVariant,
+    *,
+    seed: int = 0,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    replay_layers: int = 0,
+    replay_distinct: bool = False,
+    prefill_lengths: Sequence[int] | None = None,
+    tensors: TensorCache | None = None,
+):
     """Load ``model_dir`` as one stage on ``device`` as ``variant``, the way a worker does
     (``prefill_lengths``: capture only the prefill graphs of these prompt lengths, for a deep run
     whose capture of every length would cost more than its timing; ``tensors``: cached copies of the
@@ -67,8 +81,7 @@ def load_engine(model_dir: str | Path, device: str, context_tokens: int, variant
         return Engine.load(model_dir, [(device, 0, ck.arch.num_layers)], context_tokens, seed, **kwargs)
     except TypeError as e:
         if kwargs and "unexpected keyword" in str(e):
-            raise UnsupportedModel(
-                f"this engine's Engine.load does not take {', '.join(kwargs)} yet: {e}") from None
+            raise UnsupportedModel(f"this engine's Engine.load does not take {', '.join(kwargs)} yet: {e}") from None
         raise
 
 
@@ -82,11 +95,13 @@ def _check_model(model_dir: str | Path, protocol: Protocol, num_layers: int | No
         )
     if ck.arch.vocab_size <= 3:
         raise CheckpointError(
-            f"{model_dir} has a vocabulary of {ck.arch.vocab_size} ids; a fingerprint needs more than 3.")
-    if (max(protocol.prompt_lengths) + max(protocol.output_lengths)
-            > min(protocol.context_tokens, ck.arch.max_position)):
-        raise BadRequest(f"the protocol's longest prompt plus output does not fit {model_dir}'s context of "
-                         f"{ck.arch.max_position} tokens.")
+            f"{model_dir} has a vocabulary of {ck.arch.vocab_size} ids; a fingerprint needs more than 3."
+        )
+    if max(protocol.prompt_lengths) + max(protocol.output_lengths) > min(protocol.context_tokens, ck.arch.max_position):
+        raise BadRequest(
+            f"the protocol's longest prompt plus output does not fit {model_dir}'s context of "
+            f"{ck.arch.max_position} tokens."
+        )
     return ck
 
 
@@ -98,21 +113,41 @@ class _Loaded:
     announced to the followers by ``index`` on ``coord``), a follower runs the leader's warm-up
     generations, and each rank then reads its own memory peaks."""
 
-    def __init__(self, model_dir, device: str, protocol: Protocol, variant: ProfileVariant, *, seed: int,
-                 tp_rank: int, tp_size: int, gpu_warmup_s: float, index: int = 0, coord=None,
-                 replay_layers: int = 0, tensors: TensorCache | None = None):
+    def __init__(
+        self,
+        model_dir,
+        device: str,
+        protocol: Protocol,
+        variant: ProfileVariant,
+        *,
+        seed: int,
+        tp_rank: int,
+        tp_size: int,
+        gpu_warmup_s: float,
+        index: int = 0,
+        coord=None,
+        replay_layers: int = 0,
+        tensors: TensorCache | None = None,
+    ):
         self.t_start = time.perf_counter()
         self.probe = NvmlProbe(torch.device(device))
         self.base = Baseline(torch.device(device), self.probe)
         # A deep run on one process captures only the prefills of the protocol's prompt lengths, with
         # tensor parallelism every serving graph. See docs/profiling.md#the-deep-run.
         self.deep = bool(replay_layers)
-        self.engine = load_engine(model_dir, device, protocol.context_tokens, variant, seed=seed, tp_rank=tp_rank,
-                                  tp_size=tp_size, replay_layers=replay_layers,
-                                  replay_distinct=protocol.replay_distinct,
-                                  prefill_lengths=(sorted(set(protocol.prompt_lengths))
-                                                   if self.deep and tp_size == 1 else None),
-                                  tensors=tensors)
+        self.engine = load_engine(
+            model_dir,
+            device,
+            protocol.context_tokens,
+            variant,
+            seed=seed,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            replay_layers=replay_layers,
+            replay_distinct=protocol.replay_distinct,
+            prefill_lengths=(sorted(set(protocol.prompt_lengths)) if self.deep and tp_size == 1 else None),
+            tensors=tensors,
+        )
         self.num_layers = replay_layers or self.engine.arch.num_layers
         self.replayed_from = self.engine.stages[0].replayed_from  # replay_layers loads one stage
         self.runner = Announced(self.engine, index, coord) if coord is not None and tp_rank == 0 else self.engine
@@ -144,12 +179,15 @@ class _Loaded:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
             self.peak, self.reserved, self.nvml = self.base.own(
-                int(torch.cuda.max_memory_allocated(self.dev)), int(torch.cuda.max_memory_reserved(self.dev)),
-                self.nvml_peak)
+                int(torch.cuda.max_memory_allocated(self.dev)),
+                int(torch.cuda.max_memory_reserved(self.dev)),
+                self.nvml_peak,
+            )
         else:
             dtype_bytes = self.engine.stages[0].dtype.itemsize
             self.peak = self.engine.memory_bytes()[0] + activation_bytes_estimate(
-                self.engine.arch, max(protocol.prompt_lengths), dtype_bytes)
+                self.engine.arch, max(protocol.prompt_lengths), dtype_bytes
+            )
             self.reserved = self.nvml = 0
 
     def close(self, follower: bool = False) -> None:
@@ -162,8 +200,14 @@ class _Loaded:
             self.engine.release_groups()
 
 
-def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, timings: Timings | None,
-                 gpu_seconds: float, tp_size: int) -> FingerprintMeasurement:
+def _measurement(
+    loaded: _Loaded,
+    variant: ProfileVariant,
+    protocol: Protocol,
+    timings: Timings | None,
+    gpu_seconds: float,
+    tp_size: int,
+) -> FingerprintMeasurement:
     m = FingerprintMeasurement(
         num_layers=loaded.num_layers,
         variant=variant,
@@ -197,10 +241,12 @@ def _measurement(loaded: _Loaded, variant: ProfileVariant, protocol: Protocol, t
     m.decode_steps = len(all_steps)
     if timings.ttft_device:
         m.timer = "perf_counter+cuda_events"
-        m.ttft_device = [PromptTiming(prompt_tokens=p, ttft_ms=median(v))
-                         for p, v in sorted(timings.ttft_device.items())]
-        m.decode_device = [DecodeTiming(position=pos, step_ms=median(v))
-                           for pos, v in sorted(timings.steps_device.items())]
+        m.ttft_device = [
+            PromptTiming(prompt_tokens=p, ttft_ms=median(v)) for p, v in sorted(timings.ttft_device.items())
+        ]
+        m.decode_device = [
+            DecodeTiming(position=pos, step_ms=median(v)) for pos, v in sorted(timings.steps_device.items())
+        ]
         m.tpot_device_ms = median([s for v in timings.steps_device.values() for s in v])
     return m
 
@@ -251,9 +297,22 @@ def measure_models(
             plan.append((model_dirs[deepest], protocol.replay_depth))
     try:
         for i, (d, replay) in enumerate(plan):
-            loaded.append(_Loaded(d, device, protocol, variant, seed=seed, tp_rank=tp_rank, tp_size=tp_size,
-                                  gpu_warmup_s=gpu_warmup_s, index=i, coord=coord, replay_layers=replay,
-                                  tensors=tensors))
+            loaded.append(
+                _Loaded(
+                    d,
+                    device,
+                    protocol,
+                    variant,
+                    seed=seed,
+                    tp_rank=tp_rank,
+                    tp_size=tp_size,
+                    gpu_warmup_s=gpu_warmup_s,
+                    index=i,
+                    coord=coord,
+                    replay_layers=replay,
+                    tensors=tensors,
+                )
+            )
 
         def after_run() -> None:
             for item in loaded:
@@ -261,9 +320,17 @@ def measure_models(
 
         timings: list[Timings | None] = [None] * len(loaded)
         if leader:
-            timings = list(time_engines([x.runner for x in loaded], protocol, device_timing=device_timing, seed=seed,
-                                        after_run=after_run, clock_factory=clock_factory,
-                                        deep=[x.deep for x in loaded]))
+            timings = list(
+                time_engines(
+                    [x.runner for x in loaded],
+                    protocol,
+                    device_timing=device_timing,
+                    seed=seed,
+                    after_run=after_run,
+                    clock_factory=clock_factory,
+                    deep=[x.deep for x in loaded],
+                )
+            )
             if coord is not None:
                 broadcast_index(coord, PHASE_END)
         else:
@@ -295,10 +362,20 @@ def measure_model(
 ) -> FingerprintMeasurement:
     """Load ``model_dir`` on ``device`` as ``variant`` and measure it with ``protocol`` (one model of
     ``measure_models``; used for full models in validation, ``device_timing=False``)."""
-    [m] = measure_models([model_dir], device, protocol=protocol, variant=variant or ProfileVariant(tp=tp_size),
-                         num_layers=[num_layers] if num_layers is not None else None, device_timing=device_timing,
-                         gpu_warmup_s=gpu_warmup_s, seed=seed, clock_factory=clock_factory, tp_rank=tp_rank,
-                         tp_size=tp_size, coord=coord)
+    [m] = measure_models(
+        [model_dir],
+        device,
+        protocol=protocol,
+        variant=variant or ProfileVariant(tp=tp_size),
+        num_layers=[num_layers] if num_layers is not None else None,
+        device_timing=device_timing,
+        gpu_warmup_s=gpu_warmup_s,
+        seed=seed,
+        clock_factory=clock_factory,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        coord=coord,
+    )
     return m
 
 
@@ -327,5 +404,13 @@ def measure_fingerprint(
         device_repeats=repeats if device_timing else 0,
         context_tokens=context_tokens,
     )
-    return measure_model(model_dir, device, protocol=protocol, variant=variant or ProfileVariant(),
-                         num_layers=num_layers, device_timing=device_timing, gpu_warmup_s=gpu_warmup_s, seed=seed)
+    return measure_model(
+        model_dir,
+        device,
+        protocol=protocol,
+        variant=variant or ProfileVariant(),
+        num_layers=num_layers,
+        device_timing=device_timing,
+        gpu_warmup_s=gpu_warmup_s,
+        seed=seed,
+    )

@@ -54,8 +54,7 @@ class NvmlProbe:
             uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
             if uuid is not None:
                 text = str(uuid)
-                self._handle = pynvml.nvmlDeviceGetHandleByUUID(
-                    text if text.startswith("GPU-") else f"GPU-{text}")
+                self._handle = pynvml.nvmlDeviceGetHandleByUUID(text if text.startswith("GPU-") else f"GPU-{text}")
             elif not os.environ.get("CUDA_VISIBLE_DEVICES"):
                 self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
         except Exception:
@@ -112,6 +111,9 @@ class Baseline:
         """The engine's peaks as a fresh process holding only it would show them."""
         a = allocated_peak - self.allocated + self.first[0]
         r = reserved_peak - self.reserved + self.first[1]
-        n = (nvml_peak - self.nvml + self.first[2] if nvml_peak > 0 and self.nvml > 0 and self.first[2] > 0
-             else nvml_peak)
+        n = (
+            nvml_peak - self.nvml + self.first[2]
+            if nvml_peak > 0 and self.nvml > 0 and self.first[2] > 0
+            else nvml_peak
+        )
         return a, r, n

@@ -30,8 +30,12 @@ class Protocol:
     replay_distinct: bool = False  # ... with tensors of its own for every replayed layer, where they fit
 
     def __post_init__(self) -> None:
-        if (not self.prompt_lengths or not self.output_lengths or min(self.prompt_lengths) < 1
-                or min(self.output_lengths) < 1):
+        if (
+            not self.prompt_lengths
+            or not self.output_lengths
+            or min(self.prompt_lengths) < 1
+            or min(self.output_lengths) < 1
+        ):
             raise BadRequest("prompt_lengths and output_lengths must be non-empty lists of positive token counts.")
         if max(self.output_lengths) < 2:
             raise BadRequest("at least one output length must be 2 or more, or no decode step is measured.")
@@ -72,8 +76,6 @@ def protocol_of_job(job: ProfileJob) -> Protocol:
     )
 
 
-
 def variant_key(v: ProfileVariant) -> str:
     """The variant's key in a job's ``skipped`` and its logs, e.g. ``tp1-wfp16-kvfp16-pnone``."""
     return f"tp{v.tp}-w{v.weight_quant}-kv{v.kv_quant}-p{v.pruning.replace(':', '')}"
-

@@ -105,8 +105,7 @@ class TokenSink:
         self.loop.close()
 
 
-def _run_wall(engine, ids: list[int], max_tokens: int,
-              sink: TokenSink | None = None) -> tuple[float, list[float]]:
+def _run_wall(engine, ids: list[int], max_tokens: int, sink: TokenSink | None = None) -> tuple[float, list[float]]:
     """One generation; returns host wall TTFT and the wall time of every further step (ms)."""
     stamps: list[float] = []
 
@@ -133,8 +132,14 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
-def warm_up(engine, protocol: Protocol, prompts: dict[int, list[int]], runs: list[tuple[int, int]],
-            gpu_warmup_s: float, deep: bool = False) -> None:
+def warm_up(
+    engine,
+    protocol: Protocol,
+    prompts: dict[int, list[int]],
+    runs: list[tuple[int, int]],
+    gpu_warmup_s: float,
+    deep: bool = False,
+) -> None:
     """Busy for ``gpu_warmup_s`` on a GPU (clocks ramp up), then every run of the protocol, untimed
     (lazily loaded kernels, autotuning, graph buckets, allocator growth); a deep run's decode runs
     are cut short."""
@@ -154,8 +159,14 @@ def _done(engine, t: "Timings") -> bool:
     return bool(getattr(engine, "replayed", False)) and t.rounds >= DEEP_REPEATS
 
 
-def _wall_pass(engines: list, protocol: Protocol, prompts: dict[int, list[int]], runs: list[tuple[int, int]],
-               timings: list[Timings], after_run: Callable[[], None]) -> None:
+def _wall_pass(
+    engines: list,
+    protocol: Protocol,
+    prompts: dict[int, list[int]],
+    runs: list[tuple[int, int]],
+    timings: list[Timings],
+    after_run: Callable[[], None],
+) -> None:
     """``repeats`` rounds; in each, every engine in turn runs every prompt length and decode run, so
     that drift (clocks, temperature, other work on the host) affects all engines alike. A deep run
     cuts its decode runs to ``DEEP_STEPS`` steps (see docs/profiling.md#the-deep-run)."""
@@ -192,8 +203,15 @@ def _queued(clock, queue_one: Callable[[], None], count: int, spin_ms: float) ->
     return clock.elapsed(start, end) / count
 
 
-def _device_pass(engines: list, clock, protocol: Protocol, prompts: dict[int, list[int]],
-                 runs: list[tuple[int, int]], timings: list[Timings], after_run: Callable[[], None]) -> None:
+def _device_pass(
+    engines: list,
+    clock,
+    protocol: Protocol,
+    prompts: dict[int, list[int]],
+    runs: list[tuple[int, int]],
+    timings: list[Timings],
+    after_run: Callable[[], None],
+) -> None:
     """``device_repeats`` samples, interleaved over the engines like the wall pass: per prompt length
     the mean of ``DEVICE_PREFILLS`` prefills queued back to back, per decode run the mean of
     ``DEVICE_STEPS`` steps at its first and at its last position (``Engine.queue_prefill`` /
@@ -207,21 +225,37 @@ def _device_pass(engines: list, clock, protocol: Protocol, prompts: dict[int, li
             for p in prompts:
                 spin = 2.0 * DEVICE_PREFILLS * median(t.ttft[p]) + 1.0
                 t.ttft_device.setdefault(p, []).append(
-                    _queued(clock, lambda p=p: engine.queue_prefill(prompts[p]),  # type: ignore[misc]  # bound default
-                            DEVICE_PREFILLS, spin))
+                    _queued(
+                        clock,
+                        lambda p=p: engine.queue_prefill(prompts[p]),  # type: ignore[misc]  # bound default
+                        DEVICE_PREFILLS,
+                        spin,
+                    )
+                )
             step_wall = max(median(v) for v in t.steps.values())
             for p, o in runs:
                 for pos in sorted({p, p + o - 2}):
                     t.steps_device.setdefault(pos, []).append(
-                        _queued(clock, lambda pos=pos: engine.queue_decode(pos),  # type: ignore[misc]  # bound default
-                                DEVICE_STEPS,
-                                2.0 * DEVICE_STEPS * step_wall + 1.0))
+                        _queued(
+                            clock,
+                            lambda pos=pos: engine.queue_decode(pos),  # type: ignore[misc]  # bound default
+                            DEVICE_STEPS,
+                            2.0 * DEVICE_STEPS * step_wall + 1.0,
+                        )
+                    )
         after_run()
 
 
-def time_engines(engines: list, protocol: Protocol, *, device_timing: bool, seed: int,
-                 after_run: Callable[[], None], clock_factory: Callable[[torch.device], object] | None = None,
-                 deep: Sequence[bool] | None = None) -> list[Timings]:
+def time_engines(
+    engines: list,
+    protocol: Protocol,
+    *,
+    device_timing: bool,
+    seed: int,
+    after_run: Callable[[], None],
+    clock_factory: Callable[[torch.device], object] | None = None,
+    deep: Sequence[bool] | None = None,
+) -> list[Timings]:
     """The wall pass and (on CUDA, when asked, on one process) the device pass of ``protocol`` over
     ``engines`` (already warmed up), interleaved; the garbage collector is off while timing."""
     dev = engines[0].stages[0].device

@@ -28,8 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tp_rank_main(rank: int, size: int, port: int, job_bytes: bytes, devices: list[str],
-                  variants_bytes: list[bytes], queue) -> None:
+def _tp_rank_main(
+    rank: int, size: int, port: int, job_bytes: bytes, devices: list[str], variants_bytes: list[bytes], queue
+) -> None:
     """One rank of the tensor-parallel measurements (spawned once per TP degree): measure every
     fingerprint of the job as each of the variants, rank 0 timing; send ``(rank, {variant key:
     [measurement bytes] or error text}, allreduce, fatal error)`` to ``queue``. A variant the engine
@@ -65,10 +66,18 @@ def _tp_rank_main(rank: int, size: int, port: int, job_bytes: bytes, devices: li
             try:
                 # The fingerprints of a variant together, timed interleaved as at TP=1.
                 out[variant_key(variant)] = [
-                    encode(m) for m in measure_models(job.fingerprint_paths, device, protocol=protocol,
-                                                      variant=variant, device_timing=job.device_timing,
-                                                      gpu_warmup_s=ENGINE_WARMUP_S, tp_rank=rank, tp_size=size,
-                                                      coord=coord)
+                    encode(m)
+                    for m in measure_models(
+                        job.fingerprint_paths,
+                        device,
+                        protocol=protocol,
+                        variant=variant,
+                        device_timing=job.device_timing,
+                        gpu_warmup_s=ENGINE_WARMUP_S,
+                        tp_rank=rank,
+                        tp_size=size,
+                        coord=coord,
+                    )
                 ]
             except UnsupportedModel as e:  # raised alike on every rank, before any collective of the variant
                 out[variant_key(variant)] = e.message
@@ -81,8 +90,9 @@ def _tp_rank_main(rank: int, size: int, port: int, job_bytes: bytes, devices: li
         dist.destroy_process_group()
 
 
-def measure_allreduce(device: str,
-                      sizes: Sequence[int] = (8 << 10, 256 << 10, 4 << 20, 32 << 20)) -> tuple[float, float]:
+def measure_allreduce(
+    device: str, sizes: Sequence[int] = (8 << 10, 256 << 10, 4 << 20, 32 << 20)
+) -> tuple[float, float]:
     """All-reduce cost over the initialized default process group: ``(latency_us, bus_GBps)`` from a
     least-squares line ``t = latency + 2 (n-1)/n * bytes / bus_bandwidth`` over ``sizes``."""
     import torch.distributed as dist
@@ -119,9 +129,10 @@ def measure_tp(job: ProfileJob, devices: list[str], variants: list[ProfileVarian
     size = variants[0].tp
     port = free_port()
     blobs = [encode(v) for v in variants]
-    procs = [ctx.Process(target=_tp_rank_main, args=(r, size, port, encode(job), devices[:size], blobs, queue),
-                         daemon=True)
-             for r in range(size)]
+    procs = [
+        ctx.Process(target=_tp_rank_main, args=(r, size, port, encode(job), devices[:size], blobs, queue), daemon=True)
+        for r in range(size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, tuple] = {}
@@ -132,17 +143,18 @@ def measure_tp(job: ProfileJob, devices: list[str], variants: list[ProfileVarian
             if remaining <= 0:
                 _dump_stacks(procs)
                 keys = ", ".join(variant_key(v) for v in variants)
-                codes = ", ".join(f"rank {r} {'alive' if p.exitcode is None else f'exited {p.exitcode}'}"
-                                  for r, p in enumerate(procs))
-                raise TimeoutError(
-                    f"tensor-parallel profiling of {keys} took longer than {timeout_s:.0f} s ({codes})")
+                codes = ", ".join(
+                    f"rank {r} {'alive' if p.exitcode is None else f'exited {p.exitcode}'}" for r, p in enumerate(procs)
+                )
+                raise TimeoutError(f"tensor-parallel profiling of {keys} took longer than {timeout_s:.0f} s ({codes})")
             try:
                 rank, out, allreduce, error = queue.get(timeout=min(remaining, 5.0))
             except Exception:  # queue.Empty: check that the ranks are alive
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     raise RuntimeError(
-                        f"a rank of the TP={size} measurement died with exit code {dead[0].exitcode}") from None
+                        f"a rank of the TP={size} measurement died with exit code {dead[0].exitcode}"
+                    ) from None
                 continue
             if error:
                 raise RuntimeError(f"rank {rank} of the TP={size} measurement: {error}")
