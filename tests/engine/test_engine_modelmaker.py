@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from iserve.checkpoint import arch_from_config, expected_tensors, scan_checkpoint
 from iserve.gpu_agent.engine.tensors import load_tensors
-from iserve.modelmaker import PRESETS, main, make_checkpoint
+from iserve.modelmaker import main, make_checkpoint
+from iserve.presets import PRESETS
 
 # Parameter counts of the published models, to check that the presets have their real shapes.
 PUBLISHED_PARAMS = {

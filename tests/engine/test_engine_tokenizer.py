@@ -7,7 +7,7 @@ import pytest
 from iserve.checkpoint import arch_from_config
 from iserve.errors import UnsupportedModel
 from iserve.gpu_agent.engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from iserve.modelmaker import PRESETS
+from iserve.presets import PRESETS
 
 TEXT = "Grüße, 世界! 🙂 ok"
 
