@@ -320,9 +320,9 @@ TP_DTYPES = ("float32", "float16")
 
 def _teacher_forced(engine, seq: list[int], *, lockstep: bool = False) -> torch.Tensor:
     """Logits ``[len(seq) - QUALITY_PREFIX, vocab]`` of ``QUALITY_PREFIX`` prompt tokens then one
-    decode step per remaining token of ``seq``, fed ``seq``'s tokens (the same tokens whatever the engine predicts). ``lockstep``:
-    every TP rank calls this at once, through the engine's internal passes (its public ``prefill`` /
-    ``decode`` are single-process only), so that their collectives pair up."""
+    decode step per remaining token of ``seq``, fed ``seq``'s tokens (the same tokens whatever the engine
+    predicts). ``lockstep``: every TP rank calls this at once, through the engine's internal passes
+    (its public ``prefill`` / ``decode`` are single-process only), so that their collectives pair up."""
     from iserve.gpu_agent.engine.runner import _compute
 
     if not lockstep:
@@ -468,16 +468,19 @@ def tp_check(path: Path, prompt: list[int], qseq: list[int], size: int, work: Pa
 def fmt_table(env: dict, models: list[dict]) -> str:
     lines = [
         f"Batch-1 decode, {env['gpu']}, {env['date']}; torch {env['torch']}, triton {env.get('triton', '-')}; "
-        f"copy bandwidth {env['copy_tbps']:.2f} TB/s (read + written); prompt {PROMPT} tokens, TPOT over {OUT_TOKENS} tokens; "
+        f"copy bandwidth {env['copy_tbps']:.2f} TB/s (read + written); prompt {PROMPT} tokens, "
+        f"TPOT over {OUT_TOKENS} tokens; "
         f"quality vs our fp16 over {QUALITY_STEPS} teacher-forced decode steps.",
         "",
-        "| model | engine / variant | TTFT ms | TPOT ms | TPOT / floor | weights GiB | peak GiB | rel. L2 of logits | top-1 agree |",
+        "| model | engine / variant | TTFT ms | TPOT ms | TPOT / floor | weights GiB | peak GiB "
+        "| rel. L2 of logits | top-1 agree |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in models:
         floor = m["floor_ms"]
         lines.append(
-            f"| {m['model']} | HBM floor (fp16 weights / copy bandwidth) | | {floor:.2f} | 1.00 | {m['fp16_gib']:.2f} | | | |"
+            f"| {m['model']} | HBM floor (fp16 weights / copy bandwidth) | | {floor:.2f} | 1.00 "
+            f"| {m['fp16_gib']:.2f} | | | |"
         )
         for r in m["rows"]:
             if "error" in r:
@@ -486,7 +489,8 @@ def fmt_table(env: dict, models: list[dict]) -> str:
             q = f"{r['rel_l2']:.4f} | {r['top1_agree'] * 100:.1f}%" if "rel_l2" in r else "- | -"
             w = f"{r['weights_gib']:.2f}" if "weights_gib" in r else ""
             lines.append(
-                f"| {m['model']} | {r['variant']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {r['tpot_ms'] / floor:.2f} "
+                f"| {m['model']} | {r['variant']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} "
+                f"| {r['tpot_ms'] / floor:.2f} "
                 f"| {w} | {r['serve_peak_gib']:.2f} | {q} |"
             )
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Reading and validating a model checkpoint: ``config.json`` plus safetensors shards.
 
-Scanning reads only headers (a few KB per shard); ``load_tensors`` reads the tensors asked for. Validity rules and each family's tensor layout:
-docs/engine-internals.md#checkpoints.
+Scanning reads only headers (a few KB per shard); ``load_tensors`` reads the tensors asked for.
+Validity rules and each family's tensor layout: docs/engine-internals.md#checkpoints.
 """
 
 from __future__ import annotations

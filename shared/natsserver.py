@@ -62,7 +62,8 @@ class EmbeddedNats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if _port_open(self.port):
             raise Unavailable(
-                f"port {self.port} is already in use; pick another with --nats-port or pass --nats-url to use that server."
+                f"port {self.port} is already in use; pick another with --nats-port or pass --nats-url to use that "
+                "server."
             )
         cmd = [
             server_binary(),

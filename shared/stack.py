@@ -121,7 +121,10 @@ class Stack:
                 c.restarts = [t for t in c.restarts if now - t < RESTART_WINDOW_S] + [now]
                 if len(c.restarts) > MAX_RESTARTS:
                     where = f"; see {c.log_path}" if c.log_path else ""
-                    self.failed = f"{c.name} exited {len(c.restarts)} times within {RESTART_WINDOW_S:.0f} s (last code {code}){where}"
+                    self.failed = (
+                        f"{c.name} exited {len(c.restarts)} times within {RESTART_WINDOW_S:.0f} s "
+                        f"(last code {code}){where}"
+                    )
                     self._stop.set()
                     return
                 print(f"iserve: {c.name} exited with code {code}; restarting", file=sys.stderr)

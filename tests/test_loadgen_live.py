@@ -141,8 +141,9 @@ async def test_cli_ctrl_c_keeps_what_was_collected(nats_server, tiny_model, tmp_
             info = await c.register(str(shutil.copytree(tiny_model, tmp_path / "tiny")))
             await c.wait_profiled(info.record.name, timeout=120)
         argv = [
-            "--models", f"{info.record.name},{info.record.name}", "--trace", "conv", "--interval-s", "60", "--aggregate", "30", "--rate", "0.1",
-            "--deploy-every-s", "2", "--out", str(out), "--sample-s", "0.25", "--progress", "true",
+            "--models", f"{info.record.name},{info.record.name}", "--trace", "conv", "--interval-s", "60",
+            "--aggregate", "30", "--rate", "0.1", "--deploy-every-s", "2", "--out", str(out), "--sample-s", "0.25",
+            "--progress", "true",
         ]  # fmt: skip
         env = {**os.environ, "ISERVE_NATS_URL": nats_server.url, "ISERVE_LOG_LEVEL": "warning"}
         proc = await asyncio.create_subprocess_exec(

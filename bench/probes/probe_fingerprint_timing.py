@@ -187,7 +187,8 @@ def main() -> int:
             gap1 = row["fp1"]["wall_tpot"] - statistics.mean(row["fp1"]["device"].values())
             print(
                 f"{preset} {name:24s} wall TPOT fp1 {row['fp1']['wall_tpot']:.4f} fp2 {row['fp2']['wall_tpot']:.4f} "
-                f"full {row['full']['wall_tpot']:.3f} (full device@512 {row['full']['device'][512]:.3f}; fp1 wall-device {gap1:.4f})",
+                f"full {row['full']['wall_tpot']:.3f} (full device@512 {row['full']['device'][512]:.3f}; fp1 "
+                f"wall-device {gap1:.4f})",
                 flush=True,
             )
             for k in ("fp1", "fp2", "deep", "full"):

@@ -19,9 +19,9 @@ Layout of a fingerprint folder::
 
 Writing is atomic: everything goes to a hidden temporary folder beside the target, which is renamed
 into place only when complete, so no half-written fingerprint is ever visible (a crash leaves only a
-``.<name>.tmp-*`` folder, which a later write of that fingerprint removes once it is an hour old). Writing is idempotent: a
-fingerprint already at the target that was made from a checkpoint with the same digest and has the
-expected tensors is reused as it is.
+``.<name>.tmp-*`` folder, which a later write of that fingerprint removes once it is an hour old).
+Writing is idempotent: a fingerprint already at the target that was made from a checkpoint with the
+same digest and has the expected tensors is reused as it is.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def _check_layers(ck: Checkpoint, num_layers: int) -> None:
         raise ValueError(f"a fingerprint needs at least one hidden layer, not {num_layers}.")
     if num_layers > ck.arch.num_layers:
         raise UnsupportedModel(
-            f"{ck.path} has {ck.arch.num_layers} hidden layer(s); a {num_layers}-layer fingerprint cannot be cut from it."
+            f"{ck.path} has {ck.arch.num_layers} hidden layer(s); a {num_layers}-layer fingerprint cannot be cut from "
+            "it."
         )
 
 
@@ -154,7 +155,8 @@ def _write_tensors(ck: Checkpoint, names: list[str], dest: Path) -> int:
             data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
             if data.nbytes != e.nbytes:
                 raise CheckpointError(
-                    f"tensor {e.name!r} read back as {data.nbytes} bytes, its header says {e.nbytes}; the shard is corrupt."
+                    f"tensor {e.name!r} read back as {data.nbytes} bytes, its header says {e.nbytes}; the shard is "
+                    "corrupt."
                 )
             f.write(data)
             del t, data

@@ -14,8 +14,9 @@ Profiling (one task per model, resumed after a restart)
     announce ``profile.done``. Tensor-parallel variants are measured on as many GPUs of that agent as
     have room (``ProfileJob.gpu_indices``); those above that are estimated from their TP=1 twin and
     the communication model (measured by the profiler when it had several GPUs, else the GPU type's
-    default). On simulated GPUs TP configurations are excluded, with that reason. Any failure marks the model failed with the reason and publishes ``profile.done``
-    (status "failed"); a map is stored only when complete.
+    default). On simulated GPUs TP configurations are excluded, with that reason. Any failure marks the
+    model failed with the reason and publishes ``profile.done`` (status "failed"); a map is stored only
+    when complete.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def model_name_for(path: str, name: str) -> str:
     n = name or Path(path).resolve().name
     if not NAME_RE.match(n):
         raise errors.BadRequest(
-            f"model name {n!r} is not usable: use letters, digits, '.', '_' or '-' (at most 128, starting with a letter or digit); pass --name."
+            f"model name {n!r} is not usable: use letters, digits, '.', '_' or '-' (at most 128, starting with a "
+            "letter or digit); pass --name."
         )
     return n
 
@@ -140,7 +142,8 @@ class FingerprintService(Service):
                     # identity: same folder and same structure (config + shard headers)
                     if existing.digest != ck.digest or existing.path != ck.path:
                         raise errors.Conflict(
-                            f"a different checkpoint is already registered as {name!r} (from {existing.path}); register this one under another --name."
+                            f"a different checkpoint is already registered as {name!r} (from {existing.path}); "
+                            "register this one under another --name."
                         )
                     if existing.status == "failed":  # a second try after a failure profiles again
                         existing.status = "registered"
@@ -187,7 +190,8 @@ class FingerprintService(Service):
             if cmap is not None:
                 return cmap
         raise errors.NotReady(
-            f"model {req.model!r} has no profile{' for ' + req.gpu_type if req.gpu_type else ''} yet (status: {rec.status})."
+            f"model {req.model!r} has no profile{' for ' + req.gpu_type if req.gpu_type else ''} yet (status: "
+            f"{rec.status})."
         )
 
     # ------------------------------------------------------------------ profiling
@@ -263,7 +267,8 @@ class FingerprintService(Service):
                 return types
             if time.monotonic() > deadline:
                 raise errors.Unavailable(
-                    f"no GPU agent reported in {self.cfg.gpu_wait_s:.0f} s, so the model cannot be profiled; start one (`iserve up` does)."
+                    f"no GPU agent reported in {self.cfg.gpu_wait_s:.0f} s, so the model cannot be profiled; start "
+                    "one (`iserve up` does)."
                 )
             await asyncio.sleep(0.5)
 
@@ -297,7 +302,8 @@ class FingerprintService(Service):
         cands = self._candidates(gpu_type, need)
         if not cands:
             raise errors.Infeasible(
-                f"no {gpu_type} GPU has {need / 2**30:.2f} GiB free to profile {rec.name}'s fingerprints; free some memory."
+                f"no {gpu_type} GPU has {need / 2**30:.2f} GiB free to profile {rec.name}'s fingerprints; free some "
+                "memory."
             )
         job = ProfileJob(
             job_id=uuid.uuid4().hex[:12],
@@ -320,7 +326,8 @@ class FingerprintService(Service):
         job.context_tokens = min(self.cfg.context_tokens, rec.arch.max_position)
         if max(job.prompt_lengths) + max(job.output_lengths) > job.context_tokens:
             raise errors.UnsupportedModel(
-                f"{rec.name}'s context of {job.context_tokens} tokens is shorter than the profiling prompt+output lengths; lower --prompt-lengths."
+                f"{rec.name}'s context of {job.context_tokens} tokens is shorter than the profiling prompt+output "
+                "lengths; lower --prompt-lengths."
             )
         t0 = time.monotonic()
         result: ProfileResult | None = None

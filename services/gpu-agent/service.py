@@ -271,7 +271,8 @@ class AgentService(Service):
             free = self.free_bytes(by_index[i])
             if b > free:
                 raise errors.Infeasible(
-                    f"{what} needs {b / 2**30:.2f} GiB on GPU {i} but only {free / 2**30:.2f} GiB is free; re-plan the deployment."
+                    f"{what} needs {b / 2**30:.2f} GiB on GPU {i} but only {free / 2**30:.2f} GiB is free; re-plan "
+                    "the deployment."
                 )
 
     async def _spawn_worker(

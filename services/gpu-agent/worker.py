@@ -121,7 +121,8 @@ class WorkerServer:
         ctx = self.engine.context_tokens
         if len(ids) + r.max_tokens > ctx:
             raise errors.PromptTooLong(
-                f"prompt of {len(ids)} tokens plus max_tokens {r.max_tokens} exceeds this deployment's context of {ctx} tokens; shorten the prompt or ask for fewer tokens.",
+                f"prompt of {len(ids)} tokens plus max_tokens {r.max_tokens} exceeds this deployment's context of "
+                f"{ctx} tokens; shorten the prompt or ask for fewer tokens.",
                 request_id=r.request_id,
             )
         t = asyncio.create_task(self.run(req, ids))

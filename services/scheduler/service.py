@@ -208,7 +208,8 @@ class SchedulerService(Service):
                 request_id=req.request_id,
             )
         raise errors.NotReady(
-            f"model {req.model!r} has no ready deployment; deploy it with `iserve deploy {req.model}` (or wait for a launch in progress).",
+            f"model {req.model!r} has no ready deployment; deploy it with `iserve deploy {req.model}` (or wait for a "
+            "launch in progress).",
             request_id=req.request_id,
         )
 
@@ -393,7 +394,8 @@ class SchedulerService(Service):
                 await self._send_error(
                     req,
                     errors.WorkerDied(
-                        f"the worker of deployment {deployment_id} stopped streaming for {self.cfg.stream_idle_timeout_s:.0f} s."
+                        f"the worker of deployment {deployment_id} stopped streaming for "
+                        f"{self.cfg.stream_idle_timeout_s:.0f} s."
                     ),
                 )
                 return

@@ -166,7 +166,7 @@ def decode_attention(
     gp = max(16, _pow2(groups))
     dev = q.device
     m = torch.empty(kv_heads, splits, gp, dtype=torch.float32, device=dev)
-    l = torch.empty_like(m)
+    l = torch.empty_like(m)  # noqa: E741 - the (m, l) of flash attention: running max, normaliser
     acc = torch.empty(kv_heads, splits, gp, d, dtype=torch.float32, device=dev)
     quant = k_scale is not None
     ks = k_scale if quant else k_cache

@@ -79,7 +79,8 @@ class ByteTokenizer:
         if vocab_size < BYTE_VOCAB:
             raise UnsupportedModel(
                 f"the checkpoint has no tokenizer.json and its vocabulary of {vocab_size} ids is too small for the "
-                f"byte-level fallback tokenizer, which needs {BYTE_VOCAB}; add the model's tokenizer.json to its folder."
+                f"byte-level fallback tokenizer, which needs {BYTE_VOCAB}; add the model's tokenizer.json to its "
+                "folder."
             )
         self.vocab_size = vocab_size
 

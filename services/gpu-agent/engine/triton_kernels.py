@@ -209,7 +209,7 @@ def attn_reduce_kernel(
     ok = s < S
     rows = (kvh * S + s) * GP + g
     m = tl.load(m_ptr + rows, mask=ok, other=float("-inf"))
-    l = tl.load(l_ptr + rows, mask=ok, other=0.0)
+    l = tl.load(l_ptr + rows, mask=ok, other=0.0)  # noqa: E741 - flash attention's (m, l)
     top = tl.max(m, axis=0)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
     d = tl.arange(0, D)
