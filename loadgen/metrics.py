@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from iserve.messages import Intent
+from iserve.messages import Intent, IntentKind
 from iserve.stats import percentile
 
 from .records import Run
 
 GIB = 1 << 30
-COST_INTENTS = ("min-cost", "min-memory", "min-gpu-hours")
+COST_INTENTS: tuple[IntentKind, ...] = ("min-cost", "min-memory", "min-gpu-hours")
 
 
 @dataclass

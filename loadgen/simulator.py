@@ -20,7 +20,7 @@ from typing import Sequence
 import msgspec
 
 from iserve.deployer.units import GIB
-from iserve.messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, ConfigurationMap, Intent
+from iserve.messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, ConfigurationMap, Intent, IntentKind
 
 from .oracle import oracle_search
 from .policies import ALL_SYSTEMS
@@ -197,7 +197,7 @@ def spec_from_args(
     trace_label: str,
     trace: list[TraceRequest],
     system: str,
-    intent_kind: str,
+    intent_kind: IntentKind,
     rate: float,
     slo_scale: float,
     deploy_every_s: float,

@@ -14,6 +14,8 @@ import msgspec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from iserve.messages import IntentKind
+
 from .metrics import COST_INTENTS
 from .policies import SYSTEMS
 from .simulator import add_common_args, build_trace, resolve_models, simulate, spec_from_args
@@ -31,7 +33,7 @@ class Job:
     system: str
     trace: str
     rate: float
-    intent: str
+    intent: IntentKind
     slo_scale: float
     models: tuple[str, ...]
     deploy_every_s: float
@@ -105,7 +107,7 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     runs_dir = plan_runs_dir(args)
     jobs: list[Job] = []
 
-    def add(exp: str, system: str, trace: str, rate: float, intent: str, slo: float, models, every, batch, agg):
+    def add(exp: str, system: str, trace: str, rate: float, intent: IntentKind, slo: float, models, every, batch, agg):
         j = Job(exp, system, trace, rate, intent, slo, tuple(models), every, batch, agg, "")
         jobs.append(Job(**{**j.__dict__, "out": str(runs_dir / exp / j.name())}))
 
@@ -126,7 +128,12 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
                         args.scaling_aggregate,
                     )
             continue
-        intents = {"fig11": ["min-latency"], "fig13": list(COST_INTENTS), "fig14": ["latency-slo"]}[exp]
+        by_exp: dict[str, list[IntentKind]] = {
+            "fig11": ["min-latency"],
+            "fig13": list(COST_INTENTS),
+            "fig14": ["latency-slo"],
+        }
+        intents = by_exp[exp]
         slos = args.slo_scales if exp == "fig14" else [0.0]
         for trace in args.traces:
             for rate in args.rates:

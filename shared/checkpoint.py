@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, UnsupportedModel
-from .messages import ArchSpec, WeightBreakdown
+from .messages import ArchSpec, Family, WeightBreakdown
 from .shards import DTYPE_BYTES, TensorEntry, read_safetensors_header
 
 # config.json model_type -> family whose tensor layout we know
-MODEL_TYPES = {
+MODEL_TYPES: dict[str, Family] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",

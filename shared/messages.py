@@ -26,7 +26,7 @@ from msgspec import Meta
 # vocabularies and bounded numbers
 
 
-def values(alias: Any) -> tuple[str, ...]:
+def values(alias: Any) -> tuple[Any, ...]:
     """The strings of a ``Literal`` alias, in their declared order (nested aliases flattened)."""
     return get_args(alias)
 
@@ -70,14 +70,14 @@ DeploymentStatus = Literal["launching", "ready", "failed", "stopped"]
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
-FAMILIES = values(Family)
-WEIGHT_QUANTS = values(WeightQuant)
-KV_QUANTS = values(KvQuant)
-PRUNINGS = values(Pruning)
-ESTIMATE_METHODS = values(EstimateMethod)
-INTENT_KINDS = values(IntentKind)
-COST_MODELS = values(CostModel)
-PLACEMENT_POLICIES = values(PlacementPolicy)
+FAMILIES: tuple[Family, ...] = values(Family)
+WEIGHT_QUANTS: tuple[WeightQuant, ...] = values(WeightQuant)
+KV_QUANTS: tuple[KvQuant, ...] = values(KvQuant)
+PRUNINGS: tuple[Pruning, ...] = values(Pruning)
+ESTIMATE_METHODS: tuple[EstimateMethod, ...] = values(EstimateMethod)
+INTENT_KINDS: tuple[IntentKind, ...] = values(IntentKind)
+COST_MODELS: tuple[CostModel, ...] = values(CostModel)
+PLACEMENT_POLICIES: tuple[PlacementPolicy, ...] = values(PlacementPolicy)
 
 
 # ---------------------------------------------------------------------------------------------------

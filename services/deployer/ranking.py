@@ -99,10 +99,12 @@ def rank_with_metrics(estimates: Sequence[ConfigEstimate], intent: Intent) -> tu
     filtered: list[Ranked] = []
     if kind == "latency-slo":
         slo = intent.slo_ms
+        assert slo is not None  # validate_intent requires it
         filtered = sorted((r for r in items if not r.latency_ms <= slo), key=lambda r: (r.latency_ms, r.key))
         items = [r for r in items if r.latency_ms <= slo]
     elif kind == "cost-budget":
         budget = intent.budget
+        assert budget is not None  # validate_intent requires it
         filtered = sorted((r for r in items if not r.cost <= budget), key=lambda r: (r.cost, r.key))
         items = [r for r in items if r.cost <= budget]
     if kind == "min-latency" or kind == "cost-budget":  # the common keys inline; the same as order_key

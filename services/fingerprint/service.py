@@ -220,6 +220,7 @@ class FingerprintService(Service):
                 if rec is None:
                     return
                 for gpu_type in types:
+                    assert rec is not None  # None only if the record vanished: the run fails, as before
                     if await self.profiles.get(bus.kv_key(name, gpu_type)) is not None:
                         if gpu_type not in rec.profiled_gpu_types:
                             rec = await self._update(

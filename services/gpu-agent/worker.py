@@ -42,6 +42,7 @@ from iserve.messages import (
     TokenChunk,
     WorkerHeartbeat,
     WorkerReady,
+    WorkerState,
     decoder,
     encode,
 )
@@ -91,7 +92,7 @@ class WorkerServer:
 
     async def heartbeat_loop(self) -> None:
         while True:
-            state = "busy" if self.busy_since is not None else "idle"
+            state: WorkerState = "busy" if self.busy_since is not None else "idle"
             hb = WorkerHeartbeat(
                 worker_id=self.spec.worker_id,
                 deployment_id=self.spec.deployment_id,

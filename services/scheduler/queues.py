@@ -117,7 +117,7 @@ class FcfsQueues(Generic[P]):
         """:meth:`expire`, with the deployment id each dropped request was queued on."""
         out: list[tuple[str, Queued[P]]] = []
         for r in self.replicas.values():
-            keep = deque()
+            keep: deque[Queued[P]] = deque()
             for q in r.queue:
                 if q.deadline <= now:
                     out.append((r.deployment_id, q))

@@ -11,6 +11,7 @@ from iserve.messages import (
     ArchSpec,
     ConfigEstimate,
     Configuration,
+    EstimateMethod,
     FingerprintMeasurement,
     ProfileVariant,
     WeightBreakdown,
@@ -55,7 +56,7 @@ class VariantFit:
     tpot_host_layer: Line | None = None
     tpot_host_other: Line | None = None
     kv_bytes_per_layer_token: float = 0.0  # per rank, from the engine's report (0: use the formula)
-    method: str = "fingerprint"
+    method: EstimateMethod = "fingerprint"
     extra_gpu_bytes: int = 0  # per rank, added to the overhead (NCCL buffers of a modeled TP variant)
 
 

@@ -121,7 +121,7 @@ def rope_store(
     qkv = qkv.contiguous()
     q = torch.empty(heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     quant = k_scale is not None
-    ks = k_scale if quant else k_cache
+    ks = k_scale if k_scale is not None else k_cache
     vs = v_scale if quant else v_cache
     kernel[(heads + 2 * kv_heads,)](
         qkv,
@@ -169,7 +169,7 @@ def decode_attention(
     l = torch.empty_like(m)  # noqa: E741 - the (m, l) of flash attention: running max, normaliser
     acc = torch.empty(kv_heads, splits, gp, d, dtype=torch.float32, device=dev)
     quant = k_scale is not None
-    ks = k_scale if quant else k_cache
+    ks = k_scale if k_scale is not None else k_cache
     vs = v_scale if quant else v_cache
     partial[(kv_heads, splits)](
         q,
