@@ -184,11 +184,11 @@ def config_order(arch) -> list:
 
 
 def _comparison(d: dict):
-    from iserve.fingerprint import validate
+    from iserve.fingerprint import comparison
 
-    return validate.Comparison(
+    return comparison.Comparison(
         config=d["config"],
-        points=[validate.Point(**p) for p in d["points"]],
+        points=[comparison.Point(**p) for p in d["points"]],
         gpu_seconds=d.get("gpu_seconds", 0.0),
         note=d.get("note", ""),
         measured=d.get("measured", {}),
@@ -338,12 +338,12 @@ class Bench:
         job per model: the fingerprints' tensors are read once, the GPU warmed once). Returns
         ``(map, result, job summary)``; a variant's cost is its measurements' GPU-seconds plus an
         equal share of the job's own (reading, warm-up)."""
-        from iserve.fingerprint import estimator, validate
+        from iserve.fingerprint import estimator, measure
 
         variants = {estimator.variant_of(c) for c in order}
         for v in sorted(variants, key=lambda v: (v.weight_quant, v.kv_quant, v.pruning)):
             self._warm_kernels(arch, model_dir, fp_dir, v)
-        local = validate.profile_locally(
+        local = measure.profile_locally(
             model_dir,
             [self.device],
             prompt_lengths=self.prompts,
@@ -378,7 +378,7 @@ class Bench:
         fingerprint GPU-seconds of its variant)``."""
         import msgspec
 
-        from iserve.fingerprint import estimator, validate
+        from iserve.fingerprint import comparison, estimator, measure, validate
 
         cmap, result, summary = profiled
         variant = estimator.variant_of(config)
@@ -388,10 +388,10 @@ class Bench:
         if est is None:
             why = next((x.reason for x in cmap.excluded if x.config == config), "not estimated")
             self.log(f"  {config.key()}: {why}")
-            return validate.Comparison(config=config.key(), note=f"not estimated: {why}"), None, None, fp_seconds
-        if est not in validate.fitting_configs(cmap, memory_bytes=validate.device_memory_bytes(self.device)):
+            return comparison.Comparison(config=config.key(), note=f"not estimated: {why}"), None, None, fp_seconds
+        if est not in validate.fitting_configs(cmap, memory_bytes=measure.device_memory_bytes(self.device)):
             return (
-                validate.Comparison(config=config.key(), note="estimated not to fit this GPU"),
+                comparison.Comparison(config=config.key(), note="estimated not to fit this GPU"),
                 None,
                 None,
                 fp_seconds,
@@ -462,7 +462,7 @@ class Bench:
 
     def _refit(self, arch, model_dir: Path, measurements, cmap, c):
         from iserve import checkpoint
-        from iserve.fingerprint import estimator, validate
+        from iserve.fingerprint import comparison, estimator
 
         ck = checkpoint.scan_checkpoint(model_dir)
         config = next(e.config for e in cmap.estimates if e.config.key() == c.config)
@@ -478,16 +478,16 @@ class Bench:
                 est = e.tpot_for(pp, oo)
             else:
                 est = p.estimated
-            pts.append(validate.Point(p.what, p.at, est, p.measured))
-        return validate.Comparison(config=c.config, points=pts)
+            pts.append(comparison.Point(p.what, p.at, est, p.measured))
+        return comparison.Comparison(config=c.config, points=pts)
 
     def _finish_model(self, res: dict, arch) -> None:
-        from iserve.fingerprint import validate
+        from iserve.fingerprint import comparison
 
         measured = [_comparison(c) for c in res["comparisons"] if not c.get("note")]
-        res["summary"] = validate.summarize(measured)
-        res["summary_wall_only"] = validate.summarize([_comparison(c) for c in res["naive"]])
-        res["summary_no_replay"] = validate.summarize([_comparison(c) for c in res["no_replay"]])
+        res["summary"] = comparison.summarize(measured)
+        res["summary_wall_only"] = comparison.summarize([_comparison(c) for c in res["naive"]])
+        res["summary_no_replay"] = comparison.summarize([_comparison(c) for c in res["no_replay"]])
         res["fingerprint_fraction"] = self.fractions
         fp = sum(res["fingerprint_gpu_seconds"].get(c.config, 0.0) for c in measured)
         full = sum(c.gpu_seconds for c in measured)
@@ -504,9 +504,9 @@ class Bench:
             f"GPU-s {fp:.1f} vs {full:.1f}"
         )
         print(f"\n{res['model']}", file=self.details)
-        validate.print_table(
+        comparison.print_table(
             ["config", "what", "at", "estimated", "measured", "unit", "error", "GPU-s"],
-            validate.report_rows([_comparison(c) for c in res["comparisons"]]),
+            comparison.report_rows([_comparison(c) for c in res["comparisons"]]),
             out=self.details,
         )
 
@@ -568,7 +568,7 @@ class Bench:
         tmp.replace(self.out / "bench_fingerprint.json")
 
     def overall(self) -> dict:
-        from iserve.fingerprint import validate
+        from iserve.fingerprint import comparison
 
         comps, naive, plain = [], [], []
         fp = full = 0.0
@@ -579,9 +579,9 @@ class Bench:
             g = r.get("gpu_seconds") or {}
             fp += g.get("fingerprints") or 0.0
             full += g.get("full_model") or 0.0
-        out = validate.summarize(comps)
-        out["wall_only"] = validate.summarize(naive)
-        out["no_replay"] = validate.summarize(plain)
+        out = comparison.summarize(comps)
+        out["wall_only"] = comparison.summarize(naive)
+        out["no_replay"] = comparison.summarize(plain)
         out["gpu_seconds"] = {
             "fingerprints": round(fp, 1),
             "full_model": round(full, 1),
@@ -590,7 +590,7 @@ class Bench:
         return out
 
     def print_summary(self) -> None:
-        from iserve.fingerprint import validate
+        from iserve.fingerprint import comparison
 
         rows = []
         for r in self.results:
@@ -662,7 +662,7 @@ class Bench:
             "|error| as median / p90 over every (configuration, prompt length | decode run); 'wall-only' = the same fingerprint "
             "runs extrapolated on wall time alone (plain L2); '1+2 only' = without the replayed deep run"
         )
-        validate.print_table(
+        comparison.print_table(
             [
                 "model",
                 "family",

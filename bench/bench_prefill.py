@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import iserve.gpu_agent.engine  # noqa: F401 - before CUDA starts: the engine sets the allocator's options
-    from iserve.fingerprint import validate
+    from iserve.fingerprint import comparison
     from iserve.modelmaker import make_checkpoint
 
     device = torch_device(a.device, a.tiny)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for r in results
     ]
-    validate.print_table(head, table)
+    comparison.print_table(head, table)
     errors = {r["capture_error"] for r in results if r["capture_error"]}
     for e in errors:
         print("capture error:", e)

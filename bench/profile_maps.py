@@ -4,7 +4,7 @@ For each model shape (default: the simulator's default scenario, Llama-2-70B, Fa
 Llama-2-7B, then Llama-2-13B, Llama-3-8B and Mistral-7B with what time is left): write a random-weight
 checkpoint, cut its 1- and 2-layer fingerprints (the fingerprint service's generator), profile every
 one-GPU variant (weight format x KV format x pruning) with the service's own job code
-(``validate.profile_locally``, which runs ``profiling.run_profile_job`` in this process), and
+(``measure.profile_locally``, which runs ``profiling.run_profile_job`` in this process), and
 estimate every configuration on up to ``--max-gpus`` (8) GPUs of this GPU's type. One
 ``ConfigurationMap`` JSON per model goes to ``OUT/maps/<model>.json``, the format
 ``loadgen.simulator.load_maps`` reads (``iserve simulate --maps OUT/maps``).
@@ -187,7 +187,7 @@ class ProfileMaps:
         import torch
 
         from iserve import checkpoint
-        from iserve.fingerprint import estimator, generator, validate
+        from iserve.fingerprint import estimator, generator, measure
         from iserve.messages import ProfileResult
         from iserve.modelmaker import dense_tensor_names, disk_bytes, make_checkpoint, preset_config
 
@@ -256,7 +256,7 @@ class ProfileMaps:
                 f"fingerprints {' + '.join(_gib(i.bytes) for i in infos)} GiB in {res['fingerprints_s']} s"
             )
 
-            caps = validate.engine_capabilities()
+            caps = measure.engine_capabilities()
             configs = estimator.enumerate_configurations(ck.arch, self.a.max_gpus)
             supported, _ = estimator.split_supported(configs, caps, arch=ck.arch)
             variants = coverage_order(estimator.measurement_variants(supported, max_tp=1))
@@ -278,7 +278,7 @@ class ProfileMaps:
                 t = time.perf_counter()
                 entry: dict = {"variant": key}
                 try:
-                    local = validate.profile_locally(
+                    local = measure.profile_locally(
                         model_dir,
                         [self.device],
                         prompt_lengths=self.prompts,
@@ -337,7 +337,7 @@ class ProfileMaps:
                 skipped=skipped,
                 nvml_peak_bytes=nvml_peak,
             )
-            cmap = validate.local_map(
+            cmap = measure.local_map(
                 ck,
                 infos,
                 merged,
@@ -414,7 +414,7 @@ class ProfileMaps:
         tmp.replace(self.out / "profile_maps.json")
 
     def print_summary(self) -> None:
-        from iserve.fingerprint import validate
+        from iserve.fingerprint import comparison
 
         rows = []
         for r in self.results:
@@ -452,7 +452,7 @@ class ProfileMaps:
             f"iServe configuration maps, {self.meta['date']}, {self.meta['gpu']}, torch {self.meta['torch']}; prompts {self.prompts}, "
             f"outputs {self.outputs}, repeats {self.repeats}, context {self.context}; TP>1 from the communication model"
         )
-        validate.print_table(
+        comparison.print_table(
             [
                 "model",
                 "variants",

@@ -581,7 +581,7 @@ class SimVsLive:
                 for lr, sr in pairs
             ],
         }
-        from iserve.fingerprint.validate import print_table
+        from iserve.fingerprint.comparison import print_table
 
         buf = io.StringIO()
         print(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iserve.fingerprint import validate
+from iserve.fingerprint import comparison, validate
 from iserve.messages import (
     ConfigEstimate,
     Configuration,
@@ -50,17 +50,17 @@ def test_compare_and_summarize():
         ttft=[PromptTiming(prompt_tokens=100, ttft_ms=11.0), PromptTiming(prompt_tokens=200, ttft_ms=13.0)],
         decode=[DecodeTiming(position=x, step_ms=5.0 + 0.001 * x) for x in (200, 201, 202)],
     )
-    c = validate.compare(e, m, [(200, 4)])
+    c = comparison.compare(e, m, [(200, 4)])
     by = {(p.what, p.at): p for p in c.points}
     assert by["ttft", "p=100"].error == pytest.approx(0.0) and by["ttft", "p=200"].error == pytest.approx(12 / 13 - 1)
     assert by["tpot", "p=200,o=4"].error == pytest.approx(0.0)
     assert by["memory", "per GPU"].measured == 520 and by["memory", "per GPU"].estimated == 500
-    s = validate.summarize([c])
+    s = comparison.summarize([c])
     assert s["ttft"]["points"] == 2 and s["ttft"]["median"] == pytest.approx((1 - 12 / 13) / 2)
     assert s["memory"]["median"] == pytest.approx(20 / 520)
-    assert math.isnan(validate.summarize([])["tpot"]["median"])
+    assert math.isnan(comparison.summarize([])["tpot"]["median"])
     with pytest.raises(ValueError, match="no decode steps"):
-        validate.measured_tpot(m, 10, 4)
+        comparison.measured_tpot(m, 10, 4)
 
 
 @pytest.fixture(scope="module")

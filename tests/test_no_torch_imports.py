@@ -25,9 +25,9 @@ def test_importing_imports_no_torch(modules):
 
 def test_the_planning_side_of_validate_reads_capabilities_without_torch():
     code = (
-        "import sys; from iserve.fingerprint import validate; "
+        "import sys; from iserve.fingerprint import measure; "
         "from iserve.gpu_agent.engine.capabilities import CAPABILITIES; "
-        "assert validate.engine_capabilities() == CAPABILITIES; assert 'torch' not in sys.modules"
+        "assert measure.engine_capabilities() == CAPABILITIES; assert 'torch' not in sys.modules"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
