@@ -158,7 +158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="JSON",
-        help="print one summary over these runs' bench_fingerprint.json files (later files replace earlier configurations)",
+        help="print one summary over these runs' bench_fingerprint.json files "
+        "(later files replace earlier configurations)",
     )
     return p.parse_args(argv)
 
@@ -500,7 +501,8 @@ class Bench:
         s = res["summary"]
         self.log(
             f"{res['model']}: {len(measured)}/{len(res['configs'])} configurations measured; |error| median TTFT "
-            f"{_fmt_pct(s['ttft']['median'])} TPOT {_fmt_pct(s['tpot']['median'])} memory {_fmt_pct(s['memory']['median'])}; "
+            f"{_fmt_pct(s['ttft']['median'])} TPOT {_fmt_pct(s['tpot']['median'])} memory "
+            f"{_fmt_pct(s['memory']['median'])}; "
             f"GPU-s {fp:.1f} vs {full:.1f}"
         )
         print(f"\n{res['model']}", file=self.details)
@@ -655,11 +657,13 @@ class Bench:
         print()
         print(
             f"iServe fingerprint benchmark, {self.meta['date']}, {self.meta['gpu']}, torch {self.meta['torch']}; "
-            f"prompts {self.prompts}, outputs {self.outputs}, repeats {self.a.repeats} (fingerprints {self.a.fp_repeats}), "
+            f"prompts {self.prompts}, outputs {self.outputs}, repeats {self.a.repeats} (fingerprints "
+            f"{self.a.fp_repeats}), "
             f"context {self.context}"
         )
         print(
-            "|error| as median / p90 over every (configuration, prompt length | decode run); 'wall-only' = the same fingerprint "
+            "|error| as median / p90 over every (configuration, prompt length | decode run); 'wall-only' = the same "
+            "fingerprint "
             "runs extrapolated on wall time alone (plain L2); '1+2 only' = without the replayed deep run"
         )
         comparison.print_table(

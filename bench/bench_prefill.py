@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "bench_prefill.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
 
     print(
-        f"\nTTFT, eager vs captured prefill, {meta['date']}, {meta['gpu']}, torch {meta['torch']}; median of {a.repeats} "
+        f"\nTTFT, eager vs captured prefill, {meta['date']}, {meta['gpu']}, torch {meta['torch']}; median of "
+        f"{a.repeats} "
         "generate(max_tokens=1), host wall; spread = (max - min) / median"
     )
     head = [

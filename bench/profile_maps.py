@@ -174,7 +174,8 @@ class ProfileMaps:
                 "repeats": self.repeats,
                 "context_tokens": self.context,
             },
-            "checkpoints": f"random weights, sparse: only the embedding, final norm, LM head and layers 0-{DENSE_LAYERS - 1} "
+            "checkpoints": "random weights, sparse: only the embedding, final norm, LM head and layers "
+            f"0-{DENSE_LAYERS - 1} "
             "are written, the rest are filesystem holes (zeros); fingerprints read only those tensors",
             "filesystem_holes": self.holes_ok,
             "tp": "TP=1 measured; TP>1 derived from TP=1 by the estimator's communication model (fingerprint+comm)",
@@ -211,7 +212,8 @@ class ProfileMaps:
         guess = VARIANT_GUESS_S[self.mode]
         if time.monotonic() + setup_guess + guess > min(model_deadline, self.deadline):
             res["note"] = (
-                f"skipped: {min(model_deadline, self.deadline) - time.monotonic():.0f} s left for it, about {setup_guess + guess:.0f} s needed"
+                f"skipped: {min(model_deadline, self.deadline) - time.monotonic():.0f} s left for it, about "
+                f"{setup_guess + guess:.0f} s needed"
             )
             self.log(f"{name}: {res['note']}")
             return res
@@ -224,7 +226,8 @@ class ProfileMaps:
             return res
         if free < dense_bytes * 3 + 2**30:
             res["note"] = (
-                f"skipped: {_gib(free)} GiB of disk free, the sparse checkpoint and fingerprints need about {_gib(dense_bytes * 3)}"
+                f"skipped: {_gib(free)} GiB of disk free, the sparse checkpoint and fingerprints need about "
+                f"{_gib(dense_bytes * 3)}"
             )
             self.log(f"{name}: {res['note']}")
             return res
@@ -245,14 +248,16 @@ class ProfileMaps:
             read = {n for k in generator.FINGERPRINT_LAYERS for n in generator.fingerprint_tensor_names(ck, k)}
             if not read <= set(dense):
                 raise RuntimeError(
-                    f"the fingerprint generator reads tensors the sparse checkpoint left as holes: {sorted(read - set(dense))[:3]}"
+                    "the fingerprint generator reads tensors the sparse checkpoint left as holes: "
+                    f"{sorted(read - set(dense))[:3]}"
                 )
             t = time.perf_counter()
             infos = generator.make_fingerprints(ck, fp_dir)
             res["fingerprints_s"] = round(time.perf_counter() - t, 1)
             res["fingerprint_bytes"] = [i.bytes for i in infos]
             self.log(
-                f"{name}: sparse checkpoint {_gib(apparent)} GiB ({_gib(on_disk)} GiB on disk) in {res['make_checkpoint_s']} s, "
+                f"{name}: sparse checkpoint {_gib(apparent)} GiB ({_gib(on_disk)} GiB on disk) in "
+                f"{res['make_checkpoint_s']} s, "
                 f"fingerprints {' + '.join(_gib(i.bytes) for i in infos)} GiB in {res['fingerprints_s']} s"
             )
 
@@ -369,7 +374,8 @@ class ProfileMaps:
                     "latency_ms": round(fastest.latency_ms(512, 128), 1),
                 }
             self.log(
-                f"{name}: map {path.name}: {len(cmap.estimates)} configurations estimated, {len(cmap.excluded)} excluded; "
+                f"{name}: map {path.name}: {len(cmap.estimates)} configurations estimated, {len(cmap.excluded)} "
+                "excluded; "
                 f"{res['variants_profiled']}/{res['variants_total']} variants, {gpu_s:.1f} GPU-s"
             )
         except Exception as e:  # noqa: BLE001 - one model's failure must not lose the others
@@ -449,7 +455,8 @@ class ProfileMaps:
                 )
         print()
         print(
-            f"iServe configuration maps, {self.meta['date']}, {self.meta['gpu']}, torch {self.meta['torch']}; prompts {self.prompts}, "
+            f"iServe configuration maps, {self.meta['date']}, {self.meta['gpu']}, torch {self.meta['torch']}; prompts "
+            f"{self.prompts}, "
             f"outputs {self.outputs}, repeats {self.repeats}, context {self.context}; TP>1 from the communication model"
         )
         comparison.print_table(
@@ -465,7 +472,8 @@ class ProfileMaps:
             rows,
         )
         print(
-            f"elapsed {time.monotonic() - self.t0:.0f} s; maps: {self.maps_dir} (iserve simulate --maps {self.maps_dir}); "
+            f"elapsed {time.monotonic() - self.t0:.0f} s; maps: {self.maps_dir} (iserve simulate --maps "
+            f"{self.maps_dir}); "
             f"summary: {self.out / 'profile_maps.json'}"
         )
 
