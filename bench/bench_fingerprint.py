@@ -1,4 +1,4 @@
-"""Fingerprint estimation accuracy and profiling cost, on one GPU (issue 4's benchmark).
+"""Fingerprint estimation accuracy and profiling cost, on one GPU.
 
 For each model shape (random weights, drawn on the GPU): write the checkpoint; then, for each
 one-GPU configuration in coverage-first order (the fp16 baseline, each weight format, KV format and

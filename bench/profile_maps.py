@@ -1,4 +1,4 @@
-"""Configuration maps measured on one GPU, for the trace simulator (issue 6).
+"""Configuration maps measured on one GPU, for the trace simulator.
 
 For each model shape (default: the simulator's default scenario, Llama-2-70B, Falcon-40B and
 Llama-2-7B, then Llama-2-13B, Llama-3-8B and Mistral-7B with what time is left): write a random-weight

@@ -1,5 +1,5 @@
 """The trace simulator against the live system: one small scenario run both ways on this machine
-(issue 6: "simulated vs measured median and p95 latency within 10%").
+(target: simulated vs measured median and p95 latency within 10%).
 
 1. **Live stack.** ``iserve.stack`` (what ``iserve up`` runs) with an embedded nats-server: the GPU
    agent (NVML on CUDA; ``--tiny``: one simulated 24 GB GPU, workers on the CPU), the deployer and
@@ -25,7 +25,7 @@
    iServe's own decision is also simulated and must agree), on as many GPUs of the maps' type.
 6. **Comparison.** TTFT, TPOT, end-to-end latency, queueing delay and the worker's service time:
    median and p95, live vs simulated, error ``(sim - live) / live``. Over requests that succeeded
-   in both. Target (issue 6): within 10% for the median and p95 of end-to-end latency.
+   in both. Target: within 10% for the median and p95 of end-to-end latency.
 
 Time (``--budget-s``, default 480): model writing overlaps the stack's start; the replay's length is
 cut to what the budget leaves after profiling (``--duration-s`` is the most), and a stop at the
@@ -600,7 +600,7 @@ class SimVsLive:
         )
         verdict = "MET" if met else "NOT MET"
         print(
-            f"target (issue 6): e2e latency median and p95 within 10%: {verdict}"
+            f"target: e2e latency median and p95 within 10%: {verdict}"
             f" (p50 {_fmt_pct(e2e['error_p50'])}, p95 {_fmt_pct(e2e['error_p95'])}); error = (sim - live) / live",
             file=buf,
         )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# TP=2 validation on a two-GPU host (issue 4): make a Llama-2-7B-shaped checkpoint (random weights),
+# TP=2 validation on a two-GPU host: make a Llama-2-7B-shaped checkpoint (random weights),
 # then `iserve validate` over groups of configurations, each group under its own time limit so that
 # one hang cannot take the others with it. Usage:
 #   bash bench/validate_tp2.sh OUT_DIR SECONDS_PER_GROUP GROUP [GROUP ...]
