@@ -373,6 +373,7 @@ def test_replay_depth_setting():
         estimator.replay_depth(arch, -2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_a_job_times_batches_and_deep_steps_and_its_tensor_cache_changes_no_measured_memory(fps, monkeypatch):
     """The one-GPU path end to end: fingerprints built from the job's tensor cache measure the same

@@ -225,6 +225,7 @@ def test_a_prompt_padded_at_its_end_gives_its_own_logits_and_cache(fp32):
             torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not kernels.available(), reason=NEEDS_TRITON)
 def test_triton_gemv_matches_reference():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -331,6 +332,7 @@ def test_cuda_variants_match_cpu_reference(tiny, kw, kernel, max_rel):
     assert len(gpu.generate(IDS, max_tokens=8, ignore_eos=True).tokens) == 8
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not kernels.available(), reason=NEEDS_TRITON)
 @pytest.mark.parametrize("kw", [dict(), dict(kv_quant="int8"), dict(weight_quant="int8", pruning="structured")])
 def test_fused_decode_kernels_match_the_reference_path(tiny, monkeypatch, kw):
