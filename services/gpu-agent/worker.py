@@ -227,7 +227,7 @@ class WorkerServer:
 
 def warm_up(engine: InferenceEngine) -> None:
     """One short generation before announcing ready, so that the first real request does not pay
-    for CUDA kernel loading and library initialization (measured: ~200 ms of TTFT on an H100)."""
+    for CUDA kernel loading and library initialization (docs/engine-internals.md#the-engine)."""
     ids = engine.tokenizer.encode("warm up", add_bos=True)
     engine.generate(ids, max_tokens=min(4, engine.context_tokens - len(ids)), ignore_eos=True)
 

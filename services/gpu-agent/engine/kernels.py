@@ -1,37 +1,10 @@
-"""Triton kernels for the CUDA engine's decode step.
+"""Wrappers of the Triton kernels (``triton_kernels.py``) for the CUDA engine's decode step.
 
-* ``gemv``: a weight-streaming matrix-vector product (int8 or 16-bit weights) that can apply the
-  layer's RMSNorm or SwiGLU to its input on the fly and add the residual to its output, so the
-  projections of a decode layer need no separate elementwise kernels.
-* ``rms_norm``, ``silu_mul``: one kernel each instead of several elementwise ones.
-* ``rope_store``: rotates q and k of one token and writes k and v into the KV cache at the device
-  position (quantizing them to int8 with one scale per head for an int8 cache); one kernel instead
-  of the slicing, rotation and ``index_copy_`` kernels.
-* ``decode_attention``: split-K ("flash decoding") attention of one token over cache rows
-  ``[0, pos]`` (or the sliding window), read directly from the 16-bit or int8 cache, GQA included:
-  each program takes one KV head and one slice of the keys, keeps an online softmax, and a second
-  kernel merges the slices. It reads only the valid rows, so no mask and no key-length buckets are
-  needed, and int8 keys and values are dequantized in registers.
+``gemv`` (int8 or 16-bit weights, with RMSNorm, SwiGLU and residual fused), ``rms_norm``,
+``silu_mul``, ``rope_store`` and split-K ``decode_attention``; ``available()`` says whether Triton
+can run here. Triton is imported lazily.
 
-Together they cut a decode layer from about 25 kernels to 7; inside a CUDA graph each small kernel
-still costs a few microseconds, which at batch 1 is the gap between eager-ish decode and the HBM
-floor.
-
-``gemv(x, w, scale=None, residual=None)`` computes ``y = x @ w.T`` (times a per-output-row ``scale``
-for int8 weights, plus ``residual`` when given) for a few rows of ``x`` (decode has one). One program
-computes ``BLOCK_N`` outputs of one row of ``x``: it streams its ``BLOCK_N x K`` slice of the weight
-once, 16 bytes per load, converts int8 or 16-bit values to float32 in registers and accumulates
-``BLOCK_N x BLOCK_K`` partial products, reduced once at the end. The weight is read exactly once
-per row of ``x``, so the kernel is bound by memory bandwidth: int8 weights move half the bytes of
-fp16 ones. Block sizes are auto-tuned per weight shape on first use (``triton.autotune``), which the
-engine triggers during warm-up, before any CUDA graph is captured.
-
-Why a kernel of our own: ``torch._weight_int8pack_mm`` exists on CUDA in torch 2.11 but is a
-one-thread-per-output loop over float32 inputs (no coalescing), far slower than an fp16 GEMV.
-
-Triton is imported lazily; ``available()`` says whether it can run here (a CUDA device and the
-``triton`` package; the CPU engine never needs it). ``TRITON_INTERPRET=1`` runs the kernel on the
-CPU through Triton's interpreter, which is how the unit tests check it where Triton is installed.
+See docs/engine-internals.md#triton-decode-kernels.
 """
 
 from __future__ import annotations

@@ -1,30 +1,9 @@
 """Weight formats of the engine's linear layers: fp16, int8, int4 and 2:4 sparse, on CPU and CUDA.
 
-``make_linear(w, weight_quant, sparse_24)`` turns a dense ``[out, in]`` weight (already sharded for
-tensor parallelism, already structurally pruned) into a callable ``Linear``: ``lin(x)`` is
-``x @ W.T`` for ``x [T, in]``, ``lin.add_to(r, x)`` is ``r + x @ W.T`` (fused where the kernel can).
+``make_linear(w, weight_quant, sparse_24)`` turns a dense ``[out, in]`` weight into a ``Linear``:
+``lin(x)`` is ``x @ W.T``, ``lin.add_to(r, x)`` is ``r + x @ W.T``; ``lin.kernel`` names the kernel.
 
-Formats (the math is the same on every device; only the kernels differ):
-
-* ``fp16`` (the computation dtype; bf16/fp32 where asked): ``F.linear`` / ``addmm`` (cuBLAS on CUDA).
-* ``int8``: symmetric, one scale per output row: ``q = round(w / s)``, ``s = max|w_row| / 127``.
-  CPU: ``torch._weight_int8pack_mm``. CUDA: our Triton GEMV (``kernels.py``) for up to
-  ``GEMV_MAX_ROWS`` rows (decode), which streams the int8 bytes; longer inputs (prefill, compute
-  bound) dequantize the weight into a temporary 16-bit matrix for one cuBLAS product.
-* ``int4``: asymmetric, per group of ``INT4_GROUP`` = 128 input columns of each output row, a
-  scale and a zero point: ``w ~ (q - 8) * scale + zero`` with ``q`` in 0..15 (the layout of
-  torch's tinygemm kernel, ``scale = (max - min) / 15``, ``zero = min + 8 * scale``). CUDA:
-  ``torch._weight_int4pack_mm`` (bf16 activations, weights packed by
-  ``_convert_weight_to_int4pack``), for every input length. CPU: the reference math, unpacking
-  the nibbles and dequantizing per call (slow, exact). A weight whose input size is not a multiple
-  of 128 is padded with zero columns (and its input with zeros).
-* ``2:4`` sparsity (``sparse_24``): magnitude pruning, in every group of 4 consecutive input
-  columns of a row the 2 smallest ``|w|`` are zeroed. CUDA with a 16-bit dtype:
-  ``torch.sparse.to_sparse_semi_structured`` (CUTLASS), used through ``F.linear``; CPU, or shapes
-  that kernel refuses: the pruned dense matrix. Combined with int8/int4 the pruned matrix is
-  quantized and runs on the int8/int4 kernels (the zeros are stored, no sparse speed-up).
-
-Each ``Linear`` names the kernel it runs in ``kernel`` so that benchmarks say what they measured.
+See docs/engine-internals.md#weight-formats.
 """
 
 from __future__ import annotations
@@ -176,8 +155,8 @@ class Int8Linear(Linear):
 
 
 class Int4Linear(Linear):
-    # tinygemm's time grows with the rows from the first one: a 16-token prompt padded to 64 took
-    # 31 ms instead of 12 on an H100 (bench/bench_prefill.py), so int4 prefill stays eager.
+    # tinygemm's time grows with the padded rows, so int4 prefill stays eager
+    # (results/2026-11-22-h100-bench-prefill/).
     pads_cheaply = False
 
     def __init__(self, w: torch.Tensor, dtype: torch.dtype):

@@ -44,9 +44,8 @@ from .timing import CudaEventTimer, PerfTimer
 from .tokenizer import Tokenizer
 from .tp import TPControl
 
-# Attention kernels the engine lets scaled_dot_product_attention pick. cuDNN's is left out: it builds
-# a new execution plan for every new key length (about a millisecond per layer and decode step, on
-# an H200 with torch 2.11) and was seen to give run-to-run differences.
+# Attention kernels the engine lets scaled_dot_product_attention pick: not cuDNN's, which re-plans
+# for every new key length (docs/engine-internals.md#the-engine).
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -1,29 +1,11 @@
 """TensorRT-LLM backend: the same worker interface as ``Engine``, served by TensorRT-LLM's LLM API.
 
-Selection (``use_trtllm``): when ``import tensorrt_llm`` works, the configuration is one TensorRT-LLM
-can run (no 2:4 or structured pruning: the LLM API has no such knobs), and the operator did not force
-the torch engine with ``ISERVE_ENGINE=torch``. ``ISERVE_ENGINE=trtllm`` makes a missing or unfit
-TensorRT-LLM an error instead of a fallback.
+``use_trtllm`` decides whether it serves a configuration; ``llm_kwargs`` maps the configuration onto
+``tensorrt_llm.LLM(...)``; ``TrtLlmEngine`` streams tokens from ``llm.generate_async``. This module
+was NOT run in the workplace where it was written (TensorRT-LLM is not installed on its GPU
+machines); it is unit-tested against a stand-in module (tests/engine/test_trtllm.py).
 
-Mapping of an iServe ``Configuration`` onto ``tensorrt_llm.LLM(...)`` (``llm_kwargs``):
-
-* ``tp`` / ``pp`` -> ``tensor_parallel_size`` / ``pipeline_parallel_size``; TensorRT-LLM starts and
-  coordinates its own rank processes, so the GPU agent starts one worker process with all the
-  deployment's GPUs visible (no iServe TP ranks).
-* ``weight_quant`` int8 / int4 -> ``QuantConfig(quant_algo=QuantAlgo.W8A16 / QuantAlgo.W4A16)``
-  (weight-only, 16-bit activations, as in the torch engine).
-* ``kv_quant`` int8 -> ``QuantConfig(kv_cache_quant_algo=QuantAlgo.INT8)``.
-* ``context_tokens`` -> ``max_seq_len``; batch size 1 (``max_batch_size=1``), as iServe serves
-  requests one at a time per deployment.
-
-Generation streams through ``llm.generate_async(ids, SamplingParams(...), streaming=True)``: each
-streamed ``RequestOutput`` carries the tokens so far (``outputs[0].token_ids``), and every new token
-is passed to ``on_token`` with its arrival time, from which TTFT and per-token times are taken
-(host clock: TensorRT-LLM's device timings are not exposed per token).
-
-Status: this module was NOT run in the workplace where it was written (TensorRT-LLM is not installed
-on its GPU machines); its selection logic and argument mapping are unit-tested against a stand-in
-module (tests/engine/test_trtllm.py), following TensorRT-LLM's documented LLM API.
+See docs/engine.md#tensorrt-llm-backend.
 """
 
 from __future__ import annotations
