@@ -1,40 +1,10 @@
 """Random-weight checkpoints of real model shapes, for demos, tests and profiling without downloads.
 
-``make_checkpoint`` writes a folder that looks exactly like a Hugging Face checkpoint: ``config.json``
-(with ``torch_dtype``) plus ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards and
-``model.safetensors.index.json`` when ``shards > 1``. The tensor names and shapes come from
-``iserve.checkpoint.expected_tensors``, so the files always validate with ``scan_checkpoint``.
+``make_checkpoint`` writes a Hugging Face-style folder (``config.json`` + safetensors) for a preset of
+``iserve.presets``; ``dense_layers=N`` writes a sparse checkpoint (only the first ``N`` layers hold
+data). Command line: ``python -m iserve.modelmaker OUT_DIR --preset llama-2-7b``.
 
-Values: norm weights are 1.0, every other tensor is drawn from ``normal(0, std)``. Each tensor gets
-its own ``torch.Generator`` seeded from ``seed`` and the tensor's name, so a tensor's values do not
-depend on the number of layers or shards: layer 0 of a 1-layer fingerprint of a preset equals layer 0
-of the full model made with the same seed (on the same kind of ``device``).
-
-Memory and speed: the safetensors header is computed up front from the shapes, then each tensor is
-generated directly in the stored dtype, written and dropped, so only one tensor is in memory at a time
-(at most the largest one: 1 GB for Llama 3's embedding). On the CPU large tensors are drawn in chunks
-on a thread pool, one generator per chunk (a 7B checkpoint takes under a minute on 16 cores); with
-``device="cuda"`` each tensor is drawn on the GPU and copied back, and writing is the only cost
-(seconds for a 7B checkpoint; the benchmark uses this).
-
-Sparse checkpoints (``dense_layers=N``, ``--dense-layers N``): a valid safetensors file set whose
-headers list every tensor, but where only the embedding, the final norm, the LM head and the first
-``N`` hidden layers are written; every other tensor's bytes are left as a filesystem hole (the writer
-seeks past them, so they take no disk blocks, cost no time, and read back as zeros). This is for
-profiling fingerprints of models too large to write (a 70B fp16 checkpoint is 140 GB): the
-fingerprint generator reads exactly those tensors (embedding, final norm, head, layers 0-1), so with
-``N >= 2`` its fingerprints are byte for byte those of the dense checkpoint of the same seed, and
-latency and memory depend on shapes, not values. Loading the full model of a sparse checkpoint runs,
-but its layers past ``N`` are all zeros: use it for shapes, never for outputs. The header's
-``__metadata__`` says ``iserve_dense_layers``.
-
-Presets (model shapes) are in ``iserve.presets``: Llama 2 7B/13B/70B, Llama 3 8B, Mistral 7B, Qwen2 7B,
-Mixtral 8x7B, Falcon 7B (multi-query) and 40B (grouped KV, new decoder architecture), GPT-J 6B,
-GPT-NeoX 20B and Pythia 6.9B shapes, and tiny test models of each family.
-
-Command line (later ``iserve make-model``)::
-
-    python -m iserve.modelmaker OUT_DIR --preset llama-2-7b --layers 2 --shards 2
+See docs/modelmaker.md.
 """
 
 from __future__ import annotations

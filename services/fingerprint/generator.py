@@ -1,27 +1,10 @@
 """The Generator of the Fingerprint Controller: builds an LLM's 1- and 2-hidden-layer fingerprints.
 
-A fingerprint (paper section 5.1) is a real checkpoint of the same architecture with ``num_layers``
-hidden layers, made of the model's REAL tensors: the embedding, the final norm, the LM head and the
-model's first ``num_layers`` hidden layers, byte for byte (exactly the tensors
-``iserve.checkpoint.expected_tensors`` names for that depth, in the family's own layout: Llama,
-Mistral, Qwen2, Mixtral, Falcon, GPT-J, GPT-NeoX; stray extras of the source, such as old
-``rotary_emb.inv_freq`` or ``attn.masked_bias`` buffers, are left out). Only those tensors are read (through
-``iserve.checkpoint.load_tensors``, one tensor at a time, so memory stays at the largest tensor), never
-the whole model.
+A fingerprint is a checkpoint of the model's embedding, final norm, LM head and first ``num_layers``
+hidden layers, byte for byte, read one tensor at a time; folders are written atomically and reused
+when already made from the same checkpoint digest.
 
-Layout of a fingerprint folder::
-
-    config.json          the model's config.json with its layer count changed (num_hidden_layers, or
-                         n_layer for GPT-J), nothing else
-    model.safetensors    the tensors above, same names, dtypes and bytes as in the source shards
-    tokenizer files      copied when the model has them (tokenizer.json, tokenizer.model, ...)
-    fingerprint.json     provenance: source path and digest, num_layers, tensor bytes
-
-Writing is atomic: everything goes to a hidden temporary folder beside the target, which is renamed
-into place only when complete, so no half-written fingerprint is ever visible (a crash leaves only a
-``.<name>.tmp-*`` folder, which a later write of that fingerprint removes once it is an hour old).
-Writing is idempotent: a fingerprint already at the target that was made from a checkpoint with the
-same digest and has the expected tensors is reused as it is.
+See docs/fingerprint.md#fingerprint-checkpoints.
 """
 
 from __future__ import annotations
