@@ -23,23 +23,13 @@ RequestStatus = Literal["ok", "error", "timeout", "cancelled"]
 
 
 class RequestRecord(msgspec.Struct, kw_only=True):
-    """One replayed request.
+    """One replayed request. Times ``*_s`` are seconds on the run clock, ``*_ms`` milliseconds.
 
-    Timeline (run clock, seconds): ``arrival_s`` (the request was sent; open loop, so this is its
-    trace arrival plus the replayer's small issue lag) <= ``start_s`` (service started on a worker:
-    ``arrival_s + queue_ms / 1000``) <= ``first_token_s`` <= ``end_s``.
-
-    * ``queue_ms``: time waiting in the deployment's FCFS queue (the scheduler's measure).
-    * ``ttft_ms``: arrival to first token as the user sees it (queueing included):
-      ``(first_token_s - arrival_s) * 1000``.
-    * ``tpot_ms``: mean time per output token after the first (the worker's decode steps).
-    * ``e2e_ms``: arrival to last token: ``(end_s - arrival_s) * 1000``; the SLO applies to it.
-    * ``server_ttft_ms``: queueing plus the worker's own TTFT (``queue_ms + worker_ttft_ms``), i.e.
-      TTFT without the client's network and bus hops. The simulator sets it equal to ``ttft_ms``.
-
-    For ``status != "ok"``, ``arrival_s``, ``end_s`` (when the failure was seen) and ``e2e_ms`` are
-    always set; the other times are 0.0 when unknown. ``slo_met`` is None without an SLO
-    (``slo_ms == 0``) and for cancelled requests; a failed or timed-out request did not meet its SLO.
+    ``arrival_s <= start_s <= first_token_s <= end_s``; ``ttft_ms`` and ``e2e_ms`` run from
+    ``arrival_s`` (queueing included); ``server_ttft_ms = queue_ms + worker_ttft_ms``. When
+    ``status != "ok"`` only ``arrival_s``, ``end_s`` and ``e2e_ms`` are always set (other times 0.0
+    when unknown); ``slo_met`` is None without an SLO and for cancelled requests.
+    See docs/simulator.md#request-records.
     """
 
     request_id: str

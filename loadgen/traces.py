@@ -136,28 +136,13 @@ def trace_name(name_or_path: str | os.PathLike) -> str:
 def compress(
     trace: Sequence[TraceRequest], *, interval_s: float = 60.0, aggregate: int = 1, rate: float = 1.0, seed: int = 0
 ) -> list[TraceRequest]:
-    """The paper's trace compression: discretize into intervals, aggregate adjacent intervals, scale
-    by a rate factor. Exactly:
+    """The paper's trace compression: cut time into ``interval_s``-second intervals, merge every
+    ``aggregate`` adjacent ones into one, and keep about ``rate`` of each merged interval's requests.
 
-    1. **Discretize.** Time is cut into intervals of ``interval_s`` seconds; interval ``k`` holds the
-       requests with ``k * interval_s <= arrival_s < (k + 1) * interval_s``.
-    2. **Aggregate.** Every ``aggregate`` adjacent intervals (group ``g`` = intervals
-       ``g*aggregate .. g*aggregate + aggregate - 1``) become one interval of length ``interval_s``:
-       compressed interval ``g`` holds all their requests, so its count is the sum of theirs. Each
-       request keeps its relative offset inside its group, scaled by ``1/aggregate``:
-       ``new_arrival = g * interval_s + (arrival_s - g * aggregate * interval_s) / aggregate``
-       (which equals ``arrival_s / aggregate``). Order and relative spacing are kept, so the
-       burstiness is too: the inter-arrival coefficient of variation is unchanged by this step.
-    3. **Scale by the rate factor.** In each compressed interval holding ``n`` requests, keep
-       ``k = floor(rate * n + u)`` of them with ``u ~ U[0, 1)`` (randomized rounding: ``k`` is
-       ``rate * n`` rounded down or up, ``rate * n`` on average), chosen uniformly at random without
-       replacement; they keep their arrival times. Per-interval counts therefore follow
-       ``rate x (sum of the aggregated original counts)`` within one request, and the load envelope of
-       the original trace is kept at ``interval_s`` granularity.
-
-    ``aggregate`` raises the load (time runs ``aggregate`` times faster), ``rate`` in (0, 1] lowers
-    it; the mean arrival rate of the result is about ``rate * aggregate`` times the original's.
-    Deterministic for a given ``seed``; ``index`` is kept; the result is sorted by arrival.
+    ``interval_s`` > 0 (seconds); ``aggregate`` a positive integer (time runs that many times faster:
+    arrivals become ``arrival_s / aggregate``); ``rate`` in (0, 1], else ValueError. Returns the kept
+    requests, with their ``index``, sorted by arrival; deterministic for a given ``seed``.
+    See docs/simulator.md#trace-compression.
     """
     if interval_s <= 0:
         raise ValueError(f"interval_s must be positive, not {interval_s}")
