@@ -289,9 +289,15 @@ class TypedKV(Generic[T]):
         return sorted(subject[len(prefix) :] for subject in (info.state.subjects or {}))
 
     async def values(self) -> list[T]:
+        """Every entry; one that no longer decodes (written under older constraints) is logged and skipped,
+        so that a single bad record cannot stop a service from starting."""
         out = []
         for k in await self.keys():
-            v = await self.get(k)
+            try:
+                v = await self.get(k)
+            except msgspec.ValidationError as e:
+                log.warning("skipping an entry that does not decode", bucket=self._name, key=k, error=str(e))
+                continue
             if v is not None:
                 out.append(v)
         return out

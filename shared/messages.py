@@ -588,8 +588,9 @@ class Intent(msgspec.Struct, kw_only=True):
 
     kind: IntentKind = "min-cost"
     cost_model: CostModel = "mem-x-latency"
-    slo_ms: PositiveFloat | None = None  # for latency-slo
-    budget: PositiveFloat | None = None  # for cost-budget, in the units of ``cost_model``
+    # Checked by the kind that uses them (ranking.validate_intent): other kinds ignore them, 0 included.
+    slo_ms: float | None = None  # for latency-slo
+    budget: float | None = None  # for cost-budget, in the units of ``cost_model``
     prompt_tokens: PositiveInt = 512
     output_tokens: PositiveInt = 128
 

@@ -76,7 +76,6 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run one coroutine to completion on uvloop (when installed) and return its result."""
     try:
         import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover
+    except ImportError:  # pragma: no cover - uvloop is a dependency; kept for odd platforms
         return asyncio.run(coro)
+    return uvloop.run(coro)

@@ -82,6 +82,10 @@ class Service:
                 pass
         self._subs.clear()
         await self.stopping()
+        await self._cancel_spawned()
+        await self._cancel_spawned()  # what a task spawned while it was being cancelled
+
+    async def _cancel_spawned(self) -> None:
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()

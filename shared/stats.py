@@ -23,5 +23,9 @@ def percentile(values: Iterable[float], q: float, *, empty: float = math.nan) ->
     hi = min(lo + 1, len(s) - 1)
     t = k - lo
     a, b = s[lo], s[hi]
+    if t == 0.0 or a == b:  # on a rank: exact, infinities included
+        return a
+    if math.isinf(a) or math.isinf(b):  # inf - inf and inf * 0 would give nan
+        return a + (b - a) * t
     # numpy's lerp: from the nearer end, so q=100 gives the maximum exactly
     return b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t

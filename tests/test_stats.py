@@ -38,3 +38,11 @@ def test_matches_numpy_default(n, q):
     rng = np.random.default_rng(n)
     xs = list(rng.lognormal(7.0, 1.0, size=n))
     assert percentile(xs, q) == float(np.percentile(np.asarray(xs, dtype=float), q))
+
+
+def test_infinite_errors_stay_infinite():
+    """A measured 0 makes a relative error infinite: the median of the rest must survive it."""
+    assert percentile([0.1, 0.2, math.inf], 50) == 0.2
+    assert percentile([0.1, 0.2, math.inf], 90) == math.inf
+    assert percentile([-math.inf, 1.0], 0) == -math.inf
+    assert percentile([1.0, math.inf], 50) == math.inf

@@ -5,6 +5,7 @@ flags' choices come from the same aliases."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 from dataclasses import dataclass
 from typing import get_args
 
@@ -14,6 +15,7 @@ import pytest
 from iserve import bus, errors, subjects
 from iserve.deployer.config import DeployerConfig
 from iserve.deployer.config import parse as deployer_parse
+from iserve.deployer.ranking import validate_intent
 from iserve.deployer.service import DeployerService
 from iserve.loadgen.config import build_parser as loadgen_parser
 from iserve.messages import (
@@ -34,6 +36,7 @@ from iserve.messages import (
     encode,
     values,
 )
+from iserve.service import Service
 from iserve.settings import ServiceConfig, add_flags, from_args, option
 
 INFER = b'"type":"infer_request","request_id":"r","model":"m","prompt":"hi"'
@@ -58,7 +61,6 @@ INFER = b'"type":"infer_request","request_id":"r","model":"m","prompt":"hi"'
             DeployRequest,
             "Invalid enum value 'euros' - at `$.intent.cost_model`",
         ),
-        (b'{"model":"m","intent":{"slo_ms":-5}}', DeployRequest, "Expected `float` > 0.0 - at `$.intent.slo_ms`"),
         (
             b'{"model":"m","intent":{"prompt_tokens":0}}',
             DeployRequest,
@@ -181,3 +183,36 @@ async def test_a_service_answers_a_bad_value_with_a_coded_error_and_keeps_servin
     finally:
         await svc.close()
         await conn.drain()
+
+
+def test_an_intent_ignores_the_slo_and_budget_of_other_kinds():
+    """0 means "not set" to loadgen and the CLI; only latency-slo / cost-budget check them."""
+    intent = decode(b'{"kind":"min-cost","slo_ms":0.0,"budget":0}', Intent)
+    assert (intent.slo_ms, intent.budget) == (0.0, 0.0)
+    with pytest.raises(errors.BadRequest, match="slo_ms"):
+        validate_intent(Intent(kind="latency-slo", slo_ms=0.0))
+
+
+async def test_a_bucket_listing_skips_an_entry_that_no_longer_decodes(nc):
+    kv = await bus.TypedKV.open(nc, "iserve_test_decode", Intent)
+    await kv.put("good", Intent(kind="min-latency"))
+    await kv.kv.put("old", b'{"kind":"min-latency","prompt_tokens":0}')  # a bound added after it was written
+    assert await kv.values() == [Intent(kind="min-latency")]
+    with pytest.raises(msgspec.ValidationError):
+        await kv.get("old")
+
+
+async def test_closing_a_service_stops_it_then_cancels_its_tasks(nc):
+    events: list[str] = []
+
+    class Looping(Service):
+        async def started(self) -> None:
+            self.loop = self.spawn(asyncio.sleep(3600))
+
+        async def stopping(self) -> None:
+            events.append("stopping, loop running" if not self.loop.done() else "stopping, loop done")
+
+    svc = Looping(nc)
+    await svc.start()
+    await svc.close()
+    assert events == ["stopping, loop running"] and svc.loop.cancelled()

@@ -322,7 +322,8 @@ def follower_main(args: argparse.Namespace) -> None:
 
     threading.Thread(target=watchdog, daemon=True).start()
     engine = load_engine(spec, args)
-    assert isinstance(engine, Engine)  # TensorRT-LLM runs its own ranks: a follower holds the torch engine
+    if not isinstance(engine, Engine):  # TensorRT-LLM runs its own ranks: a follower holds the torch engine
+        raise RuntimeError("a tensor-parallel follower rank needs the torch engine, not TensorRT-LLM")
     log.info("tensor-parallel rank loaded", devices=args.devices)
     runs = engine.follow()
     log.info("tensor-parallel rank released by rank 0", generations=runs)

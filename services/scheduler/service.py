@@ -96,11 +96,6 @@ class SchedulerService(Service):
         self.spawn(self._expire_loop())
         log.info("scheduler started", deployments=len(self.deployments))
 
-    async def stopping(self) -> None:
-        for t in self.runners.values():
-            t.cancel()
-        await asyncio.gather(*self.runners.values(), return_exceptions=True)
-
     # ------------------------------------------------------------------ deployments
 
     def _apply(self, d: DeploymentRecord) -> None:
@@ -110,7 +105,7 @@ class SchedulerService(Service):
             self.stats.setdefault(d.deployment_id, ReplicaStats())
             ev = self.wakeups.setdefault(d.deployment_id, asyncio.Event())
             if d.deployment_id not in self.runners:
-                self.runners[d.deployment_id] = asyncio.create_task(self._runner(d.deployment_id, ev))
+                self.runners[d.deployment_id] = self.spawn(self._runner(d.deployment_id, ev))
             ev.set()
         else:
             self._drop(

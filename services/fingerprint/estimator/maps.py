@@ -186,7 +186,7 @@ def translate_map(
                 ttft_per_token2_ms=e.ttft_per_token2_ms * fl,
                 tpot_ms=e.tpot_ms * bw,
                 tpot_per_position_ms=e.tpot_per_position_ms * bw,
-                method=e.method + "+translated",
+                method=e.method if e.method.endswith("+translated") else e.method + "+translated",
             )
         )
     return msgspec.structs.replace(
