@@ -588,9 +588,9 @@ class Intent(msgspec.Struct, kw_only=True):
 
     kind: IntentKind = "min-cost"
     cost_model: CostModel = "mem-x-latency"
-    # Checked by the kind that uses them (ranking.validate_intent): other kinds ignore them, 0 included.
-    slo_ms: float | None = None  # for latency-slo
-    budget: float | None = None  # for cost-budget, in the units of ``cost_model``
+    # 0 means "not set" (loadgen, CLI); the kind that uses one requires it > 0 (ranking.validate_intent).
+    slo_ms: NonNegFloat | None = None  # for latency-slo
+    budget: NonNegFloat | None = None  # for cost-budget, in the units of ``cost_model``
     prompt_tokens: PositiveInt = 512
     output_tokens: PositiveInt = 128
 

@@ -61,6 +61,7 @@ INFER = b'"type":"infer_request","request_id":"r","model":"m","prompt":"hi"'
             DeployRequest,
             "Invalid enum value 'euros' - at `$.intent.cost_model`",
         ),
+        (b'{"model":"m","intent":{"slo_ms":-5}}', DeployRequest, "Expected `float` >= 0.0 - at `$.intent.slo_ms`"),
         (
             b'{"model":"m","intent":{"prompt_tokens":0}}',
             DeployRequest,
