@@ -525,7 +525,7 @@ class Bench:
             return None
         total = 0.0
         for c in estimator.enumerate_configurations(arch, HOST_GPUS):
-            key = estimator.variant_key(estimator.replace_variant(estimator.variant_of(c), tp=1))
+            key = estimator.replace_variant(estimator.variant_of(c), tp=1).key()
             if key in full_by_variant:
                 total += c.gpus * full_by_variant[key]
         return round(total / fp, 1)

@@ -272,7 +272,7 @@ class ProfileMaps:
             gpu_s = wall_s = 0.0
             peak = nvml_peak = 0
             for i, v in enumerate(variants):
-                key = estimator.variant_key(v)
+                key = v.key()
                 now = time.monotonic()
                 need = statistics.median(walls) if walls else guess
                 worst = max(walls) if walls else guess

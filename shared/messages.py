@@ -400,6 +400,10 @@ class ProfileVariant(msgspec.Struct, frozen=True, kw_only=True):
     pruning: Pruning = "none"
     tp: PositiveInt = 1
 
+    def key(self) -> str:
+        """The variant's name in a ``ProfileResult.skipped`` and in logs, e.g. ``tp1-wfp16-kvfp16-pnone``."""
+        return f"tp{self.tp}-w{self.weight_quant}-kv{self.kv_quant}-p{self.pruning.replace(':', '')}"
+
 
 class ProfileJob(Message):
     job_id: str

@@ -280,7 +280,7 @@ def test_engine_matches_the_reference(model):
         ProfileVariant(pruning="2:4"),
         ProfileVariant(pruning="structured"),
     ],
-    ids=lambda v: est.variant_key(v),
+    ids=lambda v: v.key(),
 )
 def test_every_variant_runs_and_stores_what_the_estimator_says(model, variant):
     ck = scan_checkpoint(model)

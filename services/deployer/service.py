@@ -48,7 +48,7 @@ from iserve.service import Service
 
 from . import planner
 from .config import DeployerConfig
-from .placement import POLICIES, GpuState
+from .placement import GpuState
 
 log = structlog.get_logger()
 
@@ -148,8 +148,6 @@ class DeployerService(Service):
                     f"deployment id {req.deployment_id!r} belongs to model {existing.model!r}; choose another id."
                 )
         policy = req.placement or self.cfg.placement
-        if policy not in POLICIES:
-            raise errors.BadRequest(f"unknown placement policy {policy!r}; use one of {', '.join(POLICIES)}.")
         record = await self.models.get(req.model)
         if record is None:
             raise errors.NotFound(
@@ -168,11 +166,6 @@ class DeployerService(Service):
             raise errors.NotFound(
                 f"model {req.model!r} has no profile for GPU type {req.gpu_type!r}; "
                 f"profiled: {', '.join(record.profiled_gpu_types)}."
-            )
-        if req.context_tokens < 0:
-            raise errors.BadRequest(
-                "context_tokens must be 0 (the profile's context) or a positive number of tokens, "
-                f"not {req.context_tokens}."
             )
         gpus = self.gpu_states()
         t0 = time.perf_counter()

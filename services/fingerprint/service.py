@@ -378,7 +378,7 @@ class FingerprintService(Service):
             comm = None
             for v in estimator.measurement_variants(supported):
                 if v.tp > 1:
-                    skipped.setdefault(estimator.variant_key(v), SIMULATED_TP)
+                    skipped.setdefault(v.key(), SIMULATED_TP)
         elif result.allreduce_bus_gbps > 0:
             comm = estimator.CommModel(result.allreduce_latency_us, result.allreduce_bus_gbps, source="measured")
         else:

@@ -32,7 +32,6 @@ import msgspec
 
 from iserve.messages import ConfigEstimate, ConfigurationMap
 
-from . import estimator
 from .comparison import Comparison, compare, print_summary, print_table, report_rows, summarize
 from .measure import (
     decode_runs,
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             work = a.work_dir or tempfile.mkdtemp(prefix="iserve-validate-")
             log(f"profiling the fingerprints of {model_dir} on {devices[0]} ...")
             wanted = {_variant_of_key(k) for k in a.configs.split(",") if k}
-            only = (lambda v: _variant_of_key(estimator.variant_key(v)) in wanted) if wanted else None
+            only = (lambda v: _variant_of_key(v.key()) in wanted) if wanted else None
             local = profile_locally(
                 model_dir,
                 devices,

@@ -173,10 +173,6 @@ class SchedulerService(Service):
             )
         if not req.request_id:
             raise errors.BadRequest("InferRequest.request_id is empty; give each request a unique id.")
-        if req.max_tokens < 1:
-            raise errors.BadRequest(f"max_tokens must be at least 1, not {req.max_tokens}.", request_id=req.request_id)
-        if req.timeout_s <= 0:
-            raise errors.BadRequest("timeout_s must be positive.", request_id=req.request_id)
         now = time.monotonic()
         item = Queued(req.request_id, req.model, now, now + req.timeout_s, req)
         replica = self.queues.enqueue(item, req.deployment_id)

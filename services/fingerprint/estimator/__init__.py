@@ -21,7 +21,6 @@ from .configs import (
     replace_variant,
     replay_depth,
     split_supported,
-    variant_key,
     variant_of,
 )
 from .fit import VariantFit, derive_tp_fit, estimate_config, fit_variant, fit_variants
@@ -89,6 +88,5 @@ __all__ = [
     "replay_depth",
     "split_supported",
     "translate_map",
-    "variant_key",
     "variant_of",
 ]

@@ -49,10 +49,6 @@ def variant_of(config: Configuration) -> ProfileVariant:
     )
 
 
-def variant_key(v: ProfileVariant) -> str:
-    return f"tp{v.tp}-w{v.weight_quant}-kv{v.kv_quant}-p{v.pruning.replace(':', '')}"
-
-
 def replace_variant(v: ProfileVariant, **changes: Any) -> ProfileVariant:
     return msgspec.structs.replace(v, **changes)
 

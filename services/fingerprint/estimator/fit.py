@@ -17,7 +17,7 @@ from iserve.messages import (
     WeightBreakdown,
 )
 
-from .configs import arch_problem, replace_variant, variant_key, variant_of
+from .configs import arch_problem, replace_variant, variant_of
 from .latency import CommModel, Line, Poly, fit_latency, poly_add
 from .memory import (
     NCCL_BUFFER_BYTES,
@@ -79,7 +79,7 @@ def fit_variant(
     variant = measurements[0].variant
     if any(m.variant != variant for m in measurements):
         raise ValueError("fit_variant needs measurements of one variant")
-    name = variant_key(variant)
+    name = variant.key()
     depths = sorted({m.num_layers for m in measurements if not m.replayed_from})
     if len(depths) < 2:
         raise ValueError(
@@ -134,7 +134,7 @@ def derive_tp_fit(arch: ArchSpec, fit: VariantFit, tp: int, comm: CommModel) -> 
     """A TP=``tp`` variant's fit from its TP=1 twin's and the communication model.
     See docs/estimator.md#tensor-parallelism-without-tp-fingerprints."""
     if fit.variant.tp != 1:
-        raise ValueError(f"derive_tp_fit needs a TP=1 fit, not {variant_key(fit.variant)}")
+        raise ValueError(f"derive_tp_fit needs a TP=1 fit, not {fit.variant.key()}")
     if tp == 1:
         return fit
     h, t = arch.hidden_size, tp
@@ -180,7 +180,7 @@ def estimate_config(
 ) -> ConfigEstimate:
     """The full model's estimate for ``config`` from its variant's fit (paper L2 and M2)."""
     if variant_of(config) != fit.variant:
-        raise ValueError(f"{config.key()} is not of the fitted variant {variant_key(fit.variant)}")
+        raise ValueError(f"{config.key()} is not of the fitted variant {fit.variant.key()}")
     problem = arch_problem(arch, config)
     if problem:
         raise ValueError(problem)

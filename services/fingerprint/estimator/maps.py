@@ -19,7 +19,7 @@ from iserve.messages import (
     WeightBreakdown,
 )
 
-from .configs import enumerate_configurations, replace_variant, split_supported, variant_key, variant_of
+from .configs import enumerate_configurations, replace_variant, split_supported, variant_of
 from .fit import VariantFit, derive_tp_fit, estimate_config, fit_variants
 from .latency import CommModel
 from .memory import MemorySource
@@ -55,7 +55,7 @@ def _fit_for(
         elif isinstance(twin, ValueError):
             fit = twin
     if fit is None:
-        raise ValueError(f"variant {variant_key(v)} was not profiled, so {config.key()} cannot be estimated")
+        raise ValueError(f"variant {v.key()} was not profiled, so {config.key()} cannot be estimated")
     if isinstance(fit, ValueError):
         raise ValueError(f"{config.key()} cannot be estimated: {fit}")
     return fit
@@ -119,7 +119,7 @@ def build_configuration_map(
     skipped = skipped or {}
     estimates: list[ConfigEstimate] = []
     for c in supported:
-        key = variant_key(variant_of(c))
+        key = variant_of(c).key()
         try:
             fit = _fit_for(fits, c, arch, comm)
             estimates.append(estimate_config(arch, weights, fit, c, context_tokens=context_tokens))

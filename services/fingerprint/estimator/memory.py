@@ -14,7 +14,7 @@ import numpy as np
 from iserve.checkpoint import layer_tensor_shapes
 from iserve.messages import ArchSpec, Configuration, FingerprintMeasurement, ProfileVariant, WeightBreakdown
 
-from .configs import WEIGHT_QUANTS, pruned_arch, variant_key
+from .configs import WEIGHT_QUANTS, pruned_arch
 
 SERVE_BYTES = 2  # fp16/bf16: the element size of every unquantized tensor when served
 KV_BYTES = {"fp16": 2, "int8": 1}
@@ -170,7 +170,7 @@ def fit_memory(
 ) -> MemoryFit:
     """The per-layer and per-GPU terms of ``peak - weights - KV`` over one variant's fingerprints.
     Raises ValueError for a peak above ``gpu_memory_bytes`` (measurements from another GPU type)."""
-    name = variant_key(variant)
+    name = variant.key()
     loaded = [m for m in measurements if not m.replayed_from]  # only fingerprints as loaded
     # Per-layer slope from the allocator's view (exact); the rest of the peak is one GPU's overhead,
     # the median over the fingerprints. See docs/estimator.md#memory-m2.

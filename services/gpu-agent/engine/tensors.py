@@ -6,7 +6,6 @@ from typing import Any
 
 from iserve import checkpoint
 from iserve.checkpoint import Checkpoint
-from iserve.errors import CheckpointError
 
 
 class TensorCache:
@@ -34,7 +33,10 @@ class TensorCache:
         self._tensors.clear()
 
     def get(self, ck: Checkpoint, name: str, device: str) -> Any | None:
-        t = self._tensors.get((ck.tensors[name].file, name)) if str(device) == self.device else None
+        entry = ck.tensors.get(name)
+        if entry is None or str(device) != self.device:
+            return None
+        t = self._tensors.get((entry.file, name))
         return None if t is None else t.clone()
 
 
@@ -43,17 +45,7 @@ def load_tensors(
 ) -> dict[str, Any]:
     """``names`` of ``ck`` on ``device``: copies from ``cache`` where it holds them, the rest read from
     the shards (``checkpoint.load_tensors``)."""
-    if cache is None:
-        return checkpoint.load_tensors(ck, names, device)
-    for n in names:
-        if n not in ck.tensors:
-            raise CheckpointError(f"tensor {n!r} is not in the checkpoint at {ck.path}.")
-    out: dict[str, Any] = {}
-    for n in names:
-        t = cache.get(ck, n, device)
-        if t is not None:
-            out[n] = t
-    missing = [n for n in names if n not in out]
-    if missing:
-        out.update(checkpoint.load_tensors(ck, missing, device))
-    return {n: out[n] for n in names}
+    cached = {} if cache is None else {n: t for n in names if (t := cache.get(ck, n, device)) is not None}
+    missing = [n for n in names if n not in cached]
+    read = checkpoint.load_tensors(ck, missing, device) if missing else {}
+    return {n: cached[n] if n in cached else read[n] for n in names}

@@ -18,7 +18,7 @@ from iserve.messages import FingerprintMeasurement, ProfileJob, ProfileResult, P
 
 from .measure import measure_models
 from .memory import Baseline, NvmlProbe
-from .protocol import protocol_of_job, variant_key
+from .protocol import protocol_of_job
 from .tp_ranks import measure_tp
 
 
@@ -79,18 +79,16 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
             by_tp.setdefault(variant.tp, []).append(variant)
     for tp, variants in sorted(by_tp.items()):
         if tp > len(devices):
-            skipped.update({variant_key(v): f"needs {tp} GPUs, the profiling job had {len(devices)}" for v in variants})
+            skipped.update({v.key(): f"needs {tp} GPUs, the profiling job had {len(devices)}" for v in variants})
             continue
         # Fresh rank processes per variant, as a serving worker is: what NCCL keeps outside the
         # allocator stays in a process (docs/profiling.md#tensor-parallelism).
         for variant in variants:
             remaining = job.timeout_s - (time.perf_counter() - t0)  # the job's time limit covers all of them
             if remaining <= 0:
-                raise TimeoutError(
-                    f"the profiling job ran out of its {job.timeout_s:.0f} s before {variant_key(variant)}"
-                )
+                raise TimeoutError(f"the profiling job ran out of its {job.timeout_s:.0f} s before {variant.key()}")
             if log:
-                log(f"measuring the fingerprints as {variant_key(variant)} on {', '.join(devices[:tp])}")
+                log(f"measuring the fingerprints as {variant.key()} on {', '.join(devices[:tp])}")
             merged, ar = measure_tp(job, devices, [variant], remaining)
             if ar[1] > 0:
                 allreduce = ar
@@ -103,7 +101,7 @@ def _run_profile_job(job: ProfileJob, devices: list[str], log: Callable[[str], N
     cache = _fingerprint_cache(job.fingerprint_paths, devices[0]) if one_gpu else None
     try:
         for variant in one_gpu:
-            key = variant_key(variant)
+            key = variant.key()
             try:
                 ms = measure_models(
                     job.fingerprint_paths,

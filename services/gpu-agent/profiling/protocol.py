@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from iserve.errors import BadRequest
-from iserve.messages import ProfileJob, ProfileVariant
+from iserve.messages import ProfileJob
 
 MIN_GPU_WARMUP_S = 1.0  # default GPU warm-up before the first timed run of a job
 ENGINE_WARMUP_S = 0.2  # least busy time per loaded engine (after a load the GPU has been idle)
@@ -74,8 +74,3 @@ def protocol_of_job(job: ProfileJob) -> Protocol:
         replay_depth=job.replay_depth,
         replay_distinct=job.replay_distinct,
     )
-
-
-def variant_key(v: ProfileVariant) -> str:
-    """The variant's key in a job's ``skipped`` and its logs, e.g. ``tp1-wfp16-kvfp16-pnone``."""
-    return f"tp{v.tp}-w{v.weight_quant}-kv{v.kv_quant}-p{v.pruning.replace(':', '')}"

@@ -18,7 +18,7 @@ from iserve.gpu_agent.gpus import pin_to_gpu_cpus
 from iserve.messages import FingerprintMeasurement, ProfileJob, ProfileVariant, decoder, encode
 
 from .measure import measure_models
-from .protocol import ENGINE_WARMUP_S, protocol_of_job, variant_key
+from .protocol import ENGINE_WARMUP_S, protocol_of_job
 
 
 def free_port() -> int:
@@ -65,7 +65,7 @@ def _tp_rank_main(
             variant = decoder(ProfileVariant).decode(vb)
             try:
                 # The fingerprints of a variant together, timed interleaved as at TP=1.
-                out[variant_key(variant)] = [
+                out[variant.key()] = [
                     encode(m)
                     for m in measure_models(
                         job.fingerprint_paths,
@@ -80,7 +80,7 @@ def _tp_rank_main(
                     )
                 ]
             except UnsupportedModel as e:  # raised alike on every rank, before any collective of the variant
-                out[variant_key(variant)] = e.message
+                out[variant.key()] = e.message
         queue.put((rank, out, allreduce, ""))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which decides (and kills the other ranks)
         # Reported before the group is destroyed, which can wait on a stuck peer
@@ -142,7 +142,7 @@ def measure_tp(job: ProfileJob, devices: list[str], variants: list[ProfileVarian
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 _dump_stacks(procs)
-                keys = ", ".join(variant_key(v) for v in variants)
+                keys = ", ".join(v.key() for v in variants)
                 codes = ", ".join(
                     f"rank {r} {'alive' if p.exitcode is None else f'exited {p.exitcode}'}" for r, p in enumerate(procs)
                 )
@@ -200,7 +200,7 @@ def measure_tp_variant(job: ProfileJob, devices: list[str], variant: ProfileVari
     """One TP variant (``iserve validate`` measures full models this way): its measurements and the
     all-reduce cost. Raises ``UnsupportedModel`` when the engine refuses it."""
     merged, allreduce = measure_tp(job, devices, [variant], timeout_s)
-    value = merged[variant_key(variant)]
+    value = merged[variant.key()]
     if isinstance(value, str):
         raise UnsupportedModel(value)
     return value, allreduce
