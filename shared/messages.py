@@ -536,6 +536,8 @@ class LaunchWorker(Message):
     stages: list[StageSpec]
     context_tokens: PositiveInt = 2048
     seed: int = 0
+    max_batch: PositiveInt = 1
+    kv_tokens: NonNegInt = 0
 
 
 class LaunchReply(Message):
@@ -580,6 +582,10 @@ class WorkerHeartbeat(Message):
     busy_seconds: float  # monotonic total of seconds spent computing
     requests_done: int = 0
     ts: float = 0.0
+    running: NonNegInt = 0
+    waiting: NonNegInt = 0
+    kv_blocks_used: NonNegInt = 0
+    kv_blocks_total: NonNegInt = 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from iserve import errors
 from iserve import messages as m
 from iserve.gpu_agent.load import BusyWindow, busy_from_heartbeats, parse_simulated
-from iserve.gpu_agent.worker import fit_prompt
+from iserve.gpu_agent.prompts import fit_prompt
 from iserve.scheduler.queues import FcfsQueues, Queued
 from iserve.settings import flag
 

@@ -48,27 +48,15 @@ from iserve.messages import (
 )
 from iserve.settings import common_flags, flag
 
+from .batch_server import BatchServer
 from .gpus import pin_to_gpu_cpus
+from .prompts import prompt_ids
 
 if TYPE_CHECKING:
+    from iserve.gpu_agent.engine.batch import BatchEngine
     from iserve.gpu_agent.engine.protocol import InferenceEngine
 
 log = structlog.get_logger()
-
-
-def fit_prompt(ids: list[int], n: int, *, keep_first: bool) -> list[int]:
-    """Pad (by repeating the prompt's own tokens) or truncate ``ids`` to exactly ``n`` tokens, as the
-    trace replay asks for ``ContextTokens``. The first token (BOS) stays first when ``keep_first``."""
-    if n <= 0 or len(ids) == n:
-        return list(ids)
-    if len(ids) > n:
-        return list(ids[:n])
-    head = ids[:1] if keep_first and ids else []
-    body = ids[len(head) :] or ids or [0]
-    out = list(head)
-    while len(out) < n:
-        out.extend(body[: n - len(out)])
-    return out
 
 
 class WorkerServer:
@@ -116,16 +104,7 @@ class WorkerServer:
             raise errors.BadRequest(f"max_tokens must be at least 1, not {r.max_tokens}.", request_id=r.request_id)
         if r.temperature < 0 or not (0 < r.top_p <= 1):
             raise errors.BadRequest("temperature must be >= 0 and top_p in (0, 1].", request_id=r.request_id)
-        tok = self.engine.tokenizer
-        ids = tok.encode(r.prompt, add_bos=True)
-        ids = fit_prompt(ids, r.prompt_tokens, keep_first=tok.bos_id is not None)
-        ctx = self.engine.context_tokens
-        if len(ids) + r.max_tokens > ctx:
-            raise errors.PromptTooLong(
-                f"prompt of {len(ids)} tokens plus max_tokens {r.max_tokens} exceeds this deployment's context of "
-                f"{ctx} tokens; shorten the prompt or ask for fewer tokens.",
-                request_id=r.request_id,
-            )
+        ids = prompt_ids(self.engine.tokenizer, r, self.engine.context_tokens)
         t = asyncio.create_task(self.run(req, ids))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
@@ -299,7 +278,29 @@ def load_engine(spec: LaunchWorker, args: argparse.Namespace) -> InferenceEngine
         pruning=c.pruning,
         tp_rank=args.tp_rank,
         tp_size=args.tp_size,
+        cuda_graphs=not batching(spec, args),  # the batch-1 graphs; the batching engine runs eagerly
     )
+
+
+def batching(spec: LaunchWorker, args: argparse.Namespace) -> bool:
+    """Whether this worker serves with continuous batching: ``max_batch > 1`` on one torch rank
+    (tensor-parallel and TensorRT-LLM workers serve one request at a time)."""
+    from iserve.gpu_agent.engine.trtllm import use_trtllm
+
+    return spec.max_batch > 1 and args.tp_size == 1 and not use_trtllm(spec.config)
+
+
+def start_batching(engine: InferenceEngine, spec: LaunchWorker) -> BatchEngine:
+    """Hand ``engine`` to a ``BatchEngine`` sized by the spec, and warm it up with one request."""
+    from iserve.gpu_agent.engine import Engine
+    from iserve.gpu_agent.engine.batch import BatchEngine
+
+    assert isinstance(engine, Engine)  # batching(): the torch engine
+    batch = BatchEngine(engine, max_batch=spec.max_batch, kv_tokens=spec.kv_tokens)
+    ids = engine.tokenizer.encode("warm up", add_bos=True)
+    batch.submit("warm-up", ids, max_tokens=min(4, engine.context_tokens - len(ids)), ignore_eos=True)
+    batch.run_until_idle()
+    return batch
 
 
 def follower_main(args: argparse.Namespace) -> None:
@@ -337,7 +338,7 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
     nc = await bus.connect(args.nats_url, f"worker-{spec.worker_id}")
     engine = None
     try:
-        server = None
+        server: WorkerServer | BatchServer | None = None
         t0 = time.monotonic()
         hb = WorkerHeartbeat(
             worker_id=spec.worker_id,
@@ -348,9 +349,17 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
         )
         await nc.publish(subjects.worker_heartbeat(spec.worker_id), encode(hb))
         engine = await asyncio.to_thread(load_engine, spec, args)
-        await asyncio.to_thread(warm_up, engine)
+        batch: BatchEngine | None = None
+        if batching(spec, args):
+            batch = await asyncio.to_thread(start_batching, engine, spec)
+        else:
+            await asyncio.to_thread(warm_up, engine)
         load_s = time.monotonic() - t0
-        server = WorkerServer(nc, spec, engine, args.agent_id, ",".join(devices))
+        if batch is not None:
+            server = BatchServer(nc, spec, batch, args.agent_id, ",".join(devices))
+            server.start()
+        else:
+            server = WorkerServer(nc, spec, engine, args.agent_id, ",".join(devices))
         subs = [
             await bus.serve(nc, subjects.worker_generate(spec.worker_id), GenerateRequest, server.handle_generate),
             await bus.serve(nc, subjects.worker_cancel(spec.worker_id), CancelRequest, server.handle_cancel),
@@ -364,7 +373,7 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
             model=spec.model,
             context_tokens=engine.context_tokens,
             device=",".join(devices),
-            memory_bytes=[int(b) for b in engine.memory_bytes()],
+            memory_bytes=[int(b) for b in (batch or engine).memory_bytes()],
             load_seconds=load_s,
         )
         await nc.publish(subjects.WORKER_READY, encode(ready))
@@ -377,16 +386,21 @@ async def serve_main(args: argparse.Namespace, stop: asyncio.Event) -> None:
             kernels=engine.kernels(),
             cuda_graphs=engine.graphs_captured,
             prefill_graph_tokens=engine.prefill_graph_tokens,
+            max_batch=batch.max_batch if batch is not None else 1,
+            kv_pool_bytes=batch.pool_bytes if batch is not None else 0,
         )
         await stop.wait()
         hb_task.cancel()
         watchdog.cancel()
         for s in subs:
             await s.unsubscribe()
+        if isinstance(server, BatchServer):
+            await server.close()
     finally:
         await nc.drain()
         if engine is not None and args.tp_size > 1:
-            async with server.lock if server is not None else asyncio.Lock():  # not in the middle of a request
+            # not in the middle of a request
+            async with server.lock if isinstance(server, WorkerServer) else asyncio.Lock():
                 await asyncio.to_thread(engine.close)  # releases the other ranks
 
 

@@ -6,6 +6,7 @@ Hugging Face's layout and math, with q/k/v and gate/up fused; see docs/engine-in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from . import kernels
 from .kv_cache import KVCache
 from .quant import Linear, int8_row_scales, make_linear
 from .tp import TensorParallel
+
+# q [N, heads, d], k and v [N, kv_heads, d] -> attention [N, heads * d]; see DecoderLayer.step.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # ---------------------------------------------------------------------------------------------------
 # rotary position embeddings and norms
@@ -267,6 +271,13 @@ class DecoderLayer:
             return self._residual(x, self.mlp.down, self.mlp.hidden(h))
         y = self.mlp(h)
         return self.tp.all_reduce(x + y if self.tp.rank == 0 else y)
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The batching engine's pass over ``x [N, hidden]`` (tokens of several sequences, each at its
+        own position; ``cos``/``sin`` ``[N, 1, d]``): ``attend(q, k, v)`` stores k, v in the pool and
+        returns attention ``[N, heads * d]`` (``batch.BatchEngine``)."""
+        q, k, v = self._qkv(x, cos, sin)
+        return self._finish(x, attend(q, k, v))
 
     def prefill(
         self,

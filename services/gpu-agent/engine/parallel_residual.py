@@ -17,7 +17,7 @@ from iserve.errors import UnsupportedModel
 from iserve.messages import ArchSpec
 
 from .kv_cache import KVCache
-from .layers import LayerFormat
+from .layers import Attend, LayerFormat
 from .pruning import pruned_counts
 from .quant import Linear
 from .stage import Stage
@@ -274,6 +274,12 @@ class ParallelResidualLayer:
         x = self.tp.all_reduce(self._row(self.o, self._base(x, self.bo), attn))
         m = self._mlp_hidden(layer_norm(x, self.ln2, self.eps))
         return self.tp.all_reduce(self._row(self.down, self._base(x, self.b_down), m))
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The batching engine's pass (``layers.DecoderLayer.step``)."""
+        h1 = layer_norm(x, self.ln1, self.eps)
+        q, k, v = self._qkv(h1, cos, sin)
+        return self._finish(x, h1, attend(q, k, v))
 
     def prefill(
         self,

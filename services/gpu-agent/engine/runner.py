@@ -115,6 +115,7 @@ class Engine:
         self.variant = dict(variant or {"weight_quant": "fp16", "kv_quant": "fp16", "pruning": "none"})
         self._tp = tp
         self._groups: list = []  # process groups this engine made (TP), destroyed by close()
+        self._static_cache = True  # False once a BatchEngine took over (release_static_cache)
         first, last = stages[0].device, stages[-1].device
         self._token = torch.zeros(1, dtype=torch.long, device=first)  # decode input buffer
         self._generator = torch.Generator(device=last).manual_seed(seed)  # for requests without a seed
@@ -253,6 +254,18 @@ class Engine:
         self._graphs = []
         self._prefill_graphs = []
         self.stages = []
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def release_static_cache(self) -> None:
+        """Free each stage's static KV cache and the CUDA graphs that use it: a ``batch.BatchEngine``
+        keeps keys and values in its own pool. ``generate`` refuses afterwards."""
+        self._graphs = [None] * len(self.stages)
+        self._prefill_graphs = []
+        for s in self.stages:
+            s.release_cache()
+        self._static_cache = False
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -475,6 +488,8 @@ class Engine:
         On a tensor-parallel engine only the leader (rank 0) calls this; see ``follow``.
         """
         ids = list(prompt_ids)
+        if not self._static_cache:
+            raise BadRequest("this engine's KV cache was handed to a BatchEngine; submit requests to that instead.")
         check_request(ids, max_tokens, temperature, top_p, self.arch.vocab_size, self._context_tokens)
         if self._tp is not None:
             if not self._tp.leader:

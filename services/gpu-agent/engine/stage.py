@@ -165,6 +165,10 @@ class Stage:
         self.replay_copies = extra if copies else 0
         self.cache = KVCache(depth, *self._kv_shape)
 
+    def release_cache(self) -> None:
+        """Shrink the static KV cache to one position (the batching engine keeps its own pool)."""
+        self.cache = KVCache(len(self.layers), self._kv_shape[0], 1, *self._kv_shape[2:])
+
     def _room_for(self, real: list, extra: int, depth: int) -> bool:
         """Whether ``extra`` copies of the layers (cycling through ``real``) and a ``depth``-layer KV
         cache fit this device's free memory, with a GiB to spare; always on the CPU."""

@@ -1,0 +1,243 @@
+"""Continuous batching: ``BatchEngine`` against the batch-1 ``Engine`` on the CPU in float32.
+
+Greedy tokens of every sequence in a batch must equal the same prompt run alone, for every family,
+weight format, pruning mode and KV format; admission, EOS, cancellation and pool limits keep the
+rest of the batch exact. The GPU run of the same checks is marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iserve.errors import BadRequest, PromptTooLong
+from iserve.gpu_agent.engine import Engine
+from iserve.gpu_agent.engine.batch import BatchEngine
+from iserve.gpu_agent.engine.batch_plan import Chunk, SeqState, admit, plan_step
+from iserve.gpu_agent.engine.kv_pool import BlockAllocator
+from iserve.modelmaker import make_checkpoint
+
+PROMPTS = [[1] + list(range(5 + i, 5 + i + 2 + 9 * i)) for i in range(6)]  # 3 to 48 tokens
+
+
+def _load(path, device="cpu", **kw) -> Engine:
+    return Engine.load(path, [(device, 0, 2), (device, 2, 2)], context_tokens=128, **kw)
+
+
+def _alone(engine: Engine, prompts, max_tokens=12, **kw) -> list[list[int]]:
+    return [engine.generate(p, max_tokens=max_tokens, ignore_eos=True, **kw).tokens for p in prompts]
+
+
+def _batched(batch: BatchEngine, prompts, max_tokens=12, **kw) -> dict[str, list[int]]:
+    for i, p in enumerate(prompts):
+        batch.submit(f"s{i}", p, max_tokens=max_tokens, ignore_eos=True, **kw)
+    return {e.seq_id: e.result.tokens for e in batch.run_until_idle() if e.result is not None}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    return {
+        "llama": make_checkpoint(root / "llama", "tiny-llama", num_layers=4, seed=1, std=0.05),
+        "mixtral": make_checkpoint(root / "mixtral", "tiny-mixtral", num_layers=4, seed=2, std=0.05),
+        "falcon": make_checkpoint(root / "falcon", "tiny-falcon", num_layers=4, seed=3, std=0.05),
+        "gptj": make_checkpoint(root / "gptj", "tiny-gptj", num_layers=4, seed=4, std=0.05),
+        "neox": make_checkpoint(root / "neox", "tiny-neox", num_layers=4, seed=5, std=0.05),
+        "window": make_checkpoint(
+            root / "window",
+            "tiny-llama",
+            num_layers=4,
+            seed=6,
+            std=0.05,
+            overrides={"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 16},
+        ),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "falcon", "gptj", "neox", "window"])
+def test_batched_greedy_tokens_equal_each_prompt_alone(models, family):
+    engine = _load(models[family])
+    want = _alone(engine, PROMPTS)
+    got = _batched(BatchEngine(engine, max_batch=4, step_tokens=24), PROMPTS)
+    assert [got[f"s{i}"] for i in range(len(PROMPTS))] == want
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"weight_quant": "int8"},
+        {"weight_quant": "int4"},
+        {"pruning": "2:4"},
+        {"pruning": "structured"},
+        {"kv_quant": "int8"},
+        {"weight_quant": "int8", "kv_quant": "int8", "pruning": "2:4"},
+    ],
+)
+def test_every_variant_batches_exactly(models, kw):
+    engine = _load(models["llama"], **kw)
+    want = _alone(engine, PROMPTS)
+    got = _batched(BatchEngine(engine, max_batch=6, step_tokens=200), PROMPTS)
+    assert [got[f"s{i}"] for i in range(len(PROMPTS))] == want
+
+
+def test_chunked_prefill_and_a_tiny_step_budget_give_the_same_tokens(models):
+    engine = _load(models["llama"])
+    want = _alone(engine, PROMPTS)
+    batch = BatchEngine(engine, max_batch=3, step_tokens=5, block_size=4)  # 48-token prompts in 5-token chunks
+    got = _batched(batch, PROMPTS)
+    assert [got[f"s{i}"] for i in range(len(PROMPTS))] == want
+    assert batch.allocator.used == 0
+
+
+def test_seeded_sampling_in_a_batch_equals_alone(models):
+    engine = _load(models["llama"])
+    want = [
+        engine.generate(p, max_tokens=10, temperature=0.9, top_p=0.8, seed=11 + i, ignore_eos=True).tokens
+        for i, p in enumerate(PROMPTS)
+    ]
+    batch = BatchEngine(engine, max_batch=6)
+    for i, p in enumerate(PROMPTS):
+        batch.submit(f"s{i}", p, max_tokens=10, temperature=0.9, top_p=0.8, seed=11 + i, ignore_eos=True)
+    got = {e.seq_id: e.result.tokens for e in batch.run_until_idle() if e.result is not None}
+    assert [got[f"s{i}"] for i in range(len(PROMPTS))] == want
+
+
+def test_eos_ends_one_sequence_mid_batch_and_the_others_go_on(models):
+    engine = _load(models["llama"])
+    want = _alone(engine, PROMPTS)
+    eos = want[2][4]  # the fifth token of prompt 2 becomes the end of sequence
+    engine.tokenizer.eos_id = eos
+    batch = BatchEngine(engine, max_batch=6)
+    batch.submit("eos", PROMPTS[2], max_tokens=12)
+    for i, p in enumerate(PROMPTS):
+        batch.submit(f"s{i}", p, max_tokens=12, ignore_eos=True)
+    results = {e.seq_id: e.result for e in batch.run_until_idle() if e.result is not None}
+    stop = want[2].index(eos) + 1
+    assert results["eos"].tokens == want[2][:stop] and results["eos"].finish_reason == "stop"
+    assert [results[f"s{i}"].tokens for i in range(len(PROMPTS))] == want
+
+
+def test_cancel_ends_one_sequence_and_returns_its_blocks(models):
+    engine = _load(models["llama"])
+    want = _alone(engine, PROMPTS[:3], max_tokens=20)
+    batch = BatchEngine(engine, max_batch=4)
+    for i, p in enumerate(PROMPTS[:3]):
+        batch.submit(f"s{i}", p, max_tokens=20, ignore_eos=True)
+    batch.submit("queued", PROMPTS[0], max_tokens=5)
+    batch.cancel("queued")  # cancelled before it ran: ends with no tokens
+    events = batch.step() + batch.step() + batch.step()
+    batch.cancel("s1")
+    events += batch.run_until_idle()
+    results = {e.seq_id: e.result for e in events if e.result is not None}
+    assert results["queued"].finish_reason == "cancelled" and results["queued"].tokens == []
+    assert results["s1"].finish_reason == "cancelled" and results["s1"].tokens == want[1][:3]
+    assert results["s0"].tokens == want[0] and results["s2"].tokens == want[2]
+    assert batch.allocator.used == 0 and not batch.busy
+
+
+def test_oversized_requests_are_refused_and_the_batch_is_undisturbed(models):
+    engine = _load(models["llama"])
+    want = _alone(engine, PROMPTS[:2])
+    batch = BatchEngine(engine, max_batch=2, kv_tokens=64, block_size=8)
+    batch.submit("s0", PROMPTS[0], max_tokens=12, ignore_eos=True)
+    with pytest.raises(PromptTooLong, match="pool holds 64"):
+        batch.submit("big", PROMPTS[5], max_tokens=30)  # 48 + 30 > 64 slots
+    with pytest.raises(PromptTooLong, match="context"):
+        batch.submit("long", PROMPTS[5], max_tokens=100)  # > 128 of context
+    with pytest.raises(BadRequest, match="vocabulary"):
+        batch.submit("bad", [10**7], max_tokens=4)
+    batch.submit("s1", PROMPTS[1], max_tokens=12, ignore_eos=True)
+    got = {e.seq_id: e.result.tokens for e in batch.run_until_idle() if e.result is not None}
+    assert got == {"s0": want[0], "s1": want[1]}
+
+
+def test_a_short_pool_admits_in_order_and_never_overcommits(models):
+    engine = _load(models["llama"])
+    want = _alone(engine, PROMPTS)
+    # 64 slots of 8: room for the worst case of two short prompts at once, one of the long ones.
+    batch = BatchEngine(engine, max_batch=6, kv_tokens=64, block_size=8)
+    for i, p in enumerate(PROMPTS):
+        batch.submit(f"s{i}", p, max_tokens=12, ignore_eos=True)
+    first_token: list[str] = []
+    got: dict[str, list[int]] = {}
+    most = 0
+    while batch.busy:
+        for e in batch.step():
+            if e.seq_id not in first_token:
+                first_token.append(e.seq_id)
+            if e.result is not None:
+                got[e.seq_id] = e.result.tokens
+        most = max(most, batch.running)
+        assert batch.allocator.used <= batch.allocator.blocks
+    assert first_token == [f"s{i}" for i in range(len(PROMPTS))]  # FCFS: none overtook an older one
+    assert most < 6
+    assert [got[f"s{i}"] for i in range(len(PROMPTS))] == want
+    assert batch.allocator.used == 0
+
+
+def test_running_never_exceeds_max_batch_and_steps_are_shared(models):
+    engine = _load(models["llama"])
+    batch = BatchEngine(engine, max_batch=3)
+    for i in range(8):
+        batch.submit(f"s{i}", PROMPTS[0], max_tokens=10, ignore_eos=True)
+    steps = 0
+    while batch.busy:
+        batch.step()
+        steps += 1
+        assert batch.running <= 3
+    # Three at a time: ceil(8 / 3) rounds of about 10 steps, far fewer than 8 x 10 alone.
+    assert steps <= 3 * 11
+
+
+def test_batching_refuses_bad_settings_and_the_engine_refuses_generate_after(models):
+    engine = _load(models["llama"])
+    with pytest.raises(BadRequest, match="step_tokens"):
+        BatchEngine(engine, max_batch=8, step_tokens=8)
+    BatchEngine(engine, max_batch=2)
+    with pytest.raises(BadRequest, match="BatchEngine"):
+        engine.generate(PROMPTS[0], max_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pure parts
+
+
+def test_admission_is_fcfs_and_stops_at_the_first_that_does_not_fit():
+    assert admit([16, 16, 16], 0, 0, max_batch=2, pool_blocks=10, block_size=8) == 2  # batch full
+    assert admit([40, 8, 8], 0, 6, max_batch=8, pool_blocks=10, block_size=8) == 0  # head blocks the rest
+    assert admit([8, 40], 1, 0, max_batch=8, pool_blocks=5, block_size=8) == 1
+
+
+def test_a_step_runs_every_decode_then_prompt_chunks_under_the_budget():
+    running = [SeqState("a", 4, 6), SeqState("b", 30, 0), SeqState("c", 10, 4), SeqState("d", 5, 5)]
+    assert plan_step(running, 12) == [
+        Chunk("a", 6, 1, True, decode=True),
+        Chunk("d", 5, 1, True, decode=True),
+        Chunk("b", 0, 10, False),
+    ]
+    assert plan_step(running, 40)[2:] == [Chunk("b", 0, 30, True), Chunk("c", 4, 6, True)]
+
+
+def test_block_allocator_grows_and_releases():
+    a = BlockAllocator(4, 8)
+    table: list[int] = []
+    a.grow(table, 9)
+    assert table == [0, 1] and a.used == 2
+    a.grow(table, 16)
+    assert table == [0, 1]
+    with pytest.raises(RuntimeError, match="exhausted"):
+        a.grow(table, 100)
+    a.release(table)
+    assert table == [] and a.free == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{}, {"weight_quant": "int8"}, {"weight_quant": "int4"}, {"kv_quant": "int8"}])
+def test_gpu_batched_greedy_agrees_with_batch_one(models, kw):
+    """fp16 on CUDA: batched and alone differ in rounding only; most greedy tokens agree."""
+    engine = _load(models["llama"], device="cuda:0", **kw)
+    want = _alone(engine, PROMPTS)
+    got = _batched(BatchEngine(engine, max_batch=6), PROMPTS)
+    same = sum(a == b for i in range(len(PROMPTS)) for a, b in zip(got[f"s{i}"], want[i]))
+    assert same >= 0.9 * sum(len(w) for w in want)
+    torch.cuda.synchronize()
