@@ -205,8 +205,8 @@ class BatchServer:
                 ts=time.time(),
                 running=self.batch.running,
                 waiting=self.batch.waiting,
-                kv_blocks_used=self.batch.allocator.used,
-                kv_blocks_total=self.batch.allocator.blocks,
+                kv_blocks_used=self.batch.blocks_used,
+                kv_blocks_total=self.batch.blocks_total,
             )
             try:
                 await self.nc.publish(subjects.worker_heartbeat(self.spec.worker_id), encode(hb))

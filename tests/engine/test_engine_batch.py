@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from iserve.errors import BadRequest, PromptTooLong
-from iserve.gpu_agent.engine import Engine
+from iserve.gpu_agent.engine import Engine, kernels
 from iserve.gpu_agent.engine.batch import BatchEngine
+from iserve.gpu_agent.engine.batch_forward import paged_attend
 from iserve.gpu_agent.engine.batch_plan import Chunk, SeqState, admit, plan_step
-from iserve.gpu_agent.engine.kv_pool import BlockAllocator
+from iserve.gpu_agent.engine.kv_pool import BlockAllocator, PagedKV
 from iserve.modelmaker import make_checkpoint
 
 PROMPTS = [[1] + list(range(5 + i, 5 + i + 2 + 9 * i)) for i in range(6)]  # 3 to 48 tokens
@@ -86,7 +87,7 @@ def test_chunked_prefill_and_a_tiny_step_budget_give_the_same_tokens(models):
     batch = BatchEngine(engine, max_batch=3, step_tokens=5, block_size=4)  # 48-token prompts in 5-token chunks
     got = _batched(batch, PROMPTS)
     assert [got[f"s{i}"] for i in range(len(PROMPTS))] == want
-    assert batch.allocator.used == 0
+    assert batch.blocks_used == 0
 
 
 def test_seeded_sampling_in_a_batch_equals_alone(models):
@@ -132,7 +133,7 @@ def test_cancel_ends_one_sequence_and_returns_its_blocks(models):
     assert results["queued"].finish_reason == "cancelled" and results["queued"].tokens == []
     assert results["s1"].finish_reason == "cancelled" and results["s1"].tokens == want[1][:3]
     assert results["s0"].tokens == want[0] and results["s2"].tokens == want[2]
-    assert batch.allocator.used == 0 and not batch.busy
+    assert batch.blocks_used == 0 and not batch.busy
 
 
 def test_oversized_requests_are_refused_and_the_batch_is_undisturbed(models):
@@ -168,11 +169,11 @@ def test_a_short_pool_admits_in_order_and_never_overcommits(models):
             if e.result is not None:
                 got[e.seq_id] = e.result.tokens
         most = max(most, batch.running)
-        assert batch.allocator.used <= batch.allocator.blocks
+        assert batch.blocks_used <= batch.blocks_total
     assert first_token == [f"s{i}" for i in range(len(PROMPTS))]  # FCFS: none overtook an older one
     assert most < 6
     assert [got[f"s{i}"] for i in range(len(PROMPTS))] == want
-    assert batch.allocator.used == 0
+    assert batch.blocks_used == 0
 
 
 def test_running_never_exceeds_max_batch_and_steps_are_shared(models):
@@ -241,3 +242,43 @@ def test_gpu_batched_greedy_agrees_with_batch_one(models, kw):
     same = sum(a == b for i in range(len(PROMPTS)) for a, b in zip(got[f"s{i}"], want[i]))
     assert same >= 0.9 * sum(len(w) for w in want)
     torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs Triton (a CUDA GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("quant", ["fp16", "int8"])
+@pytest.mark.parametrize("window", [0, 6])
+def test_paged_decode_kernel_matches_attention_over_gathered_slots(quant, window):
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    B, H, KVH, D, BS = 3, 8, 2, 32, 4
+    pool = PagedKV(1, 64, KVH, D, torch.float32, torch.device(device), quant)
+    pool.write(
+        0,
+        torch.arange(64, device=device),
+        torch.randn(64, KVH, D, device=device),
+        torch.randn(64, KVH, D, device=device),
+    )
+    tables = torch.tensor([[3, 5, 7, 1, 0], [2, 4, 6, 8, 9], [10, 11, 0, 0, 0]], dtype=torch.int32, device=device)
+    lens = torch.tensor([13, 20, 5], dtype=torch.int32, device=device)
+    q = torch.randn(B, H, D, device=device)
+    out = paged_attend(pool, 0, q, tables, lens, BS, window, 2)
+    for b in range(B):
+        n = int(lens[b])
+        lo = max(0, n - window) if window else 0
+        slots = torch.tensor([int(tables[b, p // BS]) * BS + p % BS for p in range(lo, n)], device=device)
+        k, v = pool.gather(0, slots)
+        k = k.transpose(0, 1).repeat_interleave(H // KVH, 0)
+        v = v.transpose(0, 1).repeat_interleave(H // KVH, 0)
+        ref = torch.softmax(q[b].unsqueeze(1) @ k.transpose(1, 2) * D**-0.5, -1) @ v
+        assert torch.allclose(out[b], ref.reshape(-1), atol=2e-3), b
+
+
+@pytest.mark.gpu
+def test_gpu_captured_decode_steps_agree_with_eager_steps(models):
+    engine = _load(models["llama"], device="cuda:0")
+    graphs = BatchEngine(engine, max_batch=6, release_static_cache=False)
+    assert graphs.graphs_captured == [1, 2, 4, 6], graphs.graph_error
+    got = _batched(graphs, PROMPTS)
+    eager = _batched(BatchEngine(engine, max_batch=6, cuda_graphs=False), PROMPTS)
+    same = sum(a == b for i in range(len(PROMPTS)) for a, b in zip(got[f"s{i}"], eager[f"s{i}"]))
+    assert same >= 0.95 * sum(len(v) for v in eager.values())

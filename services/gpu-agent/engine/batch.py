@@ -27,7 +27,8 @@ import torch
 
 from iserve.errors import BadRequest, PromptTooLong
 
-from .batch_forward import forward
+from .batch_forward import forward, slot_of
+from .batch_graphs import DecodeStep, graphs_apply
 from .batch_plan import SeqState, admit, blocks_for, plan_step
 from .checks import check_request
 from .kv_pool import BlockAllocator, PagedKV
@@ -91,6 +92,8 @@ class BatchEngine:
     for ``max_batch`` full contexts, so admission is never short of blocks); ``step_tokens``: the
     tokens one step computes at most, decodes first (must exceed ``max_batch``). The engine's own
     static KV cache and CUDA graphs are released: this engine keeps all keys and values in its pool.
+    ``cuda_graphs``: capture the decode-only step per batch-size bucket where it can be
+    (``batch_graphs``; ``graph_error`` says why not when capture failed).
 
     ``submit`` and ``cancel`` may be called from any thread; ``step`` from one thread at a time.
     """
@@ -104,6 +107,7 @@ class BatchEngine:
         block_size: int = 16,
         step_tokens: int = 512,
         release_static_cache: bool = True,
+        cuda_graphs: bool = True,
     ):
         if engine.tp_size > 1:
             raise BadRequest("continuous batching runs on one tensor-parallel rank; deploy TP with max_batch 1.")
@@ -117,7 +121,11 @@ class BatchEngine:
         self.step_tokens = step_tokens
         context = engine.context_tokens
         tokens = kv_tokens or max_batch * context
-        self.allocator = BlockAllocator(blocks_for(tokens, block_size), block_size)
+        # One block more than the sequences get: block 0, the scratch block that padded rows of a
+        # captured step write to (batch_graphs).
+        self.allocator = BlockAllocator(blocks_for(tokens, block_size) + 1, block_size)
+        self._scratch: list[int] = []
+        self.allocator.grow(self._scratch, 1)
         if release_static_cache:
             engine.release_static_cache()
         slots = self.allocator.blocks * block_size
@@ -134,6 +142,17 @@ class BatchEngine:
         self._sample_device = engine.stages[-1].device
         self._generator = torch.Generator(device=self._sample_device).manual_seed(0)
         self.last_step = StepStats()
+        self.graph_error = ""
+        self._graphs: DecodeStep | None = None
+        if cuda_graphs and graphs_apply(engine.stages):
+            try:
+                with _compute():
+                    self._graphs = DecodeStep(
+                        engine.stages, self.pools, max_batch, block_size, self._scratch[0], context
+                    )
+            except RuntimeError as e:  # a kernel that cannot be captured: decode stays eager, and says why
+                self.graph_error = f"decode capture failed: {e}"
+                torch.cuda.synchronize(engine.stages[0].device)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -147,6 +166,20 @@ class BatchEngine:
             m + (p.nbytes if s.device.type != "cuda" else 0)
             for m, p, s in zip(self.engine.memory_bytes(), self.pools, self.engine.stages)
         ]
+
+    @property
+    def blocks_total(self) -> int:
+        """Pool blocks the sequences can hold (the scratch block excluded)."""
+        return self.allocator.blocks - 1
+
+    @property
+    def blocks_used(self) -> int:
+        return self.allocator.used - 1
+
+    @property
+    def graphs_captured(self) -> list[int]:
+        """The batch sizes whose decode step replays a CUDA graph (empty: every step runs eagerly)."""
+        return list(self._graphs.buckets) if self._graphs is not None else []
 
     @property
     def running(self) -> int:
@@ -182,10 +215,10 @@ class BatchEngine:
         ids = list(prompt_ids)
         check_request(ids, max_tokens, temperature, top_p, self.engine.arch.vocab_size, self.engine.context_tokens)
         need = blocks_for(len(ids) + max_tokens, self.block_size)
-        if need > self.allocator.blocks:
+        if need > self.blocks_total:
             raise PromptTooLong(
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) needs {need * self.block_size} "
-                f"KV slots but this replica's pool holds {self.allocator.blocks * self.block_size}; "
+                f"KV slots but this replica's pool holds {self.blocks_total * self.block_size}; "
                 "lower max_tokens or deploy with a larger kv_tokens."
             )
         generator = None
@@ -259,7 +292,7 @@ class BatchEngine:
                 len(self._running),
                 reserved,
                 max_batch=self.max_batch,
-                pool_blocks=self.allocator.blocks,
+                pool_blocks=self.blocks_total,
                 block_size=self.block_size,
             )
             for _ in range(n):
@@ -282,7 +315,16 @@ class BatchEngine:
             ids += [s.tokens[-1]] if c.decode else s.prompt[c.start : c.start + c.tokens]
         tables = {c.seq_id: by_id[c.seq_id].table for c in chunks}
         with _compute():
-            logits = forward(self.engine.stages, self.pools, chunks, ids, tables, self.block_size)
+            graphs = self._graphs
+            if graphs is not None and all(c.decode for c in chunks) and graphs.bucket(len(chunks)):
+                logits = graphs.run(
+                    ids,
+                    [c.start for c in chunks],
+                    [slot_of(tables[c.seq_id], c.start, self.block_size) for c in chunks],
+                    [tables[c.seq_id] for c in chunks],
+                )
+            else:
+                logits = forward(self.engine.stages, self.pools, chunks, ids, tables, self.block_size)
             sampled = [c for c in chunks if c.samples]
             tokens = self._sample(logits, [by_id[c.seq_id] for c in sampled])
         now = time.perf_counter()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .batch_plan import Chunk
 from .kv_pool import PagedKV
 from .stage import Stage
@@ -35,8 +36,10 @@ class StepLayout:
     positions: torch.Tensor  # [N] each token's position
     slots: torch.Tensor  # [N] each token's pool slot
     decode_rows: torch.Tensor | None  # [B] rows of the decode tokens
-    decode_slots: torch.Tensor | None  # [B, L] each decode sequence's slots 0..L-1 (padding: slot 0)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] which of them it attends to
+    decode_tables: torch.Tensor | None  # [B, blocks] int32 block tables (padding: block 0, the scratch block)
+    decode_lens: torch.Tensor | None  # [B] int32: positions each decode token attends over (its own included)
+    decode_slots: torch.Tensor | None  # [B, L] each decode sequence's slots 0..L-1 (torch path only)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] which of them it attends to (torch path only)
     prefills: list[_PrefillGroup]
     sample_rows: torch.Tensor  # rows whose logits choose a token
 
@@ -45,13 +48,16 @@ def slot_of(table: Sequence[int], pos: int, block_size: int) -> int:
     return table[pos // block_size] * block_size + pos % block_size
 
 
+def block_tables(tables: Sequence[Sequence[int]], blocks: int, device: torch.device) -> torch.Tensor:
+    """``[len(tables), blocks]`` int32 on ``device``, each table cut or padded with block 0."""
+    padded = [list(t[:blocks]) + [0] * (blocks - len(t[:blocks])) for t in tables]
+    return torch.tensor(padded, dtype=torch.int32).to(device, non_blocking=True)
+
+
 def slot_rows(tables: Sequence[Sequence[int]], length: int, block_size: int, device: torch.device) -> torch.Tensor:
     """``[len(tables), length]`` slots of positions ``0..length-1`` of each block table, built on
-    ``device`` from the tables (a sequence shorter than ``length`` repeats its blocks' slots or
-    reads block 0: the caller masks them)."""
-    blocks = -(-length // block_size)
-    padded = [list(t[:blocks]) + [0] * (blocks - len(t[:blocks])) for t in tables]
-    bt = torch.tensor(padded, dtype=torch.long).to(device, non_blocking=True)
+    ``device`` from the tables (a sequence shorter than ``length`` reads block 0: the caller masks them)."""
+    bt = block_tables(tables, -(-length // block_size), device).long()
     offsets = torch.arange(block_size, device=device)
     return (bt.unsqueeze(-1) * block_size + offsets).view(len(tables), -1)[:, :length]
 
@@ -62,8 +68,10 @@ def layout(
     block_size: int,
     window: int | None,
     device: torch.device,
+    paged: bool,
 ) -> StepLayout:
-    """The step's token positions, slots and attention groups on ``device``."""
+    """The step's token positions, slots and attention groups on ``device``; ``paged``: decode
+    attention runs the paged Triton kernel (block tables), else torch over gathered slots."""
     positions: list[int] = []
     slots: list[int] = []
     sample_rows: list[int] = []
@@ -100,21 +108,27 @@ def layout(
                 )
             )
         row += c.tokens
-    d_rows = d_slots = d_mask = None
+    d_rows = d_tables = d_lens = d_slots = d_mask = None
     if decode_rows:
         length = max(decode_lens)
-        d_slots = slot_rows(decode_tables, length, block_size, device)
-        keys = torch.arange(length).unsqueeze(0)
-        last = torch.tensor(decode_lens).unsqueeze(1) - 1
-        valid = keys <= last
-        if window is not None:
-            valid &= last - keys < window
-        d_mask = valid.view(len(decode_rows), 1, 1, length).to(device)
         d_rows = torch.tensor(decode_rows, device=device)
+        if paged:
+            d_tables = block_tables(decode_tables, -(-length // block_size), device)
+            d_lens = torch.tensor(decode_lens, dtype=torch.int32, device=device)
+        else:
+            d_slots = slot_rows(decode_tables, length, block_size, device)
+            keys = torch.arange(length).unsqueeze(0)
+            last = torch.tensor(decode_lens).unsqueeze(1) - 1
+            valid = keys <= last
+            if window is not None:
+                valid &= last - keys < window
+            d_mask = valid.view(len(decode_rows), 1, 1, length).to(device)
     return StepLayout(
         positions=torch.tensor(positions, device=device),
         slots=torch.tensor(slots, device=device),
         decode_rows=d_rows,
+        decode_tables=d_tables,
+        decode_lens=d_lens,
         decode_slots=d_slots,
         decode_mask=d_mask,
         prefills=prefills,
@@ -122,8 +136,40 @@ def layout(
     )
 
 
+def paged_attend(
+    pool: PagedKV,
+    layer: int,
+    q: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    block_size: int,
+    window: int | None,
+    splits: int,
+) -> torch.Tensor:
+    """Decode attention of ``q [B, heads, d]`` through the block tables (``kernels.paged_decode_attention``)."""
+    return kernels.paged_decode_attention(
+        q,
+        pool.k[layer],
+        pool.v[layer],
+        pool.k_scale[layer] if pool.k_scale is not None else None,
+        pool.v_scale[layer] if pool.v_scale is not None else None,
+        tables,
+        lens,
+        block_size,
+        window or 0,
+        splits,
+    )
+
+
 def _attend(
-    lay: StepLayout, pool: PagedKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    lay: StepLayout,
+    pool: PagedKV,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    window: int | None,
 ) -> torch.Tensor:
     """Store ``k, v [N, kv_heads, d]`` and return attention ``[N, heads * d]`` for ``q [N, heads, d]``."""
     pool.write(layer, lay.slots, k, v)
@@ -131,7 +177,13 @@ def _attend(
     kv_heads = k.shape[1]
     groups = heads // kv_heads
     out = q.new_empty(N, heads * d)
-    if lay.decode_rows is not None:
+    if lay.decode_tables is not None and lay.decode_lens is not None and lay.decode_rows is not None:
+        B, blocks = lay.decode_tables.shape
+        splits = kernels.paged_splits(B, kv_heads, blocks * block_size)
+        qd = q.index_select(0, lay.decode_rows)
+        o = paged_attend(pool, layer, qd, lay.decode_tables, lay.decode_lens, block_size, window, splits)
+        out.index_copy_(0, lay.decode_rows, o)
+    elif lay.decode_rows is not None:
         assert lay.decode_slots is not None
         B, L = lay.decode_slots.shape
         keys, values = pool.gather(layer, lay.decode_slots)  # [B, L, kv_heads, d]
@@ -163,6 +215,13 @@ def _attend(
     return out
 
 
+def paged_kernel_runs(stage: Stage) -> bool:
+    """Whether decode attention on ``stage`` runs the paged Triton kernel: CUDA, Triton, a
+    power-of-two head size of at least 16 (as the batch-1 fused kernels)."""
+    d = stage.arch.head_dim
+    return stage.device.type == "cuda" and d >= 16 and d & (d - 1) == 0 and kernels.available()
+
+
 def forward(
     stages: Sequence[Stage],
     pools: Sequence[PagedKV],
@@ -178,12 +237,17 @@ def forward(
     for stage, pool in zip(stages, pools):
         lay = layouts.get(stage.device)
         if lay is None:
-            lay = layouts[stage.device] = layout(chunks, tables, block_size, stage.window, stage.device)
+            paged = paged_kernel_runs(stage)
+            lay = layouts[stage.device] = layout(chunks, tables, block_size, stage.window, stage.device, paged)
         h = stage._input(x)
         cos = stage.cos.index_select(0, lay.positions).unsqueeze(1)
         sin = stage.sin.index_select(0, lay.positions).unsqueeze(1)
         for n, layer in enumerate(stage.layers):
-            h = layer.step(h, cos, sin, lambda q, k, v, n=n, lay=lay, pool=pool: _attend(lay, pool, n, q, k, v))
+
+            def attend(q, k, v, n=n, lay=lay, pool=pool, w=stage.window):
+                return _attend(lay, pool, n, q, k, v, block_size, w)
+
+            h = layer.step(h, cos, sin, attend)
         if stage.is_last:
             h = h.index_select(0, lay.sample_rows)
         x = stage._output(h)

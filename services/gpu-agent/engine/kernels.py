@@ -25,11 +25,18 @@ def _triton():
 
 def available() -> bool:
     """Whether the Triton kernels can run: ``triton`` imports, and a CUDA device (or the interpreter)."""
+    return _importable() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.cache
+def _importable() -> bool:
+    """Whether ``triton`` imports (asked once: a failed import is not cached by Python and costs a
+    search of the path every time)."""
     try:
         _triton()
     except Exception:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return True
 
 
 @functools.cache
@@ -204,3 +211,74 @@ def gemv(
     else:
         kernel[(triton.cdiv(N, 16), M)](*args, **flags, BLOCK_N=16, BLOCK_K=64)
     return y
+
+
+@functools.cache
+def _paged_kernels():
+    from . import triton_paged as tp
+
+    return tp.paged_attn_partial_kernel, tp.paged_attn_reduce_kernel
+
+
+def paged_splits(batch: int, kv_heads: int, context: int, block_n: int = 64) -> int:
+    """How many key slices each sequence's decode attention uses: enough programs to fill the GPU."""
+    return max(1, min(32, -(-512 // (batch * kv_heads)), -(-context // block_n)))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    block_size: int,
+    window: int,
+    splits: int,
+) -> torch.Tensor:
+    """Attention of ``q [B, heads, d]`` (one token per sequence) over the first ``lens[b]`` positions
+    of each sequence (the last ``window`` of them when ``window > 0``), read through its block table
+    ``tables [B, blocks]`` from one layer's pool ``k_pool, v_pool [slots, kv_heads, d]`` (int8 with
+    scales ``[slots, kv_heads]`` when given); returns ``[B, heads * d]``. Shapes are fixed by ``B``,
+    so the call can be captured in a CUDA graph."""
+    partial, reduce = _paged_kernels()
+    B, heads, d = q.shape
+    kv_heads = k_pool.shape[1]
+    groups = heads // kv_heads
+    gp = max(16, _pow2(groups))
+    dev = q.device
+    m = torch.empty(B, kv_heads, splits, gp, dtype=torch.float32, device=dev)
+    l = torch.empty_like(m)  # noqa: E741 - the (m, l) of flash attention: running max, normaliser
+    acc = torch.empty(B, kv_heads, splits, gp, d, dtype=torch.float32, device=dev)
+    quant = k_scale is not None
+    ks = k_scale if k_scale is not None else k_pool
+    vs = v_scale if v_scale is not None else v_pool
+    q = q.contiguous()
+    partial[(B, kv_heads, splits)](
+        q,
+        k_pool,
+        v_pool,
+        ks,
+        vs,
+        tables,
+        lens,
+        m,
+        l,
+        acc,
+        d**-0.5,
+        tables.stride(0),
+        window,
+        splits,
+        KVH=kv_heads,
+        G=groups,
+        GP=gp,
+        D=d,
+        BS=block_size,
+        BLOCK_N=64,
+        QUANT=quant,
+        num_warps=4,
+    )
+    out = torch.empty(B, heads * d, dtype=q.dtype, device=dev)
+    reduce[(B, kv_heads, groups)](m, l, acc, out, splits, KVH=kv_heads, G=groups, GP=gp, D=d, SP=_pow2(splits))
+    return out
