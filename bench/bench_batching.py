@@ -16,6 +16,13 @@ Usage (on the GPU machine)::
     python3 bench/bench_batching.py --out OUT_DIR [--models llama-3-8b] [--variants fp16,int8,int4]
         [--concurrency 1,2,4,8,16,32,64,128] [--variant-concurrency 1,32,64] [--prompt 1024] [--output 128]
 
+Then (``--sharegpt N``, default 500) a ShareGPT-shaped run on fp16 at the concurrency of the highest
+sweep throughput: N requests, prompt lengths from the ShareGPT sample in ``../shared/data`` (its
+first human turns, counted as ceil(UTF-8 bytes / 4) tokens: the checkpoint has random weights and
+no trained tokenizer; capped at ``--prompt``) and output lengths from the Azure conversation trace's
+``GeneratedTokens`` (the sample has no answers; capped at 1024 and at the context left), paired by
+row, EOS ignored.
+
 ``--tiny`` runs a tiny model on the CPU (a check of the script, not a benchmark).
 The table is printed last and written to OUT_DIR/table.md, every number to OUT_DIR/results.json.
 """
@@ -98,7 +105,58 @@ def sweep_point(batch, prompt: list[int], output: int, c: int, weight_bytes: int
     }
 
 
-def run_model(preset: str, args, device: str, bw: float) -> list[dict]:
+def sharegpt_shapes(n: int, max_prompt: int, max_output: int) -> list[tuple[int, int]]:
+    """``n`` (prompt, output) lengths: ShareGPT prompt sizes paired with Azure conversation outputs."""
+    from iserve.loadgen.traces import default_prompts_path, load_prompts, load_trace
+
+    path = default_prompts_path()
+    if path is None:
+        raise SystemExit("the ShareGPT sample is not next to the repository (../shared/data); pass --sharegpt 0")
+    prompts = load_prompts(path)
+    outputs = [r.generated_tokens for r in load_trace("conv")]
+    return [
+        (max(1, min(max_prompt, -(-len(prompts[i % len(prompts)].encode()) // 4))), max(1, min(max_output, outputs[i])))
+        for i in range(n)
+    ]
+
+
+def sharegpt_point(batch, vocab: int, c: int, shapes: list[tuple[int, int]]) -> dict:
+    """The ShareGPT-shaped requests, ``c`` in flight; output tokens/s, TTFT and TPOT."""
+    pending = list(enumerate(shapes))
+    results = []
+    t0 = time.perf_counter()
+
+    def submit_next() -> None:
+        i, (p, o) = pending.pop(0)
+        ids = [1] + [(13 * i + 7 * j) % (vocab - 2) + 2 for j in range(p - 1)]
+        batch.submit(f"g{i}", ids, max_tokens=o, ignore_eos=True)
+
+    while pending and batch.running + batch.waiting < c:
+        submit_next()
+    while batch.busy:
+        for e in batch.step():
+            if e.result is not None:
+                results.append(e.result)
+                if pending:
+                    submit_next()
+    wall = time.perf_counter() - t0
+    tpot = [r.tpot_ms for r in results if r.step_ms]
+    return {
+        "concurrency": c,
+        "requests": len(results),
+        "wall_s": wall,
+        "output_tok_s": sum(len(r.tokens) for r in results) / wall,
+        "prompt_tokens_mean": statistics.fmean(p for p, _ in shapes),
+        "output_tokens_mean": statistics.fmean(o for _, o in shapes),
+        "ttft_p50": pct([r.ttft_ms for r in results], 50),
+        "ttft_p99": pct([r.ttft_ms for r in results], 99),
+        "tpot_p50": pct(tpot, 50),
+        "tpot_p99": pct(tpot, 99),
+    }
+
+
+def run_model(preset: str, args, device: str, bw: float, save) -> list[dict]:
+    """The model's sweep (``save(rows)`` after each point, so that a cut run keeps what it measured)."""
     from iserve.checkpoint import scan_checkpoint
     from iserve.gpu_agent.engine import Engine
     from iserve.gpu_agent.engine.batch import BatchEngine
@@ -159,6 +217,16 @@ def run_model(preset: str, args, device: str, bw: float) -> list[dict]:
                 f"= {p['vs_roofline']:.2f}x roofline",
             )
             rows.append(p)
+            save(rows)
+        if variant == "fp16" and args.sharegpt:
+            best = max(
+                (r for r in rows if r["model"] == preset and r["variant"] == "fp16"), key=lambda r: r["output_tok_s"]
+            )
+            shapes = [(pl, min(ol, context - pl)) for pl, ol in sharegpt_shapes(args.sharegpt, args.prompt, 1024)]
+            g = sharegpt_point(batch, arch.vocab_size, best["concurrency"], shapes)
+            g.update(model=preset, variant="fp16", workload="sharegpt")
+            log(preset, f"ShareGPT-shaped, c={g['concurrency']}: {g['output_tok_s']:.0f} output tok/s")
+            args.sharegpt_rows.append(g)
         del batch, engine
         gc.collect()
         if device.startswith("cuda"):
@@ -203,9 +271,13 @@ def main() -> None:
     p.add_argument("--step-tokens", type=int, default=2048)
     p.add_argument("--models-dir", default="/dev/shm/iserve-bench")
     p.add_argument("--keep-models", action="store_true")
+    p.add_argument("--sharegpt", type=int, default=500, help="requests of the ShareGPT-shaped run (0: none)")
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script")
     args = p.parse_args()
     args.variants = args.variants.split(",")
+    args.sharegpt_rows = []
+    if args.tiny:
+        args.sharegpt = min(args.sharegpt, 12)
     args.concurrency = int_list(args.concurrency, [1, 2, 4] if args.tiny else [1, 2, 4, 8, 16, 32, 64, 128])
     args.variant_concurrency = int_list(args.variant_concurrency, [1, 2] if args.tiny else [1, 32, 64])
     if args.tiny:
@@ -220,13 +292,23 @@ def main() -> None:
 
         bw = copy_bandwidth()
     log(f"copy bandwidth {bw / 1e12:.3f} TB/s")
-    rows = []
+    rows: list[dict] = []
+
+    def save(more: list[dict]) -> None:
+        meta = {"meta": run_meta(device), "bandwidth": bw, "args": vars(args), "rows": rows + more}
+        (out / "results.json").write_text(json.dumps(meta, indent=1, default=str))
+
     for preset in args.models.split(","):
-        rows += run_model(preset, args, device, bw)
-        (out / "results.json").write_text(
-            json.dumps({"meta": run_meta(device), "bandwidth": bw, "args": vars(args), "rows": rows}, indent=1)
-        )
+        rows += run_model(preset, args, device, bw, save)
+        save([])
     text = table(rows, bw)
+    for g in args.sharegpt_rows:
+        text += (
+            f"\n\nShareGPT-shaped ({g['requests']} requests, prompt mean {g['prompt_tokens_mean']:.0f} tokens, "
+            f"output mean {g['output_tokens_mean']:.0f}), {g['model']} fp16 at concurrency {g['concurrency']}: "
+            f"{g['output_tok_s']:.0f} output tok/s, TTFT p50/p99 {g['ttft_p50']:.0f}/{g['ttft_p99']:.0f} ms, "
+            f"TPOT p50/p99 {g['tpot_p50']:.2f}/{g['tpot_p99']:.2f} ms"
+        )
     (out / "table.md").write_text(text + "\n")
     print(text)
 
