@@ -313,6 +313,7 @@ class SimVsLive:
             log_level="warning",
             services=("gpu-agent", "deployer", "scheduler"),
             agent_id="simlive",
+            extra_env={"ISERVE_DEFAULT_MAX_BATCH": "1"},  # one request at a time, as the simulator runs them
         )
         stack = Stack(opts)
         svc = nc = client = None

@@ -304,7 +304,7 @@ class Simulation:
             reason = self.failed_models.get(r.model, "no deployment")
             self._record_failure(r, now, "not_deployed", f"{r.model} has no deployment: {reason}")
             return
-        if rep.running is None:
+        if rep.free_slots:  # one slot per replica here: the simulator runs one request at a time
             self._start(self.deps[rep.deployment_id], now)
 
     def _start(self, dep: _Dep, now: float) -> None:

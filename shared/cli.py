@@ -30,7 +30,7 @@ from rich.table import Table
 from . import errors
 from .messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, Intent, PlacementChoice, values
 from .runtime import run_async
-from .tables import ESTIMATE_COLUMNS, GIB, estimates_table, fmt_gib
+from .tables import ESTIMATE_COLUMNS, GIB, deployments_table, estimates_table, fmt_gib, queues_table
 
 console = Console()
 err_console = Console(stderr=True)
@@ -142,10 +142,20 @@ async def _register(a: argparse.Namespace) -> int:
 async def _deploy(a: argparse.Namespace) -> int:
     async with await _client(a.nats_url) as c:
         rep = await c.deploy(
-            a.model, intent_from_args(a), placement=a.placement, context_tokens=a.context_tokens, gpu_type=a.gpu_type
+            a.model,
+            intent_from_args(a),
+            placement=a.placement,
+            context_tokens=a.context_tokens,
+            gpu_type=a.gpu_type,
+            max_batch=a.max_batch,
+            kv_tokens=a.kv_tokens,
         )
         d = rep.deployment
         console.print(f"deployment [bold]{d.deployment_id}[/]: {d.config.key()} on {d.gpu_type}")
+        console.print(
+            f"  up to {d.max_batch} request{'s' if d.max_batch != 1 else ''} at once, context {d.context_tokens} "
+            f"tokens, KV pool {d.kv_tokens or d.context_tokens} tokens"
+        )
         console.print(f"  why: {escape(rep.why)}")
         for g in d.gpus:
             console.print(
@@ -248,23 +258,8 @@ async def _status(a: argparse.Namespace) -> int:
             queues = {q.deployment_id: q for q in (await c.scheduler_stats()).queues}
         except errors.IServeError:
             queues = {}
-        t = Table(title="Deployments")
-        for col in ("id", "model", "config", "gpus (layers)", "status", "queue", "done", "TTFT p50 ms", "e2e p50 ms"):
-            t.add_column(col)
-        for d in deps:
-            q = queues.get(d.deployment_id)
-            t.add_row(
-                d.deployment_id,
-                d.model,
-                d.config.key(),
-                " ".join(f"{g.agent_id}/{g.gpu_index}({g.num_layers})" for g in d.gpus),
-                escape(d.status + (f": {d.reason}" if d.reason else "")),
-                str(q.queue_depth + q.in_flight) if q else "-",
-                str(q.completed) if q else "-",
-                f"{q.ttft_ms_p50:.1f}" if q else "-",
-                f"{q.e2e_ms_p50:.1f}" if q else "-",
-            )
-        console.print(t)
+        console.print(deployments_table(deps))
+        console.print(queues_table(deps, queues))
     return 0
 
 
@@ -301,6 +296,17 @@ async def _profile_show(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------
 # parser
+
+
+def _non_negative(text: str) -> int:
+    """A count flag's parser (argparse also applies it to a default read from the environment)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give 0 or more")
+    return n
 
 
 def add_nats(p: argparse.ArgumentParser) -> None:
@@ -389,6 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-tokens", type=int, default=0, help="the deployment's context (KV cache) in tokens; 0: the profile's"
     )
     s.add_argument("--gpu-type", default="", help="deploy on this GPU type only (default: the best of those profiled)")
+    s.add_argument(
+        "--max-batch",
+        type=_non_negative,
+        default=os.environ.get("ISERVE_MAX_BATCH", "0"),
+        help="requests the replica runs at once; 0: the deployer's default, 1: one at a time [env ISERVE_MAX_BATCH]",
+    )
+    s.add_argument(
+        "--kv-tokens",
+        type=_non_negative,
+        default=os.environ.get("ISERVE_KV_TOKENS", "0"),
+        help="the replica's KV pool in tokens; 0: max batch x context, never short [env ISERVE_KV_TOKENS]",
+    )
     s.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait until the worker is ready")
     s.add_argument("--timeout", type=float, default=600.0)
     add_nats(s)

@@ -132,6 +132,8 @@ class Client:
         deployment_id: str = "",
         context_tokens: int = 0,
         gpu_type: str = "",
+        max_batch: int = 0,
+        kv_tokens: int = 0,
         timeout: float = 60.0,
     ) -> DeployReply:
         req = DeployRequest(
@@ -141,6 +143,8 @@ class Client:
             deployment_id=deployment_id,
             context_tokens=context_tokens,
             gpu_type=gpu_type,
+            max_batch=max_batch,
+            kv_tokens=kv_tokens,
         )
         return await bus.request(self.nc, subjects.DEPLOY_REQUEST, req, DeployReply, timeout=timeout)
 

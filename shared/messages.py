@@ -536,6 +536,8 @@ class LaunchWorker(Message):
     stages: list[StageSpec]
     context_tokens: PositiveInt = 2048
     seed: int = 0
+    # Appended: continuous batching. Up to ``max_batch`` requests run at once, their KV cache drawn
+    # from one pool of ``kv_tokens`` tokens (0: ``max_batch * context_tokens``, never short).
     max_batch: PositiveInt = 1
     kv_tokens: NonNegInt = 0
 
@@ -582,6 +584,8 @@ class WorkerHeartbeat(Message):
     busy_seconds: float  # monotonic total of seconds spent computing
     requests_done: int = 0
     ts: float = 0.0
+    # Appended: continuous batching. Requests in the running batch and waiting in the worker, and the
+    # KV pool's blocks in use and in all (0 and 0: a worker that does not report its pool).
     running: NonNegInt = 0
     waiting: NonNegInt = 0
     kv_blocks_used: NonNegInt = 0
@@ -612,6 +616,10 @@ class DeployRequest(Message):
     deployment_id: str = ""  # optional, makes retries idempotent
     context_tokens: NonNegInt = 0  # 0: the profile's context length
     gpu_type: str = ""  # empty: any GPU type the model was profiled for
+    # Appended: continuous batching. Requests a replica runs at once (0: the deployer's default) and
+    # its KV pool in tokens (0: max_batch x context_tokens, never short).
+    max_batch: NonNegInt = 0
+    kv_tokens: NonNegInt = 0
 
 
 class GpuAssignment(msgspec.Struct, kw_only=True):
@@ -644,6 +652,10 @@ class DeploymentRecord(msgspec.Struct, kw_only=True):
     reason: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
+    # Appended: the resolved batch size and KV pool in tokens (records made before continuous
+    # batching decode as one request at a time and 0, "the context").
+    max_batch: PositiveInt = 1
+    kv_tokens: NonNegInt = 0
 
 
 class DeployReply(Message):
@@ -761,6 +773,11 @@ class QueueStats(msgspec.Struct, kw_only=True):
     e2e_ms_p99: float = 0.0
     cancelled: int = 0  # cancelled while running (also counted in completed) or while queued
     timed_out: int = 0  # appended: past their timeout, queued or running (also counted in failed)
+    # Appended: the replica's batch size, and its worker's KV pool blocks from its latest heartbeat
+    # (0 and 0: not reported).
+    max_batch: int = 1
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
 
 
 class SchedulerStats(Message):

@@ -100,7 +100,7 @@ def test_fcfs_cancel_expire_and_remove():
     f.enqueue(q("wait", deadline=5.0))
     f.enqueue(q("late", deadline=1.0))
     f.start_next("d")
-    assert f.cancel("run") == ("d", f.replicas["d"].running, True)
+    assert f.cancel("run") == ("d", f.replicas["d"].running["run"], True)
     dep, item, running = f.cancel("wait")
     assert (dep, item.request_id, running) == ("d", "wait", False)
     assert [x.request_id for x in f.expire(2.0)] == ["late"]

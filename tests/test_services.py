@@ -81,7 +81,9 @@ class Cluster:
             svc = FingerprintService(cfg, await self._conn("fingerprint"), TEST_CAPABILITIES)
         elif name == "deployer":
             svc = DeployerService(
-                DeployerConfig(reconcile_s=0.5, gpu_stale_s=2.0, **common), await self._conn("deployer")
+                # one request at a time unless a test asks for a batch: the paper's FCFS, exact memory
+                DeployerConfig(reconcile_s=0.5, gpu_stale_s=2.0, default_max_batch=1, **common),
+                await self._conn("deployer"),
             )
         else:
             svc = SchedulerService(
@@ -124,10 +126,10 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
-async def deployed(client: Client, path: Path, name: str = "", intent: Intent | None = None):
+async def deployed(client: Client, path: Path, name: str = "", intent: Intent | None = None, **deploy_kw):
     info = await client.register(str(path), name)
     await client.wait_profiled(info.record.name, timeout=120)
-    rep = await client.deploy(info.record.name, intent or Intent(kind="min-latency"))
+    rep = await client.deploy(info.record.name, intent or Intent(kind="min-latency"), **deploy_kw)
     await client.wait_ready(rep.deployment.deployment_id, timeout=120)
     return info.record.name, rep
 
@@ -186,6 +188,44 @@ async def test_fcfs_several_requests_in_order(cluster, client, tiny_model, tmp_p
     q = (await client.scheduler_stats()).queues[0]
     assert q.completed == 4 and q.queue_depth == 0 and q.in_flight == 0
     assert q.ttft_ms_p50 > 0 and q.tpot_ms_p50 > 0 and q.e2e_ms_p50 >= q.ttft_ms_p50 and q.e2e_ms_p99 >= q.e2e_ms_p50
+
+
+async def test_a_batch_runs_several_requests_at_once_and_a_dead_worker_fails_every_one(
+    nats_server, client, tiny_model, tmp_path
+):
+    from iserve.fingerprint.estimator.memory import kv_cache_bytes_per_layer
+
+    async with Cluster(nats_server.url, tmp_path, context_tokens=2048) as cluster:
+        cluster.services["deployer"].cfg.replace_failed = False
+        name, rep = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"), max_batch=3)
+        d = rep.deployment
+        # the record carries the batch and its KV pool, and the plan reserved the pool beyond one context
+        assert (d.max_batch, d.context_tokens, d.kv_tokens) == (3, 2048, 3 * 2048)
+        profiled = next(e for e in (await client.profile(name)).estimates if e.config == d.config)
+        arch = (await client.model(name)).record.arch
+        extra = kv_cache_bytes_per_layer(arch, d.config, 2 * 2048)  # two contexts beyond the one counted
+        assert d.estimate.layer_bytes == profiled.layer_bytes + extra
+        assert d.estimate.total_bytes == profiled.total_bytes + d.config.tp * profiled.num_layers * extra
+
+        async def one(i):
+            await collect(client, name, f"request {i}", max_tokens=1500, ignore_eos=True, request_id=f"r{i}")
+
+        runs = [asyncio.create_task(one(i)) for i in range(4)]
+
+        async def three_running():
+            q = (await client.scheduler_stats()).queues[0]
+            return q if (q.in_flight, q.queue_depth) == (3, 1) else None
+
+        q = await wait_for(three_running, "three running requests and one queued", tries=300)
+        assert q.max_batch == 3 and q.kv_blocks_total == q.kv_blocks_used == 0  # this worker reports no pool
+        cluster.services["agent"].workers[d.worker_id].proc.kill()
+        outcomes = await asyncio.gather(*runs, return_exceptions=True)
+        codes = sorted(type(o).__name__ for o in outcomes)
+        # every running request learns its worker died; the queued one that no other replica can take
+        # is unavailable
+        assert codes == ["Unavailable", "WorkerDied", "WorkerDied", "WorkerDied"], outcomes
+        died = [o for o in outcomes if isinstance(o, errors.WorkerDied)]
+        assert all("was running there" in o.message for o in died)
 
 
 async def test_register_is_idempotent_and_durable(cluster, client, tiny_model, tmp_path):

@@ -18,6 +18,9 @@ class DeployerConfig(ServiceConfig):
     reconcile_s: float = option(5.0, help="seconds between checks that deployed workers still run")
     replace_failed: bool = option(True, help="re-place a deployment whose worker died")
     max_replacements: int = option(3, help="re-placements of one deployment allowed within 10 minutes")
+    default_max_batch: int = option(
+        8, help="requests a replica runs at once (continuous batching) when a deploy asks for 0; 1: one at a time"
+    )
 
 
 def parse(argv: list[str] | None = None) -> DeployerConfig:
@@ -28,4 +31,6 @@ def parse(argv: list[str] | None = None) -> DeployerConfig:
     a = p.parse_args(argv)
     if not 0.0 <= a.theta <= 1.0:
         p.error("--theta must be between 0 and 1")
+    if a.default_max_batch < 1:
+        p.error("--default-max-batch must be at least 1")
     return from_args(DeployerConfig, a)

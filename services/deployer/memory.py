@@ -6,13 +6,48 @@ A GPU of a pipeline stage holding ``n`` layers needs ``gpu_overhead_bytes + n * 
 and LM head); a single-stage deployment pays both. ``layer_bytes`` is one tensor-parallel rank's
 share, so each of a stage's ``tp`` GPUs holds the same ``n`` layers and the stage is as strong as its
 GPU with the least free memory. Units: bytes.
+
+The estimate's ``layer_bytes`` holds the KV cache of one sequence of the profile's context. A
+deployment that batches requests reserves a KV pool instead (:func:`kv_pool_tokens`); the tokens
+beyond the profile's context grow every layer (:func:`with_kv_pool`), so each stage pays the pool's
+share of the layers it holds, on each tensor-parallel rank.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
-from iserve.messages import ConfigEstimate
+import msgspec
+
+from iserve.messages import ConfigEstimate, Configuration
+
+KvBytes = Callable[[Configuration, int], int]
+"""One layer's KV cache on one tensor-parallel rank of a configuration, for a number of tokens."""
+
+
+def kv_pool_tokens(max_batch: int, kv_tokens: int, context_tokens: int) -> int:
+    """The KV pool a deployment reserves, in tokens: ``kv_tokens`` when asked for, else room for
+    ``max_batch`` requests of the whole context (never short)."""
+    return kv_tokens if kv_tokens > 0 else max_batch * context_tokens
+
+
+def with_kv_pool(est: ConfigEstimate, pool_tokens: int, counted_tokens: int, kv_bytes: KvBytes) -> ConfigEstimate:
+    """``est`` with its KV cache grown from the ``counted_tokens`` its ``layer_bytes`` already hold
+    (the profile's context) to a pool of ``pool_tokens``: every layer on every rank holds
+    ``kv_bytes(config, pool_tokens - counted_tokens)`` more, and ``total_bytes`` grows by that times
+    the layers and ``tp``. A pool no larger than what is counted returns ``est`` itself (a shorter
+    context keeps the estimate's reservation, as it did before batching)."""
+    extra_tokens = pool_tokens - counted_tokens
+    if extra_tokens <= 0:
+        return est
+    extra = kv_bytes(est.config, extra_tokens)
+    if extra <= 0:
+        return est
+    return msgspec.structs.replace(
+        est,
+        layer_bytes=est.layer_bytes + extra,
+        total_bytes=est.total_bytes + est.config.tp * est.num_layers * extra,
+    )
 
 
 def split_layers(num_layers: int, capacities: list[int]) -> list[int] | None:

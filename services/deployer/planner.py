@@ -17,6 +17,7 @@ from iserve.errors import BadRequest, Infeasible, InternalError, Unavailable
 from iserve.messages import ConfigEstimate, ConfigurationMap, GpuAssignment, Intent, Rejection
 
 from .feasibility import ClusterView
+from .memory import KvBytes, kv_pool_tokens, with_kv_pool
 from .placement import GpuState, Placement, check_policy
 from .ranking import COST_UNITS, Ranked, filter_reason, gpu_hours, order_key, rank_with_metrics
 from .units import gib, num, num_up
@@ -135,14 +136,23 @@ def plan_gpu_types(
     stale_s: float,
     model: str = "",
     context_tokens: int = 0,
+    max_batch: int = 1,
+    kv_tokens: int = 0,
+    kv_bytes: KvBytes | None = None,
 ) -> TypeChoice:
     """:func:`plan` on every GPU type of ``profiles`` (``None``: that type's profile is missing) with
     its own GPUs out of ``gpus``, keeping the decision with the best :func:`score`; among equals the
     type listed first. ``context_tokens`` (0: the profile's) skips a profile made for a shorter
     context; ``stale_s`` and ``model`` only word the errors.
 
-    Raises :class:`BadRequest` when only the context is too long, :class:`Unavailable` when no type
-    has GPUs, and :class:`Infeasible` with every type's reason otherwise.
+    Each estimate also reserves the deployment's KV pool (:func:`~.memory.kv_pool_tokens` of
+    ``max_batch``, ``kv_tokens`` and the context; ``kv_bytes`` prices the tokens beyond the profile's
+    context, :func:`~.memory.with_kv_pool`); the decision's estimate includes it. ``max_batch=1,
+    kv_tokens=0`` plans exactly as without batching.
+
+    Raises :class:`BadRequest` when only the context is too long or ``kv_tokens`` cannot hold one
+    request's context, :class:`Unavailable` when no type has GPUs, and :class:`Infeasible` with every
+    type's reason otherwise (saying so when only the KV pool does not fit).
     """
     best: TypeChoice | None = None
     misses: list[str] = []
@@ -156,13 +166,27 @@ def plan_gpu_types(
             # the map's memory (KV cache) holds for its own context only: a longer one is not estimated
             short_context.append(f"the {gpu_type} profile is for a context of {cmap.context_tokens} tokens")
             continue
+        context = context_tokens or cmap.context_tokens
+        pool = kv_pool_tokens(max_batch, kv_tokens, context)
+        if pool < context:
+            raise BadRequest(
+                f"kv_tokens {kv_tokens} cannot hold one request of the deployment's context of {context} tokens; "
+                f"ask for at least {context}, or 0 for max_batch x context_tokens."
+            )
         if not typed:
             misses.append(f"no {gpu_type} GPU reported load in the last {stale_s:.0f} s")
             continue
+        estimates = list(cmap.estimates)
+        if pool > cmap.context_tokens:
+            if kv_bytes is None:
+                raise InternalError(f"a KV pool of {pool} tokens needs kv_bytes to price it")
+            estimates = [with_kv_pool(e, pool, cmap.context_tokens, kv_bytes) for e in estimates]
         try:
-            d = plan(cmap.estimates, intent, typed, policy=policy, theta=theta)
+            d = plan(estimates, intent, typed, policy=policy, theta=theta)
         except Infeasible as e:
-            misses.append(f"{gpu_type}: {e.message}")
+            misses.append(
+                f"{gpu_type}: {e.message}{_pool_note(cmap, intent, typed, policy, theta, pool, max_batch, kv_tokens)}"
+            )
             continue
         if best is None or score(d, intent) < score(best.decision, intent):
             best = TypeChoice(d, cmap)
@@ -178,6 +202,31 @@ def plan_gpu_types(
     if all(m.startswith("no ") for m in misses):
         raise Unavailable("; ".join(misses) + "; start a GPU agent (`iserve up` starts one).")
     raise Infeasible("; ".join(misses))
+
+
+def _pool_note(
+    cmap: ConfigurationMap,
+    intent: Intent,
+    gpus: Sequence[GpuState],
+    policy: str,
+    theta: float,
+    pool: int,
+    max_batch: int,
+    kv_tokens: int,
+) -> str:
+    """When only the KV pool keeps every configuration off the free GPUs: a clause saying so and what
+    to ask for instead; else empty."""
+    if pool <= cmap.context_tokens:
+        return ""
+    try:
+        d = plan(cmap.estimates, intent, gpus, policy=policy, theta=theta)
+    except Infeasible:
+        return ""
+    asked = f"kv_tokens {kv_tokens}" if kv_tokens else f"max_batch {max_batch} x {pool // max_batch} tokens of context"
+    return (
+        f"; it is the KV pool of {pool} tokens ({asked}) that does not fit: without it "
+        f"{d.estimate.config.key()} would; deploy with a smaller max_batch or kv_tokens"
+    )
 
 
 def _why(r: Ranked, intent: Intent, fitting: int, missed: int, filtered: int, placed: Placement) -> str:

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from iserve import bus, errors, subjects
+from iserve.fingerprint.estimator.memory import kv_cache_bytes_per_layer
 from iserve.messages import (
     ConfigurationMap,
     DeploymentChanged,
@@ -48,6 +49,7 @@ from iserve.service import Service
 
 from . import planner
 from .config import DeployerConfig
+from .memory import kv_pool_tokens
 from .placement import GpuState
 
 log = structlog.get_logger()
@@ -168,6 +170,8 @@ class DeployerService(Service):
                 f"profiled: {', '.join(record.profiled_gpu_types)}."
             )
         gpus = self.gpu_states()
+        max_batch = req.max_batch or self.cfg.default_max_batch
+        arch = record.arch
         t0 = time.perf_counter()
         profiles = {t: await self.profiles.get(bus.kv_key(req.model, t)) for t in types}
         choice = planner.plan_gpu_types(
@@ -179,12 +183,17 @@ class DeployerService(Service):
             stale_s=self.cfg.gpu_stale_s,
             model=req.model,
             context_tokens=req.context_tokens,
+            max_batch=max_batch,
+            kv_tokens=req.kv_tokens,
+            kv_bytes=lambda config, tokens: kv_cache_bytes_per_layer(arch, config, tokens),
         )
         decision_ms = (time.perf_counter() - t0) * 1000.0
         decision, cmap = choice.decision, choice.profile
         # the worker's KV cache: the profile's context, or the shorter one asked for (the estimate,
         # made for the profile's context, then over-reserves a little; never under-reserves)
         context = req.context_tokens or cmap.context_tokens
+        # ... and the KV pool its batch draws from (the decision's estimate reserves it)
+        kv_tokens = kv_pool_tokens(max_batch, req.kv_tokens, context)
         dep_id = req.deployment_id or f"{req.model}-{uuid.uuid4().hex[:8]}"
         worker_id = f"w-{dep_id}-{uuid.uuid4().hex[:4]}"  # a re-placed deployment gets a new worker
         agent_id = decision.assignments[0].agent_id
@@ -205,6 +214,8 @@ class DeployerService(Service):
             status="launching",
             created_at=ts,
             updated_at=ts,
+            max_batch=max_batch,
+            kv_tokens=kv_tokens,
         )
         await self.deployments.put(dep_id, dep)
         self.pending[worker_id] = {(a.agent_id, a.gpu_index): a.memory_bytes for a in decision.assignments}
@@ -224,6 +235,8 @@ class DeployerService(Service):
                 for a in decision.assignments
             ],
             context_tokens=context,
+            max_batch=max_batch,
+            kv_tokens=kv_tokens,
         )
         try:
             await bus.request(
@@ -243,6 +256,8 @@ class DeployerService(Service):
             config=dep.config.key(),
             gpus=[(a.agent_id, a.gpu_index, a.num_layers) for a in decision.assignments],
             decision_ms=round(decision_ms, 3),
+            max_batch=max_batch,
+            kv_tokens=kv_tokens,
             why=decision.why,
         )
         return DeployReply(
@@ -329,6 +344,8 @@ class DeployerService(Service):
             placement=dep.placement_policy,
             deployment_id=deployment_id,
             context_tokens=dep.context_tokens,
+            max_batch=dep.max_batch,
+            kv_tokens=dep.kv_tokens,
         )
         try:
             async with self.lock:

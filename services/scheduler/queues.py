@@ -3,7 +3,9 @@ caller passes times in. The scheduler service and the trace simulator both use t
 
 * A request joins the model's replica with the least outstanding work (queued + running), ties
   broken by deployment id, and never moves after that.
-* Each replica runs one request at a time (no batching, as the paper), in arrival order.
+* Each replica runs up to ``slots`` requests at once (its deployment's ``max_batch``; the worker
+  batches them), started in arrival order as slots free up. ``slots=1`` is the paper's one request at
+  a time.
 * A request still queued past its deadline is dropped with a timeout; a cancelled one is removed.
 """
 
@@ -30,11 +32,16 @@ class Replica(Generic[P]):
     deployment_id: str
     model: str
     queue: deque[Queued[P]] = field(default_factory=deque)
-    running: Queued[P] | None = None
+    running: dict[str, Queued[P]] = field(default_factory=dict)  # request id -> item, in start order
+    slots: int = 1  # requests that may run at once
 
     @property
     def outstanding(self) -> int:
-        return len(self.queue) + (1 if self.running is not None else 0)
+        return len(self.queue) + len(self.running)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.slots - len(self.running))
 
 
 class FcfsQueues(Generic[P]):
@@ -43,16 +50,21 @@ class FcfsQueues(Generic[P]):
         self._where: dict[str, str] = {}  # request id -> deployment id
 
     # replicas come and go as deployments become ready or stop
-    def add_replica(self, deployment_id: str, model: str) -> None:
-        self.replicas.setdefault(deployment_id, Replica(deployment_id, model))
+    def add_replica(self, deployment_id: str, model: str, slots: int = 1) -> None:
+        """Add a replica running up to ``slots`` requests at once (a known one takes the new ``slots``;
+        a smaller value lets its running requests finish and starts no more until they have)."""
+        if slots < 1:
+            raise ValueError(f"a replica needs at least one slot, not {slots}")
+        r = self.replicas.setdefault(deployment_id, Replica(deployment_id, model))
+        r.slots = slots
 
     def remove_replica(self, deployment_id: str) -> list[Queued[P]]:
-        """Forget a replica; returns the requests it still held (queued and running) for the caller
-        to fail or re-queue."""
+        """Forget a replica; returns the requests it still held, queued ones first (oldest first),
+        then every running one (in start order), for the caller to fail or re-queue."""
         r = self.replicas.pop(deployment_id, None)
         if r is None:
             return []
-        orphans = list(r.queue) + ([r.running] if r.running else [])
+        orphans = list(r.queue) + list(r.running.values())
         for q in orphans:
             self._where.pop(q.request_id, None)
         return orphans
@@ -79,17 +91,20 @@ class FcfsQueues(Generic[P]):
         return r
 
     def start_next(self, deployment_id: str) -> Queued[P] | None:
-        """The replica is free: take the oldest queued request and mark it running."""
+        """The replica has a free slot: take the oldest queued request and mark it running. None
+        when every slot is taken or nothing waits; call again while it returns a request."""
         r = self.replicas.get(deployment_id)
-        if r is None or r.running is not None or not r.queue:
+        if r is None or len(r.running) >= r.slots or not r.queue:
             return None
-        r.running = r.queue.popleft()
-        return r.running
+        item = r.queue.popleft()
+        r.running[item.request_id] = item
+        return item
 
     def finish(self, deployment_id: str, request_id: str) -> None:
+        """A running request ended (completed, failed or cancelled): its slot is free."""
         r = self.replicas.get(deployment_id)
-        if r is not None and r.running is not None and r.running.request_id == request_id:
-            r.running = None
+        if r is not None:
+            r.running.pop(request_id, None)
         self._where.pop(request_id, None)
 
     def cancel(self, request_id: str) -> tuple[str, Queued[P] | None, bool]:
@@ -100,8 +115,10 @@ class FcfsQueues(Generic[P]):
         r = self.replicas.get(dep)
         if r is None:
             return dep, None, False
-        if r.running is not None and r.running.request_id == request_id:
-            return dep, r.running, True
+        running = r.running.get(request_id)
+        if running is not None:
+            # stays running until the worker ends it (``finish``)
+            return dep, running, True
         for q in r.queue:
             if q.request_id == request_id:
                 r.queue.remove(q)

@@ -1,6 +1,7 @@
 """The scheduler: accepts streamed inference requests (``infer``), queues them FCFS per deployment
-(``queues.FcfsQueues``), runs one at a time on each deployment's worker and relays the worker's
-token stream to the client's inbox.
+(``queues.FcfsQueues``), sends each to the deployment's worker as soon as one of its ``max_batch``
+slots is free (the worker batches the requests it runs) and relays the worker's token stream to the
+client's inbox.
 
 Protocol seen by a client: request ``infer`` with an ``InferRequest`` whose ``stream_to`` is an inbox
 the client already listens on; the immediate reply is ``Accepted`` (or an ``ErrorReply``); then the
@@ -37,6 +38,7 @@ from iserve.messages import (
     QueueStats,
     SchedulerStats,
     StreamMessage,
+    WorkerHeartbeat,
     decoder,
     encode,
 )
@@ -77,7 +79,9 @@ class SchedulerService(Service):
         self.deployments: dict[str, DeploymentRecord] = {}
         self.stats: dict[str, ReplicaStats] = {}
         self.wakeups: dict[str, asyncio.Event] = {}
-        self.runners: dict[str, asyncio.Task] = {}
+        self.runners: dict[str, asyncio.Task] = {}  # deployment id -> its dispatcher
+        self.relays: dict[str, set[asyncio.Task]] = {}  # deployment id -> its running requests' relays
+        self.heartbeats: dict[str, WorkerHeartbeat] = {}  # worker id -> latest, for deployed workers
         self.models_kv: bus.TypedKV[ModelRecord] | None = None
         self._missing: dict[str, int] = {}  # deployment id -> listings in a row that lacked it
 
@@ -89,6 +93,7 @@ class SchedulerService(Service):
         await self.serve(subjects.INFER_CANCEL, CancelRequest, self.handle_cancel)
         await self.serve(subjects.SCHEDULER_STATS, GetSchedulerStats, self.handle_stats)
         await self.listen(subjects.DEPLOYMENT_CHANGED, self._on_deployment_changed)
+        await self.listen(subjects.WORKER_HEARTBEAT + ".>", self._on_heartbeat)
 
     async def started(self) -> None:
         await self.refresh_deployments()
@@ -100,8 +105,11 @@ class SchedulerService(Service):
 
     def _apply(self, d: DeploymentRecord) -> None:
         if d.status == "ready":
+            old = self.deployments.get(d.deployment_id)
+            if old is not None and old.worker_id != d.worker_id:
+                self.heartbeats.pop(old.worker_id, None)
             self.deployments[d.deployment_id] = d
-            self.queues.add_replica(d.deployment_id, d.model)
+            self.queues.add_replica(d.deployment_id, d.model, d.max_batch)
             self.stats.setdefault(d.deployment_id, ReplicaStats())
             ev = self.wakeups.setdefault(d.deployment_id, asyncio.Event())
             if d.deployment_id not in self.runners:
@@ -113,14 +121,33 @@ class SchedulerService(Service):
             )
 
     def _drop(self, deployment_id: str, why: str) -> None:
-        self.deployments.pop(deployment_id, None)
+        d = self.deployments.pop(deployment_id, None)
+        if d is not None:
+            self.heartbeats.pop(d.worker_id, None)
         self._missing.pop(deployment_id, None)
         runner = self.runners.pop(deployment_id, None)
         if runner is not None:
             runner.cancel()
+        for relay in self.relays.pop(deployment_id, set()):
+            relay.cancel()
         self.wakeups.pop(deployment_id, None)
+        r = self.queues.replicas.get(deployment_id)
+        running = set(r.running) if r is not None else set()
         for q in self.queues.remove_replica(deployment_id):
-            # re-queue on another replica of the model if there is one, else fail it
+            if q.request_id in running:
+                # it may have streamed tokens already: never run again elsewhere, fail it
+                self.stats.setdefault(deployment_id, ReplicaStats()).failed += 1
+                self.spawn(
+                    self._send_error(
+                        q.payload,
+                        errors.WorkerDied(
+                            f"{why}; the request was running there and is not retried (tokens may have been "
+                            "streamed already); send it again."
+                        ),
+                    )
+                )
+                continue
+            # a queued one: re-queue on another replica of the model if there is one, else fail it
             other = self.queues.enqueue(q)
             if other is not None:
                 self.wakeups[other.deployment_id].set()
@@ -162,6 +189,15 @@ class SchedulerService(Service):
         except (msgspec.ValidationError, msgspec.DecodeError):
             return
         self._apply(ev.deployment)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = decoder(WorkerHeartbeat).decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        d = self.deployments.get(hb.deployment_id)
+        if d is not None and d.worker_id == hb.worker_id:
+            self.heartbeats[hb.worker_id] = hb
 
     # ------------------------------------------------------------------ requests
 
@@ -221,13 +257,14 @@ class SchedulerService(Service):
         for dep_id, d in sorted(self.deployments.items()):
             s = self.stats.get(dep_id, ReplicaStats())
             r = self.queues.replicas.get(dep_id)
+            hb = self.heartbeats.get(d.worker_id)
             out.append(
                 QueueStats(
                     deployment_id=dep_id,
                     model=d.model,
                     worker_id=d.worker_id,
                     queue_depth=len(r.queue) if r else 0,
-                    in_flight=1 if r and r.running else 0,
+                    in_flight=len(r.running) if r else 0,
                     completed=s.completed,
                     failed=s.failed,
                     ttft_ms_p50=statistics.median(s.ttft_ms) if s.ttft_ms else 0.0,
@@ -236,6 +273,9 @@ class SchedulerService(Service):
                     e2e_ms_p99=percentile(s.e2e_ms, 99, empty=0.0),
                     cancelled=s.cancelled,
                     timed_out=s.timed_out,
+                    max_batch=r.slots if r else d.max_batch,
+                    kv_blocks_used=hb.kv_blocks_used if hb else 0,
+                    kv_blocks_total=hb.kv_blocks_total if hb else 0,
                 )
             )
         return SchedulerStats(queues=out)
@@ -264,21 +304,30 @@ class SchedulerService(Service):
     # ------------------------------------------------------------------ running requests
 
     async def _runner(self, deployment_id: str, wake: asyncio.Event) -> None:
-        """Runs the deployment's queue, one request at a time, oldest first."""
+        """Dispatches the deployment's queue, oldest first: every request goes to the worker as soon
+        as one of the replica's slots is free, each relayed by its own task."""
+        relays = self.relays.setdefault(deployment_id, set())
         while True:
             item = self.queues.start_next(deployment_id)
             if item is None:
                 wake.clear()
                 await wake.wait()
                 continue
-            try:
-                await self._run_one(deployment_id, item)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("request relay failed", request_id=item.request_id)
-            finally:
-                self.queues.finish(deployment_id, item.request_id)
+            relay = self.spawn(self._run_slot(deployment_id, item, wake))
+            relays.add(relay)
+            relay.add_done_callback(relays.discard)
+
+    async def _run_slot(self, deployment_id: str, item: Queued[InferRequest], wake: asyncio.Event) -> None:
+        """One running request, start to end; its slot is freed (and the dispatcher woken) after."""
+        try:
+            await self._run_one(deployment_id, item)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request relay failed", request_id=item.request_id)
+        finally:
+            self.queues.finish(deployment_id, item.request_id)
+            wake.set()
 
     async def _run_one(self, deployment_id: str, item: Queued[InferRequest]) -> None:
         req = item.payload
