@@ -12,6 +12,7 @@ from test_planner_gpu_types import choose, cmap, gpus_of
 from iserve import cli
 from iserve.deployer.config import parse as parse_deployer
 from iserve.deployer.memory import kv_pool_tokens, stage_capacity, with_kv_pool
+from iserve.deployer.planner import largest_batch
 from iserve.deployer.units import GIB
 from iserve.errors import BadRequest, Infeasible
 from iserve.fingerprint.estimator.memory import kv_cache_bytes_per_layer
@@ -350,3 +351,19 @@ def test_stage_capacity_counts_the_pool():
     p = with_kv_pool(e, 4096, 2048, lambda c, n: GIB * n // 2048)  # one more GiB per layer
     assert stage_capacity(e, 32 * GIB, first=True, last=True) == 32
     assert stage_capacity(p, 32 * GIB, first=True, last=True) == 16
+
+
+def test_the_default_batch_halves_until_its_pool_fits_and_an_asked_for_one_does_not():
+    tried: list[int] = []
+
+    def plan_with(b: int) -> str:
+        tried.append(b)
+        if b > 2:
+            raise Infeasible(f"batch {b} does not fit")
+        return f"plan {b}"
+
+    assert largest_batch(plan_with, 8, fixed=False) == ("plan 2", 2) and tried == [8, 4, 2]
+    with pytest.raises(Infeasible, match="batch 8"):
+        largest_batch(plan_with, 8, fixed=True)
+    with pytest.raises(Infeasible, match="batch 1"):
+        largest_batch(lambda b: (_ for _ in ()).throw(Infeasible(f"batch {b}")), 8, fixed=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 from iserve.errors import BadRequest, Infeasible, InternalError, Unavailable
 from iserve.messages import ConfigEstimate, ConfigurationMap, GpuAssignment, Intent, Rejection
@@ -21,6 +21,8 @@ from .memory import KvBytes, kv_pool_tokens, with_kv_pool
 from .placement import GpuState, Placement, check_policy
 from .ranking import COST_UNITS, Ranked, filter_reason, gpu_hours, order_key, rank_with_metrics
 from .units import gib, num, num_up
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -311,3 +313,17 @@ def _free_advice(view: ClusterView, ranked: list[Ranked]) -> str:
     if math.isfinite(gap):
         return f"{text}; free that memory on {view.best_host(c.tp * c.pp)[0]}"
     return f"{text}; add a host with more GPUs of this type"
+
+
+def largest_batch(plan_with: Callable[[int], T], max_batch: int, *, fixed: bool) -> tuple[T, int]:
+    """``plan_with(b)`` for the largest batch ``b`` that fits: ``max_batch``, else (unless ``fixed``,
+    i.e. the caller asked for this batch or pool) halved until one does, down to 1. Returns the plan
+    and its batch; raises the last :class:`Infeasible` when even batch 1 does not fit."""
+    b = max_batch
+    while True:
+        try:
+            return plan_with(b), b
+        except Infeasible:
+            if fixed or b == 1:
+                raise
+            b = max(1, b // 2)

@@ -170,22 +170,28 @@ class DeployerService(Service):
                 f"profiled: {', '.join(record.profiled_gpu_types)}."
             )
         gpus = self.gpu_states()
-        max_batch = req.max_batch or self.cfg.default_max_batch
         arch = record.arch
         t0 = time.perf_counter()
         profiles = {t: await self.profiles.get(bus.kv_key(req.model, t)) for t in types}
-        choice = planner.plan_gpu_types(
-            profiles,
-            req.intent,
-            gpus,
-            policy=policy,
-            theta=self.cfg.theta,
-            stale_s=self.cfg.gpu_stale_s,
-            model=req.model,
-            context_tokens=req.context_tokens,
-            max_batch=max_batch,
-            kv_tokens=req.kv_tokens,
-            kv_bytes=lambda config, tokens: kv_cache_bytes_per_layer(arch, config, tokens),
+
+        def plan_with(batch: int) -> planner.TypeChoice:
+            return planner.plan_gpu_types(
+                profiles,
+                req.intent,
+                gpus,
+                policy=policy,
+                theta=self.cfg.theta,
+                stale_s=self.cfg.gpu_stale_s,
+                model=req.model,
+                context_tokens=req.context_tokens,
+                max_batch=batch,
+                kv_tokens=req.kv_tokens,
+                kv_bytes=lambda config, tokens: kv_cache_bytes_per_layer(arch, config, tokens),
+            )
+
+        # The default batch shrinks (halving) until its KV pool fits; an asked-for batch or pool does not.
+        choice, max_batch = planner.largest_batch(
+            plan_with, req.max_batch or self.cfg.default_max_batch, fixed=bool(req.max_batch or req.kv_tokens)
         )
         decision_ms = (time.perf_counter() - t0) * 1000.0
         decision, cmap = choice.decision, choice.profile
