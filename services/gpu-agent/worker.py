@@ -283,20 +283,25 @@ def load_engine(spec: LaunchWorker, args: argparse.Namespace) -> InferenceEngine
 
 
 def batching(spec: LaunchWorker, args: argparse.Namespace) -> bool:
-    """Whether this worker serves with continuous batching: ``max_batch > 1`` on one torch rank
-    (tensor-parallel and TensorRT-LLM workers serve one request at a time)."""
+    """Whether this worker serves with continuous batching: ``max_batch > 1`` on the torch engine
+    (TensorRT-LLM workers serve one request at a time; its own batching is not wired in)."""
     from iserve.gpu_agent.engine.trtllm import use_trtllm
 
-    return spec.max_batch > 1 and args.tp_size == 1 and not use_trtllm(spec.config)
+    return spec.max_batch > 1 and not use_trtllm(spec.config)
 
 
-def start_batching(engine: InferenceEngine, spec: LaunchWorker) -> BatchEngine:
-    """Hand ``engine`` to a ``BatchEngine`` sized by the spec, and warm it up with one request."""
+def batch_engine(engine: InferenceEngine, spec: LaunchWorker) -> BatchEngine:
+    """Hand ``engine`` to a ``BatchEngine`` sized by the spec (every tensor-parallel rank does)."""
     from iserve.gpu_agent.engine import Engine
     from iserve.gpu_agent.engine.batch import BatchEngine
 
     assert isinstance(engine, Engine)  # batching(): the torch engine
-    batch = BatchEngine(engine, max_batch=spec.max_batch, kv_tokens=spec.kv_tokens)
+    return BatchEngine(engine, max_batch=spec.max_batch, kv_tokens=spec.kv_tokens)
+
+
+def start_batching(engine: InferenceEngine, spec: LaunchWorker) -> BatchEngine:
+    """``batch_engine``, warmed up with one request."""
+    batch = batch_engine(engine, spec)
     ids = engine.tokenizer.encode("warm up", add_bos=True)
     batch.submit("warm-up", ids, max_tokens=min(4, engine.context_tokens - len(ids)), ignore_eos=True)
     batch.run_until_idle()
@@ -326,6 +331,10 @@ def follower_main(args: argparse.Namespace) -> None:
     if not isinstance(engine, Engine):  # TensorRT-LLM runs its own ranks: a follower holds the torch engine
         raise RuntimeError("a tensor-parallel follower rank needs the torch engine, not TensorRT-LLM")
     log.info("tensor-parallel rank loaded", devices=args.devices)
+    if batching(spec, args):
+        steps = batch_engine(engine, spec).follow()
+        log.info("tensor-parallel rank released by rank 0", steps=steps)
+        return
     runs = engine.follow()
     log.info("tensor-parallel rank released by rank 0", generations=runs)
 

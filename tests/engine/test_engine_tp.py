@@ -98,6 +98,47 @@ def test_tp2_on_cpu_gives_the_tokens_of_tp1(model, spawn_ranks):
         assert wbytes < one.weight_bytes()
 
 
+BATCH_PROMPTS = [IDS[: 5 + 9 * i] for i in range(4)]
+
+
+def _batch_rank(rank: int, size: int, port: int, path: str, stages: list, queue) -> None:
+    import torch.distributed as dist
+
+    from iserve.gpu_agent.engine.batch import BatchEngine
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+        engine = Engine.load(path, stages, 96, tp_rank=rank, tp_size=size)
+        batch = BatchEngine(engine, max_batch=3, step_tokens=16)
+        if rank == 0:
+            for i, p in enumerate(BATCH_PROMPTS):
+                batch.submit(f"s{i}", p, max_tokens=8, ignore_eos=True)
+            out = {e.seq_id: e.result.tokens for e in batch.run_until_idle() if e.result is not None}
+            engine.close()
+        else:
+            out = batch.follow()
+            engine.close()
+        engine.release_groups()
+        queue.put((rank, out))
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        queue.put((rank, f"{type(e).__name__}: {e}"))
+
+
+def test_tp2_batches_with_the_tokens_of_tp1(model, spawn_ranks):
+    """The leader's BatchEngine broadcasts each step; the follower runs it: same tokens as TP=1 batched."""
+    from iserve.gpu_agent.engine.batch import BatchEngine
+
+    results = spawn_ranks(_batch_rank, 2, str(model), [("cpu", 0, 1), ("cpu", 1, 3)])
+    one = BatchEngine(Engine.load(model, [("cpu", 0, 4)], 96), max_batch=3, step_tokens=16)
+    for i, p in enumerate(BATCH_PROMPTS):
+        one.submit(f"s{i}", p, max_tokens=8, ignore_eos=True)
+    want = {e.seq_id: e.result.tokens for e in one.run_until_idle() if e.result is not None}
+    assert results[0] == want
+    assert results[1] >= 8  # the follower ran every step (at least one per generated token)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_tp2_on_two_gpus_gives_the_tokens_of_tp1(model, spawn_ranks):
@@ -113,8 +154,10 @@ def test_tp2_on_two_gpus_gives_the_tokens_of_tp1(model, spawn_ranks):
         assert (greedy, sampled) == _run(one), kw
 
 
-async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path):
-    """tp=2: two worker processes, one worker id; rank 0 streams the same tokens as one process."""
+@pytest.mark.parametrize("max_batch", [1, 3])
+async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path, max_batch):
+    """tp=2: two worker processes, one worker id; rank 0 streams the same tokens as one process,
+    one request at a time (max_batch 1) or batching (the followers run the leader's steps)."""
     from iserve import bus, subjects
     from iserve.gpu_agent.config import AgentConfig
     from iserve.gpu_agent.gpus import SimulatedGpus
@@ -175,6 +218,7 @@ async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path):
             model_path=str(model),
             config=Configuration(tp=2, pp=1),
             context_tokens=96,
+            max_batch=max_batch,
             stages=[
                 StageSpec(gpu_index=0, first_layer=0, num_layers=4),
                 StageSpec(gpu_index=1, first_layer=0, num_layers=4),

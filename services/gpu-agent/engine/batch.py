@@ -10,8 +10,10 @@ decoding sequence and chunks of arriving prompts (``batch_plan``), over a paged 
         for event in batch.step():                 # the engine thread
             send(event)
 
-Tensor parallelism is not batched yet (one rank only); pipeline stages run one after the other per
-step, without micro-batches. See docs/engine.md#continuous-batching.
+With tensor parallelism rank 0 holds the ``BatchEngine`` the worker talks to and broadcasts every
+step (its chunks, token ids and block tables) to the other ranks, which run ``follow()``; only rank 0
+admits, plans and samples. Pipeline stages run one after the other per step, without micro-batches.
+See docs/engine.md#continuous-batching.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from iserve.errors import BadRequest, PromptTooLong
 
 from .batch_forward import forward, slot_of
 from .batch_graphs import DecodeStep, graphs_apply
-from .batch_plan import SeqState, admit, blocks_for, plan_step
+from .batch_plan import Chunk, SeqState, admit, blocks_for, plan_step
 from .checks import check_request
 from .kv_pool import BlockAllocator, PagedKV
 from .runner import Engine, GenerationResult, _compute
@@ -86,7 +88,8 @@ class _Seq:
 
 
 class BatchEngine:
-    """Serves many sequences at once on ``engine``'s stages (one process, no tensor parallelism).
+    """Serves many sequences at once on ``engine``'s stages (on a tensor-parallel engine: rank 0's,
+    the other ranks run ``follow``).
 
     ``max_batch``: sequences running at once; ``kv_tokens``: token slots of the KV pool (0: enough
     for ``max_batch`` full contexts, so admission is never short of blocks); ``step_tokens``: the
@@ -109,8 +112,6 @@ class BatchEngine:
         release_static_cache: bool = True,
         cuda_graphs: bool = True,
     ):
-        if engine.tp_size > 1:
-            raise BadRequest("continuous batching runs on one tensor-parallel rank; deploy TP with max_batch 1.")
         if max_batch < 1:
             raise BadRequest(f"max_batch must be at least 1, not {max_batch}.")
         if step_tokens <= max_batch:
@@ -144,7 +145,11 @@ class BatchEngine:
         self.last_step = StepStats()
         self.graph_error = ""
         self._graphs: DecodeStep | None = None
-        if cuda_graphs and graphs_apply(engine.stages):
+        self._tp = engine._tp
+        can_capture = graphs_apply(engine.stages)
+        if self._tp is not None:  # every rank captures the same buckets, or none does (their collectives pair up)
+            can_capture = self._tp.all_agree(can_capture)
+        if cuda_graphs and can_capture:
             try:
                 with _compute():
                     self._graphs = DecodeStep(
@@ -153,6 +158,9 @@ class BatchEngine:
             except RuntimeError as e:  # a kernel that cannot be captured: decode stays eager, and says why
                 self.graph_error = f"decode capture failed: {e}"
                 torch.cuda.synchronize(engine.stages[0].device)
+            if self._tp is not None and not self._tp.all_agree(self._graphs is not None) and self._graphs is not None:
+                self._graphs = None  # every rank replays, or none does
+                self.graph_error = "decode capture failed on another tensor-parallel rank"
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -305,7 +313,7 @@ class BatchEngine:
         if s in self._running:
             self._running.remove(s)
 
-    def _run(self, chunks) -> list[Event]:
+    def _run(self, chunks: list[Chunk]) -> list[Event]:
         t0 = time.perf_counter()
         by_id = {s.seq_id: s for s in self._running}
         ids: list[int] = []
@@ -315,16 +323,7 @@ class BatchEngine:
             ids += [s.tokens[-1]] if c.decode else s.prompt[c.start : c.start + c.tokens]
         tables = {c.seq_id: by_id[c.seq_id].table for c in chunks}
         with _compute():
-            graphs = self._graphs
-            if graphs is not None and all(c.decode for c in chunks) and graphs.bucket(len(chunks)):
-                logits = graphs.run(
-                    ids,
-                    [c.start for c in chunks],
-                    [slot_of(tables[c.seq_id], c.start, self.block_size) for c in chunks],
-                    [tables[c.seq_id] for c in chunks],
-                )
-            else:
-                logits = forward(self.engine.stages, self.pools, chunks, ids, tables, self.block_size)
+            logits = self._compute_step(chunks, ids, tables)
             sampled = [c for c in chunks if c.samples]
             tokens = self._sample(logits, [by_id[c.seq_id] for c in sampled])
         now = time.perf_counter()
@@ -357,6 +356,44 @@ class BatchEngine:
                 self._finish(s)
                 events.append(Event(s.seq_id, token=token, result=s.result(reason)))
         return events
+
+    def _compute_step(self, chunks: list[Chunk], ids: list[int], tables: dict[str, list[int]]) -> torch.Tensor:
+        """Logits of the step's sampling chunks: a captured decode step when one holds it, else the
+        eager pass. On a tensor-parallel leader the step goes to the other ranks first (``follow``)."""
+        graphs = self._graphs
+        if graphs is not None and all(c.decode for c in chunks) and graphs.bucket(len(chunks)):
+            args = (
+                ids,
+                [c.start for c in chunks],
+                [slot_of(tables[c.seq_id], c.start, self.block_size) for c in chunks],
+                [tables[c.seq_id] for c in chunks],
+            )
+            if self._tp is not None:
+                self._tp.send(("batch-graph", *args))
+            return graphs.run(*args)
+        if self._tp is not None:
+            self._tp.send(("batch-step", chunks, ids, tables))
+        return forward(self.engine.stages, self.pools, chunks, ids, tables, self.block_size)
+
+    def follow(self) -> int:
+        """Tensor-parallel ranks other than 0: run every step the leader's ``BatchEngine`` broadcasts,
+        in lockstep, until the leader's engine closes. Returns how many steps were run."""
+        tp = self._tp
+        if tp is None or tp.leader:
+            raise BadRequest("follow() is for the ranks other than 0 of a tensor-parallel engine.")
+        steps = 0
+        while True:
+            message = tp.send(())
+            with _compute():
+                if message[0] == "batch-graph":
+                    assert self._graphs is not None  # every rank captured the same buckets
+                    self._graphs.run(*message[1:])
+                elif message[0] == "batch-step":
+                    _, chunks, ids, tables = message
+                    forward(self.engine.stages, self.pools, chunks, ids, tables, self.block_size)
+                else:  # the leader's close
+                    return steps
+            steps += 1
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
         """One token per row of ``logits [S, vocab]``: greedy rows by one argmax, the others drawn
