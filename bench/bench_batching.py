@@ -297,6 +297,7 @@ def main() -> None:
     def save(more: list[dict]) -> None:
         meta = {"meta": run_meta(device), "bandwidth": bw, "args": vars(args), "rows": rows + more}
         (out / "results.json").write_text(json.dumps(meta, indent=1, default=str))
+        (out / "table.md").write_text(table(rows + more, bw) + "\n")  # rewritten in full at the end
 
     for preset in args.models.split(","):
         rows += run_model(preset, args, device, bw, save)
