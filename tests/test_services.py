@@ -387,6 +387,54 @@ async def test_request_timeouts_cancellation_and_vanished_clients(nats_server, c
         assert q.cancelled == 3 and q.completed == 3  # stopped long before 2000 tokens
 
 
+async def test_in_a_batch_cancel_a_vanished_client_and_a_too_long_prompt_touch_only_their_request(
+    nats_server, client, nc, tiny_model, tmp_path
+):
+    from iserve.messages import Accepted, CancelRequest, Completion, InferRequest, StreamMessage, decoder, encode
+
+    async with Cluster(nats_server.url, tmp_path, context_tokens=2048) as cluster:
+        cluster.services["deployer"].cfg.default_max_batch = 4
+        name, _ = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
+        dec = decoder(StreamMessage)
+
+        async def start(request_id: str, max_tokens: int):
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            req = InferRequest(
+                request_id=request_id, model=name, prompt="x", max_tokens=max_tokens, ignore_eos=True, stream_to=inbox
+            )
+            await bus.request(nc, subjects.INFER, req, Accepted)
+            await sub.next_msg(timeout=30)  # its first token: it runs
+            return sub
+
+        async def completion(sub) -> Completion:
+            while True:
+                data = (await sub.next_msg(timeout=60)).data
+                if data and isinstance(m := dec.decode(data), Completion):
+                    return m
+
+        keep = asyncio.create_task(collect(client, name, "keep going", max_tokens=200, ignore_eos=True))
+        cancelled = await start("cancelled", 2000)
+        gone = await start("gone", 2000)
+        await nc.publish(subjects.INFER_CANCEL, encode(CancelRequest(request_id="cancelled")))
+        await gone.unsubscribe()  # the client vanishes mid-stream
+        with pytest.raises(errors.PromptTooLong):  # refused with its code; the batch goes on
+            await collect(client, name, "x", max_tokens=2000, prompt_tokens=1000)
+        done = await completion(cancelled)
+        assert done.finish_reason == "cancelled" and done.completion_tokens < 2000
+        chunks, kept = await keep
+        assert kept.completion_tokens == 200 and kept.finish_reason == "length"
+        alone, _ = await collect(client, name, "keep going", max_tokens=200, ignore_eos=True)
+        assert [c.token_id for c in alone] == [c.token_id for c in chunks]
+
+        async def all_done():
+            q = (await client.scheduler_stats()).queues[0]
+            return q if q.cancelled == 2 and q.in_flight == 0 and q.kv_blocks_total and not q.kv_blocks_used else None
+
+        q = await wait_for(all_done, "both stopped requests cancelled and every KV block free", tries=300)
+        assert q.max_batch == 4
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 
 
