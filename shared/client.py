@@ -24,6 +24,7 @@ from . import bus, errors, subjects
 from .messages import (
     Accepted,
     CancelRequest,
+    ChatMessage,
     Completion,
     ConfigurationMap,
     DeploymentChanged,
@@ -223,6 +224,7 @@ class Client:
         timeout_s: float = 300.0,
         request_id: str = "",
         stream: "CompletionStream | None" = None,
+        messages: list[ChatMessage] | None = None,
     ) -> AsyncIterator[TokenChunk]:
         """Stream a completion: yields ``TokenChunk``s; the final ``Completion`` is left on the
         ``stream`` object passed in (``CompletionStream``), or raised as an ``IServeError``."""
@@ -238,6 +240,7 @@ class Client:
             ignore_eos=ignore_eos,
             prompt_tokens=prompt_tokens,
             timeout_s=timeout_s,
+            messages=list(messages or []),
         )
         s.request_id = req.request_id
         st = await bus.Stream(self.nc, idle_timeout=timeout_s).open()

@@ -69,6 +69,7 @@ PlacementChoice = Literal["", PlacementPolicy]  # "": the deployer's own setting
 DeploymentStatus = Literal["launching", "ready", "failed", "stopped"]
 
 FinishReason = Literal["stop", "length", "cancelled"]
+ChatRole = Literal["system", "user", "assistant", "developer", "tool"]
 
 FAMILIES: tuple[Family, ...] = values(Family)
 WEIGHT_QUANTS: tuple[WeightQuant, ...] = values(WeightQuant)
@@ -696,6 +697,13 @@ class DeploymentChanged(Message):
 # inference
 
 
+class ChatMessage(msgspec.Struct, kw_only=True):
+    """One turn of a chat (OpenAI's ``messages`` entries, text content only)."""
+
+    role: ChatRole
+    content: str
+
+
 class InferRequest(Message):
     request_id: str
     model: str
@@ -709,6 +717,9 @@ class InferRequest(Message):
     timeout_s: PositiveFloat = 300.0
     deployment_id: str = ""  # empty: any deployment of the model
     stream_to: str = ""  # inbox that receives TokenChunk* then Completion | ErrorReply
+    # Appended: a chat. Non-empty: the worker renders these with the model's chat template and
+    # ``prompt`` is not used (a model without a template refuses with bad_request).
+    messages: list[ChatMessage] = []
 
 
 class Accepted(Message):

@@ -27,9 +27,28 @@ def fit_prompt(ids: list[int], n: int, *, keep_first: bool) -> list[int]:
 
 
 def prompt_ids(tok: Tokenizer, r: InferRequest, context_tokens: int) -> list[int]:
-    """``r.prompt`` tokenized (with BOS), fitted to ``r.prompt_tokens`` when set. Raises
-    ``PromptTooLong`` when it and ``r.max_tokens`` exceed ``context_tokens``."""
-    ids = tok.encode(r.prompt, add_bos=True)
+    """``r.prompt`` tokenized (with BOS), or ``r.messages`` rendered by the model's chat template
+    (its special tokens in the text, none added), fitted to ``r.prompt_tokens`` when set. Raises
+    ``BadRequest`` for a chat to a model without a chat template, ``PromptTooLong`` when the prompt
+    and ``r.max_tokens`` exceed ``context_tokens``."""
+    if r.messages:
+        if tok.chat_template is None:
+            raise errors.BadRequest(
+                "this model has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json); "
+                "send a plain prompt (/v1/completions) or add the template to the checkpoint.",
+                request_id=r.request_id,
+            )
+        from .engine.chat import render_chat
+
+        text = render_chat(
+            tok.chat_template,
+            [{"role": m.role, "content": m.content} for m in r.messages],
+            bos_token=tok.token_text(tok.bos_id),
+            eos_token=tok.token_text(tok.eos_id),
+        )
+        ids = tok.encode(text, add_bos=False)
+    else:
+        ids = tok.encode(r.prompt, add_bos=True)
     ids = fit_prompt(ids, r.prompt_tokens, keep_first=tok.bos_id is not None)
     if len(ids) + r.max_tokens > context_tokens:
         raise errors.PromptTooLong(

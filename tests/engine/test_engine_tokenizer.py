@@ -99,3 +99,64 @@ def test_tokenizer_json(tmp_path):
     assert len(emoji_ids) > 1
     dec = tok.stream_decoder()
     assert [dec.push(i) for i in emoji_ids][-1] == "🙂"
+
+
+# ---------------------------------------------------------------------------------------------------
+# chat templates
+
+
+def test_chat_templates_are_read_from_either_file_and_rendered_like_transformers(tmp_path):
+    import json
+
+    from iserve.errors import BadRequest
+    from iserve.gpu_agent.engine.chat import load_chat_template, render_chat
+
+    assert load_chat_template(tmp_path) is None
+    llama2 = (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% endif %}"
+        "{% for message in messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + message['content'] | trim + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": [{"name": "default", "template": llama2}]})
+    )
+    template = load_chat_template(tmp_path)
+    assert template == llama2
+    msgs = [
+        {"role": "user", "content": " Hi "},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Go"},
+    ]
+    assert render_chat(template, msgs, bos_token="<s>", eos_token="</s>") == (
+        "<s>[INST] Hi [/INST] Hello </s><s>[INST] Go [/INST]"
+    )
+    with pytest.raises(BadRequest, match="alternate"):
+        render_chat(template, msgs[:1] * 2, bos_token="<s>", eos_token="</s>")
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # the newer file wins
+    assert load_chat_template(tmp_path) == "{{ messages[0]['content'] }}"
+
+
+def test_a_chat_request_is_rendered_by_the_template_and_refused_without_one(tmp_path):
+    from iserve.checkpoint import scan_checkpoint
+    from iserve.errors import BadRequest
+    from iserve.gpu_agent.engine.tokenizer import load_tokenizer
+    from iserve.gpu_agent.prompts import prompt_ids
+    from iserve.messages import ChatMessage, InferRequest
+    from iserve.modelmaker import make_checkpoint
+    from iserve.tokenizer_files import write_byte_tokenizer
+
+    path = make_checkpoint(tmp_path / "m", "tiny-llama", num_layers=1)
+    arch = scan_checkpoint(path).arch
+    chat = InferRequest(request_id="r", model="m", prompt="", messages=[ChatMessage(role="user", content="Hi")])
+    with pytest.raises(BadRequest, match="no chat template"):
+        prompt_ids(load_tokenizer(path, arch), chat, 256)  # the byte fallback has none
+    write_byte_tokenizer(path)
+    tok = load_tokenizer(path, arch)
+    ids = prompt_ids(tok, chat, 256)
+    assert ids[0] == tok.bos_id and tok.decode(ids) == "<|user|>\nHi\n<|assistant|>\n"
+    plain = InferRequest(request_id="p", model="m", prompt="Hi")
+    assert prompt_ids(tok, plain, 256) == [tok.bos_id, *tok.encode("Hi", add_bos=False)]

@@ -22,6 +22,8 @@ from typing import Protocol
 from iserve.errors import CheckpointError, UnsupportedModel
 from iserve.messages import ArchSpec
 
+from .chat import load_chat_template
+
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 BYTE_OFFSET = 3  # byte b has id b + BYTE_OFFSET
 BYTE_VOCAB = BYTE_OFFSET + 256
@@ -41,6 +43,11 @@ class Tokenizer(Protocol):
     bos_id: int | None
     eos_id: int | None
     vocab_size: int
+    chat_template: str | None  # the checkpoint's (``chat.load_chat_template``); None: no chat requests
+
+    def token_text(self, token_id: int | None) -> str:
+        """A special token's text, as chat templates write it ("" for None)."""
+        ...
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
 
@@ -74,6 +81,10 @@ class ByteTokenizer:
     bos_id: int | None = BOS_ID
     eos_id: int | None = EOS_ID
     pad_id: int = PAD_ID
+    chat_template: str | None = None  # byte tokens have no chat format
+
+    def token_text(self, token_id: int | None) -> str:
+        return ""
 
     def __init__(self, vocab_size: int = BYTE_VOCAB):
         if vocab_size < BYTE_VOCAB:
@@ -145,6 +156,10 @@ class HFTokenizer:
         self.bos_id = arch.bos_token_id
         self.eos_id = arch.eos_token_id
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.chat_template: str | None = load_chat_template(path.parent)
+
+    def token_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else (self._tok.id_to_token(token_id) or "")
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         # Special tokens are added here rather than by the tokenizer's post-processor, so that
