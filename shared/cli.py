@@ -11,7 +11,7 @@
     iserve undeploy DEPLOYMENT
     iserve validate MODEL           measure the full model, compare with the estimates
     iserve loadgen / simulate / report   trace replay (live or simulated) and its report
-    iserve gpu-agent|fingerprint|deployer|scheduler   run one service in the foreground
+    iserve gpu-agent|fingerprint|deployer|scheduler|gateway   run one service in the foreground
 
 Every flag that names the NATS server also reads ``ISERVE_NATS_URL``.
 """
@@ -40,6 +40,7 @@ SERVICES = {
     "fingerprint": "iserve.fingerprint.__main__",
     "deployer": "iserve.deployer.__main__",
     "scheduler": "iserve.scheduler.__main__",
+    "gateway": "iserve.gateway.__main__",
 }
 # sub-commands that own their flags: ``iserve NAME ...`` calls ``MODULE.main(argv)``
 TOOLS = {
@@ -81,9 +82,13 @@ def intent_from_args(a: argparse.Namespace) -> Intent:
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from .stack import Stack, StackOptions
+    from .stack import Stack, StackOptions, api_key_of
 
     opts = StackOptions(
+        http_host=a.http_host,
+        http_port=a.http_port,
+        api_key="" if a.no_auth else api_key_of(Path(a.data_dir), a.api_key),
+        no_auth=a.no_auth,
         data_dir=Path(a.data_dir),
         nats_url=a.nats_url,
         nats_port=a.nats_port,
@@ -98,6 +103,9 @@ def cmd_up(a: argparse.Namespace) -> int:
         f"[bold]iserve up[/]: NATS at {stack.url} (export ISERVE_NATS_URL={stack.url}); "
         f"data in {opts.data_dir}. Ctrl-C stops everything."
     )
+    key = "your key" if a.api_key else f"key in {Path(a.data_dir) / 'api_key'}"
+    key = "no key (--no-auth)" if a.no_auth else key
+    console.print(f"OpenAI-compatible API: http://{a.http_host}:{a.http_port}/v1 ({key}); metrics at /metrics")
     try:
         stack.wait()
     finally:
@@ -364,6 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="hybrid placement: GPUs with load below theta are packable [env ISERVE_THETA]",
     )
     s.add_argument("--log-level", default=os.environ.get("ISERVE_LOG_LEVEL", "info"))
+    s.add_argument(
+        "--http-host", default=os.environ.get("ISERVE_HTTP_HOST", "127.0.0.1"), help="the HTTP API's address"
+    )
+    s.add_argument(
+        "--http-port", type=int, default=int(os.environ.get("ISERVE_HTTP_PORT", "8000")), help="the HTTP API's port"
+    )
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("ISERVE_API_KEY", ""),
+        help="the HTTP API's Bearer key (default: one made and kept in DATA_DIR/api_key) [env ISERVE_API_KEY]",
+    )
+    s.add_argument("--no-auth", action="store_true", help="serve the HTTP API without a key (loopback only)")
 
     s = sub.add_parser("demo", help="start the stack, make/register/profile/deploy a model, stream a completion, stop")
     from .demo import add_arguments as add_demo

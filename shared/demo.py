@@ -138,12 +138,39 @@ async def flow(url: str, model_dir: Path, a: argparse.Namespace) -> None:
             f"{comp.completion_tokens} tokens streamed; TTFT {comp.ttft_ms:.1f} ms, TPOT {comp.tpot_ms:.2f} ms, "
             f"end-to-end {comp.e2e_ms:.1f} ms (estimated TPOT for this configuration: {d.estimate.tpot_ms:.2f} ms)"
         )
+        console.rule("[bold]6. the same model over the OpenAI-compatible HTTP API")
+        body = {
+            "model": r.name,
+            "messages": [{"role": "user", "content": a.prompt}],
+            "max_tokens": 12,
+            "temperature": 0,
+        }
+        reply = await asyncio.to_thread(_post_json, f"{a.http_url}/chat/completions", body)
+        console.print(
+            f"[dim]POST {a.http_url}/chat/completions ->[/] {escape(repr(reply['choices'][0]['message']['content']))}"
+        )
+        console.print(
+            f"try it while a stack runs (`iserve up` prints its URL and key):\n  curl {a.http_url}/chat/completions "
+            "-H 'Authorization: Bearer $KEY' -H 'Content-Type: application/json' "
+            f"""-d '{{"model": "{r.name}", "messages": [{{"role": "user", "content": "Hi"}}], "stream": true}}'"""
+        )
         await c.undeploy(d.deployment_id)
+
+
+def _post_json(url: str, body: dict) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
 
 
 def run(a: argparse.Namespace) -> int:
     from .modelmaker import make_checkpoint
+    from .natsserver import free_port
     from .stack import Stack, StackOptions
+    from .tokenizer_files import write_byte_tokenizer
 
     tmp = None
     if a.data_dir:
@@ -155,7 +182,13 @@ def run(a: argparse.Namespace) -> int:
     model_dir = data_dir / "models" / "demo-llama"
     if not (model_dir / "config.json").is_file():
         make_checkpoint(model_dir, a.preset, num_layers=a.layers, seed=0)
+    if not (model_dir / "tokenizer.json").is_file():
+        write_byte_tokenizer(model_dir)  # a real tokenizer.json, with a chat template
+    http_port = free_port()
+    a.http_url = f"http://127.0.0.1:{http_port}/v1"
     opts = StackOptions(
+        http_port=http_port,
+        no_auth=True,  # the demo's gateway listens on loopback only
         data_dir=data_dir,
         nats_port=a.nats_port,
         simulate_gpus=simulate,

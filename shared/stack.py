@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .natsserver import EmbeddedNats
 
-SERVICES = ("gpu-agent", "fingerprint", "deployer", "scheduler")
+SERVICES = ("gpu-agent", "fingerprint", "deployer", "scheduler", "gateway")
 MAX_RESTARTS = 5  # within RESTART_WINDOW_S, then the stack gives up
 RESTART_WINDOW_S = 60.0
 
@@ -44,6 +44,26 @@ class StackOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     fingerprint_args: list[str] = field(default_factory=list)
     services: tuple[str, ...] = SERVICES  # which services to run (a caller may run one itself, in-process)
+    http_host: str = "127.0.0.1"  # the gateway's HTTP API
+    http_port: int = 8000
+    api_key: str = ""  # passed to the gateway in its environment (ISERVE_API_KEY), not on its command line
+    no_auth: bool = False
+
+
+def api_key_of(data_dir: Path, given: str = "") -> str:
+    """``given``, else the key kept in ``data_dir/api_key`` (made, readable by its owner only, on first use)."""
+    if given:
+        return given
+    path = data_dir / "api_key"
+    if path.is_file():
+        return path.read_text().strip()
+    import secrets
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = "isk-" + secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
 
 
 class Stack:
@@ -81,6 +101,12 @@ class Stack:
                 py + ["iserve.deployer", "--placement", self.opts.placement, "--theta", str(self.opts.theta)],
             ),
             Child("scheduler", py + ["iserve.scheduler"]),
+            Child(
+                "gateway",
+                py
+                + ["iserve.gateway", "--http-host", self.opts.http_host, "--http-port", str(self.opts.http_port)]
+                + (["--no-auth"] if self.opts.no_auth else []),
+            ),
         ]
         self.children = [c for c in self.children if c.name in self.opts.services]
         for c in self.children:
@@ -94,6 +120,8 @@ class Stack:
         env.update(self.opts.extra_env)
         env["ISERVE_NATS_URL"] = self.url
         env["ISERVE_LOG_LEVEL"] = self.opts.log_level
+        if self.opts.api_key:
+            env["ISERVE_API_KEY"] = self.opts.api_key
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 

@@ -34,6 +34,8 @@ def test_every_service_command_exists_and_parses(compose, monkeypatch):
         if name == "nats":
             continue
         cmd = svc["command"]
+        for key, value in svc.get("environment", {}).items():  # as the container sees them (unexpanded)
+            monkeypatch.setenv(key, str(value))
         if cmd[0] in SERVICES:
             mod = importlib.import_module(SERVICES[cmd[0]].removesuffix(".__main__") + ".config")
             mod.parse(cmd[1:])  # raises SystemExit on an unknown flag
@@ -59,3 +61,10 @@ def test_dockerfiles_copy_existing_paths(compose):
         for src in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", text, re.M):
             for s in src.split():
                 assert (ROOT / s).exists(), f"{f} copies {s}, which does not exist"
+
+
+def test_the_gateway_is_published_on_the_host_only_with_a_key_and_a_health_check(compose):
+    gw = compose["services"]["gateway"]
+    assert gw["ports"] == ["127.0.0.1:8000:8000"]
+    assert gw["environment"]["ISERVE_API_KEY"].startswith("${ISERVE_API_KEY:?")  # compose refuses to start without one
+    assert "/health" in " ".join(gw["healthcheck"]["test"])

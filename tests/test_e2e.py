@@ -43,7 +43,14 @@ def test_demo_runs_the_whole_flow(tmp_path):
     r = iserve("demo", "--data-dir", str(tmp_path / "demo"), "--max-tokens", "12", "--simulate-gpus", "2x16GB")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    for words in ("registered demo-llama", "configurations estimated", "chose tp1-", "why:", "12 tokens streamed"):
+    for words in (
+        "registered demo-llama",
+        "configurations estimated",
+        "chose tp1-",
+        "why:",
+        "12 tokens streamed",
+        "/chat/completions ->",
+    ):
         assert words in out, out
     assert not processes_mentioning(str(tmp_path / "demo")), "the demo left processes behind"
 
@@ -65,6 +72,8 @@ def test_up_cli_and_clean_shutdown(tmp_path):
             "2x16GB",
             "--log-level",
             "warning",
+            "--http-port",
+            str(free_port()),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,176 @@
+"""The OpenAI-compatible gateway: the official ``openai`` client (and raw HTTP) against the gateway
+over the real services and a real nats-server, simulated GPUs, CPU workers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from test_services import Cluster, copy_model, deployed
+
+from iserve.client import Client
+from iserve.gateway.config import GatewayConfig, check
+from iserve.gateway.service import GatewayService
+from iserve.gateway.stops import StopMatcher
+from iserve.natsserver import free_port
+from iserve.tokenizer_files import write_byte_tokenizer
+
+KEY = "test-key"
+
+
+@pytest.fixture
+async def stack(nats_server, tiny_model, tmp_path):
+    """Services, a deployed tiny model with a real tokenizer.json and chat template, and the gateway."""
+    from iserve import bus
+
+    async with Cluster(nats_server.url, tmp_path, context_tokens=2048) as cluster:
+        cluster.services["deployer"].cfg.default_max_batch = 4
+        model = copy_model(tiny_model, tmp_path / "chatty")
+        write_byte_tokenizer(model)
+        plain = copy_model(tiny_model, tmp_path / "plain")  # no tokenizer files: no chat template
+        client = await Client.connect(nats_server.url)
+        name, _ = await deployed(client, model, "chatty")
+        await deployed(client, plain, "plain")
+        port = free_port()
+        cfg = GatewayConfig(nats_url=nats_server.url, log_level="warning", log_json=True, http_port=port, api_key=KEY)
+        gw = GatewayService(check(cfg), await bus.connect(nats_server.url, "gateway"))
+        await gw.start()
+        try:
+            yield f"http://127.0.0.1:{port}", name, client
+        finally:
+            await gw.close()
+            await gw.nc.drain()
+            await client.close()
+
+
+async def test_the_openai_client_lists_completes_and_chats(stack):
+    base, name, client = stack
+    oa = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    models = await oa.models.list()
+    assert {m.id for m in models.data} == {"chatty", "plain"}
+
+    done = await oa.completions.create(
+        model=name, prompt="Hello", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 6
+    assert done.usage.prompt_tokens == len("Hello") + 1  # byte tokens and BOS
+
+    # streamed, with usage at the end: the same greedy text
+    pieces, usage = [], None
+    stream = await oa.completions.create(
+        model=name,
+        prompt="Hello",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == done.choices[0].text and usage.completion_tokens == 6
+
+    # chat, rendered by the checkpoint's template on the worker, streamed and not
+    chat = await oa.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
+    text = ""
+    async for chunk in await oa.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+    assert text == chat.choices[0].message.content
+
+
+async def test_stop_strings_end_the_text_before_them(stack):
+    base, name, _ = stack
+    oa = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    full = await oa.completions.create(
+        model=name, prompt="abc", max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
+    text = full.choices[0].text
+    stop = text[5:8]
+    assert len(stop) == 3
+    cut = await oa.completions.create(
+        model=name, prompt="abc", max_tokens=24, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+async def test_errors_are_openai_shaped_with_the_right_status(stack):
+    base, name, _ = stack
+    oa = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        await oa.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        await oa.completions.create(model=name, prompt="x", max_tokens=2, n=2)
+    assert e.value.body["code"] == "bad_request" and "n" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # no chat template: refused with a sentence
+        await oa.chat.completions.create(model="plain", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert "chat template" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        await oa.completions.create(model=name, prompt="x", max_tokens=5000)
+    assert e.value.body["code"] == "prompt_too_long"
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+    async with httpx.AsyncClient() as h:
+        r = await h.post(base + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_health_ready_and_metrics_show_the_request_just_served(stack):
+    base, name, _ = stack
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}) as h:
+        assert (await h.get("/health")).json() == {"status": "ok"}
+        ready = await h.get("/ready")
+        assert ready.status_code == 200 and all(ready.json()["checks"].values())
+        r = await h.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 200
+        text = (await h.get("/metrics")).text
+    assert f'iserve_requests_total{{model="{name}",outcome="length"}} 1.0' in text
+    assert f'iserve_completion_tokens_total{{model="{name}"}} 3.0' in text
+    assert "iserve_ttft_seconds_bucket" in text and 'iserve_deployments{state="ready"} 2.0' in text
+    assert "iserve_kv_blocks_total" in text and "iserve_gpu_memory_total_bytes" in text
+
+
+async def test_a_client_that_disconnects_cancels_its_request(stack):
+    base, name, client = stack
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}) as h:
+        body = {"model": name, "prompt": "x", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        async with h.stream("POST", "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    break  # the first token came; now hang up
+    for _ in range(100):
+        q = next(q for q in (await client.scheduler_stats()).queues if q.model == name)
+        if q.cancelled == 1 and q.in_flight == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert q.cancelled == 1 and q.in_flight == 0
+
+
+def test_stop_matcher_holds_back_only_what_may_start_a_stop():
+    m = StopMatcher(["END", "\n\n"])
+    assert m.push("abc E") == ("abc ", False)  # "E" may start "END"
+    assert m.push("x") == ("Ex", False)
+    assert m.push("yy\n") == ("yy", False)
+    assert m.push("\nrest") == ("", True)
+    assert m.push("more") == ("", True) and m.flush() == ""
+    free = StopMatcher([])
+    assert free.push("anything") == ("anything", False)
+
+
+def test_the_gateway_refuses_to_run_without_a_key_off_loopback():
+    with pytest.raises(Exception, match="API key"):
+        check(GatewayConfig())
+    with pytest.raises(Exception, match="loopback"):
+        check(GatewayConfig(no_auth=True, http_host="0.0.0.0"))
+    assert check(GatewayConfig(no_auth=True)).no_auth
