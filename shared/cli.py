@@ -120,6 +120,10 @@ def cmd_make_model(a: argparse.Namespace) -> int:
     from .modelmaker import make_checkpoint
 
     path = make_checkpoint(a.out_dir, a.preset, num_layers=a.layers, seed=a.seed, dtype=a.dtype, shards=a.shards)
+    if a.tokenizer:
+        from .tokenizer_files import write_byte_tokenizer
+
+        write_byte_tokenizer(path)
     console.print(
         f"wrote {a.preset} checkpoint ({'all' if a.layers is None else a.layers} layers, random weights) to {path}"
     )
@@ -397,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     s.add_argument("--shards", type=int, default=1)
+    s.add_argument(
+        "--tokenizer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write a byte-level tokenizer.json with a chat template (for the HTTP API's chat endpoint)",
+    )
 
     s = sub.add_parser("register", help="register a checkpoint folder (config.json + safetensors)")
     s.add_argument("path")
