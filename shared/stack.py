@@ -161,12 +161,24 @@ class Stack:
                     self._launch(c)
 
     def wait(self) -> None:
-        """Block until Ctrl-C or until a service keeps dying."""
+        """Block until Ctrl-C, SIGTERM (what ``docker stop``, systemd and ``kill`` send) or until a
+        service keeps dying; the caller then ``stop()``s the services, so none is left behind."""
+        import signal
+
+        def on_term(signum, frame) -> None:
+            self._stop.set()
+
+        previous = (
+            signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+        )
         try:
             while not self._stop.wait(0.5):
                 pass
         except KeyboardInterrupt:
             pass
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def stop(self) -> None:
         self._stop.set()

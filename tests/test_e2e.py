@@ -137,3 +137,33 @@ def test_up_cli_and_clean_shutdown(tmp_path):
     finally:
         up2.send_signal(signal.SIGINT)
         up2.wait(timeout=60)
+
+
+def test_sigterm_stops_the_whole_stack(tmp_path):
+    """What docker stop, systemd and kill send: every service and NATS stop with `iserve up`."""
+    import urllib.request
+
+    data = tmp_path / "stack"
+    http = free_port()
+    up = subprocess.Popen(
+        [*ISERVE, "up", "--data-dir", str(data), "--nats-port", str(free_port()), "--http-port", str(http)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "ISERVE_NATS_URL": "", "ISERVE_SIMULATE_GPUS": "1x8GB"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the gateway answers once the stack is up
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the gateway never answered"
+                time.sleep(0.5)
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+        assert not processes_mentioning(str(data)), "services outlived `iserve up`"
+        assert not processes_mentioning(f"--http-port {http}"), "the gateway outlived `iserve up`"
+    finally:
+        if up.poll() is None:
+            up.kill()
