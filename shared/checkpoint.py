@@ -155,9 +155,43 @@ def _eos(cfg: dict[str, Any], default: int | None) -> int | None:
     return eos
 
 
+# rope_theta when a config names none, as transformers defaults it per model type.
+DEFAULT_ROPE_THETA = {"mixtral": 1_000_000.0}
+
+
+def rope_settings(cfg: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None, float | None]:
+    """``(rope_theta, rope scaling or None, partial_rotary_factor)`` of a config.json, wherever it keeps
+    them: ``rope_parameters`` (what transformers >= 5 writes) or the older top-level ``rope_theta``,
+    ``rope_scaling`` and ``partial_rotary_factor``. None where the config names nothing."""
+    params = cfg.get("rope_parameters")
+    theta = scaling = None
+    partial = cfg.get("partial_rotary_factor")
+    if isinstance(params, dict):
+        if params and all(isinstance(v, dict) for v in params.values()):
+            raise UnsupportedModel(
+                f"per-layer-type rope_parameters ({', '.join(params)}) are not supported by the torch engine."
+            )
+        theta = params.get("rope_theta")
+        if params.get("rope_type", params.get("type", "default")) != "default":
+            scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        partial = params.get("partial_rotary_factor", partial)
+    if theta is None:
+        theta = cfg.get("rope_theta")
+    if scaling is None:
+        scaling = cfg.get("rope_scaling") or None
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+    return (float(theta) if theta is not None else None), scaling, (float(partial) if partial is not None else None)
+
+
 def _family_fields(cfg: dict[str, Any], family: str, model_type: str) -> dict[str, Any]:
     """The ArchSpec fields that differ by family, read from config.json."""
+    theta, _, partial = rope_settings(cfg)
     if family in ("llama", "mixtral"):
+        if partial is not None and partial != 1.0:
+            raise UnsupportedModel(
+                f"partial_rotary_factor {partial} is not supported for the {model_type} family by the torch engine."
+            )
         hidden = _need_int(cfg, "hidden_size")
         heads = _need_int(cfg, "num_attention_heads")
         return dict(
@@ -169,7 +203,7 @@ def _family_fields(cfg: dict[str, Any], family: str, model_type: str) -> dict[st
             max_position=int(cfg.get("max_position_embeddings") or 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=theta or DEFAULT_ROPE_THETA.get(model_type, 10000.0),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             activation=_activation(cfg.get("hidden_act", "silu"), model_type),
             bos_token_id=cfg.get("bos_token_id", 1),
@@ -205,7 +239,7 @@ def _family_fields(cfg: dict[str, Any], family: str, model_type: str) -> dict[st
             max_position=int(cfg.get("max_position_embeddings") or 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
             rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=theta or 10000.0,
             attention_bias=bias,
             norm_type="layer",
             activation=_activation(cfg.get("activation", "gelu"), model_type),
@@ -248,7 +282,7 @@ def _family_fields(cfg: dict[str, Any], family: str, model_type: str) -> dict[st
     hidden = _need_int(cfg, "hidden_size")
     heads = _need_int(cfg, "num_attention_heads")
     head_dim = hidden // heads
-    pct = float(cfg.get("rotary_pct", 1.0))
+    pct = float(cfg.get("rotary_pct") or partial or 1.0)
     if not 0.0 < pct <= 1.0:
         raise CheckpointError(f"config.json field 'rotary_pct' must be in (0, 1], not {pct!r}.")
     bias = bool(cfg.get("attention_bias", True))
@@ -261,7 +295,7 @@ def _family_fields(cfg: dict[str, Any], family: str, model_type: str) -> dict[st
         max_position=int(cfg.get("max_position_embeddings") or 2048),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         rms_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
-        rope_theta=float(cfg.get("rotary_emb_base") or cfg.get("rope_theta") or 10000.0),
+        rope_theta=float(cfg.get("rotary_emb_base") or theta or 10000.0),
         attention_bias=bias,
         norm_type="layer",
         activation=_activation(cfg.get("hidden_act", "gelu"), model_type),
@@ -327,7 +361,7 @@ def arch_from_config(cfg: dict[str, Any]) -> ArchSpec:
         head_dim=int(head_dim),
         vocab_size=_need_int(cfg, "vocab_size"),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16"),
-        rope_scaling=cfg.get("rope_scaling"),
+        rope_scaling=rope_settings(cfg)[1],
         num_experts=num_experts,
         experts_per_token=experts_per_token,
         **f,
