@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from .errors import CheckpointError, UnsupportedModel
 from .messages import ArchSpec, Family, WeightBreakdown
 from .shards import DTYPE_BYTES, TensorEntry, read_safetensors_header
@@ -146,6 +148,24 @@ def _activation(name: Any, model_type: str) -> str:
             f"activation {name!r} of model_type {model_type!r} is not supported; supported: {', '.join(sorted(table))}."
         )
     return table[name]
+
+
+def eos_ids(cfg: dict[str, Any], model_dir: Path) -> list[int]:
+    """Every end-of-sequence id: config.json's ``eos_token_id`` (an id or a list) and
+    generation_config.json's (what ``transformers``' ``generate`` stops on), in that order."""
+    out: list[int] = []
+    sources = [cfg.get("eos_token_id")]
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        try:
+            sources.append(json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id"))
+        except (OSError, ValueError, AttributeError):
+            raise CheckpointError(f"{gen} is not valid JSON; fix or remove it.") from None
+    for src in sources:
+        for x in src if isinstance(src, list) else [src]:
+            if isinstance(x, int) and not isinstance(x, bool) and x >= 0 and x not in out:
+                out.append(x)
+    return out
 
 
 def _eos(cfg: dict[str, Any], default: int | None) -> int | None:
@@ -509,6 +529,9 @@ def scan_checkpoint(model_dir: str | os.PathLike, *, validate: bool = True) -> C
     d = Path(model_dir).resolve()
     cfg = read_config(d)
     arch = arch_from_config(cfg)
+    eos = eos_ids(cfg, d)
+    if eos:
+        arch = msgspec.structs.replace(arch, eos_token_ids=eos, eos_token_id=eos[0])
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{d} has no *.safetensors files; iServe reads weights only from safetensors.")

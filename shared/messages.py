@@ -169,6 +169,9 @@ class ArchSpec(msgspec.Struct, kw_only=True):
     attention_out_bias: bool = False
     mlp_bias: bool = False
     lm_head_bias: bool = False
+    # Appended: every id that ends a generation (config.json's and generation_config.json's eos
+    # lists, e.g. Llama 3's three); empty: just ``eos_token_id``.
+    eos_token_ids: list[int] = []
 
 
 class WeightBreakdown(msgspec.Struct, kw_only=True):

@@ -101,3 +101,24 @@ def test_rope_settings_are_read_where_transformers_5_writes_them(tmp_path):
     assert arch.rope_theta == 1_000_000.0  # in rope_parameters only: the old reader took 10000
     _, path = _saved(tmp_path, "llama-linear-rope")
     assert scan_checkpoint(path).arch.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_generation_stops_at_any_eos_of_generation_config(tmp_path):
+    import json
+
+    model, path = _saved(tmp_path, "llama-linear-rope")
+    tokens = _greedy(model, IDS, 8)
+    stop = tokens[3]
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen["eos_token_id"] = [299, stop]  # as Llama 3 lists several
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    arch = scan_checkpoint(path).arch
+    assert stop in arch.eos_token_ids and 299 in arch.eos_token_ids
+    engine = Engine.load(path, [("cpu", 0, arch.num_layers)], context_tokens=64)
+    result = engine.generate(IDS, max_tokens=8)
+    end = next(i for i, t in enumerate(tokens) if t in engine.eos_ids)  # at step 4 at the latest
+    assert result.tokens == tokens[: end + 1] and result.finish_reason == "stop"
+    batch = BatchEngine(engine, max_batch=2)
+    batch.submit("a", IDS, max_tokens=8)
+    (done,) = [e.result for e in batch.run_until_idle() if e.result is not None]
+    assert done.tokens == result.tokens and done.finish_reason == "stop"

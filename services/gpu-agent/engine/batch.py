@@ -67,7 +67,7 @@ class _Seq:
     temperature: float
     top_p: float
     generator: torch.Generator | None
-    eos: int | None
+    eos: frozenset[int]  # ids that end it (empty: ignore_eos)
     submitted: float
     tokens: list[int] = field(default_factory=list)
     table: list[int] = field(default_factory=list)  # pool blocks
@@ -241,7 +241,7 @@ class BatchEngine:
             temperature=temperature,
             top_p=top_p,
             generator=generator,
-            eos=None if ignore_eos else self.engine.tokenizer.eos_id,
+            eos=frozenset() if ignore_eos else self.engine.eos_ids,
             submitted=time.perf_counter(),
         )
         with self._lock:
@@ -346,7 +346,7 @@ class BatchEngine:
             s.last_token_at = now
             s.tokens.append(token)
             reason: FinishReason | None = None
-            if s.eos is not None and token == s.eos:
+            if token in s.eos:
                 reason = "stop"
             elif len(s.tokens) >= s.max_tokens:
                 reason = "length"

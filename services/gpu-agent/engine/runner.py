@@ -298,6 +298,15 @@ class Engine:
         return self._tokenizer
 
     @property
+    def eos_ids(self) -> frozenset[int]:
+        """The ids that end a generation: the checkpoint's eos lists (config.json and
+        generation_config.json) and the tokenizer's eos."""
+        ids = set(self.arch.eos_token_ids)
+        if self._tokenizer.eos_id is not None:
+            ids.add(self._tokenizer.eos_id)
+        return frozenset(ids)
+
+    @property
     def context_tokens(self) -> int:
         return self._context_tokens
 
@@ -481,7 +490,7 @@ class Engine:
 
         Greedy when ``temperature == 0``; otherwise temperature + top-p sampling from a generator
         seeded with ``seed`` (same seed, same tokens), or from the engine's own generator when
-        ``seed`` is None. Stops at the tokenizer's eos (unless ``ignore_eos``; the eos token is
+        ``seed`` is None. Stops at any of ``eos_ids`` (unless ``ignore_eos``; the eos token is
         included in ``tokens``), after ``max_tokens``, or when ``should_stop()`` returns True, which
         is asked before every decode step. ``on_token`` is called with each token id as soon as it
         is chosen. Raises ``PromptTooLong`` when ``len(prompt_ids) + max_tokens > context_tokens``.
@@ -541,7 +550,7 @@ class Engine:
             generator = self._generator
             if seed is not None:
                 generator = torch.Generator(device=self.stages[-1].device).manual_seed(seed)
-        eos = None if ignore_eos else self._tokenizer.eos_id
+        eos = frozenset() if ignore_eos else self.eos_ids
         result = GenerationResult(
             tokens=[], finish_reason="length", ttft_ms=0.0, prompt_tokens=len(ids), timer=self._timer.name
         )
@@ -573,7 +582,7 @@ class Engine:
             result.tokens.append(token_id)
             if on_token is not None:
                 on_token(token_id)
-            if eos is not None and token_id == eos:
+            if token_id in eos:
                 result.finish_reason = "stop"
                 break
             if len(result.tokens) >= max_tokens:
