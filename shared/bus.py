@@ -33,8 +33,10 @@ Rep = TypeVar("Rep", bound=Message)
 T = TypeVar("T", bound=msgspec.Struct)
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
-    """Connect with unlimited reconnects (a restarted nats-server is picked up again)."""
+async def connect(url: str, name: str, *, connect_timeout: float = 5.0, give_up_after: float | None = None) -> NATS:
+    """Connect with unlimited reconnects (a restarted nats-server is picked up again). A service
+    waits for its server as long as it takes; a command (``give_up_after`` seconds) raises
+    ``Unavailable`` with a sentence instead of retrying forever."""
 
     holder: list[NATS] = []
 
@@ -50,7 +52,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
         log.info("nats reconnected")
 
     try:
-        nc = await nats.connect(
+        connecting = nats.connect(
             url,
             name=name,
             connect_timeout=connect_timeout,
@@ -61,11 +63,13 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
         )
+        nc = await (connecting if give_up_after is None else asyncio.wait_for(connecting, give_up_after))
         holder.append(nc)
         return nc
     except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as e:
+        why = str(e) or f"no answer in {give_up_after or connect_timeout:g} s"
         raise errors.Unavailable(
-            f"cannot reach NATS at {url} ({e}); start one with `iserve up` or pass --nats-url."
+            f"cannot reach NATS at {url} ({why}); start one with `iserve up` or pass --nats-url."
         ) from None
 
 

@@ -56,6 +56,15 @@ def default_url() -> str:
     return os.environ.get("ISERVE_NATS_URL", "nats://127.0.0.1:4222")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("iserve")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("ISERVE_DATA_DIR", str(Path.home() / ".iserve")))
 
@@ -340,6 +349,7 @@ def add_intent(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iserve", description="Intent-based LLM serving over NATS.")
+    p.add_argument("--version", action="version", version=f"iserve {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("up", help="start NATS and every service; Ctrl-C stops them")

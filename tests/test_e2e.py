@@ -167,3 +167,10 @@ def test_sigterm_stops_the_whole_stack(tmp_path):
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_a_command_without_nats_fails_within_seconds_with_a_sentence():
+    t0 = time.monotonic()
+    r = iserve("status", "--nats-url", f"nats://127.0.0.1:{free_port()}", timeout=60)
+    assert r.returncode != 0 and "cannot reach NATS" in r.stdout + r.stderr
+    assert time.monotonic() - t0 < 30

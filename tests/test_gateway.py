@@ -29,10 +29,13 @@ async def stack(nats_server, tiny_model, tmp_path):
         cluster.services["deployer"].cfg.default_max_batch = 4
         model = copy_model(tiny_model, tmp_path / "chatty")
         write_byte_tokenizer(model)
-        plain = copy_model(tiny_model, tmp_path / "plain")  # no tokenizer files: no chat template
+        plain = copy_model(tiny_model, tmp_path / "plain")  # no tokenizer files
+        nochat = copy_model(tiny_model, tmp_path / "nochat")
+        write_byte_tokenizer(nochat, chat_template=None)
         client = await Client.connect(nats_server.url)
         name, _ = await deployed(client, model, "chatty")
         await deployed(client, plain, "plain")
+        await deployed(client, nochat, "nochat")
         port = free_port()
         cfg = GatewayConfig(nats_url=nats_server.url, log_level="warning", log_json=True, http_port=port, api_key=KEY)
         gw = GatewayService(check(cfg), await bus.connect(nats_server.url, "gateway"))
@@ -49,7 +52,7 @@ async def test_the_openai_client_lists_completes_and_chats(stack):
     base, name, client = stack
     oa = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
     models = await oa.models.list()
-    assert {m.id for m in models.data} == {"chatty", "plain"}
+    assert {m.id for m in models.data} == {"chatty", "plain", "nochat"}
 
     done = await oa.completions.create(
         model=name, prompt="Hello", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
@@ -113,9 +116,12 @@ async def test_errors_are_openai_shaped_with_the_right_status(stack):
     with pytest.raises(openai.BadRequestError) as e:
         await oa.completions.create(model=name, prompt="x", max_tokens=2, n=2)
     assert e.value.body["code"] == "bad_request" and "n" in e.value.body["message"]
-    with pytest.raises(openai.BadRequestError) as e:  # no chat template: refused with a sentence
-        await oa.chat.completions.create(model="plain", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:  # a tokenizer without a chat template
+        await oa.chat.completions.create(model="nochat", messages=[{"role": "user", "content": "x"}], max_tokens=2)
     assert "chat template" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # no tokenizer at all: no text endpoint serves it
+        await oa.completions.create(model="plain", prompt="x", max_tokens=2)
+    assert "no tokenizer.json" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         await oa.completions.create(model=name, prompt="x", max_tokens=5000)
     assert e.value.body["code"] == "prompt_too_long"
@@ -137,7 +143,7 @@ async def test_health_ready_and_metrics_show_the_request_just_served(stack):
         text = (await h.get("/metrics")).text
     assert f'iserve_requests_total{{model="{name}",outcome="length"}} 1.0' in text
     assert f'iserve_completion_tokens_total{{model="{name}"}} 3.0' in text
-    assert "iserve_ttft_seconds_bucket" in text and 'iserve_deployments{state="ready"} 2.0' in text
+    assert "iserve_ttft_seconds_bucket" in text and 'iserve_deployments{state="ready"} 3.0' in text
     assert "iserve_kv_blocks_total" in text and "iserve_gpu_memory_total_bytes" in text
 
 

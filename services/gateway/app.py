@@ -143,7 +143,12 @@ class Gateway:
         try:
             req = await self._decode(request, kind)
             model = req.model
-            await self.client.model(req.model)  # not_found (404) before anything is queued
+            info = await self.client.model(req.model)  # not_found (404) before anything is queued
+            if not info.record.has_tokenizer:
+                raise errors.BadRequest(
+                    f"model {req.model!r} has no tokenizer.json, so its text cannot be tokenized as it was trained; "
+                    "add the model's tokenizer files to its folder and register it again."
+                )
         except errors.IServeError as e:
             self.metrics.failed(model, e.code)
             return iserve_error(e)
