@@ -68,3 +68,22 @@ def test_the_gateway_is_published_on_the_host_only_with_a_key_and_a_health_check
     assert gw["ports"] == ["127.0.0.1:8000:8000"]
     assert gw["environment"]["ISERVE_API_KEY"].startswith("${ISERVE_API_KEY:?")  # compose refuses to start without one
     assert "/health" in " ".join(gw["healthcheck"]["test"])
+
+
+def test_images_are_pinned_nats_stays_on_the_host_and_nccl_gets_shared_memory(compose):
+    assert compose["services"]["nats"]["ports"] == ["127.0.0.1:4222:4222"]
+    assert re.fullmatch(r"nats:\d+\.\d+\.\d+-alpine", compose["services"]["nats"]["image"])
+    assert compose["services"]["gpu-agent"]["ipc"] == "host"
+    base = ROOT / "deploy" / "compose"
+    assert "FROM python:3.12.8-slim" in (base / "Dockerfile").read_text()
+    gpu = (base / "Dockerfile.gpu").read_text()
+    assert re.search(r"ARG TORCH_IMAGE=pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-devel", gpu)
+
+
+def test_the_build_context_leaves_out_models_venvs_and_git():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", "models", "**/*.safetensors", "results"):
+        assert entry in ignored, entry
+    # ... but keeps what the Dockerfiles copy
+    for kept in ("shared", "services", "loadgen", "pyproject.toml", "README.md"):
+        assert kept not in ignored, kept
