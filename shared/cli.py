@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+import msgspec
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -172,6 +173,11 @@ async def _deploy(a: argparse.Namespace) -> int:
             kv_tokens=a.kv_tokens,
         )
         d = rep.deployment
+        if a.json:
+            if a.wait:
+                await c.wait_ready(d.deployment_id, timeout=a.timeout)
+            print_json(rep)
+            return 0
         console.print(f"deployment [bold]{d.deployment_id}[/]: {d.config.key()} on {d.gpu_type}")
         console.print(
             f"  up to {d.max_batch} request{'s' if d.max_batch != 1 else ''} at once, context {d.context_tokens} "
@@ -234,8 +240,33 @@ async def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def print_json(obj: object) -> None:
+    """One JSON document on stdout (``--json``): the wire's own field names."""
+    sys.stdout.write(msgspec.json.encode(msgspec.to_builtins(obj)).decode() + "\n")
+
+
+async def _status_json(c) -> int:
+    async def safe(call):
+        try:
+            return await call()
+        except errors.IServeError as e:
+            return {"error": {"code": e.code, "message": e.message}}
+
+    print_json(
+        {
+            "gpus": await c.gpu_loads(1.5),
+            "models": await safe(c.models),
+            "deployments": await safe(c.deployments),
+            "queues": await safe(c.scheduler_stats),
+        }
+    )
+    return 0
+
+
 async def _status(a: argparse.Namespace) -> int:
     async with await _client(a.nats_url) as c:
+        if a.json:
+            return await _status_json(c)
         loads = await c.gpu_loads(1.5)
         t = Table(title="GPUs")
         for col in ("agent", "gpu", "type", "total GiB", "free GiB", "load (window)", "util %", "workers"):
@@ -287,6 +318,9 @@ async def _status(a: argparse.Namespace) -> int:
 async def _profile_show(a: argparse.Namespace) -> int:
     async with await _client(a.nats_url) as c:
         cmap = await c.profile(a.model, a.gpu_type)
+        if a.json:
+            print_json(cmap)
+            return 0
         title = (
             f"{cmap.model} on {cmap.gpu_type} (measured on {cmap.device}; context {cmap.context_tokens}; "
             f"latency for {a.prompt_tokens}+{a.output_tokens} tokens)"
@@ -426,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_nats(s)
 
     s = sub.add_parser("deploy", help="deploy a profiled model with an intent")
+    s.add_argument("--json", action="store_true", help="the deployer's reply as JSON")
     s.add_argument("model")
     add_intent(s)
     s.add_argument(
@@ -465,11 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_nats(s)
 
     s = sub.add_parser("status", help="GPUs, models, deployments and queues")
+    s.add_argument("--json", action="store_true", help="one JSON document instead of tables")
     add_nats(s)
 
     s = sub.add_parser("profile", help="configuration maps")
     psub = s.add_subparsers(dest="profile_command", required=True)
     ps = psub.add_parser("show", help="print a model's configuration map as a table")
+    ps.add_argument("--json", action="store_true", help="the whole configuration map as JSON")
     ps.add_argument("model")
     ps.add_argument("--gpu-type", default="")
     ps.add_argument("--sort", default="latency_ms", choices=ESTIMATE_COLUMNS)

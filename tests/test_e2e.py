@@ -3,6 +3,7 @@ service as its own process, simulated GPUs, torch workers on the CPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,6 +100,12 @@ def test_up_cli_and_clean_shutdown(tmp_path):
         assert r.returncode == 0 and "5 tokens" in r.stderr, r.stdout + r.stderr
         r = iserve("status", env=env)
         assert r.returncode == 0 and "ready" in r.stdout and "profiled" in r.stdout, r.stdout + r.stderr
+        r = iserve("status", "--json", env=env)
+        status = json.loads(r.stdout)
+        assert [d["status"] for d in status["deployments"]["deployments"]] == ["ready"], r.stdout
+        assert status["models"]["models"][0]["name"] == "m" and status["queues"]["queues"][0]["max_batch"] >= 1
+        cmap = json.loads(iserve("profile", "show", "m", "--json", env=env).stdout)
+        assert cmap["model"] == "m" and cmap["estimates"]
         r = iserve("deploy", "nope", env=env)
         assert r.returncode == 2 and "not_found" in r.stderr
     finally:
@@ -121,6 +128,8 @@ def test_up_cli_and_clean_shutdown(tmp_path):
             "2x16GB",
             "--log-level",
             "warning",
+            "--http-port",
+            str(free_port()),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
