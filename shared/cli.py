@@ -206,6 +206,13 @@ async def _deploy(a: argparse.Namespace) -> int:
     return 0
 
 
+async def _unregister(a: argparse.Namespace) -> int:
+    async with await _client(a.nats_url) as c:
+        rep = await c.unregister(a.model)
+        console.print(f"{rep.name}: unregistered ({rep.profiles_removed} profile(s) removed)")
+    return 0
+
+
 async def _undeploy(a: argparse.Namespace) -> int:
     async with await _client(a.nats_url) as c:
         rep = await c.undeploy(a.deployment_id)
@@ -452,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a byte-level tokenizer.json with a chat template (for the HTTP API's chat endpoint)",
     )
 
+    s = sub.add_parser("unregister", help="forget a model and its profiles (refused while it is deployed)")
+    s.add_argument("model")
+    add_nats(s)
+
     s = sub.add_parser("register", help="register a checkpoint folder (config.json + safetensors)")
     s.add_argument("path")
     s.add_argument("--name", default="", help="model name (default: the folder name)")
@@ -541,6 +552,7 @@ def main(argv: list[str] | None = None) -> None:
         "register": lambda: run_async(_register(a)),
         "deploy": lambda: run_async(_deploy(a)),
         "undeploy": lambda: run_async(_undeploy(a)),
+        "unregister": lambda: run_async(_unregister(a)),
         "generate": lambda: run_async(_generate(a)),
         "status": lambda: run_async(_status(a)),
         "profile": lambda: run_async(_profile_show(a)),

@@ -49,6 +49,8 @@ from .messages import (
     TokenChunk,
     UndeployReply,
     UndeployRequest,
+    UnregisterModel,
+    UnregisterReply,
     decoder,
     encode,
 )
@@ -82,6 +84,9 @@ class Client:
 
     async def model(self, name: str) -> ModelInfo:
         return await bus.request(self.nc, subjects.MODEL_GET, GetModel(name=name), ModelInfo)
+
+    async def unregister(self, name: str) -> UnregisterReply:
+        return await bus.request(self.nc, subjects.MODEL_UNREGISTER, UnregisterModel(name=name), UnregisterReply)
 
     async def models(self) -> ModelList:
         return await bus.request(self.nc, subjects.MODEL_LIST, ListModels(), ModelList)

@@ -226,6 +226,17 @@ class ListModels(Message):
     pass
 
 
+class UnregisterModel(Message):
+    """Forget a model and its profiles (refused while a deployment of it is launching or ready)."""
+
+    name: str
+
+
+class UnregisterReply(Message):
+    name: str
+    profiles_removed: int = 0
+
+
 class ModelList(Message):
     models: list[ModelRecord] = []
 

@@ -23,6 +23,7 @@ MODEL_REGISTER = f"{PREFIX}.model.register"  # request-reply: RegisterModel -> M
 MODEL_REGISTERED = f"{PREFIX}.model.registered"  # event: ModelRegistered
 MODEL_GET = f"{PREFIX}.model.get"  # request-reply: GetModel -> ModelInfo | ErrorReply
 MODEL_LIST = f"{PREFIX}.model.list"  # request-reply: ListModels -> ModelList
+MODEL_UNREGISTER = f"{PREFIX}.model.unregister"  # request-reply: UnregisterModel -> UnregisterReply | ErrorReply
 PROFILE_DONE = f"{PREFIX}.profile.done"  # event: ProfileDone
 PROFILE_GET = f"{PREFIX}.profile.get"  # request-reply: GetProfile -> ConfigurationMap | ErrorReply
 

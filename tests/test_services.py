@@ -267,6 +267,22 @@ async def test_register_is_idempotent_and_durable(cluster, client, tiny_model, t
         await client.register(str(other), first.record.name)
 
 
+async def test_unregister_is_refused_while_deployed_then_forgets_the_model(cluster, client, tiny_model, tmp_path):
+    name, rep = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
+    with pytest.raises(errors.Conflict, match="undeploy it first"):
+        await client.unregister(name)
+    await client.undeploy(rep.deployment.deployment_id)
+    gone = await client.unregister(name)
+    assert gone.profiles_removed == 1
+    assert (await client.models()).models == []
+    with pytest.raises(errors.NotFound):
+        await client.profile(name)
+    with pytest.raises(errors.NotFound):
+        await client.unregister(name)
+    again = await client.register(str(tmp_path / "tiny"), name)  # the name is free again
+    assert again.created
+
+
 async def test_deployments_survive_a_deployer_restart(cluster, client, tiny_model, tmp_path):
     name, rep = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
     await cluster.stop_service("deployer")
@@ -497,6 +513,7 @@ async def test_no_gpu_memory_is_infeasible(nats_server, client, tiny_model, tmp_
         subjects.MODEL_REGISTER,
         subjects.MODEL_GET,
         subjects.MODEL_LIST,
+        subjects.MODEL_UNREGISTER,
         subjects.PROFILE_GET,
         subjects.DEPLOY_REQUEST,
         subjects.UNDEPLOY_REQUEST,

@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 from iserve import bus, checkpoint, errors, subjects
 from iserve.messages import (
     ConfigurationMap,
+    DeploymentRecord,
     GetModel,
     GetProfile,
     GpuLoad,
@@ -49,6 +50,8 @@ from iserve.messages import (
     ProfileResult,
     ProfilingCost,
     RegisterModel,
+    UnregisterModel,
+    UnregisterReply,
     decoder,
     encode,
     now,
@@ -95,11 +98,13 @@ class FingerprintService(Service):
     async def setup(self) -> None:
         self.models = await bus.TypedKV.open(self.nc, subjects.BUCKET_MODELS, ModelRecord)
         self.profiles = await bus.TypedKV.open(self.nc, subjects.BUCKET_PROFILES, ConfigurationMap)
+        self.deployments = await bus.TypedKV.open(self.nc, subjects.BUCKET_DEPLOYMENTS, DeploymentRecord)
 
     async def subscribe(self) -> None:
         await self.serve(subjects.MODEL_REGISTER, RegisterModel, self.handle_register, queue="fingerprint")
         await self.serve(subjects.MODEL_GET, GetModel, self.handle_get, queue="fingerprint")
         await self.serve(subjects.MODEL_LIST, ListModels, self.handle_list, queue="fingerprint")
+        await self.serve(subjects.MODEL_UNREGISTER, UnregisterModel, self.handle_unregister, queue="fingerprint")
         await self.serve(subjects.PROFILE_GET, GetProfile, self.handle_get_profile, queue="fingerprint")
         await self.listen(subjects.GPU_LOAD_ALL, self._on_gpu_load)
 
@@ -179,6 +184,31 @@ class FingerprintService(Service):
 
     async def handle_list(self, _req: ListModels, _msg: Msg) -> ModelList:
         return ModelList(models=sorted(await self.models.values(), key=lambda r: r.name))
+
+    async def handle_unregister(self, req: UnregisterModel, _msg: Msg) -> UnregisterReply:
+        rec = await self.models.get(req.name)
+        if rec is None:
+            raise errors.NotFound(f"model {req.name!r} is not registered; see `iserve status` for registered models.")
+        live = [
+            d.deployment_id
+            for d in await self.deployments.values()
+            if d.model == req.name and d.status in ("launching", "ready")
+        ]
+        if live:
+            raise errors.Conflict(
+                f"model {req.name!r} is deployed ({', '.join(sorted(live))}); undeploy it first (`iserve undeploy ID`)."
+            )
+        task = self.profiling.get(req.name)
+        if task is not None and not task.done():
+            task.cancel()  # profiling a model nobody wants any more
+        removed = 0
+        for gpu_type in rec.profiled_gpu_types:
+            if await self.profiles.get(bus.kv_key(req.name, gpu_type)) is not None:
+                await self.profiles.delete(bus.kv_key(req.name, gpu_type))
+                removed += 1
+        await self.models.delete(req.name)
+        log.info("model unregistered", model=req.name, profiles=removed)
+        return UnregisterReply(name=req.name, profiles_removed=removed)
 
     async def handle_get_profile(self, req: GetProfile, _msg: Msg) -> ConfigurationMap:
         rec = await self.models.get(req.model)
