@@ -171,6 +171,7 @@ async def _deploy(a: argparse.Namespace) -> int:
             gpu_type=a.gpu_type,
             max_batch=a.max_batch,
             kv_tokens=a.kv_tokens,
+            config=a.config,
         )
         d = rep.deployment
         if a.json:
@@ -492,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=os.environ.get("ISERVE_KV_TOKENS", "0"),
         help="the replica's KV pool in tokens; 0: max batch x context, never short [env ISERVE_KV_TOKENS]",
+    )
+    s.add_argument(
+        "--config",
+        default="",
+        help="pin this configuration (a key `iserve profile show` lists, e.g. tp1-pp1-wint8-kvfp16-pnone)",
     )
     s.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait until the worker is ready")
     s.add_argument("--timeout", type=float, default=600.0)

@@ -142,6 +142,7 @@ class Client:
         gpu_type: str = "",
         max_batch: int = 0,
         kv_tokens: int = 0,
+        config: str = "",
         timeout: float = 60.0,
     ) -> DeployReply:
         req = DeployRequest(
@@ -153,6 +154,7 @@ class Client:
             gpu_type=gpu_type,
             max_batch=max_batch,
             kv_tokens=kv_tokens,
+            config=config,
         )
         return await bus.request(self.nc, subjects.DEPLOY_REQUEST, req, DeployReply, timeout=timeout)
 

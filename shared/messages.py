@@ -635,6 +635,8 @@ class DeployRequest(Message):
     # its KV pool in tokens (0: max_batch x context_tokens, never short).
     max_batch: NonNegInt = 0
     kv_tokens: NonNegInt = 0
+    # Appended: pin a configuration by its key (``iserve profile show`` lists them); "": the intent picks.
+    config: str = ""
 
 
 class GpuAssignment(msgspec.Struct, kw_only=True):

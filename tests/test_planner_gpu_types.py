@@ -119,3 +119,13 @@ def test_every_type_infeasible_lists_each_reason():
     assert parts[0].startswith("A100: none of the 1 configurations")
     assert "the H100 profile is missing" in parts
     assert parts[-1] == "the T4 profile is for a context of 512 tokens"
+
+
+def test_a_pinned_configuration_is_the_one_placed_or_a_bad_request():
+    fast, small = est(ttft=20, tpot=5), est(wq="int8", ttft=30, tpot=8, layer_bytes=GIB // 2)
+    profiles = {"H100": cmap("H100", fast, small)}
+    assert choose(profiles).decision.estimate is fast  # the intent's pick
+    pinned = choose(profiles, config=small.config.key())
+    assert pinned.decision.estimate is small
+    with pytest.raises(BadRequest, match="not in m's H100 profile"):
+        choose(profiles, config="tp8-pp1-wfp16-kvfp16-pnone")

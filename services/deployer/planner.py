@@ -141,6 +141,7 @@ def plan_gpu_types(
     max_batch: int = 1,
     kv_tokens: int = 0,
     kv_bytes: KvBytes | None = None,
+    config: str = "",
 ) -> TypeChoice:
     """:func:`plan` on every GPU type of ``profiles`` (``None``: that type's profile is missing) with
     its own GPUs out of ``gpus``, keeping the decision with the best :func:`score`; among equals the
@@ -150,7 +151,8 @@ def plan_gpu_types(
     Each estimate also reserves the deployment's KV pool (:func:`~.memory.kv_pool_tokens` of
     ``max_batch``, ``kv_tokens`` and the context; ``kv_bytes`` prices the tokens beyond the profile's
     context, :func:`~.memory.with_kv_pool`); the decision's estimate includes it. ``max_batch=1,
-    kv_tokens=0`` plans exactly as without batching.
+    kv_tokens=0`` plans exactly as without batching. ``config`` (a configuration key, e.g.
+    ``tp1-pp1-wfp16-kvfp16-pnone``) pins the configuration: only it is ranked and placed.
 
     Raises :class:`BadRequest` when only the context is too long or ``kv_tokens`` cannot hold one
     request's context, :class:`Unavailable` when no type has GPUs, and :class:`Infeasible` with every
@@ -179,6 +181,14 @@ def plan_gpu_types(
             misses.append(f"no {gpu_type} GPU reported load in the last {stale_s:.0f} s")
             continue
         estimates = list(cmap.estimates)
+        if config:
+            estimates = [e for e in estimates if e.config.key() == config]
+            if not estimates:
+                known = ", ".join(sorted(e.config.key() for e in cmap.estimates)[:6])
+                raise BadRequest(
+                    f"configuration {config!r} is not in {model or 'the model'}'s {gpu_type} profile; pick one "
+                    f"`iserve profile show` lists (e.g. {known})."
+                )
         if pool > cmap.context_tokens:
             if kv_bytes is None:
                 raise InternalError(f"a KV pool of {pool} tokens needs kv_bytes to price it")

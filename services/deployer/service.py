@@ -187,6 +187,7 @@ class DeployerService(Service):
                 max_batch=batch,
                 kv_tokens=req.kv_tokens,
                 kv_bytes=lambda config, tokens: kv_cache_bytes_per_layer(arch, config, tokens),
+                config=req.config,
             )
 
         # The default batch shrinks (halving) until its KV pool fits; an asked-for batch or pool does not.
