@@ -523,3 +523,14 @@ def test_fingerprint_measurements_of_a_real_tiny_model_feed_the_estimator(tiny, 
     for info in make_fingerprints(ck, tmp_path):
         assert est.fingerprint_weight_bytes(ck.arch, w, ProfileVariant(), info.num_layers) == info.bytes
     assert os.listdir(tmp_path) == [ck.digest[:16]]
+
+
+def test_a_short_context_model_is_profiled_at_lengths_that_fit_it():
+    from iserve.fingerprint.estimator import profiling_lengths
+
+    defaults = ([128, 512, 1024], [16, 64])
+    assert profiling_lengths(*defaults, 2048) == ([128, 512, 1024], [16, 64])  # unchanged where they fit
+    for context in (512, 1024, 300):
+        prompts, outputs = profiling_lengths(*defaults, context)
+        assert len(prompts) == 3 and max(prompts) + max(outputs) <= context, (context, prompts, outputs)
+    assert profiling_lengths(*defaults, 128) == ([14, 56, 112], [16])

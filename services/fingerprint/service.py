@@ -355,11 +355,10 @@ class FingerprintService(Service):
         )
         # the model cannot attend further than its position embeddings reach
         job.context_tokens = min(self.cfg.context_tokens, rec.arch.max_position)
-        if max(job.prompt_lengths) + max(job.output_lengths) > job.context_tokens:
-            raise errors.UnsupportedModel(
-                f"{rec.name}'s context of {job.context_tokens} tokens is shorter than the profiling prompt+output "
-                "lengths; lower --prompt-lengths."
-            )
+        # a short-context model is measured at lengths that fit it
+        job.prompt_lengths, job.output_lengths = estimator.profiling_lengths(
+            self.cfg.prompt_lengths, self.cfg.output_lengths, job.context_tokens
+        )
         t0 = time.monotonic()
         result: ProfileResult | None = None
         attempts: list[str] = []

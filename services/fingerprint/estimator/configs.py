@@ -165,3 +165,16 @@ def pruned_arch(arch: ArchSpec, pruning: str) -> ArchSpec:
         num_attention_heads=kept_kv * kept_group,
         intermediate_size=f - f // 4,
     )
+
+
+def profiling_lengths(prompts: list[int], outputs: list[int], context: int) -> tuple[list[int], list[int]]:
+    """The prompt and output lengths to measure a model of ``context`` tokens at: the configured ones
+    that fit (prompt + longest output within the context), or, when fewer than three prompt lengths
+    fit (a 512- or 1024-token model under the defaults), three spread over the room left, so that
+    every model registers with the default settings."""
+    outs = [o for o in outputs if o <= context // 4] or [max(1, context // 8)]
+    room = context - max(outs)
+    fit = [p for p in prompts if p <= room]
+    if len(fit) < 3:
+        fit = sorted({max(1, room // 8), max(2, room // 2), room})
+    return fit, outs
