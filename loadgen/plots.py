@@ -8,14 +8,16 @@ from pathlib import Path
 from .metrics import RunMetrics
 
 SYSTEM_ORDER = ("iserve", "oracle", "max-tp", "max-pp", "accelerate", "alpaserve", "alpaserve*")
+# The baselines are simulated policies, named for what they do, not as the products the paper ran
+# (the paper's names: max-TP = TensorRT-LLM_TP, max-PP = TensorRT-LLM_PP, FSDP = Accelerate).
 SYSTEM_LABEL = {
     "iserve": "iServe",
     "oracle": "oracle (static, trace known)",
-    "max-tp": "TensorRT-LLM_TP",
-    "max-pp": "TensorRT-LLM_PP",
-    "accelerate": "Accelerate (FSDP)",
-    "alpaserve": "AlpaServe",
-    "alpaserve*": "AlpaServe*",
+    "max-tp": "max-TP policy",
+    "max-pp": "max-PP policy",
+    "accelerate": "FSDP policy",
+    "alpaserve": "AlpaServe policy",
+    "alpaserve*": "AlpaServe* policy",
 }
 INTENT_SHORT = {
     "min-latency": "l",

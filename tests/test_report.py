@@ -172,7 +172,7 @@ def test_report_has_every_table_and_non_empty_pngs(runs_dir, tmp_path):
         assert (out / png).stat().st_size > 10_000
         assert f"]({png})" in text
     assert "| trace | rate | system | requests | failed | p50 |" in text
-    assert "oracle (static, trace known)" in text and "TensorRT-LLM_TP" in text and "AlpaServe" in text
+    assert "oracle (static, trace known)" in text and "max-TP policy" in text and "AlpaServe policy" in text
     assert "| SLO | trace | rate | system | attainment |" in text
     assert "models deployed" in text
     # every latency number in the Fig. 11 table is a computed one
@@ -245,7 +245,7 @@ def test_per_baseline_summary_averages_over_loads(runs_dir, tmp_path):
     assert "## iServe against each system, averaged over loads" in text
     ms = [metrics.run_metrics(load_run(p)) for p in report.find_runs([runs_dir])]
     rows = [line.split(" | ") for line in report._per_baseline(ms).splitlines()[2:]]
-    fig11_tp = next(r for r in rows if r[0] == "| fig11" and r[2] == "TensorRT-LLM_TP")
+    fig11_tp = next(r for r in rows if r[0] == "| fig11" and r[2] == "max-TP policy")
     pairs = [
         (m, o)
         for m in ms
