@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -143,7 +144,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--devices", default="", help="comma-separated torch devices (default: every CUDA device, else cpu)")
     p.add_argument(
-        "--nats-url", default="", help="read the stored configuration map of a registered model from this NATS server"
+        "--nats-url",
+        default=os.environ.get("ISERVE_NATS_URL", ""),
+        help="read the stored configuration map of a registered model from this NATS server (a checkpoint "
+        "folder given as MODEL is profiled here instead) [env ISERVE_NATS_URL]",
     )
     p.add_argument("--gpu-type", default="", help="with --nats-url: which GPU type's map (default: the first stored)")
     p.add_argument(
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     local = None
     try:
-        if a.nats_url:
+        if a.nats_url and not Path(a.model).is_dir():  # a registered model's name
             model_dir, cmap = asyncio.run(_stored_map(a.nats_url, a.model, a.gpu_type))
             prompt_lengths, output_lengths = a.prompt_lengths, a.output_lengths
         else:
