@@ -261,11 +261,9 @@ class Engine:
     def release_static_cache(self) -> None:
         """Free each stage's static KV cache and the CUDA graphs that use it: a ``batch.BatchEngine``
         keeps keys and values in its own pool. ``generate`` refuses afterwards."""
-        self._graphs = [None] * len(self.stages)
-        self._prefill_graphs = []
+        self._graphs, self._prefill_graphs, self._static_cache = [None] * len(self.stages), [], False
         for s in self.stages:
             s.release_cache()
-        self._static_cache = False
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -299,12 +297,8 @@ class Engine:
 
     @property
     def eos_ids(self) -> frozenset[int]:
-        """The ids that end a generation: the checkpoint's eos lists (config.json and
-        generation_config.json) and the tokenizer's eos."""
-        ids = set(self.arch.eos_token_ids)
-        if self._tokenizer.eos_id is not None:
-            ids.add(self._tokenizer.eos_id)
-        return frozenset(ids)
+        """The ids that end a generation: the checkpoint's eos lists and the tokenizer's eos."""
+        return frozenset(i for i in (*self.arch.eos_token_ids, self._tokenizer.eos_id) if i is not None)
 
     @property
     def context_tokens(self) -> int:
