@@ -61,7 +61,7 @@ class Client:
         self.nc = nc
 
     @classmethod
-    async def connect(cls, url: str, name: str = "iserve-client", *, give_up_after: float | None = 10.0) -> "Client":
+    async def connect(cls, url: str, name: str = "iserve-client", *, give_up_after: float | None = 5.0) -> "Client":
         """Connect to NATS at ``url``; ``Unavailable`` after ``give_up_after`` seconds without a server
         (None: wait as long as it takes)."""
         return cls(await bus.connect(url, name, give_up_after=give_up_after))
