@@ -150,8 +150,9 @@ async def flow(url: str, model_dir: Path, a: argparse.Namespace) -> None:
             f"[dim]POST {a.http_url}/chat/completions ->[/] {escape(repr(reply['choices'][0]['message']['content']))}"
         )
         console.print(
-            f"try it while a stack runs (`iserve up` prints its URL and key):\n  curl {a.http_url}/chat/completions "
-            "-H 'Authorization: Bearer $KEY' -H 'Content-Type: application/json' "
+            "try it against `iserve up` (it prints the URL; the key is in ~/.iserve/api_key):\n"
+            "  curl http://127.0.0.1:8000/v1/chat/completions "
+            '-H "Authorization: Bearer $(cat ~/.iserve/api_key)" -H "Content-Type: application/json" '
             f"""-d '{{"model": "{r.name}", "messages": [{{"role": "user", "content": "Hi"}}], "stream": true}}'"""
         )
         await c.undeploy(d.deployment_id)
