@@ -233,6 +233,7 @@ async def _generate(a: argparse.Namespace) -> int:
             temperature=a.temperature,
             seed=a.seed,
             ignore_eos=a.ignore_eos,
+            timeout_s=a.timeout,
             stream=s,
         ):
             sys.stdout.write(chunk.text)
@@ -468,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--name", default="", help="model name (default: the folder name)")
     s.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait for profiling to finish")
-    s.add_argument("--timeout", type=float, default=1800.0)
+    s.add_argument(
+        "--timeout-s", "--timeout", dest="timeout", type=float, default=1800.0, help="how long to wait for profiling"
+    )
     add_nats(s)
 
     s = sub.add_parser("deploy", help="deploy a profiled model with an intent")
@@ -500,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pin this configuration (a key `iserve profile show` lists, e.g. tp1-pp1-wint8-kvfp16-pnone)",
     )
     s.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait until the worker is ready")
-    s.add_argument("--timeout", type=float, default=600.0)
+    s.add_argument(
+        "--timeout-s", "--timeout", dest="timeout", type=float, default=600.0, help="how long to wait until ready"
+    )
     add_nats(s)
 
     s = sub.add_parser("undeploy", help="stop a deployment and free its GPUs")
@@ -514,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
+    s.add_argument(
+        "--timeout-s", dest="timeout", type=float, default=300.0, help="the request's timeout (queued and running)"
+    )
     add_nats(s)
 
     s = sub.add_parser("status", help="GPUs, models, deployments and queues")

@@ -58,7 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompt", default="The three components of iServe are")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    p.add_argument(
+        "--timeout-s", "--timeout", dest="timeout", type=float, default=600.0, help="give up after this many seconds"
+    )
 
 
 async def flow(url: str, model_dir: Path, a: argparse.Namespace) -> None:

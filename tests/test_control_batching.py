@@ -367,3 +367,10 @@ def test_the_default_batch_halves_until_its_pool_fits_and_an_asked_for_one_does_
         largest_batch(plan_with, 8, fixed=True)
     with pytest.raises(Infeasible, match="batch 1"):
         largest_batch(lambda b: (_ for _ in ()).throw(Infeasible(f"batch {b}")), 8, fixed=False)
+
+
+def test_every_command_spells_its_timeout_flag_timeout_s():
+    p = cli.build_parser()
+    for argv in (["deploy", "m"], ["register", "path"], ["demo"], ["generate", "m", "hi"]):
+        assert p.parse_args([*argv, "--timeout-s", "7"]).timeout == 7.0, argv
+    assert p.parse_args(["deploy", "m", "--timeout", "6"]).timeout == 6.0  # the old spelling still works
