@@ -19,21 +19,20 @@ from typing import TYPE_CHECKING
 import structlog
 from nats.aio.msg import Msg
 
-from iserve import errors, subjects
+from iserve import errors
 from iserve.messages import (
     Accepted,
     CancelRequest,
-    Completion,
     ErrorReply,
     GenerateRequest,
     LaunchWorker,
     TokenChunk,
     WorkerHeartbeat,
-    WorkerState,
     encode,
 )
 
 from .prompts import prompt_ids
+from .serving import heartbeat_loop, send_completion
 
 if TYPE_CHECKING:
     from .engine.batch import BatchEngine, Event
@@ -128,7 +127,7 @@ class BatchServer:
         if stream is None:
             return
         r = stream.req.request
-        if ev.token is not None and not (ev.result is not None and ev.result.finish_reason == "cancelled"):
+        if ev.token is not None:  # cancelled and aborted sequences end without one
             text = stream.decoder.push(ev.token)
             stream.pieces.append(text)
             chunk = TokenChunk(request_id=r.request_id, index=stream.index, token_id=ev.token, text=text)
@@ -137,36 +136,18 @@ class BatchServer:
         if ev.result is None:
             return
         del self._streams[ev.seq_id]
-        result = ev.result
         stream.pieces.append(stream.decoder.flush())
-        steps = list(result.step_ms)
-        e2e = (time.perf_counter() - stream.t0) * 1000.0
-        done = Completion(
-            request_id=r.request_id,
-            finish_reason=result.finish_reason,
+        await send_completion(
+            self.nc,
+            self.spec,
+            stream.req,
+            ev.result,
             prompt_tokens=stream.prompt_tokens,
-            completion_tokens=len(result.tokens),
             text="".join(stream.pieces),
-            ttft_ms=result.ttft_ms,
-            tpot_ms=(sum(steps) / len(steps)) if steps else 0.0,
-            e2e_ms=e2e,
-            queue_ms=stream.req.queue_ms,
-            step_ms=steps,
-            worker_id=self.spec.worker_id,
-            deployment_id=self.spec.deployment_id,
-        )
-        await self.nc.publish(stream.req.stream_to, encode(done))
-        self.requests_done += 1
-        log.info(
-            "request done",
-            request_id=r.request_id,
-            prompt_tokens=stream.prompt_tokens,
-            completion_tokens=len(result.tokens),
-            ttft_ms=round(result.ttft_ms, 2),
-            e2e_ms=round(e2e, 2),
-            finish=result.finish_reason,
+            started=stream.t0,
             running=self.batch.running,
         )
+        self.requests_done += 1
 
     async def handle_generate(self, req: GenerateRequest, _msg: Msg) -> Accepted:
         r = req.request
@@ -193,23 +174,19 @@ class BatchServer:
     async def handle_cancel(self, req: CancelRequest, _msg: Msg) -> None:
         self.batch.cancel(req.request_id)
 
+    def _heartbeat(self) -> WorkerHeartbeat:
+        return WorkerHeartbeat(
+            worker_id=self.spec.worker_id,
+            deployment_id=self.spec.deployment_id,
+            state="busy" if self.batch.busy else "idle",
+            busy_seconds=self.busy_seconds,
+            requests_done=self.requests_done,
+            ts=time.time(),
+            running=self.batch.running,
+            waiting=self.batch.waiting,
+            kv_blocks_used=self.batch.blocks_used,
+            kv_blocks_total=self.batch.blocks_total,
+        )
+
     async def heartbeat_loop(self) -> None:
-        while True:
-            state: WorkerState = "busy" if self.batch.busy else "idle"
-            hb = WorkerHeartbeat(
-                worker_id=self.spec.worker_id,
-                deployment_id=self.spec.deployment_id,
-                state=state,
-                busy_seconds=self.busy_seconds,
-                requests_done=self.requests_done,
-                ts=time.time(),
-                running=self.batch.running,
-                waiting=self.batch.waiting,
-                kv_blocks_used=self.batch.blocks_used,
-                kv_blocks_total=self.batch.blocks_total,
-            )
-            try:
-                await self.nc.publish(subjects.worker_heartbeat(self.spec.worker_id), encode(hb))
-            except Exception:
-                pass
-            await asyncio.sleep(1.0)
+        await heartbeat_loop(self.nc, self.spec.worker_id, self._heartbeat)

@@ -35,14 +35,12 @@ from iserve import bus, errors, logs, runtime, subjects
 from iserve.messages import (
     Accepted,
     CancelRequest,
-    Completion,
     ErrorReply,
     GenerateRequest,
     LaunchWorker,
     TokenChunk,
     WorkerHeartbeat,
     WorkerReady,
-    WorkerState,
     decoder,
     encode,
 )
@@ -51,6 +49,7 @@ from iserve.settings import common_flags, flag
 from .batch_server import BatchServer
 from .gpus import pin_to_gpu_cpus
 from .prompts import prompt_ids
+from .serving import heartbeat_loop, send_completion
 
 if TYPE_CHECKING:
     from iserve.gpu_agent.engine.batch import BatchEngine
@@ -78,22 +77,18 @@ class WorkerServer:
         extra = time.monotonic() - self.busy_since if self.busy_since is not None else 0.0
         return self.busy_seconds + extra
 
+    def _heartbeat(self) -> WorkerHeartbeat:
+        return WorkerHeartbeat(
+            worker_id=self.spec.worker_id,
+            deployment_id=self.spec.deployment_id,
+            state="busy" if self.busy_since is not None else "idle",
+            busy_seconds=self.busy_total(),
+            requests_done=self.requests_done,
+            ts=time.time(),
+        )
+
     async def heartbeat_loop(self) -> None:
-        while True:
-            state: WorkerState = "busy" if self.busy_since is not None else "idle"
-            hb = WorkerHeartbeat(
-                worker_id=self.spec.worker_id,
-                deployment_id=self.spec.deployment_id,
-                state=state,
-                busy_seconds=self.busy_total(),
-                requests_done=self.requests_done,
-                ts=time.time(),
-            )
-            try:
-                await self.nc.publish(subjects.worker_heartbeat(self.spec.worker_id), encode(hb))
-            except Exception:
-                pass
-            await asyncio.sleep(1.0)
+        await heartbeat_loop(self.nc, self.spec.worker_id, self._heartbeat)
 
     async def handle_cancel(self, req: CancelRequest, _msg: Msg) -> None:
         self.cancelled.add(req.request_id)
@@ -175,33 +170,8 @@ class WorkerServer:
             self.busy_seconds += time.monotonic() - (self.busy_since or time.monotonic())
             self.busy_since = None
             self.current = None
-        e2e = (time.perf_counter() - t0) * 1000.0
-        steps = list(result.step_ms)
-        done = Completion(
-            request_id=r.request_id,
-            finish_reason=result.finish_reason,
-            prompt_tokens=len(ids),
-            completion_tokens=len(result.tokens),
-            text="".join(pieces),
-            ttft_ms=result.ttft_ms,
-            tpot_ms=(sum(steps) / len(steps)) if steps else 0.0,
-            e2e_ms=e2e,
-            queue_ms=req.queue_ms,
-            step_ms=steps,
-            worker_id=self.spec.worker_id,
-            deployment_id=self.spec.deployment_id,
-        )
-        await self.nc.publish(req.stream_to, encode(done))
+        await send_completion(self.nc, self.spec, req, result, prompt_tokens=len(ids), text="".join(pieces), started=t0)
         self.requests_done += 1
-        log.info(
-            "request done",
-            prompt_tokens=len(ids),
-            completion_tokens=len(result.tokens),
-            ttft_ms=round(result.ttft_ms, 2),
-            tpot_ms=round(done.tpot_ms, 3),
-            e2e_ms=round(e2e, 2),
-            finish=result.finish_reason,
-        )
 
 
 def warm_up(engine: InferenceEngine) -> None:
