@@ -273,6 +273,31 @@ def test_paged_decode_kernel_matches_attention_over_gathered_slots(quant, window
         assert torch.allclose(out[b], ref.reshape(-1), atol=2e-3), b
 
 
+@pytest.mark.skipif(not kernels.available(), reason="needs Triton (a CUDA GPU, or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("window", [0, 6])
+def test_batch_one_decode_kernel_matches_attention_over_its_cache_rows(quant, window):
+    """The batch-1 engine's split-K kernel shares its block update, slice bounds and merge with the
+    paged one: checked here against plain attention over cache rows [0, pos]."""
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(1)
+    H, KVH, D, ctx, pos = 8, 2, 32, 40, 22
+    k, v = torch.randn(KVH, ctx, D, device=device), torch.randn(KVH, ctx, D, device=device)
+    ks = vs = None
+    if quant:
+        ks, vs = k.abs().amax(-1) / 127, v.abs().amax(-1) / 127
+        k, v = torch.round(k / ks[..., None]).to(torch.int8), torch.round(v / vs[..., None]).to(torch.int8)
+    q = torch.randn(H * D, device=device)
+    out = kernels.decode_attention(q, k, v, ks, vs, torch.tensor([pos], device=device), window, 3)
+    lo = max(0, pos + 1 - window) if window else 0
+    kr, vr = k[:, lo : pos + 1].float(), v[:, lo : pos + 1].float()
+    if quant:
+        kr, vr = kr * ks[:, lo : pos + 1, None], vr * vs[:, lo : pos + 1, None]
+    kr, vr = kr.repeat_interleave(H // KVH, 0), vr.repeat_interleave(H // KVH, 0)
+    ref = torch.softmax(q.view(H, 1, D) @ kr.transpose(1, 2) * D**-0.5, -1) @ vr
+    assert out.shape == (1, H * D) and torch.allclose(out[0], ref.reshape(-1), atol=2e-3)
+
+
 @pytest.mark.gpu
 def test_gpu_captured_decode_steps_agree_with_eager_steps(models):
     engine = _load(models["llama"], device="cuda:0")

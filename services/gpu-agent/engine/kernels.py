@@ -140,17 +140,11 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of one token's ``q [heads * d]`` over cache rows ``[0, pos]`` (the last ``window`` of
     them when ``window > 0``) of ``k_cache, v_cache [kv_heads, context, d]``; returns ``[1, heads * d]``."""
-    partial, reduce = _decode_kernels()[3:5]
+    partial = _decode_kernels()[3]
     kv_heads, _, d = k_cache.shape
     groups = q.numel() // (kv_heads * d)
-    gp = max(16, _pow2(groups))
-    dev = q.device
-    m = torch.empty(kv_heads, splits, gp, dtype=torch.float32, device=dev)
-    l = torch.empty_like(m)  # noqa: E741 - the (m, l) of flash attention: running max, normaliser
-    acc = torch.empty(kv_heads, splits, gp, d, dtype=torch.float32, device=dev)
-    quant = k_scale is not None
-    ks = k_scale if k_scale is not None else k_cache
-    vs = v_scale if quant else v_cache
+    gp, m, norm, acc = _split_k_buffers(kv_heads, splits, groups, d, q.device)
+    quant, ks, vs = _scales(k_cache, v_cache, k_scale, v_scale)
     partial[(kv_heads, splits)](
         q,
         k_cache,
@@ -159,7 +153,7 @@ def decode_attention(
         vs,
         pos,
         m,
-        l,
+        norm,
         acc,
         d**-0.5,
         k_cache.stride(0),
@@ -173,8 +167,40 @@ def decode_attention(
         QUANT=quant,
         num_warps=4,
     )
-    out = torch.empty(1, groups * kv_heads * d, dtype=q.dtype, device=dev)
-    reduce[(kv_heads, groups)](m, l, acc, out, splits, G=groups, GP=gp, D=d, SP=_pow2(splits))
+    return _merge_splits(m, norm, acc, groups, q.dtype).view(1, -1)
+
+
+def _split_k_buffers(
+    rows: int, splits: int, groups: int, d: int, device: torch.device
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query rows a program takes (``groups`` padded to 16 or a power of two) and, for ``rows``
+    kv-head groups, each key slice's running max and normaliser ``[rows, splits, gp]`` and
+    accumulator ``[rows, splits, gp, d]`` (float32): what the partial kernels write."""
+    gp = max(16, _pow2(groups))
+    m = torch.empty(rows, splits, gp, dtype=torch.float32, device=device)
+    norm = torch.empty_like(m)  # flash attention's (m, l): running max, normaliser
+    acc = torch.empty(rows, splits, gp, d, dtype=torch.float32, device=device)
+    return gp, m, norm, acc
+
+
+def _scales(
+    k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """Whether the cache is int8, and the scale tensors to pass (the cache itself as an unread
+    placeholder when it is not)."""
+    if k_scale is None or v_scale is None:
+        return False, k, v
+    return True, k_scale, v_scale
+
+
+def _merge_splits(
+    m: torch.Tensor, norm: torch.Tensor, acc: torch.Tensor, groups: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``attn_reduce_kernel`` over the partial kernels' slices: ``[rows, groups * d]`` in ``dtype``."""
+    reduce = _decode_kernels()[4]
+    rows, splits, gp, d = acc.shape
+    out = torch.empty(rows, groups * d, dtype=dtype, device=acc.device)
+    reduce[(rows, groups)](m, norm, acc, out, splits, G=groups, GP=gp, D=d, SP=_pow2(splits))
     return out
 
 
@@ -214,10 +240,10 @@ def gemv(
 
 
 @functools.cache
-def _paged_kernels():
-    from . import triton_paged as tp
+def _paged_kernel():
+    from . import triton_paged
 
-    return tp.paged_attn_partial_kernel, tp.paged_attn_reduce_kernel
+    return triton_paged.paged_attn_partial_kernel
 
 
 def paged_splits(batch: int, kv_heads: int, context: int, block_n: int = 64) -> int:
@@ -242,18 +268,12 @@ def paged_decode_attention(
     ``tables [B, blocks]`` from one layer's pool ``k_pool, v_pool [slots, kv_heads, d]`` (int8 with
     scales ``[slots, kv_heads]`` when given); returns ``[B, heads * d]``. Shapes are fixed by ``B``,
     so the call can be captured in a CUDA graph."""
-    partial, reduce = _paged_kernels()
+    partial = _paged_kernel()
     B, heads, d = q.shape
     kv_heads = k_pool.shape[1]
     groups = heads // kv_heads
-    gp = max(16, _pow2(groups))
-    dev = q.device
-    m = torch.empty(B, kv_heads, splits, gp, dtype=torch.float32, device=dev)
-    l = torch.empty_like(m)  # noqa: E741 - the (m, l) of flash attention: running max, normaliser
-    acc = torch.empty(B, kv_heads, splits, gp, d, dtype=torch.float32, device=dev)
-    quant = k_scale is not None
-    ks = k_scale if k_scale is not None else k_pool
-    vs = v_scale if v_scale is not None else v_pool
+    gp, m, norm, acc = _split_k_buffers(B * kv_heads, splits, groups, d, q.device)
+    quant, ks, vs = _scales(k_pool, v_pool, k_scale, v_scale)
     q = q.contiguous()
     partial[(B, kv_heads, splits)](
         q,
@@ -264,7 +284,7 @@ def paged_decode_attention(
         tables,
         lens,
         m,
-        l,
+        norm,
         acc,
         d**-0.5,
         tables.stride(0),
@@ -279,6 +299,5 @@ def paged_decode_attention(
         QUANT=quant,
         num_warps=4,
     )
-    out = torch.empty(B, heads * d, dtype=q.dtype, device=dev)
-    reduce[(B, kv_heads, groups)](m, l, acc, out, splits, KVH=kv_heads, G=groups, GP=gp, D=d, SP=_pow2(splits))
-    return out
+    # A (sequence, kv head) pair is one row of slices, as a kv head is for the batch-1 kernel.
+    return _merge_splits(m, norm, acc, groups, q.dtype).view(B, heads * d)

@@ -141,6 +141,46 @@ def rope_store_kernel(
 
 
 @triton.jit
+def split_range(n, WINDOW, S, split, BLOCK_N: tl.constexpr):
+    """Key positions ``[start, end)`` of key slice ``split`` of ``S`` over the ``n`` keys (the last
+    ``WINDOW`` of them when ``WINDOW > 0``), slices a multiple of ``BLOCK_N`` long."""
+    lo = n * 0
+    if WINDOW > 0:
+        lo = tl.maximum(n - WINDOW, 0)
+    per = ((n - lo + S - 1) // S + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = lo + split * per
+    return start, tl.minimum(start + per, n)
+
+
+@triton.jit
+def attend_block(q, k, v, k_scales, v_scales, ok, m_i, l_i, acc, sm_scale, QUANT: tl.constexpr):
+    """One block of keys ``k, v [BLOCK_N, D]`` (rows ``ok`` valid) into flash decoding's running max
+    ``m_i``, normaliser ``l_i`` and accumulator ``acc`` of the ``q [GP, D]`` rows; ``k_scales`` and
+    ``v_scales`` point at the block's int8 scales (read only with ``QUANT``)."""
+    sc = tl.dot(q, tl.trans(k.to(q.dtype)))
+    if QUANT:
+        sc = sc * tl.load(k_scales, mask=ok, other=0.0).to(tl.float32)[None, :]
+        v = v.to(tl.float32) * tl.load(v_scales, mask=ok, other=0.0).to(tl.float32)[:, None]
+    sc = tl.where(ok[None, :], sc * sm_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    p = tl.exp(sc - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_partial(m_ptr, l_ptr, acc_ptr, base, m_i, l_i, acc, GP: tl.constexpr, D: tl.constexpr):
+    """Key slice ``base``'s running max, normaliser and accumulator, for ``attn_reduce_kernel``."""
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    tl.store(m_ptr + base * GP + g, m_i)
+    tl.store(l_ptr + base * GP + g, l_i)
+    tl.store(acc_ptr + (base * GP + g)[:, None] * D + d[None, :], acc)
+
+
+@triton.jit
 def attn_partial_kernel(
     q_ptr,
     k_ptr,
@@ -164,13 +204,7 @@ def attn_partial_kernel(
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
-    n = tl.load(pos_ptr) + 1
-    lo = n * 0
-    if WINDOW > 0:
-        lo = tl.maximum(n - WINDOW, 0)
-    per = ((n - lo + S - 1) // S + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = lo + split * per
-    end = tl.minimum(start + per, n)
+    start, end = split_range(tl.load(pos_ptr) + 1, WINDOW, S, split, BLOCK_N)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (kvh * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
@@ -182,27 +216,17 @@ def attn_partial_kernel(
         ok = offs < end
         k = tl.load(k_ptr + kvh * stride_kh + offs[:, None] * D + d[None, :], mask=ok[:, None], other=0)
         v = tl.load(v_ptr + kvh * stride_kh + offs[:, None] * D + d[None, :], mask=ok[:, None], other=0)
-        sc = tl.dot(q, tl.trans(k.to(q.dtype)))
-        if QUANT:
-            sc = sc * tl.load(ks_ptr + kvh * stride_sh + offs, mask=ok, other=0.0).to(tl.float32)[None, :]
-            v = v.to(tl.float32) * tl.load(vs_ptr + kvh * stride_sh + offs, mask=ok, other=0.0).to(tl.float32)[:, None]
-        sc = tl.where(ok[None, :], sc * sm_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        p = tl.exp(sc - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
-    base = kvh * S + split
-    tl.store(m_ptr + base * GP + g, m_i)
-    tl.store(l_ptr + base * GP + g, l_i)
-    tl.store(acc_ptr + (base * GP + g)[:, None] * D + d[None, :], acc)
+        scales = kvh * stride_sh + offs
+        m_i, l_i, acc = attend_block(q, k, v, ks_ptr + scales, vs_ptr + scales, ok, m_i, l_i, acc, sm_scale, QUANT)
+    store_partial(m_ptr, l_ptr, acc_ptr, kvh * S + split, m_i, l_i, acc, GP, D)
 
 
 @triton.jit
 def attn_reduce_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, S, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr
 ):
+    """Merge the ``S`` key slices of each (query head group ``program_id(0)``, group row
+    ``program_id(1)``); the paged kernel's (sequence, kv head) pairs are such groups too."""
     kvh = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.arange(0, SP)

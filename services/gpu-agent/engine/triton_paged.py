@@ -2,13 +2,16 @@
 imported only where Triton can run (see ``kernels.paged_decode_attention``).
 
 Split-K flash decoding, one program per (sequence, kv head, split): each reads its sequence's key
-range through the block table, so no keys are gathered or padded; a second kernel merges the splits.
+range through the block table, so no keys are gathered or padded. The block update, the slice
+bounds and the merge of the slices (``attn_reduce_kernel``) are the batch-1 kernels' own.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .triton_kernels import attend_block, split_range, store_partial
 
 
 @triton.jit
@@ -38,13 +41,7 @@ def paged_attn_partial_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    n = tl.load(lens_ptr + b)  # keys at positions 0..n-1
-    lo = n * 0
-    if WINDOW > 0:
-        lo = tl.maximum(n - WINDOW, 0)
-    per = ((n - lo + S - 1) // S + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = lo + split * per
-    end = tl.minimum(start + per, n)
+    start, end = split_range(tl.load(lens_ptr + b), WINDOW, S, split, BLOCK_N)  # keys at positions 0..n-1
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     q_row = (b * KVH + kvh) * G + g
@@ -60,47 +57,5 @@ def paged_attn_partial_kernel(
         row = slot * KVH + kvh  # the pool is [slots, kv_heads, D]
         k = tl.load(k_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0)
         v = tl.load(v_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0)
-        sc = tl.dot(q, tl.trans(k.to(q.dtype)))
-        if QUANT:
-            sc = sc * tl.load(ks_ptr + row, mask=ok, other=0.0).to(tl.float32)[None, :]
-            v = v.to(tl.float32) * tl.load(vs_ptr + row, mask=ok, other=0.0).to(tl.float32)[:, None]
-        sc = tl.where(ok[None, :], sc * sm_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        p = tl.exp(sc - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
-    base = (b * KVH + kvh) * S + split
-    tl.store(m_ptr + base * GP + g, m_i)
-    tl.store(l_ptr + base * GP + g, l_i)
-    tl.store(acc_ptr + (base * GP + g)[:, None] * D + d[None, :], acc)
-
-
-@triton.jit
-def paged_attn_reduce_kernel(
-    m_ptr,
-    l_ptr,
-    acc_ptr,
-    out_ptr,
-    S,
-    KVH: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
-    SP: tl.constexpr,
-):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    g = tl.program_id(2)
-    s = tl.arange(0, SP)
-    ok = s < S
-    rows = ((b * KVH + kvh) * S + s) * GP + g
-    m = tl.load(m_ptr + rows, mask=ok, other=float("-inf"))
-    l = tl.load(l_ptr + rows, mask=ok, other=0.0)  # noqa: E741 - flash attention's (m, l)
-    top = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
-    d = tl.arange(0, D)
-    acc = tl.load(acc_ptr + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(out_ptr + ((b * KVH + kvh) * G + g) * D + d, out.to(out_ptr.dtype.element_ty))
+        m_i, l_i, acc = attend_block(q, k, v, ks_ptr + row, vs_ptr + row, ok, m_i, l_i, acc, sm_scale, QUANT)
+    store_partial(m_ptr, l_ptr, acc_ptr, (b * KVH + kvh) * S + split, m_i, l_i, acc, GP, D)
