@@ -36,6 +36,7 @@ class Chunk:
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
+    """How many blocks of ``block_size`` slots hold ``tokens`` tokens."""
     return -(-tokens // block_size)
 
 

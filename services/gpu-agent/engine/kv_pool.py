@@ -12,6 +12,8 @@ import torch
 
 from iserve.errors import BadRequest
 
+from .batch_plan import blocks_for
+
 
 class BlockAllocator:
     """Hands out block ids ``0..blocks-1``; the lowest free ids first, so that tests can predict them."""
@@ -31,15 +33,11 @@ class BlockAllocator:
     def used(self) -> int:
         return self.blocks - len(self._free)
 
-    def blocks_for(self, tokens: int) -> int:
-        """How many blocks hold ``tokens`` token slots."""
-        return -(-tokens // self.block_size)
-
     def grow(self, table: list[int], tokens: int) -> None:
         """Append blocks to ``table`` until it holds ``tokens`` slots. Raises ``RuntimeError`` when the
         pool is out of blocks: admission (``batch_plan.admit``) reserves every admitted sequence's
         worst case, so this is a bug, not a load condition."""
-        need = self.blocks_for(tokens) - len(table)
+        need = blocks_for(tokens, self.block_size) - len(table)
         if need > len(self._free):
             raise RuntimeError(f"KV pool exhausted: {need} blocks needed, {len(self._free)} free")
         for _ in range(need):
