@@ -216,10 +216,8 @@ def _attend(
 
 
 def paged_kernel_runs(stage: Stage) -> bool:
-    """Whether decode attention on ``stage`` runs the paged Triton kernel: CUDA, Triton, a
-    power-of-two head size of at least 16 (as the batch-1 fused kernels)."""
-    d = stage.arch.head_dim
-    return stage.device.type == "cuda" and d >= 16 and d & (d - 1) == 0 and kernels.available()
+    """Whether decode attention on ``stage`` runs the paged Triton kernel (``kernels.attention_runs``)."""
+    return kernels.attention_runs(stage.device, stage.arch.head_dim)
 
 
 def forward(

@@ -55,6 +55,12 @@ def _decode_kernels():
     return tk.rms_norm_kernel, tk.silu_mul_kernel, tk.rope_store_kernel, tk.attn_partial_kernel, tk.attn_reduce_kernel
 
 
+def attention_runs(device: torch.device, head_dim: int) -> bool:
+    """Whether the split-K decode attention kernels (batch-1 and paged) run here: a CUDA device,
+    Triton, and a power-of-two head size of at least 16."""
+    return device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and available()
+
+
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 

@@ -193,9 +193,8 @@ class Stage:
 
     @property
     def can_fuse(self) -> bool:
-        """Whether the fused decode kernels apply: CUDA, Triton, dense MLP, a power-of-two head size >= 16."""
-        d = self.arch.head_dim
-        return self.device.type == "cuda" and not self.is_moe and d >= 16 and d & (d - 1) == 0 and kernels.available()
+        """Whether the fused decode kernels apply: where their attention kernel runs, for a dense MLP."""
+        return not self.is_moe and kernels.attention_runs(self.device, self.arch.head_dim)
 
     # -- accounting ------------------------------------------------------------------------------
 
