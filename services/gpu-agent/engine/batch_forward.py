@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .batch_plan import Chunk
+from .batch_plan import Chunk, blocks_for
 from .kv_pool import PagedKV
 from .stage import Stage
 
@@ -44,6 +44,15 @@ class StepLayout:
     sample_rows: torch.Tensor  # rows whose logits choose a token
 
 
+def visible(q: torch.Tensor, k: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys (positions ``k``) each query (positions ``q``) attends to, broadcast: earlier or
+    its own, and within the sliding window when the model has one."""
+    seen = k <= q
+    if window is not None:
+        seen &= q - k < window
+    return seen
+
+
 def slot_of(table: Sequence[int], pos: int, block_size: int) -> int:
     return table[pos // block_size] * block_size + pos % block_size
 
@@ -57,7 +66,7 @@ def block_tables(tables: Sequence[Sequence[int]], blocks: int, device: torch.dev
 def slot_rows(tables: Sequence[Sequence[int]], length: int, block_size: int, device: torch.device) -> torch.Tensor:
     """``[len(tables), length]`` slots of positions ``0..length-1`` of each block table, built on
     ``device`` from the tables (a sequence shorter than ``length`` reads block 0: the caller masks them)."""
-    bt = block_tables(tables, -(-length // block_size), device).long()
+    bt = block_tables(tables, blocks_for(length, block_size), device).long()
     offsets = torch.arange(block_size, device=device)
     return (bt.unsqueeze(-1) * block_size + offsets).view(len(tables), -1)[:, :length]
 
@@ -93,17 +102,15 @@ def layout(
             decode_tables.append(table)
         else:
             end = c.start + c.tokens
-            q = torch.arange(c.start, end).unsqueeze(1)
-            k = torch.arange(end).unsqueeze(0)
-            mask = k <= q
-            if window is not None:
-                mask &= q - k < window
             plain = c.start == 0 and (window is None or end <= window)
+            mask = None
+            if not plain:
+                mask = visible(torch.arange(c.start, end).unsqueeze(1), torch.arange(end).unsqueeze(0), window)
             prefills.append(
                 _PrefillGroup(
                     rows=slice(row, row + c.tokens),
                     slots=slot_rows([table], end, block_size, device)[0],
-                    mask=None if plain else mask.to(device),
+                    mask=None if mask is None else mask.to(device),
                     fresh=c.start == 0,
                 )
             )
@@ -113,15 +120,12 @@ def layout(
         length = max(decode_lens)
         d_rows = torch.tensor(decode_rows, device=device)
         if paged:
-            d_tables = block_tables(decode_tables, -(-length // block_size), device)
+            d_tables = block_tables(decode_tables, blocks_for(length, block_size), device)
             d_lens = torch.tensor(decode_lens, dtype=torch.int32, device=device)
         else:
             d_slots = slot_rows(decode_tables, length, block_size, device)
-            keys = torch.arange(length).unsqueeze(0)
             last = torch.tensor(decode_lens).unsqueeze(1) - 1
-            valid = keys <= last
-            if window is not None:
-                valid &= last - keys < window
+            valid = visible(last, torch.arange(length).unsqueeze(0), window)
             d_mask = valid.view(len(decode_rows), 1, 1, length).to(device)
     return StepLayout(
         positions=torch.tensor(positions, device=device),

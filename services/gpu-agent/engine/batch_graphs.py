@@ -16,6 +16,7 @@ import torch
 
 from . import kernels
 from .batch_forward import paged_attend, paged_kernel_runs
+from .batch_plan import blocks_for
 from .graphs import _capture_graphs
 from .kv_pool import PagedKV
 from .stage import Stage
@@ -57,7 +58,7 @@ class DecodeStep:
         self.scratch_block = scratch_block
         self.buckets = batch_buckets(max_batch)
         dev = stages[0].device
-        self.blocks = -(-context // block_size)
+        self.blocks = blocks_for(context, block_size)
         n = max_batch
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
