@@ -267,11 +267,14 @@ class Client:
         finally:
             await st.close()
             if not finished and s.accepted is not None:
-                # the caller stopped early (Ctrl-C, break): free the worker
-                try:
-                    await self.nc.publish(subjects.INFER_CANCEL, encode(CancelRequest(request_id=req.request_id)))
-                except Exception:
-                    pass
+                await self.cancel(req.request_id)  # the caller stopped early (Ctrl-C, break): free the worker
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the scheduler to drop a request, queued or running (best effort: nothing is raised)."""
+        try:
+            await self.nc.publish(subjects.INFER_CANCEL, encode(CancelRequest(request_id=request_id)))
+        except Exception:
+            pass
 
 
 class CompletionStream:

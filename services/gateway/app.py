@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from iserve import errors, subjects
+from iserve import errors
 from iserve.client import Client, CompletionStream
-from iserve.messages import CancelRequest, ChatMessage, Completion, GpuLoad, encode
+from iserve.messages import ChatMessage, Completion, GpuLoad
 
 from .config import GatewayConfig
 from .metrics import Metrics
@@ -207,8 +207,9 @@ class _Run:
         self.tokens = 0  # tokens streamed up to the stop (or all)
         self.t0 = time.monotonic()
 
-    def _tokens(self) -> AsyncIterator[str]:
-        """The text pieces to send; stops at a stop string (and cancels the rest on the worker)."""
+    async def _tokens(self) -> AsyncIterator[str]:
+        """The text pieces to send; stops at a stop string, cancelling the rest on the worker but
+        reading the stream on to its ``Completion`` (the usage's prompt tokens)."""
         req = self.req
         if self.chat:
             kw: dict[str, Any] = {
@@ -219,10 +220,6 @@ class _Run:
         else:
             kw = {"max_tokens": req.max_tokens}
             prompt = req.text()
-        return self._pieces(prompt, kw)
-
-    async def _pieces(self, prompt: str, kw: dict[str, Any]) -> AsyncIterator[str]:
-        req = self.req
         gen = self.gw.client.generate(
             req.model,
             prompt,
@@ -234,7 +231,6 @@ class _Run:
             stream=self.stream,
             **kw,
         )
-        cancelled = False
         try:
             async for chunk in gen:
                 if self.matcher.stopped:
@@ -243,10 +239,8 @@ class _Run:
                 text, stopped = self.matcher.push(chunk.text)
                 if text:
                     yield text
-                if stopped and not cancelled:
-                    cancelled = True
-                    cancel = CancelRequest(request_id=self.stream.request_id)
-                    await self.gw.client.nc.publish(subjects.INFER_CANCEL, encode(cancel))
+                if stopped:
+                    await self.gw.client.cancel(self.stream.request_id)
             if tail := self.matcher.flush():
                 yield tail
         finally:
