@@ -122,3 +122,25 @@ def test_generation_stops_at_any_eos_of_generation_config(tmp_path):
     batch.submit("a", IDS, max_tokens=8)
     (done,) = [e.result for e in batch.run_until_idle() if e.result is not None]
     assert done.tokens == result.tokens and done.finish_reason == "stop"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_transformers_checkpoint_runs_in_fp16_on_a_gpu_within_rounding(tmp_path, name):
+    """fp16 on CUDA against ``transformers``' float32 forward: the logit gap stays within fp16 rounding
+    of the same model run by ``transformers`` in fp16, and the top-1 tokens agree where the
+    reference's top two are apart by more than that rounding."""
+    model, path = _saved(tmp_path, name)
+    layers = scan_checkpoint(path).arch.num_layers
+    engine = Engine.load(path, [("cuda:0", 0, layers)], context_tokens=64, dtype="float16")
+    with torch.no_grad():
+        want = model(torch.tensor([IDS])).logits[0]
+        ref16 = model.to("cuda:0", torch.float16)(torch.tensor([IDS], device="cuda:0")).logits[0].float().cpu()
+    got = engine.prefill(IDS, all_positions=True).float().cpu()
+    gap, ref_gap = (got - want).abs().max().item(), (ref16 - want).abs().max().item()
+    print(f"{name}: engine fp16 max |logit gap| {gap:.2e}, transformers fp16 {ref_gap:.2e}")
+    assert gap <= max(4 * ref_gap, 1e-2), f"{name}: engine fp16 gap {gap:.2e} vs transformers fp16 {ref_gap:.2e}"
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * max(gap, ref_gap)
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]), name
