@@ -335,6 +335,7 @@ class SimVsLive:
                 caps.update(tp=[1], weight_quant=["fp16"], kv_quant=["fp16"], pruning=["none"])
             cfg = FingerprintConfig(
                 nats_url=stack.url,
+                nats_creds=stack.creds("fingerprint"),
                 log_level="warning",
                 log_json=True,
                 work_dir=self.work / "fingerprints",
@@ -345,10 +346,10 @@ class SimVsLive:
                 warmup=1,
                 gpu_wait_s=60.0,
             )
-            nc = await bus.connect(stack.url, "fingerprint")
+            nc = await bus.connect(stack.url, "fingerprint", creds=stack.creds("fingerprint"))
             svc = FingerprintService(cfg, nc, caps)
             await svc.start()
-            client = await Client.connect(stack.url, "sim-vs-live")
+            client = await Client.connect(stack.url, "sim-vs-live", creds=stack.creds())
             maps = {}
             for name, path in models:
                 info = await client.register(str(path.resolve()), name=name, timeout=120.0)
@@ -419,6 +420,7 @@ class SimVsLive:
             shutil.rmtree(live_dir, ignore_errors=True)
             lcfg = LoadgenConfig(
                 nats_url=stack.url,
+                nats_creds=stack.creds(),
                 log_level="warning",
                 models=names,
                 trace=self.a.trace,

@@ -290,7 +290,7 @@ class Replayer(DeploymentSide):
         self.intent_output = int(statistics.median(x.output_tokens for x in lengths))
         out_dir = cfg.run_dir()
         interrupted = False
-        self.client = await Client.connect(cfg.nats_url, "iserve-loadgen")
+        self.client = await Client.connect(cfg.nats_url, "iserve-loadgen", creds=cfg.nats_creds or None)
         try:
             names = await self._resolve_models()
             loads = await self.client.gpu_loads(1.2)

@@ -9,7 +9,9 @@ is logged and answered with ``code="internal"``.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -23,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
-from . import errors
+from . import auth, errors
 from .messages import Completion, ErrorReply, Message, StreamMessage, TokenChunk, decoder, encode
 
 log = structlog.get_logger()
@@ -33,14 +35,29 @@ Rep = TypeVar("Rep", bound=Message)
 T = TypeVar("T", bound=msgspec.Struct)
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 5.0, give_up_after: float | None = None) -> NATS:
+async def connect(
+    url: str,
+    name: str,
+    *,
+    creds: str | os.PathLike | None = None,
+    connect_timeout: float = 5.0,
+    give_up_after: float | None = None,
+) -> NATS:
     """Connect with unlimited reconnects (a restarted nats-server is picked up again). A service
     waits for its server as long as it takes; a command (``give_up_after`` seconds) raises
-    ``Unavailable`` with a sentence instead of retrying forever."""
+    ``Unavailable`` with a sentence instead of retrying forever.
+
+    ``creds`` (else ``$ISERVE_NATS_CREDS``) names a credentials file (``auth.load_credentials``):
+    the connection then authenticates as that user and takes replies under its role's inbox prefix.
+    ``$ISERVE_NATS_TLS_CA`` names the CA that signed a ``tls://`` server's certificate."""
 
     holder: list[NATS] = []
 
+    refused: list[str] = []
+
     async def on_error(e: Exception) -> None:
+        if "authorization violation" in str(e).lower():
+            refused.append(str(e))
         log.warning("nats error", error=str(e))
 
     async def on_disconnect() -> None:
@@ -51,10 +68,19 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0, give_up_
     async def on_reconnect() -> None:
         log.info("nats reconnected")
 
+    creds = creds or os.environ.get(auth.CREDS_ENV) or None
+    login: dict[str, Any] = {}
+    if creds:
+        c = auth.load_credentials(creds)
+        login = {"user": c.user, "password": c.password, "inbox_prefix": auth.inbox_prefix(c.user)}
+    ca = os.environ.get(auth.TLS_CA_ENV)
+    if ca:
+        login["tls"] = ssl.create_default_context(cafile=ca)
     try:
         connecting = nats.connect(
             url,
             name=name,
+            **login,
             connect_timeout=connect_timeout,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
@@ -67,6 +93,12 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0, give_up_
         holder.append(nc)
         return nc
     except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as e:
+        if refused:
+            who = f"user {login['user']}" if creds else "a connection without credentials"
+            raise errors.BadRequest(
+                f"NATS at {url} refused {who} ({refused[-1]}); pass the credentials `iserve up` wrote "
+                f"(--nats-creds or ${auth.CREDS_ENV}, in <data dir>/credentials)."
+            ) from None
         why = str(e) or f"no answer in {give_up_after or connect_timeout:g} s"
         raise errors.Unavailable(
             f"cannot reach NATS at {url} ({why}); start one with `iserve up` or pass --nats-url."

@@ -28,10 +28,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import errors
-from .messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, Intent, PlacementChoice, values
+from . import auth, errors
+from .messages import COST_MODELS, INTENT_KINDS, Intent, PlacementChoice, values
 from .runtime import run_async
 from .tables import ESTIMATE_COLUMNS, GIB, deployments_table, estimates_table, fmt_gib, queues_table
+from .up import default_data_dir
 
 console = Console()
 err_console = Console(stderr=True)
@@ -66,14 +67,20 @@ def _version() -> str:
         return "(not installed)"
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get("ISERVE_DATA_DIR", str(Path.home() / ".iserve")))
+def default_creds() -> str:
+    """``$ISERVE_NATS_CREDS``, else the client credentials ``iserve up`` wrote in the default data
+    directory when they exist (so a second shell on the same host needs no set-up)."""
+    env = os.environ.get(auth.CREDS_ENV, "")
+    if env:
+        return env
+    path = auth.creds_path(default_data_dir(), "client")
+    return str(path) if path.is_file() else ""
 
 
-async def _client(url: str):
+async def _client(a: argparse.Namespace):
     from .client import Client
 
-    return await Client.connect(url)
+    return await Client.connect(a.nats_url, creds=a.nats_creds or None)
 
 
 def intent_from_args(a: argparse.Namespace) -> Intent:
@@ -91,41 +98,6 @@ def intent_from_args(a: argparse.Namespace) -> Intent:
 # commands
 
 
-def cmd_up(a: argparse.Namespace) -> int:
-    from .stack import Stack, StackOptions, api_key_of
-
-    opts = StackOptions(
-        http_host=a.http_host,
-        http_port=a.http_port,
-        api_key="" if a.no_auth else api_key_of(Path(a.data_dir), a.api_key),
-        no_auth=a.no_auth,
-        data_dir=Path(a.data_dir),
-        nats_url=a.nats_url,
-        nats_port=a.nats_port,
-        simulate_gpus=a.simulate_gpus,
-        gpu_type=a.gpu_type,
-        placement=a.placement,
-        theta=a.theta,
-        log_level=a.log_level,
-    )
-    stack = Stack(opts).start()
-    console.print(
-        f"[bold]iserve up[/]: NATS at {stack.url} (export ISERVE_NATS_URL={stack.url}); "
-        f"data in {opts.data_dir}. Ctrl-C stops everything."
-    )
-    key = "your key" if a.api_key else f"key in {Path(a.data_dir) / 'api_key'}"
-    key = "no key (--no-auth)" if a.no_auth else key
-    console.print(f"OpenAI-compatible API: http://{a.http_host}:{a.http_port}/v1 ({key}); metrics at /metrics")
-    try:
-        stack.wait()
-    finally:
-        stack.stop()
-    if stack.failed:
-        err_console.print(f"iserve: {stack.failed}")
-        return 1
-    return 0
-
-
 def cmd_make_model(a: argparse.Namespace) -> int:
     from .modelmaker import make_checkpoint
 
@@ -141,7 +113,7 @@ def cmd_make_model(a: argparse.Namespace) -> int:
 
 
 async def _register(a: argparse.Namespace) -> int:
-    async with await _client(a.nats_url) as c:
+    async with await _client(a) as c:
         info = await c.register(str(Path(a.path).resolve()), a.name)
         r = info.record
         verb = "registered" if info.created else "already registered"
@@ -162,7 +134,7 @@ async def _register(a: argparse.Namespace) -> int:
 
 
 async def _deploy(a: argparse.Namespace) -> int:
-    async with await _client(a.nats_url) as c:
+    async with await _client(a) as c:
         rep = await c.deploy(
             a.model,
             intent_from_args(a),
@@ -208,14 +180,14 @@ async def _deploy(a: argparse.Namespace) -> int:
 
 
 async def _unregister(a: argparse.Namespace) -> int:
-    async with await _client(a.nats_url) as c:
+    async with await _client(a) as c:
         rep = await c.unregister(a.model)
         console.print(f"{rep.name}: unregistered ({rep.profiles_removed} profile(s) removed)")
     return 0
 
 
 async def _undeploy(a: argparse.Namespace) -> int:
-    async with await _client(a.nats_url) as c:
+    async with await _client(a) as c:
         rep = await c.undeploy(a.deployment_id)
         console.print(f"{rep.deployment_id}: {rep.status}")
     return 0
@@ -224,7 +196,7 @@ async def _undeploy(a: argparse.Namespace) -> int:
 async def _generate(a: argparse.Namespace) -> int:
     from .client import CompletionStream
 
-    async with await _client(a.nats_url) as c:
+    async with await _client(a) as c:
         s = CompletionStream()
         async for chunk in c.generate(
             a.model,
@@ -273,7 +245,7 @@ async def _status_json(c) -> int:
 
 
 async def _status(a: argparse.Namespace) -> int:
-    async with await _client(a.nats_url) as c:
+    async with await _client(a) as c:
         if a.json:
             return await _status_json(c)
         loads = await c.gpu_loads(1.5)
@@ -325,7 +297,7 @@ async def _status(a: argparse.Namespace) -> int:
 
 
 async def _profile_show(a: argparse.Namespace) -> int:
-    async with await _client(a.nats_url) as c:
+    async with await _client(a) as c:
         cmap = await c.profile(a.model, a.gpu_type)
         if a.json:
             print_json(cmap)
@@ -375,6 +347,11 @@ def _non_negative(text: str) -> int:
 
 def add_nats(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats-url", default=default_url(), help="NATS server [env ISERVE_NATS_URL]")
+    p.add_argument(
+        "--nats-creds",
+        default=default_creds(),
+        help=f"NATS credentials file (`iserve up` writes <data dir>/credentials/client.json) [env {auth.CREDS_ENV}]",
+    )
 
 
 def add_intent(p: argparse.ArgumentParser) -> None:
@@ -396,51 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("up", help="start NATS and every service; Ctrl-C stops them")
-    s.add_argument(
-        "--nats-url",
-        default=os.environ.get("ISERVE_NATS_URL", ""),
-        help="use this NATS server instead of an embedded one",
-    )
-    s.add_argument(
-        "--nats-port",
-        type=int,
-        default=int(os.environ.get("ISERVE_NATS_PORT", "4222")),
-        help="port of the embedded NATS server",
-    )
-    s.add_argument(
-        "--data-dir", default=str(default_data_dir()), help="JetStream data, fingerprints, logs [env ISERVE_DATA_DIR]"
-    )
-    s.add_argument(
-        "--simulate-gpus",
-        default=os.environ.get("ISERVE_SIMULATE_GPUS", ""),
-        help="e.g. 8x48GB: simulated GPUs whose workers compute on the CPU",
-    )
-    s.add_argument("--gpu-type", default=os.environ.get("ISERVE_GPU_TYPE", ""), help="type name of the simulated GPUs")
-    s.add_argument(
-        "--placement",
-        default=os.environ.get("ISERVE_PLACEMENT", "hybrid"),
-        choices=PLACEMENT_POLICIES,
-        help="the deployer's GPU placement policy [env ISERVE_PLACEMENT]",
-    )
-    s.add_argument(
-        "--theta",
-        type=float,
-        default=os.environ.get("ISERVE_THETA", "0.5"),
-        help="hybrid placement: GPUs with load below theta are packable [env ISERVE_THETA]",
-    )
-    s.add_argument("--log-level", default=os.environ.get("ISERVE_LOG_LEVEL", "info"))
-    s.add_argument(
-        "--http-host", default=os.environ.get("ISERVE_HTTP_HOST", "127.0.0.1"), help="the HTTP API's address"
-    )
-    s.add_argument(
-        "--http-port", type=int, default=int(os.environ.get("ISERVE_HTTP_PORT", "8000")), help="the HTTP API's port"
-    )
-    s.add_argument(
-        "--api-key",
-        default=os.environ.get("ISERVE_API_KEY", ""),
-        help="the HTTP API's Bearer key (default: one made and kept in DATA_DIR/api_key) [env ISERVE_API_KEY]",
-    )
-    s.add_argument("--no-auth", action="store_true", help="serve the HTTP API without a key (loopback only)")
+    from .up import add_arguments as add_up
+
+    add_up(s)
 
     s = sub.add_parser("demo", help="start the stack, make/register/profile/deploy a model, stream a completion, stop")
     from .demo import add_arguments as add_demo
@@ -560,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code or 0)
     a = build_parser().parse_args(argv)
     handlers = {
-        "up": lambda: cmd_up(a),
+        "up": lambda: __import__("iserve.up", fromlist=["run"]).run(a),
         "demo": lambda: __import__("iserve.demo", fromlist=["run"]).run(a),
         "make-model": lambda: cmd_make_model(a),
         "register": lambda: run_async(_register(a)),

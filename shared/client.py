@@ -61,10 +61,12 @@ class Client:
         self.nc = nc
 
     @classmethod
-    async def connect(cls, url: str, name: str = "iserve-client", *, give_up_after: float | None = 5.0) -> "Client":
-        """Connect to NATS at ``url``; ``Unavailable`` after ``give_up_after`` seconds without a server
-        (None: wait as long as it takes)."""
-        return cls(await bus.connect(url, name, give_up_after=give_up_after))
+    async def connect(
+        cls, url: str, name: str = "iserve-client", *, creds: str | None = None, give_up_after: float | None = 5.0
+    ) -> "Client":
+        """Connect to NATS at ``url`` (with the credentials file ``creds``, else ``$ISERVE_NATS_CREDS``);
+        ``Unavailable`` after ``give_up_after`` seconds without a server (None: wait as long as it takes)."""
+        return cls(await bus.connect(url, name, creds=creds, give_up_after=give_up_after))
 
     async def close(self) -> None:
         await self.nc.drain()

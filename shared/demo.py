@@ -63,10 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-async def flow(url: str, model_dir: Path, a: argparse.Namespace) -> None:
+async def flow(url: str, creds: str, model_dir: Path, a: argparse.Namespace) -> None:
     from .client import Client, CompletionStream
 
-    async with await Client.connect(url, "iserve-demo") as c:
+    async with await Client.connect(url, "iserve-demo", creds=creds or None) as c:
         # the services start in parallel: wait until each answers
         console.rule("[bold]1. stack")
         loads = []
@@ -204,7 +204,7 @@ def run(a: argparse.Namespace) -> int:
     stack = Stack(opts).start()
     code = 0
     try:
-        run_async(asyncio.wait_for(flow(stack.url, model_dir, a), a.timeout))
+        run_async(asyncio.wait_for(flow(stack.url, stack.creds(), model_dir, a), a.timeout))
         console.rule("[bold]done")
     except KeyboardInterrupt:
         code = 130

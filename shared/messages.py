@@ -36,6 +36,16 @@ NonNegInt = Annotated[int, Meta(ge=0)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
 Probability = Annotated[float, Meta(gt=0, le=1)]  # a fraction that must keep something, e.g. top_p
+# Bounds checked on decode, before any work: no model has a longer context than MAX_TOKENS, no request
+# waits longer than a day, replies go only to inboxes (never onto a system subject), and ids that
+# become file or subject names are names (no path separators, no wildcards).
+MAX_TOKENS = 1 << 20
+TokenCount = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
+TokenCountOrZero = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+Seconds = Annotated[float, Meta(gt=0, le=86_400)]
+Inbox = Annotated[str, Meta(pattern=r"^(_INBOX\.[A-Za-z0-9_.-]+)?$", max_length=256)]
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200)]
+NameOrEmpty = Annotated[str, Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]*)?$", max_length=160)]
 
 # Architecture families whose tensor layout iServe knows (config.json's model_type maps onto one).
 Family = Literal["llama", "mixtral", "falcon", "gptj", "gpt_neox"]
@@ -421,7 +431,7 @@ class ProfileVariant(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ProfileJob(Message):
-    job_id: str
+    job_id: Name
     model: str
     fingerprint_paths: list[str]  # checkpoints with 1 and 2 hidden layers
     gpu_index: NonNegInt
@@ -431,7 +441,7 @@ class ProfileJob(Message):
     repeats: PositiveInt = 3
     warmup: NonNegInt = 1
     context_tokens: PositiveInt = 512
-    timeout_s: PositiveFloat = 600.0
+    timeout_s: Seconds = 600.0
     # Appended: more GPUs of the agent for tensor-parallel variants (gpu_index first); empty: one GPU.
     gpu_indices: list[NonNegInt] = []
     device_timing: bool = True  # also time the device alone (see docs/fingerprint.md)
@@ -543,8 +553,8 @@ class StageSpec(msgspec.Struct, kw_only=True):
 
 
 class LaunchWorker(Message):
-    worker_id: str
-    deployment_id: str
+    worker_id: Name
+    deployment_id: Name
     model: str
     model_path: str
     config: Configuration
@@ -564,7 +574,7 @@ class LaunchReply(Message):
 
 
 class StopWorker(Message):
-    worker_id: str
+    worker_id: Name
 
 
 class StopReply(Message):
@@ -628,7 +638,7 @@ class DeployRequest(Message):
     model: str
     intent: Intent = msgspec.field(default_factory=Intent)
     placement: PlacementChoice = ""
-    deployment_id: str = ""  # optional, makes retries idempotent
+    deployment_id: NameOrEmpty = ""  # optional, makes retries idempotent
     context_tokens: NonNegInt = 0  # 0: the profile's context length
     gpu_type: str = ""  # empty: any GPU type the model was profiled for
     # Appended: continuous batching. Requests a replica runs at once (0: the deployer's default) and
@@ -721,18 +731,18 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 
 
 class InferRequest(Message):
-    request_id: str
+    request_id: Annotated[str, Meta(max_length=256)]
     model: str
     prompt: str
-    max_tokens: PositiveInt = 64
+    max_tokens: TokenCount = 64
     temperature: NonNegFloat = 0.0  # 0: greedy
     top_p: Probability = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (trace replay)
-    prompt_tokens: NonNegInt = 0  # >0: pad or truncate the tokenized prompt to this many tokens
-    timeout_s: PositiveFloat = 300.0
+    prompt_tokens: TokenCountOrZero = 0  # >0: pad or truncate the tokenized prompt to this many tokens
+    timeout_s: Seconds = 300.0
     deployment_id: str = ""  # empty: any deployment of the model
-    stream_to: str = ""  # inbox that receives TokenChunk* then Completion | ErrorReply
+    stream_to: Inbox = ""  # inbox that receives TokenChunk* then Completion | ErrorReply
     # Appended: a chat. Non-empty: the worker renders these with the model's chat template and
     # ``prompt`` is not used (a model without a template refuses with bad_request).
     messages: list[ChatMessage] = []
@@ -750,7 +760,7 @@ class GenerateRequest(Message):
     """Scheduler -> worker: one request to run now; the stream goes to ``stream_to``."""
 
     request: InferRequest
-    stream_to: str
+    stream_to: Inbox
     queue_ms: float = 0.0
 
 

@@ -13,6 +13,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from .auth import write_server_config
 from .errors import Unavailable
 
 
@@ -48,15 +49,30 @@ def _port_open(port: int) -> bool:
 class EmbeddedNats:
     """``with EmbeddedNats(data_dir) as srv: srv.url`` starts and stops a local JetStream server."""
 
-    def __init__(self, data_dir: str | os.PathLike, *, port: int = 0, log_file: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        port: int = 0,
+        log_file: str | os.PathLike | None = None,
+        config: str = "",
+        tls: bool = False,
+    ):
+        """``config``: extra nats-server configuration (``auth.server_config``), written to
+        ``data_dir/nats.conf`` readable by its owner only; ``tls``: that config serves TLS."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.log_file = Path(log_file) if log_file else self.data_dir / "nats-server.log"
+        self.config = config
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout: float = 15.0) -> "EmbeddedNats":
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +93,8 @@ class EmbeddedNats:
             "-l",
             str(self.log_file),
         ]
+        if self.config:
+            cmd += ["-c", str(write_server_config(self.data_dir / "nats.conf", self.config))]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )

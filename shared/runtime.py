@@ -57,7 +57,7 @@ def service_main(
     async def amain(stop: asyncio.Event) -> None:
         log = logs.configure(name, level=cfg.log_level, json=cfg.log_json)
         async with AsyncExitStack() as stack:
-            nc = await bus.connect(cfg.nats_url, name)
+            nc = await bus.connect(cfg.nats_url, name, creds=cfg.nats_creds or None)
             stack.push_async_callback(nc.drain)
             service = await build(cfg, nc)
             stack.push_async_callback(service.close)

@@ -127,6 +127,7 @@ class ServiceConfig:
     """Flags every service has."""
 
     nats_url: str = option("nats://127.0.0.1:4222", help="NATS server URL")
+    nats_creds: str = option("", help="NATS credentials file (`iserve up` writes them in <data dir>/credentials)")
     log_level: LogLevel = option("info", help="log level")
     log_json: bool | None = option(None, help="JSON log lines (default: JSON unless stderr is a TTY)")
 

@@ -1,6 +1,9 @@
 """``iserve up``: an embedded nats-server (unless a URL is given) and every service as its own
 process, supervised: a service that dies is restarted with back-off (and the stack stops if one keeps
 dying), Ctrl-C stops them all, services first, then NATS.
+
+The embedded server authenticates every connection (``auth``): each service runs as its role's user,
+with credentials from ``<data dir>/credentials`` passed in its environment (``ISERVE_NATS_CREDS``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import auth
 from .natsserver import EmbeddedNats
 
 SERVICES = ("gpu-agent", "fingerprint", "deployer", "scheduler", "gateway")
@@ -48,6 +52,18 @@ class StackOptions:
     http_port: int = 8000
     api_key: str = ""  # passed to the gateway in its environment (ISERVE_API_KEY), not on its command line
     no_auth: bool = False
+    nats_auth: bool = True  # the embedded server refuses connections without credentials
+    nats_tls_cert: str = ""  # with nats_tls_key: the embedded server speaks TLS only
+    nats_tls_key: str = ""
+
+
+ROLE_OF: dict[str, auth.Role] = {
+    "gpu-agent": "agent",
+    "fingerprint": "fingerprint",
+    "deployer": "deployer",
+    "scheduler": "scheduler",
+    "gateway": "gateway",
+}
 
 
 def api_key_of(data_dir: Path, given: str = "") -> str:
@@ -82,7 +98,10 @@ class Stack:
         d = self.opts.data_dir
         d.mkdir(parents=True, exist_ok=True)
         if not self.url:
-            self.nats = EmbeddedNats(d / "nats", port=self.opts.nats_port).start()
+            o = self.opts
+            passwords = auth.ensure_credentials(d) if o.nats_auth else {}
+            config = auth.server_config(passwords, tls_cert=o.nats_tls_cert, tls_key=o.nats_tls_key)
+            self.nats = EmbeddedNats(d / "nats", port=o.nats_port, config=config, tls=bool(o.nats_tls_cert)).start()
             self.url = self.nats.url
         py = [sys.executable, "-m"]
         agent = py + ["iserve.gpu_agent", "--agent-id", self.opts.agent_id, "--work-dir", str(d / "agent")]
@@ -115,10 +134,20 @@ class Stack:
         self._thread.start()
         return self
 
-    def _env(self) -> dict[str, str]:
+    @property
+    def authenticated(self) -> bool:
+        return self.nats is not None and self.opts.nats_auth
+
+    def creds(self, role: auth.Role = "client") -> str:
+        """The credentials file of ``role`` on the embedded server ("" when it needs none)."""
+        return str(auth.creds_path(self.opts.data_dir, role)) if self.authenticated else ""
+
+    def _env(self, c: Child) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.opts.extra_env)
         env["ISERVE_NATS_URL"] = self.url
+        if self.authenticated:
+            env[auth.CREDS_ENV] = self.creds(ROLE_OF[c.name])
         env["ISERVE_LOG_LEVEL"] = self.opts.log_level
         if self.opts.api_key:
             env["ISERVE_API_KEY"] = self.opts.api_key
@@ -134,7 +163,7 @@ class Stack:
         else:
             out = None
         try:
-            c.proc = subprocess.Popen(c.argv, env=self._env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            c.proc = subprocess.Popen(c.argv, env=self._env(c), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         finally:
             if out is not None:
                 out.close()

@@ -60,7 +60,7 @@ def test_up_cli_and_clean_shutdown(tmp_path):
     data = tmp_path / "stack"
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
-    env = {"ISERVE_NATS_URL": url}
+    env = {"ISERVE_NATS_URL": url, "ISERVE_NATS_CREDS": str(data / "credentials" / "client.json")}
     up = subprocess.Popen(
         [
             *ISERVE,
@@ -108,6 +108,11 @@ def test_up_cli_and_clean_shutdown(tmp_path):
         assert cmap["model"] == "m" and cmap["estimates"]
         r = iserve("deploy", "nope", env=env)
         assert r.returncode == 2 and "not_found" in r.stderr
+        # the bus refuses a connection without credentials, with a sentence, in seconds
+        t = time.monotonic()
+        r = iserve("status", env={**env, "ISERVE_NATS_CREDS": "", "ISERVE_DATA_DIR": str(tmp_path / "elsewhere")})
+        assert r.returncode != 0 and "refused a connection without credentials" in r.stderr, r.stdout + r.stderr
+        assert time.monotonic() - t < 15
     finally:
         up.send_signal(signal.SIGINT)
         out, _ = up.communicate(timeout=60)
