@@ -3,7 +3,7 @@
 is :mod:`.simulation`, the oracle :mod:`.oracle`, synthetic maps :mod:`.synthetic`; what is
 simulated is described in docs/simulator.md.
 
-    iserve simulate --synthetic --models llama-2-70b falcon-40b:2 llama-2-7b \\
+    iserve simulate --models llama-2-70b falcon-40b:2 llama-2-7b \\
         --trace code --rate 0.4 --system iserve --intent min-latency --out runs/sim-iserve
 """
 
