@@ -251,3 +251,15 @@ def test_the_max_batch_flag_and_its_environment_twin(monkeypatch):
 
     assert spec(_parse(["--max-batch", "3"], monkeypatch)).max_batch == 3
     assert spec(_parse(["--max-batch", "0"], monkeypatch)).max_batch == 8  # the deployer's default
+
+
+def test_the_live_replay_asks_for_the_deployers_batch_unless_told(monkeypatch):
+    from iserve.loadgen.config import parse
+
+    monkeypatch.delenv("ISERVE_MAX_BATCH", raising=False)
+    assert parse(["--dry-run"]).max_batch == 0
+    assert parse(["--dry-run", "--max-batch", "1"]).max_batch == 1
+    monkeypatch.setenv("ISERVE_MAX_BATCH", "4")
+    assert parse(["--dry-run"]).max_batch == 4
+    with pytest.raises(SystemExit):
+        parse(["--dry-run", "--max-batch", "-2"])
