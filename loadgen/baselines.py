@@ -16,6 +16,7 @@ from iserve.deployer.placement import GpuState, check_policy
 from iserve.deployer.planner import Decision, plan
 from iserve.deployer.ranking import cost, latency_ms, validate_intent
 from iserve.errors import BadRequest, Infeasible
+from iserve.fingerprint.estimator.batching import layer_kv_bytes
 from iserve.messages import ConfigEstimate, GpuAssignment, Intent, Rejection
 
 SYSTEMS = ("iserve", "max-tp", "max-pp", "accelerate", "alpaserve", "alpaserve*")
@@ -145,16 +146,10 @@ def weight_bytes(estimates: Sequence[ConfigEstimate], est: ConfigEstimate) -> tu
     KV cache (the estimator halves the KV bytes and nothing else), so the KV cache is removed; the
     activation term (a few MiB per layer) stays in. Without that sibling, ``layer_bytes`` is used
     whole (an upper bound)."""
-    c = est.config
     layer = est.layer_bytes
-    if c.kv_quant == "fp16":
-        for e in estimates:
-            o = e.config
-            if (o.tp, o.pp, o.weight_quant, o.pruning, o.kv_quant) == (c.tp, c.pp, c.weight_quant, c.pruning, "int8"):
-                kv = 2 * (est.layer_bytes - e.layer_bytes)
-                if 0 <= kv < est.layer_bytes:
-                    layer = est.layer_bytes - kv
-                break
+    kv = layer_kv_bytes(estimates, est) if est.config.kv_quant == "fp16" else None
+    if kv is not None:
+        layer -= kv
     return est.num_layers * layer + est.first_stage_bytes + est.last_stage_bytes, layer
 
 

@@ -64,6 +64,9 @@ class LoadgenConfig(ServiceConfig):
         0, help="output length the intent's latency is estimated for (0: median of the replayed requests)"
     )
     placement: PlacementChoice = option("", help="placement policy (default: the deployer's)")
+    max_batch: int = option(
+        0, help="requests each deployed replica runs at once; 0: the deployer's default, 1: the paper's one at a time"
+    )
     prompts: str = option(
         "",
         help="prompt file (ShareGPT JSON, JSONL or one per line); default: the ShareGPT "
@@ -128,6 +131,8 @@ def parse(argv: list[str] | None = None) -> LoadgenConfig:
         p.error("--intent cost-budget needs --budget")
     if not (0 < a.rate <= 1):
         p.error(f"--rate must be in (0, 1], not {a.rate}; raise the load with --aggregate")
+    if a.max_batch < 0:
+        p.error("--max-batch must be 0 (the deployer's default) or more")
     if a.aggregate < 1 or a.interval_s <= 0:
         p.error("--aggregate must be >= 1 and --interval-s positive")
     return from_args(LoadgenConfig, a, command=["iserve", "loadgen", *(argv if argv is not None else sys.argv[1:])])

@@ -297,7 +297,11 @@ class DeploymentSide:
             if self.writer is not None and not self._intent_recorded:
                 self._intent_recorded = True
                 self.writer.update_meta(intent=intent)
-            pending = asyncio.ensure_future(c.deploy(model, intent, placement=self.cfg.placement, deployment_id=dep_id))
+            pending = asyncio.ensure_future(
+                c.deploy(
+                    model, intent, placement=self.cfg.placement, deployment_id=dep_id, max_batch=self.cfg.max_batch
+                )
+            )
             try:
                 rep = await asyncio.shield(pending)
             except asyncio.CancelledError:

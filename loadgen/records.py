@@ -138,6 +138,7 @@ class RunMeta(msgspec.Struct, kw_only=True):
     slo_scale: float = 0.0  # per-request SLO as a multiple of the reference latency (0: none)
     prompts: str = ""  # where the prompts came from ("builtin" or a path)
     notes: str = ""
+    max_batch: int = 0  # requests a replica runs at once, as asked (0: the deployer's default, or unrecorded)
 
 
 @dataclass

@@ -319,6 +319,7 @@ class Replayer(DeploymentSide):
                 slo_ms=cfg.slo_ms or 0.0,
                 slo_scale=cfg.slo_scale or 0.0,
                 prompts=self.prompt_source,
+                max_batch=cfg.max_batch,
             )
             self.writer = RunWriter(out_dir, meta)
             self.err.print(

@@ -37,6 +37,7 @@ class SimSpec:
     allgather_bytes_per_s: float = 25e9
     forced: dict[str, Configuration] = field(default_factory=dict)  # system "static"/"oracle"
     assignment: list[str] | None = None  # the model of each request (default: traces.assign_models)
+    max_batch: int = 1  # requests a replica runs at once (continuous batching); 1: the paper's one at a time
     # metadata only
     trace_label: str = "synthetic"
     rate: float = 0.0

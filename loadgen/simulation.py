@@ -12,14 +12,17 @@ from collections import deque
 import msgspec
 
 from iserve import slo as slo_mod
+from iserve.deployer.memory import kv_pool_tokens
 from iserve.deployer.placement import GpuState
 from iserve.deployer.planner import Decision
 from iserve.errors import IServeError
+from iserve.fingerprint.estimator.batching import step_model
 from iserve.messages import ConfigEstimate, Intent
 from iserve.scheduler.queues import FcfsQueues, Queued
 
 from .policies import System, Workload, make_system
 from .records import DeploymentEvent, GpuSample, RequestRecord, RequestStatus, RunMeta
+from .replica import BatchReplica, Seq, pooled_map
 from .simspec import SimResult, SimSpec
 from .traces import TraceRequest, assign_models, fit_lengths
 
@@ -40,7 +43,7 @@ class _Req:
 
 
 class _Dep:
-    """A deployment (replica) and the request it runs."""
+    """A deployment (replica) and the request it runs, or (``batch``) its batch's step in flight."""
 
     __slots__ = (
         "id",
@@ -57,6 +60,7 @@ class _Dep:
         "start",
         "solo",
         "ttft_solo",
+        "batch",
     )
 
     def __init__(self, dep_id: str, model: str, est: ConfigEstimate, gpus: tuple[int, ...]):
@@ -66,6 +70,7 @@ class _Dep:
         self.req: _Req | None = None
         self.remaining = self.rate = self.last = self.start = self.solo = self.ttft_solo = 0.0
         self.version = 0
+        self.batch: BatchReplica[_Req] | None = None
 
 
 class _Gpu:
@@ -103,11 +108,15 @@ class Simulation:
             raise ValueError("deploy_batch must be >= 1 and deploy_every_s >= 0")
         if not spec.models:
             raise ValueError("no models to deploy")
+        if spec.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         self.spec = spec
         per_host = spec.gpus_per_host or spec.gpus
         self.g = [_Gpu(f"sim{i // per_host}", i % per_host, spec.gpu_memory_bytes) for i in range(spec.gpus)]
         self.gpu_at = {(g.agent, g.index): k for k, g in enumerate(self.g)}
-        self.maps = dict(spec.models)
+        self.raw_maps = dict(spec.models)
+        # a batched replica reserves its KV pool, as the deployer's plans do: every system sees it
+        self.maps = {m: pooled_map(c, spec.max_batch) for m, c in spec.models}
         self.names = [m for m, _ in spec.models]
         self.deploy_times = [(i // spec.deploy_batch) * spec.deploy_every_s for i in range(len(self.names))]
         self.system = system or make_system(
@@ -273,7 +282,11 @@ class Simulation:
             gpus.append(k)
         dep = _Dep(dep_id, model, d.estimate, tuple(dict.fromkeys(gpus)))
         self.deps[dep_id] = dep
-        self.queues.add_replica(dep_id, model)
+        b = self.spec.max_batch
+        if b > 1:
+            sm = step_model(self.raw_maps[model].estimates, d.estimate, context)
+            dep.batch = BatchReplica(sm, max_batch=b, kv_tokens=kv_pool_tokens(b, 0, context))
+        self.queues.add_replica(dep_id, model, b)
         self.choices[model].append(dep.config)
         gl = [f"{a.agent_id}/{a.gpu_index}:{a.num_layers}" for a in d.assignments]
         for status in ("launching", "ready"):
@@ -304,16 +317,16 @@ class Simulation:
             reason = self.failed_models.get(r.model, "no deployment")
             self._record_failure(r, now, "not_deployed", f"{r.model} has no deployment: {reason}")
             return
-        if rep.free_slots:  # one slot per replica here: the simulator runs one request at a time
+        if rep.free_slots:
             self._start(self.deps[rep.deployment_id], now)
 
-    def _start(self, dep: _Dep, now: float) -> None:
+    def _next(self, dep: _Dep, now: float) -> Queued[_Req] | None:
+        """The oldest queued request of ``dep`` that takes a free slot now; those past their deadline
+        are dropped on the way, as the scheduler drops them."""
         while True:
             item = self.queues.start_next(dep.id)
-            if item is None:
-                return
-            if item.deadline > now:
-                break
+            if item is None or item.deadline > now:
+                return item
             # still queued at its deadline: the scheduler drops it with a timeout
             self.queues.finish(dep.id, item.request_id)
             r = item.payload
@@ -327,6 +340,14 @@ class Simulation:
                 deployment_id=dep.id,
                 config=dep.config,
             )
+
+    def _start(self, dep: _Dep, now: float) -> None:
+        if dep.batch is not None:
+            self._fill(dep, now)
+            return
+        item = self._next(dep, now)
+        if item is None:
+            return
         r = item.payload
         e = dep.est
         dep.req = r
@@ -334,12 +355,58 @@ class Simulation:
         dep.ttft_solo = min(max(e.ttft_ms(r.prompt), 0.0) / 1000.0, dep.solo)
         dep.remaining = dep.solo
         dep.start = dep.last = now
+        self._occupy(dep, now)
+
+    def _fill(self, dep: _Dep, now: float) -> None:
+        """Batched: give every free slot its queued request, then start a step unless one runs."""
+        batch = dep.batch
+        assert batch is not None
+        while (item := self._next(dep, now)) is not None:
+            r = item.payload
+            if batch.fits(r.prompt, r.output):
+                batch.submit(Seq(r, r.prompt, r.output, now))
+                continue
+            self.queues.finish(dep.id, item.request_id)
+            msg = f"{r.prompt} + {r.output} tokens do not fit the replica's KV pool"
+            self._record_failure(r, r.tr.arrival_s, "prompt_too_long", msg, end=now, deployment_id=dep.id)
+        if batch.busy:
+            return
+        ms = batch.begin()
+        if not batch.busy:  # nothing left: the replica goes idle
+            if dep in self.g[dep.gpus[0]].running:
+                self._release(dep, now)
+            return
+        dep.remaining = max(ms, 1e-6) / 1000.0
+        dep.last = now
+        self._occupy(dep, now)
+
+    def _step_done(self, dep: _Dep, now: float) -> None:
+        """Batched: the step in flight ended; record the requests it completed, start the next."""
+        assert dep.batch is not None
+        for s in dep.batch.end(now):
+            self.queues.finish(dep.id, str(s.payload.i))
+            self._record_ok(s.payload, dep, s.joined, s.first_token, now)
+        self._fill(dep, now)
+
+    def _occupy(self, dep: _Dep, now: float) -> None:
+        """``dep`` computes on its GPUs from ``now`` (a new request or step: its rate is set afresh)."""
         dep.rate = 0.0
         for k in dep.gpus:
             g = self.g[k]
             if not g.running:
                 g.busy_since = now
             g.running.add(dep)
+        self._rerate(dep.gpus, now)
+
+    def _release(self, dep: _Dep, now: float) -> None:
+        dep.rate = 0.0
+        for k in dep.gpus:
+            g = self.g[k]
+            g.running.discard(dep)
+            if not g.running:
+                assert g.busy_since is not None
+                g.closed.append((g.busy_since, now))
+                g.busy_since = None
         self._rerate(dep.gpus, now)
 
     def _rerate(self, gpus: tuple[int, ...], now: float) -> None:
@@ -365,18 +432,14 @@ class Simulation:
         r = dep.req
         assert r is not None
         dep.req = None
-        dep.rate = 0.0
-        for k in dep.gpus:
-            g = self.g[k]
-            g.running.discard(dep)
-            if not g.running:
-                assert g.busy_since is not None
-                g.closed.append((g.busy_since, now))
-                g.busy_since = None
-        self._rerate(dep.gpus, now)
+        self._release(dep, now)
         self.queues.finish(dep.id, str(r.i))
         service = now - dep.start
-        first = dep.start + service * (dep.ttft_solo / dep.solo)
+        self._record_ok(r, dep, dep.start, dep.start + service * (dep.ttft_solo / dep.solo), now)
+        self._start(dep, now)
+
+    def _record_ok(self, r: _Req, dep: _Dep, start: float, first: float, now: float) -> None:
+        service = now - start
         arrival = r.tr.arrival_s
         e2e = (now - arrival) * 1000
         self.requests.append(
@@ -385,10 +448,10 @@ class Simulation:
                 model=r.model,
                 deployment_id=dep.id,
                 arrival_s=arrival,
-                start_s=dep.start,
+                start_s=start,
                 first_token_s=first,
                 end_s=now,
-                queue_ms=(dep.start - arrival) * 1000,
+                queue_ms=(start - arrival) * 1000,
                 ttft_ms=(first - arrival) * 1000,
                 tpot_ms=((now - first) * 1000 / (r.output - 1)) if r.output > 1 else 0.0,
                 e2e_ms=e2e,
@@ -403,12 +466,11 @@ class Simulation:
                 trace_generated_tokens=r.tr.generated_tokens,
                 clipped=r.clipped,
                 server_ttft_ms=(first - arrival) * 1000,
-                worker_ttft_ms=(first - dep.start) * 1000,
+                worker_ttft_ms=(first - start) * 1000,
                 worker_e2e_ms=service * 1000,
                 config=dep.config,
             )
         )
-        self._start(dep, now)
 
     def _record_failure(
         self,
@@ -480,7 +542,12 @@ class Simulation:
                 self._deploy(model, now)
             elif t_fin <= now:  # then completions, freeing replicas
                 _, _, version, dep = heapq.heappop(heap)
-                if version == dep.version and dep.req is not None:
+                if version != dep.version:
+                    pass  # superseded by a later rate change
+                elif dep.batch is not None:
+                    if dep.batch.busy:
+                        self._step_done(dep, now)
+                elif dep.req is not None:
                     self._finish(dep, now)
             else:
                 self._arrive(arrivals[ai], now)
@@ -525,4 +592,5 @@ class Simulation:
             slo_ms=spec.intent.slo_ms or 0.0,
             notes=notes,
             format_version=1,
+            max_batch=spec.max_batch,
         )

@@ -15,6 +15,7 @@ import pytest
         "iserve.fingerprint.service, iserve.fingerprint.__main__",
         "iserve.fingerprint.validate",
         "iserve.gpu_agent.engine, iserve.gpu_agent.engine.capabilities",
+        "iserve.loadgen.simulator, iserve.loadgen.replica, iserve.gpu_agent.engine.batch_plan",
     ],
 )
 def test_importing_imports_no_torch(modules):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from iserve.messages import PlacementPolicy
 from iserve.settings import ServiceConfig, add_flags, from_args, option
 
+DEFAULT_MAX_BATCH = 8  # requests a replica runs at once unless a deploy asks otherwise
+
 
 @dataclass
 class DeployerConfig(ServiceConfig):
@@ -19,7 +21,8 @@ class DeployerConfig(ServiceConfig):
     replace_failed: bool = option(True, help="re-place a deployment whose worker died")
     max_replacements: int = option(3, help="re-placements of one deployment allowed within 10 minutes")
     default_max_batch: int = option(
-        8, help="requests a replica runs at once (continuous batching) when a deploy asks for 0; 1: one at a time"
+        DEFAULT_MAX_BATCH,
+        help="requests a replica runs at once (continuous batching) when a deploy asks for 0; 1: one at a time",
     )
 
 

@@ -7,9 +7,11 @@ simulator run the same code. docs/estimator.md explains how the estimate is made
 - :mod:`.memory`: exact weight and KV-cache bytes, and the memory terms fitted from fingerprints (M2);
 - :mod:`.latency`: TTFT and decode-step fits (L2) and the cost of TP collectives;
 - :mod:`.fit`: one variant's fit, a TP variant's from its TP=1 twin, and a configuration's estimate;
-- :mod:`.maps`: the ``ConfigurationMap`` of a model, and a map predicted for another GPU type.
+- :mod:`.maps`: the ``ConfigurationMap`` of a model, and a map predicted for another GPU type;
+- :mod:`.batching`: the time of one continuous-batching step, from a configuration's batch-1 estimate.
 """
 
+from .batching import StepModel, layer_kv_bytes, map_kv_bytes, step_model
 from .configs import (
     KV_QUANTS,
     PRUNINGS,
@@ -55,6 +57,7 @@ __all__ = [
     "NCCL_BUFFER_BYTES",
     "PRUNINGS",
     "SERVE_BYTES",
+    "StepModel",
     "WEIGHT_QUANTS",
     "CommModel",
     "LatencyFit",
@@ -80,8 +83,10 @@ __all__ = [
     "gpu_spec",
     "kv_cache_bytes_per_layer",
     "last_stage_weight_bytes",
+    "layer_kv_bytes",
     "layer_weights",
     "linear_weight_bytes",
+    "map_kv_bytes",
     "measurement_variants",
     "profiling_lengths",
     "nnls",
@@ -89,6 +94,7 @@ __all__ = [
     "replace_variant",
     "replay_depth",
     "split_supported",
+    "step_model",
     "translate_map",
     "variant_of",
 ]

@@ -31,7 +31,7 @@ from iserve.errors import BadRequest, PromptTooLong
 
 from .batch_forward import forward, slot_of
 from .batch_graphs import DecodeStep, graphs_apply
-from .batch_plan import Chunk, SeqState, admit, blocks_for, plan_step
+from .batch_plan import BLOCK_SIZE, STEP_TOKENS, Chunk, SeqState, admit, blocks_for, plan_step
 from .checks import check_request
 from .kv_pool import BlockAllocator, PagedKV
 from .runner import Engine, GenerationResult, _compute
@@ -107,8 +107,8 @@ class BatchEngine:
         *,
         max_batch: int,
         kv_tokens: int = 0,
-        block_size: int = 16,
-        step_tokens: int = 512,
+        block_size: int = BLOCK_SIZE,
+        step_tokens: int = STEP_TOKENS,
         release_static_cache: bool = True,
         cuda_graphs: bool = True,
     ):

@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+BLOCK_SIZE = 16  # token slots per KV block
+STEP_TOKENS = 512  # tokens one step computes at most (decodes first); must exceed max_batch
+
 
 @dataclass(frozen=True)
 class SeqState:
