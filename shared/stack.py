@@ -1,6 +1,7 @@
 """``iserve up``: an embedded nats-server (unless a URL is given) and every service as its own
-process, supervised: a service that dies is restarted with back-off (and the stack stops if one keeps
-dying), Ctrl-C stops them all, services first, then NATS.
+process, supervised: a service or the nats-server that dies is restarted with back-off (and the stack
+stops if one keeps dying); a service that exits cleanly (code 0: someone stopped it) stays stopped;
+Ctrl-C or SIGTERM stops them all, services first, then NATS.
 
 The embedded server authenticates every connection (``auth``): each service runs as its role's user,
 with credentials from ``<data dir>/credentials`` passed in its environment (``ISERVE_NATS_CREDS``).
@@ -89,12 +90,15 @@ class Stack:
         self.url = opts.nats_url
         self.children: list[Child] = []
         self.failed: str = ""
+        self._nats_restarts: list[float] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ start / stop
 
     def start(self) -> "Stack":
+        if self._thread is not None:
+            raise RuntimeError("this Stack is already started (`with Stack(...)` starts it)")
         d = self.opts.data_dir
         d.mkdir(parents=True, exist_ok=True)
         if not self.url:
@@ -170,24 +174,46 @@ class Stack:
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.5):
+            if self.nats is not None and not self.nats.running():
+                self._restart_nats()
             for c in self.children:
                 if c.proc is None or c.proc.poll() is None:
                     continue
                 code = c.proc.returncode
-                now = time.monotonic()
-                c.restarts = [t for t in c.restarts if now - t < RESTART_WINDOW_S] + [now]
-                if len(c.restarts) > MAX_RESTARTS:
-                    where = f"; see {c.log_path}" if c.log_path else ""
-                    self.failed = (
-                        f"{c.name} exited {len(c.restarts)} times within {RESTART_WINDOW_S:.0f} s "
-                        f"(last code {code}){where}"
-                    )
-                    self._stop.set()
+                if code == 0:  # stopped on purpose (SIGTERM/SIGINT): leave it stopped
+                    print(f"iserve: {c.name} exited cleanly; not restarting it", file=sys.stderr)
+                    c.proc = None
+                    continue
+                if not self._may_restart(c.name, c.restarts, f"last code {code}", c.log_path):
                     return
-                print(f"iserve: {c.name} exited with code {code}; restarting", file=sys.stderr)
+                print(f"iserve: {c.name} (pid {c.proc.pid}) exited with code {code}; restarting", file=sys.stderr)
                 time.sleep(min(2 ** (len(c.restarts) - 1) * 0.25, 5.0))
                 if not self._stop.is_set():
                     self._launch(c)
+
+    def _may_restart(self, name: str, restarts: list[float], why: str, log: Path | None) -> bool:
+        """Count a restart of ``name``; False (and the stack stops) when it keeps dying."""
+        now = time.monotonic()
+        restarts[:] = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(restarts) <= MAX_RESTARTS:
+            return True
+        where = f"; see {log}" if log else ""
+        self.failed = f"{name} exited {len(restarts)} times within {RESTART_WINDOW_S:.0f} s ({why}){where}"
+        self._stop.set()
+        return False
+
+    def _restart_nats(self) -> None:
+        """The embedded server died: start it again on the same port and data (JetStream state is on
+        disk); the services reconnect on their own."""
+        assert self.nats is not None
+        code = self.nats.proc.returncode if self.nats.proc is not None else None
+        if not self._may_restart("nats-server", self._nats_restarts, f"last code {code}", self.nats.log_file):
+            return
+        print(f"iserve: nats-server exited with code {code}; restarting", file=sys.stderr)
+        try:
+            self.nats.start()
+        except Exception as e:  # the port taken meanwhile, the binary gone: retried on the next tick
+            print(f"iserve: nats-server did not restart: {e}", file=sys.stderr)
 
     def wait(self) -> None:
         """Block until Ctrl-C, SIGTERM (what ``docker stop``, systemd and ``kill`` send) or until a
