@@ -219,6 +219,11 @@ class FingerprintService(Service):
             cmap = await self.profiles.get(bus.kv_key(req.model, t))
             if cmap is not None:
                 return cmap
+        if req.gpu_type and rec.status == "profiled":
+            raise errors.NotFound(
+                f"model {req.model!r} has no profile for GPU type {req.gpu_type!r}; profiled: "
+                f"{', '.join(rec.profiled_gpu_types)}."
+            )
         raise errors.NotReady(
             f"model {req.model!r} has no profile{' for ' + req.gpu_type if req.gpu_type else ''} yet (status: "
             f"{rec.status})."
