@@ -28,7 +28,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import errors
-from .messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, Intent, PlacementChoice, values
+from .messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, Intent, ModelRecord, PlacementChoice, values
+from .progress import Steps
 from .runtime import run_async
 from .tables import (
     ESTIMATE_COLUMNS,
@@ -160,8 +161,13 @@ async def _register(a: argparse.Namespace) -> int:
             f"status {r.status}"
         )
         if a.wait:
-            console.print("profiling its fingerprints…")
-            done = await c.wait_profiled(r.name, timeout=a.timeout)
+            with Steps(err_console) as steps:
+
+                def show(rec: ModelRecord) -> None:
+                    for gpu_type, text in sorted(rec.profiling.items()):
+                        steps.show(gpu_type or rec.name, text)
+
+                done = await c.wait_profiled(r.name, timeout=a.timeout, on_record=show)
             cmap = await c.profile(r.name, done.gpu_type)
             console.print(
                 f"profiled on {cmap.gpu_type} ({cmap.device}): {len(cmap.estimates)} configurations estimated, "
