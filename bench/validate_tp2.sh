@@ -16,7 +16,7 @@ for group in "$@"; do
   echo "== group $n: $group (limit ${limit} s)"
   # The profiling job and each TP measurement give up (ranks' stacks on stderr) 20 s before the group's limit.
   timeout --kill-after=10 "$limit" python3 -c 'import sys; from iserve.fingerprint.validate import main; sys.exit(main())' \
-    "$model" --devices cuda:0,cuda:1 --configs "$group" --timeout-s $((limit - 20)) --json "$out/group$n.json" > "$out/group$n.log" 2>&1
+    "$model" --devices cuda:0,cuda:1 --configs "$group" --timeout-s $((limit - 20)) --json-file "$out/group$n.json" > "$out/group$n.log" 2>&1
   echo "rc $?"
   pkill -9 -f "multiprocessing[.]spawn" 2>/dev/null  # ranks a killed group left behind hold their GPUs
   grep -E "worst errors|\|error\||measuring the fingerprints|fingerprints profiled|Timeout|not measured" "$out/group$n.log"

@@ -121,6 +121,8 @@ def permissions(role: Role) -> Permissions:
         sub = [S.INFER, S.INFER_CANCEL, S.SCHEDULER_STATS, f"{S.WORKER_HEARTBEAT}.>", *_EVENTS]
     else:  # "client" (CLI, loadgen, SDK) and "gateway": register, deploy, infer and read
         pub, sub = list(_CLIENT_PUB), list(_EVENTS)
+        if role == "gateway":  # its model cache follows the models bucket's writes (model_cache.py)
+            sub.append(f"$KV.{S.BUCKET_MODELS}.>")
     return Permissions(publish=tuple(pub), subscribe=tuple([*sub, inbox]))
 
 

@@ -238,6 +238,12 @@ class Stream:
 
 
 _KEY_BAD = re.compile(r"[^-/_=.a-zA-Z0-9]")
+_KEY_OK = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")  # the NATS KV key rule
+
+
+def valid_key(key: str) -> bool:
+    """Whether ``key`` can name a KV entry (NATS: dot-separated tokens of ``-/_=`` and alphanumerics)."""
+    return bool(_KEY_OK.match(key))
 
 
 def kv_key(*parts: str) -> str:
@@ -272,7 +278,18 @@ class TypedKV(Generic[T]):
     async def open(cls, nc: NATS, name: str, kind: type[T]) -> "TypedKV[T]":
         return cls(await bucket(nc, name), kind, js=nc.jetstream(), name=name)
 
+    def _writable(self, key: str) -> str:
+        if not valid_key(key):
+            raise errors.BadRequest(
+                f"{key!r} cannot name an entry of {self._name or 'the bucket'}: use letters, digits, '-', '_', "
+                "'=', '/' and single dots."
+            )
+        return key
+
     async def get(self, key: str) -> T | None:
+        """The entry of ``key``; None if there is none (a key no entry can have, e.g. with a space, has none)."""
+        if not valid_key(key):
+            return None
         try:
             entry = await self.kv.get(key)
         except nats.js.errors.KeyNotFoundError:
@@ -282,6 +299,8 @@ class TypedKV(Generic[T]):
         return self._dec.decode(entry.value)
 
     async def get_with_revision(self, key: str) -> tuple[T | None, int]:
+        if not valid_key(key):
+            return None, 0
         try:
             entry = await self.kv.get(key)
         except nats.js.errors.KeyNotFoundError:
@@ -291,17 +310,20 @@ class TypedKV(Generic[T]):
         return self._dec.decode(entry.value), entry.revision or 0
 
     async def put(self, key: str, value: T) -> int:
-        return await self.kv.put(key, msgspec.json.encode(value))
+        """Write ``value``; ``BadRequest`` if ``key`` cannot name an entry."""
+        return await self.kv.put(self._writable(key), msgspec.json.encode(value))
 
     async def create(self, key: str, value: T) -> bool:
         """Write only if the key does not exist; False if it does (atomic)."""
         try:
-            await self.kv.create(key, msgspec.json.encode(value))
+            await self.kv.create(self._writable(key), msgspec.json.encode(value))
             return True
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
 
     async def delete(self, key: str) -> None:
+        if not valid_key(key):
+            return  # no entry can have it
         try:
             await self.kv.delete(key)
         except nats.js.errors.KeyNotFoundError:

@@ -26,12 +26,22 @@ from pathlib import Path
 import msgspec
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from . import auth, errors
-from .messages import COST_MODELS, INTENT_KINDS, Intent, PlacementChoice, values
+from .messages import COST_MODELS, INTENT_KINDS, Intent, ModelRecord, PlacementChoice, values
+from .progress import Steps
 from .runtime import run_async
-from .tables import ESTIMATE_COLUMNS, GIB, deployments_table, estimates_table, fmt_gib, queues_table
+from .tables import (
+    ESTIMATE_COLUMNS,
+    GIB,
+    deployments_table,
+    estimates_table,
+    excluded_table,
+    fmt_gib,
+    gpus_table,
+    models_table,
+    queues_table,
+)
 from .up import default_data_dir
 
 console = Console()
@@ -123,8 +133,13 @@ async def _register(a: argparse.Namespace) -> int:
             f"status {r.status}"
         )
         if a.wait:
-            console.print("profiling its fingerprints…")
-            done = await c.wait_profiled(r.name, timeout=a.timeout)
+            with Steps(err_console) as steps:
+
+                def show(rec: ModelRecord) -> None:
+                    for gpu_type, text in sorted(rec.profiling.items()):
+                        steps.show(gpu_type or rec.name, text)
+
+                done = await c.wait_profiled(r.name, timeout=a.timeout, on_record=show)
             cmap = await c.profile(r.name, done.gpu_type)
             console.print(
                 f"profiled on {cmap.gpu_type} ({cmap.device}): {len(cmap.estimates)} configurations estimated, "
@@ -248,40 +263,13 @@ async def _status(a: argparse.Namespace) -> int:
     async with await _client(a) as c:
         if a.json:
             return await _status_json(c)
-        loads = await c.gpu_loads(1.5)
-        t = Table(title="GPUs")
-        for col in ("agent", "gpu", "type", "total GiB", "free GiB", "load (window)", "util %", "workers"):
-            t.add_column(col)
-        for g in loads:
-            t.add_row(
-                g.agent_id,
-                str(g.gpu_index),
-                g.gpu_type + (" (sim)" if g.simulated else ""),
-                fmt_gib(g.total_bytes),
-                fmt_gib(g.free_bytes),
-                f"{g.busy_fraction:.2f} ({g.window_s:.0f}s)",
-                f"{g.util_percent:.0f}",
-                ", ".join(g.workers),
-            )
-        console.print(t)
+        console.print(gpus_table(await c.gpu_loads(1.5)))
         try:
             models = (await c.models()).models
         except errors.IServeError as e:
             models = []
             err_console.print(f"models: {e}")
-        t = Table(title="Models")
-        for col in ("name", "type", "layers", "GiB", "status", "profiled on"):
-            t.add_column(col)
-        for m in models:
-            t.add_row(
-                m.name,
-                m.arch.model_type,
-                str(m.arch.num_layers),
-                fmt_gib(m.weights.checkpoint_bytes),
-                escape(m.status + (f": {m.status_reason}" if m.status_reason else "")),
-                ", ".join(m.profiled_gpu_types),
-            )
-        console.print(t)
+        console.print(models_table(models))
         try:
             deps = (await c.deployments()).deployments
         except errors.IServeError as e:
@@ -312,12 +300,7 @@ async def _profile_show(a: argparse.Namespace) -> int:
             )
         )
         if cmap.excluded and a.show_excluded:
-            t = Table(title="Excluded configurations")
-            t.add_column("config")
-            t.add_column("reason")
-            for x in cmap.excluded:
-                t.add_row(x.config.key(), escape(x.reason))
-            console.print(t)
+            console.print(excluded_table(cmap.excluded))
         elif cmap.excluded:
             console.print(
                 f"[dim]{len(cmap.excluded)} configurations excluded (--show-excluded lists them with reasons)[/]"

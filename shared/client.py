@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -42,6 +42,7 @@ from .messages import (
     ListModels,
     ModelInfo,
     ModelList,
+    ModelRecord,
     PlacementChoice,
     ProfileDone,
     RegisterModel,
@@ -98,11 +99,18 @@ class Client:
             self.nc, subjects.PROFILE_GET, GetProfile(model=model, gpu_type=gpu_type), ConfigurationMap
         )
 
-    async def wait_profiled(self, model: str, *, timeout: float = 900.0) -> ProfileDone:
-        """Wait for the model's profile.done (or return at once if it is already profiled)."""
+    async def wait_profiled(
+        self, model: str, *, timeout: float = 900.0, on_record: Callable[[ModelRecord], None] | None = None
+    ) -> ProfileDone:
+        """Wait for the model's profile.done (or return at once if it is already profiled). With
+        ``on_record``, the model's record is read twice a second and passed to it (its ``profiling``
+        says what each job does)."""
         sub = await self.nc.subscribe(subjects.PROFILE_DONE)
+        poll = 2.0 if on_record is None else 0.5
         try:
             info = await self.model(model)
+            if on_record is not None:
+                on_record(info.record)
             if info.record.status == "profiled":
                 return ProfileDone(model=model, gpu_type=info.record.profiled_gpu_types[0], status="ok")
             if info.record.status == "failed":
@@ -114,9 +122,11 @@ class Client:
                 if left <= 0:
                     raise errors.Timeout(f"{model} was not profiled within {timeout:.0f} s.")
                 try:
-                    msg = await sub.next_msg(timeout=min(left, 2.0))
+                    msg = await sub.next_msg(timeout=min(left, poll))
                 except nats.errors.TimeoutError:
                     info = await self.model(model)  # covers an event published before we subscribed
+                    if on_record is not None:
+                        on_record(info.record)
                     if info.record.status == "profiled":
                         return ProfileDone(model=model, gpu_type=info.record.profiled_gpu_types[0], status="ok")
                     if info.record.status == "failed":
@@ -125,6 +135,8 @@ class Client:
                 done = dec.decode(msg.data)
                 if done.model != model:
                     continue
+                if on_record is not None:  # the jobs' last steps
+                    on_record((await self.model(model)).record)
                 if done.status == "failed":
                     raise errors.IServeError(f"profiling {model} failed: {done.reason}")
                 return done

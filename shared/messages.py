@@ -212,6 +212,9 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     profiled_gpu_types: list[str] = []
     registered_at: float = 0.0
     updated_at: float = 0.0
+    # Appended: each profiling job's step, by GPU type ("writing fingerprints", "measuring ...", "done: ..."),
+    # for progress displays; empty before profiling starts.
+    profiling: dict[str, str] = {}
 
 
 class RegisterModel(Message):

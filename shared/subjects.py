@@ -85,3 +85,9 @@ SCHEDULER_STATS = f"{PREFIX}.scheduler.stats"  # request-reply: GetSchedulerStat
 BUCKET_MODELS = "iserve_models"  # key: model name -> ModelRecord
 BUCKET_PROFILES = "iserve_profiles"  # key: "<model>.<gpu type>" -> ConfigurationMap
 BUCKET_DEPLOYMENTS = "iserve_deployments"  # key: deployment id -> DeploymentRecord
+
+
+def kv_updates(bucket: str) -> str:
+    """event: every put and delete of a KV bucket, as JetStream stores them (``$KV.<bucket>.<key>``;
+    a delete carries the header ``KV-Operation``)"""
+    return f"$KV.{bucket}.>"

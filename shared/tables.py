@@ -1,14 +1,19 @@
-"""Tables the command line prints as ``rich`` tables: a model's configuration estimates, and the
-deployments with their queues."""
+"""Tables the command line prints as ``rich`` tables: the GPUs, the models, a model's configuration
+estimates and exclusions, the deployments with their queues.
+
+Every table fits 80 columns (a default terminal, a CI log; ``tests/test_tables.py`` renders each at
+that width): compact borders, short headers, and long text (ids, reasons, lists) folded onto more
+lines rather than cut or pushed past the edge."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from .messages import ConfigEstimate, DeploymentRecord, QueueStats
+from .messages import ConfigEstimate, DeploymentRecord, ExcludedConfig, GpuLoad, ModelRecord, QueueStats
 
 GIB = 2**30
 
@@ -17,6 +22,23 @@ ESTIMATE_COLUMNS = ["config", "gpus", "ttft_ms", "tpot_ms", "latency_ms", "total
 
 def fmt_gib(b: int | float) -> str:
     return f"{b / GIB:.2f}"
+
+
+def table(title: str = "", **kw) -> Table:
+    """A table in the compact style all of them share: a rule under the header, no outer edge,
+    one space between columns."""
+    return Table(
+        title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True, **kw
+    )
+
+
+def add_text_column(t: Table, header: str, *, min_width: int | None = None) -> None:
+    """A column of free text (ids, lists, reasons): folded onto more lines when the table is narrow."""
+    t.add_column(header, overflow="fold", min_width=min_width)
+
+
+def add_number_column(t: Table, header: str) -> None:
+    t.add_column(header, justify="right", no_wrap=True)
 
 
 def estimate_row(e: ConfigEstimate, prompt: int, output: int) -> dict[str, float | str]:
@@ -48,19 +70,19 @@ def estimates_table(
     rows.sort(key=lambda r: (r[sort], r["config"]))
     if limit:
         rows = rows[:limit]
-    t = Table(title=title)
+    t = table(title)
     for col in ESTIMATE_COLUMNS:
         if col == "config":
-            t.add_column(col, no_wrap=True, min_width=28)
+            add_text_column(t, col, min_width=14)
         else:
-            t.add_column(col.replace("_gib", " GiB").replace("_ms", " ms").replace("_", " "), justify="right")
+            add_number_column(t, col.replace("_gib", " GiB").replace("_ms", " ms").replace("_", " "))
     for r in rows:
         t.add_row(*[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in ESTIMATE_COLUMNS])
     return t
 
 
 DEPLOYMENT_COLUMNS = ["id", "model", "config", "gpus (layers)", "status"]
-QUEUE_COLUMNS = ["id", "running", "queued", "batch", "KV blocks", "done", "TTFT p50 ms", "e2e p50 ms"]
+QUEUE_COLUMNS = ["id", "running", "queued", "KV blocks", "done", "TTFT ms", "e2e ms"]
 
 
 def kv_blocks(q: QueueStats | None) -> str:
@@ -82,12 +104,11 @@ def deployment_row(d: DeploymentRecord) -> list[str]:
 
 def queue_row(d: DeploymentRecord, q: QueueStats | None) -> list[str]:
     """What the scheduler reports of a deployment (``None``: nothing; the record's batch size then):
-    running and queued requests, the batch size, the KV pool's blocks, completions and latencies."""
+    running requests of the batch size, queued ones, the KV pool's blocks, completions and latencies."""
     return [
         d.deployment_id,
-        str(q.in_flight) if q else "-",
+        f"{q.in_flight if q else '-'}/{q.max_batch if q else d.max_batch}",
         str(q.queue_depth) if q else "-",
-        str(q.max_batch if q else d.max_batch),
         kv_blocks(q),
         str(q.completed) if q else "-",
         f"{q.ttft_ms_p50:.1f}" if q else "-",
@@ -96,22 +117,85 @@ def queue_row(d: DeploymentRecord, q: QueueStats | None) -> list[str]:
 
 
 def deployments_table(deps: Sequence[DeploymentRecord]) -> Table:
-    t = Table(title="Deployments")
+    t = table("Deployments")
     for col in DEPLOYMENT_COLUMNS:
-        t.add_column(col)
+        add_text_column(t, col)
     for d in deps:
         t.add_row(*deployment_row(d))
     return t
 
 
 def queues_table(deps: Sequence[DeploymentRecord], queues: Mapping[str, QueueStats]) -> Table:
-    """Each deployment's requests: running and queued, its batch size and KV pool use, and timings."""
-    t = Table(title="Queues")
+    """Each deployment's requests: running (of its batch size) and queued, its KV pool use, and timings."""
+    t = table("Queues (latencies: medians)")
     for col in QUEUE_COLUMNS:
         if col == "id":
-            t.add_column(col, overflow="fold")
+            add_text_column(t, col, min_width=16)
         else:
-            t.add_column(col, justify="right")
+            add_number_column(t, col)
     for d in deps:
         t.add_row(*queue_row(d, queues.get(d.deployment_id)))
+    return t
+
+
+GPU_COLUMNS = ["agent", "gpu", "type", "total GiB", "free GiB", "load (window)", "util %", "workers"]
+MODEL_COLUMNS = ["name", "type", "layers", "GiB", "status", "profiled on"]
+
+
+def gpu_row(g: GpuLoad) -> list[str]:
+    return [
+        g.agent_id,
+        str(g.gpu_index),
+        g.gpu_type + (" (sim)" if g.simulated else ""),
+        fmt_gib(g.total_bytes),
+        fmt_gib(g.free_bytes),
+        f"{g.busy_fraction:.2f} ({g.window_s:.0f}s)",
+        f"{g.util_percent:.0f}",
+        ", ".join(g.workers),
+    ]
+
+
+def gpus_table(loads: Sequence[GpuLoad]) -> Table:
+    """Each GPU's memory, busy fraction over the agent's window, utilization and workers."""
+    t = table("GPUs")
+    for col in GPU_COLUMNS:
+        if col in ("agent", "type", "workers"):
+            add_text_column(t, col)
+        else:
+            add_number_column(t, col.replace("load (window)", "load (win)"))
+    for g in loads:
+        t.add_row(*gpu_row(g))
+    return t
+
+
+def model_row(m: ModelRecord) -> list[str]:
+    return [
+        m.name,
+        m.arch.model_type,
+        str(m.arch.num_layers),
+        fmt_gib(m.weights.checkpoint_bytes),
+        escape(m.status + (f": {m.status_reason}" if m.status_reason else "")),
+        ", ".join(m.profiled_gpu_types),
+    ]
+
+
+def models_table(models: Sequence[ModelRecord]) -> Table:
+    t = table("Models")
+    for col in MODEL_COLUMNS:
+        if col in ("layers", "GiB"):
+            add_number_column(t, col)
+        else:
+            add_text_column(t, col)
+    for m in models:
+        t.add_row(*model_row(m))
+    return t
+
+
+def excluded_table(excluded: Sequence[ExcludedConfig]) -> Table:
+    """Configurations of a map the engine cannot run, with the reason."""
+    t = table("Excluded configurations")
+    add_text_column(t, "config", min_width=14)
+    add_text_column(t, "reason")
+    for x in excluded:
+        t.add_row(x.config.key(), escape(x.reason))
     return t

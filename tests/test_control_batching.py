@@ -322,13 +322,13 @@ def test_status_shows_running_queued_batch_and_kv_blocks():
         deployment_id="d1", model="m", worker_id="w1", queue_depth=2, in_flight=3, completed=7, failed=0,
         max_batch=4, kv_blocks_used=10, kv_blocks_total=64,
     )  # fmt: skip
-    assert queue_row(d1, stats)[:6] == ["d1", "3", "2", "4", "10/64", "7"]
+    assert queue_row(d1, stats)[:5] == ["d1", "3/4", "2", "10/64", "7"]
     # no scheduler report: the record's batch size, dashes for the rest
-    assert queue_row(d2, None)[1:6] == ["-", "-", "2", "-", "-"]
+    assert queue_row(d2, None)[1:5] == ["-/2", "-", "-", "-"]
     # a worker that does not report its pool
-    assert queue_row(d1, msgspec.structs.replace(stats, kv_blocks_used=0, kv_blocks_total=0))[4] == "-"
+    assert queue_row(d1, msgspec.structs.replace(stats, kv_blocks_used=0, kv_blocks_total=0))[3] == "-"
     text = rendered(queues_table([d1, d2], {"d1": stats}))
-    for word in ("running", "queued", "batch", "KV blocks", "10/64", "d2"):
+    for word in ("running", "queued", "KV blocks", "3/4", "10/64", "d2"):
         assert word in text
     # at a terminal's 80 columns the deployment's status stays readable
     c = Console(record=True, width=80)

@@ -88,13 +88,17 @@ def test_validate_command_profiles_measures_and_prints(tiny, tmp_path, capsys):
             "64",
             "--work-dir",
             str(tmp_path / "fp"),
-            "--json",
+            "--json-file",
             str(out),
         ]
     )
     assert rc == 0
-    text = capsys.readouterr().out
-    assert "tp1-pp1-wint8-kvint8-pnone" in text and "ttft" in text and "|error| median" in text
+    printed = capsys.readouterr()
+    text = printed.out  # the table folds a long key at 80 columns: its pieces are on consecutive lines
+    assert "wint8-kvint8" in text and "ttft" in text and "|error| median" in text
+    # progress went to standard error as plain lines (no terminal here), one per configuration
+    assert "validate: [0/2] measuring tp1-pp1-wfp16-kvfp16-pnone" in printed.err
+    assert "validate: [1/2] measuring tp1-pp1-wint8-kvint8-pnone" in printed.err
     doc = json.loads(out.read_text())
     assert [c["config"] for c in doc["comparisons"]] == keys.split(",")
     assert (
@@ -108,6 +112,16 @@ def test_validate_command_profiles_measures_and_prints(tiny, tmp_path, capsys):
         ("int8", "int8"),
     }
     assert sorted(p.name for p in (tmp_path / "fp").iterdir() if p.is_dir())  # fingerprints were written
+    # --json: the same document on standard output, and nothing else there
+    rc = validate.main(
+        [str(tiny), "--configs", keys.split(",")[0], "--devices", "cpu", "--prompt-lengths", "8,16"]
+        + ["--output-lengths", "3,4", "--repeats", "1", "--context-tokens", "32", "--work-dir", str(tmp_path / "fp3")]
+        + ["--json"]
+    )
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {r["config"] for r in doc["rows"]} == {keys.split(",")[0]}
+    assert {r["what"] for r in doc["rows"]} == {"ttft", "tpot", "memory"} and doc["summary"]["ttft"]["points"] == 2
     assert validate.main([str(tmp_path / "nope")]) == 2
     assert (
         validate.main(

@@ -141,6 +141,11 @@ class DeployerService(Service):
                 return await self._deploy(req)
 
     async def _deploy(self, req: DeployRequest) -> DeployReply:
+        if req.deployment_id and not bus.valid_key(req.deployment_id):
+            raise errors.BadRequest(
+                f"deployment id {req.deployment_id!r} is not usable: use letters, digits, '-', '_' and single dots; "
+                "or leave it empty for one made up."
+            )
         if req.deployment_id:
             existing = await self.deployments.get(req.deployment_id)
             if existing is not None and existing.status in ("launching", "ready"):

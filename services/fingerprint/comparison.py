@@ -9,9 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
+from rich.markup import escape
+from rich.table import Table
 
 from iserve.messages import ConfigEstimate, FingerprintMeasurement
 from iserve.stats import percentile
+from iserve.tables import add_number_column, add_text_column, table
 
 GIB = 2**30
 
@@ -111,6 +114,58 @@ def report_rows(comparisons: Sequence[Comparison]) -> list[list[str]]:
                 ]
             )
     return rows
+
+
+VALIDATE_COLUMNS = ["config", "what", "at", "estimated", "measured", "error", "GPU-s"]
+
+
+def validate_rows(comparisons: Sequence[Comparison]) -> list[dict]:
+    """Every point of every comparison (one row with the note for one not measured), as the table shows
+    it and ``iserve validate --json`` writes it."""
+    rows: list[dict] = []
+    for c in comparisons:
+        if c.note:
+            rows.append({"config": c.config, "note": c.note})
+            continue
+        for p in c.points:
+            scale, unit = (1 / GIB, "GiB") if p.what == "memory" else (1.0, "ms")
+            rows.append(
+                {
+                    "config": c.config,
+                    "what": p.what,
+                    "at": p.at,
+                    "estimated": p.estimated * scale,
+                    "measured": p.measured * scale,
+                    "unit": unit,
+                    "error": p.error,
+                    "gpu_seconds": c.gpu_seconds,
+                }
+            )
+    return rows
+
+
+def validate_table(comparisons: Sequence[Comparison], title: str = "") -> Table:
+    """The estimated-vs-measured points as a table that fits 80 columns (the unit is in ``what``)."""
+    t = table(title)
+    for col in VALIDATE_COLUMNS:
+        if col in ("config", "what", "at"):
+            add_text_column(t, col, min_width=14 if col == "config" else None)
+        else:
+            add_number_column(t, col)
+    for r in validate_rows(comparisons):
+        if "note" in r:
+            t.add_row(r["config"], escape(r["note"]), "", "", "", "", "")
+            continue
+        t.add_row(
+            r["config"],
+            f"{r['what']} {r['unit']}",
+            r["at"],
+            f"{r['estimated']:.3f}",
+            f"{r['measured']:.3f}",
+            f"{100 * r['error']:+.2f}%",
+            f"{r['gpu_seconds']:.1f}",
+        )
+    return t
 
 
 def print_table(headers: list[str], rows: list[list[str]], out=None) -> None:

@@ -219,6 +219,11 @@ class FingerprintService(Service):
             cmap = await self.profiles.get(bus.kv_key(req.model, t))
             if cmap is not None:
                 return cmap
+        if req.gpu_type and rec.status == "profiled":
+            raise errors.NotFound(
+                f"model {req.model!r} has no profile for GPU type {req.gpu_type!r}; profiled: "
+                f"{', '.join(rec.profiled_gpu_types)}."
+            )
         raise errors.NotReady(
             f"model {req.model!r} has no profile{' for ' + req.gpu_type if req.gpu_type else ''} yet (status: "
             f"{rec.status})."
@@ -244,11 +249,16 @@ class FingerprintService(Service):
 
     async def _profile_model(self, name: str) -> None:
         with structlog.contextvars.bound_contextvars(model=name):
+            current = ""
             try:
+                await self._step(name, "", "waiting for a GPU agent")
                 types = await self._wait_for_gpu_types()
                 rec = await self.models.get(name)
                 if rec is None:
                     return
+                todo = [t for t in types if t not in rec.profiled_gpu_types]
+                steps = {k: v for k, v in rec.profiling.items() if k}
+                rec = await self._update(name, profiling={**steps, **{t: "queued" for t in todo}})
                 for gpu_type in types:
                     assert rec is not None  # None only if the record vanished: the run fails, as before
                     if await self.profiles.get(bus.kv_key(name, gpu_type)) is not None:
@@ -259,12 +269,14 @@ class FingerprintService(Service):
                         continue
                     rec = await self._update(name, status="profiling", status_reason="")
                     assert rec is not None  # None only if the record vanished: the run fails, as before
+                    current = gpu_type
                     cmap = await self._profile_on(rec, gpu_type)
                     # the map first, then the record that points to it: a crash in between only redoes work
                     await self.profiles.put(bus.kv_key(name, gpu_type), cmap)
                     rec = await self._update(
                         name, status="profiled", profiled_gpu_types=sorted({*rec.profiled_gpu_types, gpu_type})
                     )
+                    rec = await self._step(name, gpu_type, f"done: {len(cmap.estimates)} configurations")
                     done = ProfileDone(
                         model=name,
                         gpu_type=gpu_type,
@@ -285,10 +297,19 @@ class FingerprintService(Service):
             except Exception as e:
                 reason = e.message if isinstance(e, errors.IServeError) else f"{type(e).__name__}: {e}"
                 log.error("profiling failed", error=reason)
+                await self._step(name, current, "failed")
                 await self._update(name, status="failed", status_reason=reason)
                 await self.nc.publish(
                     subjects.PROFILE_DONE, encode(ProfileDone(model=name, gpu_type="", status="failed", reason=reason))
                 )
+
+    async def _step(self, name: str, gpu_type: str, text: str) -> ModelRecord | None:
+        """Record what the profiling job of ``gpu_type`` ("": of the model, before the types are known) does now."""
+        rec = await self.models.get(name)
+        if rec is None:
+            return None
+        steps = {k: v for k, v in rec.profiling.items() if k or not gpu_type}
+        return await self._update(name, profiling={**steps, gpu_type: text})
 
     async def _wait_for_gpu_types(self) -> list[str]:
         deadline = time.monotonic() + self.cfg.gpu_wait_s
@@ -309,6 +330,7 @@ class FingerprintService(Service):
         return sorted(gpus, key=lambda g: (round(g.busy_fraction, 2), -g.free_bytes, g.agent_id, g.gpu_index))
 
     async def _profile_on(self, rec: ModelRecord, gpu_type: str) -> ConfigurationMap:
+        await self._step(rec.name, gpu_type, "writing fingerprints")
         ck = await asyncio.to_thread(checkpoint.scan_checkpoint, rec.path)
         if ck.digest != rec.digest:
             raise errors.CheckpointError(
@@ -374,6 +396,9 @@ class FingerprintService(Service):
                 gpus=job.gpu_indices,
                 variants=len(job.variants),
             )
+            await self._step(
+                rec.name, gpu_type, f"measuring {len(job.variants)} variants on {gpu.agent_id}/GPU {gpu.gpu_index}"
+            )
             try:
                 result = await bus.request(
                     self.nc,
@@ -391,6 +416,7 @@ class FingerprintService(Service):
         if not result.measurements:
             why = "; ".join(f"{k}: {v}" for k, v in sorted(result.skipped.items())) or "nothing was measured"
             raise errors.UnsupportedModel(f"the profiler could measure no variant of {rec.name} on {gpu_type}: {why}")
+        await self._step(rec.name, gpu_type, "fitting the configurations")
         sizes, fractions = generator.fingerprint_cost_fields(infos)
         cost = ProfilingCost(
             gpu_seconds=result.gpu_seconds,

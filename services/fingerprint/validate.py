@@ -30,10 +30,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import msgspec
+from rich.console import Console
 
 from iserve.messages import ConfigEstimate, ConfigurationMap
+from iserve.progress import Steps
 
-from .comparison import Comparison, compare, print_summary, print_table, report_rows, summarize
+from .comparison import Comparison, compare, print_summary, summarize, validate_rows, validate_table
 from .measure import (
     decode_runs,
     default_devices,
@@ -72,16 +74,20 @@ def validate(
     log: Callable[[str], None] | None = None,
     deadline: float | None = None,
     timeout_s: float = 900.0,
+    starting: Callable[[int, str], None] | None = None,
 ) -> list[Comparison]:
     """Measure each of ``estimates``' configurations in full and compare. A configuration the engine
     refuses, or that runs out of memory, gets a note instead of points; with ``deadline``
-    (``time.monotonic()``), configurations left when it passes are noted as skipped."""
+    (``time.monotonic()``), configurations left when it passes are noted as skipped. ``starting(i,
+    key)`` is told before the i-th (from 0) is measured."""
     from iserve.errors import IServeError
 
     runs = decode_runs(prompt_lengths, output_lengths, cmap.context_tokens)
     out = []
-    for est in estimates:
+    for i, est in enumerate(estimates):
         key = est.config.key()
+        if starting:
+            starting(i, key)
         if deadline is not None and time.monotonic() > deadline:
             out.append(Comparison(config=key, note="skipped: out of time"))
             continue
@@ -172,7 +178,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where fingerprints are written when profiling here (default: a temporary folder)",
     )
     p.add_argument("--limit", type=int, default=0, help="measure at most this many configurations")
-    p.add_argument("--json", default="", help="also write every point and the summary to this JSON file")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON document (the table's rows, the summary, every point) instead of tables",
+    )
+    p.add_argument("--json-file", default="", help="also write that JSON document to this file")
     p.add_argument(
         "--timeout-s",
         type=float,
@@ -199,11 +210,17 @@ async def _stored_map(url: str, model: str, gpu_type: str) -> tuple[str, Configu
 def main(argv: list[str] | None = None) -> int:
     """``iserve validate``; returns the exit status (0: measured and printed; 1: nothing measured;
     2: bad arguments or model)."""
-    from iserve.errors import IServeError
 
     a = parse_args(argv)
     devices = [d for d in a.devices.split(",") if d] or default_devices()
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    with Steps(Console(stderr=True)) as steps:
+        return _run(a, devices, steps)
+
+
+def _run(a: argparse.Namespace, devices: list[str], steps: Steps) -> int:
+    from iserve.errors import IServeError
+
+    log = steps.log
     local = None
     try:
         if a.nats_url and not Path(a.model).is_dir():  # a registered model's name
@@ -219,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             work = a.work_dir or tempfile.mkdtemp(prefix="iserve-validate-")
-            log(f"profiling the fingerprints of {model_dir} on {devices[0]} ...")
+            steps.show("validate", f"profiling the fingerprints of {Path(model_dir).name} on {devices[0]}")
             wanted = {_variant_of_key(k) for k in a.configs.split(",") if k}
             only = (lambda v: _variant_of_key(v.key()) in wanted) if wanted else None
             local = profile_locally(
@@ -256,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = fitting_configs(cmap, memory_bytes=device_memory_bytes(devices[0]))
         if a.limit:
             chosen = chosen[: a.limit]
+        n = len(chosen)
         comps = validate(
             model_dir,
             cmap,
@@ -267,27 +285,35 @@ def main(argv: list[str] | None = None) -> int:
             warmup=a.warmup,
             log=log,
             timeout_s=a.timeout_s,
+            starting=lambda i, key: steps.show("validate", f"measuring {key}", done=i, total=n),
         )
+        steps.show("validate", "measured", done=n, total=n)
     except IServeError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
-    print(
-        f"{cmap.model} on {cmap.gpu_type} (estimates from {cmap.device or 'the stored map'}; "
-        f"context {cmap.context_tokens})"
-    )
-    print_table(["config", "what", "at", "estimated", "measured", "unit", "error", "GPU-s"], report_rows(comps))
     summary = summarize([c for c in comps if not c.note])
-    print_summary(summary)
+    doc = {
+        "model": cmap.model,
+        "gpu_type": cmap.gpu_type,
+        "device": cmap.device,
+        "context_tokens": cmap.context_tokens,
+        "rows": validate_rows(comps),
+        "summary": summary,
+        "comparisons": [asdict(c) for c in comps],
+    }
+    if local is not None:  # the fingerprints' own measurements, to see where an estimate came from
+        doc["profile"] = msgspec.to_builtins(local.result)
+    if a.json_file:
+        Path(a.json_file).write_text(json.dumps(doc, indent=1, default=str))
     if a.json:
-        doc = {
-            "model": cmap.model,
-            "gpu_type": cmap.gpu_type,
-            "summary": summary,
-            "comparisons": [asdict(c) for c in comps],
-        }
-        if local is not None:  # the fingerprints' own measurements, to see where an estimate came from
-            doc["profile"] = msgspec.to_builtins(local.result)
-        Path(a.json).write_text(json.dumps(doc, indent=1, default=str))
+        sys.stdout.write(json.dumps(doc, default=str) + "\n")
+    else:
+        title = (
+            f"{cmap.model} on {cmap.gpu_type} (estimates from {cmap.device or 'the stored map'}; "
+            f"context {cmap.context_tokens})"
+        )
+        Console().print(validate_table(comps, title))
+        print_summary(summary)
     return 0 if any(not c.note for c in comps) else 1
 
 

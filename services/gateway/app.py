@@ -26,6 +26,7 @@ from iserve.messages import ChatMessage, Completion, GpuLoad
 
 from .config import GatewayConfig
 from .metrics import Metrics
+from .model_cache import ModelCache
 from .openai_types import ChatCompletionRequest, CompletionRequest, error_body
 from .stops import StopMatcher
 
@@ -71,6 +72,7 @@ class Gateway:
         self.cfg = cfg
         self.metrics = metrics
         self.gpu_loads = gpu_loads
+        self.model_cache = ModelCache(client, cfg.model_cache_s)
         self.app = Starlette(
             routes=[
                 Route("/v1/models", self.models, methods=["GET"]),
@@ -143,8 +145,8 @@ class Gateway:
         try:
             req = await self._decode(request, kind)
             model = req.model
-            info = await self.client.model(req.model)  # not_found (404) before anything is queued
-            if not info.record.has_tokenizer:
+            record = await self.model_cache.get(req.model)  # not_found (404) before anything is queued
+            if not record.has_tokenizer:
                 raise errors.BadRequest(
                     f"model {req.model!r} has no tokenizer.json, so its text cannot be tokenized as it was trained; "
                     "add the model's tokenizer files to its folder and register it again."

@@ -18,6 +18,9 @@ class GatewayConfig(ServiceConfig):
     no_auth: bool = option(False, help="serve without an API key (refused unless --http-host is a loopback address)")
     request_timeout_s: float = option(300.0, help="how long one request may wait and run")
     default_max_tokens: int = option(256, help="max_tokens of a chat completion that sets none")
+    model_cache_s: float = option(
+        30.0, help="a cached model record is asked for again after this long (updates arrive at once); 0: no cache"
+    )
 
 
 def is_loopback(host: str) -> bool:

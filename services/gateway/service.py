@@ -47,6 +47,7 @@ class GatewayService(Service):
 
     async def subscribe(self) -> None:
         await self.listen(subjects.GPU_LOAD_ALL, self._on_gpu_load)
+        await self.listen(self.gateway.model_cache.subject, self.gateway.model_cache.on_update)
 
     async def _on_gpu_load(self, msg: Msg) -> None:
         try:

@@ -1,0 +1,83 @@
+"""Conditions a user can fix are answered with their own code (``bad_request``, ``not_found``, ...),
+never ``internal``, and the handler keeps serving: sent over a real nats-server to the real services."""
+
+from __future__ import annotations
+
+import pytest
+from test_services import Cluster, copy_model
+
+from iserve import bus, errors
+from iserve.client import Client, CompletionStream
+from iserve.messages import ModelRecord
+
+BAD_NAMES = ["", "a b", "a*", "a.>", "x..y", "café"]
+
+
+@pytest.fixture
+async def services(nats_server, tmp_path):
+    async with Cluster(nats_server.url, tmp_path) as c:
+        yield c
+
+
+@pytest.fixture
+async def client(nats_server):
+    c = await Client.connect(nats_server.url)
+    yield c
+    await c.close()
+
+
+async def _generate(client: Client, model: str) -> None:
+    async for _ in client.generate(model, "hi", max_tokens=2, stream=CompletionStream()):
+        pass
+
+
+def test_valid_key_follows_the_nats_rule():
+    assert bus.valid_key("llama-2.sim-gpu") and bus.valid_key("a/b=c_d")
+    assert not any(bus.valid_key(k) for k in BAD_NAMES + [".a", "a."])
+    assert all(bus.valid_key(bus.kv_key("m", t)) for t in ("NVIDIA H100 80GB HBM3", "sim-gpu"))
+
+
+async def test_a_key_no_entry_can_have_reads_as_absent_and_is_refused_on_write(nc):
+    kv = await bus.TypedKV.open(nc, "test_keys", ModelRecord)
+    assert await kv.get("a b") is None and await kv.get_with_revision("") == (None, 0)
+    await kv.delete("a*")  # nothing to delete
+    with pytest.raises(errors.BadRequest, match="cannot name an entry"):
+        await kv.create("a b", None)  # type: ignore[arg-type]  # refused before anything is encoded
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+async def test_names_that_cannot_exist_are_not_found_on_every_subject(services, client, name):
+    with pytest.raises(errors.NotFound):
+        await client.model(name)
+    with pytest.raises(errors.NotFound):
+        await client.unregister(name)
+    with pytest.raises(errors.NotFound):
+        await client.profile(name)
+    with pytest.raises(errors.NotFound):
+        await client.deploy(name)
+    with pytest.raises(errors.NotFound):
+        await client.undeploy(name)
+    with pytest.raises(errors.NotFound):
+        await _generate(client, name)
+    # every handler still answers a good request
+    assert (await client.models()).models == []
+    assert (await client.deployments()).deployments == []
+    assert (await client.scheduler_stats()).queues == []
+
+
+async def test_a_bad_deployment_id_or_gpu_type_of_a_profiled_model(services, client, tiny_model, tmp_path):
+    info = await client.register(str(copy_model(tiny_model, tmp_path / "tiny")))
+    name = info.record.name
+    await client.wait_profiled(name, timeout=120)
+    with pytest.raises(errors.BadRequest, match="deployment id 'x y' is not usable"):
+        await client.deploy(name, deployment_id="x y")
+    with pytest.raises(errors.NotFound, match="no profile for GPU type 'nope'"):
+        await client.profile(name, "nope")
+    with pytest.raises(errors.NotFound, match="no profile for GPU type 'nope'"):
+        await client.deploy(name, gpu_type="nope")
+    with pytest.raises(errors.BadRequest, match="not in"):
+        await client.deploy(name, config="tp9-pp1-wfp16-kvfp16-pnone")
+    with pytest.raises(errors.NotReady, match="no ready deployment"):
+        await _generate(client, name)
+    assert (await client.profile(name)).model == name  # still serving
+    assert (await client.deployments()).deployments == []  # nothing half-deployed
