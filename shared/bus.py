@@ -54,10 +54,14 @@ async def connect(
     holder: list[NATS] = []
 
     refused: list[str] = []
+    refused_now = asyncio.Event()  # a command stops at the first refusal instead of retrying
 
     async def on_error(e: Exception) -> None:
         if "authorization violation" in str(e).lower():
             refused.append(str(e))
+            refused_now.set()
+        if give_up_after is not None and not holder:
+            return  # a command still connecting: its error says what went wrong, once
         log.warning("nats error", error=str(e))
 
     async def on_disconnect() -> None:
@@ -89,7 +93,17 @@ async def connect(
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
         )
-        nc = await (connecting if give_up_after is None else asyncio.wait_for(connecting, give_up_after))
+        if give_up_after is None:
+            nc = await connecting
+        else:
+            task = asyncio.ensure_future(connecting)
+            watch = asyncio.ensure_future(refused_now.wait())
+            await asyncio.wait({task, watch}, timeout=give_up_after, return_when=asyncio.FIRST_COMPLETED)
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+                raise asyncio.TimeoutError()
+            nc = task.result()
         holder.append(nc)
         return nc
     except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as e:

@@ -318,6 +318,9 @@ def scan_checkpoint(model_dir: str | os.PathLike, *, validate: bool = True) -> C
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{d} has no *.safetensors files; iServe reads weights only from safetensors.")
+    odd = [f.name for f in files if not f.is_file()]  # a FIFO or device would block the reader forever
+    if odd:
+        raise CheckpointError(f"{', '.join(odd[:3])} in {d} is not a regular file; replace it with the shard itself.")
     index = d / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -362,6 +365,13 @@ def scan_checkpoint(model_dir: str | os.PathLike, *, validate: bool = True) -> C
 
 
 def validate_tensors(ck: Checkpoint) -> None:
+    # config.json is checked against the tensors before any per-layer work: a claimed million layers
+    # must not make a million layers' worth of names (every layer holds several tensors)
+    if ck.arch.num_layers > len(ck.tensors):
+        raise CheckpointError(
+            f"config.json says {ck.arch.num_layers} layers but the checkpoint holds only {len(ck.tensors)} tensors; "
+            "fix num_hidden_layers (or the config's equivalent) to match the weights."
+        )
     want = expected_tensors(ck.arch)
     missing = [n for n in want if n not in ck.tensors]
     if missing:

@@ -165,3 +165,19 @@ def test_integer_weights_are_unsupported(model):
             save_file(t, f)
     with pytest.raises(errors.UnsupportedModel, match="not supported"):
         checkpoint.scan_checkpoint(model)
+
+
+def test_a_fifo_named_like_a_shard_is_refused_not_read(model):
+    import os
+
+    os.mkfifo(model / "extra.safetensors")  # opening it for reading would block forever
+    with pytest.raises(errors.CheckpointError, match="not a regular file"):
+        checkpoint.scan_checkpoint(model)
+
+
+def test_a_config_claiming_a_million_layers_is_refused_before_any_work(model):
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1_000_000
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(errors.CheckpointError, match="1000000 layers but the checkpoint holds only"):
+        checkpoint.scan_checkpoint(model)
