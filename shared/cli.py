@@ -31,6 +31,7 @@ from . import auth, errors
 from .messages import COST_MODELS, INTENT_KINDS, Intent, ModelRecord, PlacementChoice, values
 from .progress import Steps
 from .runtime import run_async
+from .settings import add_env_twins
 from .tables import (
     ESTIMATE_COLUMNS,
     GIB,
@@ -476,7 +477,9 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print(f"[red]error[/] {escape(str(e))}")
             code = 2
         sys.exit(code or 0)
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_env_twins(parser)
+    a = parser.parse_args(argv)
     handlers = {
         "up": lambda: __import__("iserve.up", fromlist=["run"]).run(a),
         "demo": lambda: __import__("iserve.demo", fromlist=["run"]).run(a),

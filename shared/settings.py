@@ -135,3 +135,39 @@ class ServiceConfig:
 def common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every service has."""
     add_flags(parser, ServiceConfig)
+
+
+def add_env_twins(parser: argparse.ArgumentParser) -> None:
+    """Give every ``--flag`` of ``parser`` and its sub-commands that has no environment twin yet the
+    twin ``ISERVE_FLAG`` (the flag still wins): a set variable becomes the default, ``--help`` names
+    it. Flags declared with ``flag``/``option`` (whose help already names their variable) are left
+    as they are."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                add_env_twins(sub)
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.dest in ("help", "version") or "[env " in (action.help or ""):
+            continue
+        env = env_name(longs[0])
+        action.help = f"{action.help or ''} [env {env}]".strip()
+        raw = os.environ.get(env)
+        if raw is None:
+            continue
+        try:
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                value: Any = _parse_bool(raw)
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                value = _parse_bool(raw)
+            elif action.type is not None and callable(action.type):
+                value = action.type(raw)
+            else:
+                value = raw
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            parser.error(f"environment variable {env}={raw!r} is invalid: {e}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(
+                f"environment variable {env}={raw!r} is invalid: use one of {', '.join(map(str, action.choices))}"
+            )
+        action.default = value

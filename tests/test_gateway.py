@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-import openai
 import pytest
 import pytest_asyncio
 from test_services import Cluster, copy_model, deployed
@@ -17,6 +16,7 @@ from iserve.gateway.service import GatewayService
 from iserve.natsserver import free_port
 from iserve.tokenizer_files import write_byte_tokenizer
 
+openai = pytest.importorskip("openai")  # a test dependency; absent on the GPU hosts
 KEY = "test-key"
 
 
@@ -130,6 +130,9 @@ async def test_errors_are_openai_shaped_with_the_right_status(stack):
     with pytest.raises(openai.BadRequestError) as e:
         await oa.completions.create(model=name, prompt="x", max_tokens=2, n=2)
     assert e.value.body["code"] == "bad_request" and "n" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # refused, not silently ignored
+        await oa.completions.create(model=name, prompt="x", max_tokens=2, echo=True)
+    assert "echo is not supported" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:  # a tokenizer without a chat template
         await oa.chat.completions.create(model="nochat", messages=[{"role": "user", "content": "x"}], max_tokens=2)
     assert "chat template" in e.value.body["message"]

@@ -69,8 +69,10 @@ async def test_a_bad_deployment_id_or_gpu_type_of_a_profiled_model(services, cli
     info = await client.register(str(copy_model(tiny_model, tmp_path / "tiny")))
     name = info.record.name
     await client.wait_profiled(name, timeout=120)
-    with pytest.raises(errors.BadRequest, match="deployment id 'x y' is not usable"):
+    with pytest.raises(errors.BadRequest, match="deployment_id"):  # refused by the message's type
         await client.deploy(name, deployment_id="x y")
+    with pytest.raises(errors.BadRequest, match="deployment id 'x..y' is not usable"):  # a name, but no KV key
+        await client.deploy(name, deployment_id="x..y")
     with pytest.raises(errors.NotFound, match="no profile for GPU type 'nope'"):
         await client.profile(name, "nope")
     with pytest.raises(errors.NotFound, match="no profile for GPU type 'nope'"):
@@ -81,3 +83,13 @@ async def test_a_bad_deployment_id_or_gpu_type_of_a_profiled_model(services, cli
         await _generate(client, name)
     assert (await client.profile(name)).model == name  # still serving
     assert (await client.deployments()).deployments == []  # nothing half-deployed
+
+
+async def test_a_profile_job_without_its_fingerprints_is_a_checkpoint_error(services, client, tmp_path):
+    from iserve import subjects
+    from iserve.messages import ErrorReply, ProfileJob, ProfileResult, decoder, encode
+
+    job = ProfileJob(job_id="j1", model="m", fingerprint_paths=[str(tmp_path / "gone")], gpu_index=0)
+    msg = await client.nc.request(subjects.agent_profile("a0"), encode(job), timeout=10)
+    reply = decoder(ProfileResult | ErrorReply).decode(msg.data)
+    assert isinstance(reply, ErrorReply) and reply.code == "bad_checkpoint" and "gone" in reply.message

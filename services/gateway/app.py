@@ -145,6 +145,8 @@ class Gateway:
         try:
             req = await self._decode(request, kind)
             model = req.model
+            if getattr(req, "echo", False):  # refused, never silently ignored
+                raise errors.BadRequest("echo is not supported; send the request without it and prepend the prompt.")
             record = await self.model_cache.get(req.model)  # not_found (404) before anything is queued
             if not record.has_tokenizer:
                 raise errors.BadRequest(

@@ -450,6 +450,12 @@ class AgentService(Service):
         with structlog.contextvars.bound_contextvars(job_id=job.job_id, model=job.model):
             gpus = [job.gpu_index] + [i for i in job.gpu_indices if i != job.gpu_index]
             self._check_gpus(gpus, {}, f"profile job {job.job_id}")
+            missing = [p for p in job.fingerprint_paths if not (Path(p) / "config.json").is_file()]
+            if not job.fingerprint_paths or missing:
+                raise errors.CheckpointError(
+                    f"profile job {job.job_id}: fingerprint folder(s) {', '.join(missing) or '(none given)'} hold no "
+                    "config.json on this agent's host; the fingerprint service must write them where the agent reads."
+                )
             wid = f"profile-{job.job_id}"
             job_path = self.cfg.work_dir / "workers" / f"{wid}.job.json"
             result_path = self.cfg.work_dir / "workers" / f"{wid}.result.json"
