@@ -98,6 +98,7 @@ def permissions(role: Role) -> Permissions:
             S.WORKER_EXITED,
             f"{S.WORKER_HEARTBEAT}.>",
             inbox_prefix("scheduler") + ".>",
+            S.MODEL_GET,  # a launch's model path is checked against the registry
         ]
         sub = [f"{P}.agent.*.>", S.worker_generate("*"), S.worker_cancel("*"), f"{S.WORKER_HEARTBEAT}.>"]
     elif role == "deployer":

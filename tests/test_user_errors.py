@@ -93,3 +93,26 @@ async def test_a_profile_job_without_its_fingerprints_is_a_checkpoint_error(serv
     msg = await client.nc.request(subjects.agent_profile("a0"), encode(job), timeout=10)
     reply = decoder(ProfileResult | ErrorReply).decode(msg.data)
     assert isinstance(reply, ErrorReply) and reply.code == "bad_checkpoint" and "gone" in reply.message
+
+
+async def test_the_agent_launches_only_registered_checkpoints_with_memory(services, client, tiny_model, tmp_path):
+    from iserve import subjects
+    from iserve.messages import Configuration, ErrorReply, LaunchReply, LaunchWorker, StageSpec, decoder, encode
+
+    info = await client.register(str(copy_model(tiny_model, tmp_path / "reg")))
+    layers = info.record.arch.num_layers
+
+    def launch(path: str, memory: int) -> LaunchWorker:
+        stage = StageSpec(gpu_index=0, first_layer=0, num_layers=layers, memory_bytes=memory)
+        return LaunchWorker(
+            worker_id="w-x", deployment_id="x", model=info.record.name, model_path=path, config=Configuration(),
+            stages=[stage],
+        )  # fmt: skip
+
+    for bad, words in (
+        (launch(str(tiny_model), 1 << 20), "is registered at"),
+        (launch(info.record.path, 0), "no memory"),
+    ):
+        msg = await client.nc.request(subjects.agent_launch("a0"), encode(bad), timeout=10)
+        reply = decoder(LaunchReply | ErrorReply).decode(msg.data)
+        assert isinstance(reply, ErrorReply) and reply.code == "bad_request" and words in reply.message, reply

@@ -29,6 +29,10 @@ class AgentConfig(ServiceConfig):
     pin_cpus: bool = option(
         True, help="pin tensor-parallel worker and profiling ranks to the CPUs NVML lists as close to their GPU"
     )
+    verify_launches: bool = option(
+        True,
+        help="check each launch's model path against the model registry (the fingerprint service) before starting it",
+    )
 
 
 def parse(argv: list[str] | None = None) -> AgentConfig:

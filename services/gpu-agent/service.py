@@ -34,11 +34,13 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from iserve import errors, subjects
+from iserve import bus, errors, subjects
 from iserve.messages import (
+    GetModel,
     GpuLoad,
     LaunchReply,
     LaunchWorker,
+    ModelInfo,
     ProfileJob,
     ProfileResult,
     StopReply,
@@ -415,11 +417,17 @@ class AgentService(Service):
                     f"launch has {len(req.stages)} stage entries for tensor parallelism {tp}; give tp entries per "
                     "pipeline stage (stage s of rank r is stages[s * tp + r])."
                 )
+            if any(s.memory_bytes <= 0 for s in req.stages):
+                raise errors.BadRequest(
+                    f"launch of {req.worker_id} gives a stage no memory; every stage must reserve the bytes it holds."
+                )
             indices = [s.gpu_index for s in req.stages]
             need: dict[int, int] = {}
             for s in req.stages:
                 need[s.gpu_index] = need.get(s.gpu_index, 0) + s.memory_bytes
             self._check_gpus(indices, need, f"worker {req.worker_id}")
+            if self.cfg.verify_launches:
+                await self._check_registered(req.model, req.model_path)
             spec_path = self.cfg.work_dir / "workers" / f"{req.worker_id}.launch.json"
             spec_path.write_bytes(encode(req))
             ranks = None
@@ -436,6 +444,18 @@ class AgentService(Service):
                 req.worker_id, req.deployment_id, "serve", indices, need, ["--spec", str(spec_path)], ranks
             )
             return LaunchReply(worker_id=req.worker_id, pid=w.proc.pid, agent_id=self.cfg.agent_id)
+
+    async def _check_registered(self, model: str, path: str) -> None:
+        """A worker loads only the checkpoint registered under ``model`` (not any path a launch names)."""
+        try:
+            info = await bus.request(self.nc, subjects.MODEL_GET, GetModel(name=model), ModelInfo, timeout=10.0)
+        except errors.NotFound:
+            raise errors.BadRequest(f"launch names model {model!r}, which is not registered; register it first.")
+        if Path(info.record.path).resolve() != Path(path).resolve():
+            raise errors.BadRequest(
+                f"launch of {model!r} names {path}, but the model is registered at {info.record.path}; "
+                "launch the registered checkpoint."
+            )
 
     async def handle_stop(self, req: StopWorker, _msg: Msg) -> StopReply:
         w = self.workers.get(req.worker_id)

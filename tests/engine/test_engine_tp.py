@@ -191,6 +191,7 @@ async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path, max_batc
         load_window_s=120,
         work_dir=tmp_path / "agent",
         profile_timeout_s=60,
+        verify_launches=False,  # no model registry in this test: the launch is sent by hand
     )
     gpus = SimulatedGpus(parse_simulated("2x24GB"), "sim")
     agent = AgentService(cfg, await bus.connect(nats_server.url, "agent"), gpus)
@@ -220,8 +221,8 @@ async def test_agent_launches_a_tp_worker(model, nats_server, tmp_path, max_batc
             context_tokens=96,
             max_batch=max_batch,
             stages=[
-                StageSpec(gpu_index=0, first_layer=0, num_layers=4),
-                StageSpec(gpu_index=1, first_layer=0, num_layers=4),
+                StageSpec(gpu_index=0, first_layer=0, num_layers=4, memory_bytes=1 << 28),
+                StageSpec(gpu_index=1, first_layer=0, num_layers=4, memory_bytes=1 << 28),
             ],
         )
         rep = await bus.request(nc, subjects.agent_launch("a0"), launch, LaunchReply, timeout=60)
