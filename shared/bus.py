@@ -82,7 +82,7 @@ async def connect(
         login["tls"] = ssl.create_default_context(cafile=ca)
     try:
         connecting = nats.connect(
-            url,
+            [u.strip() for u in url.split(",") if u.strip()],  # a cluster: several URLs, comma-separated
             name=name,
             **login,
             connect_timeout=connect_timeout,
@@ -265,14 +265,15 @@ def kv_key(*parts: str) -> str:
     return ".".join(_KEY_BAD.sub("_", p) for p in parts)
 
 
-async def bucket(nc: NATS, name: str, *, history: int = 5) -> KeyValue:
+async def bucket(nc: NATS, name: str, *, history: int = 5, replicas: int = 1) -> KeyValue:
+    """Bind the KV bucket ``name``, creating it (with ``replicas`` copies on a NATS cluster) if absent."""
     js = nc.jetstream()
     try:
         return await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
         pass
     try:
-        return await js.create_key_value(bucket=name, history=history)
+        return await js.create_key_value(bucket=name, history=history, replicas=replicas)
     except nats.js.errors.BadRequestError:
         # another service created it between our two calls
         return await js.key_value(name)
@@ -289,8 +290,8 @@ class TypedKV(Generic[T]):
         self._name = name
 
     @classmethod
-    async def open(cls, nc: NATS, name: str, kind: type[T]) -> "TypedKV[T]":
-        return cls(await bucket(nc, name), kind, js=nc.jetstream(), name=name)
+    async def open(cls, nc: NATS, name: str, kind: type[T], *, replicas: int = 1) -> "TypedKV[T]":
+        return cls(await bucket(nc, name, replicas=replicas), kind, js=nc.jetstream(), name=name)
 
     def _writable(self, key: str) -> str:
         if not valid_key(key):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .auth import write_server_config
@@ -57,14 +58,24 @@ class EmbeddedNats:
         log_file: str | os.PathLike | None = None,
         config: str = "",
         tls: bool = False,
+        name: str = "",
+        cluster_port: int = 0,
+        routes: Sequence[int] = (),
     ):
         """``config``: extra nats-server configuration (``auth.server_config``), written to
-        ``data_dir/nats.conf`` readable by its owner only; ``tls``: that config serves TLS."""
+        ``data_dir/nats.conf`` readable by its owner only; ``tls``: that config serves TLS.
+
+        Clustered (``cluster_port`` set): this node is ``name`` of the cluster ``iserve``, listening for
+        routes on ``cluster_port`` and connecting to the other nodes' ``routes`` (their cluster
+        ports); JetStream then replicates streams created with replicas > 1 across the nodes."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.log_file = Path(log_file) if log_file else self.data_dir / "nats-server.log"
         self.config = config
         self.tls = tls
+        self.name = name
+        self.cluster_port = cluster_port
+        self.routes = list(routes)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -95,6 +106,11 @@ class EmbeddedNats:
         ]
         if self.config:
             cmd += ["-c", str(write_server_config(self.data_dir / "nats.conf", self.config))]
+        if self.cluster_port:
+            cmd += ["-n", self.name or f"n{self.port}", "--cluster_name", "iserve"]
+            cmd += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}"]
+            if self.routes:
+                cmd += ["--routes", ",".join(f"nats-route://127.0.0.1:{r}" for r in self.routes)]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )

@@ -128,6 +128,10 @@ class ServiceConfig:
 
     nats_url: str = option("nats://127.0.0.1:4222", help="NATS server URL")
     nats_creds: str = option("", help="NATS credentials file (`iserve up` writes them in <data dir>/credentials)")
+    kv_replicas: int = option(
+        1,
+        help="copies of each JetStream bucket this service creates (3 on a three-node NATS cluster; docs/security.md)",
+    )
     log_level: LogLevel = option("info", help="log level")
     log_json: bool | None = option(None, help="JSON log lines (default: JSON unless stderr is a TTY)")
 

@@ -71,9 +71,15 @@ class DeployerService(Service):
         self._replacements: dict[str, list[float]] = {}
 
     async def setup(self) -> None:
-        self.models = await bus.TypedKV.open(self.nc, subjects.BUCKET_MODELS, ModelRecord)
-        self.profiles = await bus.TypedKV.open(self.nc, subjects.BUCKET_PROFILES, ConfigurationMap)
-        self.deployments = await bus.TypedKV.open(self.nc, subjects.BUCKET_DEPLOYMENTS, DeploymentRecord)
+        self.models = await bus.TypedKV.open(
+            self.nc, subjects.BUCKET_MODELS, ModelRecord, replicas=self.cfg.kv_replicas
+        )
+        self.profiles = await bus.TypedKV.open(
+            self.nc, subjects.BUCKET_PROFILES, ConfigurationMap, replicas=self.cfg.kv_replicas
+        )
+        self.deployments = await bus.TypedKV.open(
+            self.nc, subjects.BUCKET_DEPLOYMENTS, DeploymentRecord, replicas=self.cfg.kv_replicas
+        )
 
     async def subscribe(self) -> None:
         await self.serve(subjects.DEPLOY_REQUEST, DeployRequest, self.handle_deploy, queue="deployer")

@@ -96,9 +96,15 @@ class FingerprintService(Service):
         self.register_lock = asyncio.Lock()
 
     async def setup(self) -> None:
-        self.models = await bus.TypedKV.open(self.nc, subjects.BUCKET_MODELS, ModelRecord)
-        self.profiles = await bus.TypedKV.open(self.nc, subjects.BUCKET_PROFILES, ConfigurationMap)
-        self.deployments = await bus.TypedKV.open(self.nc, subjects.BUCKET_DEPLOYMENTS, DeploymentRecord)
+        self.models = await bus.TypedKV.open(
+            self.nc, subjects.BUCKET_MODELS, ModelRecord, replicas=self.cfg.kv_replicas
+        )
+        self.profiles = await bus.TypedKV.open(
+            self.nc, subjects.BUCKET_PROFILES, ConfigurationMap, replicas=self.cfg.kv_replicas
+        )
+        self.deployments = await bus.TypedKV.open(
+            self.nc, subjects.BUCKET_DEPLOYMENTS, DeploymentRecord, replicas=self.cfg.kv_replicas
+        )
 
     async def subscribe(self) -> None:
         await self.serve(subjects.MODEL_REGISTER, RegisterModel, self.handle_register, queue="fingerprint")

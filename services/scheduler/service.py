@@ -86,7 +86,9 @@ class SchedulerService(Service):
         self._missing: dict[str, int] = {}  # deployment id -> listings in a row that lacked it
 
     async def setup(self) -> None:
-        self.models_kv = await bus.TypedKV.open(self.nc, subjects.BUCKET_MODELS, ModelRecord)
+        self.models_kv = await bus.TypedKV.open(
+            self.nc, subjects.BUCKET_MODELS, ModelRecord, replicas=self.cfg.kv_replicas
+        )
 
     async def subscribe(self) -> None:
         await self.serve(subjects.INFER, InferRequest, self.handle_infer, queue="scheduler")
