@@ -200,16 +200,27 @@ async def request(nc: NATS, subject: str, msg: msgspec.Struct, kind: type[Rep], 
     return reply
 
 
+KEEPALIVE_MISSES = 4  # keep-alive intervals a stream waits before it declares its scheduler gone
+
+
 class Stream:
     """The receiving end of a streamed reply: an inbox subscription yielding ``TokenChunk`` messages
-    and ending with a ``Completion`` (returned by ``iterate``'s caller via ``.completion``)."""
+    and ending with a ``Completion`` (returned by ``iterate``'s caller via ``.completion``).
+
+    ``expect_keepalive(s)``: the sender promised an empty keep-alive at least every ``s`` seconds
+    (``Accepted.keepalive_s``); ``KEEPALIVE_MISSES`` intervals without any message then raise
+    ``Unavailable`` instead of waiting for ``idle_timeout``."""
 
     def __init__(self, nc: NATS, *, idle_timeout: float):
         self.nc = nc
         self.inbox = nc.new_inbox()
         self.idle_timeout = idle_timeout
+        self.liveness_s = 0.0
         self.completion: Completion | None = None
         self._sub: Subscription | None = None
+
+    def expect_keepalive(self, interval_s: float) -> None:
+        self.liveness_s = KEEPALIVE_MISSES * interval_s if interval_s > 0 else 0.0
 
     async def open(self) -> "Stream":
         self._sub = await self.nc.subscribe(self.inbox)
@@ -223,18 +234,38 @@ class Stream:
                 pass
             self._sub = None
 
+    async def _next(self) -> Msg:
+        """The next message with data; keep-alives (empty) only prove that the sender is alive."""
+        assert self._sub is not None, "call open() first"
+        loop = asyncio.get_running_loop()
+        last_data = last_any = loop.time()
+        while True:
+            wait = self.idle_timeout - (loop.time() - last_data)
+            if self.liveness_s > 0:
+                wait = min(wait, self.liveness_s - (loop.time() - last_any))
+            try:
+                msg = await self._sub.next_msg(timeout=max(wait, 0.001))
+            except nats.errors.TimeoutError:
+                t = loop.time()
+                if self.liveness_s > 0 and t - last_any >= self.liveness_s:
+                    raise errors.Unavailable(
+                        f"the scheduler holding this request sent nothing for {t - last_any:.0f} s (it promised a "
+                        f"keep-alive every {self.liveness_s / KEEPALIVE_MISSES:g} s): it died or lost its "
+                        "connection; send the request again."
+                    ) from None
+                if t - last_data >= self.idle_timeout:
+                    raise errors.Timeout(
+                        f"the stream went silent for {self.idle_timeout:.0f} s; the worker may be stuck."
+                    ) from None
+                continue
+            last_any = loop.time()
+            if msg.data:
+                return msg
+
     async def __aiter__(self) -> AsyncIterator[TokenChunk]:
         dec = decoder(StreamMessage)
-        assert self._sub is not None, "call open() first"
         while True:
-            try:
-                msg = await self._sub.next_msg(timeout=self.idle_timeout)
-            except nats.errors.TimeoutError:
-                raise errors.Timeout(
-                    f"the stream went silent for {self.idle_timeout:.0f} s; the worker may be stuck."
-                ) from None
-            if not msg.data:  # the scheduler's "are you still there" probe
-                continue
+            msg = await self._next()
             try:
                 item = dec.decode(msg.data)
             except (msgspec.ValidationError, msgspec.DecodeError) as e:

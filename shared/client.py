@@ -271,6 +271,7 @@ class Client:
         finished = False
         try:
             s.accepted = await bus.request(self.nc, subjects.INFER, req, Accepted, timeout=10.0)
+            st.expect_keepalive(s.accepted.keepalive_s)
             s.submitted = time.monotonic()
             async for chunk in st:
                 if s.first_token_at is None:

@@ -686,6 +686,12 @@ class DeploymentRecord(msgspec.Struct, kw_only=True):
     # batching decode as one request at a time and 0, "the context").
     max_batch: PositiveInt = 1
     kv_tokens: NonNegInt = 0
+    # Appended: reconciliation. Relaunches made so far (each with a new worker id), why the latest
+    # worker went (``reason`` adds what the deployer did about it), and whether the deployer gave up
+    # relaunching it (a given-up record is deleted after the deployer's --failed-ttl-s).
+    restarts: NonNegInt = 0
+    cause: str = ""
+    given_up: bool = False
 
 
 class DeployReply(Message):
@@ -757,6 +763,9 @@ class Accepted(Message):
     request_id: str
     deployment_id: str = ""
     queue_depth: int = 0
+    # Appended: the scheduler sends an empty keep-alive message to ``stream_to`` at least this often
+    # while it holds the request (0: it sends none), so a client can tell a dead scheduler from a slow worker.
+    keepalive_s: NonNegFloat = 0.0
 
 
 class GenerateRequest(Message):

@@ -17,9 +17,15 @@ class DeployerConfig(ServiceConfig):
     theta: float = option(0.5, help="hybrid policy: GPUs with load below theta are packable")
     gpu_stale_s: float = option(5.0, help="ignore GPUs whose last gpu.load is older than this")
     launch_timeout_s: float = option(30.0, help="how long an agent may take to start a worker process")
-    reconcile_s: float = option(5.0, help="seconds between checks that deployed workers still run")
-    replace_failed: bool = option(True, help="re-place a deployment whose worker died")
-    max_replacements: int = option(3, help="re-placements of one deployment allowed within 10 minutes")
+    reconcile_s: float = option(2.0, help="seconds between reconciliations (deployed workers still run, else relaunch)")
+    replace_failed: bool = option(True, help="relaunch or re-place a deployment whose worker or agent is gone")
+    max_replacements: int = option(3, help="relaunches of one deployment allowed within 10 minutes, then it fails")
+    heartbeat_stale_s: float = option(5.0, help="a worker whose heartbeats stop this long is gone (unless listed)")
+    launch_grace_s: float = option(10.0, help="a worker launched this recently is not yet expected in any report")
+    startup_grace_s: float = option(
+        3.0, help="after starting or reconnecting, observe this long before concluding that a worker is gone"
+    )
+    failed_ttl_s: float = option(3600.0, help="a deployment the deployer gave up on is deleted this long after")
     default_max_batch: int = option(
         DEFAULT_MAX_BATCH,
         help="requests a replica runs at once (continuous batching) when a deploy asks for 0; 1: one at a time",

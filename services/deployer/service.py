@@ -5,6 +5,10 @@ deployment's record durable in JetStream (bucket ``iserve_deployments``).
 GPU state comes from the agents' per-second ``gpu.load`` reports. Between a launch and the first
 report that shows the new worker, the deployer counts the worker's memory as pending so that two
 quick deployments never plan onto the same free memory. Decisions are serialized by one lock.
+
+At start, every ``reconcile_s`` and on ``worker.exited`` it reconciles (``reconcile.reconcile``, pure):
+a deployment whose worker or agent is gone is relaunched with a new worker id, on the same GPUs or
+re-placed, within bounded retries.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from iserve.messages import (
 )
 from iserve.service import Service
 
-from . import planner
+from . import planner, reconcile
 from .config import DeployerConfig
 from .memory import kv_pool_tokens
 from .placement import GpuState
@@ -68,7 +72,12 @@ class DeployerService(Service):
         self.gpus: dict[tuple[str, int], SeenGpu] = {}
         self.pending: dict[str, dict[tuple[str, int], int]] = {}  # worker id -> per-GPU bytes not yet reported
         self.lock = asyncio.Lock()
-        self._replacements: dict[str, list[float]] = {}
+        self._attempts: dict[str, list[float]] = {}  # deployment id -> wall times of its recent relaunches
+        self._beats: dict[str, reconcile.HeartbeatSeen] = {}  # worker id -> latest heartbeat (wall time)
+        self._exited: dict[str, tuple[str, float]] = {}  # worker id -> (why, when) for unexpected exits
+        self._launched: dict[str, float] = {}  # worker id -> when this deployer launched it
+        self._observing_since = time.time()
+        self._reconnects = 0
 
     async def setup(self) -> None:
         self.models = await bus.TypedKV.open(
@@ -91,7 +100,8 @@ class DeployerService(Service):
         await self.listen(subjects.WORKER_HEARTBEAT + ".>", self._on_heartbeat)
 
     async def started(self) -> None:
-        self._started = time.monotonic()
+        self._observing_since = time.time()
+        await self.reconcile_now()
         self.spawn(self._reconcile_loop())
         log.info(
             "deployer started",
@@ -146,13 +156,15 @@ class DeployerService(Service):
             async with self.lock:
                 return await self._deploy(req)
 
-    async def _deploy(self, req: DeployRequest) -> DeployReply:
+    async def _deploy(self, req: DeployRequest, previous: DeploymentRecord | None = None) -> DeployReply:
+        """Plan and launch. ``previous``: the record of a deployment being re-placed, whose creation
+        time and relaunch count carry over and which is put back (not deleted) if the launch fails."""
         if req.deployment_id and not bus.valid_key(req.deployment_id):
             raise errors.BadRequest(
                 f"deployment id {req.deployment_id!r} is not usable: use letters, digits, '-', '_' and single dots; "
                 "or leave it empty for one made up."
             )
-        if req.deployment_id:
+        if req.deployment_id and previous is None:
             existing = await self.deployments.get(req.deployment_id)
             if existing is not None and existing.status in ("launching", "ready"):
                 return DeployReply(deployment=existing, why="already deployed (idempotent retry)")
@@ -230,12 +242,18 @@ class DeployerService(Service):
             worker_id=worker_id,
             context_tokens=context,
             status="launching",
-            created_at=ts,
+            created_at=previous.created_at if previous else ts,
             updated_at=ts,
             max_batch=max_batch,
             kv_tokens=kv_tokens,
+            restarts=previous.restarts + 1 if previous else 0,
+            cause=previous.cause if previous else "",
+            reason=f"re-placed after: {previous.cause}" if previous else "",
         )
         await self.deployments.put(dep_id, dep)
+        self._launched[worker_id] = time.time()
+        if previous is None:
+            self._attempts.pop(dep_id, None)  # deployed anew: its relaunch budget starts over
         self.pending[worker_id] = {(a.agent_id, a.gpu_index): a.memory_bytes for a in decision.assignments}
         launch = LaunchWorker(
             worker_id=worker_id,
@@ -262,11 +280,12 @@ class DeployerService(Service):
             )
         except errors.IServeError as e:
             self.pending.pop(worker_id, None)
-            dep.status = "failed"
-            dep.reason = f"launch on agent {agent_id} failed: {e.message}"
-            dep.updated_at = now()
-            await self.deployments.delete(dep_id)
-            raise errors.Unavailable(f"{dep.reason}; nothing was deployed, try again.") from None
+            reason = f"launch on agent {agent_id} failed: {e.message}"
+            if previous is None:
+                await self.deployments.delete(dep_id)
+            else:
+                await self.deployments.put(dep_id, previous)
+            raise errors.Unavailable(f"{reason}; nothing was deployed, try again.") from None
         await self._changed(dep)
         log.info(
             "deployed",
@@ -292,17 +311,27 @@ class DeployerService(Service):
         await self.nc.publish(subjects.DEPLOYMENT_CHANGED, encode(DeploymentChanged(deployment=dep)))
 
     async def _set_status(
-        self, deployment_id: str, status: str, reason: str = "", *, only_from: tuple[str, ...] = ()
+        self,
+        deployment_id: str,
+        status: str,
+        reason: str = "",
+        *,
+        only_from: tuple[str, ...] = (),
+        cause: str | None = None,
+        given_up: bool = False,
     ) -> None:
         dep = await self.deployments.get(deployment_id)
         if (
             dep is None
             or (only_from and dep.status not in only_from)
-            or (dep.status == status and dep.reason == reason)
+            or (dep.status == status and dep.reason == reason and dep.given_up == given_up)
         ):
-            return  # (a failed deployment that could not be re-placed keeps "failed" and gets the longer reason)
+            return
         dep.status = status  # type: ignore[assignment]
         dep.reason = reason
+        dep.given_up = given_up
+        if cause is not None:
+            dep.cause = cause
         dep.updated_at = now()
         await self.deployments.put(deployment_id, dep)
         await self._changed(dep)
@@ -313,7 +342,10 @@ class DeployerService(Service):
             ev = decoder(WorkerReady).decode(msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return
-        await self._set_status(ev.deployment_id, "ready", only_from=("launching",))
+        self._launched.pop(ev.worker_id, None)
+        dep = await self.deployments.get(ev.deployment_id)
+        if dep is not None and dep.worker_id == ev.worker_id:
+            await self._set_status(ev.deployment_id, "ready", only_from=("launching",))
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         # A heartbeat of a serving worker also proves readiness (covers a missed worker.ready).
@@ -321,9 +353,12 @@ class DeployerService(Service):
             hb = decoder(WorkerHeartbeat).decode(msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return
-        if hb.state in ("idle", "busy") and hb.deployment_id:
+        before = self._beats.get(hb.worker_id)
+        self._beats[hb.worker_id] = reconcile.HeartbeatSeen(time.time(), hb.state)
+        first = before is None or before.state == "loading"
+        if first and hb.state in ("idle", "busy") and hb.deployment_id:
             dep = await self.deployments.get(hb.deployment_id)
-            if dep is not None and dep.status == "launching":
+            if dep is not None and dep.status == "launching" and dep.worker_id == hb.worker_id:
                 await self._set_status(hb.deployment_id, "ready", only_from=("launching",))
 
     async def _on_worker_exited(self, msg: Msg) -> None:
@@ -332,78 +367,188 @@ class DeployerService(Service):
         except (msgspec.ValidationError, msgspec.DecodeError):
             return
         self.pending.pop(ev.worker_id, None)
+        self._launched.pop(ev.worker_id, None)
         if ev.expected or not ev.deployment_id:
-            return
+            return  # stopped on purpose; if its agent stopped, reconciliation notices once it is back
+        reason = f"worker exited with code {ev.exit_code}: {ev.reason}"
+        self._exited[ev.worker_id] = (reason, time.time())
         dep = await self.deployments.get(ev.deployment_id)
         if dep is None or dep.worker_id != ev.worker_id:
-            return  # an older worker of a deployment that was re-placed already
-        reason = f"worker exited with code {ev.exit_code}: {ev.reason}"
-        await self._set_status(ev.deployment_id, "failed", reason, only_from=("launching", "ready"))
-        if self.cfg.replace_failed:
-            self.spawn(self._replace(ev.deployment_id, reason))
+            return  # an older worker of a deployment that was relaunched already
+        await self._set_status(ev.deployment_id, "failed", reason, only_from=("launching", "ready"), cause=reason)
+        self.spawn(self.reconcile_now())
 
-    async def _replace(self, deployment_id: str, why: str) -> None:
-        """Re-place a deployment whose worker died: same model, intent and id, decided afresh on the
-        GPUs free now. After ``max_replacements`` tries in ten minutes it stays failed."""
-        now_m = time.monotonic()
-        tries = [t for t in self._replacements.get(deployment_id, []) if now_m - t < 600] + [now_m]
-        self._replacements[deployment_id] = tries
-        if len(tries) > self.cfg.max_replacements:
-            await self._set_status(
-                deployment_id, "failed", f"{why}; not re-placed: {len(tries) - 1} re-placements in 10 minutes already"
+    def policy(self) -> reconcile.Policy:
+        c = self.cfg
+        return reconcile.Policy(
+            agent_stale_s=c.gpu_stale_s,
+            heartbeat_stale_s=c.heartbeat_stale_s,
+            launch_grace_s=c.launch_grace_s,
+            startup_grace_s=c.startup_grace_s,
+            relaunch=c.replace_failed,
+            max_attempts=c.max_replacements,
+            failed_ttl_s=c.failed_ttl_s,
+        )
+
+    def observed(self, wall: float) -> reconcile.Observed:
+        """What the deployer saw, on the wall clock (GPU reports are kept on the monotonic one)."""
+        to_wall = wall - time.monotonic()
+        agents: dict[str, reconcile.AgentSeen] = {}
+        for (aid, index), seen in self.gpus.items():
+            a = agents.get(aid)
+            at = seen.at + to_wall
+            gpus = {**(a.gpus if a else {}), index: seen.load.gpu_type}
+            workers = (a.workers if a else frozenset()) | frozenset(seen.load.workers)
+            agents[aid] = reconcile.AgentSeen(max(at, a.at if a else at), gpus, workers)
+        return reconcile.Observed(
+            agents=agents,
+            heartbeats=dict(self._beats),
+            exited={w: why for w, (why, _) in self._exited.items()},
+            launched=dict(self._launched),
+            since=self._observing_since,
+        )
+
+    def _forget_old(self, wall: float) -> None:
+        keep = 600.0
+        for w in [w for w, (_, at) in self._exited.items() if wall - at > keep]:
+            del self._exited[w]
+        for w in [w for w, b in self._beats.items() if wall - b.at > keep]:
+            del self._beats[w]
+        for w in [w for w, at in self._launched.items() if wall - at > keep]:
+            del self._launched[w]
+        for key in [k for k, s in self.gpus.items() if time.monotonic() - s.at > keep]:
+            del self.gpus[key]
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.reconcile_s)
+            reconnects = self.nc.stats.get("reconnects", 0)
+            if not self.nc.is_connected or reconnects != self._reconnects:
+                self._reconnects = reconnects
+                self._observing_since = time.time()  # what we missed meanwhile proves nothing
+            try:
+                await self.reconcile_now()
+            except Exception:
+                log.exception("reconcile failed")
+
+    async def reconcile_now(self) -> None:
+        """Compare the records with what agents and workers report, and act (``reconcile.reconcile``)."""
+        async with self.lock:
+            wall = time.time()
+            self._forget_old(wall)
+            deps = await self.deployments.values()
+            actions = reconcile.reconcile(deps, self.observed(wall), self._attempts, wall, self.policy())
+            for a in actions:
+                try:
+                    await self._act(a, wall)
+                except errors.IServeError as e:
+                    log.warning("reconcile action failed", action=a.kind, deployment_id=a.deployment_id, error=str(e))
+
+    async def _act(self, a: reconcile.Action, wall: float) -> None:
+        did = a.deployment_id
+        if a.kind == "ready":
+            await self._set_status(did, "ready", only_from=("launching", "failed"))
+        elif a.kind == "fail":
+            await self._set_status(did, "failed", a.reason, cause=a.cause)
+        elif a.kind == "give_up":
+            await self._set_status(did, "failed", a.reason, cause=a.cause, given_up=True)
+        elif a.kind == "delete":
+            await self.deployments.delete(did)
+            self._attempts.pop(did, None)
+            log.info("deployment deleted", deployment_id=did, reason=a.reason)
+        else:
+            dep = await self.deployments.get(did)
+            if dep is None:
+                return
+            await self._set_status(did, "failed", a.reason, cause=a.cause)
+            dep = await self.deployments.get(did)
+            if dep is None:
+                return
+            self._attempts[did] = [t for t in self._attempts.get(did, []) if wall - t < 600.0] + [wall]
+            if a.kind == "relaunch" and await self._relaunch(dep):
+                return
+            await self._replace(dep)
+
+    async def _relaunch(self, dep: DeploymentRecord) -> bool:
+        """Start the deployment's worker again, with a new id, on the same agent and GPUs. False when
+        the agent refuses (its GPUs are taken meanwhile): the caller re-places it."""
+        old = dep.worker_id
+        try:  # a worker that is alive but not heard from (hung, cut off) must not serve twice
+            await bus.request(
+                self.nc, subjects.agent_stop(dep.agent_id), StopWorker(worker_id=old), StopReply, timeout=15.0
             )
-            return
-        dep = await self.deployments.get(deployment_id)
-        if dep is None or dep.status != "failed":
-            return
+        except errors.IServeError as e:
+            log.info("stopping the old worker failed", worker_id=old, error=str(e))
+        wid = f"w-{dep.deployment_id}-{uuid.uuid4().hex[:4]}"
+        launch = LaunchWorker(
+            worker_id=wid,
+            deployment_id=dep.deployment_id,
+            model=dep.model,
+            model_path=dep.model_path,
+            config=dep.config,
+            stages=[
+                StageSpec(
+                    gpu_index=g.gpu_index,
+                    first_layer=g.first_layer,
+                    num_layers=g.num_layers,
+                    memory_bytes=g.memory_bytes,
+                )
+                for g in dep.gpus
+            ],
+            context_tokens=dep.context_tokens,
+            max_batch=dep.max_batch,
+            kv_tokens=dep.kv_tokens,
+        )
+        failed = msgspec.structs.replace(dep)
+        dep.worker_id = wid
+        dep.status = "launching"
+        dep.restarts += 1
+        dep.reason = f"relaunched after: {dep.cause}"
+        dep.updated_at = now()
+        await self.deployments.put(dep.deployment_id, dep)
+        self._launched[wid] = time.time()
+        self.pending[wid] = {(g.agent_id, g.gpu_index): g.memory_bytes for g in dep.gpus}
+        try:
+            await bus.request(
+                self.nc, subjects.agent_launch(dep.agent_id), launch, LaunchReply, timeout=self.cfg.launch_timeout_s
+            )
+        except errors.IServeError as e:
+            self.pending.pop(wid, None)
+            self._launched.pop(wid, None)
+            await self.deployments.put(dep.deployment_id, failed)
+            log.warning("relaunch refused; re-placing", deployment_id=dep.deployment_id, error=str(e))
+            return False
+        await self._changed(dep)
+        log.info("deployment relaunched", deployment_id=dep.deployment_id, worker_id=wid, after=dep.cause)
+        return True
+
+    async def _replace(self, dep: DeploymentRecord) -> None:
+        """Re-place a deployment whose worker is gone: same model, intent and id, decided afresh on the
+        GPUs free now; if nothing fits, it stays failed with the reason (and is tried again later)."""
+        why = dep.cause or dep.reason
         req = DeployRequest(
             model=dep.model,
             intent=dep.intent,
             placement=dep.placement_policy,
-            deployment_id=deployment_id,
+            deployment_id=dep.deployment_id,
             context_tokens=dep.context_tokens,
             max_batch=dep.max_batch,
             kv_tokens=dep.kv_tokens,
         )
         try:
-            async with self.lock:
-                rep = await self._deploy(req)
+            rep = await self._deploy(req, previous=dep)
         except errors.IServeError as e:
-            await self._set_status(deployment_id, "failed", f"{why}; could not re-place: {e.message}")
+            await self._set_status(dep.deployment_id, "failed", f"{why}; could not re-place: {e.message}", cause=why)
             return
-        log.info("deployment re-placed", deployment_id=deployment_id, config=rep.deployment.config.key(), after=why)
-
-    async def _reconcile_loop(self) -> None:
-        """Deployments whose worker no agent reports (the deployer or an agent restarted, a worker
-        vanished) are marked failed, so that the cluster view and the records agree."""
-        while True:
-            await asyncio.sleep(self.cfg.reconcile_s)
-            if time.monotonic() - self._started < 3 * self.cfg.gpu_stale_s:
-                continue  # let the agents report first
-            try:
-                await self._reconcile()
-            except Exception:
-                log.exception("reconcile failed")
-
-    async def _reconcile(self) -> None:
-        fresh = time.monotonic() - self.cfg.gpu_stale_s
-        live_agents = {k[0] for k, s in self.gpus.items() if s.at >= fresh}
-        workers = {w for s in self.gpus.values() if s.at >= fresh for w in s.load.workers}
-        for dep in await self.deployments.values():
-            if dep.status not in ("launching", "ready"):
-                continue
-            age = now() - dep.updated_at
-            if dep.agent_id not in live_agents:
-                if age > 3 * self.cfg.gpu_stale_s:
-                    await self._set_status(dep.deployment_id, "failed", f"agent {dep.agent_id} stopped reporting")
-            elif dep.worker_id not in workers and dep.worker_id not in self.pending and age > 3 * self.cfg.gpu_stale_s:
-                await self._set_status(
-                    dep.deployment_id, "failed", f"worker {dep.worker_id} is no longer running on agent {dep.agent_id}"
-                )
+        log.info("deployment re-placed", deployment_id=dep.deployment_id, config=rep.deployment.config.key(), after=why)
 
     # ------------------------------------------------------------------ undeploy and list
 
     async def handle_undeploy(self, req: UndeployRequest, _msg: Msg) -> UndeployReply:
+        async with self.lock:  # never while reconciliation relaunches it
+            return await self._undeploy(req)
+
+    async def _undeploy(self, req: UndeployRequest) -> UndeployReply:
         dep = await self.deployments.get(req.deployment_id)
         if dep is None:
             raise errors.NotFound(f"no deployment {req.deployment_id!r}; list them with `iserve status`.")
@@ -416,6 +561,7 @@ class DeployerService(Service):
         except errors.Unavailable:
             log.warning("agent unavailable on undeploy; removing the record", agent_id=dep.agent_id)
         self.pending.pop(dep.worker_id, None)
+        self._attempts.pop(req.deployment_id, None)
         await self.deployments.delete(req.deployment_id)
         dep.status = "stopped"
         dep.updated_at = now()

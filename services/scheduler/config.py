@@ -15,6 +15,12 @@ class SchedulerConfig(ServiceConfig):
     stream_idle_timeout_s: float = option(120.0, help="a worker silent this long mid-stream is considered dead")
     client_check_s: float = option(2.0, help="how often a running request checks that its client still listens")
     client_probe_timeout_s: float = 0.25
+    keepalive_s: float = option(
+        1.0, help="send each held request's client an empty keep-alive this often, so it can tell we died (0: never)"
+    )
+    worker_silent_s: float = option(
+        5.0, help="a running request whose worker sends no heartbeat this long fails with worker_died"
+    )
 
 
 def parse(argv: list[str] | None = None) -> SchedulerConfig:

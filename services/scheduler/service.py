@@ -5,7 +5,10 @@ client's inbox.
 
 Protocol seen by a client: request ``infer`` with an ``InferRequest`` whose ``stream_to`` is an inbox
 the client already listens on; the immediate reply is ``Accepted`` (or an ``ErrorReply``); then the
-inbox receives ``TokenChunk``s and one ``Completion`` or ``ErrorReply``.
+inbox receives ``TokenChunk``s and one ``Completion`` or ``ErrorReply``. While the scheduler holds a
+request (queued or running) it also sends an empty keep-alive to the inbox every ``keepalive_s``
+(``Accepted.keepalive_s``), so the client fails fast when the scheduler dies; a running request whose
+worker stops heartbeating for ``worker_silent_s`` ends with ``worker_died``.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class SchedulerService(Service):
         self.runners: dict[str, asyncio.Task] = {}  # deployment id -> its dispatcher
         self.relays: dict[str, set[asyncio.Task]] = {}  # deployment id -> its running requests' relays
         self.heartbeats: dict[str, WorkerHeartbeat] = {}  # worker id -> latest, for deployed workers
+        self.beat_at: dict[str, float] = {}  # worker id -> monotonic time of its latest heartbeat
         self.models_kv: bus.TypedKV[ModelRecord] | None = None
         self._missing: dict[str, int] = {}  # deployment id -> listings in a row that lacked it
 
@@ -101,6 +105,8 @@ class SchedulerService(Service):
         await self.refresh_deployments()
         self.spawn(self._refresh_loop())
         self.spawn(self._expire_loop())
+        if self.cfg.keepalive_s > 0:
+            self.spawn(self._keepalive_loop())
         log.info("scheduler started", deployments=len(self.deployments))
 
     # ------------------------------------------------------------------ deployments
@@ -126,6 +132,7 @@ class SchedulerService(Service):
         d = self.deployments.pop(deployment_id, None)
         if d is not None:
             self.heartbeats.pop(d.worker_id, None)
+            self.beat_at.pop(d.worker_id, None)
         self._missing.pop(deployment_id, None)
         runner = self.runners.pop(deployment_id, None)
         if runner is not None:
@@ -200,6 +207,7 @@ class SchedulerService(Service):
         d = self.deployments.get(hb.deployment_id)
         if d is not None and d.worker_id == hb.worker_id:
             self.heartbeats[hb.worker_id] = hb
+            self.beat_at[hb.worker_id] = time.monotonic()
 
     # ------------------------------------------------------------------ requests
 
@@ -222,7 +230,12 @@ class SchedulerService(Service):
             await self._explain_no_replica(req)
         assert replica is not None  # _explain_no_replica raised otherwise
         self.wakeups[replica.deployment_id].set()
-        return Accepted(request_id=req.request_id, deployment_id=replica.deployment_id, queue_depth=len(replica.queue))
+        return Accepted(
+            request_id=req.request_id,
+            deployment_id=replica.deployment_id,
+            queue_depth=len(replica.queue),
+            keepalive_s=self.cfg.keepalive_s,
+        )
 
     async def _explain_no_replica(self, req: InferRequest) -> None:
         if req.deployment_id:
@@ -288,6 +301,20 @@ class SchedulerService(Service):
             await self.nc.publish(req.stream_to, encode(err.to_reply()))
         except Exception:
             pass
+
+    async def _keepalive_loop(self) -> None:
+        """An empty message to the inbox of every request held, queued or running: the client's proof
+        that this scheduler still has its request (it skips empty messages)."""
+        while True:
+            await asyncio.sleep(self.cfg.keepalive_s)
+            inboxes = {
+                q.payload.stream_to for r in self.queues.replicas.values() for q in (*r.queue, *r.running.values())
+            }
+            for inbox in inboxes:
+                try:
+                    await self.nc.publish(inbox, b"")
+                except Exception:
+                    pass
 
     async def _expire_loop(self) -> None:
         while True:
@@ -415,6 +442,7 @@ class SchedulerService(Service):
         stats: ReplicaStats,
     ) -> None:
         dec = decoder(StreamMessage)
+        started = last_msg = time.monotonic()
         while True:
             remaining = item.deadline - time.monotonic()
             if remaining <= 0:
@@ -428,19 +456,32 @@ class SchedulerService(Service):
                 )
                 return
             try:
-                msg = await sub.next_msg(timeout=min(remaining, self.cfg.stream_idle_timeout_s))
+                msg = await sub.next_msg(timeout=min(remaining, 1.0))
             except nats.errors.TimeoutError:
-                if item.deadline - time.monotonic() <= 0:
+                t = time.monotonic()
+                if item.deadline - t <= 0:
+                    continue
+                silent = t - max(self.beat_at.get(worker_id, started), started)
+                if t - last_msg < self.cfg.stream_idle_timeout_s and silent < self.cfg.worker_silent_s:
                     continue
                 stats.failed += 1
+                await self.nc.publish(
+                    subjects.worker_cancel(worker_id), encode(CancelRequest(request_id=req.request_id))
+                )
+                why = (
+                    f"stopped streaming for {self.cfg.stream_idle_timeout_s:.0f} s"
+                    if silent < self.cfg.worker_silent_s
+                    else f"sent no heartbeat for {silent:.0f} s (it or its agent died)"
+                )
                 await self._send_error(
                     req,
                     errors.WorkerDied(
-                        f"the worker of deployment {deployment_id} stopped streaming for "
-                        f"{self.cfg.stream_idle_timeout_s:.0f} s."
+                        f"the worker of deployment {deployment_id} {why}; the request is not retried (tokens may "
+                        "have been streamed already); send it again."
                     ),
                 )
                 return
+            last_msg = time.monotonic()
             await self.nc.publish(req.stream_to, msg.data)
             try:
                 kind = dec.decode(msg.data)
