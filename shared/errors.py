@@ -13,6 +13,7 @@ the wire's ``ErrorReply``.
     ├── NotReady              not_ready            model not profiled yet, deployment still launching
     ├── Unavailable           unavailable          no service/agent/worker answered
     ├── Timeout               timeout              the request ran out of time
+    ├── Overloaded            overloaded           the deployment's queue is full: retry later (HTTP 429)
     ├── WorkerDied            worker_died          the worker serving the request exited
     ├── Cancelled             cancelled            the client cancelled the request
     └── InternalError         internal             a bug: the message includes the exception
@@ -78,6 +79,10 @@ class Timeout(IServeError):
     code = "timeout"
 
 
+class Overloaded(IServeError):
+    code = "overloaded"
+
+
 class WorkerDied(IServeError):
     code = "worker_died"
 
@@ -90,24 +95,7 @@ class InternalError(IServeError):
     code = "internal"
 
 
-_BY_CODE: dict[str, type[IServeError]] = {
-    cls.code: cls
-    for cls in (
-        BadRequest,
-        NotFound,
-        Conflict,
-        CheckpointError,
-        UnsupportedModel,
-        Infeasible,
-        PromptTooLong,
-        NotReady,
-        Unavailable,
-        Timeout,
-        WorkerDied,
-        Cancelled,
-        InternalError,
-    )
-}
+_BY_CODE: dict[str, type[IServeError]] = {cls.code: cls for cls in IServeError.__subclasses__()}
 
 
 def from_reply(reply: ErrorReply) -> IServeError:

@@ -125,6 +125,7 @@ ErrorCode = Literal[
     "not_ready",
     "unavailable",
     "timeout",
+    "overloaded",
     "worker_died",
     "cancelled",
     "internal",

@@ -93,6 +93,22 @@ def test_fcfs_balances_replicas_by_outstanding_work():
     assert f.enqueue(q("wrong"), deployment_id="c") is None  # c serves another model
 
 
+def test_a_queue_is_full_only_when_every_replica_has_max_queued_waiting():
+    f: FcfsQueues[str] = FcfsQueues()
+    f.add_replica("a", "m")
+    f.add_replica("b", "m")
+    for i in range(4):
+        f.enqueue(q(f"r{i}"))
+    f.start_next("a")
+    f.start_next("b")  # one running on each, one waiting on each
+    assert not f.full("m", "", 2) and f.full("m", "", 1) and f.full("m", "a", 1)
+    assert not f.full("m", "", 0)  # 0: no limit
+    f.finish("a", "r0")
+    f.start_next("a")  # a's waiting request starts
+    assert not f.full("m", "", 1)  # a has room again
+    assert not f.full("missing", "", 1)  # no replica: not "full" (the caller says not_found)
+
+
 def test_fcfs_cancel_expire_and_remove():
     f: FcfsQueues[str] = FcfsQueues()
     f.add_replica("d", "m")

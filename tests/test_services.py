@@ -40,7 +40,8 @@ TEST_CAPABILITIES = {**CAPABILITIES, "tp": [1], "weight_quant": ["fp16"], "kv_qu
 class Cluster:
     """The services, each on its own NATS connection, in this event loop."""
 
-    def __init__(self, url: str, tmp: Path, gpus: str = "2x24GB", context_tokens: int = 256):
+    def __init__(self, url: str, tmp: Path, gpus: str = "2x24GB", context_tokens: int = 256, **scheduler_kw):
+        self.scheduler_kw = scheduler_kw
         self.url = url
         self.tmp = tmp
         self.gpus = gpus
@@ -87,7 +88,8 @@ class Cluster:
             )
         else:
             svc = SchedulerService(
-                SchedulerConfig(refresh_s=0.5, client_check_s=0.2, **common), await self._conn("scheduler")
+                SchedulerConfig(refresh_s=0.5, client_check_s=0.2, **{**common, **self.scheduler_kw}),
+                await self._conn("scheduler"),
             )
         await svc.start()
         self.services[name] = svc

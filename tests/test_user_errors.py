@@ -116,3 +116,21 @@ async def test_the_agent_launches_only_registered_checkpoints_with_memory(servic
         msg = await client.nc.request(subjects.agent_launch("a0"), encode(bad), timeout=10)
         reply = decoder(LaunchReply | ErrorReply).decode(msg.data)
         assert isinstance(reply, ErrorReply) and reply.code == "bad_request" and words in reply.message, reply
+
+
+async def test_a_full_queue_answers_overloaded_and_the_queue_goes_on(nats_server, client, tiny_model, tmp_path):
+    import asyncio
+
+    from test_services import collect, deployed
+
+    async with Cluster(nats_server.url, tmp_path, max_queued=1):
+        name, rep = await deployed(client, copy_model(tiny_model, tmp_path / "q"), max_batch=1)
+        running = asyncio.create_task(collect(client, name, "long", max_tokens=120, ignore_eos=True))
+        while (await client.scheduler_stats()).queues[0].in_flight == 0:
+            await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(collect(client, name, "next", max_tokens=2, ignore_eos=True))
+        while (await client.scheduler_stats()).queues[0].queue_depth == 0:
+            await asyncio.sleep(0.02)
+        with pytest.raises(errors.Overloaded, match="1 requests waiting"):
+            await collect(client, name, "one too many", max_tokens=2)
+        assert (await running)[1].completion_tokens == 120 and (await waiting)[1].completion_tokens == 2

@@ -217,3 +217,14 @@ async def test_closing_a_service_stops_it_then_cancels_its_tasks(nc):
     await svc.start()
     await svc.close()
     assert events == ["stopping, loop running"] and svc.loop.cancelled()
+
+
+def test_every_error_code_has_its_exception_and_back():
+    import typing
+
+    from iserve import errors, messages
+
+    assert set(errors._BY_CODE) == set(typing.get_args(messages.ErrorCode))
+    for code, cls in errors._BY_CODE.items():
+        back = errors.from_reply(cls("x").to_reply())
+        assert type(back) is cls and back.code == code

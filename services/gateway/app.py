@@ -40,6 +40,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "not_found": (404, "not_found_error"),
     "conflict": (409, "invalid_request_error"),
     "timeout": (429, "rate_limit_error"),  # waited longer than its timeout: the deployment is overloaded
+    "overloaded": (429, "rate_limit_error"),  # the deployment's queue is full
     "not_ready": (503, "server_error"),
     "unavailable": (503, "server_error"),
     "worker_died": (503, "server_error"),

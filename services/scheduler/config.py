@@ -15,6 +15,10 @@ class SchedulerConfig(ServiceConfig):
     stream_idle_timeout_s: float = option(120.0, help="a worker silent this long mid-stream is considered dead")
     client_check_s: float = option(2.0, help="how often a running request checks that its client still listens")
     client_probe_timeout_s: float = 0.25
+    max_queued: int = option(
+        1000,
+        help="requests waiting per replica beyond which a new one is refused with `overloaded` (HTTP 429; 0: no limit)",
+    )
     keepalive_s: float = option(
         1.0, help="send each held request's client an empty keep-alive this often, so it can tell we died (0: never)"
     )

@@ -81,6 +81,12 @@ class FcfsQueues(Generic[P]):
             return None
         return min(cands, key=lambda r: (r.outstanding, r.deployment_id))
 
+    def full(self, model: str, deployment_id: str, max_queued: int) -> bool:
+        """Whether a request for ``model`` would wait behind ``max_queued`` others already (0: never):
+        the replica it would join is the least busy, so then every replica is that full."""
+        r = self.choose(model, deployment_id)
+        return max_queued > 0 and r is not None and len(r.queue) >= max_queued
+
     def enqueue(self, item: Queued[P], deployment_id: str = "") -> Replica[P] | None:
         """Put ``item`` at the back of the chosen replica's queue; None if the model has none."""
         r = self.choose(item.model, deployment_id)

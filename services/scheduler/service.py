@@ -219,6 +219,12 @@ class SchedulerService(Service):
             )
         if not req.request_id:
             raise errors.BadRequest("InferRequest.request_id is empty; give each request a unique id.")
+        if self.queues.full(req.model, req.deployment_id, self.cfg.max_queued):
+            raise errors.Overloaded(
+                f"{req.model} already has {self.cfg.max_queued} requests waiting on every replica; retry later, "
+                "or deploy another replica.",
+                request_id=req.request_id,
+            )
         now = time.monotonic()
         item = Queued(req.request_id, req.model, now, now + req.timeout_s, req)
         replica = self.queues.enqueue(item, req.deployment_id)
