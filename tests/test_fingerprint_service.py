@@ -235,3 +235,32 @@ async def test_simulated_gpus_exclude_tensor_parallelism_with_the_reason(nats_se
     assert {e.config.key() for e in cmap.estimates} == {"tp1-pp1-wfp16-kvfp16-pnone", "tp1-pp2-wfp16-kvfp16-pnone"}
     [tp2] = [x for x in cmap.excluded if x.config.key() == "tp2-pp1-wfp16-kvfp16-pnone"]
     assert tp2.reason.startswith("not profiled: tensor parallelism is not profiled on simulated GPUs")
+
+
+async def test_profiling_runs_at_most_max_profiling_jobs_at_once(nats_server, tmp_path, tiny_model):
+    running, most = 0, 0
+
+    async def behave(job: ProfileJob) -> ProfileResult:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.3)
+        running -= 1
+        return synthetic_result(job)
+
+    agent = FakeAgent("a0", 4, behave)
+    await agent.start(nats_server.url)
+    svc = await _service(nats_server.url, tmp_path, max_profiling_jobs=1)
+    client = await Client.connect(nats_server.url)
+    try:
+        names = [f"m{i}" for i in range(3)]
+        for n in names:  # three registrations at once: each waits for the one slot
+            await client.register(str(shutil.copytree(tiny_model, tmp_path / n)))
+        for n in names:
+            await client.wait_profiled(n, timeout=30)
+        assert most == 1 and len(agent.jobs) == 3
+    finally:
+        await client.close()
+        await svc.close()
+        await svc.nc.drain()
+        await agent.close()

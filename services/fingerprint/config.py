@@ -58,6 +58,9 @@ class FingerprintConfig(ServiceConfig):
         "room (the model's memory footprint; an experiment, see "
         "docs/fingerprint.md)",
     )
+    max_profiling_jobs: int = option(
+        2, help="profiling jobs run at once across all models; more registrations wait their turn (status: queued)"
+    )
     gpu_stale_s: float = option(5.0, help="ignore GPUs whose last gpu.load is older than this")
     gpu_wait_s: float = option(60.0, help="how long to wait for a GPU agent before failing a profile")
     profile_timeout_s: float = option(900.0, help="a profiling run longer than this is stopped")
@@ -74,4 +77,6 @@ def parse(argv: list[str] | None = None) -> FingerprintConfig:
     a = p.parse_args(argv)
     if max(a.prompt_lengths) + max(a.output_lengths) > a.context_tokens:
         p.error("the longest prompt plus the longest output must fit in --context-tokens")
+    if a.max_profiling_jobs < 1:
+        p.error("--max-profiling-jobs must be at least 1")
     return from_args(FingerprintConfig, a)

@@ -93,6 +93,7 @@ class FingerprintService(Service):
         self.capabilities = capabilities
         self.gpus: dict[tuple[str, int], SeenGpu] = {}
         self.profiling: dict[str, asyncio.Task] = {}
+        self._profile_slots = asyncio.Semaphore(cfg.max_profiling_jobs)
         self.register_lock = asyncio.Lock()
 
     async def setup(self) -> None:
@@ -276,7 +277,8 @@ class FingerprintService(Service):
                     rec = await self._update(name, status="profiling", status_reason="")
                     assert rec is not None  # None only if the record vanished: the run fails, as before
                     current = gpu_type
-                    cmap = await self._profile_on(rec, gpu_type)
+                    async with self._profile_slots:  # bounded: a flood of registrations queues here
+                        cmap = await self._profile_on(rec, gpu_type)
                     # the map first, then the record that points to it: a crash in between only redoes work
                     await self.profiles.put(bus.kv_key(name, gpu_type), cmap)
                     rec = await self._update(
