@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
+import subprocess
 
 import msgspec
 import pytest
@@ -145,3 +147,28 @@ def test_work_is_bounded_before_it_starts(field, value):
         decoder(InferRequest).decode(
             msgspec.json.encode({"request_id": "r", "model": "m", "prompt": "p", field: value})
         )
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command to make a certificate")
+async def test_tls_one_flag_away(tmp_path, monkeypatch):
+    """The embedded server with a certificate speaks TLS only; a client trusting the CA connects
+    (with its credentials), one that does not is refused."""
+    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
+    run = lambda *a: subprocess.run(["openssl", *map(str, a)], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=t")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    ext = tmp_path / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "1",
+        "-extfile", ext)  # fmt: skip
+    passwords = auth.ensure_credentials(tmp_path)
+    config = auth.server_config(passwords, tls_cert=str(cert), tls_key=str(key))
+    with EmbeddedNats(tmp_path / "nats", config=config, tls=True) as srv:
+        assert srv.url.startswith("tls://")
+        monkeypatch.setenv(auth.TLS_CA_ENV, str(ca))
+        nc = await bus.connect(srv.url, "t", creds=auth.creds_path(tmp_path, "client"), give_up_after=5)
+        assert nc.is_connected
+        await nc.close()
+        monkeypatch.delenv(auth.TLS_CA_ENV)
+        with pytest.raises(errors.IServeError):  # the server's certificate is not trusted
+            await bus.connect(srv.url, "t", creds=auth.creds_path(tmp_path, "client"), give_up_after=3)
