@@ -204,3 +204,11 @@ def load_credentials(path: str | os.PathLike) -> Credentials:
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BadRequest(f"NATS credentials file {p} is unreadable ({e}); expected {{'user': ..., 'password': ...}}.")
+
+
+def write_server_files(data_dir: Path, *, tls_cert: str = "", tls_key: str = "") -> Path:
+    """Credentials for every role (kept if present) and the nats-server config that checks them,
+    ``data_dir/nats/nats.conf``: what ``iserve nats-config`` writes for a NATS run outside ``iserve up``
+    (docker compose)."""
+    config = server_config(ensure_credentials(data_dir), tls_cert=tls_cert, tls_key=tls_key)
+    return write_server_config(data_dir / "nats" / "nats.conf", config)

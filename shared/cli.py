@@ -109,6 +109,12 @@ def intent_from_args(a: argparse.Namespace) -> Intent:
 # commands
 
 
+def cmd_nats_config(a: argparse.Namespace) -> int:
+    conf = auth.write_server_files(Path(a.data_dir), tls_cert=a.tls_cert, tls_key=a.tls_key)
+    console.print(f"wrote {conf} and {Path(a.data_dir) / 'credentials'} (one file per role; clients use client.json)")
+    return 0
+
+
 def cmd_make_model(a: argparse.Namespace) -> int:
     from .modelmaker import make_checkpoint
 
@@ -361,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_up(s)
 
+    s = sub.add_parser("nats-config", help="write NATS credentials per role and the server config that checks them")
+    s.add_argument("--data-dir", default=str(default_data_dir()), help="where credentials/ and nats/nats.conf go")
+    s.add_argument("--tls-cert", default="", help="the server speaks TLS with this certificate (PEM)")
+    s.add_argument("--tls-key", default="", help="the private key of --tls-cert (PEM)")
+
     s = sub.add_parser("demo", help="start the stack, make/register/profile/deploy a model, stream a completion, stop")
     from .demo import add_arguments as add_demo
 
@@ -484,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         "up": lambda: __import__("iserve.up", fromlist=["run"]).run(a),
         "demo": lambda: __import__("iserve.demo", fromlist=["run"]).run(a),
         "make-model": lambda: cmd_make_model(a),
+        "nats-config": lambda: cmd_nats_config(a),
         "register": lambda: run_async(_register(a)),
         "deploy": lambda: run_async(_deploy(a)),
         "undeploy": lambda: run_async(_undeploy(a)),

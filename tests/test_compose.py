@@ -31,7 +31,7 @@ def test_every_service_command_exists_and_parses(compose, monkeypatch):
     from iserve.cli import SERVICES, build_parser
 
     for name, svc in compose["services"].items():
-        if name == "nats":
+        if name in ("nats", "nats-config"):  # nats-config writes files and talks to no NATS (tested below)
             continue
         cmd = svc["command"]
         for key, value in svc.get("environment", {}).items():  # as the container sees them (unexpanded)
@@ -87,3 +87,24 @@ def test_the_build_context_leaves_out_models_venvs_and_git():
     # ... but keeps what the Dockerfiles copy
     for kept in ("shared", "services", "loadgen", "pyproject.toml", "README.md"):
         assert kept not in ignored, kept
+
+
+def test_nats_authenticates_every_service_with_its_own_role(compose, tmp_path):
+    from iserve import auth
+    from iserve.cli import build_parser
+
+    services = compose["services"]
+    init = services["nats-config"]
+    assert init["command"][0] == "nats-config" and build_parser().parse_args(init["command"])
+    assert services["nats"]["depends_on"]["nats-config"]["condition"] == "service_completed_successfully"
+    nats_cmd = services["nats"]["command"]
+    assert nats_cmd[nats_cmd.index("-c") + 1] == "/secrets/nats/nats.conf"
+    roles = {"gpu-agent": "agent", "fingerprint": "fingerprint", "deployer": "deployer", "scheduler": "scheduler",
+             "gateway": "gateway", "cli": "client"}  # fmt: skip
+    for name, role in roles.items():
+        assert services[name]["environment"]["ISERVE_NATS_CREDS"] == f"/secrets/credentials/{role}.json", name
+        assert any(v.startswith("iserve-secrets:/secrets") for v in services[name]["volumes"]), name
+    # what nats-config writes there: the files the services name, and a config nats-server accepts
+    conf = auth.write_server_files(tmp_path)
+    assert conf == tmp_path / "nats" / "nats.conf"
+    assert {p.stem for p in (tmp_path / "credentials").iterdir()} == set(auth.ROLES)
