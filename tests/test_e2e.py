@@ -18,6 +18,8 @@ from iserve.natsserver import free_port
 pytestmark = pytest.mark.e2e
 
 ISERVE = [sys.executable, "-c", "from iserve.cli import main; main()"]
+# Two timed repeats per fingerprint run instead of seven: the flow is the same, CI's 2 CPUs finish sooner.
+QUICK = {"ISERVE_REPEATS": "2"}
 
 
 def iserve(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -41,7 +43,9 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def test_demo_runs_the_whole_flow(tmp_path):
-    r = iserve("demo", "--data-dir", str(tmp_path / "demo"), "--max-tokens", "12", "--simulate-gpus", "2x16GB")
+    r = iserve(
+        "demo", "--data-dir", str(tmp_path / "demo"), "--max-tokens", "12", "--simulate-gpus", "2x16GB", env=QUICK
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     for words in (
@@ -79,7 +83,7 @@ def test_up_cli_and_clean_shutdown(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "ISERVE_NATS_URL": ""},
+        env={**os.environ, **QUICK, "ISERVE_NATS_URL": ""},
     )
     try:
         model = tmp_path / "m"
@@ -139,7 +143,7 @@ def test_up_cli_and_clean_shutdown(tmp_path):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "ISERVE_NATS_URL": ""},
+        env={**os.environ, **QUICK, "ISERVE_NATS_URL": ""},
     )
     try:
         deadline = time.monotonic() + 60
