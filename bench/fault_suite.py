@@ -9,7 +9,8 @@ checkpoint, then runs ``--loops`` client loops, each sending short ``generate`` 
 other, while it kills one part after another. Every request ends in exactly one of: completed, a
 coded ``IServeError`` (by code), or lost (neither within its timeout plus ``--margin-s``). A request
 counts in the window of the last fault killed before it ended. Time to serve again: from the kill to
-the completion of the first request submitted after it. Then the hostile inputs go to the live stack
+the completion of the first request submitted after it (after the old worker exited, for a fault that
+takes the worker down with it: the agent's workers exit a moment after it). Then the hostile inputs go to the live stack
 (each must get a coded error, and the stack must serve afterwards). Writes ``results.json`` and
 ``table.md`` to ``--out`` and prints the table.
 """
@@ -43,6 +44,7 @@ from iserve.stack import Stack, StackOptions, api_key_of  # noqa: E402
 SERVICE_FAULTS = ("gpu-agent", "deployer", "scheduler", "gateway", "fingerprint")
 FAULTS = ("worker", *SERVICE_FAULTS, "nats-server")
 QUICK_FAULTS = ("worker", "scheduler", "nats-server", "deployer")
+WORKER_FAULTS = ("worker", "gpu-agent")  # faults that take the worker down with them
 # Fast reconciliation for every service (each reads the twins of its own flags).
 FAST_ENV = {
     "ISERVE_RECONCILE_S": "0.5",  # deployer
@@ -192,8 +194,10 @@ def kill(stack: Stack, fault: str) -> list[int]:
 
 def restarted(stack: Stack, fault: str, old: list[int]) -> bool:
     """Whether the killed part runs again (a worker: any serving worker other than the killed ones)."""
+    if fault in WORKER_FAULTS and not set(worker_pids(stack.url)) - set(old):
+        return False
     if fault == "worker":
-        return bool(set(worker_pids(stack.url)) - set(old))
+        return True
     if fault == "nats-server":
         assert stack.nats is not None
         return stack.nats.running() and stack.nats.proc is not None and stack.nats.proc.pid not in old
@@ -211,17 +215,30 @@ async def apply_faults(stack: Stack, load: Load, faults: list[str], cfg: SuiteCo
     """Kill each part in turn; wait until it is served again and restarted, then ``settle_s``."""
     windows = []
     for fault in faults:
+        old_workers = worker_pids(stack.url) if fault in WORKER_FAULTS else []
         t_kill = time.monotonic()
         pids = kill(stack, fault)
+        t_down = t_kill if not old_workers else None  # a dead agent's workers exit a moment later
         say(f"killed {fault} (pid {', '.join(map(str, pids))})")
         deadline = t_kill + cfg.recover_timeout_s
         back = None
         while time.monotonic() < deadline:
-            back = served_again(load, t_kill)
-            if back is not None and restarted(stack, fault, pids):
+            if t_down is None and not set(old_workers) & set(worker_pids(stack.url)):
+                t_down = time.monotonic()
+            back = None if t_down is None else served_again(load, t_down)
+            back = None if back is None else back + t_down - t_kill
+            if back is not None and restarted(stack, fault, pids + old_workers):
                 break
             await asyncio.sleep(0.2)
-        windows.append({"fault": fault, "t_kill": t_kill, "pids": pids, "restarted": restarted(stack, fault, pids)})
+        windows.append(
+            {
+                "fault": fault,
+                "t_kill": t_kill,
+                "pids": pids,
+                "restarted": restarted(stack, fault, pids + old_workers),
+                "serve_again_s": None if back is None else round(back, 2),
+            }
+        )
         say(f"  {fault}: served again after {back if back is None else round(back, 2)} s")
         if back is None:
             break  # the stack does not serve: later faults would measure nothing
@@ -237,7 +254,6 @@ def tally(outcomes: list[Outcome], windows: list[dict], t0: float) -> list[dict]
     for i, (name, start, w) in enumerate(bounds):
         stop = bounds[i + 1][1] if i + 1 < len(bounds) else float("inf")
         mine = [o for o in outcomes if start <= o.end < stop]
-        firsts = [o.end for o in mine if o.kind == "completed" and o.start >= start]
         kinds = Counter(o.kind for o in mine)
         rows.append(
             {
@@ -251,7 +267,7 @@ def tally(outcomes: list[Outcome], windows: list[dict], t0: float) -> list[dict]
                     for o in mine
                     if o.kind != "completed"
                 ][:12],
-                "serve_again_s": round(min(firsts) - start, 2) if w is not None and firsts else None,
+                "serve_again_s": w["serve_again_s"] if w is not None else None,
                 "window_s": round(
                     (stop if stop != float("inf") else max((o.end for o in mine), default=start)) - start, 1
                 ),
