@@ -295,3 +295,12 @@ def test_cpu_affinity_mask_and_pinning_off_a_gpu(monkeypatch):
     monkeypatch.setenv("ISERVE_PIN_CPUS", "0")
     assert pin_to_gpu_cpus("cuda:0") == []  # switched off
     assert os.sched_getaffinity(0) == before
+
+
+def test_a_stream_silent_since_a_bus_reconnect_is_lost():
+    from iserve.scheduler.service import stream_lost_in_reconnect as lost
+
+    assert not lost(last_msg=10.0, reconnected_at=None, now=100.0, silent_s=5.0)  # no reconnect: the idle rules
+    assert not lost(last_msg=10.0, reconnected_at=12.0, now=16.9, silent_s=5.0)  # tokens may still come
+    assert lost(last_msg=10.0, reconnected_at=12.0, now=17.0, silent_s=5.0)
+    assert not lost(last_msg=13.0, reconnected_at=12.0, now=30.0, silent_s=5.0)  # it streamed after the reconnect

@@ -54,6 +54,12 @@ from .queues import FcfsQueues, Queued
 log = structlog.get_logger()
 
 
+def stream_lost_in_reconnect(last_msg: float, reconnected_at: float | None, now: float, silent_s: float) -> bool:
+    """A running request's stream is lost when the bus reconnected after its last message and nothing
+    came for ``silent_s`` since: NATS drops what is published to a subscriber while it is disconnected."""
+    return reconnected_at is not None and reconnected_at >= last_msg and now - reconnected_at >= silent_s
+
+
 @dataclass
 class ReplicaStats:
     completed: int = 0
@@ -449,6 +455,7 @@ class SchedulerService(Service):
     ) -> None:
         dec = decoder(StreamMessage)
         started = last_msg = time.monotonic()
+        reconnects, reconnected_at = self.nc.stats["reconnects"], None
         while True:
             remaining = item.deadline - time.monotonic()
             if remaining <= 0:
@@ -467,6 +474,22 @@ class SchedulerService(Service):
                 t = time.monotonic()
                 if item.deadline - t <= 0:
                     continue
+                if self.nc.stats["reconnects"] != reconnects:
+                    reconnects, reconnected_at = self.nc.stats["reconnects"], t
+                if stream_lost_in_reconnect(last_msg, reconnected_at, t, self.cfg.worker_silent_s):
+                    stats.failed += 1
+                    await self.nc.publish(
+                        subjects.worker_cancel(worker_id), encode(CancelRequest(request_id=req.request_id))
+                    )
+                    await self._send_error(
+                        req,
+                        errors.Unavailable(
+                            "the connection to NATS was lost while this request ran and its stream has been "
+                            f"silent for {t - (reconnected_at or t):.0f} s since (messages sent meanwhile are lost); "
+                            "send it again."
+                        ),
+                    )
+                    return
                 silent = t - max(self.beat_at.get(worker_id, started), started)
                 if t - last_msg < self.cfg.stream_idle_timeout_s and silent < self.cfg.worker_silent_s:
                     continue
