@@ -221,3 +221,38 @@ async def test_a_killed_scheduler_fails_the_stream_fast_and_a_restarted_one_serv
         proc.kill()
         proc.wait(10)
         await cluster.__aexit__(None, None, None)
+
+
+@pytest.mark.skipif(not os.environ.get("ISERVE_LONG_FAULTS"), reason="opt-in (ISERVE_LONG_FAULTS=1): a 35 s outage")
+async def test_a_nats_outage_longer_than_30_s_ends_streams_and_the_deployment_comes_back(tiny_model, tmp_path):
+    """NATS gone for 35 s with every service up: the stream in flight ends with a coded error, the
+    agent stops the worker it cannot hear (--worker-stale-s 30), and once NATS is back the deployment
+    is relaunched and serves, with no manual step."""
+    srv = EmbeddedNats(tmp_path / "nats").start()
+    try:
+        async with Cluster(srv.url, tmp_path, context_tokens=2048) as cluster:
+            async with await Client.connect(srv.url) as c:
+                name, rep = await deployed(c, copy_model(tiny_model, tmp_path / "tiny"), max_batch=2)
+                task, _ = await started_stream(c, name)
+                srv.stop()
+                err, after = await outcome(task, 30)
+                assert isinstance(err, errors.IServeError) and err.code == "unavailable", err
+                await asyncio.sleep(35 - after)
+                srv = EmbeddedNats(tmp_path / "nats", port=srv.port).start()
+                t0 = time.monotonic()
+
+                async def deployer_answers() -> bool:  # the services reconnect by themselves
+                    try:
+                        return bool(await c.deployments())
+                    except errors.Unavailable:
+                        return False
+
+                await until(deployer_answers, "the deployer to answer after NATS came back")
+                await ready_with_new_worker(c, rep.deployment.deployment_id, rep.deployment.worker_id, timeout=90)
+                _, done = await collect(c, name, "again", max_tokens=3, ignore_eos=True)
+                assert done.completion_tokens == 3
+                back = time.monotonic() - t0
+                print(f"\nNATS outage of 35 s: stream ended after {after:.1f} s, serving {back:.1f} s after")
+            assert cluster.services
+    finally:
+        srv.stop()
