@@ -21,6 +21,7 @@ import msgspec
 
 from iserve.deployer.config import DEFAULT_MAX_BATCH
 from iserve.deployer.units import GIB
+from iserve.fingerprint.estimator import repair_tp_host_floors
 from iserve.messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, ConfigurationMap, Intent, IntentKind
 from iserve.settings import flag
 
@@ -69,7 +70,7 @@ def load_maps(directory: str | Path) -> dict[str, ConfigurationMap]:
             cmap = dec.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise ValueError(f"{p}: not a ConfigurationMap: {e}") from None
-        out[cmap.model] = cmap
+        out[cmap.model] = repair_tp_host_floors(cmap)  # maps made before the TP floor fix
     if not out:
         raise FileNotFoundError(f"{directory} holds no configuration maps (*.json with type configuration_map)")
     return out

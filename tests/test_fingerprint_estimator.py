@@ -4,6 +4,7 @@ engine limits and predicting another GPU type."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -557,3 +558,28 @@ def test_a_deep_run_sets_both_latencies_by_the_wall_lines():
         assert pair.tpot_for(p, o) < truth * 0.99
     for p in prompts:
         assert with_deep.ttft_ms(p) == pytest.approx(simulate_model(32, tokens=p, position=p)[0], rel=0.02), p
+
+
+@pytest.mark.parametrize("host_over_device, tp2_at_most, tp2_at_least", [(1.1, 0.75, 0.0), (3.0, 1.0, 0.8)])
+def test_a_derived_tp_variant_keeps_the_host_work_not_tp1s_device_work(host_over_device, tp2_at_most, tp2_at_least):
+    """The H100 maps had every TP degree of Llama-2-7B at TP=1's TPOT: the TP=1 wall line, which is
+    mostly device work when device-bound, was kept as each derived variant's host floor. Device-bound
+    (wall 1.1x device), TP=2 must be much faster; launch-bound (wall 3x device), it must stay near TP=1."""
+    arch = _arch(32, 32)
+    w = _weights(arch)
+    fit = est.fit_variant(arch, w, [_measure(arch, w, ProfileVariant(), n) for n in (1, 2)])
+    k = host_over_device
+    walled = dataclasses.replace(
+        fit,
+        tpot_host_layer=(fit.tpot_layer_ms * k, fit.tpot_layer_per_position_ms * k),
+        tpot_host_other=(fit.tpot_other_ms * k, fit.tpot_other_per_position_ms * k),
+        ttft_host_layer=tuple(c * k for c in fit.ttft_layer),
+        ttft_host_other=tuple(c * k for c in fit.ttft_other),
+    )
+    comm = est.CommModel(alpha_us=10.0, bus_gbps=200.0)
+    two = est.derive_tp_fit(arch, walled, 2, comm)
+    one_e = est.estimate_config(arch, w, walled, Configuration(), context_tokens=2048)
+    two_e = est.estimate_config(arch, w, two, Configuration(tp=2), context_tokens=2048)
+    ratio = two_e.tpot_for(512, 128) / one_e.tpot_for(512, 128)
+    assert tp2_at_least <= ratio <= tp2_at_most, ratio
+    assert two_e.ttft_ms(512) <= one_e.ttft_ms(512)

@@ -4,6 +4,7 @@ sharing, speed on a one-hour trace, the systems under test and the oracle."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -281,3 +282,22 @@ def test_load_maps_skips_other_json_but_rejects_a_broken_map(tmp_path):
     (only / "profile_maps.json").write_text("{}")
     with pytest.raises(FileNotFoundError):
         sim.load_maps(only)
+
+
+def test_the_committed_h100_maps_are_read_with_tp_faster_than_tp1():
+    """The maps of results/2026-11-22-h100-maps were made while each derived TP variant kept TP=1's
+    host floor (Llama-2-7B: the same 767 ms for 512 + 128 tokens at TP 1, 2, 4 and 8). Read through
+    the simulator's loader they are repaired: more tensor parallelism, lower latency."""
+    from iserve.messages import ConfigurationMap
+
+    path = Path(__file__).resolve().parents[1] / "results" / "2026-11-22-h100-maps"
+    raw = msgspec.json.decode((path / "llama-2-7b.json").read_bytes(), type=ConfigurationMap)
+    fixed = sim.load_maps(path)["llama-2-7b"]
+
+    def latency(cmap: ConfigurationMap, tp: int) -> float:
+        [e] = [e for e in cmap.estimates if e.config.key() == f"tp{tp}-pp1-wfp16-kvfp16-pnone"]
+        return e.latency_ms(512, 128)
+
+    assert latency(raw, 2) == pytest.approx(latency(raw, 1))  # the defect, as committed
+    assert latency(fixed, 1) == latency(raw, 1)  # measured estimates are untouched
+    assert latency(fixed, 1) > latency(fixed, 2) > latency(fixed, 4) > latency(fixed, 8)

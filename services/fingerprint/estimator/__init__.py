@@ -28,7 +28,7 @@ from .configs import (
 )
 from .fit import VariantFit, derive_tp_fit, estimate_config, fit_variant, fit_variants
 from .latency import COMM_DEFAULTS, CommModel, LatencyFit, Line, Poly, default_comm, fit_latency, nnls
-from .maps import GPU_SPECS, build_configuration_map, fit_estimates, gpu_spec, translate_map
+from .maps import GPU_SPECS, build_configuration_map, fit_estimates, gpu_spec, repair_tp_host_floors, translate_map
 from .memory import (
     INT4_GROUP,
     KV_BYTES,
@@ -88,6 +88,7 @@ __all__ = [
     "linear_weight_bytes",
     "map_kv_bytes",
     "measurement_variants",
+    "repair_tp_host_floors",
     "profiling_lengths",
     "nnls",
     "pruned_arch",

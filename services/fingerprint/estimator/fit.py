@@ -151,6 +151,20 @@ def derive_tp_fit(arch: ArchSpec, fit: VariantFit, tp: int, comm: CommModel) -> 
     ttft_other = poly_add(split(fit.ttft_other), (ar0 + gather_ms + ar0, ar_per_token, 0.0))
     step_layer = fit.tpot_layer_ms / t + 2 * (ar0 + ar_per_token)
     step_other = fit.tpot_other_ms / t + (ar0 + ar_per_token) + gather_ms + ar0
+    step_layer_pos = fit.tpot_layer_per_position_ms / t
+    step_other_pos = fit.tpot_other_per_position_ms / t
+
+    # The host bound is TP=1's wall time, which holds the device work too when that was the bound.
+    # A rank keeps the host work but not the device work TP removes: the floor moves by exactly the
+    # device lines' change (docs/estimator.md#tensor-parallelism-without-tp-fingerprints).
+    def poly_moved(host: Poly | None, before: Poly, after: Poly) -> Poly | None:
+        if host is None:
+            return None
+        return (host[0] + after[0] - before[0], host[1] + after[1] - before[1], host[2] + after[2] - before[2])
+
+    def line_moved(host: Line | None, before: Line, after: Line) -> Line | None:
+        return None if host is None else (host[0] + after[0] - before[0], host[1] + after[1] - before[1])
+
     return replace(
         fit,
         variant=replace_variant(fit.variant, tp=t),
@@ -158,8 +172,16 @@ def derive_tp_fit(arch: ArchSpec, fit: VariantFit, tp: int, comm: CommModel) -> 
         ttft_other=ttft_other,
         tpot_layer_ms=step_layer,
         tpot_other_ms=step_other,
-        tpot_layer_per_position_ms=fit.tpot_layer_per_position_ms / t,
-        tpot_other_per_position_ms=fit.tpot_other_per_position_ms / t,
+        tpot_layer_per_position_ms=step_layer_pos,
+        tpot_other_per_position_ms=step_other_pos,
+        ttft_host_layer=poly_moved(fit.ttft_host_layer, fit.ttft_layer, ttft_layer),
+        ttft_host_other=poly_moved(fit.ttft_host_other, fit.ttft_other, ttft_other),
+        tpot_host_layer=line_moved(
+            fit.tpot_host_layer, (fit.tpot_layer_ms, fit.tpot_layer_per_position_ms), (step_layer, step_layer_pos)
+        ),
+        tpot_host_other=line_moved(
+            fit.tpot_host_other, (fit.tpot_other_ms, fit.tpot_other_per_position_ms), (step_other, step_other_pos)
+        ),
         kv_bytes_per_layer_token=fit.kv_bytes_per_layer_token / t,
         method="fingerprint+comm",
         extra_gpu_bytes=NCCL_BUFFER_BYTES,

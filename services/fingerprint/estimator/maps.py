@@ -198,3 +198,36 @@ def translate_map(
         device=f"predicted from {cmap.gpu_type} ({cmap.device})",
         created_at=created_at or cmap.created_at,
     )
+
+
+def repair_tp_host_floors(cmap: ConfigurationMap) -> ConfigurationMap:
+    """A map made before derived tensor-parallel variants moved their host floor: each
+    ``fingerprint+comm`` estimate kept its TP=1 twin's host lines, so no TP degree was faster than
+    TP=1. Move each such floor by the change of the device lines from the twin (as ``derive_tp_fit``
+    now does); maps made since are returned unchanged in substance (their floors already moved)."""
+
+    def twin_key(c: Configuration) -> str:
+        return msgspec.structs.replace(c, tp=1).key()
+
+    ones = {e.config.key(): e for e in cmap.estimates if e.config.tp == 1}
+    out = []
+    for e in cmap.estimates:
+        one = ones.get(twin_key(e.config)) if e.method == "fingerprint+comm" else None
+        if one is None or e.tpot_host_ms != one.tpot_host_ms or e.ttft_host_ms != one.ttft_host_ms:
+            out.append(e)  # measured, no twin, or already moved
+            continue
+        device_change = [
+            e.ttft_base_ms - one.ttft_base_ms,
+            e.ttft_per_token_ms - one.ttft_per_token_ms,
+            e.ttft_per_token2_ms - one.ttft_per_token2_ms,
+        ]
+        fields: dict[str, Any] = {}
+        if len(one.ttft_host_ms) == 3:
+            fields["ttft_host_ms"] = [h + d for h, d in zip(one.ttft_host_ms, device_change)]
+        if len(one.tpot_host_ms) == 2:
+            fields["tpot_host_ms"] = [
+                one.tpot_host_ms[0] + e.tpot_ms - one.tpot_ms,
+                one.tpot_host_ms[1] + e.tpot_per_position_ms - one.tpot_per_position_ms,
+            ]
+        out.append(msgspec.structs.replace(e, **fields))
+    return msgspec.structs.replace(cmap, estimates=out)
