@@ -643,6 +643,10 @@ async def test_a_hung_worker_is_killed_and_a_deployment_that_cannot_be_re_placed
     agent.cfg.worker_stale_s = 3.0
     name, rep = await deployed(client, copy_model(tiny_model, tmp_path / "tiny"))
     w = agent.workers[rep.deployment.worker_id]
+    for _ in range(80):  # the agent watches a worker's heartbeats only once it has heard one
+        if w.serving:
+            break
+        await asyncio.sleep(0.05)
     agent.gpus.sizes = [1 << 20, 1 << 20]  # the GPUs shrink to 1 MiB: nowhere to re-place it
     os.kill(w.proc.pid, signal.SIGSTOP)  # alive but silent: no heartbeats, no answers
     for _ in range(120):
