@@ -39,6 +39,25 @@ async def nc(nats_server):
     await conn.drain()
 
 
+@pytest.fixture
+async def cluster(nats_server, tmp_path):
+    """Every service in this event loop on the test's nats-server (``test_services.Cluster``)."""
+    from test_services import Cluster
+
+    async with Cluster(nats_server.url, tmp_path) as c:
+        yield c
+
+
+@pytest.fixture
+async def client(nats_server):
+    """An iServe client of the test's nats-server."""
+    from iserve.client import Client
+
+    c = await Client.connect(nats_server.url)
+    yield c
+    await c.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 4-layer tiny Llama (GQA) with random weights, in 2 shards with an index."""

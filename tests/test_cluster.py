@@ -18,7 +18,7 @@ from iserve.natsserver import EmbeddedNats, free_port
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def nodes(tmp_path):
     ports = [free_port() for _ in range(3)]
     routes = [free_port() for _ in range(3)]
     nodes = [
@@ -44,14 +44,14 @@ async def _replicated_bucket(url: str):
             await asyncio.sleep(0.5)
 
 
-async def test_losing_a_node_loses_no_state(cluster):
-    urls = ",".join(n.url for n in cluster)
+async def test_losing_a_node_loses_no_state(nodes):
+    urls = ",".join(n.url for n in nodes)
     nc, kv = await _replicated_bucket(urls)
     try:
         await kv.put("m", b"kept")
         info = await nc.jetstream().stream_info(f"KV_{S.BUCKET_MODELS}")
         assert info.config.num_replicas == 3
-        os.kill(cluster[0].proc.pid, signal.SIGKILL)
+        os.kill(nodes[0].proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while True:  # the client moves to a surviving node; the stream elects a new leader
             try:
@@ -66,7 +66,7 @@ async def test_losing_a_node_loses_no_state(cluster):
                 await asyncio.sleep(0.5)
     finally:
         await nc.close()
-    survivor = await bus.connect(cluster[2].url, "other", give_up_after=10)
+    survivor = await bus.connect(nodes[2].url, "other", give_up_after=10)
     try:
         kv2 = await bus.bucket(survivor, S.BUCKET_MODELS, replicas=3)
         assert (await kv2.get("m")).value == b"kept" and (await kv2.get("m2")).value == b"written after the loss"
@@ -74,14 +74,14 @@ async def test_losing_a_node_loses_no_state(cluster):
         await survivor.close()
 
 
-async def test_two_agents_on_different_nodes_are_two_hosts(cluster, tmp_path):
+async def test_two_agents_on_different_nodes_are_two_hosts(nodes, tmp_path):
     from iserve.gpu_agent.config import AgentConfig
     from iserve.gpu_agent.gpus import SimulatedGpus
     from iserve.gpu_agent.load import parse_simulated
     from iserve.gpu_agent.service import AgentService
 
     agents = []
-    for i, node in enumerate(cluster[:2]):
+    for i, node in enumerate(nodes[:2]):
         cfg = AgentConfig(
             nats_url=node.url, log_level="warning", log_json=True, agent_id=f"host{i}", simulate_gpus="1x24GB",
             gpu_type="sim", interval_s=0.2, work_dir=tmp_path / f"agent{i}",
@@ -91,7 +91,7 @@ async def test_two_agents_on_different_nodes_are_two_hosts(cluster, tmp_path):
         )
         await agent.start()
         agents.append(agent)
-    watcher = await bus.connect(cluster[2].url, "watcher", give_up_after=10)
+    watcher = await bus.connect(nodes[2].url, "watcher", give_up_after=10)
     seen: set[str] = set()
 
     async def on_load(msg) -> None:

@@ -33,13 +33,6 @@ from iserve.natsserver import EmbeddedNats
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-async def client(nats_server):
-    c = await Client.connect(nats_server.url)
-    yield c
-    await c.close()
-
-
 LONG = dict(max_tokens=1900, ignore_eos=True)  # streams for a while on the CPU (context 2048)
 
 

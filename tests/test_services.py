@@ -110,19 +110,6 @@ class Cluster:
             await c.drain()
 
 
-@pytest.fixture
-async def cluster(nats_server, tmp_path):
-    async with Cluster(nats_server.url, tmp_path) as c:
-        yield c
-
-
-@pytest.fixture
-async def client(nats_server):
-    c = await Client.connect(nats_server.url)
-    yield c
-    await c.close()
-
-
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

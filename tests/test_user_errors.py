@@ -13,19 +13,6 @@ from iserve.messages import ModelRecord
 BAD_NAMES = ["", "a b", "a*", "a.>", "x..y", "café"]
 
 
-@pytest.fixture
-async def services(nats_server, tmp_path):
-    async with Cluster(nats_server.url, tmp_path) as c:
-        yield c
-
-
-@pytest.fixture
-async def client(nats_server):
-    c = await Client.connect(nats_server.url)
-    yield c
-    await c.close()
-
-
 async def _generate(client: Client, model: str) -> None:
     async for _ in client.generate(model, "hi", max_tokens=2, stream=CompletionStream()):
         pass
@@ -46,7 +33,7 @@ async def test_a_key_no_entry_can_have_reads_as_absent_and_is_refused_on_write(n
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
-async def test_names_that_cannot_exist_are_not_found_on_every_subject(services, client, name):
+async def test_names_that_cannot_exist_are_not_found_on_every_subject(cluster, client, name):
     with pytest.raises(errors.NotFound):
         await client.model(name)
     with pytest.raises(errors.NotFound):
@@ -65,7 +52,7 @@ async def test_names_that_cannot_exist_are_not_found_on_every_subject(services, 
     assert (await client.scheduler_stats()).queues == []
 
 
-async def test_a_bad_deployment_id_or_gpu_type_of_a_profiled_model(services, client, tiny_model, tmp_path):
+async def test_a_bad_deployment_id_or_gpu_type_of_a_profiled_model(cluster, client, tiny_model, tmp_path):
     info = await client.register(str(copy_model(tiny_model, tmp_path / "tiny")))
     name = info.record.name
     await client.wait_profiled(name, timeout=120)
@@ -85,7 +72,7 @@ async def test_a_bad_deployment_id_or_gpu_type_of_a_profiled_model(services, cli
     assert (await client.deployments()).deployments == []  # nothing half-deployed
 
 
-async def test_a_profile_job_without_its_fingerprints_is_a_checkpoint_error(services, client, tmp_path):
+async def test_a_profile_job_without_its_fingerprints_is_a_checkpoint_error(cluster, client, tmp_path):
     from iserve import subjects
     from iserve.messages import ErrorReply, ProfileJob, ProfileResult, decoder, encode
 
@@ -95,7 +82,7 @@ async def test_a_profile_job_without_its_fingerprints_is_a_checkpoint_error(serv
     assert isinstance(reply, ErrorReply) and reply.code == "bad_checkpoint" and "gone" in reply.message
 
 
-async def test_the_agent_launches_only_registered_checkpoints_with_memory(services, client, tiny_model, tmp_path):
+async def test_the_agent_launches_only_registered_checkpoints_with_memory(cluster, client, tiny_model, tmp_path):
     from iserve import subjects
     from iserve.messages import Configuration, ErrorReply, LaunchReply, LaunchWorker, StageSpec, decoder, encode
 

@@ -65,6 +65,36 @@ class SeenGpu:
     at: float  # monotonic time of the report
 
 
+def new_worker_id(deployment_id: str) -> str:
+    """A fresh worker id: every launch of a deployment gets its own."""
+    return f"w-{deployment_id}-{uuid.uuid4().hex[:4]}"
+
+
+def launch_of(dep: DeploymentRecord) -> LaunchWorker:
+    """What the agent needs to start ``dep``'s worker: all of it is in the record."""
+    return LaunchWorker(
+        worker_id=dep.worker_id,
+        deployment_id=dep.deployment_id,
+        model=dep.model,
+        model_path=dep.model_path,
+        config=dep.config,
+        stages=[
+            StageSpec(
+                gpu_index=g.gpu_index, first_layer=g.first_layer, num_layers=g.num_layers, memory_bytes=g.memory_bytes
+            )
+            for g in dep.gpus
+        ],
+        context_tokens=dep.context_tokens,
+        max_batch=dep.max_batch,
+        kv_tokens=dep.kv_tokens,
+    )
+
+
+def reserved_by(dep: DeploymentRecord) -> dict[tuple[str, int], int]:
+    """The bytes ``dep``'s worker will hold on each (agent, GPU), until the agent reports them."""
+    return {(g.agent_id, g.gpu_index): g.memory_bytes for g in dep.gpus}
+
+
 class DeployerService(Service):
     def __init__(self, cfg: DeployerConfig, nc: NATS):
         super().__init__(nc)
@@ -225,7 +255,7 @@ class DeployerService(Service):
         # ... and the KV pool its batch draws from (the decision's estimate reserves it)
         kv_tokens = kv_pool_tokens(max_batch, req.kv_tokens, context)
         dep_id = req.deployment_id or f"{req.model}-{uuid.uuid4().hex[:8]}"
-        worker_id = f"w-{dep_id}-{uuid.uuid4().hex[:4]}"  # a re-placed deployment gets a new worker
+        worker_id = new_worker_id(dep_id)  # a re-placed deployment gets a new worker
         agent_id = decision.assignments[0].agent_id
         ts = now()
         dep = DeploymentRecord(
@@ -254,26 +284,8 @@ class DeployerService(Service):
         self._launched[worker_id] = time.time()
         if previous is None:
             self._attempts.pop(dep_id, None)  # deployed anew: its relaunch budget starts over
-        self.pending[worker_id] = {(a.agent_id, a.gpu_index): a.memory_bytes for a in decision.assignments}
-        launch = LaunchWorker(
-            worker_id=worker_id,
-            deployment_id=dep_id,
-            model=req.model,
-            model_path=record.path,
-            config=dep.config,
-            stages=[
-                StageSpec(
-                    gpu_index=a.gpu_index,
-                    first_layer=a.first_layer,
-                    num_layers=a.num_layers,
-                    memory_bytes=a.memory_bytes,
-                )
-                for a in decision.assignments
-            ],
-            context_tokens=context,
-            max_batch=max_batch,
-            kv_tokens=kv_tokens,
-        )
+        self.pending[worker_id] = reserved_by(dep)
+        launch = launch_of(dep)
         try:
             await bus.request(
                 self.nc, subjects.agent_launch(agent_id), launch, LaunchReply, timeout=self.cfg.launch_timeout_s
@@ -479,26 +491,7 @@ class DeployerService(Service):
             )
         except errors.IServeError as e:
             log.info("stopping the old worker failed", worker_id=old, error=str(e))
-        wid = f"w-{dep.deployment_id}-{uuid.uuid4().hex[:4]}"
-        launch = LaunchWorker(
-            worker_id=wid,
-            deployment_id=dep.deployment_id,
-            model=dep.model,
-            model_path=dep.model_path,
-            config=dep.config,
-            stages=[
-                StageSpec(
-                    gpu_index=g.gpu_index,
-                    first_layer=g.first_layer,
-                    num_layers=g.num_layers,
-                    memory_bytes=g.memory_bytes,
-                )
-                for g in dep.gpus
-            ],
-            context_tokens=dep.context_tokens,
-            max_batch=dep.max_batch,
-            kv_tokens=dep.kv_tokens,
-        )
+        wid = new_worker_id(dep.deployment_id)
         failed = msgspec.structs.replace(dep)
         dep.worker_id = wid
         dep.status = "launching"
@@ -507,10 +500,14 @@ class DeployerService(Service):
         dep.updated_at = now()
         await self.deployments.put(dep.deployment_id, dep)
         self._launched[wid] = time.time()
-        self.pending[wid] = {(g.agent_id, g.gpu_index): g.memory_bytes for g in dep.gpus}
+        self.pending[wid] = reserved_by(dep)
         try:
             await bus.request(
-                self.nc, subjects.agent_launch(dep.agent_id), launch, LaunchReply, timeout=self.cfg.launch_timeout_s
+                self.nc,
+                subjects.agent_launch(dep.agent_id),
+                launch_of(dep),
+                LaunchReply,
+                timeout=self.cfg.launch_timeout_s,
             )
         except errors.IServeError as e:
             self.pending.pop(wid, None)
