@@ -160,13 +160,14 @@ class Credentials:
     password: str
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` readable by its owner only, never briefly readable by others."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(path, 0o600)
+    return path
 
 
 def creds_path(data_dir: Path, role: Role) -> Path:
@@ -183,13 +184,8 @@ def ensure_credentials(data_dir: Path) -> dict[Role, str]:
             out[role] = load_credentials(path).password
             continue
         out[role] = secrets.token_urlsafe(24)
-        _write_private(path, json.dumps({"user": role, "password": out[role]}) + "\n")
+        write_private(path, json.dumps({"user": role, "password": out[role]}) + "\n")
     return out
-
-
-def write_server_config(path: Path, text: str) -> Path:
-    _write_private(path, text)
-    return path
 
 
 def load_credentials(path: str | os.PathLike) -> Credentials:
@@ -211,4 +207,4 @@ def write_server_files(data_dir: Path, *, tls_cert: str = "", tls_key: str = "")
     ``data_dir/nats/nats.conf``: what ``iserve nats-config`` writes for a NATS run outside ``iserve up``
     (docker compose)."""
     config = server_config(ensure_credentials(data_dir), tls_cert=tls_cert, tls_key=tls_key)
-    return write_server_config(data_dir / "nats" / "nats.conf", config)
+    return write_private(data_dir / "nats" / "nats.conf", config)

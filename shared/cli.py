@@ -418,14 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-batch",
         type=_non_negative,
-        default=os.environ.get("ISERVE_MAX_BATCH", "0"),
-        help="requests the replica runs at once; 0: the deployer's default, 1: one at a time [env ISERVE_MAX_BATCH]",
+        default=0,
+        help="requests the replica runs at once; 0: the deployer's default, 1: one at a time",
     )
     s.add_argument(
         "--kv-tokens",
         type=_non_negative,
-        default=os.environ.get("ISERVE_KV_TOKENS", "0"),
-        help="the replica's KV pool in tokens; 0: max batch x context, never short [env ISERVE_KV_TOKENS]",
+        default=0,
+        help="the replica's KV pool in tokens; 0: max batch x context, never short",
     )
     s.add_argument(
         "--config",
@@ -475,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=f"run the {name} service in the foreground (its own flags follow)", add_help=False)
     for name, (_, text) in TOOLS.items():
         sub.add_parser(name, help=f"{text} (its own flags follow; --help lists them)", add_help=False)
+    add_env_twins(p)  # every flag above reads ISERVE_<FLAG> when set
     return p
 
 
@@ -488,9 +489,7 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print(f"[red]error[/] {escape(str(e))}")
             code = 2
         sys.exit(code or 0)
-    parser = build_parser()
-    add_env_twins(parser)
-    a = parser.parse_args(argv)
+    a = build_parser().parse_args(argv)
     handlers = {
         "up": lambda: __import__("iserve.up", fromlist=["run"]).run(a),
         "demo": lambda: __import__("iserve.demo", fromlist=["run"]).run(a),

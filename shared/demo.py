@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import sys
 import tempfile
@@ -42,13 +41,17 @@ def has_nvidia_gpu() -> bool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # No environment twins for these two: ISERVE_DATA_DIR and ISERVE_NATS_PORT configure `iserve up`,
+    # whose data and port the demo must not take over.
     p.add_argument(
         "--data-dir", default="", help="keep the stack's data here (default: a temporary folder, removed afterwards)"
-    )
-    p.add_argument("--nats-port", type=int, default=0, help="port of the embedded NATS server (default: a free one)")
+    ).env_twin = False  # type: ignore[attr-defined]
+    p.add_argument(
+        "--nats-port", type=int, default=0, help="port of the embedded NATS server (default: a free one)"
+    ).env_twin = False  # type: ignore[attr-defined]
     p.add_argument(
         "--simulate-gpus",
-        default=os.environ.get("ISERVE_SIMULATE_GPUS", ""),
+        default="",
         help="simulated GPUs, e.g. 4x24GB (default: real GPUs if any, else 4x24GB)",
     )
     p.add_argument("--preset", default="tiny-llama", help="architecture of the demo model (random weights)")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .auth import write_server_config
+from .auth import write_private
 from .errors import Unavailable
 
 
@@ -105,7 +105,7 @@ class EmbeddedNats:
             str(self.log_file),
         ]
         if self.config:
-            cmd += ["-c", str(write_server_config(self.data_dir / "nats.conf", self.config))]
+            cmd += ["-c", str(write_private(self.data_dir / "nats.conf", self.config))]
         if self.cluster_port:
             cmd += ["-n", self.name or f"n{self.port}", "--cluster_name", "iserve"]
             cmd += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}"]

@@ -145,7 +145,7 @@ def add_env_twins(parser: argparse.ArgumentParser) -> None:
     """Give every ``--flag`` of ``parser`` and its sub-commands that has no environment twin yet the
     twin ``ISERVE_FLAG`` (the flag still wins): a set variable becomes the default, ``--help`` names
     it. Flags declared with ``flag``/``option`` (whose help already names their variable) are left
-    as they are."""
+    as they are, and so is an action marked ``action.env_twin = False``."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in dict.fromkeys(action.choices.values()):
@@ -153,6 +153,8 @@ def add_env_twins(parser: argparse.ArgumentParser) -> None:
             continue
         longs = [o for o in action.option_strings if o.startswith("--")]
         if not longs or action.dest in ("help", "version") or "[env " in (action.help or ""):
+            continue
+        if not getattr(action, "env_twin", True):
             continue
         env = env_name(longs[0])
         action.help = f"{action.help or ''} [env {env}]".strip()

@@ -76,10 +76,8 @@ def api_key_of(data_dir: Path, given: str = "") -> str:
         return path.read_text().strip()
     import secrets
 
-    data_dir.mkdir(parents=True, exist_ok=True)
     key = "isk-" + secrets.token_urlsafe(24)
-    path.touch(mode=0o600)
-    path.write_text(key + "\n")
+    auth.write_private(path, key + "\n")
     return key
 
 

@@ -25,13 +25,13 @@ def default_data_dir() -> Path:
 def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--nats-url",
-        default=os.environ.get("ISERVE_NATS_URL", ""),
+        default="",
         help="use this NATS server instead of an embedded one",
     )
     s.add_argument(
         "--nats-port",
         type=int,
-        default=int(os.environ.get("ISERVE_NATS_PORT", "4222")),
+        default=4222,
         help="port of the embedded NATS server",
     )
     s.add_argument(
@@ -48,33 +48,29 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     flag(s, "--nats-tls-key", default="", help="the private key of --nats-tls-cert (PEM)")
     s.add_argument(
         "--simulate-gpus",
-        default=os.environ.get("ISERVE_SIMULATE_GPUS", ""),
+        default="",
         help="e.g. 8x48GB: simulated GPUs whose workers compute on the CPU",
     )
-    s.add_argument("--gpu-type", default=os.environ.get("ISERVE_GPU_TYPE", ""), help="type name of the simulated GPUs")
+    s.add_argument("--gpu-type", default="", help="type name of the simulated GPUs")
     s.add_argument(
         "--placement",
-        default=os.environ.get("ISERVE_PLACEMENT", "hybrid"),
+        default="hybrid",
         choices=PLACEMENT_POLICIES,
-        help="the deployer's GPU placement policy [env ISERVE_PLACEMENT]",
+        help="the deployer's GPU placement policy",
     )
     s.add_argument(
         "--theta",
         type=float,
-        default=os.environ.get("ISERVE_THETA", "0.5"),
-        help="hybrid placement: GPUs with load below theta are packable [env ISERVE_THETA]",
+        default=0.5,
+        help="hybrid placement: GPUs with load below theta are packable",
     )
-    s.add_argument("--log-level", default=os.environ.get("ISERVE_LOG_LEVEL", "info"))
-    s.add_argument(
-        "--http-host", default=os.environ.get("ISERVE_HTTP_HOST", "127.0.0.1"), help="the HTTP API's address"
-    )
-    s.add_argument(
-        "--http-port", type=int, default=int(os.environ.get("ISERVE_HTTP_PORT", "8000")), help="the HTTP API's port"
-    )
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--http-host", default="127.0.0.1", help="the HTTP API's address")
+    s.add_argument("--http-port", type=int, default=8000, help="the HTTP API's port")
     s.add_argument(
         "--api-key",
-        default=os.environ.get("ISERVE_API_KEY", ""),
-        help="the HTTP API's Bearer key (default: one made and kept in DATA_DIR/api_key) [env ISERVE_API_KEY]",
+        default="",
+        help="the HTTP API's Bearer key (default: one made and kept in DATA_DIR/api_key)",
     )
     s.add_argument("--no-auth", action="store_true", help="serve the HTTP API without a key (loopback only)")
 
