@@ -7,6 +7,8 @@ rest of the batch exact. The GPU run of the same checks is marked ``gpu``.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from iserve.errors import BadRequest, PromptTooLong
 from iserve.gpu_agent.engine import Engine, kernels
 from iserve.gpu_agent.engine.batch import BatchEngine
 from iserve.gpu_agent.engine.batch_forward import paged_attend
+from iserve.gpu_agent.engine.batch_graphs import StepInputs
 from iserve.gpu_agent.engine.batch_plan import Chunk, SeqState, admit, plan_step
 from iserve.gpu_agent.engine.kv_pool import BlockAllocator, PagedKV
 from iserve.modelmaker import make_checkpoint
@@ -307,3 +310,64 @@ def test_gpu_captured_decode_steps_agree_with_eager_steps(models):
     eager = _batched(BatchEngine(engine, max_batch=6, cuda_graphs=False), PROMPTS)
     same = sum(a == b for i in range(len(PROMPTS)) for a, b in zip(got[f"s{i}"], eager[f"s{i}"]))
     assert same >= 0.95 * sum(len(v) for v in eager.values())
+
+
+def test_step_inputs_rewrite_only_what_changed_and_equal_a_fresh_build():
+    """The captured step's host mirrors, filled incrementally step after step (sequences grow, leave,
+    move rows, a key comes back with another table), equal the same step built from scratch."""
+    blocks, scratch, bs = 5, 0, 4
+    inc = StepInputs(8, blocks, scratch, bs, pinned=False)
+    rng = random.Random(3)
+    live: dict[int, list[int]] = {}
+    serial = 0
+    for _ in range(60):
+        for k in [k for k in live if rng.random() < 0.15]:
+            del live[k]
+        while len(live) < rng.randint(1, 8):
+            serial += 1
+            live[serial] = [rng.randint(1, 40)]
+        for t in live.values():
+            if len(t) < blocks + 2 and rng.random() < 0.4:
+                t.append(rng.randint(1, 40))  # longer than ``blocks``: cut to the first ones
+        keys = list(live)
+        rng.shuffle(keys)
+        n = len(keys)
+        b = min(8, 1 << (n - 1).bit_length())
+        tables = [live[k] for k in keys]
+        ids, positions = [rng.randint(0, 99) for _ in keys], [rng.randint(0, 19) for _ in keys]
+        slots = [rng.randint(0, 99) for _ in keys]
+        inc.fill(ids, positions, slots, tables, keys, b)
+        fresh = StepInputs(8, blocks, scratch, bs, pinned=False)
+        fresh.fill(ids, positions, slots, tables, None, b)
+        assert torch.equal(inc.meta[:, :b], fresh.meta[:, :b])
+        assert torch.equal(inc.tables[:b], fresh.tables[:b])
+        assert inc.meta[3, :n].tolist() == [p + 1 for p in positions]
+        assert inc.tables[n:b].eq(scratch).all() and inc.meta[2, n:b].eq(scratch * bs).all()
+        for i, k in enumerate(keys):
+            t = live[k][:blocks]
+            assert inc.tables[i, : len(t)].tolist() == t and inc.tables[i, len(t) :].eq(scratch).all()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs Triton (a CUDA GPU, or TRITON_INTERPRET=1)")
+def test_fused_projections_of_a_batched_step_equal_the_plain_step(models):
+    """``DecoderLayer.step_fused`` (the Triton GEMV with RMSNorm, SwiGLU and residual fused, used by
+    captured steps of a few rows) against ``step`` on the same rows: same attention inputs and output."""
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    engine = Engine.load(models["llama"], [(device, 0, 4)], context_tokens=64)
+    stage = engine.stages[0]
+    layer = stage.layers[1]
+    torch.manual_seed(0)
+    x = torch.randn(3, engine.arch.hidden_size, device=device, dtype=stage.dtype)
+    pos = torch.tensor([5, 17, 40], device=device)
+    cos, sin = stage.cos.index_select(0, pos).unsqueeze(1), stage.sin.index_select(0, pos).unsqueeze(1)
+    seen: list[tuple[torch.Tensor, ...]] = []
+
+    def attend(q, k, v):  # any function of q, k, v: the projections and rotations are what is compared
+        seen.append((q, k, v))
+        return (q * 0.5).reshape(q.shape[0], -1) + k.float().mean().to(q.dtype)
+
+    want = layer.step(x, cos, sin, attend)
+    got = layer.step_fused(x, cos, sin, attend)
+    for a, b in zip(seen[0], seen[1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

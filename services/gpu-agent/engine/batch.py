@@ -18,6 +18,7 @@ See docs/engine.md#continuous-batching.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -69,6 +70,7 @@ class _Seq:
     generator: torch.Generator | None
     eos: frozenset[int]  # ids that end it (empty: ignore_eos)
     submitted: float
+    serial: int = 0  # unique per admitted sequence (ids may repeat): names its block-table row
     tokens: list[int] = field(default_factory=list)
     table: list[int] = field(default_factory=list)  # pool blocks
     computed: int = 0  # positions in the pool
@@ -140,6 +142,7 @@ class BatchEngine:
         self._running: list[_Seq] = []
         self._cancelled: set[str] = set()
         self._ready = threading.Event()  # set while there is work
+        self._serials = itertools.count(1)
         self._sample_device = engine.stages[-1].device
         self._generator = torch.Generator(device=self._sample_device).manual_seed(0)
         self.last_step = StepStats()
@@ -306,6 +309,7 @@ class BatchEngine:
             for _ in range(n):
                 s = self._waiting.popleft()
                 s.reserved = blocks_for(len(s.prompt) + s.max_tokens, self.block_size)
+                s.serial = next(self._serials)
                 self._running.append(s)
 
     def _finish(self, s: _Seq) -> None:
@@ -323,7 +327,7 @@ class BatchEngine:
             ids += [s.tokens[-1]] if c.decode else s.prompt[c.start : c.start + c.tokens]
         tables = {c.seq_id: by_id[c.seq_id].table for c in chunks}
         with _compute():
-            logits = self._compute_step(chunks, ids, tables)
+            logits = self._compute_step(chunks, ids, tables, {c.seq_id: by_id[c.seq_id].serial for c in chunks})
             sampled = [c for c in chunks if c.samples]
             tokens = self._sample(logits, [by_id[c.seq_id] for c in sampled])
         now = time.perf_counter()
@@ -357,7 +361,9 @@ class BatchEngine:
                 events.append(Event(s.seq_id, token=token, result=s.result(reason)))
         return events
 
-    def _compute_step(self, chunks: list[Chunk], ids: list[int], tables: dict[str, list[int]]) -> torch.Tensor:
+    def _compute_step(
+        self, chunks: list[Chunk], ids: list[int], tables: dict[str, list[int]], serials: dict[str, int]
+    ) -> torch.Tensor:
         """Logits of the step's sampling chunks: a captured decode step when one holds it, else the
         eager pass. On a tensor-parallel leader the step goes to the other ranks first (``follow``)."""
         graphs = self._graphs
@@ -367,6 +373,7 @@ class BatchEngine:
                 [c.start for c in chunks],
                 [slot_of(tables[c.seq_id], c.start, self.block_size) for c in chunks],
                 [tables[c.seq_id] for c in chunks],
+                [serials[c.seq_id] for c in chunks],
             )
             if self._tp is not None:
                 self._tp.send(("batch-graph", *args))

@@ -359,6 +359,24 @@ class DecoderLayer:
             qkv, cos, sin, pos, self.heads, self.kv_heads, self.head_dim, k_cache, v_cache, k_scale, v_scale
         )
         attn = kernels.decode_attention(q, k_cache, v_cache, k_scale, v_scale, pos, window, splits)
+        return self._finish_fused(x, attn)
+
+    def step_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """``step`` with ``decode_fused``'s projections (the Triton GEMV with RMSNorm, SwiGLU and the
+        residual fused, where the format runs it): the batching engine's captured decode steps of a
+        few rows (``batch_graphs.FUSED_ROWS``), where the GEMV reads a weight once per row."""
+        T = x.shape[0]
+        qkv = self._project(self.qkv, x, norm=self.ln_attn)
+        if self.b_qkv is not None:
+            qkv = qkv + self.b_qkv
+        qk = apply_rope(
+            qkv[:, : self.q_size + self.kv_size].view(T, self.heads + self.kv_heads, self.head_dim), cos, sin
+        )
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.kv_heads, self.head_dim)
+        return self._finish_fused(x, attend(qk[:, : self.heads], qk[:, self.heads :], v))
+
+    def _finish_fused(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """``_finish`` through ``_project``: output projection and MLP added to the residual stream."""
         x = self.tp.all_reduce(self._project(self.o, attn, residual=x if self.tp.rank == 0 else None))
         mlp = self.mlp
         assert isinstance(mlp, DenseMLP)  # the fused kernels run dense MLPs only (Stage.can_fuse)
