@@ -58,7 +58,7 @@ def graph_us(fn, calls: int = 20) -> float:
 
 
 def gemm_rows(layer, lm_head: torch.Tensor, rows: list[int], bw: float, gemv_rows: int) -> list[dict]:
-    from iserve.gpu_agent.engine import kernels
+    from iserve.gpu_agent.engine import kernels, quant
 
     out = []
     weights = {
@@ -70,6 +70,7 @@ def gemm_rows(layer, lm_head: torch.Tensor, rows: list[int], bw: float, gemv_row
     }
     for name, w in weights.items():
         n, k = w.shape
+        i8 = quant.Int8Linear(w, w.dtype)
         floor_us = w.numel() * w.element_size() / bw * 1e6
         for m in rows:
             x = torch.randn(m, k, device=w.device, dtype=w.dtype)
@@ -77,6 +78,8 @@ def gemm_rows(layer, lm_head: torch.Tensor, rows: list[int], bw: float, gemv_row
             row["cublas_us"] = round(graph_us(lambda: F.linear(x, w)), 1)
             if m <= gemv_rows:
                 row["gemv_us"] = round(graph_us(lambda: kernels.gemv(x, w)), 1)
+            if name != "lm_head":  # the int8 format's kernel for this many rows (``quant.Int8Linear``)
+                row["int8_us"] = round(graph_us(lambda: i8(x)), 1)
             out.append(row)
             log(name, row)
     return out
@@ -276,9 +279,12 @@ def table(res: dict) -> str:
             f"| {r['batch']} | {r['wall_ms']:.2f} | {r['gpu_ms']:.2f} | {r.get('fused_gpu_ms', '')} "
             f"| {r['roofline_ms']:.2f} | {r['gpu_vs_roof']:.2f} | {r['wall_vs_roof']:.2f} | {r['sweep_bound_tok_s']} |"
         )
-    lines += ["", "| weight | m | floor us | cuBLAS us | GEMV us |", "|---|---|---|---|---|"]
+    lines += ["", "| weight | m | fp16 floor us | cuBLAS us | GEMV us | int8 us |", "|---|---|---|---|---|---|"]
     for r in res["gemm"]:
-        lines.append(f"| {r['weight']} | {r['m']} | {r['floor_us']} | {r['cublas_us']} | {r.get('gemv_us', '')} |")
+        lines.append(
+            f"| {r['weight']} | {r['m']} | {r['floor_us']} | {r['cublas_us']} | {r.get('gemv_us', '')} "
+            f"| {r.get('int8_us', '')} |"
+        )
     lines += ["", "| batch | KV floor us | picked splits | us by splits |", "|---|---|---|---|"]
     for r in res["attention"]:
         by = ", ".join(f"{k[7:-3]}: {v}" for k, v in r.items() if k.startswith("splits_"))

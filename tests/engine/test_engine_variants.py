@@ -250,6 +250,25 @@ def test_triton_gemv_matches_reference():
         )
 
 
+@pytest.mark.skipif(not kernels.available(), reason=NEEDS_TRITON)
+def test_triton_int8_gemm_matches_reference():
+    """The batched steps' int8 projections: row counts that are not a tile's, ``K`` not a multiple
+    of the tile, with and without the residual."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tune = dev == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    torch.manual_seed(2)
+    for M, N, K in ((5, 96, 300), (33, 130, 256)):
+        x = torch.randn(M, K, device=dev).to(dtype)
+        q, s = quant.quantize_int8(torch.randn(N, K, device=dev))
+        s = s.to(dtype)
+        r = torch.randn(M, N, device=dev).to(dtype)
+        ref = x.float() @ (q.float() * s.float()[:, None]).T
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kernels.int8_gemm(x, q, s, tune=tune).float(), ref, **tol)
+        torch.testing.assert_close(kernels.int8_gemm(x, q, s, r, tune=tune).float(), ref + r.float(), **tol)
+
+
 # ---------------------------------------------------------------------------------------------------
 # CUDA
 
@@ -305,7 +324,7 @@ def test_captured_prefill_equals_eager(tiny):
 @pytest.mark.parametrize(
     "kw,kernel,max_rel",
     [
-        (dict(weight_quant="int8"), "int8 triton gemv (decode) / dequant+cublas (prefill)", 0.02),
+        (dict(weight_quant="int8"), "int8 triton gemv (<= 4 rows) / int8 triton gemm (<= 256) / dequant+cublas (prefill)", 0.02),
         (dict(weight_quant="int4"), "torch._weight_int4pack_mm (tinygemm, bf16)", 0.05),
         (dict(kv_quant="int8"), "dense", 0.02),
         # 2:4: measured 0.052 on H100 and H200, CUTLASS's sparse kernel vs the dense pruned matmul.

@@ -246,6 +246,39 @@ def gemv(
 
 
 @functools.cache
+def _int8_gemm_kernels():
+    from . import triton_kernels as tk
+
+    triton, _ = _triton()
+    tuned = triton.autotune(configs=tk.INT8_GEMM_CONFIGS, key=["N", "K", "M_KEY", "HAS_RES"])(tk.int8_gemm_kernel)
+    return tk.int8_gemm_kernel, tuned, triton
+
+
+def int8_gemm(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None = None, *, tune: bool = True
+) -> torch.Tensor:
+    """``x @ (w * scale[:, None]).T (+ residual)`` for int8 ``w [N, K]`` and ``x [M, K]``, in ``x``'s
+    dtype: the batched steps' int8 projections (a few to a few hundred rows), which read each weight
+    tile once for a block of rows instead of once per row (``gemv``) or through a dequantized copy.
+    ``tune=False`` (always under the interpreter) uses one fixed tile shape."""
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    kernel, tuned, triton = _int8_gemm_kernels()
+    r = residual if residual is not None else y
+    args = (x, w, scale, r, y, M, N, K, _pow2(M), x.stride(0), w.stride(0), r.stride(0), y.stride(0))
+    if tune and os.environ.get("TRITON_INTERPRET") != "1":
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+        tuned[grid](*args, HAS_RES=residual is not None)
+    else:
+        grid = (triton.cdiv(N, 64), triton.cdiv(M, 16))
+        kernel[grid](*args, HAS_RES=residual is not None, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
+    return y
+
+
+@functools.cache
 def _paged_kernel():
     from . import triton_paged
 

@@ -17,6 +17,9 @@ from . import kernels
 
 INT4_GROUP = 128
 GEMV_MAX_ROWS = 4  # inputs with at most this many rows use the GEMV kernel on CUDA
+# int8 inputs of more rows, up to this many, use the int8 GEMM kernel (weights widened in registers);
+# larger ones (prefill) dequantize the weight once and run cuBLAS, which is compute-bound there.
+INT8_GEMM_MAX_ROWS = 256
 
 
 def prune_2_4(w: torch.Tensor) -> torch.Tensor:
@@ -127,22 +130,31 @@ class Int8Linear(Linear):
         self.cuda = w.device.type == "cuda"
         if self.cuda and not kernels.available():
             raise RuntimeError("int8 weights on CUDA need Triton (the `triton` package), which does not import here")
-        cuda_kernel = "int8 triton gemv (decode) / dequant+cublas (prefill)"
+        cuda_kernel = "int8 triton gemv (<= 4 rows) / int8 triton gemm (<= 256) / dequant+cublas (prefill)"
         self.kernel = cuda_kernel if self.cuda else "torch._weight_int8pack_mm"
 
     def _dequantized(self) -> torch.Tensor:
         return self.q.to(self.dtype) * self.scale[:, None]
+
+    @staticmethod
+    def _gemm(x: torch.Tensor) -> bool:
+        """Whether the int8 GEMM takes ``x`` (16-bit: in float32 ``tl.dot`` would round to TF32)."""
+        return x.shape[0] <= INT8_GEMM_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
             return torch._weight_int8pack_mm(x, self.q, self.scale)
         if x.shape[0] <= GEMV_MAX_ROWS:
             return kernels.gemv(x, self.q, self.scale)
+        if self._gemm(x):
+            return kernels.int8_gemm(x, self.q, self.scale)
         return F.linear(x, self._dequantized())
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.cuda and x.shape[0] <= GEMV_MAX_ROWS:
             return kernels.gemv(x, self.q, self.scale, residual)
+        if self.cuda and self._gemm(x):
+            return kernels.int8_gemm(x, self.q, self.scale, residual)
         if self.cuda:
             return torch.addmm(residual, x, self._dequantized().t())
         return residual + self(x)

@@ -240,3 +240,62 @@ def attn_reduce_kernel(
     acc = tl.load(acc_ptr + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     tl.store(out_ptr + (kvh * G + g) * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def int8_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    r_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    M_KEY,
+    stride_xm,
+    stride_wn,
+    stride_rm,
+    stride_ym,
+    HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``y = x @ (w * s[:, None]).T (+ r)`` for int8 ``w [N, K]``, 16-bit ``x [M, K]``: each tile of
+    ``w`` is read once for ``BLOCK_M`` rows and widened in registers (no dequantized copy in memory).
+    ``M_KEY`` (M rounded up to a power of two) only keys the autotuner."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    out = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        out += tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# Tile shapes the int8 GEMM is auto-tuned over (per weight shape and power-of-two row count).
+INT8_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
+    for bm, bn, bk, nw, ns in (
+        (16, 64, 128, 4, 4),
+        (16, 128, 128, 4, 4),
+        (32, 64, 128, 4, 4),
+        (32, 128, 64, 4, 4),
+        (64, 64, 128, 4, 3),
+        (64, 128, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+    )
+]
