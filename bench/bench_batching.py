@@ -17,7 +17,8 @@ Usage (on the GPU machine)::
         [--concurrency 1,2,4,8,16,32,64,128] [--variant-concurrency 1,32,64] [--prompt 1024] [--output 128]
 
 Then (``--sharegpt N``, default 500) a ShareGPT-shaped run on fp16 at the concurrency of the highest
-sweep throughput: N requests, prompt lengths from the ShareGPT sample in ``../shared/data`` (its
+sweep throughput (or ``--sharegpt-concurrency``; vLLM's figure runs up to 256 at once): N requests,
+prompt lengths from the ShareGPT sample in ``../shared/data`` (its
 first human turns, counted as ceil(UTF-8 bytes / 4) tokens: the checkpoint has random weights and
 no trained tokenizer; capped at ``--prompt``) and output lengths from the Azure conversation trace's
 ``GeneratedTokens`` (the sample has no answers; capped at 1024 and at the context left), paired by
@@ -191,10 +192,11 @@ def run_model(preset: str, args, device: str, bw: float, save) -> list[dict]:
             room = int((free - 6 * 2**30) / slot_bytes)  # 6 GiB left for activations
         else:
             room = 10**9
-        kv_tokens = min(max(points) * context, room)
+        top = max(points + ([args.sharegpt_concurrency] if variant == "fp16" and args.sharegpt else []))
+        kv_tokens = min(top * context, room)
         batch = BatchEngine(
             engine,
-            max_batch=max(points),
+            max_batch=top,
             kv_tokens=kv_tokens,
             step_tokens=args.step_tokens,
             release_static_cache=False,
@@ -223,7 +225,7 @@ def run_model(preset: str, args, device: str, bw: float, save) -> list[dict]:
                 (r for r in rows if r["model"] == preset and r["variant"] == "fp16"), key=lambda r: r["output_tok_s"]
             )
             shapes = [(pl, min(ol, context - pl)) for pl, ol in sharegpt_shapes(args.sharegpt, args.prompt, 1024)]
-            g = sharegpt_point(batch, arch.vocab_size, best["concurrency"], shapes)
+            g = sharegpt_point(batch, arch.vocab_size, args.sharegpt_concurrency or best["concurrency"], shapes)
             g.update(model=preset, variant="fp16", workload="sharegpt")
             log(preset, f"ShareGPT-shaped, c={g['concurrency']}: {g['output_tok_s']:.0f} output tok/s")
             args.sharegpt_rows.append(g)
@@ -272,6 +274,9 @@ def main() -> None:
     p.add_argument("--models-dir", default="/dev/shm/iserve-bench")
     p.add_argument("--keep-models", action="store_true")
     p.add_argument("--sharegpt", type=int, default=500, help="requests of the ShareGPT-shaped run (0: none)")
+    p.add_argument(
+        "--sharegpt-concurrency", type=int, default=0, help="its requests in flight (0: the sweep's best concurrency)"
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script")
     args = p.parse_args()
     args.variants = args.variants.split(",")
