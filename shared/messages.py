@@ -309,6 +309,13 @@ class ConfigEstimate(msgspec.Struct, kw_only=True):
     tpot_per_position_ms: float = 0.0
     ttft_host_ms: list[float] = []
     tpot_host_ms: list[float] = []
+    # Appended: a continuous-batching replica's decode step (docs/estimator.md#batched-steps), from the
+    # fingerprints' batched steps: at ``batch_sizes[i]`` sequences whose mean position is ``pos`` a
+    # step costs ``batch_step_ms[i] + batch_step_per_position_ms[i] * pos`` (wall time, host
+    # included). Empty: not measured (older maps, derived TP variants); the roofline model applies.
+    batch_sizes: list[int] = []
+    batch_step_ms: list[float] = []
+    batch_step_per_position_ms: list[float] = []
 
     def ttft_ms(self, prompt_tokens: int) -> float:
         p = float(prompt_tokens)
@@ -456,6 +463,9 @@ class ProfileJob(Message):
     # Appended: the replayed layers get tensors of their own where the GPU has room (a model's
     # memory footprint in the deep run); see docs/fingerprint.md.
     replay_distinct: bool = False
+    # Appended: also time the batching engine's decode step at these batch sizes (empty: not);
+    # see docs/profiling.md#batched-steps.
+    batch_sizes: list[Annotated[int, Meta(ge=1, le=1024)]] = []
 
 
 class PromptTiming(msgspec.Struct, kw_only=True):
@@ -466,6 +476,15 @@ class PromptTiming(msgspec.Struct, kw_only=True):
 class DecodeTiming(msgspec.Struct, kw_only=True, array_like=True):
     """The decode step that feeds the token at ``position``: median milliseconds over repeats."""
 
+    position: int
+    step_ms: float
+
+
+class BatchDecodeTiming(msgspec.Struct, kw_only=True, array_like=True):
+    """A batching engine's decode step of ``batch`` sequences at mean position ``position``: median
+    wall milliseconds over repeats (host work and the token read-back included)."""
+
+    batch: int
     position: int
     step_ms: float
 
@@ -508,6 +527,9 @@ class FingerprintMeasurement(msgspec.Struct, kw_only=True):
     # as many as the fingerprints (every serving bucket) holds what a served model's graphs hold, so
     # its memory beyond weights and KV says how that grows with depth (the estimator uses it then).
     graphs: int = 0
+    # Appended: decode steps of the batching engine at the job's ``batch_sizes`` (empty: not asked,
+    # or a TP measurement). See docs/profiling.md#batched-steps.
+    batch_decode: list[BatchDecodeTiming] = []
 
 
 class ProfileResult(Message):

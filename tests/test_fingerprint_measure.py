@@ -408,3 +408,25 @@ def test_a_tp_measurement_that_overruns_names_its_variant_and_shows_the_ranks_st
     err = capfd.readouterr().err
     assert err.count("most recent call first") >= 2, err[-2000:]  # faulthandler's dumps, from both ranks' stderr
     assert "_tp_rank_main" in err
+
+
+def test_batched_steps_are_timed_at_each_batch_size_and_both_positions(fps):
+    """``Protocol.batch_sizes``: the batching engine's decode step of each fingerprint at each size, from
+    the shortest and the longest prompt; the batch-1 timings are unchanged, TP runs none."""
+    protocol = protocol_mod.Protocol(
+        prompt_lengths=(8, 16, 32), output_lengths=(3, 6), repeats=2, warmup=1, context_tokens=64, batch_sizes=(1, 4)
+    )
+    ms = profiling.measure_models([fps[0], fps[1]], "cpu", protocol=protocol, num_layers=[1, 2])
+    for m in ms:
+        got = [(t.batch, t.position) for t in m.batch_decode]
+        # prefilled to 8 (or 32) tokens, a first token, one untimed step, two timed ones: positions 10, 11
+        assert got == [(1, 10), (1, 34), (4, 10), (4, 34)], got
+        assert all(t.step_ms > 0 for t in m.batch_decode)
+        assert [t.prompt_tokens for t in m.ttft] == [8, 16, 32]
+    assert not profiling.measure_model(fps[0], "cpu", protocol=PROTOCOL, num_layers=1).batch_decode
+    with pytest.raises(BadRequest, match="batch_sizes"):
+        protocol_mod.Protocol(prompt_lengths=(8,), output_lengths=(3,), batch_sizes=(0,))
+    job = ProfileJob(job_id="j", model="m", fingerprint_paths=[], gpu_index=0, batch_sizes=[8, 1, 8])
+    assert protocol_mod.protocol_of_job(job).batch_sizes == (1, 8)
+    with pytest.raises(msgspec.ValidationError):
+        decoder(ProfileJob).decode(encode(msgspec.structs.replace(job, batch_sizes=[0])))

@@ -122,6 +122,21 @@ def test_validate_command_profiles_measures_and_prints(tiny, tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert {r["config"] for r in doc["rows"]} == {keys.split(",")[0]}
     assert {r["what"] for r in doc["rows"]} == {"ttft", "tpot", "memory"} and doc["summary"]["ttft"]["points"] == 2
+    # --batches: the batched decode steps of the full model against the estimate from the fingerprints' own
+    rc = validate.main(
+        [str(tiny), "--configs", keys.split(",")[0], "--devices", "cpu", "--prompt-lengths", "8,16"]
+        + ["--output-lengths", "3,4", "--repeats", "1", "--context-tokens", "32", "--work-dir", str(tmp_path / "fp4")]
+        + ["--batches", "4,1", "--json"]
+    )
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    batch = [r for r in doc["rows"] if r["what"] == "batch"]
+    assert [r["at"] for r in batch] == ["b=1,x=9", "b=1,x=17", "b=4,x=9", "b=4,x=17"], (
+        batch
+    )  # one warm-up step, one timed
+    assert doc["summary"]["batch"]["points"] == 4 and all(r["estimated"] > 0 for r in batch)
+    measured = doc["profile"]["measurements"]
+    assert all([t[0] for t in m["batch_decode"]] == [1, 1, 4, 4] for m in measured if not m["replayed_from"])
     assert validate.main([str(tmp_path / "nope")]) == 2
     assert (
         validate.main(

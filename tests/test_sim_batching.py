@@ -263,3 +263,54 @@ def test_the_live_replay_asks_for_the_deployers_batch_unless_told(monkeypatch):
     assert parse(["--dry-run"]).max_batch == 4
     with pytest.raises(SystemExit):
         parse(["--dry-run", "--max-batch", "-2"])
+
+
+def _batched_measurement(n: int, lines: dict[int, tuple[float, float, float, float]]):
+    """A fingerprint of ``n`` layers whose batched step at batch ``b`` and position ``x`` is
+    ``n * (la + ls x) + (oa + os x)`` for ``lines[b] = (la, ls, oa, os)``."""
+    from iserve.messages import BatchDecodeTiming, FingerprintMeasurement, ProfileVariant, PromptTiming
+
+    timings = [
+        BatchDecodeTiming(batch=b, position=x, step_ms=n * (la + ls * x) + oa + os * x)
+        for b, (la, ls, oa, os) in lines.items()
+        for x in (40, 300)
+    ]
+    return FingerprintMeasurement(
+        num_layers=n,
+        variant=ProfileVariant(),
+        ttft=[PromptTiming(prompt_tokens=p, ttft_ms=n * 0.5 + 0.001 * p) for p in (32, 128)],
+        tpot_ms=n * 0.1 + 0.2,
+        decode_steps=10,
+        peak_bytes=n * 2**20 + 2**22,
+        weight_bytes=n * 2**19,
+        batch_decode=timings,
+    )
+
+
+def test_batched_steps_of_the_fingerprints_extrapolate_to_the_model_and_interpolate_in_the_batch():
+    from iserve.fingerprint import estimator as est
+    from iserve.fingerprint.estimator.latency import fit_batched
+
+    lines = {1: (0.10, 1e-4, 0.3, 0.0), 8: (0.12, 6e-4, 0.35, 0.0), 32: (0.2, 2.4e-3, 0.4, 1e-5)}
+    ms = [_batched_measurement(n, lines) for n in (1, 2)]
+    terms = fit_batched(ms, [1, 2])
+    assert [b for b, _, _ in terms] == [1, 8, 32]
+    for (b, layer, other), (la, ls, oa, os) in zip(terms, lines.values()):
+        assert layer == pytest.approx((la, ls), rel=1e-6) and other == pytest.approx((oa, os), rel=1e-6, abs=1e-9)
+    arch, w = synthetic_arch("llama-2-7b")
+    [e] = est.fit_estimates(arch, w, ms, [Configuration()], context_tokens=1024)
+    L = arch.num_layers
+    assert e.batch_sizes == [1, 8, 32]
+    model = StepModel(e)
+    for b, (la, ls, oa, os) in lines.items():  # at a measured size: the fingerprint lines times L
+        assert model.decode_ms(b, b * 500) == pytest.approx(L * (la + ls * 500) + oa + os * 500, rel=1e-6)
+    mid = model.decode_ms(20, 20 * 500)  # between 8 and 32: on the straight line between them
+    assert mid == pytest.approx((model.decode_ms(8, 8 * 500) + model.decode_ms(32, 32 * 500)) / 2, rel=1e-6)
+    beyond = model.decode_ms(56, 56 * 500)  # past 32: along the last two
+    assert beyond == pytest.approx(2 * model.decode_ms(32, 32 * 500) - model.decode_ms(8, 8 * 500), rel=1e-6)
+    assert model.step_ms(4, 4 * 500, [(0, 100)]) > model.decode_ms(4, 4 * 500)  # chunks still add
+    old = msgspec.json.decode(
+        msgspec.json.encode(msgspec.structs.replace(e, batch_sizes=[], batch_step_ms=[], batch_step_per_position_ms=[]))
+    )
+    assert "batch_sizes" in old  # an estimate without them decodes and uses the roofline model
+    assert StepModel(msgspec.structs.replace(e, batch_sizes=[])).decode_ms(1, 500) == pytest.approx(e.step_ms(500))

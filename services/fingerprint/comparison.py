@@ -12,6 +12,7 @@ import msgspec
 from rich.markup import escape
 from rich.table import Table
 
+from iserve.fingerprint.estimator.batching import StepModel
 from iserve.messages import ConfigEstimate, FingerprintMeasurement
 from iserve.stats import percentile
 from iserve.tables import add_number_column, add_text_column, table
@@ -23,7 +24,7 @@ GIB = 2**30
 class Point:
     """One estimated-vs-measured number."""
 
-    what: str  # "ttft", "tpot" or "memory"
+    what: str  # "ttft", "tpot", "memory" or "batch" (a batched decode step)
     at: str  # e.g. "p=512", "p=1024,o=16", "per GPU"
     estimated: float
     measured: float
@@ -75,6 +76,10 @@ def compare(
         else est.total_bytes / est.config.gpus
     )
     c.points.append(Point("memory", "per GPU", float(per_gpu), float(measured_memory(m))))
+    model = StepModel(est)
+    for bt in m.batch_decode:  # the batch sweep: a replica's step at b sequences, mean position x
+        at = f"b={bt.batch},x={bt.position}"
+        c.points.append(Point("batch", at, model.decode_ms(bt.batch, bt.batch * bt.position), bt.step_ms))
     return c
 
 
@@ -82,7 +87,7 @@ def summarize(comparisons: Sequence[Comparison]) -> dict[str, dict[str, float]]:
     """Median and p90 of the absolute relative errors, per kind, over every point of every
     measured configuration."""
     out = {}
-    for what in ("ttft", "tpot", "memory"):
+    for what in ("ttft", "tpot", "memory", "batch"):
         errs = [e for c in comparisons for e in c.errors(what)]
         out[what] = {
             "median": percentile(errs, 50),

@@ -19,6 +19,16 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def batch_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if any(not 1 <= v <= 1024 for v in values):
+        raise argparse.ArgumentTypeError(f"batch sizes run from 1 to 1024, got {text!r}")
+    return values
+
+
 @dataclass
 class FingerprintConfig(ServiceConfig):
     work_dir: Path = option(
@@ -57,6 +67,12 @@ class FingerprintConfig(ServiceConfig):
         help="give every replayed layer tensors of its own where the GPU has "
         "room (the model's memory footprint; an experiment, see "
         "docs/fingerprint.md)",
+    )
+    batch_sizes: list[int] = option(
+        [1, 8, 32, 64],
+        type=batch_list,
+        help="also time the batching engine's decode step of each fingerprint at these batch sizes "
+        "(comma-separated; empty: not, and batched replicas are estimated by the roofline model)",
     )
     max_profiling_jobs: int = option(
         2, help="profiling jobs run at once across all models; more registrations wait their turn (status: queued)"

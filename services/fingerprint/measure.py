@@ -75,6 +75,7 @@ def profile_locally(
     variants_filter: Callable[[Any], bool] | None = None,
     log: Callable[[str], None] | None = None,
     timeout_s: float = 600.0,
+    batch_sizes: Sequence[int] = (),
 ) -> LocalProfile:
     """Generate ``model_dir``'s fingerprints under ``work_dir``, profile them on ``devices`` (the
     fingerprint service's job, run in this process) and estimate every configuration."""
@@ -108,6 +109,7 @@ def profile_locally(
         replay_depth=estimator.replay_depth(ck.arch, replay_depth),
         replay_distinct=replay_distinct,
         timeout_s=timeout_s,
+        batch_sizes=list(batch_sizes),
     )
     result = run_profile_job(job, devices, log=log)
     cmap = local_map(
@@ -178,9 +180,11 @@ def measure_configuration(
     context_tokens: int,
     gpu_warmup_s: float | None = None,
     timeout_s: float = 900.0,
+    batch_sizes: Sequence[int] = (),
 ) -> FingerprintMeasurement:
     """Measure the full model as ``config`` (PP=1; TP on ``devices[:tp]``) with the profiling
-    protocol, wall time only. Raises ``UnsupportedModel`` when the engine cannot run it."""
+    protocol, wall time only, and at TP=1 its batched decode steps at ``batch_sizes``. Raises
+    ``UnsupportedModel`` when the engine cannot run it."""
     from iserve.errors import BadRequest
     from iserve.gpu_agent import profiling
 
@@ -196,6 +200,7 @@ def measure_configuration(
         warmup=warmup,
         device_repeats=0,
         context_tokens=context_tokens,
+        batch_sizes=tuple(batch_sizes),  # TP measurements time none (the batch sweep is for TP=1)
     )
     variant = estimator.variant_of(config)
     if config.tp == 1:

@@ -74,6 +74,7 @@ def validate(
     log: Callable[[str], None] | None = None,
     deadline: float | None = None,
     timeout_s: float = 900.0,
+    batch_sizes: Sequence[int] = (),
     starting: Callable[[int, str], None] | None = None,
 ) -> list[Comparison]:
     """Measure each of ``estimates``' configurations in full and compare. A configuration the engine
@@ -103,6 +104,7 @@ def validate(
                 warmup=warmup,
                 context_tokens=cmap.context_tokens,
                 timeout_s=timeout_s,
+                batch_sizes=batch_sizes,
             )
         except IServeError as e:
             out.append(Comparison(config=key, note=f"not measured: {e.message}"))
@@ -117,7 +119,9 @@ def validate(
         c = compare(est, m, runs, gpu_seconds=m.gpu_seconds or (time.perf_counter() - t0))
         out.append(c)
         if log:
-            errs = ", ".join(f"{w} {100 * max(c.errors(w)):.1f}%" for w in ("ttft", "tpot", "memory"))
+            errs = ", ".join(
+                f"{w} {100 * max(c.errors(w)):.1f}%" for w in ("ttft", "tpot", "memory", "batch") if c.errors(w)
+            )
             log(f"{key}: worst errors {errs} ({c.gpu_seconds:.1f} GPU-s)")
     return out
 
@@ -130,6 +134,10 @@ def _int_list(text: str) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _batch_list(text: str) -> list[int]:
+    return sorted(set(_int_list(text))) if text.strip() else []
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -176,6 +184,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--work-dir",
         default="",
         help="where fingerprints are written when profiling here (default: a temporary folder)",
+    )
+    p.add_argument(
+        "--batches",
+        type=_batch_list,
+        default=[],
+        help="also compare the batching engine's decode step at these batch sizes (e.g. 1,8,32,64; "
+        "fingerprints profiled here are timed at them too); default: none",
     )
     p.add_argument("--limit", type=int, default=0, help="measure at most this many configurations")
     p.add_argument(
@@ -251,6 +266,7 @@ def _run(a: argparse.Namespace, devices: list[str], steps: Steps) -> int:
                 variants_filter=only,
                 log=log,
                 timeout_s=a.timeout_s,
+                batch_sizes=a.batches,
             )
             cmap = local.cmap
             prompt_lengths, output_lengths = a.prompt_lengths, a.output_lengths
@@ -285,6 +301,7 @@ def _run(a: argparse.Namespace, devices: list[str], steps: Steps) -> int:
             warmup=a.warmup,
             log=log,
             timeout_s=a.timeout_s,
+            batch_sizes=a.batches,
             starting=lambda i, key: steps.show("validate", f"measuring {key}", done=i, total=n),
         )
         steps.show("validate", "measured", done=n, total=n)

@@ -324,7 +324,11 @@ def test_captured_prefill_equals_eager(tiny):
 @pytest.mark.parametrize(
     "kw,kernel,max_rel",
     [
-        (dict(weight_quant="int8"), "int8 triton gemv (<= 4 rows) / int8 triton gemm (<= 256) / dequant+cublas (prefill)", 0.02),
+        (
+            dict(weight_quant="int8"),
+            "int8 triton gemv (<= 4 rows) / int8 triton gemm (<= 256) / dequant+cublas (prefill)",
+            0.02,
+        ),
         (dict(weight_quant="int4"), "torch._weight_int4pack_mm (tinygemm, bf16)", 0.05),
         (dict(kv_quant="int8"), "dense", 0.02),
         # 2:4: measured 0.052 on H100 and H200, CUTLASS's sparse kernel vs the dense pruned matmul.

@@ -1,5 +1,10 @@
-"""The time of one continuous-batching step, from a configuration's batch-1 estimate (pure; see
+"""The time of one continuous-batching step, from a configuration's estimate (pure; see
 docs/estimator.md#batched-steps).
+
+Where the estimate carries batched steps measured on its fingerprints (``ConfigEstimate.batch_sizes``),
+a decode step of ``b`` sequences at mean position ``x`` is that line at ``x``, interpolated linearly
+between the measured batch sizes and extended along the last two beyond them. Otherwise (older maps,
+derived TP variants) the roofline model below applies.
 
 A step decodes ``b`` sequences holding ``K`` KV tokens in total and prefills some prompt chunks.
 Memory roofline: a decode step reads the weights once and every sequence's KV cache, so it costs the
@@ -62,6 +67,8 @@ class StepModel:
             return 0.0
         e = self.est
         mean = kv_tokens / seqs
+        if e.batch_sizes:
+            return measured_step_ms(e, seqs, mean)
         device = e.tpot_ms + e.tpot_per_position_ms * mean
         if seqs > 1:
             device *= (1.0 + self.kv_share * kv_tokens) / (1.0 + self.kv_share * mean)
@@ -80,6 +87,20 @@ class StepModel:
             return self.est.ttft_ms(chunks[0][1])
         base = self.decode_ms(seqs, kv_tokens) if seqs else self.est.ttft_ms(0)
         return base + sum(self.chunk_ms(s, n) for s, n in chunks)
+
+
+def measured_step_ms(est: ConfigEstimate, seqs: int, position: float) -> float:
+    """The measured batched step of ``seqs`` sequences at mean ``position``: linear in the batch
+    between the measured sizes, along the last two beyond them, the first size's below it; never
+    below the smallest measured step."""
+    sizes = est.batch_sizes
+    at = [a + s * position for a, s in zip(est.batch_step_ms, est.batch_step_per_position_ms)]
+    if len(sizes) == 1 or seqs <= sizes[0]:
+        return at[0]
+    i = next((k for k in range(1, len(sizes)) if seqs <= sizes[k]), len(sizes) - 1)
+    b0, b1 = sizes[i - 1], sizes[i]
+    t = at[i - 1] + (at[i] - at[i - 1]) * (seqs - b0) / (b1 - b0)
+    return max(t, min(at))
 
 
 def step_model(estimates: Sequence[ConfigEstimate], est: ConfigEstimate, context_tokens: int) -> StepModel:

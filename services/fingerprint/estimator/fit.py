@@ -18,7 +18,7 @@ from iserve.messages import (
 )
 
 from .configs import arch_problem, replace_variant, variant_of
-from .latency import CommModel, Line, Poly, fit_latency, poly_add
+from .latency import BatchTerms, CommModel, Line, Poly, fit_batched, fit_latency, poly_add
 from .memory import (
     NCCL_BUFFER_BYTES,
     SERVE_BYTES,
@@ -58,6 +58,7 @@ class VariantFit:
     kv_bytes_per_layer_token: float = 0.0  # per rank, from the engine's report (0: use the formula)
     method: EstimateMethod = "fingerprint"
     extra_gpu_bytes: int = 0  # per rank, added to the overhead (NCCL buffers of a modeled TP variant)
+    batch: tuple[BatchTerms, ...] = ()  # the batching engine's step per batch size (``latency.fit_batched``)
 
 
 def fit_variant(
@@ -106,6 +107,7 @@ def fit_variant(
         fingerprint_layers=tuple(depths),
         prompt_lengths=lat.prompt_lengths,
         kv_bytes_per_layer_token=mem.kv_bytes_per_layer_token,
+        batch=fit_batched(measurements, depths),
     )
 
 
@@ -185,6 +187,7 @@ def derive_tp_fit(arch: ArchSpec, fit: VariantFit, tp: int, comm: CommModel) -> 
         kv_bytes_per_layer_token=fit.kv_bytes_per_layer_token / t,
         method="fingerprint+comm",
         extra_gpu_bytes=NCCL_BUFFER_BYTES,
+        batch=(),  # not modelled: a derived TP variant's batched steps fall back to the roofline model
     )
 
 
@@ -239,4 +242,8 @@ def estimate_config(
         est.ttft_host_ms = _at(L, fit.ttft_host_layer, fit.ttft_host_other)
     if fit.tpot_host_layer is not None and fit.tpot_host_other is not None:
         est.tpot_host_ms = _at(L, fit.tpot_host_layer, fit.tpot_host_other)
+    if fit.batch:
+        est.batch_sizes = [b for b, _, _ in fit.batch]
+        est.batch_step_ms = [L * layer[0] + other[0] for _, layer, other in fit.batch]
+        est.batch_step_per_position_ms = [L * layer[1] + other[1] for _, layer, other in fit.batch]
     return est

@@ -77,6 +77,23 @@ def _fit_steps(points: list[tuple[int, int, float]]) -> tuple[Line, Line]:
     return (float(coef[0]), float(coef[1]) / scale), (float(coef[2]), float(coef[3]) / scale)
 
 
+BatchTerms = tuple[int, Line, Line]  # a batch size, the step's per-layer and other lines in position
+
+
+def fit_batched(measurements: Sequence[FingerprintMeasurement], depths: Sequence[int]) -> tuple[BatchTerms, ...]:
+    """The batching engine's decode step at every batch size measured on at least two of ``depths``:
+    ``S_b(n, x) = n * (a_l + b_l x) + (a_o + b_o x)`` for ``n`` layers at mean position ``x``, as
+    ``_fit_steps`` fits the batch-1 step (docs/estimator.md#batched-steps). Empty when none was."""
+    ms = [m for m in measurements if not m.replayed_from and m.num_layers in depths and m.batch_decode]
+    out = []
+    for b in sorted({t.batch for m in ms for t in m.batch_decode}):
+        points = [(m.num_layers, t.position, t.step_ms) for m in ms for t in m.batch_decode if t.batch == b]
+        if len({n for n, _, _ in points}) >= 2:
+            layer, other = _fit_steps(points)
+            out.append((b, layer, other))
+    return tuple(out)
+
+
 def _step_points(m: FingerprintMeasurement, device: bool) -> list[tuple[int, int, float]]:
     timings = m.decode_device if device else m.decode
     if timings:

@@ -186,6 +186,8 @@ def translate_map(
                 ttft_per_token2_ms=e.ttft_per_token2_ms * fl,
                 tpot_ms=e.tpot_ms * bw,
                 tpot_per_position_ms=e.tpot_per_position_ms * bw,
+                batch_step_ms=[t * bw for t in e.batch_step_ms],  # memory-bound like the batch-1 step
+                batch_step_per_position_ms=[t * bw for t in e.batch_step_per_position_ms],
                 method=e.method if e.method.endswith("+translated") else e.method + "+translated",
             )
         )

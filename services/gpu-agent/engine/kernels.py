@@ -270,11 +270,13 @@ def int8_gemm(
     r = residual if residual is not None else y
     args = (x, w, scale, r, y, M, N, K, _pow2(M), x.stride(0), w.stride(0), r.stride(0), y.stride(0))
     if tune and os.environ.get("TRITON_INTERPRET") != "1":
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-        tuned[grid](*args, HAS_RES=residual is not None)
+        tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))](
+            *args, HAS_RES=residual is not None
+        )
     else:
-        grid = (triton.cdiv(N, 64), triton.cdiv(M, 16))
-        kernel[grid](*args, HAS_RES=residual is not None, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
+        kernel[(triton.cdiv(N, 64), triton.cdiv(M, 16))](
+            *args, HAS_RES=residual is not None, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64
+        )
     return y
 
 

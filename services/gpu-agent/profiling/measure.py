@@ -14,8 +14,9 @@ from iserve.errors import BadRequest, CheckpointError, UnsupportedModel
 from iserve.gpu_agent.engine.capabilities import CAPABILITIES
 from iserve.gpu_agent.engine.runner import Engine
 from iserve.gpu_agent.engine.tensors import TensorCache
-from iserve.messages import DecodeTiming, FingerprintMeasurement, ProfileVariant, PromptTiming
+from iserve.messages import BatchDecodeTiming, DecodeTiming, FingerprintMeasurement, ProfileVariant, PromptTiming
 
+from .batched import time_batched
 from .memory import Baseline, NvmlProbe, activation_bytes_estimate
 from .protocol import ENGINE_WARMUP_S, Protocol
 from .timing import Timings, median, prompts_of, time_engines, warm_up
@@ -335,9 +336,15 @@ def measure_models(
                 broadcast_index(coord, PHASE_END)
         else:
             follow_phase(coord, [x.engine for x in loaded])
+        batched: list[list[BatchDecodeTiming]] = [[] for _ in loaded]
+        if protocol.batch_sizes and tp_size == 1:  # TP batches need every rank in the step: not timed here
+            batched = [[] if x.deep else time_batched(x.engine, protocol, seed=seed) for x in loaded]
         cuda = loaded[0].dev.type == "cuda"
         share = (time.perf_counter() - t_start) / len(loaded) * (tp_size if cuda else 1)
-        return [_measurement(x, variant, protocol, t, share, tp_size) for x, t in zip(loaded, timings)]
+        out = [_measurement(x, variant, protocol, t, share, tp_size) for x, t in zip(loaded, timings)]
+        for m, bt in zip(out, batched):
+            m.batch_decode = bt
+        return out
     finally:
         for x in loaded:
             # A follower takes each engine's close message. (After a failure on one rank only, the

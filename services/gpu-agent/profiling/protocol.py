@@ -28,6 +28,7 @@ class Protocol:
     serving_path: bool = True  # hand every token to another thread's event loop, as the serving worker does
     replay_depth: int = 0  # > 0: measure_models also times its deepest model replayed to this many layers
     replay_distinct: bool = False  # ... with tensors of its own for every replayed layer, where they fit
+    batch_sizes: tuple[int, ...] = ()  # also time the batching engine's decode step at these (``batched``)
 
     def __post_init__(self) -> None:
         if (
@@ -43,6 +44,8 @@ class Protocol:
             object.__setattr__(self, "device_repeats", min(self.repeats, DEVICE_REPEATS))
         if self.replay_depth < 0:
             raise BadRequest(f"replay_depth must be 0 (no replayed run) or a layer count, not {self.replay_depth}.")
+        if any(b < 1 for b in self.batch_sizes):
+            raise BadRequest(f"batch_sizes must be positive sequence counts, not {list(self.batch_sizes)}.")
         if self.repeats < 1 or self.warmup < 0:
             raise BadRequest(f"repeats must be at least 1 and warmup at least 0, not {self.repeats} and {self.warmup}.")
         if max(self.prompt_lengths) + max(self.output_lengths) > self.context_tokens:
@@ -73,4 +76,5 @@ def protocol_of_job(job: ProfileJob) -> Protocol:
         context_tokens=job.context_tokens,
         replay_depth=job.replay_depth,
         replay_distinct=job.replay_distinct,
+        batch_sizes=tuple(sorted(set(job.batch_sizes))),
     )
