@@ -235,6 +235,15 @@ async def test_simulated_gpus_exclude_tensor_parallelism_with_the_reason(nats_se
     assert {e.config.key() for e in cmap.estimates} == {"tp1-pp1-wfp16-kvfp16-pnone", "tp1-pp2-wfp16-kvfp16-pnone"}
     [tp2] = [x for x in cmap.excluded if x.config.key() == "tp2-pp1-wfp16-kvfp16-pnone"]
     assert tp2.reason.startswith("not profiled: tensor parallelism is not profiled on simulated GPUs")
+    assert jobs[0].batch_sizes == []  # batched steps are timed on real GPUs only, by default
+
+
+async def test_real_gpus_time_the_batched_steps_at_the_configured_sizes(nats_server, tmp_path, tiny_model):
+    async def behave(job: ProfileJob) -> ProfileResult:
+        return synthetic_result(job)
+
+    done, _, _, jobs = await _run(nats_server, tmp_path, tiny_model, behave)
+    assert done.status == "ok" and jobs[0].batch_sizes == [1, 8, 32, 64]
 
 
 async def test_profiling_runs_at_most_max_profiling_jobs_at_once(nats_server, tmp_path, tiny_model):

@@ -71,8 +71,14 @@ class FingerprintConfig(ServiceConfig):
     batch_sizes: list[int] = option(
         [1, 8, 32, 64],
         type=batch_list,
-        help="also time the batching engine's decode step of each fingerprint at these batch sizes "
-        "(comma-separated; empty: not, and batched replicas are estimated by the roofline model)",
+        help="also time the batching engine's decode step of each fingerprint at these batch sizes on a real "
+        "GPU (comma-separated; empty: not, and batched replicas are estimated by the roofline model)",
+    )
+    simulated_batch_sizes: list[int] = option(
+        [],
+        type=batch_list,
+        help="the same on simulated GPUs, whose workers run on the CPU (default none: there the batched steps "
+        "cost more than the rest of the profile, and the roofline model serves a simulation)",
     )
     max_profiling_jobs: int = option(
         2, help="profiling jobs run at once across all models; more registrations wait their turn (status: queued)"

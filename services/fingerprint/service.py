@@ -382,7 +382,7 @@ class FingerprintService(Service):
             gpu_warmup_s=self.cfg.gpu_warmup_s,
             replay_depth=estimator.replay_depth(rec.arch, self.cfg.replay_depth),
             replay_distinct=self.cfg.replay_distinct,
-            batch_sizes=self.cfg.batch_sizes,
+            batch_sizes=self.cfg.simulated_batch_sizes if cands[0].simulated else self.cfg.batch_sizes,
         )
         # the model cannot attend further than its position embeddings reach
         job.context_tokens = min(self.cfg.context_tokens, rec.arch.max_position)
