@@ -242,14 +242,18 @@ class DecoderLayer:
         return own + [x for lin in self.linears() for x in lin.tensors()]
 
     def _qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, fused: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project and rotate: q ``[T, heads, d]``, k and v ``[T, kv_heads, d]``.
+        """Project and rotate: q ``[T, heads, d]``, k and v ``[T, kv_heads, d]``; ``fused``: the
+        projection through ``_project`` (the Triton GEMV with the RMSNorm fused, where it runs).
 
         q and k are adjacent in the fused projection, so one RoPE application rotates both.
         """
         T = x.shape[0]
-        qkv = self.qkv(rms_norm(x, self.ln_attn, self.eps))
+        if fused:
+            qkv = self._project(self.qkv, x, norm=self.ln_attn)
+        else:
+            qkv = self.qkv(rms_norm(x, self.ln_attn, self.eps))
         if self.b_qkv is not None:
             qkv = qkv + self.b_qkv
         qk = apply_rope(
@@ -365,15 +369,8 @@ class DecoderLayer:
         """``step`` with ``decode_fused``'s projections (the Triton GEMV with RMSNorm, SwiGLU and the
         residual fused, where the format runs it): the batching engine's captured decode steps of a
         few rows (``batch_graphs.FUSED_ROWS``), where the GEMV reads a weight once per row."""
-        T = x.shape[0]
-        qkv = self._project(self.qkv, x, norm=self.ln_attn)
-        if self.b_qkv is not None:
-            qkv = qkv + self.b_qkv
-        qk = apply_rope(
-            qkv[:, : self.q_size + self.kv_size].view(T, self.heads + self.kv_heads, self.head_dim), cos, sin
-        )
-        v = qkv[:, self.q_size + self.kv_size :].view(T, self.kv_heads, self.head_dim)
-        return self._finish_fused(x, attend(qk[:, : self.heads], qk[:, self.heads :], v))
+        q, k, v = self._qkv(x, cos, sin, fused=True)
+        return self._finish_fused(x, attend(q, k, v))
 
     def _finish_fused(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """``_finish`` through ``_project``: output projection and MLP added to the residual stream."""
