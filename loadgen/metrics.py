@@ -13,7 +13,7 @@ import msgspec
 from iserve.messages import Intent, IntentKind
 from iserve.stats import percentile
 
-from .records import Run
+from .records import Run, RunMeta
 
 GIB = 1 << 30
 COST_INTENTS: tuple[IntentKind, ...] = ("min-cost", "min-memory", "min-gpu-hours")
@@ -53,6 +53,8 @@ class RunMetrics:
     memory_gib: float
     gpu_hours: float
     configs: dict[str, list[str]] = field(default_factory=dict)
+    placement: str = ""  # iServe's placement policy, with the hybrid's theta ("hybrid 0.5")
+    max_batch: int = 1  # the serving mode: 1 the paper's, more continuous batching (0: the deployer's default)
 
 
 def experiment_of(run: Run) -> str:
@@ -162,7 +164,15 @@ def run_metrics(run: Run) -> RunMetrics:
         memory_gib=sum(d[1] for d in deps.values()) / GIB,
         gpu_hours=gh,
         configs=configs,
+        placement=_placement(meta),
+        max_batch=meta.max_batch if meta.max_batch or meta.kind == "live" else 1,
     )
+
+
+def _placement(meta: RunMeta) -> str:
+    """The run's placement policy, with the hybrid's theta where the sweep noted it (``theta=X``)."""
+    m = re.search(r"theta=([\d.]+)", meta.notes or "")
+    return f"{meta.placement} {m.group(1)}" if meta.placement == "hybrid" and m else meta.placement
 
 
 def objective(run: Run, intent: Intent) -> tuple[int, float]:

@@ -223,3 +223,26 @@ def plot_fig16(ms: list[RunMetrics], path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(7, len(labels)), fontsize=8)
     _save(fig, path, bottom=0.05)
+
+
+def plot_fig10(ms: list[RunMetrics], path: Path) -> None:
+    """Placement policies: p50 and p95 end-to-end latency (left) and GPUs used (right) per policy."""
+    plt = _plt()
+    runs = sorted(ms, key=lambda m: m.placement)
+    names = [m.placement or "?" for m in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(runs) + 4), 4), squeeze=False)
+    ax = axes[0][0]
+    xs = list(range(len(runs)))
+    ax.bar([x - 0.2 for x in xs], [m.p50_ms / 1000 for m in runs], width=0.4, label="p50", color="#4c72b0")
+    ax.bar([x + 0.2 for x in xs], [m.p95_ms / 1000 for m in runs], width=0.4, label="p95", color="#dd8452")
+    ax.set_xticks(xs, names, rotation=20)
+    ax.set_ylabel("end-to-end latency (s)")
+    ax.set_title("Fig. 10: placement policies")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax = axes[0][1]
+    ax.bar(xs, [m.gpus_used for m in runs], width=0.6, color="#55a868")
+    ax.set_xticks(xs, names, rotation=20)
+    ax.set_ylabel("GPUs used")
+    ax.grid(True, axis="y", alpha=0.3)
+    _save(fig, path, bottom=0.15)

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 from . import sweep
 from .metrics import COST_INTENTS, RunMetrics, intent_metric, run_metrics
-from .plots import plot_fig11, plot_fig13, plot_fig14, plot_fig16, system_key, system_label
+from .plots import plot_fig10, plot_fig11, plot_fig13, plot_fig14, plot_fig16, system_key, system_label
 from .records import META, load_run
 from .simulator import load_maps
 
@@ -89,6 +89,29 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _sort_key(m: RunMetrics) -> tuple:
     return (m.trace, m.rate, m.intent, m.slo_scale, system_key(m.system))
+
+
+def _experiment(m: RunMetrics) -> str:
+    """The run's experiment and serving mode: ``fig11`` (the paper's mode), ``fig11-b8`` (batching)."""
+    return m.experiment if m.max_batch == 1 else f"{m.experiment}-b{m.max_batch}"
+
+
+def _fig10_table(ms: list[RunMetrics]) -> str:
+    rows = [
+        [
+            m.placement,
+            str(m.models_deployed),
+            str(m.requests),
+            str(m.failed),
+            _ms(m.p50_ms),
+            _ms(m.p95_ms),
+            _ms(m.mean_ms),
+            str(m.gpus_used),
+            f"{m.gpu_seconds / 3600:.2f}",
+        ]
+        for m in sorted(ms, key=lambda m: m.placement)
+    ]
+    return _table(["placement", "models", "requests", "failed", "p50", "p95", "mean", "GPUs used", "GPU-hours"], rows)
 
 
 def _fig11_table(ms: list[RunMetrics]) -> str:
@@ -216,7 +239,8 @@ def _versus(ms: list[RunMetrics]) -> str:
     misses already."""
     points: dict[tuple, dict[str, RunMetrics]] = {}
     for m in ms:
-        points.setdefault((m.experiment, m.trace, m.rate, m.intent, m.slo_scale), {})[m.system] = m
+        if m.experiment != "fig10":  # iServe against itself (placement policies): no baseline to compare
+            points.setdefault((_experiment(m), m.trace, m.rate, m.intent, m.slo_scale), {})[m.system] = m
     rows = []
     for key in sorted(points):
         p = points[key]
@@ -307,7 +331,8 @@ def _per_baseline(ms: list[RunMetrics]) -> str:
     loads compared to the baselines"); Fig. 11 adds the median latency and GPU throughput."""
     points: dict[tuple, dict[str, RunMetrics]] = {}
     for m in ms:
-        points.setdefault((m.experiment, m.intent, m.slo_scale, m.trace, m.rate), {})[m.system] = m
+        if m.experiment != "fig10":
+            points.setdefault((_experiment(m), m.intent, m.slo_scale, m.trace, m.rate), {})[m.system] = m
     groups: dict[tuple, dict[str, list[tuple[RunMetrics, RunMetrics]]]] = {}
     for (exp, intent, slo, _, _), p in sorted(points.items()):
         if "iserve" not in p:
@@ -398,7 +423,7 @@ def write_report(
     ms = [run_metrics(load_run(p)) for p in paths]
     groups: dict[str, list[RunMetrics]] = {}
     for m in ms:
-        groups.setdefault(m.experiment, []).append(m)
+        groups.setdefault(_experiment(m), []).append(m)
     kinds = sorted({m.kind for m in ms})
     lines = [
         f"# {title}",
@@ -411,17 +436,21 @@ def write_report(
     if extra:
         lines += [extra, ""]
     sections = [
+        ("fig10", "Fig. 10: placement policies under a fluctuating load", _fig10_table, plot_fig10, "fig10.png"),
         ("fig11", "Fig. 11: minimise latency", _fig11_table, plot_fig11, "fig11.png"),
         ("fig13", "Fig. 13: minimise cost, memory, GPU-hours", _fig13_table, plot_fig13, "fig13.png"),
         ("fig14", "Fig. 14: SLO attainment", _fig14_table, plot_fig14, "fig14.png"),
         ("fig16", "Fig. 16: scaling the number of models", _fig16_table, plot_fig16, "fig16.png"),
     ]
-    for key, heading, table, plot, png in sections:
-        sel = groups.pop(key, [])
-        if not sel:
-            continue
-        plot(sel, out / png)
-        lines += [f"## {heading}", "", f"![{key}]({png})", "", table(sel), ""]
+    for base, heading, table, plot, png in sections:
+        for key in sorted(k for k in groups if k == base or k.startswith(base + "-b")):
+            sel = groups.pop(key)
+            mode, name = "", png
+            if key != base:  # a continuous-batching mode: its own section and figure
+                mode = f" (continuous batching, max_batch {key[len(base) + 2 :]})"
+                name = png.replace(".png", key[len(base) :] + ".png")
+            plot(sel, out / name)
+            lines += [f"## {heading}{mode}", "", f"![{key}]({name})", "", table(sel), ""]
     for key, sel in sorted(groups.items()):
         lines += [f"## Other runs: {key}", "", _fig11_table(sel), ""]
     lines += [

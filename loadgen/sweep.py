@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from iserve.messages import IntentKind
 
+from .fluctuating import FLUCTUATING, fluctuating_trace
 from .metrics import COST_INTENTS
 from .policies import SYSTEMS
 from .simulator import add_common_args, build_trace, resolve_models, simulate, spec_from_args
@@ -23,6 +24,7 @@ from .traces import trace_name
 
 PAPER_MODELS = ["llama-2-70b", "falcon-40b:2", "llama-2-7b"]
 SCALING_MODELS = ["llama-2-7b:6", "llama-2-13b:4", "falcon-7b:5", "gpt-j-6b:6"]  # 21 models
+FIG10_MODELS = ["llama-2-7b:4", "llama-2-13b:2", "falcon-7b:2"]  # M1..M8, deployed one by one
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,18 @@ class Job:
     deploy_batch: int
     aggregate: int
     out: str
+    policy: str = "hybrid"  # iServe's placement policy (varied by fig10)
+    theta: float = 0.5
+    max_batch: int = 1  # the serving mode: 1 the paper's, more: continuous batching
 
     def name(self) -> str:
         sys_name = self.system.replace("*", "-star")
         slo = f"-slo{self.slo_scale:g}" if self.slo_scale else ""
-        return f"{self.trace}-r{self.rate:g}-{self.intent}{slo}-{sys_name}"
+        pol = ""
+        if self.experiment == "fig10":
+            pol = f"-{self.policy}" + (f"{self.theta:g}" if self.policy == "hybrid" else "")
+        mode = f"-b{self.max_batch}" if self.max_batch != 1 else ""
+        return f"{self.trace}-r{self.rate:g}-{self.intent}{slo}{pol}-{sys_name}{mode}"
 
 
 _CACHE: dict = {}  # per worker process: resolved models and built traces
@@ -58,6 +67,8 @@ def _run_job(job: Job, args: argparse.Namespace) -> tuple[str, float, str]:
             list(job.models), maps_dir=args.maps or None, gpu_type=args.gpu_type, max_gpus=args.gpus
         )
     tkey = (job.trace, job.rate, args.interval_s, job.aggregate, args.seed, args.duration_s)
+    if tkey not in _CACHE and job.trace == FLUCTUATING:
+        _CACHE[tkey] = fluctuating_trace(args.fig10_duration_s, job.rate, seed=args.seed)
     if tkey not in _CACHE:
         _CACHE[tkey] = build_trace(
             job.trace,
@@ -79,9 +90,11 @@ def _run_job(job: Job, args: argparse.Namespace) -> tuple[str, float, str]:
         slo_scale=job.slo_scale,
         deploy_every_s=job.deploy_every_s,
         deploy_batch=job.deploy_batch,
-        notes=f"experiment={job.experiment}",
+        notes=f"experiment={job.experiment} mode={'paper' if job.max_batch == 1 else 'batching'}"
+        + (f" theta={job.theta:g}" if job.policy == "hybrid" else ""),
     )
     spec.aggregate = job.aggregate
+    spec.policy, spec.theta, spec.max_batch = job.policy, job.theta, job.max_batch
     t0, started = time.perf_counter(), time.time()
     res = simulate(spec, oracle_candidates=args.oracle_candidates, oracle_evals=args.oracle_evals)
     wall = time.perf_counter() - t0
@@ -107,11 +120,33 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     runs_dir = plan_runs_dir(args)
     jobs: list[Job] = []
 
-    def add(exp: str, system: str, trace: str, rate: float, intent: IntentKind, slo: float, models, every, batch, agg):
-        j = Job(exp, system, trace, rate, intent, slo, tuple(models), every, batch, agg, "")
+    mode = 1  # the serving mode of the jobs being added (the loop below sets it)
+
+    def add(
+        exp: str, system: str, trace: str, rate: float, intent: IntentKind, slo: float, models, every, batch, agg, **kw
+    ):
+        j = Job(exp, system, trace, rate, intent, slo, tuple(models), every, batch, agg, "", max_batch=mode, **kw)
         jobs.append(Job(**{**j.__dict__, "out": str(runs_dir / exp / j.name())}))
 
-    for exp in args.experiments:
+    for mode, exp in [(m, e) for m in (args.modes or [args.max_batch]) for e in args.experiments]:
+        if exp == "fig10":  # iServe alone, one run per placement policy, deploying through a fluctuating load
+            policies = [("least-loaded", 0.5), ("packing", 0.5)] + [("hybrid", t) for t in args.fig10_thetas]
+            for policy, theta in policies:
+                add(
+                    exp,
+                    "iserve",
+                    FLUCTUATING,
+                    args.fig10_rate,
+                    "min-latency",
+                    0.0,
+                    args.fig10_models,
+                    args.fig10_every_s,
+                    1,
+                    1,
+                    policy=policy,
+                    theta=theta,
+                )
+            continue
         if exp == "fig16":
             for intent in args.scaling_intents:
                 for system in [x for x in systems if x != "oracle"]:  # 21 models: too many for the search
@@ -159,7 +194,7 @@ def parser() -> argparse.ArgumentParser:
     """The arguments of ``iserve report sweep``."""
     ap = argparse.ArgumentParser(
         prog="iserve report sweep",
-        description="Simulate the paper's evaluation (Fig. 11, "
+        description="Simulate the paper's evaluation (Fig. 10, 11, "
         "13, 14, 16) with iServe's own decisions and the baselines, then write the report.",
     )
     ap.add_argument("--out", required=True, help="folder for the report (and runs/, unless --runs)")
@@ -177,7 +212,22 @@ def parser() -> argparse.ArgumentParser:
         "--experiments",
         nargs="+",
         default=["fig11", "fig13", "fig14", "fig16"],
-        choices=["fig11", "fig13", "fig14", "fig16"],
+        choices=["fig10", "fig11", "fig13", "fig14", "fig16"],
+    )
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        type=int,
+        default=[],
+        help="serving modes to run every experiment in, as max_batch values (1: the paper's one request at a "
+        "time; e.g. 1 8 for both); default: --max-batch",
+    )
+    ap.add_argument("--fig10-models", nargs="+", default=FIG10_MODELS, help="Fig. 10: models deployed one by one")
+    ap.add_argument("--fig10-rate", type=float, default=2.0, help="Fig. 10: mean requests/s of the fluctuating trace")
+    ap.add_argument("--fig10-every-s", type=float, default=150.0, help="Fig. 10: one deployment every this many s")
+    ap.add_argument("--fig10-duration-s", type=float, default=1800.0, help="Fig. 10: trace length (paper: 30 min)")
+    ap.add_argument(
+        "--fig10-thetas", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="Fig. 10: hybrid load thresholds"
     )
     ap.add_argument("--traces", nargs="+", default=["code", "conv"])
     ap.add_argument("--rates", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4])

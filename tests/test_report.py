@@ -300,3 +300,55 @@ def test_sweep_writes_runs_elsewhere_and_records_the_command(tmp_path):
     text = (out / "report.md").read_text()
     assert "each run replays the first 120 s" in text
     assert f"Command: `iserve report sweep --out {out} --runs {runs} --experiments fig11" in text
+
+
+def test_sweep_runs_fig10_placement_policies_and_both_serving_modes(tmp_path):
+    """Fig. 10: iServe alone under each placement policy through a fluctuating Poisson load, models
+    deployed one by one; ``--modes 1 4``: every experiment in the paper's mode and batched, each with
+    its own section and figure, never compared across modes."""
+    out = tmp_path / "sweep"
+    rc = report.main(
+        ["sweep", "--out", str(out), "--experiments", "fig10", "fig11", "--traces", "code", "--rates", "0.2"]
+        + ["--systems", "iserve", "max-tp", "--duration-s", "120", "--workers", "1", "--models", "llama-2-7b"]
+        + ["--gpus", "4", "--modes", "1", "4", "--fig10-models", "llama-2-7b:3", "--fig10-every-s", "40"]
+        + ["--fig10-duration-s", "150", "--fig10-rate", "1.5", "--fig10-thetas", "0.5"]
+    )
+    assert rc == 0
+    ms = [metrics.run_metrics(load_run(p)) for p in report.find_runs([out / "runs"])]
+    fig10 = [m for m in ms if m.experiment == "fig10"]
+    assert sorted((m.placement, m.max_batch) for m in fig10) == [
+        ("hybrid 0.5", 1),
+        ("hybrid 0.5", 4),
+        ("least-loaded", 1),
+        ("least-loaded", 4),
+        ("packing", 1),
+        ("packing", 4),
+    ]
+    assert all(m.system == "iserve" and m.trace == "fluctuating" and m.models_deployed == 3 for m in fig10)
+    by = {(m.placement, m.max_batch): m for m in fig10}
+    assert by[("packing", 1)].gpus_used <= by[("least-loaded", 1)].gpus_used  # packing spreads least
+    assert sorted((m.system, m.max_batch) for m in ms if m.experiment == "fig11") == [
+        ("iserve", 1),
+        ("iserve", 4),
+        ("max-tp", 1),
+        ("max-tp", 4),
+    ]
+    text = (out / "report.md").read_text()
+    assert "## Fig. 10: placement policies under a fluctuating load\n" in text
+    assert "## Fig. 11: minimise latency (continuous batching, max_batch 4)" in text
+    for png in ("fig10.png", "fig10-b4.png", "fig11.png", "fig11-b4.png"):
+        assert (out / png).stat().st_size > 0
+
+
+def test_fluctuating_trace_swings_around_its_mean_rate():
+    from iserve.loadgen.fluctuating import fluctuating_trace
+
+    t = fluctuating_trace(3600.0, 2.0, seed=4, period_s=600.0, swing=0.8)
+    assert t == fluctuating_trace(3600.0, 2.0, seed=4, period_s=600.0, swing=0.8)  # seeded
+    assert abs(len(t) / 3600.0 - 2.0) < 0.15  # the mean rate over whole periods
+    peak = sum(1 for r in t if 100 <= r.arrival_s % 600 < 200)  # around the sine's top (t = 150 s)
+    valley = sum(1 for r in t if 400 <= r.arrival_s % 600 < 500)  # around its bottom (t = 450 s)
+    assert peak > 4 * valley
+    assert all(a.arrival_s < b.arrival_s for a, b in zip(t, t[1:])) and all(r.generated_tokens >= 0 for r in t)
+    with pytest.raises(ValueError, match="swing"):
+        fluctuating_trace(60.0, 1.0, swing=1.5)
