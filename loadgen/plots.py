@@ -109,7 +109,7 @@ def _save(fig, path: Path, bottom: float = 0.0) -> None:
     _plt().close(fig)
 
 
-def plot_fig11(ms: list[RunMetrics], path: Path) -> None:
+def plot_fig11(ms: list[RunMetrics], path: Path, title: str = "Fig. 11: min-latency intent") -> None:
     plt = _plt()
     traces = sorted({m.trace for m in ms})
     fig, axes = plt.subplots(3, len(traces), figsize=(5.5 * len(traces), 10), squeeze=False)
@@ -132,11 +132,11 @@ def plot_fig11(ms: list[RunMetrics], path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     keep = [(h, lab) for h, lab in zip(handles, labels) if not lab.endswith(" p95")]
     fig.legend([h for h, _ in keep], [lab for _, lab in keep], loc="lower center", ncol=min(7, len(keep)), fontsize=8)
-    fig.suptitle("Fig. 11: min-latency intent")
+    fig.suptitle(title)
     _save(fig, path, bottom=0.05)
 
 
-def plot_fig13(ms: list[RunMetrics], path: Path) -> None:
+def plot_fig13(ms: list[RunMetrics], path: Path, title: str = "Fig. 13: cost, memory and GPU-hours intents") -> None:
     plt = _plt()
     traces = sorted({m.trace for m in ms})
     cols = [
@@ -164,7 +164,7 @@ def plot_fig13(ms: list[RunMetrics], path: Path) -> None:
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(7, len(labels)), fontsize=8)
-    fig.suptitle("Fig. 13: cost, memory and GPU-hours intents")
+    fig.suptitle(title)
     _save(fig, path, bottom=0.08 / len(traces))
 
 
@@ -246,3 +246,11 @@ def plot_fig10(ms: list[RunMetrics], path: Path) -> None:
     ax.set_ylabel("GPUs used")
     ax.grid(True, axis="y", alpha=0.3)
     _save(fig, path, bottom=0.15)
+
+
+def plot_fig12(ms: list[RunMetrics], path: Path) -> None:
+    plot_fig11(ms, path, "Fig. 12: several smaller models, min-latency intent")
+
+
+def plot_fig24(ms: list[RunMetrics], path: Path) -> None:
+    plot_fig13(ms, path, "Fig. 24: a mix of large and small models (cost, memory and GPU-hours shown)")

@@ -16,7 +16,17 @@ from typing import Iterable, Sequence
 
 from . import sweep
 from .metrics import COST_INTENTS, RunMetrics, intent_metric, run_metrics
-from .plots import plot_fig10, plot_fig11, plot_fig13, plot_fig14, plot_fig16, system_key, system_label
+from .plots import (
+    plot_fig10,
+    plot_fig11,
+    plot_fig12,
+    plot_fig13,
+    plot_fig14,
+    plot_fig16,
+    plot_fig24,
+    system_key,
+    system_label,
+)
 from .records import META, load_run
 from .simulator import load_maps
 
@@ -438,9 +448,11 @@ def write_report(
     sections = [
         ("fig10", "Fig. 10: placement policies under a fluctuating load", _fig10_table, plot_fig10, "fig10.png"),
         ("fig11", "Fig. 11: minimise latency", _fig11_table, plot_fig11, "fig11.png"),
+        ("fig12", "Fig. 12: several smaller models, minimise latency", _fig11_table, plot_fig12, "fig12.png"),
         ("fig13", "Fig. 13: minimise cost, memory, GPU-hours", _fig13_table, plot_fig13, "fig13.png"),
         ("fig14", "Fig. 14: SLO attainment", _fig14_table, plot_fig14, "fig14.png"),
         ("fig16", "Fig. 16: scaling the number of models", _fig16_table, plot_fig16, "fig16.png"),
+        ("fig24", "Fig. 24: a mix of large and small models, every intent", _fig13_table, plot_fig24, "fig24.png"),
     ]
     for base, heading, table, plot, png in sections:
         for key in sorted(k for k in groups if k == base or k.startswith(base + "-b")):

@@ -25,6 +25,8 @@ from .traces import trace_name
 PAPER_MODELS = ["llama-2-70b", "falcon-40b:2", "llama-2-7b"]
 SCALING_MODELS = ["llama-2-7b:6", "llama-2-13b:4", "falcon-7b:5", "gpt-j-6b:6"]  # 21 models
 FIG10_MODELS = ["llama-2-7b:4", "llama-2-13b:2", "falcon-7b:2"]  # M1..M8, deployed one by one
+SMALL_MODELS = ["llama-2-13b:2", "llama-2-7b:2", "gpt-j-6b:2", "falcon-7b:2"]  # the paper's Fig. 12
+MIXED_MODELS = ["llama-2-13b:2", "llama-2-7b:2", "falcon-40b:2", "gpt-j-6b:2"]  # the paper's Fig. 24
 
 
 @dataclass(frozen=True)
@@ -165,10 +167,13 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
             continue
         by_exp: dict[str, list[IntentKind]] = {
             "fig11": ["min-latency"],
+            "fig12": ["min-latency"],
             "fig13": list(COST_INTENTS),
             "fig14": ["latency-slo"],
+            "fig24": ["min-latency", *COST_INTENTS],
         }
         intents = by_exp[exp]
+        models = {"fig12": args.small_models, "fig24": args.mixed_models}.get(exp, args.models)
         slos = args.slo_scales if exp == "fig14" else [0.0]
         for trace in args.traces:
             for rate in args.rates:
@@ -182,7 +187,7 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
                                 rate,
                                 intent,
                                 slo,
-                                args.models,
+                                models,
                                 args.deploy_every_s,
                                 1,
                                 args.aggregate,
@@ -194,8 +199,8 @@ def parser() -> argparse.ArgumentParser:
     """The arguments of ``iserve report sweep``."""
     ap = argparse.ArgumentParser(
         prog="iserve report sweep",
-        description="Simulate the paper's evaluation (Fig. 10, 11, "
-        "13, 14, 16) with iServe's own decisions and the baselines, then write the report.",
+        description="Simulate the paper's evaluation (Fig. 10-14, "
+        "16, 24) with iServe's own decisions and the baselines, then write the report.",
     )
     ap.add_argument("--out", required=True, help="folder for the report (and runs/, unless --runs)")
     ap.add_argument(
@@ -212,8 +217,10 @@ def parser() -> argparse.ArgumentParser:
         "--experiments",
         nargs="+",
         default=["fig11", "fig13", "fig14", "fig16"],
-        choices=["fig10", "fig11", "fig13", "fig14", "fig16"],
+        choices=["fig10", "fig11", "fig12", "fig13", "fig14", "fig16", "fig24"],
     )
+    ap.add_argument("--small-models", nargs="+", default=SMALL_MODELS, help="Fig. 12: several smaller models")
+    ap.add_argument("--mixed-models", nargs="+", default=MIXED_MODELS, help="Fig. 24: large and small models")
     ap.add_argument(
         "--modes",
         nargs="+",

@@ -352,3 +352,20 @@ def test_fluctuating_trace_swings_around_its_mean_rate():
     assert all(a.arrival_s < b.arrival_s for a, b in zip(t, t[1:])) and all(r.generated_tokens >= 0 for r in t)
     with pytest.raises(ValueError, match="swing"):
         fluctuating_trace(60.0, 1.0, swing=1.5)
+
+
+def test_sweep_plans_the_smaller_and_mixed_model_figures():
+    """Fig. 12 (smaller models, min-latency) and Fig. 24 (a mix, every intent) on their own model lists."""
+    from iserve.loadgen import sweep
+
+    args = sweep.parser().parse_args(
+        ["--out", "/tmp/x", "--experiments", "fig12", "fig24", "--traces", "code", "--rates", "0.4"]
+        + ["--systems", "iserve", "max-tp"]
+    )
+    jobs = sweep.plan_jobs(args)
+    fig12 = [j for j in jobs if j.experiment == "fig12"]
+    fig24 = [j for j in jobs if j.experiment == "fig24"]
+    assert {j.models for j in fig12} == {tuple(sweep.SMALL_MODELS)} and {j.intent for j in fig12} == {"min-latency"}
+    assert {j.models for j in fig24} == {tuple(sweep.MIXED_MODELS)}
+    assert {j.intent for j in fig24} == {"min-latency", "min-cost", "min-memory", "min-gpu-hours"}
+    assert len(fig24) == 4 * 2 and len({j.out for j in jobs}) == len(jobs)
