@@ -1,11 +1,16 @@
-"""No Docker engine runs here, so check statically that the compose file only names things that exist:
-every service command is an `iserve` sub-command whose flags parse, every Dockerfile COPY source
-exists, the GPU agent reserves NVIDIA devices, and NATS runs with JetStream on a volume."""
+"""Check statically that the compose file only names things that exist: every service command is an
+`iserve` sub-command whose flags parse, every Dockerfile COPY source exists, the GPU agent reserves
+NVIDIA devices (and compose.cpu.yaml takes that back), NATS runs with JetStream on a volume, and the
+base images are variables whose defaults are the public images. The stack itself runs, with podman on
+the CPU, in deploy/compose/test-local.sh (the opt-in test at the end: ISERVE_COMPOSE_TEST=1)."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -14,6 +19,22 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "deploy" / "compose" / "compose.yaml"
+CPU_OVERRIDE = ROOT / "deploy" / "compose" / "compose.cpu.yaml"
+LOCAL_TEST = ROOT / "deploy" / "compose" / "test-local.sh"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's `!reset` tag (an override file drops what the base file set)."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: {"!reset": True})
+
+
+def _default(value: str) -> str:
+    """The default of a `${VAR:-default}` value (a Docker host without the variable gets this)."""
+    m = re.fullmatch(r"\$\{ISERVE_[A-Z_]+:-([^}]+)\}", value)
+    assert m, value
+    return m.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +86,58 @@ def test_dockerfiles_copy_existing_paths(compose):
 
 def test_the_gateway_is_published_on_the_host_only_with_a_key_and_a_health_check(compose):
     gw = compose["services"]["gateway"]
-    assert gw["ports"] == ["127.0.0.1:8000:8000"]
+    assert gw["ports"] == ["127.0.0.1:${ISERVE_HTTP_PORT:-8000}:8000"]
     assert gw["environment"]["ISERVE_API_KEY"].startswith("${ISERVE_API_KEY:?")  # compose refuses to start without one
     assert "/health" in " ".join(gw["healthcheck"]["test"])
 
 
 def test_images_are_pinned_nats_stays_on_the_host_and_nccl_gets_shared_memory(compose):
-    assert compose["services"]["nats"]["ports"] == ["127.0.0.1:4222:4222"]
-    assert re.fullmatch(r"nats:\d+\.\d+\.\d+-alpine", compose["services"]["nats"]["image"])
-    assert compose["services"]["gpu-agent"]["ipc"] == "host"
+    services = compose["services"]
+    assert services["nats"]["ports"] == ["127.0.0.1:${ISERVE_NATS_PORT:-4222}:4222"]
+    assert re.fullmatch(r"nats:\d+\.\d+\.\d+-alpine", _default(services["nats"]["image"]))
+    assert services["gpu-agent"]["ipc"] == "host"
     base = ROOT / "deploy" / "compose"
-    assert "FROM python:3.12.8-slim" in (base / "Dockerfile").read_text()
-    gpu = (base / "Dockerfile.gpu").read_text()
-    assert re.search(r"ARG TORCH_IMAGE=pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-devel", gpu)
+    cpu, gpu = (base / "Dockerfile").read_text(), (base / "Dockerfile.gpu").read_text()
+    assert "ARG PYTHON_IMAGE=python:3.12.8-slim\nFROM ${PYTHON_IMAGE}\n" in cpu
+    torch_image = r"ARG TORCH_IMAGE=pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-devel"
+    assert re.search(torch_image + r"\n(#.*\n)*FROM \$\{TORCH_IMAGE\}", gpu)
+
+
+def test_base_images_are_variables_whose_defaults_are_the_dockerfiles(compose):
+    """A Docker host without the variables builds from the public images, as before; test-local.sh sets them."""
+    base = ROOT / "deploy" / "compose"
+    dockerfile_args = {}
+    for f in ("Dockerfile", "Dockerfile.gpu"):
+        dockerfile_args[f] = dict(re.findall(r"^ARG (\w+)=(\S+)$", (base / f).read_text(), re.M))
+    for name, svc in compose["services"].items():
+        if "build" not in svc:
+            continue
+        args = svc["build"]["args"]
+        declared = dockerfile_args[Path(svc["build"]["dockerfile"]).name]
+        assert args and set(args) == set(declared), name
+        for arg, value in args.items():
+            assert _default(value) == declared[arg], (name, arg)
+    script = LOCAL_TEST.read_text()
+    for var in ("ISERVE_PYTHON_IMAGE", "ISERVE_TORCH_IMAGE", "ISERVE_NATS_IMAGE", "ISERVE_TORCH_VERSION"):
+        assert f"export {var}=" in script, var
+
+
+def test_the_cpu_override_drops_the_gpu_reservation_and_simulates_gpus():
+    override = yaml.load(CPU_OVERRIDE.read_text(), Loader=_ComposeLoader)
+    agent = override["services"]["gpu-agent"]
+    assert agent["deploy"] == {"!reset": True}
+    assert _default(agent["environment"]["ISERVE_SIMULATE_GPUS"]) == "2x24GB"
+    from iserve.cli import SERVICES
+
+    mod = importlib.import_module(SERVICES["gpu-agent"].removesuffix(".__main__") + ".config")
+    mod.parse(["--simulate-gpus", "2x24GB"])  # the flag whose environment twin the override sets
+
+
+def test_the_local_run_is_a_strict_script_that_uses_both_files():
+    script = LOCAL_TEST.read_text()
+    assert os.access(LOCAL_TEST, os.X_OK)
+    assert "set -euo pipefail" in script
+    assert '-f "$HERE/compose.yaml" -f "$HERE/compose.cpu.yaml"' in script
 
 
 def test_the_build_context_leaves_out_models_venvs_and_git():
@@ -108,3 +168,15 @@ def test_nats_authenticates_every_service_with_its_own_role(compose, tmp_path):
     conf = auth.write_server_files(tmp_path)
     assert conf == tmp_path / "nats" / "nats.conf"
     assert {p.stem for p in (tmp_path / "credentials").iterdir()} == set(auth.ROLES)
+
+
+@pytest.mark.compose
+@pytest.mark.skipif(os.environ.get("ISERVE_COMPOSE_TEST") != "1", reason="opt-in: ISERVE_COMPOSE_TEST=1 (minutes)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs rootful podman: needs root")
+@pytest.mark.skipif(shutil.which("podman") is None, reason="no podman (deploy/compose/test-local.sh installs it)")
+def test_compose_up_runs_end_to_end_with_podman():
+    """deploy/compose/test-local.sh: the whole stack in containers, a model registered, deployed,
+    streamed over HTTP, and found again after `compose down` and `up`."""
+    run = subprocess.run(["bash", str(LOCAL_TEST)], capture_output=True, text=True, timeout=3600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.stdout.rstrip().endswith("PASS")
