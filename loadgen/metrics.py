@@ -53,6 +53,8 @@ class RunMetrics:
     memory_gib: float
     gpu_hours: float
     configs: dict[str, list[str]] = field(default_factory=dict)
+    # appended: each configuration's quality cost as the deployment recorded it ("": not recorded)
+    quality: dict[str, str] = field(default_factory=dict)
 
 
 def experiment_of(run: Run) -> str:
@@ -78,6 +80,7 @@ def run_metrics(run: Run) -> RunMetrics:
     deps: dict[str, tuple[float, int, int, str, str]] = {}
     dep_gpus: dict[str, list[str]] = {}
     stopped: dict[str, float] = {}
+    quality = {ev.config: ev.quality for ev in run.deployments if ev.status == "launching" and ev.config}
     for ev in run.deployments:
         if ev.status == "ready" and ev.deployment_id and ev.deployment_id not in deps:
             deps[ev.deployment_id] = (ev.t_s, ev.total_bytes, len(ev.gpus), ev.model, ev.config)
@@ -162,6 +165,7 @@ def run_metrics(run: Run) -> RunMetrics:
         memory_gib=sum(d[1] for d in deps.values()) / GIB,
         gpu_hours=gh,
         configs=configs,
+        quality=quality,
     )
 
 

@@ -317,6 +317,8 @@ class DeployerService(Service):
             cost=decision.cost,
             decision_ms=decision_ms,
             filtered=decision.filtered,
+            quality=decision.quality,
+            quality_cost=decision.quality_cost,
         )
 
     async def _changed(self, dep: DeploymentRecord) -> None:

@@ -49,6 +49,7 @@ from iserve.messages import (
     ProfileJob,
     ProfileResult,
     ProfilingCost,
+    QualityReport,
     RegisterModel,
     UnregisterModel,
     UnregisterReply,
@@ -58,7 +59,7 @@ from iserve.messages import (
 )
 from iserve.service import Service
 
-from . import estimator, generator
+from . import estimator, generator, quality_run
 from .config import FingerprintConfig
 
 log = structlog.get_logger()
@@ -95,6 +96,7 @@ class FingerprintService(Service):
         self.profiling: dict[str, asyncio.Task] = {}
         self._profile_slots = asyncio.Semaphore(cfg.max_profiling_jobs)
         self.register_lock = asyncio.Lock()
+        self._quality: dict[str, QualityReport] = {}  # by checkpoint digest: measured once per model
 
     async def setup(self) -> None:
         self.models = await bus.TypedKV.open(
@@ -446,7 +448,7 @@ class FingerprintService(Service):
             comm = estimator.CommModel(result.allreduce_latency_us, result.allreduce_bus_gbps, source="measured")
         else:
             comm = estimator.default_comm(gpu_type)
-        return estimator.build_configuration_map(
+        cmap = estimator.build_configuration_map(
             model=rec.name,
             gpu_type=gpu_type,
             arch=rec.arch,
@@ -463,6 +465,29 @@ class FingerprintService(Service):
             comm=comm,
             skipped=skipped,
         )
+        cmap.quality = await self._measure_quality(rec, gpu_type, [i.path for i in infos])
+        return cmap
+
+    async def _measure_quality(self, rec: ModelRecord, gpu_type: str, fingerprints: list[str]) -> QualityReport | None:
+        """The quality cost of the model's lossy variants (docs/quality.md), measured once per checkpoint
+        in a subprocess; None when ``--quality-method off``."""
+        cfg = self.cfg
+        method = quality_run.choose_method(
+            cfg.quality_method, rec.weights.checkpoint_bytes, int(cfg.quality_full_max_gib * 2**30)
+        )
+        if not method:
+            return None
+        if rec.digest not in self._quality:
+            await self._step(rec.name, gpu_type, f"measuring quality ({method} method)")
+
+            async def progress(text: str) -> None:
+                await self._step(rec.name, gpu_type, text)
+
+            cmd = quality_run.command(rec.path, method, fingerprints, cfg.quality_prompts, cfg.quality_tokens)
+            report = await quality_run.run(cmd, timeout_s=cfg.quality_timeout_s, method=method, on_progress=progress)
+            log.info("quality measured", method=method, variants=len(report.variants), error=report.error or None)
+            self._quality[rec.digest] = report
+        return self._quality[rec.digest]
 
     def _tp_gpus(self, first: GpuLoad, cands: list[GpuLoad]) -> list[int]:
         """``first`` and the other GPUs of its agent that have room for a fingerprint, up to the
