@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence, TypeVar
 
 from iserve import quality
 from iserve.errors import BadRequest, Infeasible, InternalError, Unavailable
-from iserve.messages import ConfigEstimate, ConfigurationMap, GpuAssignment, Intent, Rejection, VariantQuality
+from iserve.messages import ConfigEstimate, ConfigurationMap, GpuAssignment, Intent, Rejection
 
 from .feasibility import ClusterView
 from .memory import KvBytes, kv_pool_tokens, with_kv_pool
@@ -47,10 +47,6 @@ class Decision:
     fitting: int = 0  # how many configurations that meet the intent fit the free GPUs
     agent_id: str = ""
     placement: str = ""  # how the placement policy chose the GPUs, one clause
-    # Appended (quality, docs/quality.md): the chosen configuration's quality in one sentence, and its
-    # measured cost (None: lossless or not measured); set by :func:`plan_gpu_types`.
-    quality: str = ""
-    quality_cost: VariantQuality | None = None
 
 
 def score(decision: Decision, intent: Intent) -> tuple:
@@ -194,8 +190,11 @@ def plan_gpu_types(
                     f"configuration {config!r} is not in {model or 'the model'}'s {gpu_type} profile; pick one "
                     f"`iserve profile show` lists (e.g. {known})."
                 )
-        # quality policy (docs/quality.md): the lossy variants the intent does not admit are ruled out first
-        estimates, by_quality = quality.admit(estimates, cmap.quality, intent.quality)
+        # quality policy (docs/quality.md): the lossy variants the intent does not admit are ruled out first;
+        # a pinned configuration is an explicit choice that only an explicit --quality overrides
+        by_quality: list[Rejection] = []
+        if not (config and intent.quality.mode == "default"):
+            estimates, by_quality = quality.admit(estimates, cmap.quality, intent.quality)
         if not estimates:
             misses.append(f"{gpu_type}: {_quality_miss(by_quality, intent)}")
             continue
@@ -214,9 +213,6 @@ def plan_gpu_types(
         if best is None or score(d, intent) < score(best.decision, intent):
             best = TypeChoice(d, cmap)
     if best is not None:
-        best.decision.quality, best.decision.quality_cost = quality.choice_note(
-            best.decision.estimate.config, best.profile.quality
-        )
         return best
     if short_context and not misses:
         raise BadRequest(

@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model_dir", help="the checkpoint (config.json + safetensors)")
     ap.add_argument("--method", default="fingerprint", choices=QUALITY_METHODS, help="default: fingerprint")
     ap.add_argument("--fingerprints", nargs="*", default=[], help="the 1- and 2-layer fingerprint checkpoints")
+    ap.add_argument(
+        "--variants", nargs="*", default=None, help="WEIGHTS/KV/PRUNING, e.g. int8/fp16/none (default: every lossy one)"
+    )
     ap.add_argument("--prompts", type=int, default=8, help="calibration prompts (default 8)")
     ap.add_argument("--tokens", type=int, default=48, help="tokens per prompt at most (default 48)")
     ap.add_argument(
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             a.model_dir,
             method=a.method,
             fingerprints=a.fingerprints,
+            variants=[tuple(v.split("/")) for v in a.variants] if a.variants is not None else None,  # type: ignore[misc]
             prompts=a.prompts,
             tokens=a.tokens,
             prompts_path=a.prompts_file,

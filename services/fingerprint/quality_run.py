@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import msgspec
 import structlog
 
-from iserve.messages import QualityReport, decoder
+from iserve import quality
+from iserve.messages import Configuration, QualityReport, decoder
 
 log = structlog.get_logger()
 
@@ -29,9 +30,17 @@ def choose_method(setting: str, checkpoint_bytes: int, full_max_bytes: int) -> s
     return "full" if checkpoint_bytes <= full_max_bytes else "fingerprint"
 
 
-def command(model_dir: str, method: str, fingerprints: Sequence[str], prompts: int, tokens: int) -> list[str]:
+def lossy_variants(configs: Iterable[Configuration]) -> list[str]:
+    """The distinct lossy (weights, KV, pruning) variants of ``configs``, as ``int8/fp16/none``."""
+    seen = {f"{c.weight_quant}/{c.kv_quant}/{c.pruning}": None for c in configs if not quality.is_lossless(c)}
+    return list(seen)
+
+
+def command(
+    model_dir: str, method: str, fingerprints: Sequence[str], variants: Sequence[str], prompts: int, tokens: int
+) -> list[str]:
     cmd = [sys.executable, "-m", "iserve.fingerprint.calibration", model_dir, "--method", method]
-    cmd += ["--prompts", str(prompts), "--tokens", str(tokens)]
+    cmd += ["--prompts", str(prompts), "--tokens", str(tokens), "--variants", *variants]
     if method == "fingerprint":
         cmd += ["--fingerprints", *fingerprints]
     return cmd

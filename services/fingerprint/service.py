@@ -96,7 +96,7 @@ class FingerprintService(Service):
         self.profiling: dict[str, asyncio.Task] = {}
         self._profile_slots = asyncio.Semaphore(cfg.max_profiling_jobs)
         self.register_lock = asyncio.Lock()
-        self._quality: dict[str, QualityReport] = {}  # by checkpoint digest: measured once per model
+        self._quality: dict[tuple, QualityReport] = {}  # by checkpoint digest and variants: measured once
 
     async def setup(self) -> None:
         self.models = await bus.TypedKV.open(
@@ -465,10 +465,13 @@ class FingerprintService(Service):
             comm=comm,
             skipped=skipped,
         )
-        cmap.quality = await self._measure_quality(rec, gpu_type, [i.path for i in infos])
+        variants = quality_run.lossy_variants(e.config for e in cmap.estimates)
+        cmap.quality = await self._measure_quality(rec, gpu_type, [i.path for i in infos], variants)
         return cmap
 
-    async def _measure_quality(self, rec: ModelRecord, gpu_type: str, fingerprints: list[str]) -> QualityReport | None:
+    async def _measure_quality(
+        self, rec: ModelRecord, gpu_type: str, fingerprints: list[str], variants: list[str]
+    ) -> QualityReport | None:
         """The quality cost of the model's lossy variants (docs/quality.md), measured once per checkpoint
         in a subprocess; None when ``--quality-method off``."""
         cfg = self.cfg
@@ -477,17 +480,20 @@ class FingerprintService(Service):
         )
         if not method:
             return None
-        if rec.digest not in self._quality:
+        if not variants:  # nothing lossy to measure
+            return QualityReport(method=method)  # type: ignore[arg-type]
+        key = (rec.digest, method, tuple(variants))
+        if key not in self._quality:
             await self._step(rec.name, gpu_type, f"measuring quality ({method} method)")
 
             async def progress(text: str) -> None:
                 await self._step(rec.name, gpu_type, text)
 
-            cmd = quality_run.command(rec.path, method, fingerprints, cfg.quality_prompts, cfg.quality_tokens)
+            cmd = quality_run.command(rec.path, method, fingerprints, variants, cfg.quality_prompts, cfg.quality_tokens)
             report = await quality_run.run(cmd, timeout_s=cfg.quality_timeout_s, method=method, on_progress=progress)
             log.info("quality measured", method=method, variants=len(report.variants), error=report.error or None)
-            self._quality[rec.digest] = report
-        return self._quality[rec.digest]
+            self._quality[key] = report
+        return self._quality[key]
 
     def _tp_gpus(self, first: GpuLoad, cands: list[GpuLoad]) -> list[int]:
         """``first`` and the other GPUs of its agent that have room for a fingerprint, up to the
