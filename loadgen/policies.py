@@ -84,8 +84,9 @@ class System:
         system will not deploy raises :class:`Infeasible` with the reason)."""
         ests = cmap.estimates
         name = self.name
-        if name == "iserve":  # the intent's quality policy first (the paper's evaluation: --quality any)
-            admitted, _ = quality.admit(ests, cmap.quality, intent.quality)
+        if name == "iserve":  # the intent's quality policy first; unset, the paper's free search (docs/quality.md)
+            policy = quality.ANY if intent.quality.mode == "default" else intent.quality
+            admitted, _ = quality.admit(ests, cmap.quality, policy)
             return [planner.plan(admitted, intent, gpus, policy=self.policy, theta=self.theta)]
         if name == "max-tp":
             return [baselines.max_tp(ests, intent, gpus)]

@@ -159,10 +159,11 @@ async def _register(a: argparse.Namespace) -> int:
 
 
 async def _deploy(a: argparse.Namespace) -> int:
+    intent = intent_from_args(a)  # a bad --quality is refused before connecting
     async with await _client(a) as c:
         rep = await c.deploy(
             a.model,
-            intent_from_args(a),
+            intent,
             placement=a.placement,
             context_tokens=a.context_tokens,
             gpu_type=a.gpu_type,

@@ -220,3 +220,13 @@ def test_unmeasured_variants_only_pass_with_any():
         plan_gpu_types(
             {"H100": cmap}, Intent(quality=quality.LOSSLESS), gpus, policy="hybrid", theta=0.5, stale_s=5, config=key
         )
+
+
+def test_deploy_refuses_a_bad_quality_flag_before_connecting(capsys, monkeypatch):
+    from iserve import cli
+
+    monkeypatch.setenv("ISERVE_NATS_URL", "nats://127.0.0.1:1")  # nothing listens: a connection would fail
+    with pytest.raises(SystemExit) as info:
+        cli.main(["deploy", "m", "--quality", "max-kl=abc"])
+    said = " ".join(capsys.readouterr().err.split())
+    assert info.value.code == 2 and "[bad_request] --quality max-kl='abc' needs a number" in said

@@ -16,7 +16,9 @@ Profiling (one task per model, resumed after a restart)
     the communication model (measured by the profiler when it had several GPUs, else the GPU type's
     default). On simulated GPUs TP configurations are excluded, with that reason. Any failure marks the
     model failed with the reason and publishes ``profile.done`` (status "failed"); a map is stored only
-    when complete.
+    when complete. Before it is stored, the quality cost of the map's lossy variants is measured once
+    per checkpoint in a subprocess (``quality_run``, docs/quality.md); a failure there is recorded in
+    the map (those variants are "not measured"), it does not fail profiling.
 """
 
 from __future__ import annotations
