@@ -331,6 +331,8 @@ async def _profile_show(a: argparse.Namespace) -> int:
             console.print("[dim]quality cost: not measured (every lossy variant is admitted by --quality any only)[/]")
         elif cmap.quality.error:
             console.print(f"[dim]quality cost: not measured ({escape(cmap.quality.error)})[/]")
+        elif not cmap.quality.variants:
+            console.print("[dim]quality cost: no lossy variant in this map[/]")
         else:
             console.print(quality_table(cmap.quality))
         cost = cmap.cost
