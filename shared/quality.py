@@ -135,20 +135,22 @@ def exclusion(config: Configuration, report: QualityReport | None, policy: Quali
     if not knobs or policy.mode == "any":
         return ""
     lossy = " and ".join(knobs)
+    one = len(knobs) == 1
     if policy.mode == "lossless":
-        return f"quality: {lossy} change the model's outputs and --quality lossless admits no lossy knob"
+        changes = "changes" if one else "change"
+        return f"quality: {lossy} {changes} the model's outputs and --quality lossless admits no lossy knob"
     q = cost_of(config, report)
     if q is None:
         why = f" ({report.error})" if report is not None and report.error else ""
         return (
-            f"quality: {lossy} are lossy and their quality cost was not measured{why}, so only --quality any "
-            "admits them"
+            f"quality: {lossy} {'is' if one else 'are'} lossy and {'its' if one else 'their'} quality cost was not "
+            f"measured{why}, so only --quality any admits {'it' if one else 'them'}"
         )
     max_kl, min_top1 = budget_of(policy)
     if (max_kl is not None and q.kl > max_kl) or (min_top1 is not None and q.top1 < min_top1):
         return (
-            f"quality: {lossy} measured {fmt_cost(q)}, over {_budget_text(policy)}; pass a looser --quality "
-            "max-kl=X or --quality any"
+            f"quality: {lossy} measured {fmt_cost(q)}, over {_budget_text(policy)}; pass a looser budget "
+            "(--quality max-kl=X,min-top1=Y) or --quality any"
         )
     return ""
 

@@ -102,7 +102,7 @@ def test_admission_by_policy():
     assert why[int4.config.key()].startswith("quality: int4 weights measured KL 0.05 nats/token, top-1 agreement 90.0%")
     assert "over the default quality budget (KL <= 0.01, top-1 >= 95%)" in why[int4.config.key()]
     assert why[pruned.config.key()] == (
-        "quality: 2:4 pruning are lossy and their quality cost was not measured, so only --quality any admits them"
+        "quality: 2:4 pruning is lossy and its quality cost was not measured, so only --quality any admits it"
     )
     _, out = quality.admit([int8], REPORT, quality.LOSSLESS)
     assert "--quality lossless admits no lossy knob" in out[0].reason
