@@ -42,6 +42,7 @@ from .tables import (
     fmt_gib,
     gpus_table,
     models_table,
+    quality_caption,
     quality_table,
     queues_table,
 )
@@ -335,6 +336,7 @@ async def _profile_show(a: argparse.Namespace) -> int:
             console.print("[dim]quality cost: no lossy variant in this map[/]")
         else:
             console.print(quality_table(cmap.quality))
+            console.print(f"[dim]{escape(quality_caption(cmap.quality))}[/]")
         cost = cmap.cost
         console.print(
             f"profiling cost: {cost.gpu_seconds:.1f} GPU-seconds, peak {fmt_gib(cost.peak_bytes)} GiB; "

@@ -396,7 +396,7 @@ class ProfilingCost(msgspec.Struct, kw_only=True):
 
 QualityMode = Literal["default", "lossless", "budget", "any"]  # "budget": max_kl and/or min_top1
 QualityMethod = Literal["fingerprint", "full"]  # measured on the 1-/2-layer fingerprints, or the whole model
-Fraction = Annotated[float, Meta(ge=0, le=1)]
+Agreement = Annotated[float, Meta(ge=0, le=1)]  # a fraction of positions (top-1 agreement)
 QUALITY_MODES: tuple[QualityMode, ...] = values(QualityMode)
 QUALITY_METHODS: tuple[QualityMethod, ...] = values(QualityMethod)
 
@@ -409,7 +409,7 @@ class VariantQuality(msgspec.Struct, frozen=True, kw_only=True):
     kv_quant: KvQuant = "fp16"
     pruning: Pruning = "none"
     kl: NonNegFloat = 0.0  # mean KL(reference || variant), nats per token
-    top1: Fraction = 1.0  # fraction of positions where the variant's most likely token is the reference's
+    top1: Agreement = 1.0  # fraction of positions where the variant's most likely token is the reference's
     ppl_ratio: NonNegFloat = 0.0  # variant / reference perplexity of the prompts' own next tokens; 0: no tokenizer
 
     def key(self) -> str:
@@ -439,7 +439,7 @@ class QualityPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     mode: QualityMode = "default"
     max_kl: NonNegFloat | None = None
-    min_top1: Fraction | None = None
+    min_top1: Agreement | None = None
 
 
 class ConfigurationMap(Message):

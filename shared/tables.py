@@ -209,17 +209,19 @@ def excluded_table(excluded: Sequence[ExcludedConfig]) -> Table:
     return t
 
 
+def quality_caption(report: QualityReport) -> str:
+    """How a quality report was measured, one line to print under :func:`quality_table`."""
+    layers = "/".join(map(str, report.layers))
+    how = f"fingerprints of {layers} layers, extrapolated" if report.method == "fingerprint" else f"{layers} layers"
+    return (
+        f"{report.method} method ({how}); {report.positions} positions of {report.source}; reference "
+        f"{report.reference_dtype} on {report.device}; {report.seconds:.1f} s"
+    )
+
+
 def quality_table(report: QualityReport) -> Table:
     """The measured quality cost of a model's lossy variants, least lossy first (docs/quality.md)."""
-    depth = (
-        "fingerprints of " + "/".join(map(str, report.layers)) + " layers"
-        if report.method == "fingerprint"
-        else (f"{'/'.join(map(str, report.layers))} layers")
-    )
-    t = table(
-        f"Quality cost ({report.method} method: {depth}; {report.positions} positions of {report.source}; "
-        f"reference {report.reference_dtype} on {report.device}; {report.seconds:.1f} s)"
-    )
+    t = table("Quality cost of the lossy variants")
     add_text_column(t, "variant", min_width=14)
     t.add_column("kl", justify="right")
     t.add_column("top1", justify="right")

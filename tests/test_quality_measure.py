@@ -22,7 +22,7 @@ from iserve.fingerprint import calibration, generator, quality_run
 from iserve.fingerprint.config import FingerprintConfig
 from iserve.fingerprint.service import FingerprintService
 from iserve.messages import ProfileJob, ProfileResult, QualityReport
-from iserve.tables import quality_table
+from iserve.tables import quality_caption, quality_table
 
 ROOT = Path(__file__).resolve().parent.parent
 FEW = [("fp16", "int8", "none"), ("int8", "fp16", "none"), ("int4", "fp16", "none"), ("fp16", "fp16", "2:4")]
@@ -141,6 +141,9 @@ async def test_profiling_stores_the_quality_report_with_the_map(nats_server, tmp
     assert max(len(line) for line in lines) <= 80
     rows = [line.split()[0] for line in lines if line.strip().startswith("w")]
     assert rows == ["wint8-kvfp16-pnone", "wfp16-kvfp16-p24", "wint8-kvfp16-p24"]  # least lossy first
+    assert quality_caption(q).startswith("full method (4 layers); ") and "reference float32 on cpu" in quality_caption(
+        q
+    )
 
 
 def test_a_failed_measurement_shows_as_not_measured_in_the_table_and_policy():
