@@ -178,3 +178,15 @@ def test_bench_quality_runs_on_a_tiny_preset(tmp_path):
     (result,) = json.loads((tmp_path / "bench_quality.json").read_text())
     assert {v["key"] for v in result["variants"]} == {"wint8-kvfp16-pnone", "wfp16-kvfp16-p24"}
     assert result["full_s"] > 0 and result["fingerprint_s"] > 0 and result["layers"] == 3
+
+
+def test_a_model_with_a_tokenizer_gets_its_perplexity_change(tiny_model, tmp_path, one_thread):
+    import shutil
+
+    from iserve.tokenizer_files import write_byte_tokenizer
+
+    model = shutil.copytree(tiny_model, tmp_path / "with-tokenizer")
+    write_byte_tokenizer(model)
+    report = calibration.measure(model, method="full", variants=[("int4", "fp16", "none")], prompts=2, tokens=16)
+    (v,) = report.variants
+    assert v.ppl_ratio > 0 and v.ppl_ratio != 1.0  # int4 changes how likely the prompts' own tokens are
