@@ -345,6 +345,7 @@ class SimVsLive:
                 repeats=self.fp_repeats,
                 warmup=1,
                 gpu_wait_s=60.0,
+                quality_method="off",  # both sides search every variant (--quality any): no need to measure
             )
             nc = await bus.connect(stack.url, "fingerprint", creds=stack.creds("fingerprint"))
             svc = FingerprintService(cfg, nc, caps)

@@ -12,6 +12,7 @@ from iserve.deployer.planner import Decision
 from iserve.deployer.ranking import cost, latency_ms, validate_intent
 from iserve.errors import BadRequest, Infeasible
 from iserve.messages import ConfigEstimate, GpuAssignment, Intent
+from iserve.quality import ANY
 from iserve.slo import reference_estimate
 
 from .baselines import is_plain, layer_split
@@ -319,7 +320,7 @@ def alpaserve(
     trace's mean lengths; default 512 + 128 tokens). Every GPU in ``gpus`` is used (they are assumed
     free of other deployments; their free memory is respected). Returns the replicas per model as
     :class:`Decision` objects."""
-    intent = intent if intent is not None else Intent(kind="min-latency")
+    intent = intent if intent is not None else Intent(kind="min-latency", quality=ANY)
     validate_intent(intent)
     if slo_ms is None:
         slo_ms = {m: DEFAULT_SLO_SCALE * latency_ms(reference_estimate(e), intent) for m, e in models.items() if e}

@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iserve.errors import BadRequest
 from iserve.messages import CostModel, Intent, IntentKind, PlacementChoice
+from iserve.quality import parse_policy
 from iserve.settings import ServiceConfig, add_flags, from_args, option
 
 from .traces import DEFAULT_MAX_CONTEXT
@@ -21,6 +23,15 @@ def _models(text: str) -> list[str]:
 
 def _out(text: str) -> Path | None:
     return Path(text) if text else None
+
+
+def quality_flag(text: str) -> str:
+    """``--quality``'s parser: the text, once :func:`~iserve.quality.parse_policy` accepts it."""
+    try:
+        parse_policy(text)
+    except BadRequest as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    return text
 
 
 @dataclass
@@ -63,6 +74,12 @@ class LoadgenConfig(ServiceConfig):
     output_tokens: int = option(
         0, help="output length the intent's latency is estimated for (0: median of the replayed requests)"
     )
+    quality: str = option(
+        "any",
+        type=quality_flag,
+        help="the intent's quality policy (default any: the paper's free search; lossless, default, max-kl=X, "
+        "min-top1=Y; docs/quality.md)",
+    )
     placement: PlacementChoice = option("", help="placement policy (default: the deployer's)")
     max_batch: int = option(
         0, help="requests each deployed replica runs at once; 0: the deployer's default, 1: the paper's one at a time"
@@ -98,6 +115,7 @@ class LoadgenConfig(ServiceConfig):
             budget=self.budget,
             prompt_tokens=self.prompt_tokens or prompt_tokens,
             output_tokens=self.output_tokens or output_tokens,
+            quality=parse_policy(self.quality),
         )
 
     def run_dir(self) -> Path:

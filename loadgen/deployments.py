@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 from rich.console import Console
 
-from iserve import errors, subjects
+from iserve import errors, quality, subjects
 from iserve import slo as slo_mod
 from iserve.client import Client
 from iserve.messages import ConfigEstimate, DeploymentChanged, DeploymentRecord, GpuLoad, Intent, decoder
@@ -322,7 +322,14 @@ class DeploymentSide:
             self._awaiting_reply.discard(dep_id)
         d = rep.deployment
         self.deployed.append(d.deployment_id)
-        self._deployment_event(d, "launching", why=rep.why, decision_ms=rep.decision_ms, latency_ms=rep.latency_ms)
+        self._deployment_event(
+            d,
+            "launching",
+            why=rep.why,
+            decision_ms=rep.decision_ms,
+            latency_ms=rep.latency_ms,
+            quality=quality.short_of(rep.quality_cost, d.config),
+        )
         self.err.print(f"[dim]deploying {model}: {d.config.key()} on {', '.join(gpu_list(d))} ({rep.why})[/]")
         try:
             ready = await c.wait_ready(d.deployment_id, timeout=self.cfg.ready_timeout_s)

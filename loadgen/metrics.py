@@ -55,6 +55,8 @@ class RunMetrics:
     configs: dict[str, list[str]] = field(default_factory=dict)
     placement: str = ""  # iServe's placement policy, with the hybrid's theta ("hybrid 0.5")
     max_batch: int = 1  # the serving mode: 1 the paper's, more continuous batching (0: the deployer's default)
+    # appended: each configuration's quality cost as the deployment recorded it ("": not recorded)
+    quality: dict[str, str] = field(default_factory=dict)
 
 
 def experiment_of(run: Run) -> str:
@@ -80,6 +82,7 @@ def run_metrics(run: Run) -> RunMetrics:
     deps: dict[str, tuple[float, int, int, str, str]] = {}
     dep_gpus: dict[str, list[str]] = {}
     stopped: dict[str, float] = {}
+    quality = {ev.config: ev.quality for ev in run.deployments if ev.status == "launching" and ev.config}
     for ev in run.deployments:
         if ev.status == "ready" and ev.deployment_id and ev.deployment_id not in deps:
             deps[ev.deployment_id] = (ev.t_s, ev.total_bytes, len(ev.gpus), ev.model, ev.config)
@@ -166,6 +169,7 @@ def run_metrics(run: Run) -> RunMetrics:
         configs=configs,
         placement=_placement(meta),
         max_batch=meta.max_batch if meta.max_batch or meta.kind == "live" else 1,
+        quality=quality,
     )
 
 

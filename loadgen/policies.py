@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from iserve import quality
 from iserve.deployer import planner, ranking
 from iserve.deployer.placement import GpuState
 from iserve.deployer.planner import Decision
@@ -83,8 +84,10 @@ class System:
         system will not deploy raises :class:`Infeasible` with the reason)."""
         ests = cmap.estimates
         name = self.name
-        if name == "iserve":
-            return [planner.plan(ests, intent, gpus, policy=self.policy, theta=self.theta)]
+        if name == "iserve":  # the intent's quality policy first; unset, the paper's free search (docs/quality.md)
+            policy = quality.ANY if intent.quality.mode == "default" else intent.quality
+            admitted, _ = quality.admit(ests, cmap.quality, policy)
+            return [planner.plan(admitted, intent, gpus, policy=self.policy, theta=self.theta)]
         if name == "max-tp":
             return [baselines.max_tp(ests, intent, gpus)]
         if name == "max-pp":
@@ -119,6 +122,7 @@ def _unbounded(intent: Intent) -> Intent:
             cost_model=intent.cost_model,
             prompt_tokens=intent.prompt_tokens,
             output_tokens=intent.output_tokens,
+            quality=intent.quality,
         )
     return intent
 

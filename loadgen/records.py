@@ -104,6 +104,7 @@ class DeploymentEvent(msgspec.Struct, kw_only=True):
     decision_ms: float = 0.0
     latency_ms: float = 0.0  # estimated latency for the intent's lengths
     context_tokens: int = 0
+    quality: str = ""  # appended: the configuration's quality cost ("lossless", "KL .., top-1 ..", "not measured")
 
 
 class RunMeta(msgspec.Struct, kw_only=True):

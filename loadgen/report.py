@@ -87,6 +87,15 @@ def _configs(m: RunMetrics) -> str:
     return ", ".join(f"{n}x {k}" for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def _quality(m: RunMetrics) -> str:
+    """The quality cost of the run's lossy configurations ("lossless" when it chose none): as the
+    deployment recorded it, "not measured" when its map had none or the run predates the record."""
+    lossy = sorted({k for keys in m.configs.values() for k in keys if not k.endswith("-wfp16-kvfp16-pnone")})
+    if not lossy:
+        return "lossless"
+    return "; ".join(f"{k}: {m.quality.get(k) or 'not measured'}" for k in lossy)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -176,6 +185,7 @@ def _fig13_table(ms: list[RunMetrics]) -> str:
             _n(m.gpu_throughput),
             str(m.gpus_used),
             _configs(m),
+            _quality(m),
         ]
         for m in sorted(
             ms, key=lambda m: (COST_INTENTS.index(m.intent) if m.intent in COST_INTENTS else 9,) + _sort_key(m)
@@ -195,6 +205,7 @@ def _fig13_table(ms: list[RunMetrics]) -> str:
             "req/GPU-s",
             "GPUs",
             "configurations",
+            "quality cost",
         ],
         rows,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iserve import quality
 from iserve.deployer.units import GIB
 from iserve.messages import Configuration, ConfigurationMap, Intent
 
@@ -19,7 +20,7 @@ class SimSpec:
     models: list[tuple[str, ConfigurationMap]]
     trace: list[TraceRequest]
     system: str = "iserve"
-    intent: Intent = field(default_factory=lambda: Intent(kind="min-latency"))
+    intent: Intent = field(default_factory=lambda: Intent(kind="min-latency", quality=quality.ANY))
     gpus: int = 8
     gpu_type: str = "A6000"
     gpu_memory_bytes: int = 48 * GIB

@@ -11,6 +11,7 @@ from collections import deque
 
 import msgspec
 
+from iserve import quality
 from iserve import slo as slo_mod
 from iserve.deployer.memory import kv_pool_tokens
 from iserve.deployer.placement import GpuState
@@ -304,6 +305,7 @@ class Simulation:
                     decision_ms=decision_ms if status == "launching" else 0.0,
                     latency_ms=d.latency_ms,
                     context_tokens=context,
+                    quality=quality.short_cost(d.estimate.config, self.raw_maps[model].quality),
                 )
             )
 

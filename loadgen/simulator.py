@@ -23,6 +23,7 @@ from iserve.deployer.config import DEFAULT_MAX_BATCH
 from iserve.deployer.units import GIB
 from iserve.fingerprint.estimator import repair_tp_host_floors
 from iserve.messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, ConfigurationMap, Intent, IntentKind
+from iserve.quality import ANY
 from iserve.settings import flag
 
 from .oracle import oracle_search
@@ -230,6 +231,7 @@ def spec_from_args(
         cost_model=args.cost_model,
         prompt_tokens=args.prompt_tokens or p,
         output_tokens=args.output_tokens or o,
+        quality=ANY,  # the paper's evaluation searches every variant (docs/quality.md)
     )
     mem = int(args.gpu_memory_gib * GIB) if args.gpu_memory_gib else models[0][1].gpu_memory_bytes
     return SimSpec(

@@ -30,6 +30,7 @@ from rich.markup import escape
 from . import auth, errors
 from .messages import COST_MODELS, INTENT_KINDS, Intent, ModelRecord, PlacementChoice, values
 from .progress import Steps
+from .quality import parse_policy
 from .runtime import run_async
 from .settings import add_env_twins
 from .tables import (
@@ -41,6 +42,8 @@ from .tables import (
     fmt_gib,
     gpus_table,
     models_table,
+    quality_caption,
+    quality_table,
     queues_table,
 )
 from .up import default_data_dir
@@ -102,6 +105,7 @@ def intent_from_args(a: argparse.Namespace) -> Intent:
         budget=a.budget,
         prompt_tokens=a.prompt_tokens,
         output_tokens=a.output_tokens,
+        quality=parse_policy(a.quality),
     )
 
 
@@ -156,10 +160,11 @@ async def _register(a: argparse.Namespace) -> int:
 
 
 async def _deploy(a: argparse.Namespace) -> int:
+    intent = intent_from_args(a)  # a bad --quality is refused before connecting
     async with await _client(a) as c:
         rep = await c.deploy(
             a.model,
-            intent_from_args(a),
+            intent,
             placement=a.placement,
             context_tokens=a.context_tokens,
             gpu_type=a.gpu_type,
@@ -193,8 +198,19 @@ async def _deploy(a: argparse.Namespace) -> int:
             console.print(f"  [dim]not {rj.config}: {escape(rj.reason)}[/]")
         if len(rep.rejected) > 5:
             console.print(f"  [dim]... and {len(rep.rejected) - 5} more better-ranked ones that did not fit[/]")
-        for rj in rep.filtered[:3]:
+        if rep.quality:
+            console.print(f"  quality: {escape(rep.quality)}")
+        for rj in [r for r in rep.filtered if not r.reason.startswith("quality:")][:3]:
             console.print(f"  [dim]ruled out {rj.config}: {escape(rj.reason)}[/]")
+        by_quality: dict[str, list[str]] = {}  # one line per reason (a variant's TP/PP degrees share it)
+        for rj in rep.filtered:
+            if rj.reason.startswith("quality:"):
+                by_quality.setdefault(rj.reason, []).append(rj.config)
+        for reason, configs in list(by_quality.items())[:4]:
+            more = f" (and {len(configs) - 1} more of its TP/PP degrees)" if len(configs) > 1 else ""
+            console.print(f"  [dim]ruled out {configs[0]}{more}: {escape(reason)}[/]")
+        if len(by_quality) > 4:
+            console.print(f"  [dim]... and {len(by_quality) - 4} more variants ruled out by quality[/]")
         if a.wait:
             await c.wait_ready(d.deployment_id, timeout=a.timeout)
             console.print("  [green]ready[/]")
@@ -312,6 +328,15 @@ async def _profile_show(a: argparse.Namespace) -> int:
             console.print(
                 f"[dim]{len(cmap.excluded)} configurations excluded (--show-excluded lists them with reasons)[/]"
             )
+        if cmap.quality is None:
+            console.print("[dim]quality cost: not measured (every lossy variant is admitted by --quality any only)[/]")
+        elif cmap.quality.error:
+            console.print(f"[dim]quality cost: not measured ({escape(cmap.quality.error)})[/]")
+        elif not cmap.quality.variants:
+            console.print("[dim]quality cost: no lossy variant in this map[/]")
+        else:
+            console.print(quality_table(cmap.quality))
+            console.print(f"[dim]{escape(quality_caption(cmap.quality))}[/]")
         cost = cmap.cost
         console.print(
             f"profiling cost: {cost.gpu_seconds:.1f} GPU-seconds, peak {fmt_gib(cost.peak_bytes)} GiB; "
@@ -355,6 +380,12 @@ def add_intent(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length latency is estimated for")
     p.add_argument("--output-tokens", type=int, default=128, help="output length latency is estimated for")
+    p.add_argument(
+        "--quality",
+        default="default",
+        help="lossy variants the intent admits: default (measured within KL <= 0.01, top-1 >= 95%%), lossless, "
+        "any (the paper's free search), max-kl=X and/or min-top1=Y (docs/quality.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -397,6 +397,58 @@ class ProfilingCost(msgspec.Struct, kw_only=True):
     comm_model: str = ""
 
 
+# ---------------------------------------------------------------------------------------------------
+# quality (appended; docs/quality.md): what a lossy knob does to a model's outputs, and the intent's
+# policy on it. A variant is lossless when its weights are 16-bit, unpruned, with a 16-bit KV cache.
+
+QualityMode = Literal["default", "lossless", "budget", "any"]  # "budget": max_kl and/or min_top1
+QualityMethod = Literal["fingerprint", "full"]  # measured on the 1-/2-layer fingerprints, or the whole model
+Agreement = Annotated[float, Meta(ge=0, le=1)]  # a fraction of positions (top-1 agreement)
+QUALITY_MODES: tuple[QualityMode, ...] = values(QualityMode)
+QUALITY_METHODS: tuple[QualityMethod, ...] = values(QualityMethod)
+
+
+class VariantQuality(msgspec.Struct, frozen=True, kw_only=True):
+    """One (weights, KV cache, pruning) variant's next-token distributions against the reference (the
+    checkpoint's own weights, unpruned, 16-bit KV) over the calibration prompts."""
+
+    weight_quant: WeightQuant = "fp16"
+    kv_quant: KvQuant = "fp16"
+    pruning: Pruning = "none"
+    kl: NonNegFloat = 0.0  # mean KL(reference || variant), nats per token
+    top1: Agreement = 1.0  # fraction of positions where the variant's most likely token is the reference's
+    ppl_ratio: NonNegFloat = 0.0  # variant / reference perplexity of the prompts' own next tokens; 0: no tokenizer
+
+    def key(self) -> str:
+        return f"w{self.weight_quant}-kv{self.kv_quant}-p{self.pruning.replace(':', '')}"
+
+
+class QualityReport(msgspec.Struct, kw_only=True):
+    """The measured quality cost of every lossy variant of a model (``variants``; lossless ones are
+    not listed), how it was measured, and on what."""
+
+    method: QualityMethod = "fingerprint"
+    variants: list[VariantQuality] = []
+    reference_dtype: str = ""  # the reference's compute dtype, e.g. "float32" on a CPU
+    source: str = ""  # the calibration prompts, e.g. "sharegpt_V3_filtered_500_mlenergy.json (first 8)"
+    prompts: NonNegInt = 0
+    positions: NonNegInt = 0  # next-token distributions compared per variant
+    layers: list[int] = []  # depths run: [1, 2] (fingerprints, extrapolated to the model's) or [L]
+    seconds: NonNegFloat = 0.0
+    device: str = ""
+    error: str = ""  # non-empty: the measurement failed (every lossy variant is then "not measured")
+
+
+class QualityPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """The intent's rule for lossy variants: ``default`` (a conservative measured budget), ``lossless``
+    (no lossy knob), ``budget`` (``max_kl`` and/or ``min_top1``), ``any`` (the paper: search freely).
+    Only ``any`` admits a lossy variant whose quality was not measured."""
+
+    mode: QualityMode = "default"
+    max_kl: NonNegFloat | None = None
+    min_top1: Agreement | None = None
+
+
 class ConfigurationMap(Message):
     """Every configuration of a model on one GPU type, estimated from its fingerprints."""
 
@@ -410,6 +462,8 @@ class ConfigurationMap(Message):
     cost: ProfilingCost = msgspec.field(default_factory=ProfilingCost)
     device: str = ""  # where the fingerprints ran, e.g. "cuda:NVIDIA H100 80GB HBM3" or "cpu"
     created_at: float = 0.0
+    # Appended (quality, docs/quality.md): the measured quality cost of the lossy variants; None: not measured.
+    quality: QualityReport | None = None
 
 
 class ProfileDone(Message):
@@ -658,6 +712,8 @@ class Intent(msgspec.Struct, kw_only=True):
     budget: NonNegFloat | None = None  # for cost-budget, in the units of ``cost_model``
     prompt_tokens: PositiveInt = 512
     output_tokens: PositiveInt = 128
+    # Appended (quality, docs/quality.md): which lossy variants the intent admits.
+    quality: QualityPolicy = msgspec.field(default_factory=QualityPolicy)
 
 
 class DeployRequest(Message):
@@ -728,6 +784,11 @@ class DeployReply(Message):
     # closest to the limit first, each with the estimate that broke the limit. ``cost`` above is in
     # the units of ``deployment.intent.cost_model`` (GiB-s, GiB or GPU-h per request).
     filtered: list[Rejection] = []
+    # Appended (quality, docs/quality.md): the chosen configuration's quality, one sentence ("lossless", or
+    # which knob is lossy and its measured cost, or that it was not measured), and that cost (None: lossless
+    # or not measured). Configurations the quality policy ruled out are in ``filtered``.
+    quality: str = ""
+    quality_cost: VariantQuality | None = None
 
 
 class UndeployRequest(Message):

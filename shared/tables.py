@@ -13,7 +13,15 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from .messages import ConfigEstimate, DeploymentRecord, ExcludedConfig, GpuLoad, ModelRecord, QueueStats
+from .messages import (
+    ConfigEstimate,
+    DeploymentRecord,
+    ExcludedConfig,
+    GpuLoad,
+    ModelRecord,
+    QualityReport,
+    QueueStats,
+)
 
 GIB = 2**30
 
@@ -198,4 +206,26 @@ def excluded_table(excluded: Sequence[ExcludedConfig]) -> Table:
     add_text_column(t, "reason")
     for x in excluded:
         t.add_row(x.config.key(), escape(x.reason))
+    return t
+
+
+def quality_caption(report: QualityReport) -> str:
+    """How a quality report was measured, one line to print under :func:`quality_table`."""
+    layers = "/".join(map(str, report.layers))
+    how = f"fingerprints of {layers} layers, extrapolated" if report.method == "fingerprint" else f"{layers} layers"
+    return (
+        f"{report.method} method ({how}); {report.positions} positions of {report.source}; reference "
+        f"{report.reference_dtype} on {report.device}; {report.seconds:.1f} s"
+    )
+
+
+def quality_table(report: QualityReport) -> Table:
+    """The measured quality cost of a model's lossy variants, least lossy first (docs/quality.md)."""
+    t = table("Quality cost of the lossy variants")
+    add_text_column(t, "variant", min_width=14)
+    t.add_column("kl", justify="right")
+    t.add_column("top1", justify="right")
+    t.add_column("ppl_x", justify="right")
+    for v in sorted(report.variants, key=lambda v: (v.kl, -v.top1, v.key())):
+        t.add_row(v.key(), f"{v.kl:.4g}", f"{v.top1:.1%}", f"{v.ppl_ratio:.3f}" if v.ppl_ratio > 0 else "-")
     return t

@@ -25,7 +25,7 @@ from iserve.loadgen.records import (
     summarize,
 )
 from iserve.loadgen.traces import TraceRequest
-from iserve.messages import ConfigEstimate, Configuration, Intent
+from iserve.messages import ConfigEstimate, Configuration, Intent, QualityPolicy
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -407,7 +407,13 @@ def test_flags_have_env_twins(monkeypatch):
     cfg = parse(["--aggregate", "3", "--slo-scale", "5"])
     assert cfg.rate == 0.35 and cfg.models == ["a", "b"] and cfg.aggregate == 3 and cfg.slo_scale == 5
     assert cfg.deploy_every_s == 300.0 and cfg.max_context == 1024 and cfg.undeploy
-    assert cfg.intent_for(300, 20) == Intent(kind="min-cost", prompt_tokens=300, output_tokens=20)
+    # the evaluation reproduces the paper: its intents search every variant (--quality any, docs/quality.md)
+    assert cfg.intent_for(300, 20) == Intent(
+        kind="min-cost", prompt_tokens=300, output_tokens=20, quality=QualityPolicy(mode="any")
+    )
+    assert parse(["--quality", "lossless"]).intent_for(1, 1).quality == QualityPolicy(mode="lossless")
+    with pytest.raises(SystemExit):
+        parse(["--quality", "max-kl=abc"])
     with pytest.raises(SystemExit):
         parse(["--slo-ms", "100", "--slo-scale", "2"])
     with pytest.raises(SystemExit):

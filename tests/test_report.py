@@ -369,3 +369,34 @@ def test_sweep_plans_the_smaller_and_mixed_model_figures():
     assert {j.models for j in fig24} == {tuple(sweep.MIXED_MODELS)}
     assert {j.intent for j in fig24} == {"min-latency", "min-cost", "min-memory", "min-gpu-hours"}
     assert len(fig24) == 4 * 2 and len({j.out for j in jobs}) == len(jobs)
+
+
+def test_the_intents_table_shows_the_quality_cost_of_each_choice():
+    def dep(model, config, quality=""):
+        return [
+            DeploymentEvent(
+                t_s=0.0,
+                model=model,
+                deployment_id=f"{model}/1",
+                config=config,
+                gpus=["h/0:4"],
+                total_bytes=GIB,
+                status=status,
+                quality=quality if status == "launching" else "",
+            )  # fmt: skip
+            for status in ("launching", "ready")
+        ]
+
+    lossless = metrics.run_metrics(_run([], dep("a", "tp1-pp1-wfp16-kvfp16-pnone", "lossless")))
+    measured = metrics.run_metrics(
+        _run(
+            [], dep("a", "tp1-pp1-wint8-kvfp16-pnone", "KL 0.002, top-1 99.0%") + dep("b", "tp1-pp1-wint4-kvfp16-pnone")
+        )
+    )
+    assert measured.quality == {"tp1-pp1-wint8-kvfp16-pnone": "KL 0.002, top-1 99.0%", "tp1-pp1-wint4-kvfp16-pnone": ""}
+    rows = report._fig13_table([lossless, measured]).splitlines()
+    assert rows[0].endswith("| configurations | quality cost |")
+    assert rows[2].endswith("| lossless |")
+    assert rows[3].endswith(
+        "| tp1-pp1-wint4-kvfp16-pnone: not measured; tp1-pp1-wint8-kvfp16-pnone: KL 0.002, top-1 99.0% |"
+    )

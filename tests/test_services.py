@@ -140,6 +140,9 @@ async def test_register_profile_deploy_generate(cluster, client, tiny_model, tmp
     assert cmap.cost.gpu_seconds > 0 and len(cmap.cost.fingerprint_fraction) == 2
     d = rep.deployment
     assert sum(g.num_layers for g in d.gpus) == 4 and rep.why
+    # an fp16-only engine has nothing lossy to measure: an empty report, and a lossless choice
+    assert cmap.quality is not None and cmap.quality.variants == [] and not cmap.quality.error
+    assert rep.quality.startswith("lossless") and rep.quality_cost is None
     chunks, done = await collect(client, name, "hello", max_tokens=8, ignore_eos=True)
     assert len(chunks) == 8 and done.completion_tokens == 8 and done.finish_reason == "length"
     assert done.ttft_ms > 0 and len(done.step_ms) == 7 and done.deployment_id == d.deployment_id

@@ -91,7 +91,9 @@ def test_the_decoder_refuses_bad_values_with_their_path(payload, kind, error):
 def test_the_wire_strings_are_unchanged():
     assert encode(Intent()) == (
         b'{"kind":"min-cost","cost_model":"mem-x-latency","slo_ms":null,"budget":null,'
-        b'"prompt_tokens":512,"output_tokens":128}'
+        b'"prompt_tokens":512,"output_tokens":128,'
+        # appended (quality, docs/quality.md)
+        b'"quality":{"mode":"default","max_kl":null,"min_top1":null}}'
     )
     req = decode(
         b'{"model":"m","placement":"least-loaded","intent":{"kind":"latency-slo","slo_ms":200}}', DeployRequest

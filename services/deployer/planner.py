@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, TypeVar
 
+from iserve import quality
 from iserve.errors import BadRequest, Infeasible, InternalError, Unavailable
 from iserve.messages import ConfigEstimate, ConfigurationMap, GpuAssignment, Intent, Rejection
 
@@ -189,6 +190,14 @@ def plan_gpu_types(
                     f"configuration {config!r} is not in {model or 'the model'}'s {gpu_type} profile; pick one "
                     f"`iserve profile show` lists (e.g. {known})."
                 )
+        # quality policy (docs/quality.md): the lossy variants the intent does not admit are ruled out first;
+        # a pinned configuration is an explicit choice that only an explicit --quality overrides
+        by_quality: list[Rejection] = []
+        if not (config and intent.quality.mode == "default"):
+            estimates, by_quality = quality.admit(estimates, cmap.quality, intent.quality)
+        if not estimates:
+            misses.append(f"{gpu_type}: {_quality_miss(by_quality, intent)}")
+            continue
         if pool > cmap.context_tokens:
             if kv_bytes is None:
                 raise InternalError(f"a KV pool of {pool} tokens needs kv_bytes to price it")
@@ -200,6 +209,7 @@ def plan_gpu_types(
                 f"{gpu_type}: {e.message}{_pool_note(cmap, intent, typed, policy, theta, pool, max_batch, kv_tokens)}"
             )
             continue
+        d.filtered += by_quality
         if best is None or score(d, intent) < score(best.decision, intent):
             best = TypeChoice(d, cmap)
     if best is not None:
@@ -214,6 +224,15 @@ def plan_gpu_types(
     if all(m.startswith("no ") for m in misses):
         raise Unavailable("; ".join(misses) + "; start a GPU agent (`iserve up` starts one).")
     raise Infeasible("; ".join(misses))
+
+
+def _quality_miss(ruled_out: list[Rejection], intent: Intent) -> str:
+    """Why no configuration of a profile is left after the quality policy, and what to pass instead."""
+    policy = quality.describe_policy(intent.quality)
+    return (
+        f"the quality policy ({policy}) rules out all {len(ruled_out)} configurations (e.g. {ruled_out[0].config}: "
+        f"{ruled_out[0].reason.removeprefix('quality: ')}); pass --quality any to search lossy variants freely"
+    )
 
 
 def _pool_note(

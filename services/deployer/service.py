@@ -23,7 +23,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from iserve import bus, errors, subjects
+from iserve import bus, errors, quality, subjects
 from iserve.fingerprint.estimator.memory import kv_cache_bytes_per_layer
 from iserve.messages import (
     ConfigurationMap,
@@ -309,6 +309,7 @@ class DeployerService(Service):
             kv_tokens=kv_tokens,
             why=decision.why,
         )
+        note, cost = quality.choice_note(decision.estimate.config, cmap.quality)
         return DeployReply(
             deployment=dep,
             why=decision.why,
@@ -317,6 +318,8 @@ class DeployerService(Service):
             cost=decision.cost,
             decision_ms=decision_ms,
             filtered=decision.filtered,
+            quality=note,
+            quality_cost=cost,
         )
 
     async def _changed(self, dep: DeploymentRecord) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from iserve.settings import ServiceConfig, add_flags, from_args, option
 
@@ -89,6 +90,17 @@ class FingerprintConfig(ServiceConfig):
     profile_reply_margin_s: float = option(
         30.0, help="how much longer than --profile-timeout-s to wait for the agent's answer before trying another GPU"
     )
+
+    # quality (docs/quality.md)
+    quality_method: Literal["auto", "fingerprint", "full", "off"] = option(
+        "auto",
+        help="how the lossy variants' quality cost is measured at profiling: auto (the whole model up to "
+        "--quality-full-max-gib, else its fingerprints), fingerprint, full, or off (not measured)",
+    )
+    quality_full_max_gib: float = option(1.0, help="auto: the largest checkpoint measured whole, in GiB")
+    quality_prompts: int = option(8, help="calibration prompts of the quality measurement")
+    quality_tokens: int = option(48, help="tokens per calibration prompt at most")
+    quality_timeout_s: float = option(1800.0, help="a quality measurement longer than this is stopped (not measured)")
 
 
 def parse(argv: list[str] | None = None) -> FingerprintConfig:

@@ -16,7 +16,9 @@ Profiling (one task per model, resumed after a restart)
     the communication model (measured by the profiler when it had several GPUs, else the GPU type's
     default). On simulated GPUs TP configurations are excluded, with that reason. Any failure marks the
     model failed with the reason and publishes ``profile.done`` (status "failed"); a map is stored only
-    when complete.
+    when complete. Before it is stored, the quality cost of the map's lossy variants is measured once
+    per checkpoint in a subprocess (``quality_run``, docs/quality.md); a failure there is recorded in
+    the map (those variants are "not measured"), it does not fail profiling.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from iserve.messages import (
     ProfileJob,
     ProfileResult,
     ProfilingCost,
+    QualityReport,
     RegisterModel,
     UnregisterModel,
     UnregisterReply,
@@ -58,7 +61,7 @@ from iserve.messages import (
 )
 from iserve.service import Service
 
-from . import estimator, generator
+from . import estimator, generator, quality_run
 from .config import FingerprintConfig
 
 log = structlog.get_logger()
@@ -95,6 +98,7 @@ class FingerprintService(Service):
         self.profiling: dict[str, asyncio.Task] = {}
         self._profile_slots = asyncio.Semaphore(cfg.max_profiling_jobs)
         self.register_lock = asyncio.Lock()
+        self._quality: dict[tuple, QualityReport] = {}  # by checkpoint digest and variants: measured once
 
     async def setup(self) -> None:
         self.models = await bus.TypedKV.open(
@@ -447,7 +451,7 @@ class FingerprintService(Service):
             comm = estimator.CommModel(result.allreduce_latency_us, result.allreduce_bus_gbps, source="measured")
         else:
             comm = estimator.default_comm(gpu_type)
-        return estimator.build_configuration_map(
+        cmap = estimator.build_configuration_map(
             model=rec.name,
             gpu_type=gpu_type,
             arch=rec.arch,
@@ -464,6 +468,35 @@ class FingerprintService(Service):
             comm=comm,
             skipped=skipped,
         )
+        variants = quality_run.lossy_variants(e.config for e in cmap.estimates)
+        cmap.quality = await self._measure_quality(rec, gpu_type, [i.path for i in infos], variants)
+        return cmap
+
+    async def _measure_quality(
+        self, rec: ModelRecord, gpu_type: str, fingerprints: list[str], variants: list[str]
+    ) -> QualityReport | None:
+        """The quality cost of the model's lossy variants (docs/quality.md), measured once per checkpoint
+        in a subprocess; None when ``--quality-method off``."""
+        cfg = self.cfg
+        method = quality_run.choose_method(
+            cfg.quality_method, rec.weights.checkpoint_bytes, int(cfg.quality_full_max_gib * 2**30)
+        )
+        if not method:
+            return None
+        if not variants:  # nothing lossy to measure
+            return QualityReport(method=method)  # type: ignore[arg-type]
+        key = (rec.digest, method, tuple(variants))
+        if key not in self._quality:
+            await self._step(rec.name, gpu_type, f"measuring quality ({method} method)")
+
+            async def progress(text: str) -> None:
+                await self._step(rec.name, gpu_type, text)
+
+            cmd = quality_run.command(rec.path, method, fingerprints, variants, cfg.quality_prompts, cfg.quality_tokens)
+            report = await quality_run.run(cmd, timeout_s=cfg.quality_timeout_s, method=method, on_progress=progress)
+            log.info("quality measured", method=method, variants=len(report.variants), error=report.error or None)
+            self._quality[key] = report
+        return self._quality[key]
 
     def _tp_gpus(self, first: GpuLoad, cands: list[GpuLoad]) -> list[int]:
         """``first`` and the other GPUs of its agent that have room for a fingerprint, up to the
