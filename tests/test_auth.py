@@ -90,6 +90,8 @@ async def test_each_role_is_kept_to_its_subjects(secured):
         # the scheduler streams to any inbox, never onto a system subject
         assert await _delivered(scheduler, client, "_INBOX.client.abc")
         assert not await _delivered(scheduler, deployer, S.WORKER_EXITED)
+        assert await _delivered(scheduler, deployer, S.SCHEDULER_LOAD)  # the autoscaler's observations
+        assert not await _delivered(client, deployer, S.SCHEDULER_LOAD)  # no forged load
         # a client may not watch another role's replies
         assert not await _delivered(scheduler, client, "_INBOX.gateway.abc")
         # request-reply works across roles: the deployer answers the client once
@@ -116,6 +118,10 @@ async def test_only_a_bucket_s_owner_writes_it(secured):
         with pytest.raises(Exception):
             await asyncio.wait_for(read.put("d1", b"forged"), 2)
         assert (await kv.get("d1")).value == b"v"
+        scaler = await bus.bucket(deployer, S.BUCKET_AUTOSCALER)  # the autoscaler's state: the deployer's
+        await scaler.put("m", b"s")
+        with pytest.raises(Exception):
+            await asyncio.wait_for((await bus.bucket(scheduler, S.BUCKET_AUTOSCALER)).put("m", b"forged"), 2)
         with pytest.raises(Exception):  # a client has no JetStream access at all
             await asyncio.wait_for(bus.bucket(client, S.BUCKET_DEPLOYMENTS), 2)
     finally:

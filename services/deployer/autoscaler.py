@@ -152,7 +152,7 @@ def decide(view: ModelView, state: AutoscaleState, policy: Policy, now: float) -
     if idle and st.idle_windows >= policy.down_windows and victim is not None:
         why = (
             f"low load for {st.idle_windows} evaluations ({view.in_flight} running, none waiting, "
-            f"GPU load {view.gpu_load:.0%}): {n - 1} replicas carry it"
+            f"GPU load {view.gpu_load:.0%}): one fewer replica carries it"
         )
         return _act("remove", why, st, now, victim.deployment_id)
     if breach:
