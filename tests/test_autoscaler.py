@@ -165,3 +165,44 @@ def test_a_load_inside_the_band_never_acts(seq):
     """Latency at most the target and too much load to remove one: inside the hysteresis band."""
     views = [view(queue=q, running=4, n=2, added=1, load=0.5) for q, _ in seq]  # q/4 slots: <= 1.75x
     assert {d.action for d in run(views)} == {"hold"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the scheduler's side: a draining replica takes nothing new, and what it reports
+
+
+def test_a_draining_replica_takes_no_new_request_and_finishes_what_it_holds():
+    from iserve.scheduler.queues import FcfsQueues, Queued
+
+    q: FcfsQueues[None] = FcfsQueues()
+    q.add_replica("a", "m", 1)
+    q.add_replica("b", "m", 1)
+    for i in range(3):
+        q.enqueue(Queued(f"r{i}", "m", float(i), 100.0, None))
+    assert [len(r.queue) for r in (q.replicas["a"], q.replicas["b"])] == [2, 1]
+    q.add_replica("b", "m", 1, draining=True)
+    assert q.enqueue(Queued("r3", "m", 3.0, 100.0, None)).deployment_id == "a"
+    assert q.choose("m", "b") is None  # not even when named
+    assert q.start_next("b").request_id == "r1"  # what it holds still runs
+    q.finish("b", "r1")
+    assert q.replicas["b"].outstanding == 0
+    q.add_replica("a", "m", 1, draining=True)
+    assert q.choose("m") is None
+
+
+def test_the_load_report_counts_since_the_previous_one():
+    from iserve.scheduler.load_report import Window, replica_loads
+    from iserve.scheduler.queues import FcfsQueues, Queued
+
+    q: FcfsQueues[None] = FcfsQueues()
+    q.add_replica("a", "m", 2)
+    for i in range(3):
+        q.enqueue(Queued(f"r{i}", "m", float(i), 100.0, None))
+    q.start_next("a")
+    w = Window(arrived=3)
+    for ms in (100.0, 200.0, 300.0):
+        w.complete(ms)
+    (r,) = replica_loads(q, {"a": w}, now=4.0)
+    assert (r.queue_depth, r.in_flight, r.slots, r.arrived, r.completed) == (2, 1, 2, 3, 3)
+    assert r.oldest_wait_ms == 3000.0 and r.e2e_ms_p95 == pytest.approx(290.0)
+    assert replica_loads(q, {}, now=4.0)[0].e2e_ms_p95 == 0.0

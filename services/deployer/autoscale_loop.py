@@ -145,12 +145,12 @@ class AutoscaleLoop:
             if view is None:
                 await self._save(state)
                 continue
-            d = decide(view, state, self.policy, wall)
-            st = d.state
-            if d.action == "add":
-                st = await self._add(st, ds, d.reason)
-            elif d.action == "remove":
-                st = await self._drain(st, d.deployment_id, d.reason)
+            choice = decide(view, state, self.policy, wall)
+            st = choice.state
+            if choice.action == "add":
+                st = await self._add(st, ds, choice.reason)
+            elif choice.action == "remove":
+                st = await self._drain(st, choice.deployment_id, choice.reason)
             await self._save(st)
 
     # ------------------------------------------------------------------ observations
@@ -168,8 +168,8 @@ class AutoscaleLoop:
         if tmpl is None:
             return None
         outstanding: dict[str, int] = {}
-        for replicas in reports:
-            for r in replicas:
+        for report in reports:
+            for r in report:
                 outstanding[r.deployment_id] = outstanding.get(r.deployment_id, 0) + r.queue_depth + r.in_flight
         replicas = tuple(
             ReplicaView(
@@ -205,7 +205,7 @@ class AutoscaleLoop:
         """The deployment a new replica copies: the oldest the user made, else the oldest."""
         live = sorted((d for d in ds if d.status in ("ready", "launching")), key=lambda d: d.created_at)
         own = [d for d in live if d.deployment_id not in state.added]
-        return (own or live or [None])[0]
+        return (own or live)[0] if live else None
 
     def _gpu_load(self, serving: list[DeploymentRecord]) -> float:
         """Mean busy fraction over the last second of the serving replicas' GPUs."""

@@ -135,8 +135,8 @@ def decide(view: ModelView, state: AutoscaleState, policy: Policy, now: float) -
         st.breach_windows = st.idle_windows = 0
     since = now - state.last_action_at
     if state.last_action in ("add", "remove") and since < policy.min_dwell_s:
-        left = policy.min_dwell_s - since
-        return hold(f"within the minimum dwell ({left:.0f} s left after the last {state.last_action})")
+        wait = policy.min_dwell_s - since
+        return hold(f"within the minimum dwell ({wait:.0f} s left after the last {state.last_action})")
     if breach and st.breach_windows >= policy.up_windows:
         why = (
             f"p95 latency {latency:.0f} ms (observed {observed:.0f}, predicted {predicted:.0f} with "
