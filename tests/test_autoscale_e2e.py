@@ -33,7 +33,7 @@ ENV = {
     "ISERVE_INTERVAL_S": "0.25",  # gpu-agent
     "ISERVE_REFRESH_S": "0.5",  # scheduler
     "ISERVE_PUBLISH_LOAD_S": "0.25",  # scheduler
-    "ISERVE_AUTOSCALE": "true",  # deployer, and short windows so the test is short
+    # the deployer's autoscaling settings: short windows so that the test is short
     "ISERVE_AUTOSCALE_INTERVAL_S": "0.5",
     "ISERVE_AUTOSCALE_UP_WINDOWS": "2",
     "ISERVE_AUTOSCALE_DOWN_WINDOWS": "4",
@@ -81,6 +81,7 @@ async def test_a_load_step_adds_a_replica_and_its_end_drains_and_removes_it(tmp_
         gpu_type="sim-8GB",
         log_to_files=True,
         extra_env=ENV,
+        autoscale=True,  # iserve up --autoscale
         http_port=free_port(),
         services=("gpu-agent", "deployer", "scheduler"),
     )
