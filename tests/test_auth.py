@@ -79,6 +79,7 @@ async def test_each_role_is_kept_to_its_subjects(secured):
     srv, d = secured
     client, deployer, agent, scheduler = [await _as(srv, d, r) for r in ("client", "deployer", "agent", "scheduler")]
     try:
+        assert await _delivered(scheduler, deployer, S.SCHEDULER_LOAD)  # the autoscaler's observations
         launch = S.agent_launch("a0")
         assert await _delivered(deployer, agent, launch)  # the deployer may launch workers
         assert not await _delivered(client, agent, launch)  # a client may not
@@ -86,12 +87,11 @@ async def test_each_role_is_kept_to_its_subjects(secured):
         assert await _delivered(agent, deployer, S.WORKER_EXITED)
         assert not await _delivered(client, deployer, S.WORKER_EXITED)  # no forged exits
         assert not await _delivered(client, deployer, S.gpu_load("a0", 0))
+        assert not await _delivered(client, deployer, S.SCHEDULER_LOAD)  # no forged load
         assert await _delivered(client, scheduler, S.INFER)
         # the scheduler streams to any inbox, never onto a system subject
         assert await _delivered(scheduler, client, "_INBOX.client.abc")
         assert not await _delivered(scheduler, deployer, S.WORKER_EXITED)
-        assert await _delivered(scheduler, deployer, S.SCHEDULER_LOAD)  # the autoscaler's observations
-        assert not await _delivered(client, deployer, S.SCHEDULER_LOAD)  # no forged load
         # a client may not watch another role's replies
         assert not await _delivered(scheduler, client, "_INBOX.gateway.abc")
         # request-reply works across roles: the deployer answers the client once
