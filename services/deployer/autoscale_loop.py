@@ -151,6 +151,8 @@ class AutoscaleLoop:
                 st = await self._add(st, ds, choice.reason)
             elif choice.action == "remove":
                 st = await self._drain(st, choice.deployment_id, choice.reason)
+            else:
+                log.debug("autoscaler holds", model=model, reason=choice.reason)
             await self._save(st)
 
     # ------------------------------------------------------------------ observations
