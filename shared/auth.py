@@ -31,7 +31,7 @@ CREDS_ENV = "ISERVE_NATS_CREDS"
 TLS_CA_ENV = "ISERVE_NATS_TLS_CA"
 
 P = S.PREFIX
-BUCKETS = (S.BUCKET_MODELS, S.BUCKET_PROFILES, S.BUCKET_DEPLOYMENTS)
+BUCKETS = (S.BUCKET_MODELS, S.BUCKET_PROFILES, S.BUCKET_DEPLOYMENTS, S.BUCKET_AUTOSCALER)
 
 
 def inbox_prefix(role: str) -> str:
@@ -110,15 +110,23 @@ def permissions(role: Role) -> Permissions:
             S.MODEL_LIST,
             S.PROFILE_GET,
         ]
-        pub += _js_read() + _js_write(S.BUCKET_DEPLOYMENTS)
-        sub = [S.DEPLOY_REQUEST, S.UNDEPLOY_REQUEST, S.DEPLOYMENT_LIST, f"{S.WORKER_HEARTBEAT}.>", *_EVENTS]
+        pub += _js_read() + _js_write(S.BUCKET_DEPLOYMENTS, S.BUCKET_AUTOSCALER)
+        sub = [
+            S.DEPLOY_REQUEST,
+            S.UNDEPLOY_REQUEST,
+            S.DEPLOYMENT_LIST,
+            f"{S.WORKER_HEARTBEAT}.>",
+            S.SCHEDULER_LOAD,  # the autoscaler's observations
+            *_EVENTS,
+        ]
     elif role == "fingerprint":
         pub = [f"{P}.agent.*.profile", S.MODEL_REGISTERED, S.PROFILE_DONE, S.DEPLOYMENT_LIST]
         pub += _js_read() + _js_write(S.BUCKET_MODELS, S.BUCKET_PROFILES)
         sub = [S.MODEL_REGISTER, S.MODEL_GET, S.MODEL_LIST, S.MODEL_UNREGISTER, S.PROFILE_GET, *_EVENTS]
     elif role == "scheduler":
         # streams go to whoever asked (a client, the gateway): any inbox, never a system subject
-        pub = [S.worker_generate("*"), S.worker_cancel("*"), "_INBOX.>", S.DEPLOYMENT_LIST] + _js_read()
+        pub = [S.worker_generate("*"), S.worker_cancel("*"), "_INBOX.>", S.DEPLOYMENT_LIST, S.SCHEDULER_LOAD]
+        pub += _js_read()
         sub = [S.INFER, S.INFER_CANCEL, S.SCHEDULER_STATS, f"{S.WORKER_HEARTBEAT}.>", *_EVENTS]
     else:  # "client" (CLI, loadgen, SDK) and "gateway": register, deploy, infer and read
         pub, sub = list(_CLIENT_PUB), list(_EVENTS)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -36,6 +37,7 @@ from .settings import add_env_twins
 from .tables import (
     ESTIMATE_COLUMNS,
     GIB,
+    autoscale_table,
     deployments_table,
     estimates_table,
     excluded_table,
@@ -294,9 +296,10 @@ async def _status(a: argparse.Namespace) -> int:
             err_console.print(f"models: {e}")
         console.print(models_table(models))
         try:
-            deps = (await c.deployments()).deployments
+            listing = await c.deployments()
+            deps, scaling = listing.deployments, listing.autoscaling
         except errors.IServeError as e:
-            deps = []
+            deps, scaling = [], []
             err_console.print(f"deployments: {e}")
         try:
             queues = {q.deployment_id: q for q in (await c.scheduler_stats()).queues}
@@ -304,6 +307,8 @@ async def _status(a: argparse.Namespace) -> int:
             queues = {}
         console.print(deployments_table(deps))
         console.print(queues_table(deps, queues))
+        if scaling:
+            console.print(autoscale_table(scaling, time.time()))
     return 0
 
 

@@ -771,6 +771,9 @@ class DeploymentRecord(msgspec.Struct, kw_only=True):
     restarts: NonNegInt = 0
     cause: str = ""
     given_up: bool = False
+    # Appended: autoscaling. A draining replica takes no new request; it is undeployed once the
+    # scheduler reports it holds none.
+    draining: bool = False
 
 
 class DeployReply(Message):
@@ -806,6 +809,8 @@ class ListDeployments(Message):
 
 class DeploymentList(Message):
     deployments: list[DeploymentRecord] = []
+    # Appended: the autoscaler's state of each model it watches (empty when it is off).
+    autoscaling: list[AutoscaleState] = []
 
 
 class DeploymentChanged(Message):
@@ -918,6 +923,51 @@ class SchedulerStats(Message):
 
 
 StreamMessage = TokenChunk | Completion | ErrorReply
+
+# ---------------------------------------------------------------------------------------------------
+# autoscaling (docs/deployment.md, "Autoscaling")
+
+ScaleAction = Literal["", "add", "remove", "hold"]  # "": none yet
+SCALE_ACTIONS: tuple[ScaleAction, ...] = values(ScaleAction)
+
+
+class ReplicaLoad(msgspec.Struct, kw_only=True):
+    """One replica as a scheduler sees it now, and what completed on it since its previous report."""
+
+    deployment_id: str
+    model: str
+    queue_depth: NonNegInt = 0  # waiting
+    in_flight: NonNegInt = 0  # running
+    slots: PositiveInt = 1  # requests it runs at once (max_batch)
+    draining: bool = False  # takes no new request
+    oldest_wait_ms: NonNegFloat = 0.0  # how long the oldest waiting request has waited
+    arrived: NonNegInt = 0  # requests that joined it since the previous report
+    completed: NonNegInt = 0  # ... and ended on it
+    e2e_ms_p95: NonNegFloat = 0.0  # p95 end-to-end latency of those that completed (0: none)
+
+
+class SchedulerLoad(Message):
+    """Published by each scheduler every ``--publish-load-s`` (subject scheduler.load)."""
+
+    scheduler_id: str
+    window_s: NonNegFloat
+    replicas: list[ReplicaLoad] = []
+    ts: float = 0.0
+
+
+class AutoscaleState(msgspec.Struct, kw_only=True):
+    """The autoscaler's durable state for one model (bucket iserve_autoscaler, key: the model)."""
+
+    model: str
+    added: list[str] = []  # deployment ids of the replicas it added (only these are removed)
+    draining: list[str] = []  # of those, the ones being drained before they are undeployed
+    breach_windows: NonNegInt = 0  # consecutive evaluations over the latency target
+    idle_windows: NonNegInt = 0  # consecutive evaluations of low load
+    last_action: ScaleAction = ""
+    last_action_at: float = 0.0  # wall time
+    last_reason: str = ""
+    replicas: NonNegInt = 0  # serving replicas at the latest evaluation
+
 
 # ---------------------------------------------------------------------------------------------------
 # encoding

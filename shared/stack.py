@@ -44,6 +44,7 @@ class StackOptions:
     agent_id: str = "agent-0"
     placement: str = "hybrid"
     theta: float = 0.5
+    autoscale: bool = False  # the deployer's --autoscale (its other settings: ISERVE_AUTOSCALE_* in the environment)
     log_to_files: bool = False
     log_level: str = "info"
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -119,7 +120,9 @@ class Stack:
             ),
             Child(
                 "deployer",
-                py + ["iserve.deployer", "--placement", self.opts.placement, "--theta", str(self.opts.theta)],
+                py
+                + ["iserve.deployer", "--placement", self.opts.placement, "--theta", str(self.opts.theta)]
+                + (["--autoscale"] if self.opts.autoscale else []),
             ),
             Child("scheduler", py + ["iserve.scheduler"]),
             Child(

@@ -80,11 +80,13 @@ def worker_cancel(worker_id: str) -> str:
 INFER = f"{PREFIX}.infer"  # stream: InferRequest -> TokenChunk* then Completion | ErrorReply
 INFER_CANCEL = f"{PREFIX}.infer.cancel"  # event: CancelRequest
 SCHEDULER_STATS = f"{PREFIX}.scheduler.stats"  # request-reply: GetSchedulerStats -> SchedulerStats
+SCHEDULER_LOAD = f"{PREFIX}.scheduler.load"  # event, every --publish-load-s: SchedulerLoad
 
 # --- JetStream key-value buckets (durable state) -------------------------------------------------
 BUCKET_MODELS = "iserve_models"  # key: model name -> ModelRecord
 BUCKET_PROFILES = "iserve_profiles"  # key: "<model>.<gpu type>" -> ConfigurationMap
 BUCKET_DEPLOYMENTS = "iserve_deployments"  # key: deployment id -> DeploymentRecord
+BUCKET_AUTOSCALER = "iserve_autoscaler"  # key: model name -> AutoscaleState
 
 
 def kv_updates(bucket: str) -> str:

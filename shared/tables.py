@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .messages import (
+    AutoscaleState,
     ConfigEstimate,
     DeploymentRecord,
     ExcludedConfig,
@@ -143,6 +144,22 @@ def queues_table(deps: Sequence[DeploymentRecord], queues: Mapping[str, QueueSta
             add_number_column(t, col)
     for d in deps:
         t.add_row(*queue_row(d, queues.get(d.deployment_id)))
+    return t
+
+
+AUTOSCALE_COLUMNS = ["model", "replicas", "added", "last action", "why"]
+
+
+def autoscale_table(states: Sequence[AutoscaleState], at: float) -> Table:
+    """Per model the autoscaler watches: serving replicas, those it added (draining ones marked), and
+    its last action, how long ago (``at``: now, wall time), and why."""
+    t = table("Autoscaling")
+    for col in AUTOSCALE_COLUMNS:
+        add_number_column(t, col) if col == "replicas" else add_text_column(t, col)
+    for s in states:
+        added = " ".join(f"{i} (draining)" if i in s.draining else i for i in s.added) or "-"
+        last = f"{s.last_action} {at - s.last_action_at:.0f} s ago" if s.last_action else "-"
+        t.add_row(s.model, str(s.replicas), escape(added), last, escape(s.last_reason or "-"))
     return t
 
 

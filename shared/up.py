@@ -64,6 +64,14 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         default=0.5,
         help="hybrid placement: GPUs with load below theta are packable",
     )
+    flag(
+        s,
+        "--autoscale",
+        default=False,
+        type=bool,
+        help="the deployer adds replicas when latency breaks the intent and removes them at low load "
+        "(its --autoscale-* settings read ISERVE_AUTOSCALE_*)",
+    )
     s.add_argument("--log-level", default="info")
     s.add_argument("--http-host", default="127.0.0.1", help="the HTTP API's address")
     s.add_argument("--http-port", type=int, default=8000, help="the HTTP API's port")
@@ -88,6 +96,7 @@ def run(a: argparse.Namespace) -> int:
         gpu_type=a.gpu_type,
         placement=a.placement,
         theta=a.theta,
+        autoscale=a.autoscale,
         log_level=a.log_level,
         nats_auth=a.nats_auth,
         nats_tls_cert=a.nats_tls_cert,

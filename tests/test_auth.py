@@ -79,6 +79,7 @@ async def test_each_role_is_kept_to_its_subjects(secured):
     srv, d = secured
     client, deployer, agent, scheduler = [await _as(srv, d, r) for r in ("client", "deployer", "agent", "scheduler")]
     try:
+        assert await _delivered(scheduler, deployer, S.SCHEDULER_LOAD)  # the autoscaler's observations
         launch = S.agent_launch("a0")
         assert await _delivered(deployer, agent, launch)  # the deployer may launch workers
         assert not await _delivered(client, agent, launch)  # a client may not
@@ -86,6 +87,7 @@ async def test_each_role_is_kept_to_its_subjects(secured):
         assert await _delivered(agent, deployer, S.WORKER_EXITED)
         assert not await _delivered(client, deployer, S.WORKER_EXITED)  # no forged exits
         assert not await _delivered(client, deployer, S.gpu_load("a0", 0))
+        assert not await _delivered(client, deployer, S.SCHEDULER_LOAD)  # no forged load
         assert await _delivered(client, scheduler, S.INFER)
         # the scheduler streams to any inbox, never onto a system subject
         assert await _delivered(scheduler, client, "_INBOX.client.abc")
@@ -116,6 +118,10 @@ async def test_only_a_bucket_s_owner_writes_it(secured):
         with pytest.raises(Exception):
             await asyncio.wait_for(read.put("d1", b"forged"), 2)
         assert (await kv.get("d1")).value == b"v"
+        scaler = await bus.bucket(deployer, S.BUCKET_AUTOSCALER)  # the autoscaler's state: the deployer's
+        await scaler.put("m", b"s")
+        with pytest.raises(Exception):
+            await asyncio.wait_for((await bus.bucket(scheduler, S.BUCKET_AUTOSCALER)).put("m", b"forged"), 2)
         with pytest.raises(Exception):  # a client has no JetStream access at all
             await asyncio.wait_for(bus.bucket(client, S.BUCKET_DEPLOYMENTS), 2)
     finally:

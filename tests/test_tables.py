@@ -11,8 +11,9 @@ from test_control_batching import record
 
 from iserve.fingerprint.comparison import Comparison, Point, validate_table
 from iserve.loadgen.synthetic import synthetic_arch, synthetic_map
-from iserve.messages import ExcludedConfig, GpuAssignment, GpuLoad, ModelRecord, QueueStats
+from iserve.messages import AutoscaleState, ExcludedConfig, GpuAssignment, GpuLoad, ModelRecord, QueueStats
 from iserve.tables import (
+    autoscale_table,
     deployments_table,
     estimates_table,
     excluded_table,
@@ -121,6 +122,20 @@ def tables():
         "deployments": deployments_table(deps),
         "queues": queues_table(deps, queues(deps)),
         "validate": validate_table(comparisons()),
+        "autoscale": autoscale_table(
+            [
+                AutoscaleState(
+                    model=LONG,
+                    added=[f"{LONG}-as-0a1b2c", f"{LONG}-as-3d4e5f"],
+                    draining=[f"{LONG}-as-3d4e5f"],
+                    last_action="remove",
+                    last_action_at=1000.0,
+                    last_reason="low load for 6 evaluations, one fewer replica carries it " * 3,
+                    replicas=12,
+                )
+            ],
+            1234.0,
+        ),
     }
 
 

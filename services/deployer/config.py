@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from iserve.messages import PlacementPolicy
 from iserve.settings import ServiceConfig, add_flags, from_args, option
 
+from .autoscaler import Policy
+
 DEFAULT_MAX_BATCH = 8  # requests a replica runs at once unless a deploy asks otherwise
 
 
@@ -30,6 +32,20 @@ class DeployerConfig(ServiceConfig):
         DEFAULT_MAX_BATCH,
         help="requests a replica runs at once (continuous batching) when a deploy asks for 0; 1: one at a time",
     )
+    # autoscaling (autoscaler.py, autoscale_loop.py)
+    autoscale: bool = option(False, help="add replicas when latency breaks the intent, remove them at low load")
+    autoscale_interval_s: float = option(5.0, help="seconds between autoscaling evaluations")
+    autoscale_min_replicas: int = option(1, help="replicas of a model the autoscaler keeps at least")
+    autoscale_max_replicas: int = option(4, help="replicas of a model the autoscaler runs at most")
+    autoscale_up_windows: int = option(2, help="evaluations in a row over the latency target before adding")
+    autoscale_down_windows: int = option(6, help="evaluations in a row of low load before removing")
+    autoscale_dwell_s: float = option(60.0, help="no scaling action this soon after the previous one of a model")
+    autoscale_latency_factor: float = option(
+        2.0, help="latency target of an intent without an SLO: this times the estimate of one request alone"
+    )
+    autoscale_low_load: float = option(
+        0.3, help="remove a replica when the others would run below this share of their capacity"
+    )
 
 
 def parse(argv: list[str] | None = None) -> DeployerConfig:
@@ -42,4 +58,22 @@ def parse(argv: list[str] | None = None) -> DeployerConfig:
         p.error("--theta must be between 0 and 1")
     if a.default_max_batch < 1:
         p.error("--default-max-batch must be at least 1")
+    try:
+        autoscale_policy(from_args(DeployerConfig, a))
+    except ValueError as e:
+        p.error(f"autoscaling settings: {e}")
+    if a.autoscale_interval_s <= 0:
+        p.error("--autoscale-interval-s must be positive")
     return from_args(DeployerConfig, a)
+
+
+def autoscale_policy(cfg: DeployerConfig) -> Policy:
+    return Policy(
+        min_replicas=cfg.autoscale_min_replicas,
+        max_replicas=cfg.autoscale_max_replicas,
+        up_windows=cfg.autoscale_up_windows,
+        down_windows=cfg.autoscale_down_windows,
+        min_dwell_s=cfg.autoscale_dwell_s,
+        latency_factor=cfg.autoscale_latency_factor,
+        low_load=cfg.autoscale_low_load,
+    )

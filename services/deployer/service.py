@@ -52,6 +52,7 @@ from iserve.messages import (
 from iserve.service import Service
 
 from . import planner, reconcile
+from .autoscale_loop import AutoscaleLoop
 from .config import DeployerConfig
 from .memory import kv_pool_tokens
 from .placement import GpuState
@@ -108,6 +109,7 @@ class DeployerService(Service):
         self._launched: dict[str, float] = {}  # worker id -> when this deployer launched it
         self._observing_since = time.time()
         self._reconnects = 0
+        self.autoscaler = AutoscaleLoop(self, cfg) if cfg.autoscale else None  # autoscale_loop.py
 
     async def setup(self) -> None:
         self.models = await bus.TypedKV.open(
@@ -119,6 +121,8 @@ class DeployerService(Service):
         self.deployments = await bus.TypedKV.open(
             self.nc, subjects.BUCKET_DEPLOYMENTS, DeploymentRecord, replicas=self.cfg.kv_replicas
         )
+        if self.autoscaler is not None:
+            await self.autoscaler.setup()
 
     async def subscribe(self) -> None:
         await self.serve(subjects.DEPLOY_REQUEST, DeployRequest, self.handle_deploy, queue="deployer")
@@ -128,11 +132,15 @@ class DeployerService(Service):
         await self.listen(subjects.WORKER_READY, self._on_worker_ready)
         await self.listen(subjects.WORKER_EXITED, self._on_worker_exited)
         await self.listen(subjects.WORKER_HEARTBEAT + ".>", self._on_heartbeat)
+        if self.autoscaler is not None:
+            await self.listen(subjects.SCHEDULER_LOAD, self.autoscaler.on_load)
 
     async def started(self) -> None:
         self._observing_since = time.time()
         await self.reconcile_now()
         self.spawn(self._reconcile_loop())
+        if self.autoscaler is not None:
+            self.spawn(self.autoscaler.run())
         log.info(
             "deployer started",
             deployments=len(await self.deployments.values()),
@@ -572,4 +580,5 @@ class DeployerService(Service):
     async def handle_list(self, req: ListDeployments, _msg: Msg) -> DeploymentList:
         deps = [d for d in await self.deployments.values() if not req.model or d.model == req.model]
         deps.sort(key=lambda d: d.created_at)
-        return DeploymentList(deployments=deps)
+        scaling = self.autoscaler.listing() if self.autoscaler is not None else []
+        return DeploymentList(deployments=deps, autoscaling=scaling)

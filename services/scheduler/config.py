@@ -25,6 +25,9 @@ class SchedulerConfig(ServiceConfig):
     worker_silent_s: float = option(
         5.0, help="a running request whose worker sends no heartbeat this long fails with worker_died"
     )
+    publish_load_s: float = option(
+        1.0, help="publish each replica's queue and recent latency (scheduler.load: autoscaling) this often (0: never)"
+    )
 
 
 def parse(argv: list[str] | None = None) -> SchedulerConfig:

@@ -7,6 +7,7 @@ caller passes times in. The scheduler service and the trace simulator both use t
   batches them), started in arrival order as slots free up. ``slots=1`` is the paper's one request at
   a time.
 * A request still queued past its deadline is dropped with a timeout; a cancelled one is removed.
+* A draining replica takes no new request; what it holds runs to the end (then it can be removed).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Replica(Generic[P]):
     queue: deque[Queued[P]] = field(default_factory=deque)
     running: dict[str, Queued[P]] = field(default_factory=dict)  # request id -> item, in start order
     slots: int = 1  # requests that may run at once
+    draining: bool = False  # takes no new request
 
     @property
     def outstanding(self) -> int:
@@ -50,13 +52,15 @@ class FcfsQueues(Generic[P]):
         self._where: dict[str, str] = {}  # request id -> deployment id
 
     # replicas come and go as deployments become ready or stop
-    def add_replica(self, deployment_id: str, model: str, slots: int = 1) -> None:
+    def add_replica(self, deployment_id: str, model: str, slots: int = 1, *, draining: bool = False) -> None:
         """Add a replica running up to ``slots`` requests at once (a known one takes the new ``slots``;
-        a smaller value lets its running requests finish and starts no more until they have)."""
+        a smaller value lets its running requests finish and starts no more until they have). A
+        ``draining`` one takes no new request and keeps running what it holds."""
         if slots < 1:
             raise ValueError(f"a replica needs at least one slot, not {slots}")
         r = self.replicas.setdefault(deployment_id, Replica(deployment_id, model))
         r.slots = slots
+        r.draining = draining
 
     def remove_replica(self, deployment_id: str) -> list[Queued[P]]:
         """Forget a replica; returns the requests it still held, queued ones first (oldest first),
@@ -75,8 +79,8 @@ class FcfsQueues(Generic[P]):
     def choose(self, model: str, deployment_id: str = "") -> Replica[P] | None:
         if deployment_id:
             r = self.replicas.get(deployment_id)
-            return r if r is not None and r.model == model else None
-        cands = self.replicas_of(model)
+            return r if r is not None and r.model == model and not r.draining else None
+        cands = [r for r in self.replicas_of(model) if not r.draining]
         if not cands:
             return None
         return min(cands, key=lambda r: (r.outstanding, r.deployment_id))

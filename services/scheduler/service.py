@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import msgspec
@@ -39,6 +40,7 @@ from iserve.messages import (
     ListDeployments,
     ModelRecord,
     QueueStats,
+    SchedulerLoad,
     SchedulerStats,
     StreamMessage,
     WorkerHeartbeat,
@@ -49,6 +51,7 @@ from iserve.service import Service
 from iserve.stats import percentile
 
 from .config import SchedulerConfig
+from .load_report import Window, replica_loads
 from .queues import FcfsQueues, Queued
 
 log = structlog.get_logger()
@@ -94,6 +97,8 @@ class SchedulerService(Service):
         self.beat_at: dict[str, float] = {}  # worker id -> monotonic time of its latest heartbeat
         self.models_kv: bus.TypedKV[ModelRecord] | None = None
         self._missing: dict[str, int] = {}  # deployment id -> listings in a row that lacked it
+        self.windows: dict[str, Window] = {}  # deployment id -> since the previous scheduler.load report
+        self.scheduler_id = f"s-{uuid.uuid4().hex[:8]}"
 
     async def setup(self) -> None:
         self.models_kv = await bus.TypedKV.open(
@@ -113,6 +118,8 @@ class SchedulerService(Service):
         self.spawn(self._expire_loop())
         if self.cfg.keepalive_s > 0:
             self.spawn(self._keepalive_loop())
+        if self.cfg.publish_load_s > 0:
+            self.spawn(self._publish_load_loop())
         log.info("scheduler started", deployments=len(self.deployments))
 
     # ------------------------------------------------------------------ deployments
@@ -123,7 +130,7 @@ class SchedulerService(Service):
             if old is not None and old.worker_id != d.worker_id:
                 self.heartbeats.pop(old.worker_id, None)
             self.deployments[d.deployment_id] = d
-            self.queues.add_replica(d.deployment_id, d.model, d.max_batch)
+            self.queues.add_replica(d.deployment_id, d.model, d.max_batch, draining=d.draining)
             self.stats.setdefault(d.deployment_id, ReplicaStats())
             ev = self.wakeups.setdefault(d.deployment_id, asyncio.Event())
             if d.deployment_id not in self.runners:
@@ -146,6 +153,7 @@ class SchedulerService(Service):
         for relay in self.relays.pop(deployment_id, set()):
             relay.cancel()
         self.wakeups.pop(deployment_id, None)
+        self.windows.pop(deployment_id, None)
         r = self.queues.replicas.get(deployment_id)
         running = set(r.running) if r is not None else set()
         for q in self.queues.remove_replica(deployment_id):
@@ -181,7 +189,8 @@ class SchedulerService(Service):
         for d in lst.deployments:
             seen.add(d.deployment_id)
             self._missing.pop(d.deployment_id, None)
-            if d.status == "ready" and d.deployment_id not in self.deployments:
+            known = self.deployments.get(d.deployment_id)
+            if d.status == "ready" and (known is None or known.draining != d.draining):
                 self._apply(d)
             elif d.status != "ready" and d.deployment_id in self.deployments:
                 self._apply(d)
@@ -241,6 +250,7 @@ class SchedulerService(Service):
         if replica is None:
             await self._explain_no_replica(req)
         assert replica is not None  # _explain_no_replica raised otherwise
+        self.windows.setdefault(replica.deployment_id, Window()).arrived += 1
         self.wakeups[replica.deployment_id].set()
         return Accepted(
             request_id=req.request_id,
@@ -327,6 +337,29 @@ class SchedulerService(Service):
                     await self.nc.publish(inbox, b"")
                 except Exception:
                     pass
+
+    async def _publish_load_loop(self) -> None:
+        """Each replica's queue now and what arrived and completed since the previous report
+        (``scheduler.load``, read by the deployer's autoscaler)."""
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.cfg.publish_load_s)
+            t = time.monotonic()
+            windows, self.windows = self.windows, {}
+            if not self.queues.replicas:
+                last = t
+                continue
+            report = SchedulerLoad(
+                scheduler_id=self.scheduler_id,
+                window_s=t - last,
+                replicas=replica_loads(self.queues, windows, t),
+                ts=time.time(),
+            )
+            last = t
+            try:
+                await self.nc.publish(subjects.SCHEDULER_LOAD, encode(report))
+            except Exception as e:
+                log.debug("scheduler.load not published", error=str(e))
 
     async def _expire_loop(self) -> None:
         while True:
@@ -519,6 +552,7 @@ class SchedulerService(Service):
             if isinstance(kind, Completion):
                 e2e = (time.monotonic() - item.arrived) * 1000.0
                 stats.record(kind, e2e)
+                self.windows.setdefault(deployment_id, Window()).complete(e2e)
                 log.info(
                     "request completed",
                     model=req.model,
