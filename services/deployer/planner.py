@@ -14,15 +14,19 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, TypeVar
 
 from iserve.errors import BadRequest, Infeasible, InternalError, Unavailable
+from iserve.fingerprint.estimator.batching import step_models
 from iserve.messages import ConfigEstimate, ConfigurationMap, GpuAssignment, Intent, Rejection
 
+from .capacity import Point
 from .feasibility import ClusterView
+from .loadplan import LoadSpec, Sized, load_of, load_order, place_replicas, replica_bound
 from .memory import KvBytes, kv_pool_tokens, with_kv_pool
 from .placement import GpuState, Placement, check_policy
-from .ranking import COST_UNITS, Ranked, filter_reason, gpu_hours, order_key, rank_with_metrics
+from .ranking import COST_UNITS, Ranked, _cost, filter_reason, gpu_hours, order_key, rank_with_metrics
 from .units import gib, num, num_up
 
 T = TypeVar("T")
+PLACE_TRIES = 8  # configurations whose replicas are placed at a load before the best partial one is taken
 
 
 @dataclass
@@ -46,6 +50,11 @@ class Decision:
     fitting: int = 0  # how many configurations that meet the intent fit the free GPUs
     agent_id: str = ""
     placement: str = ""  # how the placement policy chose the GPUs, one clause
+    # at an expected load (:mod:`.loadplan`): every replica's GPUs (the first is ``assignments``), why
+    # that many, and what one replica is predicted to see at its share of the load
+    replicas: list[list[GpuAssignment]] = field(default_factory=list)
+    replica_why: str = ""
+    point: Point | None = None
 
 
 def score(decision: Decision, intent: Intent) -> tuple:
@@ -78,11 +87,13 @@ def plan(
     *,
     policy: str = "hybrid",
     theta: float = 0.5,
+    load: LoadSpec | None = None,
 ) -> Decision:
     """The deployment controller's decision (paper section 6): rank the configurations by the intent
     (step I), take the first one in rank order that fits the free GPUs (step II), and place it with
     the policy (step III). Every better-ranked configuration that did not fit becomes a rejection with
-    its reason.
+    its reason. With a ``load``, the configurations that fit are sized and ordered at that load and
+    the decision has replicas (:func:`_plan_at_load`).
 
     Raises :class:`BadRequest` for an unusable intent or policy, and :class:`Infeasible`, with the
     closest miss and what to free or relax, when nothing fits.
@@ -93,15 +104,20 @@ def plan(
     chosen: Ranked | None = None
     misses: list[Ranked] = []
     fitting = 0
+    fits: list[Ranked] = []  # with a load: every one that fits, in rank order
     for r in kept:
         if view.fits(r.est):
             fitting += 1
+            if load is not None:
+                fits.append(r)
             if chosen is None:
                 chosen = r
         elif chosen is None:
             misses.append(r)
     if chosen is None:
         raise Infeasible(_infeasible_message(estimates, kept, filtered, intent, view))
+    if load is not None:
+        return _plan_at_load(fits, filtered, misses, fitting, intent, gpus, view, load, policy, theta)
     placed = view.place(chosen.est, policy, theta)
     if placed is None:
         raise InternalError(f"{chosen.key} fits the free GPUs but could not be placed")
@@ -117,6 +133,68 @@ def plan(
         fitting=fitting,
         agent_id=placed.agent_id,
         placement=placed.note,
+    )
+
+
+def _plan_at_load(
+    fits: list[Ranked],
+    filtered: list[Ranked],
+    misses: list[Ranked],
+    fitting: int,
+    intent: Intent,
+    gpus: Sequence[GpuState],
+    view: ClusterView,
+    load: LoadSpec,
+    policy: str,
+    theta: float,
+) -> Decision:
+    """:func:`plan` at an expected load: the first configuration, in the load's order, whose replicas
+    all fit; when none does (or none of the first :data:`PLACE_TRIES` whose replicas may fit), the first
+    in that order with as many replicas as fit. ``rejected`` holds
+    the configurations before the first that fits (unloaded order) and those whose replicas did not
+    all fit."""
+    rejected = [Rejection(config=m.key, reason=view.miss_reason(m.est)) for m in misses]
+    best: tuple[Sized, list[Placement]] | None = None
+    tries, free = 0, sum(g.free_bytes for g in gpus)
+    for s in load_order(fits, intent, load, free):
+        n, bound = s.count.replicas, replica_bound(free, s)
+        if best is not None and (n > bound or tries >= PLACE_TRIES):
+            held = f"the free GPUs hold at most {bound}" if n > bound else f"not tried after {PLACE_TRIES} others"
+            reason = f"needs {n} replicas at this load; {held}"
+        else:
+            tries += 1
+            placed = place_replicas(view, gpus, s, policy=policy, theta=theta)
+            if best is None or len(placed) == n:
+                best = (s, placed)
+            if len(placed) == n:
+                break
+            reason = f"needs {n} replicas at this load; only {len(placed)} fit the free GPUs"
+        rejected.append(Rejection(config=s.ranked.key, reason=reason))
+    if best is None:
+        raise InternalError("a configuration fits the free GPUs but none was sized")
+    s, placed = best
+    first, k = placed[0], len(placed)
+    why = _why(s.ranked, intent, fitting, len(misses), len(filtered), first)
+    replica_why, point, lat, cost = s.why(intent, load), s.count.point, s.latency_ms, s.cost
+    if k < s.count.replicas:  # the best partial one: predicted with the replicas that fit
+        point = s.replica.at(load.load.rate / k, load.load.cv2, load.percentile)
+        lat, cost = point.mean_ms, k * _cost(s.ranked.est, point.mean_ms, intent.cost_model)
+        replica_why += f"; only {k} fit the free GPUs, each at {100 * point.utilization:.0f}%"
+        rejected = [r for r in rejected if r.config != s.ranked.key]
+    return Decision(
+        estimate=s.ranked.est,
+        assignments=first.assignments,
+        rejected=rejected,
+        why=f"{why}; {replica_why}",
+        latency_ms=lat,
+        cost=cost,
+        filtered=[Rejection(config=r.key, reason=filter_reason(r, intent)) for r in filtered],
+        fitting=fitting,
+        agent_id=first.agent_id,
+        placement=first.note,
+        replicas=[p.assignments for p in placed],
+        replica_why=replica_why,
+        point=point,
     )
 
 
@@ -193,8 +271,13 @@ def plan_gpu_types(
             if kv_bytes is None:
                 raise InternalError(f"a KV pool of {pool} tokens needs kv_bytes to price it")
             estimates = [with_kv_pool(e, pool, cmap.context_tokens, kv_bytes) for e in estimates]
+        load = load_of(intent)
+        spec = None
+        if load is not None:
+            steps = step_models(cmap.estimates, cmap.context_tokens)
+            spec = LoadSpec(load, steps, max_batch, pool, intent.slo_percentile)
         try:
-            d = plan(estimates, intent, typed, policy=policy, theta=theta)
+            d = plan(estimates, intent, typed, policy=policy, theta=theta, load=spec)
         except Infeasible as e:
             misses.append(
                 f"{gpu_type}: {e.message}{_pool_note(cmap, intent, typed, policy, theta, pool, max_batch, kv_tokens)}"
