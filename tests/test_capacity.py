@@ -219,3 +219,40 @@ def test_an_unusable_load_is_refused_with_what_to_fix():
         validate_intent(Intent(rate=float("inf")))
     with pytest.raises(BadRequest, match="95 for p95"):
         validate_intent(Intent(slo_percentile=100.0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the CLI
+
+
+def test_deploy_flags_carry_the_load_with_environment_twins(monkeypatch):
+    from iserve.cli import build_parser, intent_from_args
+
+    monkeypatch.setenv("ISERVE_SLO_PERCENTILE", "99")
+    a = build_parser().parse_args(["deploy", "m", "--intent", "latency-slo", "--slo-ms", "900", "--rate", "7"])
+    i = intent_from_args(a)
+    assert (i.rate, i.slo_percentile, i.output_cv2, i.prompt_tokens) == (7.0, 99.0, 1.0, 512)
+    monkeypatch.setenv("ISERVE_RATE", "3.5")
+    assert intent_from_args(build_parser().parse_args(["deploy", "m"])).rate == 3.5
+
+
+def test_a_trace_gives_the_load_its_rate_lengths_and_spread(tmp_path, monkeypatch):
+    from iserve.cli import build_parser, intent_from_args
+    from iserve.loadgen.traces import TraceRequest, expected_load
+
+    trace = [TraceRequest(arrival_s=t, context_tokens=c, generated_tokens=g, index=k) for k, (t, c, g) in
+             enumerate([(0.0, 100, 10), (1.0, 300, 30), (2.0, 5000, 20)])]  # fmt: skip
+    load = expected_load(trace, max_context=1024)
+    assert load.rate == pytest.approx(1.5) and load.prompt_tokens == round((100 + 300 + 1024) / 3)
+    assert load.output_tokens == 20 and load.output_cv2 == pytest.approx(statistics.pvariance([10, 30, 20]) / 400)
+    with pytest.raises(ValueError, match="at least 2"):
+        expected_load(trace[:1])
+    csv = tmp_path / "t.csv"
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,100,10\n"
+                   "2023-11-16 18:15:48.6805900,300,30\n")  # fmt: skip
+    i = intent_from_args(build_parser().parse_args(["deploy", "m", "--trace", str(csv)]))
+    assert (i.rate, i.prompt_tokens, i.output_tokens) == (pytest.approx(1.0), 200, 20)
+    i = intent_from_args(build_parser().parse_args(["deploy", "m", "--trace", str(csv), "--rate", "9"]))
+    assert i.rate == 9.0
+    with pytest.raises(SystemExit, match="--trace"):
+        intent_from_args(build_parser().parse_args(["deploy", "m", "--trace", str(tmp_path / "missing.csv")]))

@@ -89,10 +89,12 @@ def test_the_decoder_refuses_bad_values_with_their_path(payload, kind, error):
 
 
 def test_the_wire_strings_are_unchanged():
-    assert encode(Intent()) == (
+    # the original fields keep their names and order; fields appended later follow them
+    assert encode(Intent()).startswith(
         b'{"kind":"min-cost","cost_model":"mem-x-latency","slo_ms":null,"budget":null,'
-        b'"prompt_tokens":512,"output_tokens":128}'
+        b'"prompt_tokens":512,"output_tokens":128,'
     )
+    assert b'"rate":0.0,"slo_percentile":95.0,"output_cv2":1.0' in encode(Intent())
     req = decode(
         b'{"model":"m","placement":"least-loaded","intent":{"kind":"latency-slo","slo_ms":200}}', DeployRequest
     )

@@ -76,13 +76,19 @@ class Replica:
     """One replica's latency curve for a request size: ``latency_ms(n)`` in a batch of ``n`` and the
     curve's points via :meth:`at`. Build once per (configuration, size); :meth:`at` is ``O(batch)``."""
 
-    __slots__ = ("model", "batch", "prompt_tokens", "output_tokens", "solo_ms", "throughput", "_service", "_step")
+    __slots__ = (
+        "model", "batch", "prompt_tokens", "output_tokens", "solo_ms", "throughput",
+        "_first", "_chunk", "_base", "_service", "_step",
+    )  # fmt: skip
 
     def __init__(self, model: StepModel, batch: int, prompt_tokens: int, output_tokens: int):
         if batch < 1 or prompt_tokens < 1 or output_tokens < 1:
             raise ValueError("batch, prompt_tokens and output_tokens must be >= 1")
         self.model, self.batch, self.prompt_tokens, self.output_tokens = model, batch, prompt_tokens, output_tokens
         self.solo_ms = max(model.est.latency_ms(prompt_tokens, output_tokens), 1e-9)
+        self._first = model.est.ttft_ms(prompt_tokens)
+        self._chunk = model.chunk_ms(0, prompt_tokens)
+        self._base = model.decode_ms(1, round(prompt_tokens + output_tokens / 2.0))
         self._service: list[float] = []  # T(1) .. T(batch), filled on first use
         self._step: list[float] = []
         self.throughput = 1000.0 * batch / self.service_ms(batch)  # requests/s at the full batch
@@ -91,15 +97,14 @@ class Replica:
         """``T(n)``: a request's latency in a batch of ``n`` (no queueing)."""
         if n == 1:
             return self.solo_ms
-        m, p, o = self.model, self.prompt_tokens, self.output_tokens
-        held = p + o / 2.0
-        step = m.decode_ms(n, round(n * held)) + (n - 1) / o * m.chunk_ms(0, p)
-        return self.solo_ms + max(0.0, (o - 1) * (step - m.decode_ms(1, round(held))))
+        o = self.output_tokens
+        step = self.model.decode_ms(n, round(n * (self.prompt_tokens + o / 2.0))) + (n - 1) / o * self._chunk
+        return self.solo_ms + max(0.0, (o - 1) * (step - self._base))
 
     def _curve(self) -> tuple[list[float], list[float]]:
         if not self._service:
             self._service = [self.service_ms(n) for n in range(1, self.batch + 1)]
-            first, o = self.model.est.ttft_ms(self.prompt_tokens), self.output_tokens
+            first, o = self._first, self.output_tokens
             # one more output token in a batch of n (for a request longer than the mean)
             self._step = [(t - first) / (o - 1) if o > 1 else t - first for t in self._service]
         return self._service, self._step

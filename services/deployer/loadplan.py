@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -24,7 +25,7 @@ from .capacity import Load, Replica, batch_limit
 from .feasibility import ClusterView
 from .placement import GpuState, Placement
 from .ranking import Ranked, _cost
-from .replicas import ReplicaCount, explain, replicas_needed
+from .replicas import UTILIZATION_CAP, ReplicaCount, explain, replicas_needed
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,18 @@ def load_of(intent: Intent) -> Load | None:
     return Load(intent.rate, intent.prompt_tokens, intent.output_tokens, intent.output_cv2)
 
 
-def size(r: Ranked, intent: Intent, spec: LoadSpec, free_bytes: int) -> Sized:
+def replica_of(r: Ranked, spec: LoadSpec) -> Replica:
+    """``r``'s replica at the load's request size."""
+    load = spec.load
+    batch = batch_limit(spec.max_batch, spec.kv_tokens, load.prompt_tokens, load.output_tokens)
+    return Replica(spec.steps(r.est.config), batch, load.prompt_tokens, load.output_tokens)
+
+
+def size(r: Ranked, intent: Intent, spec: LoadSpec, free_bytes: int, rep: Replica | None = None) -> Sized:
     """``r``'s replica count and metrics at the load, with at most as many replicas as ``free_bytes``
     (the free memory of every GPU of the type) could hold."""
     load = spec.load
-    batch = batch_limit(spec.max_batch, spec.kv_tokens, load.prompt_tokens, load.output_tokens)
-    rep = Replica(spec.steps(r.est.config), batch, load.prompt_tokens, load.output_tokens)
+    rep = rep or replica_of(r, spec)
     count = replicas_needed(
         rep,
         load,
@@ -93,32 +100,46 @@ def size(r: Ranked, intent: Intent, spec: LoadSpec, free_bytes: int) -> Sized:
     return Sized(r, rep, count, w, cost, key)
 
 
-def _bound(r: Ranked, intent: Intent) -> tuple:
-    """A lower bound of :func:`size`'s key from the unloaded metrics (one replica, no queueing)."""
+def _bound(r: Ranked, intent: Intent, n: int = 1) -> tuple:
+    """A lower bound of :func:`size`'s key from the unloaded metrics, for at least ``n`` replicas."""
     kind, lat = intent.kind, r.latency_ms
     if kind in ("min-latency", "cost-budget"):
-        return (False, lat, r.cost, r.key)
+        return (False, lat, n * r.cost, r.key)
     if kind == "min-memory":
-        return (False, r.est.total_bytes, lat, r.key)
+        return (False, n * r.est.total_bytes, lat, r.key)
     if kind == "min-gpu-hours":
-        return (False, r.est.config.gpus * lat, lat, r.key)
-    return (False, r.cost, lat, r.key)
+        return (False, n * r.est.config.gpus * lat, lat, r.key)
+    return (False, n * r.cost, lat, r.key)
 
 
 def load_order(fitting: Sequence[Ranked], intent: Intent, spec: LoadSpec, free_bytes: int) -> Iterator[Sized]:
     """``fitting`` (in the unloaded rank order) sized and yielded in the order of the load metrics.
-    Lazy: a configuration is sized only once no better one can come, since the unloaded metric bounds
-    the loaded one from below (a replica never gets faster under load, and ``n >= 1``)."""
+    Lazy, in two steps: the unloaded metric bounds the loaded one from below (a replica never gets
+    faster under load, and ``n >= 1``), the same with the fewest replicas that can hold the load
+    (one evaluation of the replica's throughput) more tightly; a configuration is sized fully only
+    once no better one can still come."""
     bounded = sorted(fitting, key=lambda r: _bound(r, intent))
-    heap: list[tuple[tuple, int, Sized]] = []
+    rate = spec.load.rate
+    heap: list[tuple[tuple, int, Ranked, Replica, Sized | None]] = []
     for i, r in enumerate(bounded):
         bound = _bound(r, intent)
         while heap and heap[0][0] <= bound:
-            yield heapq.heappop(heap)[2]
-        s = size(r, intent, spec, free_bytes)
-        heapq.heappush(heap, (s.key, i, s))
+            yield from _advance(heap, intent, spec, free_bytes)
+        rep = replica_of(r, spec)
+        n = max(1, math.ceil(rate / (UTILIZATION_CAP * rep.throughput) - 1e-9))  # replicas_needed's least
+        heapq.heappush(heap, (_bound(r, intent, n), i, r, rep, None))
     while heap:
-        yield heapq.heappop(heap)[2]
+        yield from _advance(heap, intent, spec, free_bytes)
+
+
+def _advance(heap: list, intent: Intent, spec: LoadSpec, free_bytes: int) -> Iterator[Sized]:
+    """Pop the best entry: yield it if sized, else size it and push it back under its exact key."""
+    key, i, r, rep, sized = heapq.heappop(heap)
+    if sized is not None:
+        yield sized
+        return
+    s = size(r, intent, spec, free_bytes, rep)
+    heapq.heappush(heap, (s.key, i, r, rep, s))
 
 
 def replica_bound(free_bytes: int, s: Sized) -> int:

@@ -60,7 +60,11 @@ class Decision:
 def score(decision: Decision, intent: Intent) -> tuple:
     """How well a decision meets the intent, comparable across decisions (smaller is better), with
     the same order as :func:`~.ranking.rank`; e.g. to pick between the plans for two GPU types."""
-    return order_key(intent.kind, decision.estimate, decision.latency_ms, decision.cost, decision.estimate.config.key())
+    key = order_key(intent.kind, decision.estimate, decision.latency_ms, decision.cost, decision.estimate.config.key())
+    n = len(decision.replicas)
+    if n > 1 and intent.kind in ("min-memory", "min-gpu-hours"):  # at a load: the whole set of replicas
+        return (n * key[0], *key[1:])
+    return key
 
 
 def place(est: ConfigEstimate, gpus: list[GpuState], *, policy: str, theta: float) -> list[GpuAssignment] | str:
