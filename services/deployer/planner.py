@@ -178,13 +178,13 @@ def _plan_at_load(
         raise InternalError("a configuration fits the free GPUs but none was sized")
     s, placed = best
     first, k = placed[0], len(placed)
-    why = _why(s.ranked, intent, fitting, len(misses), len(filtered), first)
     replica_why, point, lat, cost = s.why(intent, load), s.count.point, s.latency_ms, s.cost
     if k < s.count.replicas:  # the best partial one: predicted with the replicas that fit
         point = s.replica.at(load.load.rate / k, load.load.cv2, load.percentile)
         lat, cost = point.mean_ms, k * _cost(s.ranked.est, point.mean_ms, intent.cost_model)
         replica_why += f"; only {k} fit the free GPUs, each at {100 * point.utilization:.0f}%"
         rejected = [r for r in rejected if r.config != s.ranked.key]
+    why = _why_at_load(s, intent, fitting, len(rejected), first, k, lat, cost)
     return Decision(
         estimate=s.ranked.est,
         assignments=first.assignments,
@@ -368,6 +368,31 @@ def _why(r: Ranked, intent: Intent, fitting: int, missed: int, filtered: int, pl
     gpus = ",".join(str(a.gpu_index) for a in placed.assignments)
     parts.append(f"{placed.note}: {placed.agent_id} GPUs {gpus}, layers {stages}")
     return "; ".join(parts)
+
+
+def _why_at_load(
+    s: Sized, intent: Intent, fitting: int, missed: int, placed: Placement, n: int, lat: float, cost: float
+) -> str:
+    """The head of ``why`` at a load: what the configuration was first by, with ``n`` replicas of
+    predicted mean latency ``lat`` and fleet cost ``cost``."""
+    unit, e = COST_UNITS[intent.cost_model], s.ranked.est
+    metric = {
+        "min-latency": f"the lowest predicted mean latency ({lat:.0f} ms)",
+        "cost-budget": f"the lowest predicted mean latency ({lat:.0f} ms) within the budget",
+        "min-memory": f"the smallest footprint ({gib(n * e.total_bytes)} GiB)",
+        "min-gpu-hours": f"the fewest GPU-hours ({num(n * gpu_hours(e, lat))} GPU-h a request)",
+        "latency-slo": f"the lowest cost ({num(cost)} {unit} a request) that meets the SLO",
+    }.get(intent.kind, f"the lowest cost ({num(cost)} {unit} a request)")
+    copies = f"{n} replica{'s' if n != 1 else ''}"
+    head = (
+        f"{intent.kind} at the load: {s.ranked.key} x {copies} has {metric} among the {fitting} that fit the free GPUs"
+    )
+    if missed:
+        head += f"; {missed} better-ranked one{'s' if missed != 1 else ''} did not fit"
+    stages = "/".join(str(a.num_layers) for a in placed.assignments[:: s.ranked.est.config.tp])
+    gpus = ",".join(str(a.gpu_index) for a in placed.assignments)
+    which = " (the first replica)" if n > 1 else ""
+    return f"{head}; {placed.note}: {placed.agent_id} GPUs {gpus}, layers {stages}{which}"
 
 
 def _infeasible_message(
