@@ -65,11 +65,17 @@ def load_of(intent: Intent) -> Load | None:
     return Load(intent.rate, intent.prompt_tokens, intent.output_tokens, intent.output_cv2)
 
 
+def replica_for(step: StepModel, max_batch: int, kv_tokens: int, load: Load) -> Replica:
+    """The capacity model of a replica with this step model, batch and KV pool (tokens, 0: no limit)
+    at the load's request size; e.g. of a running deployment (its record's ``max_batch`` and
+    ``kv_tokens``, the step model from its profile: ``batching.step_models(map, context)(config)``)."""
+    batch = batch_limit(max_batch, kv_tokens, load.prompt_tokens, load.output_tokens)
+    return Replica(step, batch, load.prompt_tokens, load.output_tokens)
+
+
 def replica_of(r: Ranked, spec: LoadSpec) -> Replica:
     """``r``'s replica at the load's request size."""
-    load = spec.load
-    batch = batch_limit(spec.max_batch, spec.kv_tokens, load.prompt_tokens, load.output_tokens)
-    return Replica(spec.steps(r.est.config), batch, load.prompt_tokens, load.output_tokens)
+    return replica_for(spec.steps(r.est.config), spec.max_batch, spec.kv_tokens, spec.load)
 
 
 def size(r: Ranked, intent: Intent, spec: LoadSpec, free_bytes: int, rep: Replica | None = None) -> Sized:
