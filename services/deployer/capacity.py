@@ -5,7 +5,8 @@ The replica is a birth-death chain over the requests it holds, ``k``. With ``n =
 the batch (``B``: ``max_batch``, or fewer when the KV pool cannot hold ``B`` worst cases) every step
 decodes ``n`` sequences holding ``n x (prompt + output / 2)`` positions (``StepModel.decode_ms``) and,
 on average, ``n / output`` prompt chunks, so a request takes ``T(n) = solo + (output - 1) x (step(n) -
-step(1))`` and the replica completes ``n / T(n)`` requests per unit of time. Below ``B`` the chain is a
+step(1))`` plus its own prompt chunks' share of the others' decodes, and the replica completes
+``n / T(n)`` requests per unit of time. Below ``B`` the chain is a
 symmetric queue whose state is insensitive to the length distribution; a request that finds ``k >= B``
 waits for ``k - B + 1`` completions at the full batch's rate, scaled by ``(1 + cv2) / 2`` (Allen-Cunneen:
 ``cv2`` is the squared coefficient of variation of the work per request, 0 for fixed lengths, 1 for
@@ -20,8 +21,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 from iserve.fingerprint.estimator.batching import StepModel
-
-BLOCK = 16  # KV block in tokens, as the engine's (a request's worst case is rounded up to blocks)
+from iserve.gpu_agent.engine.batch_plan import BLOCK_SIZE, STEP_TOKENS  # the engine's KV block and step budget
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ def batch_limit(max_batch: int, kv_tokens: int, prompt_tokens: int, output_token
     ``kv_tokens`` (0: no limit) cannot hold that many worst cases (prompt + output, in blocks)."""
     if kv_tokens <= 0:
         return max_batch
-    need = -(-(prompt_tokens + output_tokens) // BLOCK)
-    return max(1, min(max_batch, (kv_tokens // BLOCK) // max(1, need)))
+    need = -(-(prompt_tokens + output_tokens) // BLOCK_SIZE)
+    return max(1, min(max_batch, (kv_tokens // BLOCK_SIZE) // max(1, need)))
 
 
 def output_quantile(mean: float, cv2: float, percentile: float) -> float:
@@ -97,9 +97,11 @@ class Replica:
         """``T(n)``: a request's latency in a batch of ``n`` (no queueing)."""
         if n == 1:
             return self.solo_ms
-        o = self.output_tokens
-        step = self.model.decode_ms(n, round(n * (self.prompt_tokens + o / 2.0))) + (n - 1) / o * self._chunk
-        return self.solo_ms + max(0.0, (o - 1) * (step - self._base))
+        p, o = self.prompt_tokens, self.output_tokens
+        step = self.model.decode_ms(n, round(n * (p + o / 2.0))) + (n - 1) / o * self._chunk
+        # its own prompt chunks ride along with the other n - 1 sequences' decodes
+        others = -(-p // STEP_TOKENS) * self.model.decode_ms(n - 1, round((n - 1) * (p + o / 2.0)))
+        return self.solo_ms + max(0.0, (o - 1) * (step - self._base)) + others
 
     def _curve(self) -> tuple[list[float], list[float]]:
         if not self._service:
