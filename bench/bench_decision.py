@@ -15,7 +15,11 @@ Clusters come from a seeded RNG:
 * worst-case: the nearly-full cluster with the few configurations that fit made 20x slower, so they
   rank last: the walk rejects (and explains) every other configuration before it finds one.
 
-Run: ``python bench/bench_decision.py [--reps 300] [--seed 7]``.
+Every intent is timed twice: alone, and at an expected load (``--rate``, 20 requests/s of the
+intent's 512+128 tokens), where each configuration that fits is sized with the capacity model and
+its replicas are placed one after the other.
+
+Run: ``python bench/bench_decision.py [--reps 300] [--seed 7] [--rate 20]``.
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ import time
 import msgspec
 
 from iserve.deployer.feasibility import ClusterView
+from iserve.deployer.loadplan import LoadSpec, load_of
 from iserve.deployer.placement import GpuState
 from iserve.deployer.planner import plan
 from iserve.deployer.units import GIB
 from iserve.errors import Infeasible
+from iserve.fingerprint.estimator.batching import step_models
 from iserve.messages import ConfigEstimate, Configuration, Intent
 from iserve.stats import percentile
 
 # Llama-2-70B-like shape
 LAYERS, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 80, 8192, 28672, 64, 8, 128, 32000
 CONTEXT = 4096
+BATCH = 8  # a loaded intent's replica batch (its KV pool: BATCH x CONTEXT)
 HBM_BYTES_PER_MS = 3.0e9 * 0.8  # 3.0 TB/s copy bandwidth, 80% achieved on decode
 FLOPS_PER_MS = 400e9  # effective dense prefill throughput per GPU
 
@@ -107,11 +114,20 @@ def make_cluster(scenario: str, rng: random.Random, hosts: int = 8, per_host: in
     return gpus
 
 
-def time_plan(estimates, intent, gpus, reps: int) -> tuple[list[float], str]:
+def load_spec(estimates, intent: Intent) -> LoadSpec | None:
+    """The load part of the decision, as ``planner.plan_gpu_types`` builds it (inside the timed call)."""
+    load = load_of(intent)
+    if load is None:
+        return None
+    return LoadSpec(load, step_models(estimates, CONTEXT), BATCH, BATCH * CONTEXT, intent.slo_percentile)
+
+
+def time_plan(estimates, intent, gpus, reps: int, clock=time.perf_counter) -> tuple[list[float], str]:
     def once():
         try:
-            d = plan(estimates, intent, gpus, policy="hybrid", theta=0.5)
-            return f"{d.estimate.config.key()} ({len(d.rejected)} better missed, {d.fitting} fit)"
+            d = plan(estimates, intent, gpus, policy="hybrid", theta=0.5, load=load_spec(estimates, intent))
+            reps = f", {len(d.replicas)} replicas" if d.replicas else ""
+            return f"{d.estimate.config.key()} ({len(d.rejected)} better missed, {d.fitting} fit{reps})"
         except Infeasible:
             return "Infeasible (nothing fits)"
 
@@ -120,9 +136,9 @@ def time_plan(estimates, intent, gpus, reps: int) -> tuple[list[float], str]:
         once()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         once()
-        times.append((time.perf_counter() - t0) * 1000.0)
+        times.append((clock() - t0) * 1000.0)
     return times, outcome
 
 
@@ -130,6 +146,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--rate", type=float, default=20.0, help="requests/s of the loaded intents (0: none)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: time.perf_counter; cpu: time.process_time (this process's CPU time, unaffected by "
+        "other jobs on a shared machine)",
+    )
     args = ap.parse_args()
 
     estimates = make_estimates(1000)
@@ -138,6 +162,8 @@ def main() -> None:
         "min-latency": Intent(kind="min-latency"),
         "latency-slo": Intent(kind="latency-slo", slo_ms=3000.0, cost_model="gpu-hours"),
     }
+    if args.rate > 0:  # the same intents at an expected load: replicas sized by the capacity model
+        intents |= {f"{k}@{args.rate:g}/s": msgspec.structs.replace(i, rate=args.rate) for k, i in intents.items()}
     rows = []
     for scenario in ("empty", "fragmented", "nearly-full", "full", "worst-case"):
         gpus = make_cluster(scenario, random.Random(args.seed))
@@ -147,7 +173,8 @@ def main() -> None:
                 msgspec.structs.replace(e, tpot_ms=e.tpot_ms * 20) if view.fits(e) else e for e in make_estimates(1000)
             ]
         for name, intent in intents.items():
-            times, outcome = time_plan(estimates, intent, gpus, args.reps)
+            clock = time.process_time if args.clock == "cpu" else time.perf_counter
+            times, outcome = time_plan(estimates, intent, gpus, args.reps, clock)
             p99 = percentile(times, 99)
             rows.append((scenario, name, len(estimates), len(gpus), statistics.median(times), p99, outcome))
 
@@ -161,7 +188,8 @@ def main() -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"\n{args.reps} repetitions per row, time.perf_counter, placement policy hybrid (theta 0.5)")
+    clock_name = "time.process_time" if args.clock == "cpu" else "time.perf_counter"
+    print(f"\n{args.reps} repetitions per row, {clock_name}, placement policy hybrid (theta 0.5)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ stretches each step for contention.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -130,3 +131,29 @@ def pooled_map(cmap: ConfigurationMap, max_batch: int) -> ConfigurationMap:
     ctx = cmap.context_tokens
     pool, kv_bytes = kv_pool_tokens(max_batch, 0, ctx), map_kv_bytes(cmap.estimates, ctx)
     return msgspec.structs.replace(cmap, estimates=[with_kv_pool(e, pool, ctx, kv_bytes) for e in cmap.estimates])
+
+
+def serve_alone(
+    model: StepModel, requests: list[tuple[float, int, int]], *, max_batch: int, kv_tokens: int
+) -> list[float]:
+    """One replica alone (no other deployment on its GPUs) serving ``(arrival_s, prompt, output)``
+    requests in arrival order: each request's end-to-end latency in ms, in the same order. The
+    simulator's event loop reduced to one replica; the reference the capacity model is checked against."""
+    rep: BatchReplica[int] = BatchReplica(model, max_batch=max_batch, kv_tokens=kv_tokens)
+    out = [0.0] * len(requests)
+    now, i, step_end = 0.0, 0, math.inf
+    while i < len(requests) or rep.busy or rep.waiting:
+        arrival = requests[i][0] * 1000.0 if i < len(requests) else math.inf
+        if arrival < step_end:
+            now = arrival
+            rep.submit(Seq(i, requests[i][1], requests[i][2], now))
+            i += 1
+        else:
+            now = step_end
+            for s in rep.end(now):
+                out[s.payload] = now - requests[s.payload][0] * 1000.0
+            step_end = math.inf
+        if not rep.busy:
+            ms = rep.begin()
+            step_end = now + max(ms, 1e-9) if rep.busy else math.inf
+    return out

@@ -231,6 +231,31 @@ def stats(trace: Sequence[TraceRequest]) -> TraceStats:
     )
 
 
+class ExpectedLoad(msgspec.Struct, frozen=True, kw_only=True):
+    """What a deployment intent takes from a trace: its mean rate, mean lengths (prompts capped at
+    ``max_context``, as the replay caps them) and the squared coefficient of variation of its outputs."""
+
+    rate: float
+    prompt_tokens: int
+    output_tokens: int
+    output_cv2: float
+
+
+def expected_load(trace: Sequence[TraceRequest], max_context: int = DEFAULT_MAX_CONTEXT) -> ExpectedLoad:
+    """A trace as an intent's expected load; raises ``ValueError`` for fewer than 2 requests."""
+    st = stats(trace)
+    if st.count < 2 or st.mean_rate <= 0:
+        raise ValueError("a trace needs at least 2 requests at distinct times to give a rate")
+    outs = [max(1, r.generated_tokens) for r in trace]
+    mean_out = statistics.fmean(outs)
+    return ExpectedLoad(
+        rate=st.mean_rate,
+        prompt_tokens=max(1, round(statistics.fmean(min(max(1, r.context_tokens), max_context) for r in trace))),
+        output_tokens=max(1, round(mean_out)),
+        output_cv2=statistics.pvariance(outs) / mean_out**2,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------
 # random model assignment
 

@@ -100,14 +100,28 @@ async def _client(a: argparse.Namespace):
 
 
 def intent_from_args(a: argparse.Namespace) -> Intent:
+    """The intent of ``iserve deploy``'s flags; ``--trace`` fills the load (rate unless ``--rate`` is
+    given, lengths and their spread) from a trace."""
+    rate, prompt, output, cv2 = a.rate, a.prompt_tokens, a.output_tokens, a.output_cv2
+    if a.trace:
+        from iserve.loadgen.traces import expected_load, load_trace
+
+        try:
+            load = expected_load(load_trace(a.trace))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--trace {a.trace}: {e}; name a trace (code, conv) or a CSV of one") from None
+        rate, prompt, output, cv2 = rate or load.rate, load.prompt_tokens, load.output_tokens, load.output_cv2
     return Intent(
         kind=a.intent,
         cost_model=a.cost_model,
         slo_ms=a.slo_ms,
         budget=a.budget,
-        prompt_tokens=a.prompt_tokens,
-        output_tokens=a.output_tokens,
+        prompt_tokens=prompt,
+        output_tokens=output,
         quality=parse_policy(a.quality),
+        rate=rate,
+        slo_percentile=a.slo_percentile,
+        output_cv2=cv2,
     )
 
 
@@ -186,6 +200,9 @@ async def _deploy(a: argparse.Namespace) -> int:
             f"tokens, KV pool {d.kv_tokens or d.context_tokens} tokens"
         )
         console.print(f"  why: {escape(rep.why)}")
+        if rep.replicas_why:
+            others = "".join(f", {o.deployment_id}" for o in rep.others)
+            console.print(f"  replicas: {rep.replicas} ({d.deployment_id}{others}): {escape(rep.replicas_why)}")
         for g in d.gpus:
             console.print(
                 f"  {g.agent_id} GPU {g.gpu_index}: layers {g.first_layer}-"
@@ -214,7 +231,8 @@ async def _deploy(a: argparse.Namespace) -> int:
         if len(by_quality) > 4:
             console.print(f"  [dim]... and {len(by_quality) - 4} more variants ruled out by quality[/]")
         if a.wait:
-            await c.wait_ready(d.deployment_id, timeout=a.timeout)
+            for dep in [d, *rep.others]:
+                await c.wait_ready(dep.deployment_id, timeout=a.timeout)
             console.print("  [green]ready[/]")
     return 0
 
@@ -391,6 +409,12 @@ def add_intent(p: argparse.ArgumentParser) -> None:
         help="lossy variants the intent admits: default (measured within KL <= 0.01, top-1 >= 95%%), lossless, "
         "any (the paper's free search), max-kl=X and/or min-top1=Y (docs/quality.md)",
     )
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="expected requests/s: sizes the replicas (0: none, one replica)"
+    )
+    p.add_argument("--slo-percentile", type=float, default=95.0, help="share of requests latency-slo meets the SLO for")
+    p.add_argument("--output-cv2", type=float, default=1.0, help="spread of output lengths (0: equal, 1: exponential)")
+    p.add_argument("--trace", default="", help="take the load (rate, lengths) from a trace: code, conv or a CSV")
 
 
 def build_parser() -> argparse.ArgumentParser:

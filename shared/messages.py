@@ -43,6 +43,8 @@ MAX_TOKENS = 1 << 20
 TokenCount = Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
 TokenCountOrZero = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
+RequestRate = Annotated[float, Meta(ge=0, le=1e6)]  # requests/s
+Percentile = Annotated[float, Meta(ge=50, lt=100)]
 Inbox = Annotated[str, Meta(pattern=r"^(_INBOX\.[A-Za-z0-9_.-]+)?$", max_length=256)]
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200)]
 NameOrEmpty = Annotated[str, Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]*)?$", max_length=160)]
@@ -714,6 +716,13 @@ class Intent(msgspec.Struct, kw_only=True):
     output_tokens: PositiveInt = 128
     # Appended (quality, docs/quality.md): which lossy variants the intent admits.
     quality: QualityPolicy = msgspec.field(default_factory=QualityPolicy)
+    # Appended: an expected load (docs/deployment.md#load). ``rate`` requests/s of the size above
+    # (0: none stated, one replica as before); ``slo_percentile``: the share of requests latency-slo
+    # holds ``slo_ms`` for; ``output_cv2``: the squared coefficient of variation of output lengths
+    # (0: all alike, 1: exponential).
+    rate: RequestRate = 0.0
+    slo_percentile: Percentile = 95.0
+    output_cv2: Annotated[float, Meta(ge=0, le=100)] = 1.0
 
 
 class DeployRequest(Message):
@@ -792,6 +801,11 @@ class DeployReply(Message):
     # or not measured). Configurations the quality policy ruled out are in ``filtered``.
     quality: str = ""
     quality_cost: VariantQuality | None = None
+    # Appended: replicas at the intent's load. ``replicas`` deployments of the same configuration were
+    # made (``deployment`` and ``others``), ``replicas_why`` says why that many; 1 and "" without a load.
+    replicas: PositiveInt = 1
+    replicas_why: str = ""
+    others: list[DeploymentRecord] = []
 
 
 class UndeployRequest(Message):

@@ -650,3 +650,30 @@ async def test_a_hung_worker_is_killed_and_a_deployment_that_cannot_be_re_placed
     assert rep.deployment.worker_id not in agent.workers
     with pytest.raises(errors.NotReady):
         await collect(client, name, "anyone?", max_tokens=2)
+
+
+async def test_a_deploy_with_a_load_launches_the_replicas_it_needs(cluster, client, tiny_model, tmp_path):
+    """An intent with an expected load above what one replica serves gets several replicas, each its
+    own ready deployment of the same configuration, and the reply says how many and why; the
+    scheduler spreads requests over them."""
+    info = await client.register(str(copy_model(tiny_model, tmp_path / "tiny")), "")
+    name = info.record.name
+    await client.wait_profiled(name, timeout=120)
+    cmap = await client.profile(name)
+    # one request at a time (the test deployer's batch): a replica completes 1000 / latency req/s;
+    # 1.2x the fastest one's most at 80% busy needs at least 2 of any configuration
+    fastest = max(1000.0 / e.latency_ms(16, 8) for e in cmap.estimates)
+    intent = Intent(kind="min-cost", prompt_tokens=16, output_tokens=8, rate=1.2 * 0.8 * fastest)
+    rep = await client.deploy(name, intent)
+    assert rep.replicas >= 2 and len(rep.others) == rep.replicas - 1
+    assert f"{rep.replicas} replicas: at " in rep.replicas_why and rep.replicas_why in rep.why
+    ids = [rep.deployment.deployment_id] + [o.deployment_id for o in rep.others]
+    assert len(set(ids)) == len(ids) and all(o.config == rep.deployment.config for o in rep.others)
+    for dep_id in ids:
+        await client.wait_ready(dep_id, timeout=120)
+    listed = (await client.deployments(name)).deployments
+    assert sorted(d.deployment_id for d in listed) == sorted(ids)
+    results = await asyncio.gather(*(collect(client, name, f"r{i}", max_tokens=4) for i in range(2 * len(ids))))
+    assert all(done.completion_tokens >= 1 for _, done in results)
+    served = {q.deployment_id for q in (await client.scheduler_stats()).queues if q.completed}
+    assert len(served) >= 2, "the scheduler sent every request to one replica"

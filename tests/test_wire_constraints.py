@@ -89,11 +89,13 @@ def test_the_decoder_refuses_bad_values_with_their_path(payload, kind, error):
 
 
 def test_the_wire_strings_are_unchanged():
-    assert encode(Intent()) == (
+    # the original fields keep their names and order; fields appended later follow them
+    assert encode(Intent()).startswith(
         b'{"kind":"min-cost","cost_model":"mem-x-latency","slo_ms":null,"budget":null,'
         b'"prompt_tokens":512,"output_tokens":128,'
-        # appended (quality, docs/quality.md)
-        b'"quality":{"mode":"default","max_kl":null,"min_top1":null}}'
+        # appended (quality, docs/quality.md), then the expected load (docs/deployment.md#load)
+        b'"quality":{"mode":"default","max_kl":null,"min_top1":null},'
+        b'"rate":0.0,"slo_percentile":95.0,"output_cv2":1.0}'
     )
     req = decode(
         b'{"model":"m","placement":"least-loaded","intent":{"kind":"latency-slo","slo_ms":200}}', DeployRequest

@@ -227,7 +227,7 @@ class AutoscaleLoop:
         assert tmpl is not None  # _view returned None otherwise
         req = DeployRequest(
             model=tmpl.model,
-            intent=tmpl.intent,
+            intent=msgspec.structs.replace(tmpl.intent, rate=0.0),  # one replica: the set is sized here
             placement=tmpl.placement_policy,
             deployment_id=f"{tmpl.model}-as-{uuid.uuid4().hex[:6]}",
             context_tokens=tmpl.context_tokens,

@@ -15,15 +15,19 @@ from typing import Callable, Mapping, Sequence, TypeVar
 
 from iserve import quality
 from iserve.errors import BadRequest, Infeasible, InternalError, Unavailable
+from iserve.fingerprint.estimator.batching import step_models
 from iserve.messages import ConfigEstimate, ConfigurationMap, GpuAssignment, Intent, Rejection
 
+from .capacity import Point
 from .feasibility import ClusterView
+from .loadplan import LoadSpec, Sized, load_of, load_order, place_replicas, replica_bound
 from .memory import KvBytes, kv_pool_tokens, with_kv_pool
 from .placement import GpuState, Placement, check_policy
-from .ranking import COST_UNITS, Ranked, filter_reason, gpu_hours, order_key, rank_with_metrics
+from .ranking import COST_UNITS, Ranked, _cost, filter_reason, gpu_hours, order_key, rank_with_metrics
 from .units import gib, num, num_up
 
 T = TypeVar("T")
+PLACE_TRIES = 8  # configurations whose replicas are placed at a load before the best partial one is taken
 
 
 @dataclass
@@ -47,12 +51,21 @@ class Decision:
     fitting: int = 0  # how many configurations that meet the intent fit the free GPUs
     agent_id: str = ""
     placement: str = ""  # how the placement policy chose the GPUs, one clause
+    # at an expected load (:mod:`.loadplan`): every replica's GPUs (the first is ``assignments``), why
+    # that many, and what one replica is predicted to see at its share of the load
+    replicas: list[list[GpuAssignment]] = field(default_factory=list)
+    replica_why: str = ""
+    point: Point | None = None
 
 
 def score(decision: Decision, intent: Intent) -> tuple:
     """How well a decision meets the intent, comparable across decisions (smaller is better), with
     the same order as :func:`~.ranking.rank`; e.g. to pick between the plans for two GPU types."""
-    return order_key(intent.kind, decision.estimate, decision.latency_ms, decision.cost, decision.estimate.config.key())
+    key = order_key(intent.kind, decision.estimate, decision.latency_ms, decision.cost, decision.estimate.config.key())
+    n = len(decision.replicas)
+    if n > 1 and intent.kind in ("min-memory", "min-gpu-hours"):  # at a load: the whole set of replicas
+        return (n * key[0], *key[1:])
+    return key
 
 
 def place(est: ConfigEstimate, gpus: list[GpuState], *, policy: str, theta: float) -> list[GpuAssignment] | str:
@@ -79,11 +92,13 @@ def plan(
     *,
     policy: str = "hybrid",
     theta: float = 0.5,
+    load: LoadSpec | None = None,
 ) -> Decision:
     """The deployment controller's decision (paper section 6): rank the configurations by the intent
     (step I), take the first one in rank order that fits the free GPUs (step II), and place it with
     the policy (step III). Every better-ranked configuration that did not fit becomes a rejection with
-    its reason.
+    its reason. With a ``load``, the configurations that fit are sized and ordered at that load and
+    the decision has replicas (:func:`_plan_at_load`).
 
     Raises :class:`BadRequest` for an unusable intent or policy, and :class:`Infeasible`, with the
     closest miss and what to free or relax, when nothing fits.
@@ -94,15 +109,20 @@ def plan(
     chosen: Ranked | None = None
     misses: list[Ranked] = []
     fitting = 0
+    fits: list[Ranked] = []  # with a load: every one that fits, in rank order
     for r in kept:
         if view.fits(r.est):
             fitting += 1
+            if load is not None:
+                fits.append(r)
             if chosen is None:
                 chosen = r
         elif chosen is None:
             misses.append(r)
     if chosen is None:
         raise Infeasible(_infeasible_message(estimates, kept, filtered, intent, view))
+    if load is not None:
+        return _plan_at_load(fits, filtered, misses, fitting, intent, gpus, view, load, policy, theta)
     placed = view.place(chosen.est, policy, theta)
     if placed is None:
         raise InternalError(f"{chosen.key} fits the free GPUs but could not be placed")
@@ -118,6 +138,68 @@ def plan(
         fitting=fitting,
         agent_id=placed.agent_id,
         placement=placed.note,
+    )
+
+
+def _plan_at_load(
+    fits: list[Ranked],
+    filtered: list[Ranked],
+    misses: list[Ranked],
+    fitting: int,
+    intent: Intent,
+    gpus: Sequence[GpuState],
+    view: ClusterView,
+    load: LoadSpec,
+    policy: str,
+    theta: float,
+) -> Decision:
+    """:func:`plan` at an expected load: the first configuration, in the load's order, whose replicas
+    all fit; when none does (or none of the first :data:`PLACE_TRIES` whose replicas may fit), the first
+    in that order with as many replicas as fit. ``rejected`` holds
+    the configurations before the first that fits (unloaded order) and those whose replicas did not
+    all fit."""
+    rejected = [Rejection(config=m.key, reason=view.miss_reason(m.est)) for m in misses]
+    best: tuple[Sized, list[Placement]] | None = None
+    tries, free = 0, sum(g.free_bytes for g in gpus)
+    for s in load_order(fits, intent, load, free):
+        n, bound = s.count.replicas, replica_bound(free, s)
+        if best is not None and (n > bound or tries >= PLACE_TRIES):
+            held = f"the free GPUs hold at most {bound}" if n > bound else f"not tried after {PLACE_TRIES} others"
+            reason = f"needs {n} replicas at this load; {held}"
+        else:
+            tries += 1
+            placed = place_replicas(view, gpus, s, policy=policy, theta=theta)
+            if best is None or len(placed) == n:
+                best = (s, placed)
+            if len(placed) == n:
+                break
+            reason = f"needs {n} replicas at this load; only {len(placed)} fit the free GPUs"
+        rejected.append(Rejection(config=s.ranked.key, reason=reason))
+    if best is None:
+        raise InternalError("a configuration fits the free GPUs but none was sized")
+    s, placed = best
+    first, k = placed[0], len(placed)
+    replica_why, point, lat, cost = s.why(intent, load), s.count.point, s.latency_ms, s.cost
+    if k < s.count.replicas:  # the best partial one: predicted with the replicas that fit
+        point = s.replica.at(load.load.rate / k, load.load.cv2, load.percentile)
+        lat, cost = point.mean_ms, k * _cost(s.ranked.est, point.mean_ms, intent.cost_model)
+        replica_why += f"; only {k} fit the free GPUs, each at {100 * point.utilization:.0f}%"
+        rejected = [r for r in rejected if r.config != s.ranked.key]
+    why = _why_at_load(s, intent, fitting, len(rejected), first, k, lat, cost)
+    return Decision(
+        estimate=s.ranked.est,
+        assignments=first.assignments,
+        rejected=rejected,
+        why=f"{why}; {replica_why}",
+        latency_ms=lat,
+        cost=cost,
+        filtered=[Rejection(config=r.key, reason=filter_reason(r, intent)) for r in filtered],
+        fitting=fitting,
+        agent_id=first.agent_id,
+        placement=first.note,
+        replicas=[p.assignments for p in placed],
+        replica_why=replica_why,
+        point=point,
     )
 
 
@@ -202,8 +284,13 @@ def plan_gpu_types(
             if kv_bytes is None:
                 raise InternalError(f"a KV pool of {pool} tokens needs kv_bytes to price it")
             estimates = [with_kv_pool(e, pool, cmap.context_tokens, kv_bytes) for e in estimates]
+        load = load_of(intent)
+        spec = None
+        if load is not None:
+            steps = step_models(cmap.estimates, cmap.context_tokens)
+            spec = LoadSpec(load, steps, max_batch, pool, intent.slo_percentile)
         try:
-            d = plan(estimates, intent, typed, policy=policy, theta=theta)
+            d = plan(estimates, intent, typed, policy=policy, theta=theta, load=spec)
         except Infeasible as e:
             misses.append(
                 f"{gpu_type}: {e.message}{_pool_note(cmap, intent, typed, policy, theta, pool, max_batch, kv_tokens)}"
@@ -300,6 +387,31 @@ def _why(r: Ranked, intent: Intent, fitting: int, missed: int, filtered: int, pl
     gpus = ",".join(str(a.gpu_index) for a in placed.assignments)
     parts.append(f"{placed.note}: {placed.agent_id} GPUs {gpus}, layers {stages}")
     return "; ".join(parts)
+
+
+def _why_at_load(
+    s: Sized, intent: Intent, fitting: int, missed: int, placed: Placement, n: int, lat: float, cost: float
+) -> str:
+    """The head of ``why`` at a load: what the configuration was first by, with ``n`` replicas of
+    predicted mean latency ``lat`` and fleet cost ``cost``."""
+    unit, e = COST_UNITS[intent.cost_model], s.ranked.est
+    metric = {
+        "min-latency": f"the lowest predicted mean latency ({lat:.0f} ms)",
+        "cost-budget": f"the lowest predicted mean latency ({lat:.0f} ms) within the budget",
+        "min-memory": f"the smallest footprint ({gib(n * e.total_bytes)} GiB)",
+        "min-gpu-hours": f"the fewest GPU-hours ({num(n * gpu_hours(e, lat))} GPU-h a request)",
+        "latency-slo": f"the lowest cost ({num(cost)} {unit} a request) that meets the SLO",
+    }.get(intent.kind, f"the lowest cost ({num(cost)} {unit} a request)")
+    copies = f"{n} replica{'s' if n != 1 else ''}"
+    head = (
+        f"{intent.kind} at the load: {s.ranked.key} x {copies} has {metric} among the {fitting} that fit the free GPUs"
+    )
+    if missed:
+        head += f"; {missed} better-ranked one{'s' if missed != 1 else ''} did not fit"
+    stages = "/".join(str(a.num_layers) for a in placed.assignments[:: s.ranked.est.config.tp])
+    gpus = ",".join(str(a.gpu_index) for a in placed.assignments)
+    which = " (the first replica)" if n > 1 else ""
+    return f"{head}; {placed.note}: {placed.agent_id} GPUs {gpus}, layers {stages}{which}"
 
 
 def _infeasible_message(

@@ -59,6 +59,15 @@ def validate_intent(intent: Intent) -> None:
                 f"intent {name} must be a positive number of tokens (got {value!r}); set it to "
                 "the typical request size the latency should be computed for"
             )
+    if not (math.isfinite(intent.rate) and intent.rate >= 0):
+        raise BadRequest(f"intent rate must be the expected requests/s, 0 or more (got {intent.rate!r}); 0: no load")
+    if not 50 <= intent.slo_percentile < 100:
+        raise BadRequest(f"intent slo_percentile must be in [50, 100) (got {intent.slo_percentile!r}), e.g. 95 for p95")
+    if not (math.isfinite(intent.output_cv2) and intent.output_cv2 >= 0):
+        raise BadRequest(
+            f"intent output_cv2 must be 0 or more (got {intent.output_cv2!r}): 0 for equal output lengths, "
+            "1 for exponential ones"
+        )
     if intent.kind == "latency-slo":
         slo = intent.slo_ms
         if slo is None or not math.isfinite(slo) or slo <= 0:

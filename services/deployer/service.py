@@ -14,6 +14,7 @@ re-placed, within bounded retries.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,10 +35,8 @@ from iserve.messages import (
     DeployRequest,
     GpuLoad,
     LaunchReply,
-    LaunchWorker,
     ListDeployments,
     ModelRecord,
-    StageSpec,
     StopReply,
     StopWorker,
     UndeployReply,
@@ -54,6 +53,7 @@ from iserve.service import Service
 from . import planner, reconcile
 from .autoscale_loop import AutoscaleLoop
 from .config import DeployerConfig
+from .launches import launch_of, new_worker_id, reserved_by
 from .memory import kv_pool_tokens
 from .placement import GpuState
 
@@ -64,36 +64,6 @@ log = structlog.get_logger()
 class SeenGpu:
     load: GpuLoad
     at: float  # monotonic time of the report
-
-
-def new_worker_id(deployment_id: str) -> str:
-    """A fresh worker id: every launch of a deployment gets its own."""
-    return f"w-{deployment_id}-{uuid.uuid4().hex[:4]}"
-
-
-def launch_of(dep: DeploymentRecord) -> LaunchWorker:
-    """What the agent needs to start ``dep``'s worker: all of it is in the record."""
-    return LaunchWorker(
-        worker_id=dep.worker_id,
-        deployment_id=dep.deployment_id,
-        model=dep.model,
-        model_path=dep.model_path,
-        config=dep.config,
-        stages=[
-            StageSpec(
-                gpu_index=g.gpu_index, first_layer=g.first_layer, num_layers=g.num_layers, memory_bytes=g.memory_bytes
-            )
-            for g in dep.gpus
-        ],
-        context_tokens=dep.context_tokens,
-        max_batch=dep.max_batch,
-        kv_tokens=dep.kv_tokens,
-    )
-
-
-def reserved_by(dep: DeploymentRecord) -> dict[tuple[str, int], int]:
-    """The bytes ``dep``'s worker will hold on each (agent, GPU), until the agent reports them."""
-    return {(g.agent_id, g.gpu_index): g.memory_bytes for g in dep.gpus}
 
 
 class DeployerService(Service):
@@ -235,10 +205,13 @@ class DeployerService(Service):
         t0 = time.perf_counter()
         profiles = {t: await self.profiles.get(bus.kv_key(req.model, t)) for t in types}
 
+        # a re-placed deployment is one replica: the load sized the whole set when it was deployed
+        intent = req.intent if previous is None else msgspec.structs.replace(req.intent, rate=0.0)
+
         def plan_with(batch: int) -> planner.TypeChoice:
             return planner.plan_gpu_types(
                 profiles,
-                req.intent,
+                intent,
                 gpus,
                 policy=policy,
                 theta=self.cfg.theta,
@@ -263,72 +236,92 @@ class DeployerService(Service):
         # ... and the KV pool its batch draws from (the decision's estimate reserves it)
         kv_tokens = kv_pool_tokens(max_batch, req.kv_tokens, context)
         dep_id = req.deployment_id or f"{req.model}-{uuid.uuid4().hex[:8]}"
-        worker_id = new_worker_id(dep_id)  # a re-placed deployment gets a new worker
-        agent_id = decision.assignments[0].agent_id
         ts = now()
-        dep = DeploymentRecord(
+        launched: list[DeploymentRecord] = []
+        replicas_why = decision.replica_why
+        for i, gpus_of in enumerate(decision.replicas or [decision.assignments]):
+            dep = DeploymentRecord(
+                deployment_id=dep_id if i == 0 else f"{dep_id}-r{i + 1}",
+                model=req.model,
+                model_path=record.path,
+                gpu_type=cmap.gpu_type,
+                config=decision.estimate.config,
+                estimate=decision.estimate,
+                intent=req.intent,
+                placement_policy=policy,
+                gpus=gpus_of,
+                agent_id=gpus_of[0].agent_id,
+                worker_id="",
+                context_tokens=context,
+                status="launching",
+                created_at=previous.created_at if previous else ts,
+                updated_at=ts,
+                max_batch=max_batch,
+                kv_tokens=kv_tokens,
+                restarts=previous.restarts + 1 if previous else 0,
+                cause=previous.cause if previous else "",
+                reason=f"re-placed after: {previous.cause}" if previous else "",
+            )
+            try:
+                launched.append(await self._launch(dep, previous if i == 0 else None))
+            except errors.Unavailable as e:
+                if i == 0:
+                    raise
+                replicas_why += f"; replica {i + 1} and later were not launched: {e.message}"
+                break
+        first = launched[0]
+        note, cost = quality.choice_note(decision.estimate.config, cmap.quality)
+        log.info(
+            "deployed",
             deployment_id=dep_id,
-            model=req.model,
-            model_path=record.path,
-            gpu_type=cmap.gpu_type,
-            config=decision.estimate.config,
-            estimate=decision.estimate,
-            intent=req.intent,
-            placement_policy=policy,
-            gpus=decision.assignments,
-            agent_id=agent_id,
-            worker_id=worker_id,
-            context_tokens=context,
-            status="launching",
-            created_at=previous.created_at if previous else ts,
-            updated_at=ts,
+            config=first.config.key(),
+            gpus=[(a.agent_id, a.gpu_index, a.num_layers) for a in decision.assignments],
+            decision_ms=round(decision_ms, 3),
             max_batch=max_batch,
             kv_tokens=kv_tokens,
-            restarts=previous.restarts + 1 if previous else 0,
-            cause=previous.cause if previous else "",
-            reason=f"re-placed after: {previous.cause}" if previous else "",
+            replicas=len(launched),
+            why=decision.why,
         )
+        return DeployReply(
+            deployment=first,
+            why=decision.why,
+            rejected=decision.rejected,
+            latency_ms=decision.latency_ms if math.isfinite(decision.latency_ms) else 0.0,
+            cost=decision.cost if math.isfinite(decision.cost) else 0.0,
+            decision_ms=decision_ms,
+            filtered=decision.filtered,
+            quality=note,
+            quality_cost=cost,
+            replicas=len(launched),
+            replicas_why=replicas_why,
+            others=launched[1:],
+        )
+
+    async def _launch(self, dep: DeploymentRecord, previous: DeploymentRecord | None) -> DeploymentRecord:
+        """Record ``dep`` with a new worker id and launch its worker; on failure, undo the record (or
+        put ``previous`` back) and raise :class:`Unavailable`."""
+        dep_id = dep.deployment_id
+        dep = msgspec.structs.replace(dep, worker_id=new_worker_id(dep_id))  # a re-placed one gets a new worker
         await self.deployments.put(dep_id, dep)
-        self._launched[worker_id] = time.time()
+        self._launched[dep.worker_id] = time.time()
         if previous is None:
             self._attempts.pop(dep_id, None)  # deployed anew: its relaunch budget starts over
-        self.pending[worker_id] = reserved_by(dep)
-        launch = launch_of(dep)
+        self.pending[dep.worker_id] = reserved_by(dep)
         try:
             await bus.request(
-                self.nc, subjects.agent_launch(agent_id), launch, LaunchReply, timeout=self.cfg.launch_timeout_s
-            )
+                self.nc, subjects.agent_launch(dep.agent_id), launch_of(dep), LaunchReply,
+                timeout=self.cfg.launch_timeout_s,
+            )  # fmt: skip
         except errors.IServeError as e:
-            self.pending.pop(worker_id, None)
-            reason = f"launch on agent {agent_id} failed: {e.message}"
+            self.pending.pop(dep.worker_id, None)
+            reason = f"launch on agent {dep.agent_id} failed: {e.message}"
             if previous is None:
                 await self.deployments.delete(dep_id)
             else:
                 await self.deployments.put(dep_id, previous)
             raise errors.Unavailable(f"{reason}; nothing was deployed, try again.") from None
         await self._changed(dep)
-        log.info(
-            "deployed",
-            deployment_id=dep_id,
-            config=dep.config.key(),
-            gpus=[(a.agent_id, a.gpu_index, a.num_layers) for a in decision.assignments],
-            decision_ms=round(decision_ms, 3),
-            max_batch=max_batch,
-            kv_tokens=kv_tokens,
-            why=decision.why,
-        )
-        note, cost = quality.choice_note(decision.estimate.config, cmap.quality)
-        return DeployReply(
-            deployment=dep,
-            why=decision.why,
-            rejected=decision.rejected,
-            latency_ms=decision.latency_ms,
-            cost=decision.cost,
-            decision_ms=decision_ms,
-            filtered=decision.filtered,
-            quality=note,
-            quality_cost=cost,
-        )
+        return dep
 
     async def _changed(self, dep: DeploymentRecord) -> None:
         await self.nc.publish(subjects.DEPLOYMENT_CHANGED, encode(DeploymentChanged(deployment=dep)))

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from iserve.messages import ConfigEstimate, Configuration
 
 
@@ -116,3 +118,20 @@ def step_model(estimates: Sequence[ConfigEstimate], est: ConfigEstimate, context
     weights = base.num_layers * (base.layer_bytes - kv) + base.first_stage_bytes + base.last_stage_bytes
     per_token = base.num_layers * kv / context_tokens
     return StepModel(est, max(per_token / weights if weights > 0 else 0.0, slope))
+
+
+def step_models(estimates: Sequence[ConfigEstimate], context_tokens: int) -> Callable[[Configuration], StepModel]:
+    """:func:`step_model` of any configuration of a map, made on first use (each reads only its KV
+    sibling, so sizing a few configurations of a large map stays cheap)."""
+    by_config = {e.config: e for e in estimates}
+    made: dict[Configuration, StepModel] = {}
+
+    def get(c: Configuration) -> StepModel:
+        m = made.get(c)
+        if m is None:
+            e = by_config[c]
+            other = by_config.get(msgspec.structs.replace(c, kv_quant="int8" if c.kv_quant == "fp16" else "fp16"))
+            m = made[c] = step_model([e] if other is None else [e, other], e, context_tokens)
+        return m
+
+    return get
