@@ -7,7 +7,8 @@ the GPUs as the deployer sees them (free memory, busy fraction over the 120 s wi
 :class:`~iserve.deployer.planner.Decision` objects or raises :class:`~iserve.errors.Infeasible`.
 
 =============== ====================================================================================
-``iserve``      :func:`planner.plan` (rank by intent, first feasible, hybrid load-aware placement)
+``iserve``      :func:`planner.plan` (rank by intent, first feasible, hybrid load-aware placement; at
+                an intent's load, the replicas it needs: :mod:`iserve.deployer.loadplan`)
 ``max-tp``      TensorRT-LLM_TP: :func:`baselines.max_tp`
 ``max-pp``      TensorRT-LLM_PP: :func:`baselines.max_pp`
 ``accelerate``  Accelerate / FSDP: :func:`baselines.accelerate`
@@ -21,14 +22,18 @@ the GPUs as the deployer sees them (free memory, busy fraction over the 120 s wi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from iserve import quality
 from iserve.deployer import planner, ranking
+from iserve.deployer.loadplan import LoadSpec, load_of
+from iserve.deployer.memory import kv_pool_tokens
 from iserve.deployer.placement import GpuState
 from iserve.deployer.planner import Decision
 from iserve.errors import Infeasible
+from iserve.fingerprint.estimator.batching import step_models
 from iserve.messages import ConfigEstimate, Configuration, ConfigurationMap, Intent
 
 from . import alpaserve, baselines
@@ -58,6 +63,10 @@ class System:
     theta: float = 0.5
     allgather_bytes_per_s: float = baselines.DEFAULT_ALLGATHER_BYTES_PER_S
     forced: Mapping[str, Configuration] = field(default_factory=dict)
+    # iServe at an intent's load (``Intent.rate``): each model's map as profiled (its step models) and
+    # the replicas' batch size, as the deployer's ``plan_gpu_types`` has them
+    raw_maps: Mapping[str, ConfigurationMap] = field(default_factory=dict)
+    max_batch: int = 1
     plan_note: str = ""
     _alpa: alpaserve.AlpaServePlan | None = None
 
@@ -87,7 +96,9 @@ class System:
         if name == "iserve":  # the intent's quality policy first; unset, the paper's free search (docs/quality.md)
             policy = quality.ANY if intent.quality.mode == "default" else intent.quality
             admitted, _ = quality.admit(ests, cmap.quality, policy)
-            return [planner.plan(admitted, intent, gpus, policy=self.policy, theta=self.theta)]
+            load = self._load(model, cmap, intent)
+            d = planner.plan(admitted, intent, gpus, policy=self.policy, theta=self.theta, load=load)
+            return [dataclasses.replace(d, assignments=a) for a in d.replicas] if d.replicas else [d]
         if name == "max-tp":
             return [baselines.max_tp(ests, intent, gpus)]
         if name == "max-pp":
@@ -111,6 +122,16 @@ class System:
                 raise Infeasible(f"{model} has no estimate for the fixed configuration {cfg.key()}")
             return [planner.plan(chosen, _unbounded(intent), gpus, policy=self.policy, theta=self.theta)]
         raise ValueError(f"unknown system {name!r}; choose one of {', '.join(ALL_SYSTEMS + ('static',))}")
+
+    def _load(self, model: str, cmap: ConfigurationMap, intent: Intent) -> LoadSpec | None:
+        """The load the intent states, with what sizing replicas needs (None: no load stated)."""
+        load = load_of(intent)
+        if load is None:
+            return None
+        raw = self.raw_maps.get(model, cmap)
+        steps = step_models(raw.estimates, raw.context_tokens)
+        pool = kv_pool_tokens(self.max_batch, 0, cmap.context_tokens)
+        return LoadSpec(load, steps, self.max_batch, pool, intent.slo_percentile)
 
 
 def _unbounded(intent: Intent) -> Intent:

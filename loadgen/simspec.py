@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iserve import quality
+from iserve.deployer.autoscaler import Policy
 from iserve.deployer.units import GIB
 from iserve.messages import Configuration, ConfigurationMap, Intent
 
@@ -39,6 +40,11 @@ class SimSpec:
     forced: dict[str, Configuration] = field(default_factory=dict)  # system "static"/"oracle"
     assignment: list[str] | None = None  # the model of each request (default: traces.assign_models)
     max_batch: int = 1  # requests a replica runs at once (continuous batching); 1: the paper's one at a time
+    # iServe's intent states each model's load (its mean request rate over the trace, as an operator
+    # would): the deployer sizes replicas for it (docs/deployment.md#load)
+    intent_load: bool = False
+    autoscale: Policy | None = None  # iServe's autoscaler, evaluated every ``autoscale_interval_s`` (None: off)
+    autoscale_interval_s: float = 5.0
     # metadata only
     trace_label: str = "synthetic"
     rate: float = 0.0
@@ -73,3 +79,33 @@ class SimResult:
             for r in self.requests:
                 w.request(r)
         return Path(out_dir)
+
+
+def run_meta(spec: SimSpec, models: list[str], requests: int, span_s: float, plan_note: str) -> RunMeta:
+    """The run directory's ``meta.json`` of a simulated run of ``spec`` (``plan_note``: the system's own)."""
+    notes = spec.notes
+    if plan_note:
+        notes = (notes + "; " if notes else "") + plan_note
+    return RunMeta(
+        kind="simulated",
+        trace=spec.trace_label,
+        rate=spec.rate,
+        interval_s=spec.interval_s,
+        aggregate=spec.aggregate,
+        duration_s=span_s,
+        system=spec.system,
+        intent=spec.intent,
+        models=models,
+        gpu_type=spec.gpu_type,
+        gpu_count=spec.gpus,
+        seed=spec.seed,
+        requests=requests,
+        max_context=spec.max_context,
+        deploy_every_s=spec.deploy_every_s,
+        placement=spec.policy,
+        slo_scale=spec.slo_scale,
+        slo_ms=spec.intent.slo_ms or 0.0,
+        notes=notes,
+        format_version=1,
+        max_batch=spec.max_batch,
+    )

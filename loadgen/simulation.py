@@ -22,9 +22,10 @@ from iserve.messages import ConfigEstimate, Intent
 from iserve.scheduler.queues import FcfsQueues, Queued
 
 from .policies import System, Workload, make_system
-from .records import DeploymentEvent, GpuSample, RequestRecord, RequestStatus, RunMeta
+from .records import DeploymentEvent, GpuSample, RequestRecord, RequestStatus
 from .replica import BatchReplica, Seq, pooled_map
-from .simspec import SimResult, SimSpec
+from .sim_autoscale import SimAutoscaler
+from .simspec import SimResult, SimSpec, run_meta
 from .traces import TraceRequest, assign_models, fit_lengths
 
 
@@ -127,6 +128,7 @@ class Simulation:
             allgather_bytes_per_s=spec.allgather_bytes_per_s,
             forced=spec.forced,
         )
+        self.system.raw_maps, self.system.max_batch = self.raw_maps, spec.max_batch  # for sizing at a load
         self.queues: FcfsQueues[_Req] = FcfsQueues()
         self.deps: dict[str, _Dep] = {}
         self.heap: list[tuple[float, int, int, _Dep]] = []
@@ -139,6 +141,9 @@ class Simulation:
         self.failed_models: dict[str, str] = {}
         self.references = {m: slo_mod.reference_estimate(c.estimates) for m, c in spec.models if c.estimates}
         self._build_requests()
+        self.scaler: SimAutoscaler | None = None  # the baselines have no autoscaler
+        if spec.autoscale is not None and spec.system == "iserve":
+            self.scaler = SimAutoscaler(self, spec.autoscale, spec.autoscale_interval_s)
 
     # -- workload -----------------------------------------------------------------------------------
 
@@ -165,6 +170,10 @@ class Simulation:
         """The deployment intent; for ``latency-slo`` without an explicit ``slo_ms``, the SLO is
         ``slo_scale`` times the model's reference latency for the intent's size (as the live replay)."""
         intent = self.spec.intent
+        if self.spec.intent_load:  # the model's mean rate while it is deployed, as an operator would state it
+            start = self.deploy_times[self.names.index(model)]
+            span = max(max((r.tr.arrival_s for r in self.reqs), default=0.0) - start, 1.0)
+            intent = msgspec.structs.replace(intent, rate=sum(r.model == model for r in self.reqs) / span)
         if intent.kind == "latency-slo" and intent.slo_ms is None:
             ref = self.references.get(model)
             scale = self.spec.slo_scale or 5.0
@@ -268,7 +277,7 @@ class Simulation:
         for k, d in enumerate(decisions):
             self._launch(model, d, now, ms if k == 0 else 0.0, cmap.context_tokens)
 
-    def _launch(self, model: str, d: Decision, now: float, decision_ms: float, context: int) -> None:
+    def _launch(self, model: str, d: Decision, now: float, decision_ms: float, context: int) -> str:
         dep_id = f"{model}/{len(self.choices[model]) + 1}"
         gpus = []
         for a in d.assignments:
@@ -308,6 +317,7 @@ class Simulation:
                     quality=quality.short_cost(d.estimate.config, self.raw_maps[model].quality),
                 )
             )
+        return dep_id
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -530,7 +540,8 @@ class Simulation:
             t_dep = deploys[0][0] if deploys else inf
             t_arr = arrivals[ai].tr.arrival_s if ai < n_arr else inf
             t_fin = heap[0][0] if heap else inf
-            now = min(t_dep, t_arr, t_fin)
+            t_scale = self.scaler.next_at if self.scaler is not None and (ai < n_arr or heap) else inf
+            now = min(t_dep, t_arr, t_fin, t_scale)
             if now == inf:
                 break
             while next_sample <= now:
@@ -539,7 +550,9 @@ class Simulation:
                     period *= 2  # an overloaded run drains for a long time: sample it geometrically
                 next_sample += period
             self.events += 1
-            if t_dep <= now:  # deployments first, so a request at the same instant finds its model
+            if t_scale <= now and self.scaler is not None:  # the autoscaler's evaluation (sim_autoscale.py)
+                self.scaler.evaluate(now)
+            elif t_dep <= now:  # deployments first, so a request at the same instant finds its model
                 _, model = deploys.popleft()
                 self._deploy(model, now)
             elif t_fin <= now:  # then completions, freeing replicas
@@ -556,7 +569,8 @@ class Simulation:
                 ai += 1
         self._sample(next_sample)
         self.requests.sort(key=lambda r: (r.end_s, int(r.request_id)))
-        meta = self._meta()
+        span = max((r.tr.arrival_s for r in self.reqs), default=0.0)
+        meta = run_meta(spec, self.names, len(self.reqs), span, self.system.plan_note)
         return SimResult(
             meta=meta,
             requests=self.requests,
@@ -565,34 +579,4 @@ class Simulation:
             choices=self.choices,
             wall_s=time.perf_counter() - t_wall,
             events=self.events,
-        )
-
-    def _meta(self) -> RunMeta:
-        spec = self.spec
-        span = max((r.tr.arrival_s for r in self.reqs), default=0.0)
-        notes = spec.notes
-        if self.system.plan_note:
-            notes = (notes + "; " if notes else "") + self.system.plan_note
-        return RunMeta(
-            kind="simulated",
-            trace=spec.trace_label,
-            rate=spec.rate,
-            interval_s=spec.interval_s,
-            aggregate=spec.aggregate,
-            duration_s=span,
-            system=spec.system,
-            intent=spec.intent,
-            models=list(self.names),
-            gpu_type=spec.gpu_type,
-            gpu_count=spec.gpus,
-            seed=spec.seed,
-            requests=len(self.reqs),
-            max_context=spec.max_context,
-            deploy_every_s=spec.deploy_every_s,
-            placement=spec.policy,
-            slo_scale=spec.slo_scale,
-            slo_ms=spec.intent.slo_ms or 0.0,
-            notes=notes,
-            format_version=1,
-            max_batch=spec.max_batch,
         )

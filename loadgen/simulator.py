@@ -10,6 +10,7 @@ simulated is described in docs/simulator.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import sys
@@ -19,7 +20,7 @@ from typing import Sequence
 
 import msgspec
 
-from iserve.deployer.config import DEFAULT_MAX_BATCH
+from iserve.deployer.config import DEFAULT_MAX_BATCH, DeployerConfig, autoscale_policy
 from iserve.deployer.units import GIB
 from iserve.fingerprint.estimator import repair_tp_host_floors
 from iserve.messages import COST_MODELS, INTENT_KINDS, PLACEMENT_POLICIES, ConfigurationMap, Intent, IntentKind
@@ -183,6 +184,18 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--duration-s", type=float, default=0.0, help="replay only this much of the compressed trace (default: all)"
     )
+    ap.add_argument(
+        "--intent-load",
+        action="store_true",
+        help="iServe's intent states each model's mean request rate over the trace: the deployer sizes its replicas",
+    )
+    ap.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="run iServe's autoscaler (the deployer's defaults: docs/deployment.md#autoscaling)",
+    )
+    ap.add_argument("--autoscale-interval-s", type=float, default=5.0, help="seconds between its evaluations")
+    ap.add_argument("--autoscale-max-replicas", type=int, default=4, help="replicas of a model it runs at most")
     ap.add_argument("--policy", default="hybrid", choices=PLACEMENT_POLICIES, help="iServe's placement policy")
     ap.add_argument("--theta", type=float, default=0.5, help="hybrid policy load threshold (default 0.5)")
     ap.add_argument("--max-context", type=int, default=1024, help="prompt cap in tokens (paper: 1K; default 1024)")
@@ -254,6 +267,13 @@ def spec_from_args(
         seed=args.seed,
         allgather_bytes_per_s=args.allgather_gbps * 1e9,
         max_batch=args.max_batch or DEFAULT_MAX_BATCH,
+        intent_load=args.intent_load,
+        autoscale=(
+            dataclasses.replace(autoscale_policy(DeployerConfig()), max_replicas=args.autoscale_max_replicas)
+            if args.autoscale
+            else None
+        ),
+        autoscale_interval_s=args.autoscale_interval_s,
         trace_label=trace_label,
         rate=rate,
         interval_s=args.interval_s,

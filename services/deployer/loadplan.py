@@ -157,7 +157,9 @@ def place_replicas(
     view: ClusterView, gpus: Sequence[GpuState], s: Sized, *, policy: str, theta: float
 ) -> list[Placement]:
     """Up to ``s.count.replicas`` placements of ``s``'s configuration, one after the other with the
-    policy, each on the memory the previous ones left free (fewer when the GPUs run out)."""
+    policy, each on the memory the previous ones left free (fewer when the GPUs run out). A placed
+    replica's GPUs count as busy at its predicted utilization, so that a load-aware policy puts the
+    next one where it does not share a GPU's time with it (two replicas on one GPU take turns)."""
     est = s.ranked.est
     out: list[Placement] = []
     left = list(gpus)
@@ -169,8 +171,10 @@ def place_replicas(
         out.append(placed)
         if len(out) == s.count.replicas:
             break
+        busy = s.count.point.utilization
         for a in placed.assignments:
             i = where[(a.agent_id, a.gpu_index)]
-            left[i] = dataclasses.replace(left[i], free_bytes=left[i].free_bytes - a.memory_bytes)
+            g = left[i]
+            left[i] = dataclasses.replace(g, free_bytes=g.free_bytes - a.memory_bytes, load=min(1.0, g.load + busy))
         view = ClusterView(left)
     return out
