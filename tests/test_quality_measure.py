@@ -140,7 +140,9 @@ async def test_profiling_stores_the_quality_report_with_the_map(nats_server, tmp
     lines = out.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80
     rows = [line.split()[0] for line in lines if line.strip().startswith("w")]
-    assert rows == ["wint8-kvfp16-pnone", "wfp16-kvfp16-p24", "wint8-kvfp16-p24"]  # least lossy first
+    # least lossy first (2:4 alone and with int8 weights are a near-tie whose order the CPU's threads decide)
+    assert rows == [v.key() for v in sorted(q.variants, key=lambda v: (v.kl, -v.top1, v.key()))]
+    assert rows[0] == "wint8-kvfp16-pnone"
     assert quality_caption(q).startswith("full method (4 layers); ") and "reference float32 on cpu" in quality_caption(
         q
     )
