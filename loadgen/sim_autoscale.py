@@ -8,10 +8,12 @@ p95 end-to-end latency of the requests completed since the previous evaluation, 
 serving replicas over the interval and the GPUs a replica of the model's configuration would fit on.
 
 * **add**: one more replica of the configuration of the model's first deployment, placed by the
-  system's own planner on the GPUs free now (the map cut to that configuration, no load in the
-  intent: one replica);
+  system's own planner on the spare GPUs (``autoscaler.spare_gpus``: free, not serving the model,
+  not busy; the map cut to that configuration, no load in the intent: one replica);
 * **remove**: the replica stops taking requests (it drains: what it holds runs to the end); at the
-  first evaluation that finds it empty its memory is freed and it is gone ("stopped").
+  first evaluation that finds it empty its memory is freed and it is gone ("stopped");
+* a scheduled deployment that does not fit reclaims the GPUs: every added replica drains, and the
+  deployment is made at the first evaluation after they are gone (``reclaim``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from iserve.deployer.autoscaler import ModelView, Policy, ReplicaView, decide
+from iserve.deployer.autoscaler import ModelView, Policy, ReplicaView, decide, spare_gpus
 from iserve.errors import IServeError
 from iserve.messages import AutoscaleState, GpuAssignment
 from iserve.stats import percentile
@@ -42,6 +44,7 @@ class SimAutoscaler:
         self.draining: dict[str, str] = {}  # replica -> why it is drained
         self._seen = 0  # requests recorded before the previous evaluation
         self.actions: list[tuple[float, str, str, str]] = []  # (time, model, action, reason)
+        self.pending: list[str] = []  # scheduled deployments waiting for added replicas to drain
 
     def evaluate(self, now: float) -> None:
         self.next_at = now + self.interval_s
@@ -49,16 +52,39 @@ class SimAutoscaler:
         fresh = sim.requests[self._seen :]
         self._seen = len(sim.requests)
         self._stop_drained(now)
+        if self.pending and not self.draining:  # the room reclaimed: deploy what waited for it
+            waiting, self.pending = self.pending, []
+            for model in waiting:
+                sim._deploy(model, now)
         for model in dict.fromkeys(d.model for d in sim.deps.values()):
             e2e = [r.e2e_ms for r in fresh if r.model == model and r.status == "ok"]
             view = self._view(model, now, percentile(e2e, 95) if e2e else 0.0)
             state = self.states.get(model) or AutoscaleState(model=model)
             d = decide(view, state, self.policy, now)
             self.states[model] = d.state
-            if d.action == "add":
+            if d.action == "add" and not self.pending:  # a scheduled deployment comes first
                 self._add(model, now, d.reason)
             elif d.action == "remove":
                 self._drain(d.deployment_id, now, d.reason)
+
+    def reclaim(self, model: str, now: float) -> bool:
+        """A scheduled deployment of ``model`` did not fit: drain every replica the autoscaler added (they
+        are opportunistic) and deploy it once they are gone. False when there are none to drain."""
+        victims = [d for d in self.added if d not in self.draining]
+        if not victims and not self.draining:
+            return False
+        for dep_id in victims:
+            self._drain(dep_id, now, f"its GPUs are reclaimed for the deployment of {model}")
+        self.pending.append(model)
+        return True
+
+    def _spare(self, model: str, now: float) -> list:
+        """The GPUs a new replica of ``model`` may take (the live autoscaler's ``spare_gpus``)."""
+        sim = self.sim
+        tmpl = self._template(model)
+        taken = {(sim.g[k].agent, sim.g[k].index) for d in sim.deps.values() if d.model == model for k in d.gpus}
+        gpus = sim.gpu_states(now)
+        return spare_gpus(gpus, sim.spec.gpu_type, tmpl.total_bytes // len(tmpl.gpus), taken, self.policy.spare_load)
 
     def _template(self, model: str):
         return next(d for d in self.sim.deps.values() if d.model == model and d.id not in self.added)
@@ -72,7 +98,6 @@ class SimAutoscaler:
         window = self.interval_s
         gpus = {k for r in serving for k in deps[r.deployment_id].gpus}
         load = sum(sim.g[k].busy_between(now - window, now) / window for k in gpus) / len(gpus) if gpus else 0.0
-        per_gpu = tmpl.total_bytes / len(tmpl.gpus)
         intent = sim.intent_for(model)
         return ModelView(
             model=model,
@@ -92,7 +117,7 @@ class SimAutoscaler:
             in_flight=sum(len(r.running) for r in serving),
             e2e_p95_ms=p95_ms,
             gpu_load=min(1.0, load),
-            free_gpus=sum(g.free >= per_gpu for g in sim.g),
+            free_gpus=len(self._spare(model, now)),
             gpus_per_replica=len(tmpl.gpus),
         )
 
@@ -103,7 +128,7 @@ class SimAutoscaler:
         one = msgspec.structs.replace(cmap, estimates=[e for e in cmap.estimates if e.config == tmpl.est.config])
         intent = msgspec.structs.replace(sim.intent_for(model), rate=0.0)
         try:
-            d = sim.system.decide(model, one, intent, sim.gpu_states(now))[0]
+            d = sim.system.decide(model, one, intent, self._spare(model, now))[0]
         except IServeError as e:
             self.actions.append((now, model, "hold", f"{why}; adding failed: {e.message}"))
             return

@@ -258,6 +258,8 @@ class Simulation:
         try:
             decisions = self.system.decide(model, cmap, intent, self.gpu_states(now))
         except IServeError as e:
+            if self.scaler is not None and self.scaler.reclaim(model, now):
+                return  # the autoscaler's replicas drain for it; it is deployed once they are gone
             ms = (time.perf_counter() - t0) * 1000
             self.failed_models[model] = e.message
             self.dep_events.append(

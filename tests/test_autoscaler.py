@@ -206,3 +206,15 @@ def test_the_load_report_counts_since_the_previous_one():
     assert (r.queue_depth, r.in_flight, r.slots, r.arrived, r.completed) == (2, 1, 2, 3, 3)
     assert r.oldest_wait_ms == 3000.0 and r.e2e_ms_p95 == pytest.approx(290.0)
     assert replica_loads(q, {}, now=4.0)[0].e2e_ms_p95 == 0.0
+
+
+def test_spare_gpus_are_free_idle_and_not_already_serving_the_model():
+    from iserve.deployer.autoscaler import spare_gpus
+    from iserve.deployer.placement import GpuState
+
+    def g(i, free, load, kind="H100"):
+        return GpuState(agent_id="a", gpu_index=i, gpu_type=kind, total_bytes=80, free_bytes=free, load=load)
+
+    gpus = [g(0, 70, 0.0), g(1, 70, 0.9), g(2, 10, 0.0), g(3, 70, 0.1, "A6000"), g(4, 70, 0.2), g(5, 70, 0.0)]
+    spare = spare_gpus(gpus, "H100", 40, {("a", 5)}, 0.5)
+    assert [x.gpu_index for x in spare] == [0, 4]  # 1 busy, 2 short, 3 another type, 5 serves the model

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from iserve import quality
 from iserve.deployer.autoscaler import Policy
 from iserve.loadgen import metrics
 from iserve.loadgen import simulator as sim
@@ -89,3 +90,24 @@ def test_baselines_do_not_autoscale():
     trace = _trace([(120.0, 1.0)])
     res = sim.simulate(_spec(trace, system="max-tp", autoscale=Policy()))
     assert len([e for e in res.deployments if e.status == "ready"]) == 1
+
+
+def test_a_scheduled_deployment_reclaims_the_gpus_the_autoscaler_took():
+    """Opportunistic replicas give way: a model deployed later, with no room left, drains them and is
+    deployed once they are gone, instead of failing."""
+    alone = _one_alone_s()
+    trace = _trace([(400.0, 3.0 / alone)])
+    models = sim.resolve_models(["llama-2-7b:2"], maps_dir=None, gpu_type="A6000", max_gpus=2)
+    policy = Policy(max_replicas=2, up_windows=1, down_windows=50, min_dwell_s=5.0)
+    spec = _spec(
+        trace, models=models, gpus=2, deploy_every_s=150.0, autoscale=policy, autoscale_interval_s=5.0
+    )  # one fp16 replica (15.3 GiB) per 16 GiB GPU: the autoscaler's takes the second GPU, the second model needs it
+    spec.gpu_memory_bytes = 16 * 2**30
+    spec.intent = Intent(kind="min-memory", prompt_tokens=300, output_tokens=60, quality=quality.LOSSLESS)
+    res = sim.simulate(spec)
+    events = [(round(e.t_s), e.model, e.status, e.why[:60]) for e in res.deployments]
+    assert not [e for e in events if e[2] == "failed"], events
+    second = [e for e in res.deployments if e.status == "ready" and e.model.endswith("#2")]
+    assert second and second[0].t_s >= 150.0, events
+    reclaimed = [e for e in res.deployments if e.status == "stopped" and "reclaimed" in e.why]
+    assert reclaimed, events

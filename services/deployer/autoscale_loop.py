@@ -41,7 +41,7 @@ from iserve.messages import (
     now,
 )
 
-from .autoscaler import ModelView, ReplicaView, decide, drained, totals
+from .autoscaler import ModelView, ReplicaView, decide, drained, spare_gpus, totals
 from .config import DeployerConfig, autoscale_policy
 from .placement import GpuState
 
@@ -65,7 +65,9 @@ class Host(Protocol):
 
     def gpu_states(self) -> list[GpuState]: ...
 
-    async def _deploy(self, req: DeployRequest, previous: DeploymentRecord | None = None) -> DeployReply: ...
+    async def _deploy(
+        self, req: DeployRequest, previous: DeploymentRecord | None = None, *, only: set[tuple[str, int]] | None = None
+    ) -> DeployReply: ...
 
     async def _undeploy(self, req: UndeployRequest) -> UndeployReply: ...
 
@@ -186,8 +188,7 @@ class AutoscaleLoop:
             for d in ds
         )
         t = sums.get(model)
-        need = max((g.memory_bytes for g in tmpl.gpus), default=0)
-        free = sum(1 for g in self.host.gpu_states() if g.gpu_type == tmpl.gpu_type and g.free_bytes >= need)
+        free = len(self._spare(ds, tmpl))
         slo = tmpl.intent.slo_ms or 0.0
         return ModelView(
             model=model,
@@ -201,6 +202,12 @@ class AutoscaleLoop:
             free_gpus=free,
             gpus_per_replica=len(tmpl.gpus),
         )
+
+    def _spare(self, ds: list[DeploymentRecord], tmpl: DeploymentRecord) -> list[GpuState]:
+        """The GPUs a new replica of ``tmpl``'s model may take (``autoscaler.spare_gpus``)."""
+        need = max((g.memory_bytes for g in tmpl.gpus), default=0)
+        taken = {(g.agent_id, g.gpu_index) for d in ds if d.status in ("ready", "launching") for g in d.gpus}
+        return spare_gpus(self.host.gpu_states(), tmpl.gpu_type, need, taken, self.policy.spare_load)
 
     @staticmethod
     def _template(ds: list[DeploymentRecord], state: AutoscaleState) -> DeploymentRecord | None:
@@ -236,9 +243,10 @@ class AutoscaleLoop:
             kv_tokens=tmpl.kv_tokens,
             config=tmpl.config.key(),
         )
+        only = {(g.agent_id, g.gpu_index) for g in self._spare(ds, tmpl)}
         try:
             async with self.host.lock:
-                rep = await self.host._deploy(req)
+                rep = await self.host._deploy(req, only=only)
         except errors.IServeError as e:
             st.last_reason = f"{why}; adding failed: {e.message}"
             log.warning("autoscaler could not add a replica", model=tmpl.model, reason=st.last_reason)

@@ -8,7 +8,8 @@ prediction from the queue: a request that arrives now waits for the ``queue_dept
 of it to drain through the replicas' slots, ``service_ms * (1 + queue_depth / slots)``.
 
 * Over the target for ``up_windows`` evaluations in a row: add a replica, if fewer than
-  ``max_replicas`` run and GPUs for one are free.
+  ``max_replicas`` run and GPUs for one are spare (``spare_gpus``: free memory, not already serving
+  the model, not busy: a replica that shares a GPU's time adds no capacity).
 * Low load for ``down_windows`` evaluations in a row (nothing waits, and without one of the replicas
   the requests in flight and the per-second GPU load would still stay under ``low_load`` of what
   the others can take): remove a replica the autoscaler added, the least busy (newest on a tie);
@@ -19,11 +20,12 @@ of it to drain through the replicas' slots, ``service_ms * (1 + queue_depth / sl
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import msgspec
 
+from iserve.deployer.placement import GpuState
 from iserve.messages import AutoscaleState, ReplicaLoad, ScaleAction
 
 
@@ -36,6 +38,7 @@ class Policy:
     min_dwell_s: float = 30.0  # no action this soon after the previous one
     latency_factor: float = 2.0  # the target without an SLO: this times the estimate of one request alone
     low_load: float = 0.3  # what the remaining replicas would carry, as a share of their capacity
+    spare_load: float = 0.5  # a GPU busier than this is not spare for a new replica (``spare_gpus``)
 
     def __post_init__(self) -> None:
         if self.min_replicas < 1 or self.max_replicas < self.min_replicas:
@@ -44,6 +47,24 @@ class Policy:
             raise ValueError("up_windows and down_windows must be at least 1")
         if not 0.0 <= self.low_load < 1.0 or self.latency_factor <= 1.0 or self.min_dwell_s < 0:
             raise ValueError("need 0 <= low_load < 1, latency_factor > 1 and min_dwell_s >= 0")
+        if not 0.0 < self.spare_load <= 1.0:
+            raise ValueError("need 0 < spare_load <= 1")
+
+
+def spare_gpus(
+    gpus: Iterable[GpuState], gpu_type: str, need_bytes: int, taken: Collection[tuple[str, int]], max_load: float
+) -> list[GpuState]:
+    """The GPUs a new replica may take: of the type, with ``need_bytes`` free, not holding one of the
+    model's replicas (``taken``: (agent, index)) and less busy than ``max_load``. A replica on a GPU that
+    already serves the model, or is busy, only shares its time: it adds no capacity."""
+    return [
+        g
+        for g in gpus
+        if g.gpu_type == gpu_type
+        and g.free_bytes >= need_bytes
+        and (g.agent_id, g.gpu_index) not in taken
+        and g.load < max_load
+    ]
 
 
 @dataclass(frozen=True)

@@ -164,9 +164,12 @@ class DeployerService(Service):
             async with self.lock:
                 return await self._deploy(req)
 
-    async def _deploy(self, req: DeployRequest, previous: DeploymentRecord | None = None) -> DeployReply:
+    async def _deploy(
+        self, req: DeployRequest, previous: DeploymentRecord | None = None, *, only: set[tuple[str, int]] | None = None
+    ) -> DeployReply:
         """Plan and launch. ``previous``: the record of a deployment being re-placed, whose creation
-        time and relaunch count carry over and which is put back (not deleted) if the launch fails."""
+        time and relaunch count carry over and which is put back (not deleted) if the launch fails;
+        ``only``: the (agent, GPU) it may use (the autoscaler's spare GPUs; None: any)."""
         if req.deployment_id and not bus.valid_key(req.deployment_id):
             raise errors.BadRequest(
                 f"deployment id {req.deployment_id!r} is not usable: use letters, digits, '-', '_' and single dots; "
@@ -200,7 +203,7 @@ class DeployerService(Service):
                 f"model {req.model!r} has no profile for GPU type {req.gpu_type!r}; "
                 f"profiled: {', '.join(record.profiled_gpu_types)}."
             )
-        gpus = self.gpu_states()
+        gpus = [g for g in self.gpu_states() if only is None or (g.agent_id, g.gpu_index) in only]
         arch = record.arch
         t0 = time.perf_counter()
         profiles = {t: await self.profiles.get(bus.kv_key(req.model, t)) for t in types}
