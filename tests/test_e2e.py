@@ -20,6 +20,8 @@ pytestmark = pytest.mark.e2e
 ISERVE = [sys.executable, "-c", "from iserve.cli import main; main()"]
 # Two timed repeats per fingerprint run instead of seven: the flow is the same, CI's 2 CPUs finish sooner.
 QUICK = {"ISERVE_REPEATS": "2"}
+# The CLI flow without the quality measurement (tests/test_quality_measure.py and the demo test run it).
+QUICK_NO_QUALITY = {**QUICK, "ISERVE_QUALITY_METHOD": "off"}
 
 
 def iserve(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -83,7 +85,7 @@ def test_up_cli_and_clean_shutdown(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, **QUICK, "ISERVE_NATS_URL": ""},
+        env={**os.environ, **QUICK_NO_QUALITY, "ISERVE_NATS_URL": ""},
     )
     try:
         model = tmp_path / "m"
