@@ -174,9 +174,8 @@ def run_metrics(run: Run) -> RunMetrics:
 
 
 def _placement(meta: RunMeta) -> str:
-    """The run's placement policy, with the hybrid's theta where the sweep noted it (``theta=X``)."""
-    m = re.search(r"theta=([\d.]+)", meta.notes or "")
-    return f"{meta.placement} {m.group(1)}" if meta.placement == "hybrid" and m else meta.placement
+    """The run's placement policy, with the hybrid's theta where the run recorded it."""
+    return f"{meta.placement} {meta.theta:g}" if meta.placement == "hybrid" and meta.theta else meta.placement
 
 
 def objective(run: Run, intent: Intent) -> tuple[int, float]:

@@ -140,6 +140,7 @@ class RunMeta(msgspec.Struct, kw_only=True):
     prompts: str = ""  # where the prompts came from ("builtin" or a path)
     notes: str = ""
     max_batch: int = 0  # requests a replica runs at once, as asked (0: the deployer's default, or unrecorded)
+    theta: float = 0.0  # the hybrid placement's load threshold (0: unrecorded)
 
 
 @dataclass

@@ -103,6 +103,7 @@ def run_meta(spec: SimSpec, models: list[str], requests: int, span_s: float, pla
         max_context=spec.max_context,
         deploy_every_s=spec.deploy_every_s,
         placement=spec.policy,
+        theta=spec.theta,
         slo_scale=spec.slo_scale,
         slo_ms=spec.intent.slo_ms or 0.0,
         notes=notes,

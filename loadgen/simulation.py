@@ -141,6 +141,12 @@ class Simulation:
         self.failed_models: dict[str, str] = {}
         self.references = {m: slo_mod.reference_estimate(c.estimates) for m, c in spec.models if c.estimates}
         self._build_requests()
+        # each model's mean request rate while it is deployed: what --intent-load states, as an operator would
+        last = max((r.tr.arrival_s for r in self.reqs), default=0.0)
+        counts = {m: 0 for m in self.names}
+        for r in self.reqs:
+            counts[r.model] += 1
+        self.rates = {m: counts[m] / max(last - t, 1.0) for t, m in zip(self.deploy_times, self.names)}
         self.scaler: SimAutoscaler | None = None  # the baselines have no autoscaler
         if spec.autoscale is not None and spec.system == "iserve":
             self.scaler = SimAutoscaler(self, spec.autoscale, spec.autoscale_interval_s)
@@ -170,10 +176,8 @@ class Simulation:
         """The deployment intent; for ``latency-slo`` without an explicit ``slo_ms``, the SLO is
         ``slo_scale`` times the model's reference latency for the intent's size (as the live replay)."""
         intent = self.spec.intent
-        if self.spec.intent_load:  # the model's mean rate while it is deployed, as an operator would state it
-            start = self.deploy_times[self.names.index(model)]
-            span = max(max((r.tr.arrival_s for r in self.reqs), default=0.0) - start, 1.0)
-            intent = msgspec.structs.replace(intent, rate=sum(r.model == model for r in self.reqs) / span)
+        if self.spec.intent_load:
+            intent = msgspec.structs.replace(intent, rate=self.rates[model])
         if intent.kind == "latency-slo" and intent.slo_ms is None:
             ref = self.references.get(model)
             scale = self.spec.slo_scale or 5.0

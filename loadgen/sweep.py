@@ -4,6 +4,7 @@ each run through the simulator in a worker process, its run directory written un
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -92,8 +93,7 @@ def _run_job(job: Job, args: argparse.Namespace) -> tuple[str, float, str]:
         slo_scale=job.slo_scale,
         deploy_every_s=job.deploy_every_s,
         deploy_batch=job.deploy_batch,
-        notes=f"experiment={job.experiment} mode={'paper' if job.max_batch == 1 else 'batching'}"
-        + (f" theta={job.theta:g}" if job.policy == "hybrid" else ""),
+        notes=f"experiment={job.experiment} mode={'paper' if job.max_batch == 1 else 'batching'}",
     )
     spec.aggregate = job.aggregate
     spec.policy, spec.theta, spec.max_batch = job.policy, job.theta, job.max_batch
@@ -117,20 +117,17 @@ def plan_runs_dir(args: argparse.Namespace) -> Path:
 
 
 def plan_jobs(args: argparse.Namespace) -> list[Job]:
-    """Every run of the sweep: systems x traces x rates x intents, per experiment."""
+    """Every run of the sweep: systems x traces x rates x intents, per experiment, in every serving mode."""
     systems = list(args.systems) + (["oracle"] if args.oracle and "oracle" not in args.systems else [])
     runs_dir = plan_runs_dir(args)
     jobs: list[Job] = []
 
-    mode = 1  # the serving mode of the jobs being added (the loop below sets it)
-
     def add(
         exp: str, system: str, trace: str, rate: float, intent: IntentKind, slo: float, models, every, batch, agg, **kw
     ):
-        j = Job(exp, system, trace, rate, intent, slo, tuple(models), every, batch, agg, "", max_batch=mode, **kw)
-        jobs.append(Job(**{**j.__dict__, "out": str(runs_dir / exp / j.name())}))
+        jobs.append(Job(exp, system, trace, rate, intent, slo, tuple(models), every, batch, agg, "", **kw))
 
-    for mode, exp in [(m, e) for m in (args.modes or [args.max_batch]) for e in args.experiments]:
+    for exp in args.experiments:
         if exp == "fig10":  # iServe alone, one run per placement policy, deploying through a fluctuating load
             policies = [("least-loaded", 0.5), ("packing", 0.5)] + [("hybrid", t) for t in args.fig10_thetas]
             for policy, theta in policies:
@@ -192,7 +189,12 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
                                 1,
                                 args.aggregate,
                             )
-    return jobs
+    planned = []
+    for mode in args.modes or [args.max_batch]:
+        for j in jobs:
+            j = dataclasses.replace(j, max_batch=mode)
+            planned.append(dataclasses.replace(j, out=str(runs_dir / j.experiment / j.name())))
+    return planned
 
 
 def parser() -> argparse.ArgumentParser:

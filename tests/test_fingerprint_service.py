@@ -108,8 +108,9 @@ class FakeAgent:
         await self.nc.drain()
 
 
-async def _service(url: str, tmp: Path, **cfg) -> FingerprintService:
-    conf = FingerprintConfig(
+async def _service(url: str, tmp: Path, caps: dict | None = None, **cfg) -> FingerprintService:
+    """A started fingerprint service with short profiling settings (``cfg`` overrides them)."""
+    settings: dict = dict(
         nats_url=url,
         log_level="warning",
         log_json=True,
@@ -122,9 +123,9 @@ async def _service(url: str, tmp: Path, **cfg) -> FingerprintService:
         gpu_wait_s=10,
         profile_timeout_s=1.0,
         profile_reply_margin_s=0.5,
-        **cfg,
     )
-    svc = FingerprintService(conf, await bus.connect(url, "fingerprint"), CAPS)
+    conf = FingerprintConfig(**{**settings, **cfg})
+    svc = FingerprintService(conf, await bus.connect(url, "fingerprint"), CAPS if caps is None else caps)
     await svc.start()
     return svc
 

@@ -14,13 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from test_fingerprint_service import CAPS, FakeAgent, synthetic_result
+from test_fingerprint_service import CAPS, FakeAgent, _service, synthetic_result
 
-from iserve import bus, checkpoint, errors
+from iserve import checkpoint, errors
 from iserve.client import Client
 from iserve.fingerprint import calibration, generator, quality_run
-from iserve.fingerprint.config import FingerprintConfig
-from iserve.fingerprint.service import FingerprintService
 from iserve.messages import ProfileJob, ProfileResult, QualityReport
 from iserve.tables import quality_caption, quality_table
 
@@ -105,23 +103,15 @@ async def test_profiling_stores_the_quality_report_with_the_map(nats_server, tmp
     caps = {**CAPS, "tp": [1], "weight_quant": ["fp16", "int8"], "pruning": ["none", "2:4"]}
     agent = FakeAgent("a0", 1, behave)
     await agent.start(nats_server.url)
-    conf = FingerprintConfig(
-        nats_url=nats_server.url,
-        log_level="warning",
-        log_json=True,
-        work_dir=tmp_path / "fp",
-        context_tokens=256,
-        prompt_lengths=[16, 32, 64],
-        output_lengths=[4, 12],
-        repeats=1,
-        warmup=0,
-        gpu_wait_s=10,
+    svc = await _service(
+        nats_server.url,
+        tmp_path,
+        caps,
         profile_timeout_s=5.0,
+        profile_reply_margin_s=30.0,
         quality_prompts=2,
         quality_tokens=16,
     )
-    svc = FingerprintService(conf, await bus.connect(nats_server.url, "fingerprint"), caps)
-    await svc.start()
     client = await Client.connect(nats_server.url)
     try:
         await client.register(str(tiny_model), "tiny")

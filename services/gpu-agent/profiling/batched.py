@@ -47,27 +47,22 @@ def time_batched(engine: Engine, protocol: Protocol, *, seed: int = 0) -> list[B
     )
     vocab = engine.arch.vocab_size
     out: list[BatchDecodeTiming] = []
-    try:
-        for b in sizes:
-            for p in positions:
-                for i in range(b):
-                    ids = [(seed * 7919 + 131 * i + 17 * j) % (vocab - 1) + 1 for j in range(p)]
-                    batch.submit(f"t{b}-{p}-{i}", ids, max_tokens=steps + 2, ignore_eos=True)
-                batch.step()  # every prompt, and each sequence's first token
-                times, fed = [], []
-                for k in range(steps):
-                    batch.step()
-                    st = batch.last_step
-                    if k >= protocol.warmup and st.decodes == b and not st.prefill_tokens:
-                        times.append(st.seconds * 1e3)
-                        fed.append(st.kv_read / b - 1)
-                batch.abort_all()
-                if times:
-                    out.append(
-                        BatchDecodeTiming(
-                            batch=b, position=round(statistics.fmean(fed)), step_ms=statistics.median(times)
-                        )
-                    )
-    finally:
-        del batch
+    for b in sizes:
+        for p in positions:
+            for i in range(b):
+                ids = [(seed * 7919 + 131 * i + 17 * j) % (vocab - 1) + 1 for j in range(p)]
+                batch.submit(f"t{b}-{p}-{i}", ids, max_tokens=steps + 2, ignore_eos=True)
+            batch.step()  # every prompt, and each sequence's first token
+            times, fed = [], []
+            for k in range(steps):
+                batch.step()
+                st = batch.last_step
+                if k >= protocol.warmup and st.decodes == b and not st.prefill_tokens:
+                    times.append(st.seconds * 1e3)
+                    fed.append(st.kv_read / b - 1)
+            batch.abort_all()
+            if times:
+                out.append(
+                    BatchDecodeTiming(batch=b, position=round(statistics.fmean(fed)), step_ms=statistics.median(times))
+                )
     return out
